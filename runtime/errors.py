@@ -1,0 +1,36 @@
+"""One error hierarchy for sparsert.
+
+Every error a user can cause (bad data path, corrupt artifact, wrong tensor shape, bad flag value) is raised
+as a subclass of :class:`SparsertError` with a one-line message that names the tensor, file or flag and what
+was expected. The CLI turns these into ``error: <message>`` and a non-zero exit code.
+"""
+
+from __future__ import annotations
+
+
+class SparsertError(Exception):
+    """Base class of every user-facing sparsert error."""
+
+
+class FormatError(SparsertError, ValueError):
+    """A tensor does not fit a sparse/quantized format (shape, dtype, divisibility, pattern)."""
+
+
+class ArtifactError(SparsertError):
+    """A compressed artifact or checkpoint on disk is missing, corrupt, truncated or inconsistent."""
+
+
+class DataError(SparsertError):
+    """A training corpus is missing, unreadable or empty."""
+
+
+class ConfigError(SparsertError, ValueError):
+    """A configuration value (preset, flag, option) is invalid."""
+
+
+class ExportError(SparsertError):
+    """An ONNX export failed its checks or its parity test."""
+
+
+class DeviceError(SparsertError):
+    """A CUDA call, kernel build or launch failed, or the device cannot run the requested kernel."""

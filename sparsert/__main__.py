@@ -1,0 +1,3 @@
+from sparsert.cli import main
+
+main()

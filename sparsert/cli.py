@@ -1,0 +1,69 @@
+"""The ``sparsert`` command line: a thin click layer over typed Python functions.
+
+Each command lives in ``sparsert/commands/<name>.py`` as a click command called ``command``; it is imported
+only when used, so ``sparsert --help`` stays fast. A :class:`SparsertError` becomes a one-line
+``error: ...`` message and exit code 2; Ctrl-C exits with 130.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+import click
+
+COMMANDS = {
+    "train": "Train a 2:4 sparse (optionally INT4-QAT) model, or a dense baseline.",
+    "compress": "Turn a training checkpoint into a compressed 2:4(+INT4) artifact.",
+    "inspect": "Report sparsity, bits per weight and compression ratios of an artifact.",
+    "export": "Export an artifact to ONNX and check parity against PyTorch.",
+    "generate": "Generate text from an artifact (PyTorch, ONNX Runtime or GPU runtime).",
+    "report": "Render plots and a summary of one or more training runs.",
+}
+
+
+class LazyGroup(click.Group):
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return list(COMMANDS)
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        if name not in COMMANDS:
+            return None
+        try:
+            module = importlib.import_module(f"sparsert.commands.{name}")
+        except ModuleNotFoundError as exc:
+            if exc.name == f"sparsert.commands.{name}":
+                return None
+            raise
+        return module.command
+
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        with formatter.section("Commands"):
+            formatter.write_dl(list(COMMANDS.items()))
+
+
+@click.group(cls=LazyGroup)
+@click.version_option(package_name="sparsert")
+def cli() -> None:
+    """sparsert: 2:4 sparse + INT4 transformer models — train, compress, export, serve."""
+
+
+def main(argv: list[str] | None = None) -> None:
+    from sparsert.runtime.errors import SparsertError
+
+    try:
+        cli.main(args=argv, prog_name="sparsert", standalone_mode=False)
+    except SparsertError as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(2)
+    except click.exceptions.Abort:
+        click.echo("interrupted", err=True)
+        sys.exit(130)
+    except KeyboardInterrupt:
+        click.echo("interrupted", err=True)
+        sys.exit(130)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    except click.exceptions.Exit as exc:
+        sys.exit(exc.exit_code)
