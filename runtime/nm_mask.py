@@ -1,0 +1,63 @@
+"""N:M sparsity masks along the input (K) dimension.
+
+Layout: a weight is ``W [out, K]`` (``nn.Linear.weight``); group ``g`` of row ``r`` is ``W[r, m*g : m*g + m]``.
+An N:M mask keeps ``n`` of every ``m`` consecutive entries along K (2:4 by default: NVIDIA's sparse tensor
+cores need at least two zeros in every four consecutive input channels of each output channel).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from sparsert.runtime.errors import FormatError
+
+
+def check_nm(n: int, m: int) -> None:
+    """Raise FormatError unless ``0 < n < m``."""
+    if not (isinstance(n, int) and isinstance(m, int) and 0 < n < m):
+        raise FormatError(f"N:M sparsity needs integers 0 < N < M, got {n}:{m}")
+
+
+def check_groups(weight: torch.Tensor, m: int, name: str = "weight") -> None:
+    """Raise FormatError unless ``weight`` is 2-D with K (its last dim) divisible by ``m``."""
+    if weight.dim() != 2:
+        raise FormatError(f"{name} must be 2-D [out, K], got shape {tuple(weight.shape)}")
+    if weight.shape[1] % m != 0:
+        raise FormatError(
+            f"{name} of shape {tuple(weight.shape)}: K={weight.shape[1]} is not divisible by M={m}"
+        )
+
+
+def nm_mask(
+    weight: torch.Tensor, n: int = 2, m: int = 4, score: torch.Tensor | None = None, name: str = "weight"
+) -> torch.Tensor:
+    """Boolean N:M mask of ``weight`` along K.
+
+    Args:
+        weight: [out, K], any float dtype; K % m == 0.
+        n, m: keep ``n`` of every ``m`` consecutive entries along K.
+        score: optional [out, K] importance (e.g. Wanda's |W|·‖X‖); default |weight|.
+    Returns:
+        bool [out, K] on weight's device, exactly ``n`` True per group. Ties keep the lower index.
+    """
+    check_nm(n, m)
+    check_groups(weight, m, name)
+    s = weight.detach().abs() if score is None else score.detach()
+    if s.shape != weight.shape:
+        raise FormatError(f"score for {name} has shape {tuple(s.shape)}, expected {tuple(weight.shape)}")
+    out, k = s.shape
+    groups = s.float().reshape(out, k // m, m)  # (out, K/m, m)
+    # Stable descending sort keeps the lower index on ties, so masks are deterministic.
+    order = torch.sort(groups, dim=-1, descending=True, stable=True).indices[..., :n]
+    mask = torch.zeros_like(groups, dtype=torch.bool)
+    mask.scatter_(-1, order, True)
+    return mask.reshape(out, k)
+
+
+def is_nm_sparse(weight: torch.Tensor, n: int = 2, m: int = 4) -> bool:
+    """True when every group of ``m`` along K of the 2-D ``weight`` has at most ``n`` non-zeros."""
+    check_nm(n, m)
+    if weight.dim() != 2 or weight.shape[1] % m != 0:
+        return False
+    nonzero = (weight != 0).reshape(weight.shape[0], -1, m).sum(-1)
+    return bool((nonzero <= n).all())

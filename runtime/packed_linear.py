@@ -1,0 +1,159 @@
+"""A linear layer's weight in its stored form: 2:4 compressed, optionally INT4-quantized.
+
+Composition order: 2:4 first (keep two of every four along K), then INT4 on the kept values only.
+An INT4 group covers ``group_size`` columns of the original K, i.e. ``group_size / 2`` kept values, so the
+dequantized dense weight equals ONNX's blocked DequantizeLinear over the dense ``[K, N]`` weight with
+``block_size = group_size`` (pruned positions hold code 0).
+
+Stored tensors of a layer ``prefix`` (shapes for W [out, K], group size g):
+
+=====================  ==================  ===============================================================
+name                   dtype / shape       when
+=====================  ==================  ===============================================================
+``prefix.indices``     uint8 [out, K/8]    2:4 layers (``ceil(K/8)``; see :mod:`sparsert.runtime.sparse24`)
+``prefix.values``      fp16/fp32 [out,K/2] 2:4 layers without INT4: the kept values
+``prefix.qweight``     uint8 [out, K/4]    2:4 + INT4: kept values' codes, packed (see :mod:`.int4`)
+                       uint8 [out, K/2]    dense + INT4: all codes, packed
+``prefix.scales``      fp16 [out, K/g]     INT4 layers
+``prefix.weight``      fp16/fp32 [out, K]  dense, unquantized layers
+``prefix.bias``        fp32 [out]          layers with a bias
+=====================  ==================  ===============================================================
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from sparsert.runtime.errors import FormatError
+from sparsert.runtime.int4 import dequantize_int4, pack_int4, quantize_int4, unpack_int4
+from sparsert.runtime.nm_mask import nm_mask
+from sparsert.runtime.sparse24 import compress_24, decompress_24, unpack_indices_24
+
+
+@dataclass
+class PackedLinear:
+    """One linear weight ``W [out_features, in_features]`` in stored form (see the module docstring)."""
+
+    out_features: int
+    in_features: int
+    indices: torch.Tensor | None = None
+    values: torch.Tensor | None = None
+    qweight: torch.Tensor | None = None
+    scales: torch.Tensor | None = None
+    group_size: int | None = None
+    weight: torch.Tensor | None = None
+    bias: torch.Tensor | None = None
+
+    @property
+    def sparse(self) -> bool:
+        return self.indices is not None
+
+    @property
+    def quantized(self) -> bool:
+        return self.qweight is not None
+
+    def kept_values(self) -> torch.Tensor:
+        """The stored values (dequantized if INT4) as float32: [out, K/2] for 2:4 layers, else [out, K]."""
+        if self.quantized:
+            width = self.in_features // 2 if self.sparse else self.in_features
+            codes = unpack_int4(self.qweight, width)
+            group = self.group_size // 2 if self.sparse else self.group_size
+            return dequantize_int4(codes, self.scales, group)
+        stored = self.values if self.sparse else self.weight
+        return stored.float()
+
+    def to_dense(self) -> torch.Tensor:
+        """Dense float32 weight [out_features, in_features]; pruned positions are exactly zero."""
+        kept = self.kept_values()
+        if self.sparse:
+            return decompress_24(kept, self.indices, self.in_features)
+        return kept
+
+    def tensors(self, prefix: str) -> dict[str, torch.Tensor]:
+        """The stored tensors under their artifact names ``{prefix}.{indices,values,qweight,scales,...}``."""
+        fields = ("indices", "values", "qweight", "scales", "weight", "bias")
+        return {f"{prefix}.{f}": getattr(self, f).contiguous() for f in fields if getattr(self, f) is not None}
+
+    def nbytes(self) -> int:
+        """Bytes of the stored weight tensors (bias excluded)."""
+        fields = ("indices", "values", "qweight", "scales", "weight")
+        return sum(t.numel() * t.element_size() for f in fields if (t := getattr(self, f)) is not None)
+
+    @classmethod
+    def from_tensors(
+        cls,
+        prefix: str,
+        tensors: dict[str, torch.Tensor],
+        out_features: int,
+        in_features: int,
+        group_size: int | None = None,
+    ) -> PackedLinear:
+        """Collect the tensors of ``prefix`` from ``tensors`` (shapes are checked by the artifact loader)."""
+
+        def get(field: str) -> torch.Tensor | None:
+            return tensors.get(f"{prefix}.{field}")
+
+        return cls(
+            out_features=out_features,
+            in_features=in_features,
+            indices=get("indices"),
+            values=get("values"),
+            qweight=get("qweight"),
+            scales=get("scales"),
+            group_size=group_size if get("qweight") is not None else None,
+            weight=get("weight"),
+            bias=get("bias"),
+        )
+
+
+def pack_linear(
+    weight: torch.Tensor,
+    *,
+    sparse: bool = True,
+    int4_group_size: int | None = None,
+    mask: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    values_dtype: torch.dtype = torch.float32,
+    name: str = "weight",
+) -> PackedLinear:
+    """Pack ``weight [out, K]`` (float) into its stored form.
+
+    Args:
+        sparse: apply 2:4 along K: ``mask`` (bool [out, K], 2:4) if given, else top-2 |W| of every four.
+        int4_group_size: quantize (the kept values) to INT4 with this group size along the original K;
+            for 2:4 layers it must be a multiple of 4 so no group of four straddles two INT4 groups.
+        values_dtype: dtype of stored unquantized values (float32 or float16).
+    Returns:
+        PackedLinear whose ``to_dense()`` is ``dequant(quant(W ⊙ mask))`` (or ``W ⊙ mask`` without INT4).
+    """
+    if weight.dim() != 2:
+        raise FormatError(f"{name} must be 2-D [out, K], got shape {tuple(weight.shape)}")
+    out, k = weight.shape
+    w = weight.detach().float()
+    packed = PackedLinear(out_features=out, in_features=k)
+    if bias is not None:
+        packed.bias = bias.detach().float().contiguous()
+    if sparse:
+        if mask is None:
+            mask = nm_mask(w, 2, 4, name=name)
+        elif mask.shape != w.shape:
+            raise FormatError(f"mask for {name} has shape {tuple(mask.shape)}, expected {(out, k)}")
+        w = w * mask.to(torch.bool)
+    if int4_group_size is not None:
+        if sparse and int4_group_size % 4:
+            raise FormatError(f"INT4 group size {int4_group_size} must be a multiple of 4 for 2:4 layers")
+        codes, scales = quantize_int4(w, int4_group_size, torch.float16, name)
+        packed.scales, packed.group_size = scales, int4_group_size
+        if sparse:
+            # The kept codes are the codes at the kept positions of the masked weight.
+            _, packed.indices = compress_24(w, name)
+            idx = unpack_indices_24(packed.indices, k).long().reshape(out, k // 4, 2)
+            codes = torch.gather(codes.reshape(out, k // 4, 4), -1, idx).reshape(out, k // 2)
+        packed.qweight = pack_int4(codes)
+    elif sparse:
+        packed.values, packed.indices = compress_24(w.to(values_dtype), name)
+    else:
+        packed.weight = w.to(values_dtype).contiguous()
+    return packed
