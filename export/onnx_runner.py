@@ -1,0 +1,158 @@
+"""ONNX Runtime execution of an exported sparsert graph: session setup and a generation :class:`Stepper`.
+
+Sessions run on the CPU execution provider with all graph optimisations on. ONNX Runtime then fuses each
+INT4 ``DequantizeLinear -> MatMul`` pair into ``com.microsoft.MatMulNBits``; its ``accuracy_level`` says in
+which type the product is computed (0 unset, 1 fp32, 2 fp16, 3 bf16, 4 int8 — ORT's CPU default for the
+fused node is 4, which quantizes the *activations* to int8 per block). sparsert pins it to 1 by default
+through the session option ``session.qdq_matmulnbits_accuracy_level``, so the INT4 graph computes exactly
+``x @ (codes * scale)`` in fp32 and matches the PyTorch reference to fp32 rounding; pass
+``accuracy_level=None`` to keep ORT's default (faster on large models, ~1e-2 relative error on logits).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from sparsert.export.annotations import KEY_MODEL_CONFIG, get_metadata
+from sparsert.runtime.errors import ConfigError, ExportError
+
+ACCURACY_LEVEL_KEY = "session.qdq_matmulnbits_accuracy_level"
+DEFAULT_ACCURACY_LEVEL = 1
+
+
+def make_session(
+    model: str | Path | onnx.ModelProto | bytes,
+    *,
+    accuracy_level: int | None = DEFAULT_ACCURACY_LEVEL,
+    threads: int | None = None,
+):
+    """An ``onnxruntime.InferenceSession`` on the CPU EP with graph optimisations on.
+
+    ``accuracy_level``: MatMulNBits compute type for fused INT4 weights (see the module docstring);
+    ``None`` leaves ORT's default. ``threads``: intra-op threads (None = ORT's default, all cores).
+    Raises ExportError when the model cannot be loaded.
+    """
+    import onnxruntime as ort
+
+    if accuracy_level is not None and accuracy_level not in (0, 1, 2, 3, 4):
+        raise ConfigError(f"accuracy_level must be one of 0..4 or None, got {accuracy_level!r}")
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.log_severity_level = 3  # errors only: ORT warns about every unused initializer it prunes
+    if threads is not None:
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+    if accuracy_level is not None:
+        options.add_session_config_entry(ACCURACY_LEVEL_KEY, str(accuracy_level))
+    if isinstance(model, onnx.ModelProto):
+        source, what = model.SerializeToString(), "the ONNX model"
+    elif isinstance(model, bytes):
+        source, what = model, "the ONNX model"
+    else:
+        path = Path(model)
+        if not path.is_file():
+            raise ExportError(f"ONNX model {path} does not exist")
+        source, what = str(path), str(path)
+    try:
+        return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
+    except Exception as exc:  # ORT raises its own Fail/InvalidGraph/... classes
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ExportError(f"ONNX Runtime cannot load {what}: {first}") from None
+
+
+def empty_past(session, batch: int = 1) -> dict[str, np.ndarray]:
+    """Zero-length ``past_*`` feeds [batch, n_heads, 0, head_dim] float32 for every past input."""
+    feeds = {}
+    for inp in session.get_inputs():
+        if inp.name.startswith("past_"):
+            _, heads, _, head_dim = inp.shape
+            feeds[inp.name] = np.zeros((batch, heads, 0, head_dim), np.float32)
+    return feeds
+
+
+def run_logits(session, input_ids: np.ndarray, past: dict[str, np.ndarray] | None = None):
+    """Run one step: ``input_ids`` int64 [B, T] (+ past tensors) -> (logits float32 [B, T, V],
+    present tensors renamed to their ``past_*`` input names for the next step; {} without a KV cache)."""
+    feeds = {"input_ids": np.ascontiguousarray(input_ids, dtype=np.int64)}
+    if past:
+        feeds.update(past)
+    names = [o.name for o in session.get_outputs()]
+    outputs = session.run(names, feeds)
+    presents = {
+        name.replace("present_", "past_", 1): value
+        for name, value in zip(names, outputs, strict=True)
+        if name.startswith("present_")
+    }
+    return outputs[names.index("logits")], presents
+
+
+class OnnxStepper:
+    """:class:`sparsert.runtime.generate.Stepper` over an exported graph with ONNX Runtime (batch 1).
+
+    With a KV-cache graph each ``step(ids)`` feeds only the new ids with the cached ``present_*`` tensors
+    (float32 [1, n_heads, past_seq, head_dim]) of the previous step as ``past_*``. A graph exported with
+    ``--no-kv-cache`` is run on the whole sequence each step (correct, slower).
+    ``max_seq_len`` comes from the model's ``sparsert.model_config`` metadata.
+    """
+
+    def __init__(
+        self,
+        onnx_path: str | Path,
+        *,
+        accuracy_level: int | None = DEFAULT_ACCURACY_LEVEL,
+        threads: int | None = None,
+    ) -> None:
+        path = Path(onnx_path)
+        if not path.is_file():
+            raise ExportError(f"ONNX model {path} does not exist")
+        try:
+            header = onnx.load(str(path), load_external_data=False)
+        except Exception as exc:  # protobuf DecodeError and friends
+            raise ExportError(f"{path} is not a readable ONNX model: {exc}") from None
+        config = get_metadata(header).get(KEY_MODEL_CONFIG)
+        if config is None:
+            raise ExportError(f"{path} has no '{KEY_MODEL_CONFIG}' metadata (not exported by sparsert export)")
+        try:
+            self.model_config = json.loads(config)
+            self.max_seq_len = int(self.model_config["max_seq_len"])
+            int(self.model_config["vocab_size"])
+        except (ValueError, TypeError, KeyError):
+            raise ExportError(f"{path}: '{KEY_MODEL_CONFIG}' metadata is not a valid model config") from None
+        self.path = path
+        self.session = make_session(path, accuracy_level=accuracy_level, threads=threads)
+        self.kv_cache = any(i.name.startswith("past_") for i in self.session.get_inputs())
+        self.reset()
+
+    def reset(self) -> None:
+        self._past = empty_past(self.session) if self.kv_cache else {}
+        self._ids: list[int] = []
+
+    @property
+    def length(self) -> int:
+        """Number of positions fed since the last :meth:`reset`."""
+        return len(self._ids)
+
+    def step(self, ids: list[int]) -> np.ndarray:
+        """Feed ``ids`` after those already fed; returns the last position's logits float32 [V]."""
+        ids = [int(i) for i in ids]
+        if not ids:
+            raise ConfigError("OnnxStepper.step: no token ids given")
+        if len(self._ids) + len(ids) > self.max_seq_len:
+            raise ConfigError(
+                f"sequence of {len(self._ids) + len(ids)} positions exceeds the model's max_seq_len="
+                f"{self.max_seq_len}"
+            )
+        vocab = int(self.model_config["vocab_size"])
+        bad = [i for i in ids if not 0 <= i < vocab]
+        if bad:
+            raise ConfigError(f"token id {bad[0]} is out of range 0..{vocab - 1}")
+        self._ids += ids
+        if self.kv_cache:
+            logits, self._past = run_logits(self.session, np.array([ids], np.int64), self._past)
+        else:
+            logits, _ = run_logits(self.session, np.array([self._ids], np.int64))
+        return logits[0, -1]

@@ -1,0 +1,105 @@
+"""``sparsert generate ARTIFACT --prompt TEXT``: text from a compressed artifact with a KV cache.
+
+Backends (all run the same loop, :func:`sparsert.runtime.generate.generate_ids`, so one seed gives the same
+tokens wherever the logits agree):
+
+- ``torch``   the PyTorch reference (:meth:`Artifact.build_model` + :class:`TorchStepper`), CPU;
+- ``onnx``    ONNX Runtime CPU (:class:`sparsert.export.onnx_runner.OnnxStepper`) on ``--onnx PATH`` or, without
+              it, on a graph exported to a temporary file for this run;
+- ``runtime`` sparsert's GPU runtime (``sparsert.runtime.gpu_backend.GpuStepper``); needs an NVIDIA GPU.
+
+The prompt and its continuation go to stdout; token count and speed to stderr.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import click
+
+BACKENDS = ("torch", "onnx", "runtime")
+
+
+@contextmanager
+def make_stepper(artifact, backend: str, onnx_path: str | None = None):
+    """Yield a Stepper for ``artifact`` on ``backend``; temporary files are removed on exit."""
+    from sparsert.runtime.errors import ConfigError, DeviceError, ExportError
+
+    if backend == "torch":
+        from sparsert.runtime.generate import TorchStepper
+
+        yield TorchStepper(artifact.build_model())
+    elif backend == "onnx":
+        from sparsert.export.onnx_runner import OnnxStepper
+
+        if onnx_path is not None:
+            stepper = OnnxStepper(onnx_path)
+            if stepper.model_config != artifact.model_config.to_dict():
+                raise ExportError(
+                    f"--onnx {onnx_path} was exported from a different model than {artifact.path} "
+                    "(its sparsert.model_config metadata differs)"
+                )
+            yield stepper
+            return
+        from sparsert.export.onnx_graph import export_onnx
+
+        tmp = Path(tempfile.mkdtemp(prefix="sparsert-generate-"))
+        try:
+            path = tmp / "model.onnx"
+            export_onnx(artifact, path)
+            yield OnnxStepper(path)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    elif backend == "runtime":
+        try:
+            from sparsert.runtime.gpu_backend import GpuStepper
+        except ImportError as exc:
+            raise DeviceError(f"--backend runtime is unavailable: {exc}") from None
+        yield GpuStepper(artifact)
+    else:
+        raise ConfigError(f"--backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+
+
+@click.command("generate")
+@click.argument("artifact", type=str)
+@click.option("--prompt", required=True, type=str, help="Text to continue (must not be empty).")
+@click.option("--max-new-tokens", type=int, default=64, show_default=True, help="Tokens to generate (> 0).")
+@click.option("--temperature", type=float, default=0.0, show_default=True, help="0 = greedy; > 0 samples.")
+@click.option("--top-k", type=int, default=None, help="Sample only among the K most likely tokens.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the sampling draws.")
+@click.option("--backend", type=click.Choice(BACKENDS), default="torch", show_default=True,
+              help="torch: PyTorch reference (CPU); onnx: ONNX Runtime (CPU); runtime: sparsert GPU runtime.")
+@click.option("--onnx", "onnx_path", type=str, default=None,
+              help="With --backend onnx: an ONNX file from `sparsert export` (default: export to a temp file).")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object (text, token ids, timing).")
+def command(artifact: str, prompt: str, max_new_tokens: int, temperature: float, top_k: int | None, seed: int,
+            backend: str, onnx_path: str | None, as_json: bool) -> None:
+    """Generate a continuation of --prompt from ARTIFACT (greedy by default)."""
+    from sparsert.runtime.artifact import load_artifact
+    from sparsert.runtime.errors import ConfigError
+    from sparsert.runtime.generate import GenerationConfig, generate_ids
+
+    if not prompt:
+        raise ConfigError("--prompt is empty")
+    cfg = GenerationConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, seed=seed)
+    if onnx_path is not None and backend != "onnx":
+        raise ConfigError(f"--onnx applies only to --backend onnx (got --backend {backend})")
+    art = load_artifact(artifact)
+    prompt_ids = art.tokenizer.encode(prompt)
+    with make_stepper(art, backend, onnx_path) as stepper:
+        start = time.perf_counter()
+        ids = generate_ids(stepper, prompt_ids, cfg)
+        seconds = time.perf_counter() - start
+    text = art.tokenizer.decode(ids)
+    if as_json:
+        click.echo(json.dumps({"backend": backend, "prompt": prompt, "text": text, "ids": ids,
+                               "seconds": round(seconds, 4)}))
+        return
+    click.echo(prompt + text)
+    click.echo(f"[{backend}] {len(ids)} tokens in {seconds:.2f} s ({len(ids) / max(seconds, 1e-9):.1f} tokens/s)",
+               err=True)

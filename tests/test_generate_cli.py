@@ -1,0 +1,198 @@
+"""`sparsert export` and `sparsert generate` from the command line: the export -> generate chain in real
+subprocesses, backends agreeing on greedy text, and one-line errors (exit 2, no output file) on bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import onnx
+import pytest
+import torch
+
+from sparsert.cli import main
+from sparsert.export import parity as parity_mod
+from sparsert.runtime.artifact import QuantizationInfo, SparsityInfo, save_artifact
+from sparsert.runtime.model import DecoderLM, ModelConfig, sparse_linear_names
+from sparsert.runtime.packed_linear import pack_linear
+from sparsert.runtime.tokenizer import ByteTokenizer
+
+PROMPT = "def main():\n"
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny tensors: one intra-op thread avoids OpenMP hand-off costs on a busy 2-core machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def make_artifact(path: Path, arch: str = "llama", seed: int = 0, max_seq_len: int = 48) -> Path:
+    """A random tiny model (weights x10 for varied greedy output) saved as a 2:4 + INT4 (group 16) artifact."""
+    torch.manual_seed(seed)
+    config = ModelConfig(arch=arch, d_model=32, n_layers=2, n_heads=4, ffn_dim=64, max_seq_len=max_seq_len)
+    model = DecoderLM(config)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.mul_(10.0)
+    sd = model.state_dict()
+    names = sparse_linear_names(config)
+    packed = {n: pack_linear(sd[f"{n}.weight"], int4_group_size=16, bias=sd.get(f"{n}.bias")) for n in names}
+    dense = {k: v for k, v in sd.items() if k.rpartition(".")[0] not in packed}
+    return save_artifact(path, model_config=config, tokenizer=ByteTokenizer(), packed=packed, dense=dense,
+                         sparsity=SparsityInfo(tuple(names)), quantization=QuantizationInfo(tuple(names), 16))
+
+
+@pytest.fixture(scope="module")
+def artifact(tmp_path_factory) -> Path:
+    return make_artifact(tmp_path_factory.mktemp("cli") / "art")
+
+
+def sparsert(*commands: list[str]) -> list[subprocess.CompletedProcess]:
+    """Run ``python -m sparsert <args>`` for each argument list, concurrently; results in order."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    procs = [subprocess.Popen([sys.executable, "-m", "sparsert", *args], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, env=env) for args in commands]
+    results = []
+    for args, proc in zip(commands, procs, strict=True):
+        out, err = proc.communicate(timeout=180)
+        results.append(subprocess.CompletedProcess(args, proc.returncode, out, err))
+    return results
+
+
+def run_main(capsys, *args: str) -> tuple[int, str, str]:
+    """Run the CLI in-process; returns (exit code, stdout, stderr)."""
+    try:
+        main(list(args))
+        code = 0
+    except SystemExit as exc:
+        code = exc.code
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def assert_one_line_error(code: int, err: str, pattern: str) -> None:
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    assert pattern in lines[0], lines[0]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The chain, in subprocesses
+
+
+def test_export_then_generate_onnx_and_torch_same_greedy_text(tmp_path, artifact):
+    out = tmp_path / "out" / "model.onnx"
+    (done,) = sparsert(["export", str(artifact), "-o", str(out)])
+    assert done.returncode == 0, done.stderr
+    assert "14 2:4+INT4" in done.stdout and "passed" in done.stdout and "parity vs PyTorch" in done.stdout
+    onnx.checker.check_model(str(out), full_check=True)
+    assert sorted(p.name for p in out.parent.iterdir()) == ["model.onnx"]  # no temp files left
+
+    args = ["generate", str(artifact), "--prompt", PROMPT, "--max-new-tokens", "24"]
+    by_onnx, by_torch = sparsert([*args, "--backend", "onnx", "--onnx", str(out)], [*args, "--backend", "torch"])
+    assert by_onnx.returncode == 0, by_onnx.stderr
+    assert by_torch.returncode == 0, by_torch.stderr
+    assert by_onnx.stdout.startswith(PROMPT) and len(by_onnx.stdout) > len(PROMPT) + 10
+    assert by_onnx.stdout == by_torch.stdout
+    assert "[onnx] 24 tokens" in by_onnx.stderr and "[torch] 24 tokens" in by_torch.stderr
+
+
+def test_generate_backends_agree_in_process(capsys, artifact):
+    """--backend onnx without --onnx (temporary export) and sampling agree with torch; --json output."""
+    results = {}
+    for backend in ("torch", "onnx"):
+        code, out, err = run_main(capsys, "generate", str(artifact), "--prompt", "Hello", "--max-new-tokens", "16",
+                                  "--temperature", "0.9", "--top-k", "40", "--seed", "5", "--backend", backend,
+                                  "--json")
+        assert code == 0, err
+        results[backend] = json.loads(out)
+    assert results["torch"]["ids"] == results["onnx"]["ids"] and len(results["torch"]["ids"]) == 16
+    assert results["torch"]["text"] == results["onnx"]["text"]
+
+
+def test_export_no_kv_cache_and_skip_parity(capsys, tmp_path, artifact):
+    out = tmp_path / "nokv.onnx"
+    code, stdout, err = run_main(capsys, "export", str(artifact), "-o", str(out), "--no-kv-cache", "--skip-parity")
+    assert code == 0, err
+    assert "KV cache no" in stdout and "skipped (--skip-parity)" in stdout
+    assert [i.name for i in onnx.load(str(out)).graph.input] == ["input_ids"]
+    code, stdout, err = run_main(capsys, "generate", str(artifact), "--prompt", PROMPT, "--max-new-tokens", "8",
+                                 "--backend", "onnx", "--onnx", str(out), "--json")
+    code_t, stdout_t, _ = run_main(capsys, "generate", str(artifact), "--prompt", PROMPT, "--max-new-tokens", "8",
+                                   "--json")
+    assert code == code_t == 0, err
+    assert json.loads(stdout)["ids"] == json.loads(stdout_t)["ids"]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Bad input: one line, exit 2, nothing written
+
+
+def test_missing_artifact(capsys, tmp_path):
+    missing = tmp_path / "no-such-artifact"
+    code, _, err = run_main(capsys, "generate", str(missing), "--prompt", "hi")
+    assert_one_line_error(code, err, f"artifact {missing} does not exist")
+    out = tmp_path / "m.onnx"
+    code, _, err = run_main(capsys, "export", str(missing), "-o", str(out))
+    assert_one_line_error(code, err, f"artifact {missing} does not exist")
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--prompt", ""], "--prompt is empty"),
+        (["--prompt", "hi", "--max-new-tokens", "0"], "--max-new-tokens must be a positive integer, got 0"),
+        (["--prompt", "hi", "--max-new-tokens", "-3"], "--max-new-tokens must be a positive integer, got -3"),
+        (["--prompt", "hi", "--temperature", "-1"], "--temperature must be a finite number >= 0"),
+        (["--prompt", "hi", "--top-k", "0"], "--top-k must be a positive integer"),
+        (["--prompt", "hi", "--onnx", "x.onnx"], "--onnx applies only to --backend onnx"),
+        (["--prompt", "hi", "--backend", "onnx", "--onnx", "missing.onnx"], "ONNX model missing.onnx does not exist"),
+        (["--prompt", "x" * 48], "prompt is 48 tokens; the model's context is 48 tokens"),
+    ],
+)
+def test_generate_bad_input(capsys, artifact, extra, message):
+    code, out, err = run_main(capsys, "generate", str(artifact), *extra)
+    assert_one_line_error(code, err, message)
+    assert out == ""
+
+
+def test_generate_onnx_from_another_model(capsys, tmp_path, artifact):
+    other = make_artifact(tmp_path / "other", max_seq_len=32)
+    code, _, err = run_main(capsys, "export", str(other), "-o", str(tmp_path / "other.onnx"), "--skip-parity")
+    assert code == 0, err
+    code, _, err = run_main(capsys, "generate", str(artifact), "--prompt", "hi", "--backend", "onnx",
+                            "--onnx", str(tmp_path / "other.onnx"))
+    assert_one_line_error(code, err, "was exported from a different model")
+
+
+def test_runtime_backend_without_gpu_is_a_one_line_error(capsys, artifact):
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present: --backend runtime may succeed here")
+    code, _, err = run_main(capsys, "generate", str(artifact), "--prompt", "hi", "--backend", "runtime")
+    assert code == 2 and len(err.strip().splitlines()) == 1 and err.startswith("error: ")
+
+
+def test_export_failures_leave_no_output(capsys, monkeypatch, tmp_path, artifact):
+    # -o names a directory
+    code, _, err = run_main(capsys, "export", str(artifact), "-o", str(tmp_path))
+    assert_one_line_error(code, err, "is a directory")
+    # parity fails (a zero tolerance cannot be met by honest fp32 rounding): nothing is kept
+    monkeypatch.setattr(parity_mod, "FP32_TOLERANCE", parity_mod.Tolerance(rtol=0.0, atol=0.0))
+    out = tmp_path / "sub" / "model.onnx"
+    code, stdout, err = run_main(capsys, "export", str(artifact), "-o", str(out))
+    assert_one_line_error(code, err, "ONNX parity failed")
+    assert stdout == "" and list((tmp_path / "sub").iterdir()) == []
+    # an existing file is left as it was
+    out.write_bytes(b"previous")
+    code, _, err = run_main(capsys, "export", str(artifact), "-o", str(out))
+    assert code == 2 and out.read_bytes() == b"previous"
+    assert sorted(p.name for p in out.parent.iterdir()) == ["model.onnx"]
