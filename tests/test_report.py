@@ -1,0 +1,249 @@
+"""`sparsert report`: metrics.jsonl of synthetic runs -> PNG plots and a summary; errors; TensorBoard."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import struct
+import sys
+from pathlib import Path
+
+import pytest
+
+from sparsert.cli import main
+from sparsert.runtime.errors import ArtifactError, ConfigError
+from sparsert.train.report import (
+    TensorBoardWriter,
+    build_report,
+    load_run,
+    method_label,
+    summarize_run,
+)
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+STEPS = 120
+
+
+def _write_run(root: Path, name: str, *, sparse: bool, final_val: float, qat: bool = False) -> Path:
+    """A run directory as the trainer writes it: metrics.jsonl + checkpoints/latest.json + state.json."""
+    run = root / name
+    run.mkdir(parents=True)
+    lines = []
+    for step in range(1, STEPS + 1):
+        rec = {"step": step, "loss": final_val + 3.0 * math.exp(-step / 30) + 0.02 * math.sin(step),
+               "lr": 1e-3, "tokens_per_s": 5000.0}
+        if sparse:
+            frac = min(max((step / STEPS - 0.25) / 0.5, 0.0), 1.0)
+            rec["sparsity"] = 0.5 * frac
+            if step % 10 == 0:
+                rec["flip_rate"] = 0.05 * math.exp(-step / 25)  # peak 0.05*e^-0.4 at step 10
+        lines.append(json.dumps(rec))
+        if step % 40 == 0:
+            val = final_val + 3.0 * math.exp(-step / 30)
+            lines.append(json.dumps({"step": step, "val_loss": val, "val_ppl": math.exp(val)}))
+    (run / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    step_dir = run / "checkpoints" / f"step_{STEPS:08d}"
+    step_dir.mkdir(parents=True)
+    state = {"format": "sparsert-checkpoint", "version": 1, "step": STEPS, "model_config": {},
+             "train_config": {"batch_size": 4, "seq_len": 32, "transposable": sparse, "mvue": False},
+             "sparsity": {"n": 2, "m": 4} if sparse else None,
+             "quantization": {"bits": 4, "group_size": 128} if qat else None}
+    (step_dir / "state.json").write_text(json.dumps(state))
+    (run / "checkpoints" / "latest.json").write_text(json.dumps({"step": STEPS, "dir": step_dir.name}))
+    return run
+
+
+def _png_size(path: Path) -> tuple[int, int]:
+    data = path.read_bytes()
+    assert data[:8] == PNG_SIGNATURE, f"{path} is not a PNG"
+    assert data[12:16] == b"IHDR"
+    width, height = struct.unpack(">II", data[16:24])
+    return width, height
+
+
+@pytest.fixture
+def two_runs(tmp_path: Path) -> tuple[Path, Path]:
+    return (_write_run(tmp_path, "dense", sparse=False, final_val=2.0),
+            _write_run(tmp_path, "sparse24", sparse=True, final_val=2.1, qat=True))
+
+
+def test_report_writes_valid_pngs_and_summary_numbers(two_runs: tuple[Path, Path], tmp_path: Path) -> None:
+    import matplotlib.image
+
+    dense, sparse = two_runs
+    out = tmp_path / "out"
+    report = build_report([dense, sparse], out, dense=dense)
+    for name in ("loss.png", "flip_rate.png", "sparsity.png"):
+        path = out / name
+        width, height = _png_size(path)
+        assert width > 300 and height > 200
+        pixels = matplotlib.image.imread(path)  # decodes the whole image
+        assert pixels.shape[:2] == (height, width)
+        assert pixels.std() > 0.01  # not a blank canvas
+    md = (out / "summary.md").read_text()
+    html = (out / "summary.html").read_text()
+    assert [p.name for p in report.files] == ["loss.png", "flip_rate.png", "sparsity.png", "summary.md",
+                                              "summary.html"]
+
+    final_dense = 2.0 + 3.0 * math.exp(-120 / 30)
+    final_sparse = 2.1 + 3.0 * math.exp(-120 / 30)
+    gap = (final_sparse / final_dense - 1) * 100
+    peak, final = 0.05 * math.exp(-10 / 25), 0.05 * math.exp(-120 / 25)
+    for text in (md, html):
+        assert f"{final_dense:.4f}" in text and f"{final_sparse:.4f}" in text
+        assert f"{math.exp(final_sparse):.2f}" in text
+        assert f"+{gap:.2f}%" in text
+        assert f"{peak:.3g} (10)" in text and f"{final:.3g}" in text
+        assert f"{peak / final:.1f}×" in text
+        assert "dense baseline" in text
+    assert "2:4, INT4 g128, transposable" in md
+    assert "| 120 | 15.4k |" in md  # steps, tokens = 4 * 32 * 120
+    s = report.summaries[1]
+    assert s.val_loss == pytest.approx(final_sparse) and s.ppl_ratio_to_dense == pytest.approx(
+        math.exp(final_sparse - final_dense))
+    tail = [2.1 + 3.0 * math.exp(-k / 30) + 0.02 * math.sin(k) for k in range(111, 121)]
+    assert s.train_loss == pytest.approx(sum(tail) / 10)
+    assert '<img src="loss.png"' in html and "![loss.png](loss.png)" in md
+
+
+def test_report_dense_added_when_not_listed_and_default_output(two_runs: tuple[Path, Path]) -> None:
+    dense, sparse = two_runs
+    report = build_report([sparse], dense=dense, plots=False)
+    assert report.out_dir == sparse / "report"
+    assert [s.name for s in report.summaries] == ["dense", "sparse24"]
+    assert report.summaries[0].is_dense_baseline
+    assert not list(report.out_dir.glob("*.png"))
+    assert (report.out_dir / "summary.md").is_file()
+
+
+def test_dense_only_run_has_no_flip_plot_and_says_why(tmp_path: Path) -> None:
+    run = _write_run(tmp_path, "d", sparse=False, final_val=2.0)
+    report = build_report([run], tmp_path / "o")
+    assert not (tmp_path / "o" / "flip_rate.png").exists()
+    assert "flip_rate.png not drawn: no run logged a flip rate" in report.markdown
+    assert "No dense baseline given" in report.markdown
+    assert method_label(load_run(run)) == "dense"
+
+
+def test_resumed_run_replaces_relogged_steps_and_skips_cut_last_line(tmp_path: Path) -> None:
+    run = tmp_path / "r"
+    run.mkdir()
+    recs = [{"step": s, "loss": 5.0} for s in range(1, 6)]  # first attempt, steps 1..5
+    recs += [{"step": s, "loss": 4.0} for s in range(4, 8)]  # resumed from the step-3 checkpoint
+    recs += [{"step": 7, "flip_rate": 0.01}]  # a second line for step 7 merges into it
+    recs += [{"step": 7, "val_loss": "nan", "val_ppl": "nan"}]  # the trainer writes NaN as a string
+    text = "\n".join(json.dumps(r) for r in [{"train_config": {"method": "ast"}}] + recs) + '\n{"step": 8, "lo'
+    (run / "metrics.jsonl").write_text(text)
+    m = load_run(run)
+    assert [r["step"] for r in m.train] == [1, 2, 3, 4, 5, 6, 7]
+    assert m.series("loss")[1] == [5.0, 5.0, 5.0, 4.0, 4.0, 4.0, 4.0]
+    assert m.train[-1]["flip_rate"] == 0.01
+    assert m.meta == {"train_config": {"method": "ast"}}
+    assert method_label(m) == "method=ast"
+    assert any("incomplete last line" in n for n in m.notes)
+    assert "non-finite loss logged at step 7" in m.notes
+    assert m.series("val_loss", evals=True) == ([], [])
+    s = summarize_run(m)
+    assert s.flip_peak == s.flip_final == 0.01 and s.flip_peak_over_final == 1.0
+
+
+def test_errors_are_one_line(tmp_path: Path) -> None:
+    with pytest.raises(ArtifactError, match=r"missing_run: run directory does not exist$"):
+        load_run(tmp_path / "missing_run")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ArtifactError, match=r"empty: no metrics.jsonl, not a training run directory"):
+        build_report([tmp_path / "empty"], tmp_path / "o")
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "metrics.jsonl").write_text('{"step": 1, "loss": 2.0}\nnot json\n{"step": 2, "loss": 1.0}\n')
+    with pytest.raises(ArtifactError, match=r"metrics.jsonl:2: not valid JSON"):
+        load_run(bad)
+    (bad / "metrics.jsonl").write_text('{"step": 1, "lr": 0.1}\n')
+    with pytest.raises(ArtifactError, match=r"no training metrics \(no line with a 'loss' or 'val_loss'\)"):
+        load_run(bad)
+    (bad / "metrics.jsonl").write_text('{"step": -1, "loss": 0.1}\n')
+    with pytest.raises(ArtifactError, match=r"metrics.jsonl:1: 'step' must be a non-negative integer"):
+        load_run(bad)
+    assert not (tmp_path / "o").exists()  # nothing written on error
+
+
+def test_missing_matplotlib_is_a_clear_error(two_runs: tuple[Path, Path], tmp_path: Path,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "matplotlib.figure", None)  # makes the import fail
+    with pytest.raises(ConfigError, match=r"needs matplotlib .*'report' extra.*pip install sparsert\[report\]"):
+        build_report(list(two_runs), tmp_path / "o")
+    assert not (tmp_path / "o").exists()
+    build_report(list(two_runs), tmp_path / "o", plots=False)  # the summary alone still works
+    assert (tmp_path / "o" / "summary.md").is_file()
+
+
+def test_cli_report(two_runs: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    dense, sparse = two_runs
+    main(["report", str(dense), str(sparse), "-o", str(tmp_path / "cli"), "--dense", str(dense), "--no-plots"])
+    out = capsys.readouterr().out
+    assert "| sparse24 |" in out and f"wrote {tmp_path / 'cli' / 'summary.md'}" in out
+    with pytest.raises(SystemExit) as exc:
+        main(["report", str(tmp_path / "nope")])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert err == f"error: {tmp_path / 'nope'}: run directory does not exist\n"
+
+
+HAS_TENSORBOARD = importlib.util.find_spec("tensorboard") is not None
+
+
+@pytest.mark.skipif(HAS_TENSORBOARD, reason="tensorboard is installed")
+def test_tensorboard_missing_names_the_extra(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"TensorBoard logging needs the 'tensorboard' package: pip install"):
+        TensorBoardWriter(tmp_path / "tb")
+
+
+@pytest.mark.skipif(not HAS_TENSORBOARD, reason="tensorboard is not installed")
+def test_tensorboard_writer_writes_scalars(tmp_path: Path) -> None:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    with TensorBoardWriter(tmp_path / "tb") as tb:
+        assert tb.log({"step": 1, "loss": 3.0, "lr": 0.1, "note": "x"}) == 2
+        assert tb.log({"step": 2, "loss": 2.5, "flip_rate": 0.01}) == 2
+        assert tb.log({"step": 2, "val_loss": 2.7, "val_ppl": math.exp(2.7)}) == 2
+    acc = EventAccumulator(str(tmp_path / "tb"))
+    acc.Reload()
+    assert set(acc.Tags()["scalars"]) == {"train/loss", "train/lr", "train/flip_rate", "eval/val_loss",
+                                          "eval/val_ppl"}
+    assert [(e.step, e.value) for e in acc.Scalars("train/loss")] == [(1, 3.0), (2, 2.5)]
+
+
+def test_reads_what_the_trainer_writes(tmp_path: Path) -> None:
+    """Records written by the trainer's own MetricsLog and a checkpoint written by save_checkpoint."""
+    import torch
+
+    from sparsert.runtime.model import DecoderLM, ModelConfig
+    from sparsert.train.checkpoint import save_checkpoint
+    from sparsert.train.metrics import MetricsLog
+    from sparsert.train.sparse_linear import SparsityConfig
+    from sparsert.train.sparsify import sparsify_model
+
+    run = tmp_path / "run"
+    run.mkdir()
+    with MetricsLog(run / "metrics.jsonl") as log:
+        for step in range(1, 7):
+            rec = {"step": step, "loss": 4.0 - 0.1 * step, "lr": 1e-3, "tokens_per_s": 100.0, "sparsity": 0.5}
+            if step % 2 == 0:
+                rec["flip_rate"] = 0.1 / step
+            log.write(rec)
+        log.write({"step": 6, "val_loss": 3.5, "val_ppl": math.exp(3.5)})
+        log.write({"step": 7, "loss": float("nan"), "lr": 1e-3, "tokens_per_s": 100.0, "sparsity": 0.5})
+    config = ModelConfig(d_model=16, n_layers=1, n_heads=2, ffn_dim=32, vocab_size=256, max_seq_len=16)
+    model = DecoderLM(config)
+    sparsify_model(model, SparsityConfig())
+    state = {"model_config": config.to_dict(), "train_config": {"batch_size": 2, "seq_len": 8, "qat": False},
+             "sparsity": {"n": 2, "m": 4, "method": "sr-ste"}, "quantization": None, "tokens_seen": 6 * 16}
+    save_checkpoint(run, 6, model, torch.optim.AdamW(model.parameters()), state)
+
+    m = load_run(run)
+    assert m.series("flip_rate") == ([2, 4, 6], [0.05, 0.025, 0.1 / 6])
+    assert "non-finite loss logged at step 7" in m.notes
+    s = summarize_run(m)
+    assert (s.steps, s.tokens, s.val_loss, s.method) == (7, 7 * 16, 3.5, "2:4")
+    assert s.flip_peak_over_final == pytest.approx(3.0)

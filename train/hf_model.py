@@ -1,0 +1,377 @@
+"""Hugging Face causal LMs as 2:4 sparse training targets: load, sparsify, run, save back.
+
+Flow (issue 3, item 6)::
+
+    bundle = load_hf_causal_lm("path/to/llama")         # local directory only, float32, tokenizer if present
+    names = sparsify_hf_model(bundle.model, SparsityConfig())   # block linears -> SparseLinear (SR-STE)
+    logits = hf_forward(bundle.model, input_ids)         # [B, T, V] float32
+    ...train...
+    save_hf_checkpoint(bundle.model, bundle.tokenizer, "out/")  # plain HF dir, 2:4 zeros in dense weights
+
+Supported: decoder-only causal LMs whose decoder blocks form one ``nn.ModuleList`` (Llama, Mistral, Qwen2,
+GPT-2, GPT-NeoX, Phi, ...; tested on Llama, Qwen2 and GPT-2). The sparse linears are every linear layer inside
+the decoder blocks (:func:`hf_sparse_linear_names`); embeddings, norms and ``lm_head`` stay dense, as in
+Hu et al. (ICML 2024) and the AST paper (Huang et al., AAAI 2025), which leave them dense too.
+
+GPT-2 stores its block linears as ``transformers.pytorch_utils.Conv1D`` with the weight transposed,
+``[in, out]`` (``y = x @ W + b``). :func:`sparsify_hf_model` first turns each such layer into an
+``nn.Linear`` holding ``Wᵀ [out, in]``, so the N:M groups of :class:`~sparsert.train.sparse_linear.SparseLinear`
+run along the input dimension K like every other sparse linear in sparsert; :func:`save_hf_checkpoint`
+transposes them back, so the saved Conv1D weights ``[in, out]`` have 2 non-zeros in every 4 consecutive
+*rows* (the input dimension).
+
+``transformers`` is optional (the ``hf`` extra) and imported lazily.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from sparsert.runtime.errors import ArtifactError, ConfigError
+from sparsert.runtime.hf_tokenizer import HFTokenizer, import_transformers
+from sparsert.train.sparse_linear import SparseLinear, SparsityConfig
+from sparsert.train.sparsify import sparsify_model
+
+# Where common architectures keep their decoder blocks (tried before a generic search).
+_BLOCK_LISTS = ("model.layers", "transformer.h", "model.decoder.layers", "gpt_neox.layers", "transformer.blocks",
+                "transformer.layers")
+_ATTENTION_WORDS = ("attn", "attention")
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model", "spiece.model",
+                    "vocab.txt")
+_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                 "pytorch_model.bin.index.json")
+# Attribute set on the model: names of block linears that were transformers Conv1D ([in, out]) layers.
+TRANSPOSED_ATTR = "sparsert_conv1d_names"
+SPARSERT_FILE = "sparsert.json"
+
+
+@dataclass
+class HFModelBundle:
+    """A loaded Hugging Face causal LM: the ``transformers`` model (``PreTrainedModel``, eval mode), its
+    tokenizer (:class:`HFTokenizer`, or None when the directory has no tokenizer files), its config
+    (``PretrainedConfig``) and the directory it came from."""
+
+    model: nn.Module
+    tokenizer: HFTokenizer | None
+    config: Any
+    path: Path | None = None
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _read_config_json(p: Path) -> dict:
+    if not p.exists():
+        raise ConfigError(f"{p}: Hugging Face model directory does not exist")
+    if not p.is_dir():
+        raise ConfigError(f"{p}: expected a Hugging Face model directory, got a file")
+    cfg_file = p / "config.json"
+    if not cfg_file.is_file():
+        raise ConfigError(f"{p}: no config.json, not a Hugging Face model directory (expected save_pretrained output)")
+    try:
+        raw = json.loads(cfg_file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ConfigError(f"{cfg_file}: not a readable JSON file ({_first_line(exc)})") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{cfg_file}: expected a JSON object")
+    return raw
+
+
+def check_causal_lm_config(config: Any, where: str = "model") -> None:
+    """Raise ConfigError unless ``config`` (a transformers ``PretrainedConfig``) describes a decoder-only
+    causal LM: encoder-decoder models, encoders (BERT, RoBERTa, ...) and model types without a causal-LM head
+    are refused with a one-line message."""
+    from transformers.models.auto.modeling_auto import (
+        MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+        MODEL_FOR_MASKED_LM_MAPPING_NAMES,
+    )
+
+    model_type = getattr(config, "model_type", None)
+    expected = "expected a decoder-only causal LM such as Llama, Mistral, Qwen2 or GPT-2"
+    if getattr(config, "is_encoder_decoder", False):
+        raise ConfigError(f"{where}: not a causal language model (model_type '{model_type}' is an encoder-decoder; "
+                          f"{expected})")
+    if model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        raise ConfigError(f"{where}: not a causal language model (model_type '{model_type}' has no causal-LM head; "
+                          f"{expected})")
+    # BERT-like encoders also register an "LMHead" causal class, usable only when configured as a decoder.
+    if model_type in MODEL_FOR_MASKED_LM_MAPPING_NAMES and not getattr(config, "is_decoder", False):
+        raise ConfigError(f"{where}: not a causal language model (model_type '{model_type}' is an encoder; "
+                          f"{expected})")
+
+
+def load_hf_config(path: str | Path) -> Any:
+    """The ``PretrainedConfig`` of a local causal-LM directory, checked by :func:`check_causal_lm_config`.
+
+    ConfigError for a missing directory, a directory without ``config.json``, an unknown model type or a
+    model that is not a decoder-only causal LM.
+    """
+    p = Path(path)
+    raw = _read_config_json(p)
+    transformers = import_transformers("loading a Hugging Face model")
+    if "model_type" not in raw:
+        raise ConfigError(f"{p / 'config.json'}: no 'model_type', not a Hugging Face model config")
+    try:
+        config = transformers.AutoConfig.from_pretrained(str(p), local_files_only=True)
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ConfigError(f"{p}: cannot read the model config ({_first_line(exc)})") from None
+    check_causal_lm_config(config, str(p))
+    return config
+
+
+def _dtype_kwarg(transformers: Any) -> str:
+    """``from_pretrained``'s dtype keyword: ``dtype`` from transformers 4.56 on, ``torch_dtype`` before."""
+    from packaging.version import Version
+
+    return "dtype" if Version(transformers.__version__) >= Version("4.56") else "torch_dtype"
+
+
+def load_hf_causal_lm(path: str | Path, *, dtype: torch.dtype = torch.float32,
+                      load_tokenizer: bool = True) -> HFModelBundle:
+    """Load the local Hugging Face causal LM directory ``path`` (never downloads).
+
+    The model comes back in ``dtype`` (float32 default, for training) and eval mode; its tokenizer is
+    loaded when the directory holds tokenizer files (else ``tokenizer`` is None). Raises ConfigError for a
+    directory that is missing, has no ``config.json``, or is not a decoder-only causal LM; ArtifactError when
+    the weights are absent, unreadable, or do not cover the model (missing or mis-shaped tensors, which
+    transformers would otherwise initialise at random).
+    """
+    p = Path(path)
+    config = load_hf_config(p)
+    transformers = import_transformers("loading a Hugging Face model")
+    if not any((p / f).is_file() for f in _WEIGHT_FILES):
+        raise ArtifactError(f"{p}: no model weights (expected one of {', '.join(_WEIGHT_FILES)})")
+    kwargs = {"local_files_only": True, "output_loading_info": True, _dtype_kwarg(transformers): dtype}
+    from safetensors import SafetensorError
+
+    try:
+        model, info = transformers.AutoModelForCausalLM.from_pretrained(str(p), config=config, **kwargs)
+    except (OSError, ValueError, RuntimeError, KeyError, SafetensorError) as exc:
+        raise ArtifactError(f"{p}: cannot load the model weights ({_first_line(exc)})") from None
+    missing = list(info.get("missing_keys") or [])
+    mismatched = list(info.get("mismatched_keys") or [])
+    if missing:
+        raise ArtifactError(f"{p}: the weights lack {len(missing)} tensor(s) of the model, e.g. '{missing[0]}'")
+    if mismatched:
+        first = mismatched[0][0] if isinstance(mismatched[0], (tuple, list)) else mismatched[0]
+        raise ArtifactError(f"{p}: {len(mismatched)} tensor(s) have the wrong shape for the config, e.g. '{first}'")
+    tokenizer = None
+    if load_tokenizer and any((p / f).is_file() for f in _TOKENIZER_FILES):
+        tokenizer = HFTokenizer(p)
+        n_emb = model.get_input_embeddings().weight.shape[0]
+        if tokenizer.vocab_size > n_emb:
+            raise ConfigError(f"{p}: the tokenizer has {tokenizer.vocab_size} tokens but the model's embedding "
+                              f"has only {n_emb} rows")
+    return HFModelBundle(model=model, tokenizer=tokenizer, config=config, path=p)
+
+
+def _num_layers(model: nn.Module) -> int | None:
+    config = getattr(model, "config", None)
+    for attr in ("num_hidden_layers", "n_layer", "num_layers"):
+        n = getattr(config, attr, None)
+        if isinstance(n, int) and n > 0:
+            return n
+    return None
+
+
+def find_decoder_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """(qualified name, ModuleList) of the model's decoder blocks: ``model.layers`` (Llama, Mistral, Qwen2),
+    ``transformer.h`` (GPT-2), ...; else the first ModuleList with ``config.num_hidden_layers`` entries.
+    ConfigError when there is none."""
+    n = _num_layers(model)
+    for name in _BLOCK_LISTS:
+        try:
+            blocks = model.get_submodule(name)
+        except AttributeError:
+            continue
+        if isinstance(blocks, nn.ModuleList) and (n is None or len(blocks) == n):
+            return name, blocks
+    for name, module in model.named_modules():
+        if isinstance(module, nn.ModuleList) and n is not None and len(module) == n:
+            return name, module
+    raise ConfigError(f"{type(model).__name__}: cannot find the decoder blocks (a ModuleList of "
+                      f"{n if n is not None else 'num_hidden_layers'} layers)")
+
+
+def _is_conv1d(module: nn.Module) -> bool:
+    try:
+        from transformers.pytorch_utils import Conv1D
+    except ImportError:
+        return False
+    return isinstance(module, Conv1D)
+
+
+def _is_block_linear(module: nn.Module) -> bool:
+    return isinstance(module, (nn.Linear, SparseLinear)) or _is_conv1d(module)
+
+
+def hf_sparse_linear_names(model: nn.Module, include_attention: bool = True, include_mlp: bool = True) -> list[str]:
+    """Qualified names of the linear layers inside the decoder blocks, block by block in module order.
+
+    A layer is an attention layer when a module on its path inside the block has "attn" or "attention" in
+    its name (``self_attn.q_proj``, ``attn.c_attn``); every other block linear counts as MLP
+    (``mlp.gate_proj``, ``mlp.c_fc``). ``nn.Linear``, transformers ``Conv1D`` and already-swapped
+    ``SparseLinear`` layers are listed; embeddings, norms and ``lm_head`` never are.
+    """
+    if not (include_attention or include_mlp):
+        raise ConfigError("hf sparse linears: include_attention and include_mlp are both off, nothing to sparsify")
+    prefix, blocks = find_decoder_blocks(model)
+    names = []
+    for i, block in enumerate(blocks):
+        for rel, module in block.named_modules():
+            if not rel or not _is_block_linear(module):
+                continue
+            path = rel.split(".")[:-1]
+            is_attention = any(w in part.lower() for part in path for w in _ATTENTION_WORDS)
+            if (include_attention if is_attention else include_mlp):
+                names.append(f"{prefix}.{i}.{rel}")
+    return names
+
+
+def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, attr = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, attr, module)
+
+
+def conv1d_to_linear(model: nn.Module, names: list[str]) -> list[str]:
+    """Replace each named transformers ``Conv1D`` (weight ``[in, out]``) by an ``nn.Linear`` with weight
+    ``Wᵀ [out, in]`` and the same bias Parameter; same outputs up to float rounding. The converted names
+    are recorded on the model (attribute ``sparsert_conv1d_names``) so :func:`save_hf_checkpoint` restores
+    the Conv1D layout. Returns the names converted."""
+    converted = []
+    for name in names:
+        module = model.get_submodule(name)
+        if not _is_conv1d(module):
+            continue
+        w = module.weight  # [in, out]
+        linear = nn.Linear(w.shape[0], w.shape[1], bias=module.bias is not None, device=w.device, dtype=w.dtype)
+        with torch.no_grad():
+            linear.weight.copy_(w.t())
+        linear.weight.requires_grad_(w.requires_grad)
+        if module.bias is not None:
+            linear.bias = module.bias
+        _set_submodule(model, name, linear)
+        converted.append(name)
+    if converted:
+        known = set(getattr(model, TRANSPOSED_ATTR, ()))
+        setattr(model, TRANSPOSED_ATTR, sorted(known | set(converted)))
+    return converted
+
+
+def sparsify_hf_model(
+    model: nn.Module,
+    cfg: SparsityConfig | None = None,
+    names: list[str] | None = None,
+    *,
+    include_attention: bool = True,
+    include_mlp: bool = True,
+    dense: bool = False,
+) -> list[str]:
+    """Swap the block linears of a transformers causal LM for :class:`SparseLinear` (SR-STE, Zhou et al.,
+    ICLR 2021) in place, through :func:`sparsert.train.sparsify.sparsify_model`.
+
+    ``names`` defaults to :func:`hf_sparse_linear_names` (with the include flags). GPT-2 Conv1D layers are
+    converted to ``nn.Linear`` first (:func:`conv1d_to_linear`), so every mask is ``[out, K]`` with its N:M
+    groups along the input dimension K. Returns the names swapped. FormatError (naming the layer) when a
+    layer's input dimension is not divisible by M.
+    """
+    if names is None:
+        names = hf_sparse_linear_names(model, include_attention, include_mlp)
+    names = list(names)
+    conv1d_to_linear(model, names)
+    return sparsify_model(model, cfg if cfg is not None else SparsityConfig(), names, dense=dense)
+
+
+def hf_forward(model: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
+    """Logits of a transformers causal LM: input_ids int64 [B, T] -> float32 [B, T, V] (no KV cache)."""
+    return model(input_ids=input_ids, use_cache=False).logits.float()
+
+
+def folded_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The model's state dict in plain transformers layout, ready for ``save_pretrained``.
+
+    Each SparseLinear contributes ``<name>.weight`` = the weight its forward pass uses (``W ⊙ mask``,
+    INT4 fake-quantized when trained with QAT; plain ``W`` for a layer in dense mode), float ``[out, K]``,
+    and no ``.mask``; layers converted from Conv1D are transposed back to ``[K, out]``. Other tensors are
+    the model's own (shared tensors, e.g. tied embeddings, stay shared).
+    """
+    state = model.state_dict()
+    transposed = set(getattr(model, TRANSPOSED_ATTR, ()))
+    for name, module in model.named_modules():
+        if isinstance(module, SparseLinear):
+            state.pop(f"{name}.mask", None)
+            w = module.effective_weight()
+        elif isinstance(module, nn.Linear) and name in transposed:
+            w = module.weight.detach()
+        else:
+            continue
+        state[f"{name}.weight"] = w.t().contiguous() if name in transposed else w
+    return state
+
+
+def _save_kwargs(model: nn.Module) -> dict:
+    params = inspect.signature(model.save_pretrained).parameters
+    return {"safe_serialization": True} if "safe_serialization" in params else {}
+
+
+def save_hf_checkpoint(model: nn.Module, tokenizer: HFTokenizer | Any | None, out_dir: str | Path, *,
+                       overwrite: bool = False) -> Path:
+    """Write ``model`` (and ``tokenizer``) as a Hugging Face directory that ``transformers`` loads as is.
+
+    The weights are :func:`folded_state_dict` (dense tensors carrying the 2:4 zeros, masks folded in,
+    GPT-2's Conv1D layout restored) saved by ``save_pretrained`` as safetensors; ``sparsert.json`` records
+    the sparse layers and their N:M pattern. ``tokenizer`` may be an :class:`HFTokenizer`, a transformers
+    tokenizer or None. The directory is written under a temporary name beside ``out_dir`` and renamed into
+    place, so a failure leaves no half-written checkpoint. ConfigError when ``out_dir`` exists and
+    ``overwrite`` is False; ArtifactError when writing fails. Returns ``out_dir``.
+    """
+    out = Path(out_dir)
+    if out.exists() and not (overwrite and out.is_dir()):
+        what = "is a file" if out.is_file() else "already exists (pass overwrite=True to replace it)"
+        raise ConfigError(f"{out}: output directory {what}")
+    hf_tok = tokenizer.hf if isinstance(tokenizer, HFTokenizer) else tokenizer
+    if hf_tok is not None and not hasattr(hf_tok, "save_pretrained"):
+        raise ConfigError(f"save_hf_checkpoint: tokenizer {type(tokenizer).__name__} is not a Hugging Face "
+                          "tokenizer (expected HFTokenizer, a transformers tokenizer or None)")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        state = folded_state_dict(model)
+        model.save_pretrained(str(tmp), state_dict=state, **_save_kwargs(model))
+        if hf_tok is not None:
+            hf_tok.save_pretrained(str(tmp))
+        layers = {}
+        for name, module in model.named_modules():
+            if isinstance(module, SparseLinear):
+                c = module.config
+                layers[name] = {"n": c.n, "m": c.m, "dense": module.dense, "qat_group_size": c.qat_group_size,
+                                "transposed": name in set(getattr(model, TRANSPOSED_ATTR, ()))}
+        meta = {"format": "sparsert-hf-checkpoint", "version": 1, "sparse_layers": layers}
+        (tmp / SPARSERT_FILE).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+        if out.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+            os.replace(out, old / out.name)
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise ArtifactError(f"{out}: cannot write the Hugging Face checkpoint ({_first_line(exc)})") from None
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
