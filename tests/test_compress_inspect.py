@@ -127,8 +127,8 @@ def test_compress_bad_inputs_write_nothing(tmp_path: Path, qat_run, dense_run) -
     out = tmp_path / "out"
     with pytest.raises(ArtifactError, match=r"nope: checkpoint path does not exist"):
         compress_checkpoint(tmp_path / "nope", out)
-    with pytest.raises(ConfigError, match=r"unknown pruning method 'wanda' \(choose from magnitude\)"):
-        compress_checkpoint(dense_run[0], out, prune="wanda")
+    with pytest.raises(ConfigError, match=r"unknown pruning method 'obs' \(choose from magnitude, wanda, sparsegpt\)"):
+        compress_checkpoint(dense_run[0], out, prune="obs")
     with pytest.raises(ConfigError, match=r"carries trained 2:4 masks; --prune applies only to dense checkpoints"):
         compress_checkpoint(qat_run[0], out, prune="magnitude")
     with pytest.raises(ConfigError, match=r"INT4 group size 96 does not divide K=128 of layer 'blocks\.0\.attn"):

@@ -1,84 +1,51 @@
-"""Checkpoint -> compressed artifact: 2:4 masks (trained or one-shot pruned), optional INT4, packed and saved.
+"""Checkpoint -> compressed artifact: 2:4 masks (trained or one-shot pruned), optional INT4 (optionally with an
+AWQ scale search), packed and saved.
 
 A checkpoint trained sparse (``state["sparsity"]`` set) carries a 0/1 mask ``<name>.mask`` for each of its
 sparse linears; those masks define the kept weights ``W ⊙ mask``. A dense checkpoint (trained with
-``--dense``, or without masks) is pruned one-shot to 2:4 by a *pruner* from :data:`PRUNERS`; only
-``"magnitude"`` (keep the two largest |W| of every four along K, the baseline of Mishra et al., "Accelerating
-Sparse Deep Neural Networks", 2021) exists today. Activation-aware methods (Wanda, Sun et al. 2023;
-SparseGPT, Frantar & Alistarh 2023) plug in through :func:`register_pruner` and receive calibration batches
-in :class:`PruneRequest`.
+``--dense``, or without masks) is pruned one-shot to 2:4 by a method of
+:data:`sparsert.train.oneshot_prune.ONESHOT_METHODS` (the one registry of ``--prune`` values):
+
+- ``magnitude`` (default): keep the two largest |W| of every four along K (Mishra et al., "Accelerating
+  Sparse Deep Neural Networks", 2021); needs no data;
+- ``wanda``: score ``|W_ij|·‖X_j‖₂`` (Sun et al., ICLR 2024);
+- ``sparsegpt``: OBS reconstruction, also updates the kept weights (Frantar & Alistarh, ICML 2023).
+
+The model is built from the checkpoint and pruned block by block with
+:func:`sparsert.train.oneshot_prune.prune_model_oneshot` on *calibration batches*: ``calib_batches`` batches of
+``calib_batch_size`` random windows of ``calib_seq_len`` tokens from the **train** split (never the
+validation split) of ``calib_data`` (default: the built-in default corpus), tokenized with the checkpoint's
+tokenizer, windows drawn with a generator seeded by ``seed``.
 
 INT4 (symmetric, groups along the original K, fp16 scales) is applied to the kept values iff the checkpoint
 was trained with quantization-aware training (``state["quantization"]``), unless overridden, with the QAT
-group size, so the artifact stores exactly the codes the QAT forward pass saw.
+group size, so the artifact stores exactly the codes the QAT forward pass saw. ``awq=True`` runs the
+activation-aware scale search of :mod:`sparsert.train.awq` on the pruned model before quantizing (it implies
+INT4); it is refused for a QAT checkpoint unless ``force_awq=True``, because it would change the codes QAT
+trained with.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 
 from sparsert.runtime.artifact import QuantizationInfo, SparsityInfo, model_state_shapes, save_artifact
-from sparsert.runtime.errors import ArtifactError, ConfigError
-from sparsert.runtime.model import ModelConfig, sparse_linear_names
-from sparsert.runtime.nm_mask import is_nm_sparse, nm_mask
+from sparsert.runtime.errors import ArtifactError, ConfigError, DataError
+from sparsert.runtime.model import DecoderLM, sparse_linear_names
+from sparsert.runtime.nm_mask import is_nm_sparse
 from sparsert.runtime.packed_linear import PackedLinear, pack_linear
-from sparsert.runtime.tokenizer import ByteTokenizer, tokenizer_from_dict
+from sparsert.runtime.tokenizer import ByteTokenizer, Tokenizer, tokenizer_from_dict
 from sparsert.train.checkpoint import Checkpoint, load_checkpoint
+from sparsert.train.oneshot_prune import ONESHOT_METHODS, prune_model_oneshot
 
 DEFAULT_GROUP_SIZE = 128
-
-
-@dataclass
-class PruneRequest:
-    """What a pruner gets.
-
-    weights: layer name -> dense float32 weight [out, K] of each linear to prune.
-    state: the checkpoint's full model state dict (for methods that run the model on calibration data).
-    calibration: token batches int64 [B, T] for activation-aware methods; None when not supplied.
-    """
-
-    model_config: ModelConfig
-    weights: dict[str, torch.Tensor]
-    state: dict[str, torch.Tensor]
-    n: int = 2
-    m: int = 4
-    calibration: Sequence[torch.Tensor] | None = None
-
-
-@dataclass
-class PrunedLayer:
-    """A pruner's result for one layer: the (possibly updated) weight float32 [out, K] and its bool N:M
-    mask [out, K] (SparseGPT updates the kept weights; magnitude pruning does not)."""
-
-    weight: torch.Tensor
-    mask: torch.Tensor
-
-
-Pruner = Callable[[PruneRequest], dict[str, PrunedLayer]]
-PRUNERS: dict[str, Pruner] = {}
-
-
-def register_pruner(name: str) -> Callable[[Pruner], Pruner]:
-    """Decorator adding a pruner to :data:`PRUNERS` under ``name`` (the ``--prune`` value)."""
-
-    def add(fn: Pruner) -> Pruner:
-        PRUNERS[name] = fn
-        return fn
-
-    return add
-
-
-@register_pruner("magnitude")
-def prune_magnitude(request: PruneRequest) -> dict[str, PrunedLayer]:
-    """Keep the ``n`` largest |W| of every ``m`` along K (ties: lower index); weights unchanged."""
-    return {
-        name: PrunedLayer(w, nm_mask(w, request.n, request.m, name=f"{name}.weight"))
-        for name, w in request.weights.items()
-    }
+DEFAULT_CALIB_BATCHES = 8
+DEFAULT_CALIB_BATCH_SIZE = 4
+MAX_DEFAULT_CALIB_SEQ_LEN = 256
+DEFAULT_SEED = 0
 
 
 def _checkpoint_masks(ckpt: Checkpoint, names: list[str]) -> dict[str, torch.Tensor]:
@@ -101,6 +68,47 @@ def _checkpoint_masks(ckpt: Checkpoint, names: list[str]) -> dict[str, torch.Ten
     return masks
 
 
+def _positive_int(value: object, flag: str) -> None:
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
+        raise ConfigError(f"{flag} must be a positive integer, got {value!r}")
+
+
+def calibration_batches(
+    tokenizer: Tokenizer,
+    data: str | Path | None = None,
+    *,
+    batches: int = DEFAULT_CALIB_BATCHES,
+    batch_size: int = DEFAULT_CALIB_BATCH_SIZE,
+    seq_len: int = MAX_DEFAULT_CALIB_SEQ_LEN,
+    seed: int = DEFAULT_SEED,
+) -> list[torch.Tensor]:
+    """Calibration ``input_ids``: ``batches`` int64 tensors [batch_size, seq_len] of random windows from the
+    train split of ``data`` (a text file, folder or .jsonl, as :func:`sparsert.train.data.load_corpus`;
+    None = the default corpus), drawn by a ``torch.Generator`` seeded with ``seed``.
+
+    Raises DataError naming the path (missing, unreadable, empty, too short for ``seq_len``).
+    """
+    from sparsert.train.data import TokenData, load_corpus  # noqa: PLC0415 - only needed with calibration
+
+    for value, flag in ((batches, "--calib-batches"), (batch_size, "--calib-batch-size"), (seq_len, "--calib-seq-len")):
+        _positive_int(value, flag)
+    what = "default corpus" if data is None else str(data)
+    try:
+        tokens = TokenData.from_corpus(load_corpus(data), tokenizer)
+        gen = torch.Generator().manual_seed(int(seed))
+        return [tokens.get_batch("train", batch_size, seq_len, gen)[0] for _ in range(batches)]
+    except DataError as exc:
+        raise DataError(f"calibration data ({what}): {exc}") from None
+
+
+def _build_model(ckpt: Checkpoint) -> DecoderLM:
+    """A float32 DecoderLM in eval mode holding the checkpoint's weights (masks are not applied)."""
+    model = DecoderLM(ckpt.model_config)
+    own = model.state_dict()
+    model.load_state_dict({k: ckpt.model_state[k].float() for k in own}, strict=True)
+    return model.eval()
+
+
 def compress_checkpoint(
     checkpoint: str | Path,
     output: str | Path,
@@ -110,6 +118,13 @@ def compress_checkpoint(
     prune: str | None = None,
     dense_dtype: str = "float16",
     calibration: Sequence[torch.Tensor] | None = None,
+    calib_data: str | Path | None = None,
+    calib_batches: int | None = None,
+    calib_seq_len: int | None = None,
+    calib_batch_size: int | None = None,
+    seed: int | None = None,
+    awq: bool = False,
+    force_awq: bool = False,
 ) -> Path:
     """Compress a training checkpoint into an artifact directory at ``output``; returns its path.
 
@@ -117,17 +132,24 @@ def compress_checkpoint(
         checkpoint: a run dir, its checkpoints dir or one step dir (see :func:`load_checkpoint`).
         int4_group_size: INT4 group size along K (default: the QAT group size, else 128); giving one without
             INT4 is a ConfigError. A size other than the QAT one gives codes QAT did not see.
-        quantize: INT4 on/off (default: on iff the checkpoint was trained with QAT).
-        prune: one-shot pruner for a dense checkpoint (default "magnitude"); a sparse checkpoint's trained
-            masks are used as they are, and asking to prune it is a ConfigError.
+        quantize: INT4 on/off (default: on iff the checkpoint was trained with QAT, or ``awq`` is set).
+        prune: one-shot method of ``ONESHOT_METHODS`` for a dense checkpoint (default "magnitude"); a sparse
+            checkpoint's trained masks are used as they are, and asking to prune it is a ConfigError.
         dense_dtype: "float16" or "float32" for the unquantized 2:4 values and the dense tensors.
-        calibration: token batches for activation-aware pruners.
+        calibration: calibration token batches int64 [B, T] given directly (instead of ``calib_data``).
+        calib_data, calib_batches (8), calib_seq_len (min(max_seq_len, 256)), calib_batch_size (4), seed (0):
+            where calibration batches come from (see :func:`calibration_batches`); used by wanda, sparsegpt and
+            AWQ only, and a ConfigError when given to a compression that uses no calibration data.
+        awq: search AWQ INT4 scales (:mod:`sparsert.train.awq`) on the pruned model and fold them in; implies
+            INT4 (``quantize=False`` with it is a ConfigError).
+        force_awq: allow ``awq`` on a QAT checkpoint (refused by default: it changes the codes QAT saw).
     Raises:
         ArtifactError for a missing/corrupt checkpoint or bad masks; ConfigError for bad options (unknown
-        pruner, a group size that does not divide a layer's K, ...). Nothing is written on failure.
+        pruner, a group size that does not divide a layer's K, ...); DataError for unusable calibration
+        data. Nothing is written on failure.
     """
-    if prune is not None and prune not in PRUNERS:
-        raise ConfigError(f"unknown pruning method '{prune}' (choose from {', '.join(PRUNERS)})")
+    if prune is not None and prune not in ONESHOT_METHODS:
+        raise ConfigError(f"unknown pruning method '{prune}' (choose from {', '.join(ONESHOT_METHODS)})")
     if int4_group_size is not None and (
         isinstance(int4_group_size, bool) or not isinstance(int4_group_size, int) or int4_group_size <= 0
         or int4_group_size % 4
@@ -135,9 +157,20 @@ def compress_checkpoint(
         raise ConfigError(f"INT4 group size must be a positive multiple of 4, got {int4_group_size!r}")
     if dense_dtype not in ("float16", "float32"):
         raise ConfigError(f"dense dtype must be float16 or float32, got {dense_dtype!r}")
+    for value, flag in ((calib_batches, "--calib-batches"), (calib_seq_len, "--calib-seq-len"),
+                        (calib_batch_size, "--calib-batch-size")):
+        _positive_int(value, flag)
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+        raise ConfigError(f"--seed must be an integer, got {seed!r}")
+    if calibration is not None and calib_data is not None:
+        raise ConfigError("give calibration batches or --calib-data, not both")
+    if force_awq and not awq:
+        raise ConfigError("--force-awq applies only together with --awq")
+    if awq and quantize is False:
+        raise ConfigError("--awq searches INT4 scales; it cannot be combined with --no-int4")
+
     ckpt = load_checkpoint(checkpoint, load_optimizer=False)
     config, state, where = ckpt.model_config, ckpt.model_state, f"checkpoint {ckpt.path}"
-
     shapes = model_state_shapes(config)
     for key, shape in shapes.items():
         if key not in state:
@@ -154,51 +187,90 @@ def compress_checkpoint(
         )
     names = sparse_linear_names(config)
     masks = _checkpoint_masks(ckpt, names) if sparsity is not None else {}
-    if masks:
-        if prune is not None:
-            raise ConfigError(
-                f"{where} carries trained 2:4 masks; --prune applies only to dense checkpoints"
-            )
-        layers = [n for n in names if n in masks]
-        pruned = {n: PrunedLayer(state[f"{n}.weight"].float(), masks[n]) for n in layers}
-        mask_source = "checkpoint masks"
-    else:
-        method = prune or "magnitude"
-        request = PruneRequest(
-            model_config=config,
-            weights={n: state[f"{n}.weight"].float() for n in names},
-            state=state,
-            calibration=calibration,
+    if masks and prune is not None:
+        raise ConfigError(
+            f"{where} carries trained 2:4 masks; --prune applies only to dense checkpoints "
+            "(a sparse checkpoint's trained masks are kept as they are; re-pruning would discard them)"
         )
-        pruned = PRUNERS[method](request)
-        layers = [n for n in names if n in pruned]
-        mask_source = f"{method} one-shot"
+    method = None if masks else prune or "magnitude"
 
     qat = ckpt.state.get("quantization")
+    if awq and qat is not None and not force_awq:
+        raise ConfigError(
+            f"{where} was trained with INT4 QAT; --awq would rescale its weights and change the codes QAT "
+            "trained with (add --force-awq to do it anyway)"
+        )
     if quantize is None:
-        quantize = qat is not None
+        quantize = qat is not None or awq
     if not quantize and int4_group_size is not None:
         reason = "INT4 is switched off" if qat is not None else f"{where} was not trained with INT4 QAT"
         raise ConfigError(f"--group-size {int4_group_size} applies only to INT4, but {reason}; add --int4 to quantize")
     group = int4_group_size or (qat or {}).get("group_size") or DEFAULT_GROUP_SIZE
+    layers = names if method is not None else [n for n in names if n in masks]
     if quantize:
         for n in layers:
             k = shapes[f"{n}.weight"][1]
             if k % group:
                 raise ConfigError(f"INT4 group size {group} does not divide K={k} of layer '{n}' (weight [out, K])")
 
+    tokenizer = ByteTokenizer() if "tokenizer" not in ckpt.state else tokenizer_from_dict(ckpt.state["tokenizer"])
+    needs_calibration = awq or (method is not None and ONESHOT_METHODS[method].needs is not None)
+    given = [flag for flag, value in (("calibration batches", calibration), ("--calib-data", calib_data),
+                                      ("--calib-batches", calib_batches), ("--calib-seq-len", calib_seq_len),
+                                      ("--calib-batch-size", calib_batch_size), ("--seed", seed))
+             if value is not None]
+    calib_info = None
+    if not needs_calibration and given:
+        raise ConfigError(
+            f"{given[0]} applies only to --prune wanda/sparsegpt and --awq; this compression uses no calibration data"
+        )
+    if needs_calibration and calibration is None:
+        seq_len = calib_seq_len or min(config.max_seq_len, MAX_DEFAULT_CALIB_SEQ_LEN)
+        if seq_len > config.max_seq_len:
+            raise ConfigError(f"--calib-seq-len {seq_len} exceeds the model's max_seq_len={config.max_seq_len}")
+        calib_info = {
+            "data": "default corpus" if calib_data is None else str(calib_data),
+            "batches": calib_batches or DEFAULT_CALIB_BATCHES,
+            "batch_size": calib_batch_size or DEFAULT_CALIB_BATCH_SIZE,
+            "seq_len": seq_len,
+            "seed": DEFAULT_SEED if seed is None else seed,
+        }
+        calibration = calibration_batches(
+            tokenizer, calib_data, batches=calib_info["batches"], batch_size=calib_info["batch_size"],
+            seq_len=seq_len, seed=calib_info["seed"],
+        )
+
+    model = _build_model(ckpt)
+    if method is not None:
+        masks = prune_model_oneshot(model, method, calibration)
+        mask_source = f"{method} one-shot"
+    else:
+        with torch.no_grad():
+            for n in layers:
+                model.get_submodule(n).weight.mul_(masks[n])
+        mask_source = "checkpoint masks"
+    producer: dict = {"source": {"checkpoint": str(ckpt.path), "step": ckpt.step}, "masks": mask_source}
+    if awq:
+        from sparsert.train.awq import DEFAULT_GRID, awq_scale_model  # noqa: PLC0415
+
+        found = awq_scale_model(model, calibration, group)
+        producer["int4_scales"] = {"method": "awq", "grid": DEFAULT_GRID,
+                                   "alpha": {k: r.alpha for k, r in found.items()}}
+    if calib_info is not None:
+        producer["calibration"] = calib_info
+
+    model_state = model.state_dict()
     packed: dict[str, PackedLinear] = {}
     for n in layers:
         packed[n] = pack_linear(
-            pruned[n].weight,
-            mask=pruned[n].mask,
+            model_state[f"{n}.weight"],
+            mask=masks[n],
             int4_group_size=group if quantize else None,
-            bias=state.get(f"{n}.bias"),
+            bias=model_state.get(f"{n}.bias"),
             values_dtype=torch.float16 if dense_dtype == "float16" else torch.float32,
             name=f"{n}.weight",
         )
-    dense = {k: state[k] for k in shapes if k.rpartition(".")[0] not in packed}
-    tokenizer = ByteTokenizer() if "tokenizer" not in ckpt.state else tokenizer_from_dict(ckpt.state["tokenizer"])
+    dense = {k: model_state[k] for k in shapes if k.rpartition(".")[0] not in packed}
     return save_artifact(
         output,
         model_config=config,
@@ -208,5 +280,5 @@ def compress_checkpoint(
         sparsity=SparsityInfo(tuple(layers)),
         quantization=QuantizationInfo(tuple(layers), group) if quantize else None,
         dense_dtype=dense_dtype,
-        producer={"source": {"checkpoint": str(ckpt.path), "step": ckpt.step}, "masks": mask_source},
+        producer=producer,
     )

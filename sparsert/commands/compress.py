@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from sparsert.train.compress import PRUNERS
+from sparsert.train.oneshot_prune import ONESHOT_METHODS
 
 
 @click.command("compress")
@@ -14,7 +14,7 @@ from sparsert.train.compress import PRUNERS
     "--int4/--no-int4",
     "int4",
     default=None,
-    help="Quantize the kept values to INT4 (default: only if the checkpoint was trained with INT4 QAT).",
+    help="Quantize the kept values to INT4 (default: only if the checkpoint was trained with INT4 QAT, or --awq).",
 )
 @click.option(
     "--group-size",
@@ -24,10 +24,36 @@ from sparsert.train.compress import PRUNERS
 )
 @click.option(
     "--prune",
-    type=click.Choice(sorted(PRUNERS)),
+    type=click.Choice(list(ONESHOT_METHODS)),
     default=None,
-    help="One-shot 2:4 pruning for a dense checkpoint (default: magnitude). Sparse checkpoints use their masks.",
+    help="One-shot 2:4 pruning of a dense checkpoint (default: magnitude): magnitude (|W|), wanda "
+    "(|W|·‖X‖, calibration data) or sparsegpt (OBS reconstruction, calibration data). Sparse checkpoints keep "
+    "their trained masks.",
 )
+@click.option(
+    "--awq",
+    is_flag=True,
+    default=False,
+    help="Activation-aware INT4 scale search (AWQ) on calibration data, folded into the norms/v/up weights; "
+    "implies --int4. Refused for INT4-QAT checkpoints (it changes the codes QAT saw) unless --force-awq.",
+)
+@click.option("--force-awq", is_flag=True, default=False, help="Allow --awq on an INT4-QAT checkpoint.")
+@click.option(
+    "--calib-data",
+    type=str,
+    default=None,
+    help="Calibration text for wanda/sparsegpt/--awq: a file, folder or .jsonl (default: the built-in default "
+    "corpus); windows come from its train split.",
+)
+@click.option("--calib-batches", type=int, default=None, help="Number of calibration batches (default: 8).")
+@click.option(
+    "--calib-seq-len",
+    type=int,
+    default=None,
+    help="Tokens per calibration sequence (default: the model's max_seq_len, at most 256).",
+)
+@click.option("--calib-batch-size", type=int, default=None, help="Sequences per calibration batch (default: 4).")
+@click.option("--seed", type=int, default=None, help="Seed of the calibration window sampler (default: 0).")
 @click.option(
     "--dtype",
     "dense_dtype",
@@ -37,14 +63,38 @@ from sparsert.train.compress import PRUNERS
     help="dtype of the unquantized 2:4 values and of the dense tensors (embeddings, norms, lm_head).",
 )
 def command(
-    checkpoint: str, output: str, int4: bool | None, group_size: int | None, prune: str | None, dense_dtype: str
+    checkpoint: str,
+    output: str,
+    int4: bool | None,
+    group_size: int | None,
+    prune: str | None,
+    awq: bool,
+    force_awq: bool,
+    calib_data: str | None,
+    calib_batches: int | None,
+    calib_seq_len: int | None,
+    calib_batch_size: int | None,
+    seed: int | None,
+    dense_dtype: str,
 ) -> None:
     """Compress CHECKPOINT (a run dir, its checkpoints/ dir or a step dir) into an artifact directory."""
     from sparsert.runtime.artifact_stats import artifact_stats
     from sparsert.train.compress import compress_checkpoint
 
     path = compress_checkpoint(
-        checkpoint, output, int4_group_size=group_size, quantize=int4, prune=prune, dense_dtype=dense_dtype
+        checkpoint,
+        output,
+        int4_group_size=group_size,
+        quantize=int4,
+        prune=prune,
+        dense_dtype=dense_dtype,
+        calib_data=calib_data,
+        calib_batches=calib_batches,
+        calib_seq_len=calib_seq_len,
+        calib_batch_size=calib_batch_size,
+        seed=seed,
+        awq=awq,
+        force_awq=force_awq,
     )
     stats = artifact_stats(path)
     click.echo(
