@@ -1,0 +1,485 @@
+"""Per-shape choice of the GEMM implementation for a sparse linear, by measured time, cached.
+
+For ``y = x @ W^T (+ b)`` with a 2:4 (optionally INT4) weight ``W [N, K]`` and ``x [M, K]``, the candidates are
+backends (:class:`GemmBackend`): our kernels (``runtime/sparse_gemm.py``: mma.sp / wgmma.sp 2:4, W4A16),
+cuSPARSELt through torch (``torch._cslt_compress`` / ``torch._cslt_sparse_mm``, when torch has it) and dense
+cuBLAS (``F.linear`` on the decompressed weight, only when dense copies are allowed: it costs 16 bits per
+weight). :class:`Dispatcher` times every candidate that prepared successfully on fresh random input of the
+problem's shape (CUDA events, warm-up, median of repeats), first rejects any whose output differs from an
+fp32 reference by more than the dtype's tolerance (a wrong kernel is never chosen), and remembers the winner
+per problem key in memory and in a JSON file per device (atomic writes).
+
+The problem key is ``"{kind}|{dtype}|N={n}|K={k}|M={bucket}"``: M is rounded up to a power of two
+(:func:`m_bucket`), so a 7B model's 224 linears share 7 shapes and a handful of buckets.
+:class:`SparseLinearGPU` is the ``nn.Module`` that uses it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import statistics
+import tempfile
+import threading
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from sparsert.runtime.errors import DeviceError, FormatError
+from sparsert.runtime.packed_linear import PackedLinear
+
+DISPATCH_FORMAT = 1
+# Relative error (||y - ref|| / ||ref||) a candidate may show against the fp32 reference on the same input.
+TOLERANCE = {torch.bfloat16: 1e-2, torch.float16: 2e-3, torch.float32: 1e-4}
+
+
+def m_bucket(m: int) -> int:
+    """Smallest power of two >= m (m >= 1): the token-count bucket a dispatch decision covers."""
+    if m < 1:
+        raise FormatError(f"token count must be positive, got {m}")
+    return 1 << (m - 1).bit_length()
+
+
+def problem_key(kind: str, dtype: torch.dtype, n: int, k: int, m: int) -> str:
+    return f"{kind}|{str(dtype).replace('torch.', '')}|N={n}|K={k}|M={m_bucket(m)}"
+
+
+def dispatch_cache_path(device_name: str) -> Path:
+    """``$SPARSERT_DISPATCH_CACHE`` if set, else ``~/.cache/sparsert/dispatch/<device name>.json``."""
+    env = os.environ.get("SPARSERT_DISPATCH_CACHE")
+    if env:
+        return Path(env)
+    slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", device_name).strip("_") or "device"
+    base = os.environ.get("SPARSERT_CACHE_DIR")
+    root = Path(base).parent if base else Path.home() / ".cache" / "sparsert"
+    return root / "dispatch" / f"{slug}.json"
+
+
+def kernel_sources_digest() -> str:
+    """sha256 (first 16 hex digits) of every kernel source in ``cuda/``."""
+    from sparsert.runtime.kernel_build import kernel_dir
+
+    h = hashlib.sha256()
+    for path in sorted(kernel_dir().glob("*.cu*")):
+        h.update(path.name.encode() + b"\0" + path.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def time_ms(fn: Callable[[], object], warmup: int = 3, reps: int = 10, *, cuda: bool = True) -> float:
+    """Median time of ``fn()`` in milliseconds after warm-up: CUDA events on the current stream, or the host
+    clock for CPU work (``cuda=False``)."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(reps):
+        if cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+@dataclass
+class Choice:
+    """A dispatch decision: the chosen backend, every candidate's median time (ms) and the rejected ones."""
+
+    name: str
+    times_ms: dict[str, float] = field(default_factory=dict)
+    rejected: dict[str, str] = field(default_factory=dict)
+
+
+class Dispatcher:
+    """Measured choice among callables per problem key, cached in memory and in ``path`` (JSON).
+
+    The file holds ``{"format": 1, "device": name, "torch": version, "kernels": digest, "choices": {key:
+    Choice}}``; a file for another device, torch version, kernel sources (digest of ``cuda/*.cu*``) or format
+    is ignored (and replaced on the next save), so a changed kernel is validated and measured again.
+    """
+
+    def __init__(self, device_name: str, path: Path | str | None = None, *, warmup: int = 3, reps: int = 10,
+                 persist: bool = True):
+        self.device_name = device_name
+        self.path = Path(path) if path is not None else dispatch_cache_path(device_name)
+        self.warmup, self.reps, self.persist = warmup, reps, persist
+        self.choices: dict[str, Choice] = {}
+        self._lock = threading.Lock()
+        self._load()
+
+    def _header(self) -> dict:
+        return {"format": DISPATCH_FORMAT, "device": self.device_name, "torch": torch.__version__,
+                "kernels": kernel_sources_digest()}
+
+    def _load(self) -> None:
+        if not self.persist or not self.path.is_file():
+            return
+        try:
+            data = json.loads(self.path.read_text())
+            if {k: data.get(k) for k in self._header()} != self._header():
+                return
+            for key, c in data["choices"].items():
+                self.choices[key] = Choice(name=c["name"], times_ms=dict(c.get("times_ms", {})),
+                                           rejected=dict(c.get("rejected", {})))
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            self.choices = {}  # a corrupt cache file is only a lost optimisation: re-measure
+
+    def save(self) -> None:
+        """Write the cache file atomically (temporary file in the same folder, then rename)."""
+        if not self.persist:
+            return
+        data = {**self._header(), "choices": {k: asdict(c) for k, c in sorted(self.choices.items())}}
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=self.path.name + ".", suffix=".tmp")
+            with os.fdopen(fd, "w") as f:
+                json.dump(data, f, indent=1)
+            os.replace(tmp, self.path)
+        except OSError:
+            pass
+
+    def lookup(self, key: str) -> Choice | None:
+        return self.choices.get(key)
+
+    def choose(
+        self,
+        key: str,
+        candidates: dict[str, Callable[[], torch.Tensor]],
+        reference: torch.Tensor | None = None,
+        tolerance: float = 1e-2,
+    ) -> Choice:
+        """The fastest correct candidate for ``key`` (cached if a cached winner is still a candidate).
+
+        Args:
+            candidates: name -> zero-argument callable computing the product on fixed inputs.
+            reference: the fp32 result those inputs must give; a candidate further than ``tolerance``
+                (relative Frobenius error) or raising is rejected with the reason.
+        Raises:
+            DeviceError when every candidate is rejected.
+        """
+        with self._lock:
+            cached = self.choices.get(key)
+            if cached is not None and cached.name in candidates:
+                return cached
+        times: dict[str, float] = {}
+        rejected: dict[str, str] = {}
+        for name, fn in candidates.items():
+            try:
+                out = fn()
+                on_gpu = isinstance(out, torch.Tensor) and out.is_cuda
+                if on_gpu:
+                    torch.cuda.synchronize(out.device)
+                if reference is not None:
+                    err = _rel_error(out, reference)
+                    if not err <= tolerance:  # also catches NaN
+                        rejected[name] = f"relative error {err:.3g} > {tolerance:g}"
+                        continue
+                times[name] = time_ms(fn, self.warmup, self.reps, cuda=on_gpu)
+            except Exception as exc:  # a backend that cannot run this shape is not a candidate for it
+                rejected[name] = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:300]
+        if not times:
+            raise DeviceError(f"no GEMM backend could run {key}: " +
+                              "; ".join(f"{n}: {r}" for n, r in rejected.items()))
+        choice = Choice(name=min(times, key=times.get), times_ms=times, rejected=rejected)
+        with self._lock:
+            self.choices[key] = choice
+        self.save()
+        return choice
+
+
+def _rel_error(out: torch.Tensor, ref: torch.Tensor) -> float:
+    out = out.float().reshape(ref.shape)
+    denom = float(ref.float().norm())
+    return float((out - ref.float()).norm()) / max(denom, 1e-30)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Backends
+# ---------------------------------------------------------------------------------------------------------
+
+class GemmBackend:
+    """One way to compute ``x [M, K] @ W^T + b`` for a packed linear on the GPU.
+
+    ``prepare`` builds the device state (or raises when the backend cannot serve this layer: dtype, shape,
+    missing library); backends with the same ``state_key`` share one prepared state (e.g. the tile variants
+    of one kernel). ``run`` computes ``[M, N]`` in the activation dtype; ``nbytes`` is the device memory of
+    the state's weight tensors (bias excluded).
+    """
+
+    name = "backend"
+    state_key = "backend"
+
+    def prepare(self, packed: PackedLinear, device: torch.device, dtype: torch.dtype):
+        raise NotImplementedError
+
+    def run(self, state, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        raise NotImplementedError
+
+    def nbytes(self, state) -> int:
+        if hasattr(state, "nbytes") and callable(state.nbytes):
+            return int(state.nbytes())
+        return _tensor_bytes(state)
+
+
+def _tensor_bytes(obj) -> int:
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(_tensor_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(_tensor_bytes(v) for v in obj)
+    return 0
+
+
+def dense_weight(packed: PackedLinear, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """``packed.to_dense()`` (dequantized, decompressed) on ``device`` in ``dtype``."""
+    return packed.to_dense().to(device=device, dtype=dtype).contiguous()
+
+
+class DenseCublas(GemmBackend):
+    """cuBLAS through ``F.linear`` on the decompressed (and dequantized) weight: 16 bits per weight."""
+
+    name = state_key = "dense_cublas"
+
+    def prepare(self, packed, device, dtype):
+        return dense_weight(packed, device, dtype)
+
+    def run(self, state, x, bias):
+        return F.linear(x, state, None if bias is None else bias.to(x.dtype))
+
+
+class Cusparselt(GemmBackend):
+    """cuSPARSELt 2:4 through torch (``torch._cslt_compress`` / ``torch._cslt_sparse_mm``), bf16/fp16."""
+
+    name = state_key = "cusparselt"
+
+    @staticmethod
+    def available() -> bool:
+        try:
+            return bool(torch.cuda.is_available() and hasattr(torch, "_cslt_compress")
+                        and torch.backends.cusparselt.is_available())
+        except Exception:
+            return False
+
+    def prepare(self, packed, device, dtype):
+        if not self.available():
+            raise DeviceError("cuSPARSELt is not available in this torch build")
+        if dtype not in (torch.bfloat16, torch.float16):
+            raise DeviceError(f"cuSPARSELt backend supports bf16/fp16, not {dtype}")
+        if packed.quantized:
+            raise DeviceError("cuSPARSELt has no INT4 weight path (it would hold 16-bit values)")
+        return torch._cslt_compress(dense_weight(packed, device, dtype))
+
+    def run(self, state, x, bias):
+        b = None if bias is None else bias.to(x.dtype)
+        return torch._cslt_sparse_mm(state, x.t(), bias=b, transpose_result=True)
+
+
+class OursSparse24(GemmBackend):
+    """Our bf16/fp16 2:4 GEMM (``sparse_gemm.sparse24_linear``) with one tile variant: ``small``, ``medium``,
+    ``large`` (mma.sp, sm_80+) or ``sm90_128`` / ``sm90_256`` (wgmma.sp, sm_90a)."""
+
+    state_key = "ours_sparse24"
+
+    def __init__(self, variant: str):
+        self.variant = variant
+        self.name = f"ours_sparse24_{variant}"
+
+    def prepare(self, packed, device, dtype):
+        from sparsert.runtime import sparse_gemm
+
+        if packed.quantized:
+            raise DeviceError("an INT4 layer runs on the W4A16 kernel")
+        return sparse_gemm.prepare_sparse24(packed, dtype=dtype, device=device)
+
+    def run(self, state, x, bias):
+        from sparsert.runtime import sparse_gemm
+
+        return sparse_gemm.sparse24_linear(x, state, bias=bias, kernel=self.variant)
+
+
+class OursW4A16(GemmBackend):
+    """Our 2:4 + INT4 GEMM (``sparse_gemm.w4a16_linear``): ``decode`` (M <= 16, split-K) or ``prefill``."""
+
+    state_key = "ours_w4a16"
+
+    def __init__(self, variant: str):
+        self.variant = variant
+        self.name = f"ours_w4a16_{variant}"
+
+    def prepare(self, packed, device, dtype):
+        from sparsert.runtime import sparse_gemm
+
+        if not packed.quantized:
+            raise DeviceError("the W4A16 kernel needs an INT4 layer")
+        return sparse_gemm.prepare_w4a16(packed, dtype=dtype, device=device)
+
+    def run(self, state, x, bias):
+        from sparsert.runtime import sparse_gemm
+
+        if self.variant == "decode" and x.shape[0] > sparse_gemm.DECODE_MAX_M:
+            raise DeviceError(f"decode variant handles at most {sparse_gemm.DECODE_MAX_M} tokens")
+        return sparse_gemm.w4a16_linear(x, state, bias=bias, kernel=self.variant)
+
+
+def our_backends(device: torch.device | None = None) -> list[GemmBackend]:
+    """Our kernels' backends (``runtime/sparse_gemm.py``), the wgmma variants only on an sm_90a device."""
+    try:
+        from sparsert.runtime import sparse_gemm  # noqa: F401
+    except ImportError:
+        return []
+    variants = ["small", "medium", "large"]
+    if device is not None and device.type == "cuda":
+        from sparsert.runtime.device import get_device
+
+        if get_device(device.index or 0).arch == "sm_90a":
+            variants += ["sm90_128", "sm90_256"]
+    return [OursSparse24(v) for v in variants] + [OursW4A16("decode"), OursW4A16("prefill")]
+
+
+def default_backends(device: torch.device | None = None, *, allow_dense: bool = False) -> list[GemmBackend]:
+    """Our kernels, cuSPARSELt when torch has it, and dense cuBLAS when ``allow_dense``."""
+    backends = our_backends(device)
+    if Cusparselt.available():
+        backends.append(Cusparselt())
+    if allow_dense:
+        backends.append(DenseCublas())
+    return backends
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The module
+# ---------------------------------------------------------------------------------------------------------
+
+class SparseLinearGPU(nn.Module):
+    """``nn.Linear`` replacement for a 2:4 (optionally INT4) packed weight on the GPU, dispatching per token
+    count among the backends that could prepare the layer.
+
+    ``forward(x [..., K]) -> [..., N]``: x is rounded to the GEMM dtype (``dtype``), the product accumulates
+    in fp32 and comes back in x's dtype. :meth:`tune` measures the given
+    token counts now (the GpuStepper does it at load) and then :meth:`drop_unused` frees every backend state
+    no tuned bucket chose, so only the chosen formats stay on the device. A bucket seen later picks among the
+    states still held.
+
+    Args:
+        packed: the layer's :class:`PackedLinear` (host tensors).
+        device: a CUDA device. dtype: bf16 or fp16 activations (fp32 works with cuBLAS only).
+        dispatcher: shared :class:`Dispatcher` (one per device).
+        backends: candidates (default :func:`default_backends`).
+        allow_dense: offer dense cuBLAS (16 bits per weight) as a candidate.
+    """
+
+    def __init__(self, packed: PackedLinear, *, device: torch.device | str, dtype: torch.dtype = torch.bfloat16,
+                 dispatcher: Dispatcher, backends: list[GemmBackend] | None = None, allow_dense: bool = False,
+                 name: str = "linear"):
+        super().__init__()
+        self.in_features, self.out_features = packed.in_features, packed.out_features
+        self.kind = "w4a16_24" if packed.quantized and packed.sparse else ("sparse24" if packed.sparse else "dense")
+        self.dtype, self.device, self.name = dtype, torch.device(device), name
+        self.dispatcher = dispatcher
+        self.packed = packed  # host copy: the source for references and re-preparation
+        bias = None if packed.bias is None else packed.bias.to(device=self.device, dtype=torch.float32)
+        self.register_buffer("bias", bias, persistent=False)
+        self.states: dict[str, object] = {}  # state_key -> prepared weight
+        self.backends: dict[str, GemmBackend] = {}  # backend name -> backend (its state in states)
+        self.prepare_errors: dict[str, str] = {}
+        candidates = backends if backends is not None else default_backends(self.device, allow_dense=allow_dense)
+        for backend in candidates:
+            if backend.state_key not in self.states:
+                if backend.state_key in self.prepare_errors:
+                    continue
+                try:
+                    self.states[backend.state_key] = backend.prepare(packed, self.device, dtype)
+                except Exception as exc:
+                    self.prepare_errors[backend.state_key] = f"{type(exc).__name__}: {exc}"[:300]
+                    continue
+            self.backends[backend.name] = backend
+        if not self.backends:
+            # Last resort, so a layer always runs: the decompressed weight through cuBLAS (16 bits/weight).
+            fallback = DenseCublas()
+            self.states[fallback.state_key] = fallback.prepare(packed, self.device, dtype)
+            self.backends[fallback.name] = fallback
+        self.chosen: dict[int, str] = {}
+        self._ref_weight: torch.Tensor | None = None
+
+    def key(self, m: int) -> str:
+        return problem_key(self.kind, self.dtype, self.out_features, self.in_features, m)
+
+    def _reference(self, x: torch.Tensor) -> torch.Tensor:
+        if self._ref_weight is None:  # kept only while deciding (freed by drop_unused)
+            self._ref_weight = dense_weight(self.packed, self.device, torch.float32)
+        y = x.float() @ self._ref_weight.t()
+        return y if self.bias is None else y + self.bias
+
+    def _run(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        backend = self.backends[name]
+        return backend.run(self.states[backend.state_key], x, self.bias)
+
+    def _choose(self, m: int) -> str:
+        bucket = m_bucket(m)
+        if bucket in self.chosen:
+            return self.chosen[bucket]
+        cached = self.dispatcher.lookup(self.key(bucket))
+        if cached is not None and cached.name in self.backends:
+            name = cached.name
+        else:
+            x = torch.randn(bucket, self.in_features, device=self.device).to(self.dtype)
+            cands = {n: (lambda n=n: self._run(n, x)) for n in self.backends}
+            try:
+                name = self.dispatcher.choose(self.key(bucket), cands, self._reference(x),
+                                              TOLERANCE.get(self.dtype, 1e-2)).name
+            except DeviceError as exc:
+                # Every sparse backend failed or was wrong for this shape: run it correctly, if slowly.
+                warnings.warn(f"{self.name}: {exc}; falling back to dense cuBLAS for M={bucket}", stacklevel=2)
+                fallback = DenseCublas()
+                if fallback.state_key not in self.states:
+                    self.states[fallback.state_key] = fallback.prepare(self.packed, self.device, self.dtype)
+                self.backends[fallback.name] = fallback
+                name = fallback.name
+        self.chosen[bucket] = name
+        return name
+
+    def tune(self, token_counts) -> dict[int, str]:
+        """Decide the backend for each token count's bucket now; returns {bucket: backend}."""
+        return {m_bucket(m): self._choose(m) for m in token_counts}
+
+    def drop_unused(self) -> None:
+        """Free every prepared state that no decided bucket's backend uses (and the backends on it)."""
+        self._ref_weight = None
+        if not self.chosen:
+            return
+        keep = {self.backends[n].state_key for n in self.chosen.values()}
+        for key in list(self.states):
+            if key not in keep:
+                del self.states[key]
+        self.backends = {n: b for n, b in self.backends.items() if b.state_key in keep}
+
+    def weight_nbytes(self) -> int:
+        """Device bytes of the weight formats currently held (bias excluded)."""
+        by_key = {b.state_key: b for b in self.backends.values()}
+        return sum(by_key[k].nbytes(s) for k, s in self.states.items() if k in by_key)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] != self.in_features:
+            raise FormatError(f"{self.name}: input has {x.shape[-1]} features, expected {self.in_features}")
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, self.in_features).to(self.dtype).contiguous()
+        y = self._run(self._choose(x2.shape[0]), x2)
+        return y.reshape(*lead, self.out_features).to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, kind={self.kind}, "
+                f"backends={sorted(self.backends)}")

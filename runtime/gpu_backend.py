@@ -1,0 +1,163 @@
+"""Run a compressed artifact on the GPU: ``GpuStepper`` (the Stepper protocol of runtime/generate.py).
+
+The model is the same :class:`~sparsert.runtime.model.DecoderLM` code as the CPU reference, built on the GPU
+(float32 outside the GEMMs by default) with every packed linear replaced by a
+:class:`~sparsert.runtime.dispatch.SparseLinearGPU`: the 2:4 linears run on our sparse GEMM (mma.sp / wgmma.sp)
+or cuSPARSELt, INT4 artifacts on our W4A16 2:4 kernel, whichever the dispatcher measured fastest per token
+count and found correct. Embeddings, norms, attention, RoPE and ``lm_head`` are torch CUDA ops; the KV cache
+lives on the device. Without a usable GPU the constructor raises DeviceError (the CLI prints it).
+
+:meth:`GpuStepper.memory_report` gives the device bytes of the linear weights and their bits per weight
+(the issue's target for 2:4+INT4: at most 3.25).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from sparsert.runtime.device import require_gpu
+from sparsert.runtime.dispatch import Dispatcher, SparseLinearGPU, m_bucket
+from sparsert.runtime.errors import ConfigError, DeviceError
+
+_DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+
+
+def build_runtime_model(artifact, device: torch.device, *, dtype: torch.dtype, dense_dtype: torch.dtype,
+                        dispatcher: Dispatcher, allow_dense: bool = False, backends=None):
+    """The artifact's :class:`DecoderLM` on ``device``: dense tensors in ``dense_dtype``, every packed linear a
+    :class:`SparseLinearGPU` (GEMM dtype ``dtype``; ``backends`` default to the dispatcher's candidates).
+
+    No dense copy of a packed weight is allocated: the meta-device model gets placeholders for them first.
+    """
+    from sparsert.runtime.model import DecoderLM, rope_tables
+
+    config = artifact.model_config
+    with torch.device("meta"):
+        model = DecoderLM(config)
+    for name in artifact.packed:
+        parent_name, _, attr = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, attr, torch.nn.Identity())
+    model = model.to(dense_dtype).to_empty(device=device)
+    tensors = {k: (v.to(dense_dtype) if v.is_floating_point() else v) for k, v in artifact.dense.items()}
+    missing, unexpected = model.load_state_dict(tensors, strict=False)
+    if missing or unexpected:
+        raise DeviceError(f"artifact {artifact.path}: dense tensors do not fit the model (missing {missing[:3]}, "
+                          f"unexpected {unexpected[:3]})")
+    if config.arch == "llama":  # non-persistent buffers, left uninitialised by to_empty: recompute
+        cos, sin = rope_tables(config.head_dim, config.max_seq_len, config.rope_theta)
+        model.rope_cos = cos.to(device=device, dtype=dense_dtype)
+        model.rope_sin = sin.to(device=device, dtype=dense_dtype)
+    for name, packed in artifact.packed.items():
+        parent_name, _, attr = name.rpartition(".")
+        layer = SparseLinearGPU(packed, device=device, dtype=dtype, dispatcher=dispatcher, backends=backends,
+                                allow_dense=allow_dense, name=name)
+        setattr(model.get_submodule(parent_name) if parent_name else model, attr, layer)
+    return model.eval().requires_grad_(False)
+
+
+class GpuStepper:
+    """:class:`~sparsert.runtime.generate.Stepper` over an artifact on the GPU (batch 1, static KV cache).
+
+    Args:
+        artifact: a loaded :class:`~sparsert.runtime.artifact.Artifact` or the path of an artifact directory.
+        device: CUDA device index.
+        dtype: the sparse GEMMs' activation dtype, ``torch.bfloat16`` (default) or ``torch.float16`` (or their
+            names); inputs are rounded to it, accumulation is fp32.
+        dense_dtype: dtype of everything else (embeddings, norms, attention, KV cache, ``lm_head``):
+            float32 by default, as the CPU reference computes; bf16/fp16 halve that memory.
+        allow_dense: let the dispatcher also consider dense cuBLAS copies of the weights (16 bits/weight).
+        tune: decide every layer's kernel at load for the token counts decoding and prefill will use, then
+            free the formats no decision chose (keeps device memory at the chosen formats).
+        dispatcher: share one :class:`Dispatcher` between steppers (default: one per device, cached on disk).
+    Raises:
+        DeviceError: no usable GPU (``"GpuStepper needs a GPU: no NVIDIA GPU/driver available ..."``), torch
+        without CUDA, or a layer no backend can run.
+    """
+
+    def __init__(self, artifact, device: int = 0, *, dtype: torch.dtype | str = torch.bfloat16,
+                 dense_dtype: torch.dtype = torch.float32, allow_dense: bool = False, tune: bool = True,
+                 dispatcher: Dispatcher | None = None):
+        gpu = require_gpu("GpuStepper")
+        if device != 0:
+            from sparsert.runtime.device import get_device
+
+            gpu = get_device(device)
+        if not torch.cuda.is_available():
+            raise DeviceError(f"GpuStepper needs torch built with CUDA; this torch ({torch.__version__}) has none")
+        if isinstance(dtype, str):
+            if dtype not in _DTYPES:
+                raise ConfigError(f"GpuStepper dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
+            dtype = _DTYPES[dtype]
+        if dtype not in (torch.bfloat16, torch.float16):
+            raise ConfigError(f"GpuStepper dtype must be bfloat16 or float16, got {dtype}")
+        if isinstance(artifact, (str, Path)):
+            from sparsert.runtime.artifact import load_artifact
+
+            artifact = load_artifact(artifact)
+        self.artifact = artifact
+        self.gpu = gpu
+        self.device = torch.device("cuda", gpu.index)
+        self.dtype = dtype
+        self.dense_dtype = dense_dtype
+        self.dispatcher = dispatcher or Dispatcher(gpu.name)
+        torch.cuda.set_device(self.device)
+        self.model = build_runtime_model(artifact, self.device, dtype=dtype, dense_dtype=dense_dtype,
+                                         dispatcher=self.dispatcher, allow_dense=allow_dense)
+        self.config = artifact.model_config
+        self.max_seq_len = self.config.max_seq_len
+        self.cache = self.model.new_cache(1)
+        if tune:
+            self.tune()
+
+    def sparse_layers(self) -> dict[str, SparseLinearGPU]:
+        return {n: m for n, m in self.model.named_modules() if isinstance(m, SparseLinearGPU)}
+
+    def tune(self, token_counts=None) -> dict[str, dict[int, str]]:
+        """Decide each sparse layer's kernel for the decode step (1 token) and prefill buckets up to
+        ``max_seq_len``, then free unchosen formats. Returns {layer: {bucket: backend}}."""
+        if token_counts is None:
+            token_counts, m = [], 1
+            while m <= m_bucket(self.max_seq_len):
+                token_counts.append(m)
+                m *= 2
+        out = {}
+        for name, layer in self.sparse_layers().items():
+            out[name] = layer.tune(token_counts)
+            layer.drop_unused()
+        torch.cuda.empty_cache()
+        return out
+
+    def reset(self) -> None:
+        self.cache.reset()
+
+    @torch.inference_mode()
+    def step(self, ids: list[int]) -> torch.Tensor:
+        """Feed ``ids`` after the cached positions; logits float32 [V] (on the GPU) of the last position."""
+        ids = list(ids)
+        vocab = self.config.vocab_size
+        if not ids:
+            raise ConfigError("GpuStepper.step: no token ids given")
+        if min(ids) < 0 or max(ids) >= vocab:
+            raise ConfigError(f"GpuStepper.step: token ids must be in 0..{vocab - 1}, got {min(ids)}..{max(ids)}")
+        if self.cache.length + len(ids) > self.max_seq_len:
+            raise ConfigError(f"GpuStepper.step: {self.cache.length + len(ids)} positions exceed max_seq_len="
+                              f"{self.max_seq_len}")
+        x = torch.tensor([ids], dtype=torch.int64, device=self.device)  # (1, T)
+        return self.model(x, cache=self.cache)[0, -1].float()  # (V,)
+
+    def memory_report(self) -> dict:
+        """Device memory of the sparse linears' weights: bytes, weights, bits per weight, backends held."""
+        layers = self.sparse_layers()
+        nbytes = sum(layer.weight_nbytes() for layer in layers.values())
+        nweights = sum(layer.in_features * layer.out_features for layer in layers.values())
+        return {
+            "device": self.gpu.name,
+            "linear_weight_bytes": nbytes,
+            "linear_weights": nweights,
+            "linear_weight_bits_per_weight": 8.0 * nbytes / max(nweights, 1),
+            "backends": {n: dict(layer.chosen) for n, layer in layers.items()},
+            "held_formats": sorted({b for layer in layers.values() for b in layer.states}),
+            "torch_allocated_bytes": torch.cuda.memory_allocated(self.device),
+        }

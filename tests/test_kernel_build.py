@@ -1,0 +1,222 @@
+"""NVRTC build of every kernel in cuda/ for every target architecture (no GPU needed), and the build cache."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import textwrap
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+from sparsert.runtime.errors import DeviceError
+from sparsert.runtime.kernel_build import (
+    KERNEL_ARCHS,
+    KernelSpec,
+    all_kernel_specs,
+    compile_kernel,
+    kernel_dir,
+    parse_ptxas_log,
+)
+
+SPECS = all_kernel_specs()
+# Instructions each sparse GEMM source must emit (the reason the kernel exists), on every arch it builds for.
+REQUIRED_PTX = {
+    "sparse24_gemm.cu": ("mma.sp",),
+    "w4a16_sparse24_gemm.cu": ("mma.sp",),
+    "sparse24_gemm_sm90.cu": ("wgmma.mma_async.sp",),
+}
+CASES = [(key, arch) for key, spec in sorted(SPECS.items()) for arch in KERNEL_ARCHS
+         if arch in spec.archs or "sm_80" in spec.archs]
+
+
+@pytest.fixture(scope="session")
+def build_cache(tmp_path_factory) -> Path:
+    """One kernel cache for the whole session, filled up front by a thread pool (NVRTC releases the GIL, so
+    the (kernel, arch) builds run in parallel on every core); the tests then read their entries from it.
+    A build that fails here is simply compiled again, and its error reported, by its own test."""
+    cache = tmp_path_factory.mktemp("kernel-cache")
+
+    def build(case):
+        key, arch = case
+        try:
+            compile_kernel(SPECS[key], arch, cache=cache)
+        except DeviceError:
+            pass
+
+    with ThreadPoolExecutor(max_workers=max(1, min(len(CASES), os.cpu_count() or 1))) as pool:
+        # Longest first (the W4A16 units), so the pool does not end on one long build.
+        list(pool.map(build, sorted(CASES, key=lambda c: "w4a16" not in c[0])))
+    return cache
+
+
+def test_every_cu_file_is_registered():
+    sources = {p.name for p in kernel_dir().glob("*.cu")}
+    registered = {spec.source for spec in SPECS.values()}
+    assert sources, "no kernels found in cuda/"
+    assert sources <= registered, f"kernel files without a KernelSpec: {sorted(sources - registered)}"
+
+
+@pytest.mark.slow  # the session's parallel build of every kernel for every arch: ~1-3 min on 2 cores
+@pytest.mark.parametrize("key,arch", CASES, ids=[f"{k}-{a}" for k, a in CASES])
+def test_kernel_compiles_without_spills(key, arch, build_cache):
+    spec = SPECS[key]
+    ck = compile_kernel(spec, arch, cache=build_cache)
+    assert ck.arch == arch and ck.cubin and f".target {arch}" in ck.ptx
+    assert set(ck.lowered_names) == set(spec.name_expressions)
+    for expr in spec.name_expressions:
+        assert ck.registers.get(expr, 0) > 0, f"ptxas reported no registers for {expr}:\n{ck.log}"
+        assert f".entry {ck.lowered_names[expr]}(" in ck.ptx
+    assert (ck.spill_stores, ck.spill_loads) == (0, 0), f"{key} spills registers on {arch}:\n{ck.log}"
+    for needle in spec.ptx_must_contain + REQUIRED_PTX.get(spec.source, ()):
+        assert needle in ck.ptx, f"{spec.source} for {arch}: PTX lacks {needle!r}"
+
+
+def test_sparse_gemm_specs_declare_their_instruction():
+    """Each sparse GEMM spec names its sparse MMA in ptx_must_contain (so the build check covers it)."""
+    for key, spec in SPECS.items():
+        for needle in REQUIRED_PTX.get(spec.source, ()):
+            assert any(needle in p for p in spec.ptx_must_contain), f"{key} does not require {needle!r} in its PTX"
+
+
+def test_transposable_table_matches_cpu_reference_order():
+    from sparsert.runtime.kernels import transposable_pattern_words
+
+    text = (kernel_dir() / "transposable_mask.cu").read_text()
+    table = text[text.index("kPatterns[90] = {"):text.index("};", text.index("kPatterns[90] = {"))]
+    words = tuple(int(w, 16) for w in re.findall(r"0x[0-9a-fA-F]{4}", table))
+    assert words == transposable_pattern_words()
+
+
+TINY = textwrap.dedent("""
+    extern "C" __global__ void tiny_scale(float* x, float a, int n) {
+      int i = blockIdx.x * blockDim.x + threadIdx.x;
+      if (i < n) x[i] *= a;
+    }
+""")
+
+
+@pytest.fixture
+def tiny_kernel(tmp_path) -> tuple[KernelSpec, Path]:
+    kdir = tmp_path / "kernels"
+    kdir.mkdir()
+    (kdir / "tiny.cu").write_text(TINY)
+    return KernelSpec("tiny.cu", ("tiny_scale",)), kdir
+
+
+def test_second_compile_hits_the_cache(tiny_kernel, tmp_path):
+    spec, kdir = tiny_kernel
+    cache = tmp_path / "cache"
+    first = compile_kernel(spec, "sm_80", cache=cache, kernel_dir_override=kdir)
+    second = compile_kernel(spec, "sm_80", cache=cache, kernel_dir_override=kdir)
+    assert not first.from_cache and second.from_cache
+    assert (second.cubin, second.ptx, second.lowered_names) == (first.cubin, first.ptx, first.lowered_names)
+    assert len(list(cache.iterdir())) == 1
+    other = compile_kernel(spec, "sm_86", cache=cache, kernel_dir_override=kdir)
+    assert not other.from_cache and len(list(cache.iterdir())) == 2
+    opts = compile_kernel(KernelSpec("tiny.cu", ("tiny_scale",), ("-DUNUSED=1",)), "sm_80", cache=cache,
+                          kernel_dir_override=kdir)
+    assert not opts.from_cache and len(list(cache.iterdir())) == 3
+
+
+def test_source_change_invalidates_the_cache(tiny_kernel, tmp_path):
+    spec, kdir = tiny_kernel
+    cache = tmp_path / "cache"
+    compile_kernel(spec, "sm_80", cache=cache, kernel_dir_override=kdir)
+    (kdir / "tiny.cu").write_text(TINY + "\n// edited\n")
+    assert not compile_kernel(spec, "sm_80", cache=cache, kernel_dir_override=kdir).from_cache
+
+
+def test_included_header_is_part_of_the_key(tmp_path):
+    kdir = tmp_path / "kernels"
+    kdir.mkdir()
+    (kdir / "scale.cuh").write_text("#define SCALE 2.0f\n")
+    (kdir / "inc.cu").write_text('#include "scale.cuh"\nextern "C" __global__ void k(float* x) { x[0] *= SCALE; }\n')
+    spec = KernelSpec("inc.cu", ("k",))
+    cache = tmp_path / "cache"
+    compile_kernel(spec, "sm_80", cache=cache, kernel_dir_override=kdir)
+    (kdir / "scale.cuh").write_text("#define SCALE 3.0f\n")
+    rebuilt = compile_kernel(spec, "sm_80", cache=cache, kernel_dir_override=kdir)
+    assert not rebuilt.from_cache and "0f40400000" in rebuilt.ptx  # 3.0f
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip", "empty"])
+def test_corrupt_cache_entry_is_rebuilt(tiny_kernel, tmp_path, damage):
+    spec, kdir = tiny_kernel
+    cache = tmp_path / "cache"
+    good = compile_kernel(spec, "sm_80", cache=cache, kernel_dir_override=kdir)
+    (entry,) = cache.iterdir()
+    data = entry.read_bytes()
+    if damage == "truncate":
+        entry.write_bytes(data[: len(data) // 2])
+    elif damage == "flip":
+        entry.write_bytes(data[:-10] + bytes([data[-10] ^ 0xFF]) + data[-9:])
+    else:
+        entry.write_bytes(b"")
+    rebuilt = compile_kernel(spec, "sm_80", cache=cache, kernel_dir_override=kdir)
+    assert not rebuilt.from_cache and rebuilt.cubin == good.cubin
+    assert compile_kernel(spec, "sm_80", cache=cache, kernel_dir_override=kdir).from_cache
+
+
+def test_concurrent_processes_share_the_cache(tiny_kernel, tmp_path):
+    spec, kdir = tiny_kernel
+    cache = tmp_path / "cache"
+    code = textwrap.dedent(f"""
+        from sparsert.runtime.kernel_build import KernelSpec, compile_kernel
+        for _ in range(3):
+            ck = compile_kernel(KernelSpec("tiny.cu", ("tiny_scale",)), "sm_80", cache={str(cache)!r},
+                                kernel_dir_override={str(kdir)!r})
+            assert ck.cubin and ck.lowered_names == {{"tiny_scale": "tiny_scale"}}
+    """)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    procs = [subprocess.Popen([sys.executable, "-c", code], env=env, cwd=tmp_path) for _ in range(2)]
+    assert [p.wait(timeout=120) for p in procs] == [0, 0]
+    assert len([p for p in cache.iterdir() if p.suffix == ".bin"]) == 1
+    assert not [p for p in cache.iterdir() if p.suffix == ".tmp"]
+    assert compile_kernel(spec, "sm_80", cache=cache, kernel_dir_override=kdir).from_cache
+
+
+def test_compile_error_names_kernel_and_shows_log(tmp_path):
+    kdir = tmp_path / "kernels"
+    kdir.mkdir()
+    (kdir / "broken.cu").write_text('extern "C" __global__ void broken_kernel(float* x) { x[0] = undefined_thing; }\n')
+    with pytest.raises(DeviceError) as info:
+        compile_kernel(KernelSpec("broken.cu", ("broken_kernel",)), "sm_80", cache=tmp_path / "c",
+                       kernel_dir_override=kdir)
+    msg = str(info.value)
+    assert "cuda/broken.cu" in msg and "broken_kernel" in msg and "sm_80" in msg
+    assert 'identifier "undefined_thing" is undefined' in msg
+    assert not (tmp_path / "c").exists() or not list((tmp_path / "c").iterdir())
+
+
+def test_bad_arch_and_missing_source(tiny_kernel, tmp_path):
+    spec, kdir = tiny_kernel
+    with pytest.raises(DeviceError, match="sm_75"):
+        compile_kernel(spec, "sm_75", cache=tmp_path, kernel_dir_override=kdir)
+    with pytest.raises(DeviceError, match="not built for sm_80"):
+        compile_kernel(KernelSpec("tiny.cu", ("tiny_scale",), archs=("sm_90a",)), "sm_80", cache=tmp_path,
+                       kernel_dir_override=kdir)
+    with pytest.raises(DeviceError, match="cuda/nothere.cu not found"):
+        compile_kernel(KernelSpec("nothere.cu", ("k",)), "sm_80", cache=tmp_path, kernel_dir_override=kdir)
+    with pytest.raises(DeviceError, match="want"):
+        compile_kernel(spec, "sm_80", want=("sass",), cache=tmp_path, kernel_dir_override=kdir)
+
+
+def test_parse_ptxas_log():
+    log = textwrap.dedent("""
+        ptxas info    : 0 bytes gmem
+        ptxas info    : Compiling entry function '_Z1fPf' for 'sm_80'
+        ptxas info    : Function properties for _Z1fPf
+        ptxas         .     16 bytes stack frame, 8 bytes spill stores, 4 bytes spill loads
+        ptxas info    : Used 255 registers, used 1 barriers, 380 bytes cmem[0]
+        ptxas info    : Compiling entry function 'g' for 'sm_80'
+        ptxas info    : Function properties for g
+        ptxas         .     0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads
+        ptxas info    : Used 12 registers, used 0 barriers
+    """)
+    stores, loads, regs, stack = parse_ptxas_log(log, {"f": "_Z1fPf", "g": "g"})
+    assert (stores, loads) == (8, 4)
+    assert regs == {"f": 255, "g": 12} and stack == {"f": 16, "g": 0}
