@@ -1,0 +1,124 @@
+"""``sparsert train`` end to end in a subprocess: outputs, Ctrl-C, resume, and one-line errors."""
+
+from __future__ import annotations
+
+import inspect
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+import sparsert.train.trainer as trainer_mod
+from sparsert.train.checkpoint import load_checkpoint
+from sparsert.train.metrics import read_metrics
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = ["--batch-size", "2", "--seq-len", "32", "--eval-batches", "2", "--threads", "1", "--no-progress"]
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    path = tmp_path_factory.mktemp("data") / "corpus.txt"
+    path.write_text(inspect.getsource(trainer_mod) * 3, encoding="utf-8")
+    return path
+
+
+def sparsert(*args: str, cwd: Path, **kw) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    return subprocess.run([sys.executable, "-m", "sparsert", *args], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=300, **kw)
+
+
+def test_cli_run_writes_metrics_checkpoint_and_artifact(corpus, tmp_path):
+    r = sparsert("train", "--data", str(corpus), "--steps", "4", "--eval-interval", "2", "--ckpt-interval", "2",
+                 "--mask-refresh", "1", *TINY, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    runs = list((tmp_path / "runs").iterdir())
+    assert len(runs) == 1 and runs[0].name.startswith("tiny-sparse24-")
+    run = runs[0]
+    assert f"artifact: {Path('runs') / run.name / 'artifact'}" in r.stdout.splitlines()
+    assert (run / "artifact" / "model.safetensors").exists()
+    records = read_metrics(run)
+    assert [x["step"] for x in records if "loss" in x] == [1, 2, 3, 4]
+    assert all("flip_rate" in x for x in records if "loss" in x)
+    assert load_checkpoint(run).step == 4
+
+    # Resume of a finished run with a changed flag is refused, listing the difference; no change to the run.
+    r = sparsert("train", "--resume", "--out", str(run), "--lr", "0.01", "--threads", "1", cwd=tmp_path)
+    assert r.returncode == 2
+    assert r.stderr.strip().splitlines() == [
+        f"error: cannot resume {run}: the config differs from its checkpoint's (lr: 0.003 -> 0.01); "
+        "resume without those options, or start a new run"
+    ]
+
+
+def test_ctrl_c_exits_130_keeps_the_last_complete_checkpoint_and_resume_finishes(corpus, tmp_path):
+    out = tmp_path / "run"
+    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    args = [sys.executable, "-m", "sparsert", "train", "--data", str(corpus), "--out", str(out), "--steps", "200",
+            "--ckpt-interval", "20", "--eval-interval", "1000", *TINY]
+    proc = subprocess.Popen(args, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    latest = out / "checkpoints" / "latest.json"
+    deadline = time.monotonic() + 120
+    while not latest.exists() and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    assert latest.exists(), "no checkpoint within 120 s"
+    time.sleep(0.2)  # let it run on into later steps and checkpoints
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 130, stderr
+    assert "resume with: sparsert train --resume --out" in stderr
+    ck = load_checkpoint(out)
+    assert 20 <= ck.step < 200 and ck.step % 20 == 0
+    assert not [p for p in (out / "checkpoints").iterdir() if p.name.endswith(".tmp")]
+    step_lines = [x for x in read_metrics(out) if "loss" in x]
+    assert step_lines[-1]["step"] >= ck.step
+    assert json.loads(latest.read_text())["step"] == ck.step
+
+    # --resume takes the saved config (only the flags given override it) and finishes the run; the metrics
+    # lines written after the checkpoint are dropped, so every step appears exactly once.
+    r = sparsert("train", "--resume", "--out", str(out), "--threads", "1", "--no-progress", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert f"resumed at step {ck.step}" in r.stderr
+    assert [x["step"] for x in read_metrics(out) if "loss" in x] == list(range(1, 201))
+    assert load_checkpoint(out).step == 200 and (out / "artifact" / "config.json").exists()
+
+
+def test_unknown_preset_and_missing_data_are_one_line_errors_with_nothing_written(corpus, tmp_path):
+    r = sparsert("train", "--preset", "huge", "--data", str(corpus), cwd=tmp_path)
+    assert r.returncode == 2
+    assert r.stderr.strip().splitlines() == ["error: unknown preset 'huge' (choose from tiny, small, base)"]
+    r = sparsert("train", "--data", str(tmp_path / "missing.txt"), cwd=tmp_path)
+    assert r.returncode == 2
+    assert r.stderr.strip().splitlines() == [f"error: {tmp_path / 'missing.txt'}: data path does not exist"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # no runs/ folder, no partial output
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--sparsity", "4:2"], "error: --sparsity: expected N:M with integers 0 < N < M (e.g. 2:4), got '4:2'"),
+    (["--sparsity", "2-4"], "error: --sparsity: expected N:M with integers 0 < N < M (e.g. 2:4), got '2-4'"),
+    (["--steps", "0"], "error: --steps: expected a positive integer, got 0"),
+    (["--mask-refresh", "-1"], "error: --mask-refresh: expected a positive integer, got -1"),
+    (["--lr", "0"], "error: --lr: expected a number > 0, got 0.0"),
+    (["--dense", "--qat"],
+     "error: --qat trains the INT4 values of the sparse model; it cannot be combined with --dense"),
+    (["--dense", "--sparsity", "1:4"],
+     "error: --sparsity sets the pattern of a sparse run; it cannot be combined with --dense"),
+    (["--qat", "--group-size", "30"], "error: --group-size: 30 must be a multiple of M=4"),
+    (["--resume"], "error: --resume: no run of preset 'tiny' (sparse24) with a checkpoint under runs/; "
+                   "pass the run directory with --out"),
+])
+def test_bad_flags_are_one_line_errors(args, message, tmp_path, monkeypatch, capsys):
+    from sparsert.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exc:
+        main(["train", *args])
+    assert exc.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines() == [message]
+    assert sorted(p.name for p in tmp_path.iterdir()) == []

@@ -1,0 +1,161 @@
+"""The training loop: metrics, checkpoints, exact resume, refused config changes, divergence, QAT = artifact."""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import json
+import shutil
+
+import pytest
+import torch
+
+import sparsert.train.trainer as trainer_mod
+from sparsert.runtime.artifact import load_artifact
+from sparsert.runtime.errors import ConfigError, DataError
+from sparsert.train.checkpoint import load_checkpoint, write_json_atomic
+from sparsert.train.metrics import TIMING_KEYS, read_metrics
+from sparsert.train.trainer import TrainConfig, TrainingDivergedError, build_model, load_train_config, lr_at, train
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    """~40 KB of real text: this repository's trainer source, repeated."""
+    path = tmp_path_factory.mktemp("data") / "corpus.txt"
+    path.write_text(inspect.getsource(trainer_mod) * 3, encoding="utf-8")
+    return path
+
+
+def small(corpus, out, **kw) -> TrainConfig:
+    base = dict(data=str(corpus), out_dir=str(out), steps=8, batch_size=2, seq_len=32, eval_interval=4,
+                eval_batches=2, ckpt_interval=4, mask_refresh_interval=2, threads=1, progress=False)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def without_timing(records: list[dict]) -> list[dict]:
+    return [{k: v for k, v in r.items() if k not in TIMING_KEYS} for r in records]
+
+
+def test_run_writes_metrics_checkpoints_and_artifact(corpus, tmp_path):
+    result = train(small(corpus, tmp_path / "run"))
+    run = tmp_path / "run"
+    assert result.run_dir == run and result.checkpoint == run / "checkpoints" / "step_00000008"
+    assert result.artifact == run / "artifact" and (run / "artifact" / "config.json").exists()
+    records = read_metrics(run)
+    steps = [r for r in records if "loss" in r]
+    evals = [r for r in records if "val_loss" in r]
+    assert [r["step"] for r in steps] == list(range(1, 9))
+    assert [r["step"] for r in evals] == [4, 8]
+    assert all(set(r) >= {"step", "loss", "lr", "tokens_per_s", "sparsity"} for r in steps)
+    assert [r["step"] for r in steps if "flip_rate" in r] == [2, 4, 6, 8]  # refreshed every 2 steps
+    assert all(r["sparsity"] == 0.5 for r in steps)
+    assert evals[-1]["val_loss"] == pytest.approx(result.final_val_loss)
+    assert evals[-1]["val_ppl"] == pytest.approx(result.final_val_ppl)
+    assert steps[-1]["loss"] < steps[0]["loss"]
+    ck = load_checkpoint(run)
+    assert ck.step == 8 and ck.state["sparsity"]["n"] == 2 and ck.state["quantization"] is None
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["latest.json", "step_00000004",
+                                                                        "step_00000008"]
+    art = load_artifact(run / "artifact")
+    for name, packed in art.packed.items():  # the artifact keeps exactly the trained masks' weights
+        outside = (packed.to_dense() != 0) & ~ck.model_state[f"{name}.mask"].bool()
+        assert not outside.any(), name
+
+
+def test_resume_is_exact_and_drops_metrics_past_the_checkpoint(corpus, tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    train(small(corpus, a))
+    # b = a as it was after step 4: its checkpoint at step 4 published, a metrics log that ran on to step 8.
+    shutil.copytree(a, b)
+    shutil.rmtree(b / "checkpoints" / "step_00000008")
+    shutil.rmtree(b / "artifact")
+    write_json_atomic(b / "checkpoints" / "latest.json", {"step": 4, "dir": "step_00000004"})
+
+    cfg = load_train_config(b)
+    assert cfg.resume and cfg.out_dir == str(b) and cfg.steps == 8
+    train(cfg)
+    ca, cb = load_checkpoint(a), load_checkpoint(b)
+    assert cb.step == 8
+    for name, t in ca.model_state.items():
+        assert torch.equal(cb.model_state[name], t), name
+    for i, entry in ca.optimizer_state["state"].items():
+        for key, value in entry.items():
+            assert torch.equal(cb.optimizer_state["state"][i][key], value), (i, key)
+    assert without_timing(read_metrics(a)) == without_timing(read_metrics(b))
+    assert cb.state["data_rng"] == ca.state["data_rng"]
+
+
+def test_resume_refuses_a_changed_config(corpus, tmp_path):
+    train(small(corpus, tmp_path / "run", steps=4))
+    cfg = dataclasses.replace(load_train_config(tmp_path / "run"), lr=0.01, steps=6)
+    with pytest.raises(ConfigError, match=r"cannot resume .*run: the config differs from its checkpoint's "
+                                          r"\(steps: 4 -> 6; lr: 0.003 -> 0.01\)"):
+        train(cfg)
+    with pytest.raises(ConfigError, match=r"already holds a training run; continue it with --resume"):
+        train(small(corpus, tmp_path / "run", steps=4))
+
+
+def test_non_finite_loss_stops_naming_the_step_and_keeps_the_last_checkpoint(corpus, tmp_path):
+    cfg = small(corpus, tmp_path / "run", lr=1e30, warmup_steps=0, ckpt_interval=1, grad_clip=1e30)
+    with pytest.raises(TrainingDivergedError, match=r"became (nan|inf) at step (\d+); training stopped and the "
+                                                    r"last good checkpoint is step \d+ "):
+        train(cfg)
+    ck = load_checkpoint(tmp_path / "run")
+    assert all(torch.isfinite(t).all() for t in ck.model_state.values())
+    last = [r for r in read_metrics(tmp_path / "run") if "loss" in r][-1]
+    assert last["step"] == ck.step  # nothing logged or saved for the failed step
+
+
+def test_a_run_stopped_before_its_first_checkpoint_can_start_again(corpus, tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text('{"step": 1, "loss": 9.0}\n')  # left by a run interrupted at step 1
+    train(small(corpus, run, steps=2, eval_interval=2, ckpt_interval=2))
+    assert [r["step"] for r in read_metrics(run) if "loss" in r] == [1, 2]
+    assert read_metrics(run)[0]["loss"] != 9.0
+
+
+def test_qat_forward_weights_are_the_artifact_weights(corpus, tmp_path):
+    cfg = small(corpus, tmp_path / "run", steps=2, qat=True, group_size=128, eval_interval=2, ckpt_interval=2)
+    train(cfg)
+    ck = load_checkpoint(tmp_path / "run")
+    assert ck.state["quantization"] == {"bits": 4, "group_size": 128, "method": "qat"}
+    model = build_model(ck.model_config, cfg)
+    model.load_state_dict(ck.model_state)
+    art = load_artifact(tmp_path / "run" / "artifact")
+    assert art.quantization is not None
+    for name, packed in art.packed.items():
+        assert torch.equal(packed.to_dense(), model.get_submodule(name).effective_weight()), name
+
+
+def test_dense_run_has_no_masks_and_still_compresses(corpus, tmp_path):
+    result = train(small(corpus, tmp_path / "run", steps=2, dense=True, eval_interval=2, ckpt_interval=2))
+    ck = load_checkpoint(tmp_path / "run")
+    assert ck.state["sparsity"] is None and not any(k.endswith(".mask") for k in ck.model_state)
+    assert all(r["sparsity"] == 0.0 and "flip_rate" not in r for r in read_metrics(result.run_dir) if "loss" in r)
+    assert (result.artifact / "model.safetensors").exists()
+
+
+def test_bad_inputs_write_nothing(corpus, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConfigError, match=r"unknown preset 'huge'"):
+        train(TrainConfig(preset="huge", data=str(corpus)))
+    with pytest.raises(DataError, match=r"missing.txt: data path does not exist"):
+        train(TrainConfig(data=str(tmp_path / "missing.txt")))
+    with pytest.raises(ConfigError, match=r"--seq-len 999 exceeds the model's max_seq_len 256"):
+        train(TrainConfig(data=str(corpus), seq_len=999))
+    with pytest.raises(ConfigError, match=r"cannot be combined with --dense"):
+        TrainConfig(dense=True, qat=True)
+    with pytest.raises(ConfigError, match=r"train config 'steps': expected a positive integer, got 0"):
+        TrainConfig(steps=0)
+    assert not (tmp_path / "runs").exists()
+
+
+def test_lr_schedule_warms_up_then_decays_to_the_floor():
+    cfg = TrainConfig(steps=100, lr=1.0, warmup_steps=10, min_lr_ratio=0.1)
+    assert lr_at(cfg, 1) == pytest.approx(0.1) and lr_at(cfg, 10) == pytest.approx(1.0)
+    assert lr_at(cfg, 55) == pytest.approx(0.55) and lr_at(cfg, 100) == pytest.approx(0.1)
+    lrs = [lr_at(cfg, s) for s in range(10, 101)]
+    assert all(x >= y for x, y in zip(lrs, lrs[1:], strict=False))
+    assert json.loads(json.dumps(cfg.to_dict())) == cfg.to_dict()

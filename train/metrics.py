@@ -1,0 +1,77 @@
+"""The training metrics log: one JSON object per line in ``<run_dir>/metrics.jsonl``.
+
+Step lines: ``{"step", "loss", "lr", "tokens_per_s", "sparsity"[, "flip_rate"]}`` (``flip_rate`` only on steps
+that refreshed the masks). Eval lines: ``{"step", "val_loss", "val_ppl"}``. Every line is flushed as written;
+a checkpoint records the byte offset reached (:meth:`MetricsLog.offset`) so that a resumed run truncates the
+log back to the checkpoint and rewrites nothing twice.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+
+from sparsert.runtime.errors import ArtifactError
+
+METRICS_FILE = "metrics.jsonl"
+TIMING_KEYS = ("tokens_per_s", "elapsed_s")
+
+
+def _clean(value: object) -> object:
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)  # JSON has no NaN/inf
+    return value
+
+
+class MetricsLog:
+    """Append-only JSONL writer. ``offset()`` is the file size after the last complete line."""
+
+    def __init__(self, path: str | Path, *, truncate_to: int | None = None) -> None:
+        self.path = Path(path)
+        if truncate_to is not None:
+            size = self.path.stat().st_size if self.path.exists() else 0
+            if size < truncate_to:
+                raise ArtifactError(
+                    f"{self.path}: the metrics log is shorter ({size} bytes) than the checkpoint recorded "
+                    f"({truncate_to} bytes); it was modified or truncated"
+                )
+            if self.path.exists():
+                os.truncate(self.path, truncate_to)
+        self._f = open(self.path, "a", encoding="utf-8")
+
+    def write(self, record: dict) -> None:
+        self._f.write(json.dumps({k: _clean(v) for k, v in record.items()}) + "\n")
+        self._f.flush()
+
+    def offset(self) -> int:
+        self._f.flush()
+        return self._f.tell()
+
+    def close(self) -> None:
+        if not self._f.closed:
+            self._f.close()
+
+    def __enter__(self) -> MetricsLog:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def read_metrics(path: str | Path) -> list[dict]:
+    """All records of a metrics JSONL file (a run directory or the file itself)."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / METRICS_FILE
+    records = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                raise ArtifactError(f"{path}: line {lineno} is not valid JSON") from None
+    return records
