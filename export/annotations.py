@@ -32,6 +32,19 @@ On every MatMul node whose B input is a linear weight of a transformer block, an
 ``sparsert.quantization.scale``        name of the scale initializer ``[K/g, N]`` (INT4 only)
 =====================================  =======================================================================
 
+SLoRB terms (AST's ``y += S · groupsum_k(x)``, exported as ``Reshape [.., K/k, k] -> ReduceSum(axis=-1) ->
+MatMul(·, Sᵀ [K/k, N]) -> Add``): the model gets ``sparsert.slorb.k`` (the group size ``k``, only when some
+layer has SLoRB), and the term's MatMul node and its ``Sᵀ`` initializer get
+
+=====================================  =======================================================================
+``sparsert.slorb.layer``               the linear the term belongs to, e.g. ``"blocks.0.mlp.up_proj"``
+``sparsert.slorb.k``                   group size ``k``
+``sparsert.weight``                    name of the ``Sᵀ`` initializer (on the node only)
+=====================================  =======================================================================
+
+These nodes carry no ``sparsert.layer`` key, so :func:`read_sparsity_annotations` does not list them (the
+SLoRB weight is dense); :func:`read_slorb_annotations` reads them back.
+
 The annotation is informational: TensorRT detects 2:4 by inspecting the weight values, so the zeros must be
 really there. :func:`verify_sparsity_annotations` checks that they are.
 """
@@ -61,6 +74,8 @@ KEY_LAYER = "sparsert.layer"
 KEY_WEIGHT = "sparsert.weight"
 KEY_MODEL_CONFIG = "sparsert.model_config"
 KEY_KV_CACHE = "sparsert.kv_cache"
+KEY_SLORB_LAYER = "sparsert.slorb.layer"
+KEY_SLORB_K = "sparsert.slorb.k"
 
 
 def set_metadata(proto: onnx.ModelProto | onnx.NodeProto | onnx.TensorProto, props: Mapping[str, str]) -> None:
@@ -88,8 +103,10 @@ def model_annotations(
     group_size: int | None,
     model_config: Mapping | None,
     kv_cache: bool,
+    slorb_k: int | None = None,
 ) -> dict[str, str]:
-    """Model-level properties of the convention; ``pattern``/``quantization`` None mean ``"none"``."""
+    """Model-level properties of the convention; ``pattern``/``quantization`` None mean ``"none"``;
+    ``slorb_k`` adds ``sparsert.slorb.k`` (SLoRB group size)."""
     props = {
         KEY_FORMAT_VERSION: FORMAT_VERSION,
         KEY_PATTERN: pattern or "none",
@@ -102,7 +119,14 @@ def model_annotations(
         props[KEY_GROUP_SIZE] = str(group_size)
     if model_config is not None:
         props[KEY_MODEL_CONFIG] = json.dumps(dict(model_config), sort_keys=True)
+    if slorb_k is not None:
+        props[KEY_SLORB_K] = str(slorb_k)
     return props
+
+
+def slorb_annotations(layer: str, k: int) -> dict[str, str]:
+    """Properties for one SLoRB term's ``Sᵀ`` initializer (and, with ``sparsert.weight``, its MatMul node)."""
+    return {KEY_SLORB_LAYER: layer, KEY_SLORB_K: str(k)}
 
 
 def weight_annotations(
@@ -246,3 +270,41 @@ def verify_sparsity_annotations(model: onnx.ModelProto) -> dict[str, dict]:
                 f"{info['axis']} but its values are not (shape {list(array.shape)})"
             )
     return ann["layers"]
+
+
+def read_slorb_annotations(model: onnx.ModelProto) -> dict[str, dict]:
+    """The SLoRB terms of an exported graph: ``{layer: {"node", "initializer", "k"}}``.
+
+    Checks each annotated MatMul against its ``Sᵀ`` initializer: both name the same layer and ``k``, and the
+    initializer is a 2-D float ``[K/k, N]``. ExportError naming the node otherwise, or when a layer is
+    annotated twice.
+    """
+    inits = {init.name: init for init in model.graph.initializer}
+    out: dict[str, dict] = {}
+    for node in model.graph.node:
+        props = get_metadata(node)
+        if KEY_SLORB_LAYER not in props:
+            continue
+        where = f"node {node.name!r}"
+        weight = props.get(KEY_WEIGHT)
+        if weight is None or weight not in inits:
+            raise ExportError(f"{where}: annotated SLoRB initializer {weight!r} is not in the graph")
+        init_props = get_metadata(inits[weight])
+        for key in (KEY_SLORB_LAYER, KEY_SLORB_K):
+            if props.get(key) != init_props.get(key):
+                raise ExportError(
+                    f"{where}: annotation {key}={props.get(key)!r} disagrees with initializer {weight!r} "
+                    f"({init_props.get(key)!r})"
+                )
+        layer = props[KEY_SLORB_LAYER]
+        if layer in out:
+            raise ExportError(f"{where}: SLoRB of layer {layer!r} is annotated on two nodes")
+        try:
+            k = int(props[KEY_SLORB_K])
+        except (KeyError, ValueError):
+            raise ExportError(f"{where}: {KEY_SLORB_K} is {props.get(KEY_SLORB_K)!r}, expected an integer") from None
+        dims = list(inits[weight].dims)
+        if len(dims) != 2 or inits[weight].data_type != onnx.TensorProto.FLOAT:
+            raise ExportError(f"initializer {weight!r} ({layer}): expected a float [K/k, N] SLoRB weight, got {dims}")
+        out[layer] = {"node": node.name, "initializer": weight, "k": k}
+    return out

@@ -15,6 +15,9 @@ what deployment needs (see docs/ONNX.md and shared research notes on TensorRT):
   omitted = 0) whose output is ``B``. This is the layout of NVIDIA ModelOpt's INT4 AWQ export and the
   pattern ONNX Runtime fuses into ``com.microsoft.MatMulNBits``.
 - Embeddings, norms and ``lm_head`` stay dense float32; biases are float32 ``Add`` s.
+- SLoRB (artifacts with ``slorb``; AST, Huang et al. 2025): the layer's output gets
+  ``+ MatMul(ReduceSum(Reshape(x, [0, 0, K/k, k]), axes=[-1]), Sᵀ)``, ``Sᵀ`` a dense float32 initializer
+  ``<layer>.slorb.S_t`` [K/k, N], kept apart from the 2:4 weight so the latter keeps its pattern.
 
 The math reproduces :mod:`sparsert.runtime.model` (read its docstring): RMSNorm as
 ``x * 1/sqrt(mean(x*x) + eps) * w``; ``LayerNormalization`` (opset 17+) for GPT-2 style; RoPE in the
@@ -206,6 +209,25 @@ class _Builder:
         ann.annotate_weight(node, init, props)
         if w.bias is not None:
             y = g.op("Add", [y, g.init(f"{layer}.bias", w.bias)], layer)
+        slorb = self.artifact.slorb
+        if slorb is not None and layer in slorb.layers:
+            y = g.op("Add", [y, self.slorb_term(layer, x, slorb.k)], layer)
+        return y
+
+    def slorb_term(self, layer: str, x: str, k: int) -> str:
+        """SLoRB ``groupsum_k(x) @ Sᵀ`` for x [B, T, K]: Reshape [B, T, K/k, k], ReduceSum over the last axis,
+        MatMul with ``Sᵀ`` [K/k, N] (annotated with :func:`annotations.slorb_annotations`)."""
+        g, hint = self.g, f"{layer}.slorb"
+        s = self.artifact.dense.get(f"{layer}.slorb.S")
+        if s is None:
+            raise ExportError(f"artifact {self.artifact.path}: missing SLoRB tensor '{layer}.slorb.S'")
+        groups = s.shape[1]
+        shape = g.const(f"{hint}.shape", [0, 0, groups, k], np.int64)
+        grouped = g.op("Reshape", [x, shape], hint)  # (B, T, K/k, k)
+        sums = g.op("ReduceSum", [grouped, g.const(f"{hint}.axis", [-1], np.int64)], hint, keepdims=0)  # (B, T, K/k)
+        init = g.add(numpy_helper.from_array(_np(s).T.copy(), f"{layer}.slorb.S_t"))  # (K/k, N)
+        y = g.op("MatMul", [sums, init.name], hint)  # (B, T, N)
+        ann.annotate_weight(g.nodes[-1], init, ann.slorb_annotations(layer, k))
         return y
 
     def norm(self, prefix: str, x: str) -> str:
@@ -337,6 +359,7 @@ class _Builder:
                 group_size=q.group_size if q is not None else None,
                 model_config=c.to_dict(),
                 kv_cache=self.kv,
+                slorb_k=self.artifact.slorb.k if self.artifact.slorb is not None else None,
             ),
         )
         return model

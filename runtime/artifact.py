@@ -6,6 +6,8 @@ and which are INT4 quantized, the dtype of the dense tensors, and who produced t
 ``quantization.layers``), the tensors of :meth:`PackedLinear.tensors` (``<name>.indices``, ``.values`` or
 ``.qweight`` + ``.scales``, ``.bias``), and every other tensor of the model's state dict dense under its
 module name. Tensor names, shapes and dtypes follow from the config alone (:func:`expected_tensors`).
+An optional ``slorb`` field (:class:`SLoRBInfo`) adds a SLoRB term (AST, Huang et al. 2025) to the listed
+linears, its ``S [out, K/k]`` stored dense as ``<name>.slorb.S``; artifacts without it are unchanged.
 
 :func:`save_artifact` validates what it is given, writes into a temporary sibling directory and renames it
 into place, so a reader never sees a half-written artifact. :func:`load_artifact` validates everything and
@@ -29,7 +31,7 @@ from safetensors.torch import load_file, save_file
 
 import sparsert
 from sparsert.runtime.errors import ArtifactError, SparsertError
-from sparsert.runtime.model import DecoderLM, ModelConfig, sparse_linear_names
+from sparsert.runtime.model import DecoderLM, ModelConfig, add_slorb, sparse_linear_names
 from sparsert.runtime.packed_linear import PackedLinear
 from sparsert.runtime.sparse24 import packed_indices_width, validate_indices_24
 from sparsert.runtime.tokenizer import Tokenizer, tokenizer_from_dict
@@ -111,6 +113,31 @@ class QuantizationInfo:
 
 
 @dataclass(frozen=True)
+class SLoRBInfo:
+    """``config.json["slorb"]`` (optional): the listed linears compute ``y = x Wᵀ (+ b) + S · groupsum_k(x)``.
+
+    SLoRB of AST (Huang et al., "Pruning Large Language Models with Semi-Structural Adaptive Sparse
+    Training", AAAI 2025, §3.4): ``groupsum_k`` sums each group of ``k`` consecutive inputs; ``S [out, K/k]`` is
+    stored dense (``dense_dtype``) as ``<name>.slorb.S``. ``k`` divides every listed layer's K.
+    """
+
+    k: int
+    layers: tuple[str, ...]
+
+    def to_dict(self) -> dict:
+        return {"k": self.k, "layers": list(self.layers)}
+
+    @classmethod
+    def from_dict(cls, d: object, where: str = "slorb") -> SLoRBInfo:
+        d = _object(d, where)
+        _keys(d, where, {"k", "layers"})
+        k = d["k"]
+        if type(k) is not int or k <= 0:
+            raise ArtifactError(f"{where}.k: expected a positive integer, got {k!r}")
+        return cls(k=k, layers=_layer_list(d["layers"], f"{where}.layers"))
+
+
+@dataclass(frozen=True)
 class TensorSpec:
     """Expected shape and dtype of one stored tensor."""
 
@@ -127,7 +154,8 @@ class Artifact:
 
     ``packed`` maps each packed linear (listed under ``sparsity.layers`` or ``quantization.layers``) to its
     :class:`PackedLinear` (bias included); ``dense`` holds every other tensor of the model's state dict, in
-    ``dense_dtype`` (embeddings, norms, ``lm_head``, position embeddings, linears left uncompressed).
+    ``dense_dtype`` (embeddings, norms, ``lm_head``, position embeddings, linears left uncompressed, SLoRB
+    ``<name>.slorb.S`` [out, K/k] when ``slorb`` is set).
     """
 
     path: Path
@@ -139,6 +167,7 @@ class Artifact:
     quantization: QuantizationInfo | None
     dense_dtype: torch.dtype
     producer: dict = field(default_factory=dict)
+    slorb: SLoRBInfo | None = None  # SLoRB terms; their S tensors are in ``dense`` as ``<name>.slorb.S``
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """The model's float32 state dict with every packed weight decompressed and dequantized."""
@@ -156,6 +185,8 @@ class Artifact:
         # Built on the CPU rather than the meta device: the RoPE tables are non-persistent buffers that the
         # constructor computes and the state dict does not carry.
         model = DecoderLM(self.model_config)
+        if self.slorb is not None:
+            add_slorb(model, self.slorb.layers, self.slorb.k)
         model.load_state_dict(self.state_dict(), strict=True, assign=True)
         return model.float().eval()
 
@@ -164,12 +195,15 @@ class Artifact:
 # Expected contents
 
 
-def model_state_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
-    """State-dict names and shapes of ``DecoderLM(config)``, from a model on the meta device (no memory)."""
-    key = json.dumps(config.to_dict(), sort_keys=True)
+def model_state_shapes(config: ModelConfig, slorb: SLoRBInfo | None = None) -> dict[str, tuple[int, ...]]:
+    """State-dict names and shapes of ``DecoderLM(config)`` (with ``slorb``'s terms added: ``<name>.slorb.S``
+    [out, K/k] after the layer's weight and bias), from a model on the meta device (no memory)."""
+    key = json.dumps([config.to_dict(), slorb.to_dict() if slorb else None], sort_keys=True)
     if key not in _SHAPES_CACHE:
         with torch.device("meta"):
             model = DecoderLM(config)
+            if slorb is not None:
+                add_slorb(model, slorb.layers, slorb.k)
         _SHAPES_CACHE[key] = {name: tuple(t.shape) for name, t in model.state_dict().items()}
     return _SHAPES_CACHE[key]
 
@@ -182,6 +216,7 @@ def expected_tensors(
     sparsity: SparsityInfo | None,
     quantization: QuantizationInfo | None,
     dense_dtype: torch.dtype,
+    slorb: SLoRBInfo | None = None,
 ) -> dict[str, TensorSpec]:
     """Every tensor ``model.safetensors`` must hold, in state-dict order, with its shape and dtype.
 
@@ -192,11 +227,12 @@ def expected_tensors(
       ``<name>.scales`` float16 [out, K/g];
     - INT4 without 2:4: ``<name>.qweight`` uint8 [out, K/2] and ``<name>.scales`` float16 [out, K/g];
     - a packed linear's bias ``<name>.bias`` float32 [out];
+    - with ``slorb``: ``<name>.slorb.S`` dense_dtype [out, K/k] for each listed layer;
     - everything else (including linears that are neither) dense under its state-dict name, in dense_dtype.
     """
     sparse = set(sparsity.layers) if sparsity else set()
     quant = set(quantization.layers) if quantization else set()
-    shapes = model_state_shapes(model_config)
+    shapes = model_state_shapes(model_config, slorb)
     specs: dict[str, TensorSpec] = {}
     for key, shape in shapes.items():
         prefix, _, leaf = key.rpartition(".")
@@ -248,10 +284,26 @@ def _layer_list(layers: object, where: str) -> tuple[str, ...]:
 
 
 def _check_layers(
-    config: ModelConfig, sparsity: SparsityInfo | None, quantization: QuantizationInfo | None, where: str
+    config: ModelConfig,
+    sparsity: SparsityInfo | None,
+    quantization: QuantizationInfo | None,
+    where: str,
+    slorb: SLoRBInfo | None = None,
 ) -> None:
     known = sparse_linear_names(config)
     shapes = model_state_shapes(config)
+    if slorb is not None:
+        if not slorb.layers:
+            raise ArtifactError(f"{where}: slorb.layers is empty (leave out the slorb field for no SLoRB)")
+        for name in slorb.layers:
+            if name not in known:
+                raise ArtifactError(
+                    f"{where}: slorb.layers names '{name}', which is not a sparse linear of this model "
+                    f"(expected names like '{known[0]}')"
+                )
+            k = shapes[f"{name}.weight"][1]
+            if k % slorb.k:
+                raise ArtifactError(f"{where}: slorb.k {slorb.k} does not divide K={k} of layer '{name}'")
     for info, key in ((sparsity, "sparsity"), (quantization, "quantization")):
         if info is None:
             continue
@@ -285,9 +337,10 @@ def _check_tensors(
     quantization: QuantizationInfo | None,
     dense_dtype: torch.dtype,
     where: str,
+    slorb: SLoRBInfo | None = None,
 ) -> tuple[dict[str, PackedLinear], dict[str, torch.Tensor]]:
     """Check names, shapes, dtypes and contents; split into (packed layers, dense tensors)."""
-    specs = expected_tensors(config, sparsity, quantization, dense_dtype)
+    specs = expected_tensors(config, sparsity, quantization, dense_dtype, slorb)
     for name, spec in specs.items():
         if name not in tensors:
             raise ArtifactError(f"{where}: missing tensor '{name}' (expected {spec})")
@@ -386,6 +439,7 @@ def save_artifact(
     quantization: QuantizationInfo | None,
     producer: dict | None = None,
     dense_dtype: torch.dtype | str = torch.float32,
+    slorb: SLoRBInfo | None = None,
 ) -> Path:
     """Write an artifact directory at ``path`` and return it.
 
@@ -397,6 +451,8 @@ def save_artifact(
             ``dense_dtype`` (float32 or float16).
         producer: extra provenance (e.g. ``{"source": {"checkpoint": ..., "step": ...}}``); the sparsert
             version is added.
+        slorb: SLoRB terms of the listed layers; each ``S`` comes through ``dense`` as ``<name>.slorb.S``
+            [out, K/k] and is stored in ``dense_dtype``. None (default) writes no ``slorb`` field.
     Raises:
         ArtifactError when the inputs do not form a valid artifact (the same checks as :func:`load_artifact`),
         or when ``path`` exists and is not an artifact directory (an existing artifact is replaced).
@@ -405,7 +461,7 @@ def save_artifact(
     path = Path(path)
     dense_dtype = _as_dtype(dense_dtype, "dense_dtype")
     where = f"artifact {path}"
-    _check_layers(model_config, sparsity, quantization, where)
+    _check_layers(model_config, sparsity, quantization, where, slorb)
     layers = set(sparsity.layers if sparsity else ()) | set(quantization.layers if quantization else ())
     if set(packed) != layers:
         odd = sorted(set(packed) ^ layers)[0]
@@ -426,7 +482,7 @@ def save_artifact(
         # A packed layer's bias may come through ``dense`` (PackedLinear without bias); it is stored float32.
         dtype = torch.float32 if key.endswith(".bias") and key.rpartition(".")[0] in layers else dense_dtype
         tensors[key] = _storable(t, dtype, seen)
-    _check_tensors(tensors, model_config, sparsity, quantization, dense_dtype, where)
+    _check_tensors(tensors, model_config, sparsity, quantization, dense_dtype, where, slorb)
 
     config = {
         "format": FORMAT,
@@ -438,6 +494,8 @@ def save_artifact(
         "dense_dtype": dtype_name(dense_dtype),
         "producer": {"sparsert_version": sparsert.__version__, **(producer or {})},
     }
+    if slorb is not None:  # optional: an artifact without SLoRB stays exactly as before
+        config["slorb"] = slorb.to_dict()
     _check_target(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
@@ -498,7 +556,7 @@ def read_config(path: str | Path) -> dict:
         config,
         str(file),
         {"format", "format_version", "model", "tokenizer", "sparsity", "quantization", "dense_dtype"},
-        {"producer"},
+        {"producer", "slorb"},
     )
     return config
 
@@ -544,7 +602,8 @@ def load_artifact(path: str | Path) -> Artifact:
     producer = config.get("producer", {})
     if not isinstance(producer, dict):
         raise ArtifactError(f"{file}: producer: expected a JSON object, got {type(producer).__name__}")
-    _check_layers(model_config, sparsity, quantization, str(file))
+    slorb = None if config.get("slorb") is None else SLoRBInfo.from_dict(config["slorb"], f"{file}: slorb")
+    _check_layers(model_config, sparsity, quantization, str(file), slorb)
 
     weights = root / WEIGHTS_NAME
     if not weights.is_file():
@@ -553,7 +612,7 @@ def load_artifact(path: str | Path) -> Artifact:
         tensors = load_file(str(weights))
     except Exception as exc:  # safetensors raises its own SafetensorError (not exported) or OSError
         raise ArtifactError(f"{weights} is corrupt or truncated: {exc}") from None
-    packed, dense = _check_tensors(tensors, model_config, sparsity, quantization, dense_dtype, str(weights))
+    packed, dense = _check_tensors(tensors, model_config, sparsity, quantization, dense_dtype, str(weights), slorb)
     return Artifact(
         path=root,
         model_config=model_config,
@@ -564,4 +623,5 @@ def load_artifact(path: str | Path) -> Artifact:
         quantization=quantization,
         dense_dtype=dense_dtype,
         producer=producer,
+        slorb=slorb,
     )

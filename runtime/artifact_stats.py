@@ -4,14 +4,19 @@ Definitions (also in docs/FORMAT.md, "Statistics"):
 
 - *linear weights*: the sparse linears of the model (:func:`sparse_linear_names`), whether packed or dense.
 - a layer's *stored bytes*: the bytes of every tensor that stores it — values or qweight, indices, scales
-  (or the dense ``weight``) — plus its bias.
+  (or the dense ``weight``) — plus its bias and, for a SLoRB layer, its ``S`` [out, K/k] (AST's extra
+  parameters: ``16/k`` bits per weight in float16, 1.0 at k = 16).
 - *bits per weight* = stored bytes × 8 / (out × K): everything a layer costs, per original weight.
 - *sparsity* = share of exact zeros in the decoded weight [out, K] (≥ 0.5 for 2:4; quantization may add
   zeros).
 - linear-weights ratio vs FP32 (FP16) = 4 (2) bytes × (number of weights and biases of those layers) /
   their stored bytes.
 - whole-model ratio vs FP32 (FP16) = 4 (2) bytes × number of model parameters (every linear counted at its
-  dense size) / size on disk of ``model.safetensors`` (header included; config.json not counted).
+  dense size, SLoRB ``S`` included) / size on disk of ``model.safetensors`` (header included; config.json not
+  counted).
+
+The FP32/FP16 baseline of a linear is its dense weight and bias only: SLoRB's ``S`` adds to the stored bytes but
+not to the baseline, since the dense model it approximates has no ``S``.
 """
 
 from __future__ import annotations
@@ -38,10 +43,11 @@ class LayerStats:
     name: str
     out_features: int
     in_features: int
-    storage: str  # "2:4 float16", "2:4+int4 g128", "int4 g128", "dense float32"
+    storage: str  # "2:4 float16", "2:4+int4 g128", "int4 g128", "dense float32"; "+slorb k16" with SLoRB
     sparsity: float
-    stored_bytes: int
+    stored_bytes: int  # SLoRB S included
     bias_count: int
+    slorb_bytes: int = 0  # bytes of the SLoRB S [out, K/k] (0 without SLoRB)
 
     @property
     def weights(self) -> int:
@@ -82,6 +88,11 @@ class ArtifactStats:
     config_bytes: int  # config.json on disk
     model_params: int  # every parameter, each linear at its dense size
     layers: list[LayerStats] = field(default_factory=list)
+    slorb: dict | None = None  # config.json["slorb"]
+
+    @property
+    def slorb_bytes(self) -> int:
+        return sum(layer.slorb_bytes for layer in self.layers)
 
     @property
     def linear_weights(self) -> int:
@@ -120,6 +131,7 @@ class ArtifactStats:
             "path": self.path,
             "sparsity": self.sparsity,
             "quantization": self.quantization,
+            "slorb": self.slorb,
             "dense_dtype": self.dense_dtype,
             "file_bytes": self.file_bytes,
             "config_bytes": self.config_bytes,
@@ -132,6 +144,7 @@ class ArtifactStats:
             "linear_sparsity": self.linear_sparsity,
             "linear_ratio_vs_fp32": self.linear_ratio_vs_fp32,
             "linear_ratio_vs_fp16": self.linear_ratio_vs_fp16,
+            "slorb_bytes": self.slorb_bytes,
             "layers": [layer.to_dict() for layer in self.layers],
         }
 
@@ -162,6 +175,11 @@ def artifact_stats(path: str | Path) -> ArtifactStats:
             stored = _nbytes(weight) + (0 if bias is None else _nbytes(bias))
             bias_count = 0 if bias is None else bias.numel()
             storage = f"dense {dtype_name(weight.dtype)}"
+        slorb_s = art.dense.get(f"{name}.slorb.S") if art.slorb is not None else None
+        slorb_bytes = 0 if slorb_s is None else _nbytes(slorb_s)
+        if slorb_s is not None:
+            stored += slorb_bytes
+            storage += f"+slorb k{art.slorb.k}"
         out, k = weight.shape
         layers.append(
             LayerStats(
@@ -172,9 +190,10 @@ def artifact_stats(path: str | Path) -> ArtifactStats:
                 sparsity=float((weight == 0).sum()) / weight.numel(),
                 stored_bytes=stored,
                 bias_count=bias_count,
+                slorb_bytes=slorb_bytes,
             )
         )
-    model_params = sum(_numel(shape) for shape in model_state_shapes(art.model_config).values())
+    model_params = sum(_numel(shape) for shape in model_state_shapes(art.model_config, art.slorb).values())
     return ArtifactStats(
         path=str(root),
         sparsity=art.sparsity.to_dict() if art.sparsity else None,
@@ -184,6 +203,7 @@ def artifact_stats(path: str | Path) -> ArtifactStats:
         config_bytes=(root / CONFIG_NAME).stat().st_size,
         model_params=model_params,
         layers=layers,
+        slorb=art.slorb.to_dict() if art.slorb else None,
     )
 
 
@@ -210,10 +230,12 @@ def format_stats(stats: ArtifactStats) -> str:
         for part in (
             "2:4" if stats.sparsity else "",
             f"INT4 g{q['group_size']}" if q else "",
+            f"SLoRB k{stats.slorb['k']}" if stats.slorb else "",
         )
         if part
     ) or "dense"
-    head = f"{'layer':<28} {'shape':>12} {'storage':>16} {'sparsity':>9} {'bytes':>11} {'bits/w':>7} {'×fp32':>7}"
+    w = max([16] + [len(s.storage) for s in stats.layers])  # storage column ("2:4+int4 g128+slorb k16")
+    head = f"{'layer':<28} {'shape':>12} {'storage':>{w}} {'sparsity':>9} {'bytes':>11} {'bits/w':>7} {'×fp32':>7}"
     lines = [
         f"artifact {stats.path}: {kind}, dense tensors {stats.dense_dtype}",
         "",
@@ -223,18 +245,20 @@ def format_stats(stats: ArtifactStats) -> str:
     for s in stats.layers:
         shape = f"{s.out_features}x{s.in_features}"
         lines.append(
-            f"{s.name:<28} {shape:>12} {s.storage:>16} {s.sparsity:>8.1%} {s.stored_bytes:>11,} "
+            f"{s.name:<28} {shape:>12} {s.storage:>{w}} {s.sparsity:>8.1%} {s.stored_bytes:>11,} "
             f"{s.bits_per_weight:>7.3f} {s.ratio_vs_fp32:>7.2f}"
         )
     lines.append("-" * len(head))
     lines.append(
-        f"{'linear weights':<28} {f'{stats.linear_weights:,} w':>12} {'':>16} {stats.linear_sparsity:>8.1%} "
+        f"{'linear weights':<28} {f'{stats.linear_weights:,} w':>12} {'':>{w}} {stats.linear_sparsity:>8.1%} "
         f"{stats.linear_bytes:>11,} {stats.linear_bits_per_weight:>7.3f} {stats.linear_ratio_vs_fp32:>7.2f}"
     )
     lines += [
         "",
         f"linear weights: {stats.linear_bits_per_weight:.3f} bits/weight, "
-        f"{stats.linear_ratio_vs_fp32:.2f}x smaller than FP32, {stats.linear_ratio_vs_fp16:.2f}x than FP16",
+        f"{stats.linear_ratio_vs_fp32:.2f}x smaller than FP32, {stats.linear_ratio_vs_fp16:.2f}x than FP16"
+        + (f" (SLoRB S: {stats.slorb_bytes:,} bytes, {stats.slorb_bytes * 8 / stats.linear_weights:.3f} bits/weight)"
+           if stats.slorb else ""),
         f"whole model:    {stats.model_params:,} parameters, model.safetensors {_human(stats.file_bytes)} "
         f"({stats.file_bytes:,} bytes; config.json {stats.config_bytes:,} bytes), "
         f"{stats.model_ratio_vs_fp32:.2f}x smaller than FP32, {stats.model_ratio_vs_fp16:.2f}x than FP16",

@@ -7,6 +7,10 @@ or cuSPARSELt, INT4 artifacts on our W4A16 2:4 kernel, whichever the dispatcher 
 count and found correct. Embeddings, norms, attention, RoPE and ``lm_head`` are torch CUDA ops; the KV cache
 lives on the device. Without a usable GPU the constructor raises DeviceError (the CLI prints it).
 
+SLoRB terms (artifacts with ``slorb``; AST, Huang et al. 2025) run as torch ops beside the sparse GEMM: a
+packed layer with SLoRB becomes :class:`SLoRBLinearGPU` (``linear(x) + groupsum_k(x) @ Sᵀ``, the term in the
+dense dtype); a SLoRB layer stored dense is the reference :class:`~sparsert.runtime.model.SLoRBLinear`.
+
 :meth:`GpuStepper.memory_report` gives the device bytes of the linear weights and their bits per weight
 (the issue's target for 2:4+INT4: at most 3.25).
 """
@@ -16,12 +20,36 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from sparsert.runtime.device import require_gpu
 from sparsert.runtime.dispatch import Dispatcher, SparseLinearGPU, m_bucket
 from sparsert.runtime.errors import ConfigError, DeviceError
+from sparsert.runtime.model import check_slorb_k, slorb_term
 
 _DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+
+
+class SLoRBLinearGPU(nn.Module):
+    """A linear on the device plus its SLoRB term: ``y = linear(x) + groupsum_k(x) @ Sᵀ``.
+
+    ``linear``: the layer's module (a :class:`SparseLinearGPU`); ``s``: float [out, K/k] on the device, in the
+    dtype the term is computed in (the model's dense dtype; x is cast to it, the sum comes back in x's dtype).
+    """
+
+    def __init__(self, linear: nn.Module, s: torch.Tensor, k: int) -> None:
+        super().__init__()
+        self.linear = linear
+        self.in_features, self.out_features, self.k = s.shape[1] * k, s.shape[0], k
+        check_slorb_k(self.in_features, k, "SLoRBLinearGPU")
+        self.register_buffer("S", s, persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.linear(x)
+        return y + slorb_term(x.to(self.S.dtype), self.S, self.k).to(y.dtype)
+
+    def extra_repr(self) -> str:
+        return f"k={self.k}, S={list(self.S.shape)} {self.S.dtype}"
 
 
 def build_runtime_model(artifact, device: torch.device, *, dtype: torch.dtype, dense_dtype: torch.dtype,
@@ -30,17 +58,25 @@ def build_runtime_model(artifact, device: torch.device, *, dtype: torch.dtype, d
     :class:`SparseLinearGPU` (GEMM dtype ``dtype``; ``backends`` default to the dispatcher's candidates).
 
     No dense copy of a packed weight is allocated: the meta-device model gets placeholders for them first.
+    SLoRB terms: a packed layer's is :class:`SLoRBLinearGPU` around its SparseLinearGPU; a dense layer's is
+    part of its :class:`~sparsert.runtime.model.SLoRBLinear`.
     """
-    from sparsert.runtime.model import DecoderLM, rope_tables
+    from sparsert.runtime.model import DecoderLM, add_slorb, rope_tables
 
     config = artifact.model_config
+    slorb = getattr(artifact, "slorb", None)
+    slorb_layers = set(slorb.layers) if slorb is not None else set()
     with torch.device("meta"):
         model = DecoderLM(config)
+        if slorb is not None:
+            add_slorb(model, [n for n in slorb.layers if n not in artifact.packed], slorb.k)
     for name in artifact.packed:
         parent_name, _, attr = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, attr, torch.nn.Identity())
     model = model.to(dense_dtype).to_empty(device=device)
-    tensors = {k: (v.to(dense_dtype) if v.is_floating_point() else v) for k, v in artifact.dense.items()}
+    packed_slorb = {f"{name}.slorb.S" for name in slorb_layers if name in artifact.packed}
+    tensors = {k: (v.to(dense_dtype) if v.is_floating_point() else v) for k, v in artifact.dense.items()
+               if k not in packed_slorb}
     missing, unexpected = model.load_state_dict(tensors, strict=False)
     if missing or unexpected:
         raise DeviceError(f"artifact {artifact.path}: dense tensors do not fit the model (missing {missing[:3]}, "
@@ -53,6 +89,9 @@ def build_runtime_model(artifact, device: torch.device, *, dtype: torch.dtype, d
         parent_name, _, attr = name.rpartition(".")
         layer = SparseLinearGPU(packed, device=device, dtype=dtype, dispatcher=dispatcher, backends=backends,
                                 allow_dense=allow_dense, name=name)
+        if name in slorb_layers:
+            s = artifact.dense[f"{name}.slorb.S"].to(device=device, dtype=dense_dtype)
+            layer = SLoRBLinearGPU(layer, s, slorb.k)
         setattr(model.get_submodule(parent_name) if parent_name else model, attr, layer)
     return model.eval().requires_grad_(False)
 
@@ -112,7 +151,14 @@ class GpuStepper:
             self.tune()
 
     def sparse_layers(self) -> dict[str, SparseLinearGPU]:
-        return {n: m for n, m in self.model.named_modules() if isinstance(m, SparseLinearGPU)}
+        """Every SparseLinearGPU by its layer name (one inside a :class:`SLoRBLinearGPU` under the wrapper's)."""
+        named = dict(self.model.named_modules())
+        wrapped = {f"{n}.linear": n for n, m in named.items() if isinstance(m, SLoRBLinearGPU)}
+        return {wrapped.get(n, n): m for n, m in named.items() if isinstance(m, SparseLinearGPU)}
+
+    def slorb_nbytes(self) -> int:
+        """Device bytes of the SLoRB ``S`` tensors of the packed layers (those :meth:`sparse_layers` lists)."""
+        return sum(m.S.numel() * m.S.element_size() for m in self.model.modules() if isinstance(m, SLoRBLinearGPU))
 
     def tune(self, token_counts=None) -> dict[str, dict[int, str]]:
         """Decide each sparse layer's kernel for the decode step (1 token) and prefill buckets up to
@@ -148,15 +194,18 @@ class GpuStepper:
         return self.model(x, cache=self.cache)[0, -1].float()  # (V,)
 
     def memory_report(self) -> dict:
-        """Device memory of the sparse linears' weights: bytes, weights, bits per weight, backends held."""
+        """Device memory of the sparse linears' weights: bytes, weights, bits per weight, backends held.
+        The bytes include the SLoRB ``S`` tensors (also given alone as ``slorb_bytes``)."""
         layers = self.sparse_layers()
-        nbytes = sum(layer.weight_nbytes() for layer in layers.values())
+        slorb_bytes = self.slorb_nbytes()
+        nbytes = sum(layer.weight_nbytes() for layer in layers.values()) + slorb_bytes
         nweights = sum(layer.in_features * layer.out_features for layer in layers.values())
         return {
             "device": self.gpu.name,
             "linear_weight_bytes": nbytes,
             "linear_weights": nweights,
             "linear_weight_bits_per_weight": 8.0 * nbytes / max(nweights, 1),
+            "slorb_bytes": slorb_bytes,
             "backends": {n: dict(layer.chosen) for n, layer in layers.items()},
             "held_formats": sorted({b for layer in layers.values() for b in layer.states}),
             "torch_allocated_bytes": torch.cuda.memory_allocated(self.device),

@@ -52,6 +52,13 @@ Exact math (every op computed in float32; an exporter must reproduce these formu
 The RoPE tables are non-persistent buffers recomputed from the config (not in the state dict); an exporter
 should copy ``model.rope_cos`` / ``model.rope_sin`` into the graph rather than recompute them, so the
 tables match bit for bit.
+
+Optional SLoRB term (AST, Huang et al. 2025; off by default, switched on per layer by :func:`add_slorb`): the
+named block linears become :class:`SLoRBLinear` and compute ::
+
+    Linear(x) = x @ W.T (+ b) + groupsum_k(x) @ S.T        groupsum_k(x)[..., g] = sum(x[..., g*k:(g+1)*k])
+
+with ``S [out, K/k]`` stored as ``<name>.slorb.S`` in the state dict.
 """
 
 from __future__ import annotations
@@ -187,6 +194,62 @@ class KVCache:
         self.k[layer, :, :, self.length:end] = k
         self.v[layer, :, :, self.length:end] = v
         return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+
+def slorb_group_sum(x: torch.Tensor, k: int) -> torch.Tensor:
+    """Sums of each group of ``k`` consecutive entries of the last dimension: float [..., K] -> [..., K/k].
+
+    The fixed ``P·x`` of SLoRB (Huang et al., "Pruning Large Language Models with Semi-Structural Adaptive
+    Sparse Training", AAAI 2025, §3.4). ``K`` must be a multiple of ``k``.
+    """
+    if x.shape[-1] % k:
+        raise ConfigError(f"SLoRB group sum: K={x.shape[-1]} is not divisible by the group size k={k}")
+    return x.reshape(*x.shape[:-1], x.shape[-1] // k, k).sum(-1)  # (..., K/k, k) -> (..., K/k)
+
+
+def slorb_term(x: torch.Tensor, s: torch.Tensor, k: int) -> torch.Tensor:
+    """The SLoRB term ``groupsum_k(x) @ Sᵀ``: x float [..., K], S float [N, K/k] -> [..., N], in x's dtype."""
+    return F.linear(slorb_group_sum(x, k), s.to(x.dtype))
+
+
+class SLoRBTerm(nn.Module):
+    """Holds the SLoRB parameter ``S`` float [out, K/k] (initialised to zero: the term starts switched off)
+    and computes :func:`slorb_term`. ``forward(x [..., K]) -> [..., out]``."""
+
+    def __init__(self, in_features: int, out_features: int, k: int, *, device=None, dtype=None) -> None:
+        super().__init__()
+        check_slorb_k(in_features, k, "SLoRB")
+        self.in_features, self.out_features, self.k = in_features, out_features, k
+        self.S = nn.Parameter(torch.zeros(out_features, in_features // k, device=device, dtype=dtype))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return slorb_term(x, self.S, self.k)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, k={self.k}"
+
+
+class SLoRBLinear(nn.Linear):
+    """``nn.Linear`` plus a SLoRB term: ``y = x @ W.T (+ b) + groupsum_k(x) @ S.T``.
+
+    State dict: ``weight`` [out, K], ``bias`` [out] (if any), ``slorb.S`` [out, K/k].
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, *, k: int, device=None,
+                 dtype=None) -> None:
+        super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
+        self.slorb = SLoRBTerm(in_features, out_features, k, device=device, dtype=dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias) + self.slorb(x)
+
+
+def check_slorb_k(in_features: int, k: object, name: str) -> None:
+    """ConfigError unless ``k`` is a positive integer dividing ``in_features`` (``name`` says which layer)."""
+    if isinstance(k, bool) or not isinstance(k, int) or k <= 0:
+        raise ConfigError(f"SLoRB group size k for {name}: expected a positive integer, got {k!r}")
+    if in_features % k:
+        raise ConfigError(f"SLoRB for {name}: K={in_features} is not divisible by the group size k={k}")
 
 
 class RMSNorm(nn.Module):
@@ -407,6 +470,40 @@ def sparse_linear_names(model: DecoderLM | ModelConfig) -> list[str]:
         names += [f"blocks.{i}.attn.{p}" for p in ("q_proj", "k_proj", "v_proj", "o_proj")]
         names += [f"blocks.{i}.mlp.{p}" for p in mlp]
     return names
+
+
+def add_slorb(model: DecoderLM, layers: list[str] | tuple[str, ...], k: int) -> None:
+    """Switch the SLoRB term on for the named block linears of ``model``, in place.
+
+    Each ``nn.Linear`` named in ``layers`` (names from :func:`sparse_linear_names`) is replaced by a
+    :class:`SLoRBLinear` sharing its ``weight`` and ``bias`` Parameters, with ``S`` = 0 (so the output is
+    unchanged until ``S`` is loaded or trained). Works on the meta device. ConfigError for an unknown layer,
+    a module that is not an ``nn.Linear``, or a K not divisible by ``k``.
+    """
+    known = set(sparse_linear_names(model))
+    for name in layers:
+        if name not in known:
+            raise ConfigError(f"SLoRB layer '{name}' is not a sparse linear of this model")
+        module = model.get_submodule(name)
+        if isinstance(module, SLoRBLinear):
+            if module.slorb.k != k:
+                raise ConfigError(f"SLoRB layer '{name}' already has group size k={module.slorb.k}, not {k}")
+            continue
+        if type(module) is not nn.Linear:
+            raise ConfigError(f"SLoRB layer '{name}' is a {type(module).__name__}, expected nn.Linear")
+        check_slorb_k(module.in_features, k, f"layer '{name}'")
+        w = module.weight
+        with torch.device("meta"):  # no throw-away copy of the weight
+            new = SLoRBLinear(module.in_features, module.out_features, bias=module.bias is not None, k=k)
+        new.weight, new.bias = module.weight, module.bias
+        new.slorb = SLoRBTerm(module.in_features, module.out_features, k, device=w.device, dtype=w.dtype)
+        parent_name, _, attr = name.rpartition(".")
+        setattr(model.get_submodule(parent_name), attr, new)
+
+
+def slorb_layers(model: nn.Module) -> dict[str, int]:
+    """``{layer name: k}`` of every :class:`SLoRBLinear` of ``model``, in module order."""
+    return {name: m.slorb.k for name, m in model.named_modules() if isinstance(m, SLoRBLinear)}
 
 
 def count_parameters(model: nn.Module, *, sparse_linears_only: bool = False) -> int:

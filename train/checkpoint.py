@@ -104,9 +104,9 @@ def write_json_atomic(path: Path, obj: object) -> None:
     _fsync_dir(path.parent)
 
 
-def _model_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+def _model_tensors(model: nn.Module, state: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
     out = {}
-    for name, t in model.state_dict().items():
+    for name, t in (model.state_dict() if state is None else state).items():
         t = t.detach().cpu()
         if t.dtype == torch.bool:
             t = t.to(torch.uint8)
@@ -125,9 +125,10 @@ def _param_names(model: nn.Module, optimizer: torch.optim.Optimizer) -> list[str
     return names
 
 
-def _optimizer_payload(model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, dict[str, str]]:
+def _optimizer_payload(model: nn.Module, optimizer: torch.optim.Optimizer,
+                       sd: dict | None = None) -> tuple[dict, dict[str, str]]:
     names = _param_names(model, optimizer)
-    sd = optimizer.state_dict()
+    sd = optimizer.state_dict() if sd is None else sd
     tensors: dict[str, torch.Tensor] = {}
     scalars: dict[str, dict] = {}
     for index, entry in sd["state"].items():
@@ -152,7 +153,8 @@ def _optimizer_payload(model: nn.Module, optimizer: torch.optim.Optimizer) -> tu
 
 
 def save_checkpoint(
-    run_dir: str | Path, step: int, model: nn.Module, optimizer: torch.optim.Optimizer, state: dict, *, keep: int = 2
+    run_dir: str | Path, step: int, model: nn.Module, optimizer: torch.optim.Optimizer, state: dict, *, keep: int = 2,
+    model_state: dict[str, torch.Tensor] | None = None, optimizer_state: dict | None = None,
 ) -> Path:
     """Write checkpoint ``step`` of ``model`` and ``optimizer`` under ``run_dir/checkpoints`` atomically.
 
@@ -160,6 +162,10 @@ def save_checkpoint(
     (``train_config``, ``sparsity``, ``quantization``, RNG states, metrics offset); ``format``, ``version`` and
     ``step`` are added. Publishes ``latest.json`` after the step directory is complete, then deletes all but
     the newest ``keep`` checkpoints and any leftover temporary directories. Returns the step directory.
+
+    ``model_state`` / ``optimizer_state``: full CPU copies of ``model.state_dict()`` / ``optimizer.state_dict()``
+    to write instead of the live ones — a sharded (FSDP2) model's state gathered by
+    :func:`sparsert.train.distributed.gather_full_state`; parameter names still come from ``model``/``optimizer``.
     """
     if "model_config" not in state:
         raise SparsertError("save_checkpoint: state must contain 'model_config'")
@@ -172,8 +178,8 @@ def save_checkpoint(
         shutil.rmtree(tmp)
     tmp.mkdir()
     try:
-        save_file(_model_tensors(model), str(tmp / MODEL_FILE), metadata={"format": FORMAT})
-        opt_tensors, opt_meta = _optimizer_payload(model, optimizer)
+        save_file(_model_tensors(model, model_state), str(tmp / MODEL_FILE), metadata={"format": FORMAT})
+        opt_tensors, opt_meta = _optimizer_payload(model, optimizer, optimizer_state)
         save_file(opt_tensors, str(tmp / OPTIMIZER_FILE), metadata=opt_meta)
         full_state = {"format": FORMAT, "version": VERSION, "step": int(step)}
         full_state.update({k: v for k, v in state.items() if k not in full_state})
@@ -298,6 +304,14 @@ def _validate_model_state(path: Path, tensors: dict[str, torch.Tensor], config: 
             )
         if t.dtype != dtype:
             raise ArtifactError(f"{path}: tensor '{name}' has dtype {t.dtype}, expected {dtype}")
+    from sparsert.train.slorb import slorb_from_state  # SLoRB's extra S tensors (optional)
+
+    found = slorb_from_state(tensors, config, str(path))
+    for name in found[1] if found else ():
+        t = tensors[f"{name}.slorb.S"]
+        if t.dtype != torch.float32:
+            raise ArtifactError(f"{path}: tensor '{name}.slorb.S' has dtype {t.dtype}, expected torch.float32")
+        expected[f"{name}.slorb.S"] = (tuple(t.shape), torch.float32)
     for name in tensors:
         if name not in expected:
             raise ArtifactError(f"{path}: unexpected tensor '{name}' (not part of the model config)")

@@ -23,6 +23,11 @@ group size, so the artifact stores exactly the codes the QAT forward pass saw. `
 activation-aware scale search of :mod:`sparsert.train.awq` on the pruned model before quantizing (it implies
 INT4); it is refused for a QAT checkpoint unless ``force_awq=True``, because it would change the codes QAT
 trained with.
+
+SLoRB (AST, :mod:`sparsert.train.slorb`): a checkpoint whose state holds ``<layer>.slorb.S`` [out, K/k] tensors
+is compressed with those terms carried over unchanged: the artifact lists them under ``config.json["slorb"]``
+and stores each ``S`` dense in ``dense_dtype``. AWQ is refused for such checkpoints (its input-channel scales
+would have to be folded into the group sums, which they do not commute with).
 """
 
 from __future__ import annotations
@@ -32,14 +37,15 @@ from pathlib import Path
 
 import torch
 
-from sparsert.runtime.artifact import QuantizationInfo, SparsityInfo, model_state_shapes, save_artifact
+from sparsert.runtime.artifact import QuantizationInfo, SLoRBInfo, SparsityInfo, model_state_shapes, save_artifact
 from sparsert.runtime.errors import ArtifactError, ConfigError, DataError
-from sparsert.runtime.model import DecoderLM, sparse_linear_names
+from sparsert.runtime.model import DecoderLM, add_slorb, sparse_linear_names
 from sparsert.runtime.nm_mask import is_nm_sparse
 from sparsert.runtime.packed_linear import PackedLinear, pack_linear
 from sparsert.runtime.tokenizer import ByteTokenizer, Tokenizer, tokenizer_from_dict
 from sparsert.train.checkpoint import Checkpoint, load_checkpoint
 from sparsert.train.oneshot_prune import ONESHOT_METHODS, prune_model_oneshot
+from sparsert.train.slorb import slorb_from_state
 
 DEFAULT_GROUP_SIZE = 128
 DEFAULT_CALIB_BATCHES = 8
@@ -101,16 +107,19 @@ def calibration_batches(
         raise DataError(f"calibration data ({what}): {exc}") from None
 
 
-def _build_model(ckpt: Checkpoint) -> DecoderLM:
-    """A float32 DecoderLM in eval mode holding the checkpoint's weights (masks are not applied)."""
+def _build_model(ckpt: Checkpoint, slorb: SLoRBInfo | None = None) -> DecoderLM:
+    """A float32 DecoderLM in eval mode holding the checkpoint's weights (masks are not applied), with the
+    checkpoint's SLoRB terms when ``slorb`` is given."""
     model = DecoderLM(ckpt.model_config)
+    if slorb is not None:
+        add_slorb(model, slorb.layers, slorb.k)
     own = model.state_dict()
     model.load_state_dict({k: ckpt.model_state[k].float() for k in own}, strict=True)
     return model.eval()
 
 
 def compress_checkpoint(
-    checkpoint: str | Path,
+    checkpoint: str | Path | Checkpoint,
     output: str | Path,
     *,
     int4_group_size: int | None = None,
@@ -129,7 +138,8 @@ def compress_checkpoint(
     """Compress a training checkpoint into an artifact directory at ``output``; returns its path.
 
     Args:
-        checkpoint: a run dir, its checkpoints dir or one step dir (see :func:`load_checkpoint`).
+        checkpoint: a run dir, its checkpoints dir or one step dir (see :func:`load_checkpoint`), or a
+            :class:`Checkpoint` already loaded.
         int4_group_size: INT4 group size along K (default: the QAT group size, else 128); giving one without
             INT4 is a ConfigError. A size other than the QAT one gives codes QAT did not see.
         quantize: INT4 on/off (default: on iff the checkpoint was trained with QAT, or ``awq`` is set).
@@ -169,9 +179,11 @@ def compress_checkpoint(
     if awq and quantize is False:
         raise ConfigError("--awq searches INT4 scales; it cannot be combined with --no-int4")
 
-    ckpt = load_checkpoint(checkpoint, load_optimizer=False)
+    ckpt = checkpoint if isinstance(checkpoint, Checkpoint) else load_checkpoint(checkpoint, load_optimizer=False)
     config, state, where = ckpt.model_config, ckpt.model_state, f"checkpoint {ckpt.path}"
-    shapes = model_state_shapes(config)
+    found = slorb_from_state(state, config, where)
+    slorb = None if found is None else SLoRBInfo(found[0], tuple(found[1]))
+    shapes = model_state_shapes(config, slorb)
     for key, shape in shapes.items():
         if key not in state:
             raise ArtifactError(f"{where}: model state has no tensor '{key}'")
@@ -195,6 +207,11 @@ def compress_checkpoint(
     method = None if masks else prune or "magnitude"
 
     qat = ckpt.state.get("quantization")
+    if awq and slorb is not None:
+        raise ConfigError(
+            f"{where} carries SLoRB terms; --awq cannot be used with them (its per-input-channel scales do not "
+            "pass through SLoRB's group sums, so the compressed model would compute something else)"
+        )
     if awq and qat is not None and not force_awq:
         raise ConfigError(
             f"{where} was trained with INT4 QAT; --awq would rescale its weights and change the codes QAT "
@@ -240,7 +257,7 @@ def compress_checkpoint(
             seq_len=seq_len, seed=calib_info["seed"],
         )
 
-    model = _build_model(ckpt)
+    model = _build_model(ckpt, slorb)
     if method is not None:
         masks = prune_model_oneshot(model, method, calibration)
         mask_source = f"{method} one-shot"
@@ -281,4 +298,5 @@ def compress_checkpoint(
         quantization=QuantizationInfo(tuple(layers), group) if quantize else None,
         dense_dtype=dense_dtype,
         producer=producer,
+        slorb=slorb,
     )

@@ -14,6 +14,19 @@ mask entries that changed since the previous refresh.
 
 ``dense=True`` trains the layer plainly (``F.linear(x, W, b)``; mask kept but unused), e.g. for a dense
 fine-tuning phase.
+
+Options of Hu et al. (ICML 2024), switched on in :class:`SparsityConfig`:
+
+- ``transposable``: the mask is the transposable 2:4 mask (best of the 90 4×4 patterns per block,
+  :func:`sparsert.runtime.transposable_mask.transposable_24_mask`), 2:4 along K for both ``W`` and ``Wᵀ``;
+- ``mvue``: the weight-gradient GEMM uses MVUE24-sampled output gradients
+  (:func:`sparsert.train.mvue24.sparse_linear_mvue`), drawn from the layer's ``generator`` (a
+  ``torch.Generator`` the trainer assigns and checkpoints; None = torch's global RNG).
+
+A gradual pruning schedule (:mod:`sparsert.train.schedules`) needs masks that keep more than ``n`` of ``m``
+for a while. They are set with :meth:`SparseLinear.set_gradual_mask` as the non-persistent ``forward_mask``
+(what the forward pass uses), while the persistent ``mask`` stays the N:M mask of the same weights, so every
+checkpoint holds a valid N:M mask; the trainer recomputes the gradual mask from the weights, never loads it.
 """
 
 from __future__ import annotations
@@ -27,6 +40,8 @@ from torch import nn
 from sparsert.runtime.errors import ConfigError
 from sparsert.runtime.int4 import check_group_size, fake_quantize_int4
 from sparsert.runtime.nm_mask import check_groups, nm_mask
+from sparsert.runtime.transposable_mask import check_transposable_shape, transposable_24_mask
+from sparsert.train.mvue24 import sparse_linear_mvue
 from sparsert.train.qat import fake_quant_int4_ste
 from sparsert.train.sr_ste import DEFAULT_DECAY, sr_ste_linear, sr_ste_weight
 
@@ -39,6 +54,8 @@ class SparsityConfig:
     decay: SR-STE λ applied to the pruned weights' gradient (2e-4, the paper's default; 0 = plain STE).
     mask_refresh_interval: recompute the mask from |W| every this many optimizer steps.
     qat_group_size: INT4 fake-quantization group size along K for QAT; None = no quantization.
+    transposable: transposable 2:4 masks (Hu et al. 2024; 2:4 only, ``out`` and K multiples of 4).
+    mvue: MVUE24 sampling of the output gradient in the weight-gradient GEMM (Hu et al. 2024).
     """
 
     n: int = 2
@@ -46,6 +63,8 @@ class SparsityConfig:
     decay: float = DEFAULT_DECAY
     mask_refresh_interval: int = 1
     qat_group_size: int | None = None
+    transposable: bool = False
+    mvue: bool = False
 
     def __post_init__(self) -> None:
         for name in ("n", "m", "mask_refresh_interval"):
@@ -59,6 +78,11 @@ class SparsityConfig:
         g = self.qat_group_size
         if g is not None and (isinstance(g, bool) or not isinstance(g, int) or g <= 0):
             raise ConfigError(f"sparsity config 'qat_group_size': expected a positive integer or None, got {g!r}")
+        for name in ("transposable", "mvue"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"sparsity config '{name}': expected true or false, got {getattr(self, name)!r}")
+        if self.transposable and (self.n, self.m) != (2, 4):
+            raise ConfigError(f"sparsity config: transposable masks are 2:4 only, got {self.n}:{self.m}")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -68,9 +92,12 @@ class SparseLinear(nn.Module):
     """N:M sparse linear layer trained with SR-STE.
 
     Parameters: ``weight`` float [out, K] (dense, trained), ``bias`` float [out] or None.
-    Buffer: ``mask`` uint8 [out, K], 0/1, ``n`` ones per group of ``m`` along K.
+    Buffer: ``mask`` uint8 [out, K], 0/1, ``n`` ones per group of ``m`` along K (transposable 2:4 with
+    ``config.transposable``). Non-persistent buffer ``forward_mask``: None, or a uint8 [out, K] 0/1 mask that
+    replaces ``mask`` in the forward pass (gradual pruning); :attr:`active_mask` is the one in use.
     ``forward(x [..., K]) -> [..., out]`` computes ``x @ (W ⊙ mask)ᵀ + b`` (INT4 fake-quantized kept values
-    when ``config.qat_group_size`` is set; plain ``W`` when ``dense``).
+    when ``config.qat_group_size`` is set; plain ``W`` when ``dense``), plus ``slorb(x)`` when the optional
+    submodule ``slorb`` (a :class:`sparsert.train.slorb.SLoRB`, state dict ``slorb.S``) is set.
     """
 
     def __init__(
@@ -99,6 +126,8 @@ class SparseLinear(nn.Module):
                 f"{name}: weight has shape {tuple(weight.shape)}, expected ({out_features}, {in_features})"
             )
         check_groups(weight, self.config.m, name)
+        if self.config.transposable:
+            check_transposable_shape(weight, name)
         if self.config.qat_group_size is not None:
             check_group_size(weight, self.config.qat_group_size, name)
         self.weight = weight
@@ -106,7 +135,11 @@ class SparseLinear(nn.Module):
             bias_param = nn.Parameter(torch.zeros(out_features, dtype=weight.dtype))
         self.bias = bias_param if bias else None
         self.register_buffer("mask", self._compute_mask())
+        self.register_buffer("forward_mask", None, persistent=False)
         self.last_flip_rate: float | None = None
+        self.generator: torch.Generator | None = None  # MVUE24 sampling (config.mvue)
+        # SLoRB (AST §3.4): optional extra term added to the output, set by train.slorb.attach_slorb.
+        self.register_module("slorb", None)
 
     @classmethod
     def from_linear(
@@ -124,47 +157,91 @@ class SparseLinear(nn.Module):
             bias_param=linear.bias,
         )
 
-    def _compute_mask(self) -> torch.Tensor:
+    @torch.no_grad()
+    def _compute_mask(self, score: torch.Tensor | None = None) -> torch.Tensor:
+        """The N:M (or transposable 2:4) mask of ``score`` (default |W|): uint8 [out, K]."""
         c = self.config
-        return nm_mask(self.weight, c.n, c.m, name=self.name).to(torch.uint8)
+        if c.transposable:
+            return transposable_24_mask(self.weight, score=score, name=self.name).to(torch.uint8)
+        return nm_mask(self.weight, c.n, c.m, score=score, name=self.name).to(torch.uint8)
+
+    @property
+    def active_mask(self) -> torch.Tensor:
+        """The mask the forward pass applies: ``forward_mask`` when set, else ``mask`` (uint8 [out, K])."""
+        return self.mask if self.forward_mask is None else self.forward_mask
 
     @torch.no_grad()
-    def refresh_mask(self) -> int:
-        """Recompute the mask from |W|; return the number of mask entries that changed (flip rate × D).
+    def refresh_mask(self, score: torch.Tensor | None = None) -> int:
+        """Recompute the mask from |W| (or ``score`` float [out, K]) and drop any ``forward_mask``; return the
+        number of entries of the active mask that changed (flip rate × D).
 
         Sets :attr:`last_flip_rate` = changed / D.
         """
-        new = self._compute_mask()
-        flips = int((new != self.mask).sum())
+        new = self._compute_mask(score)
+        flips = int((new != self.active_mask).sum())
         self.mask.copy_(new)
+        self.forward_mask = None
+        self.last_flip_rate = flips / self.mask.numel()
+        return flips
+
+    @torch.no_grad()
+    def set_gradual_mask(self, forward_mask: torch.Tensor, base_mask: torch.Tensor) -> int:
+        """Use ``forward_mask`` (bool or 0/1 [out, K], any density) in the forward pass and keep ``base_mask``
+        (its N:M part) as the persistent ``mask``. Returns the entries of the active mask that changed and sets
+        :attr:`last_flip_rate`. ConfigError for a shape other than the weight's."""
+        for what, t in (("forward mask", forward_mask), ("base mask", base_mask)):
+            if tuple(t.shape) != tuple(self.weight.shape):
+                raise ConfigError(
+                    f"{self.name}: {what} has shape {tuple(t.shape)}, expected {tuple(self.weight.shape)}"
+                )
+        new = forward_mask.to(device=self.mask.device, dtype=torch.uint8)
+        flips = int((new != self.active_mask).sum())
+        self.mask.copy_(base_mask.to(torch.uint8))
+        self.forward_mask = new
         self.last_flip_rate = flips / self.mask.numel()
         return flips
 
     @torch.no_grad()
     def effective_weight(self) -> torch.Tensor:
         """The weight the forward pass uses, detached: float [out, K] = fq(W ⊙ mask) (or W when dense)."""
-        w = self.weight if self.dense else self.weight * self.mask
+        w = self.weight if self.dense else self.weight * self.active_mask
         g = self.config.qat_group_size
         return fake_quantize_int4(w, g, name=self.name) if g is not None else w.clone()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self._forward_linear(x)
+        # --- SLoRB term (train/slorb.py): y += S · groupsum_k(x); absent unless attach_slorb was called.
+        return y if self.slorb is None else y + self.slorb(x)
+
+    def _forward_linear(self, x: torch.Tensor) -> torch.Tensor:
         c = self.config
         g = c.qat_group_size
         if self.dense:
             w = self.weight if g is None else fake_quant_int4_ste(self.weight, g, self.name)
             return F.linear(x, w, self.bias)
+        mask = self.active_mask
         if not (torch.is_grad_enabled() and self.weight.requires_grad):
-            w = self.weight * self.mask
+            w = self.weight * mask
             if g is not None:
                 w = fake_quantize_int4(w, g, name=self.name)
             return F.linear(x, w, self.bias)
+        if c.mvue:
+            # Straight-through to the dense W (plus SR-STE's decay, if any) and fake quantization compose on
+            # the weight; the linear itself samples ∇Z with MVUE24 for ∇W (Hu et al. 2024).
+            w = self.weight
+            if c.decay or g is not None:
+                w = sr_ste_weight(w, mask, c.decay)
+            if g is not None:
+                w = fake_quant_int4_ste(w, g, self.name)
+            return sparse_linear_mvue(x, w, mask, self.bias, generator=self.generator)
         if g is None:
-            return sr_ste_linear(x, self.weight, self.mask, self.bias, c.decay)
-        w = fake_quant_int4_ste(sr_ste_weight(self.weight, self.mask, c.decay), g, self.name)
+            return sr_ste_linear(x, self.weight, mask, self.bias, c.decay)
+        w = fake_quant_int4_ste(sr_ste_weight(self.weight, mask, c.decay), g, self.name)
         return F.linear(x, w, self.bias)
 
     def extra_repr(self) -> str:
         c = self.config
         mode = "dense" if self.dense else f"{c.n}:{c.m}, decay={c.decay:g}, refresh={c.mask_refresh_interval}"
         q = f", int4 group={c.qat_group_size}" if c.qat_group_size is not None else ""
-        return f"in_features={self.in_features}, out_features={self.out_features}, {mode}{q}"
+        hu = "".join(f", {k}" for k in ("transposable", "mvue") if getattr(c, k))
+        return f"in_features={self.in_features}, out_features={self.out_features}, {mode}{hu}{q}"
