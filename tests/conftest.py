@@ -1,4 +1,4 @@
-"""Shared pytest setup: the ``gpu`` marker.
+"""Shared pytest setup: one torch thread, and the ``gpu`` marker.
 
 Tests marked ``@pytest.mark.gpu`` run only where a CUDA device of sm_80 or newer is usable through
 cuda-python (driver present, device found) and torch was built with CUDA; elsewhere they are skipped with
@@ -10,6 +10,16 @@ from __future__ import annotations
 import functools
 
 import pytest
+import torch
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _one_torch_thread():
+    """The tests use tiny tensors: one intra-op thread avoids OpenMP hand-off costs on a 2-core machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @functools.lru_cache(maxsize=1)

@@ -45,15 +45,6 @@ def save(run: Path, model: DecoderLM, *, sparse: bool = False, qat: int | None =
     return run
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These tiny shapes run fastest on one thread; several threads on a shared 2-core machine spin and wait."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def outlier_model(arch: str = "llama", seed: int = 0) -> DecoderLM:
     """A random tiny model whose norms blow up a few channels (x30), giving outlier input channels as in
     trained LLMs (the case AWQ is for)."""

@@ -28,15 +28,6 @@ MODES = ["fp32", "int4"]
 ARCHS = ["llama", "gpt2"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one intra-op thread avoids OpenMP hand-off costs on a busy 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def make_artifact(path: Path, arch: str = "llama", mode: str = "int4", seed: int = 0,
                   dense_dtype: torch.dtype = torch.float32) -> Path:
     """A random tiny model (weights x10 for sharp, varied logits) saved as a 2:4 (+INT4) artifact.

@@ -19,15 +19,6 @@ from sparsert.runtime.model import DecoderLM, ModelConfig
 from sparsert.runtime.tokenizer import ByteTokenizer, tokenizer_from_dict
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one intra-op thread avoids OpenMP hand-off costs on a busy 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def make_model(arch: str = "llama", max_seq_len: int = 32) -> DecoderLM:
     torch.manual_seed(0)
     model = DecoderLM(ModelConfig(arch=arch, d_model=32, n_layers=2, n_heads=4, ffn_dim=64,

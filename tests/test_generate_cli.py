@@ -23,15 +23,6 @@ from sparsert.runtime.tokenizer import ByteTokenizer
 PROMPT = "def main():\n"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one intra-op thread avoids OpenMP hand-off costs on a busy 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def make_artifact(path: Path, arch: str = "llama", seed: int = 0, max_seq_len: int = 48) -> Path:
     """A random tiny model (weights x10 for varied greedy output) saved as a 2:4 + INT4 (group 16) artifact."""
     torch.manual_seed(seed)

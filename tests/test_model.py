@@ -21,15 +21,6 @@ from sparsert.runtime.model import (
 ARCHS = ["llama", "gpt2"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one intra-op thread avoids OpenMP hand-off costs on a busy 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def small_config(arch: str, **overrides) -> ModelConfig:
     kw = dict(arch=arch, d_model=32, n_layers=2, n_heads=4, ffn_dim=64, max_seq_len=24)
     kw.update(overrides)

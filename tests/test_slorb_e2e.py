@@ -48,14 +48,6 @@ QAT_GROUP = 16
 ARCHS = ["llama", "gpt2"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def tiny_config(arch: str = "llama") -> ModelConfig:
     return ModelConfig(arch=arch, d_model=32, n_layers=2, n_heads=4, ffn_dim=64, max_seq_len=48)
 
