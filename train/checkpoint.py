@@ -58,7 +58,7 @@ class Checkpoint:
 
     path: Path
     step: int
-    model_config: ModelConfig
+    model_config: ModelConfig  # an HFModelConfig (sparsert.train.hf_train) when state["hf_model"] is set
     model_state: dict[str, torch.Tensor]
     optimizer_state: dict | None
     state: dict
@@ -326,6 +326,25 @@ def _validate_model_state(path: Path, tensors: dict[str, torch.Tensor], config: 
                 raise ArtifactError(f"{path}: mask '{name}.mask' is not {n}:{m} along K")
 
 
+def _validate_hf_model_state(path: Path, tensors: dict[str, torch.Tensor], sparsity: dict | None) -> None:
+    """A Hugging Face model's state has no preset to check shapes against (the trainer loads it strictly into the
+    model rebuilt from its directory): check that weights are float and each ``<name>.mask`` is a uint8 0/1
+    N:M mask of its ``<name>.weight``'s shape."""
+    for name, t in tensors.items():
+        if name.endswith(".mask"):
+            weight = tensors.get(name[: -len(".mask")] + ".weight")
+            if weight is None or tuple(weight.shape) != tuple(t.shape) or t.dim() != 2:
+                raise ArtifactError(f"{path}: mask '{name}' has no weight of its shape {list(t.shape)}")
+            if t.dtype != torch.uint8 or int(t.max()) > 1:
+                raise ArtifactError(f"{path}: mask '{name}' must hold uint8 0/1 values")
+            if sparsity is not None:
+                n, m = sparsity["n"], sparsity["m"]
+                if t.shape[1] % m or bool((t.reshape(t.shape[0], -1, m).sum(-1) != n).any()):
+                    raise ArtifactError(f"{path}: mask '{name}' is not {n}:{m} along K")
+        elif not t.is_floating_point():
+            raise ArtifactError(f"{path}: tensor '{name}' has dtype {t.dtype}, expected a float dtype")
+
+
 def _load_optimizer(path: Path, param_shapes: dict[str, tuple[int, ...]]) -> tuple[dict, list[str]]:
     tensors, metadata = _load_safetensors(path)
     try:
@@ -384,10 +403,16 @@ def load_checkpoint(path: str | Path, *, load_optimizer: bool = True) -> Checkpo
     step = state.get("step")
     if isinstance(step, bool) or not isinstance(step, int) or step < 0:
         raise ArtifactError(f"{state_path}: 'step' must be a non-negative integer, got {step!r}")
-    try:
-        model_config = ModelConfig.from_dict(state.get("model_config"))
-    except SparsertError as exc:
-        raise ArtifactError(f"{state_path}: {exc}") from None
+    hf = state.get("hf_model") is not None  # a Hugging Face model's run (sparsert.train.hf_train)
+    if hf:
+        from sparsert.train.hf_train import hf_model_config_from_state
+
+        model_config = hf_model_config_from_state(state, str(state_path))
+    else:
+        try:
+            model_config = ModelConfig.from_dict(state.get("model_config"))
+        except SparsertError as exc:
+            raise ArtifactError(f"{state_path}: {exc}") from None
     sparsity = state.get("sparsity")
     if sparsity is not None and not (isinstance(sparsity, dict) and isinstance(sparsity.get("n"), int)
                                      and isinstance(sparsity.get("m"), int) and 0 < sparsity["n"] < sparsity["m"]):
@@ -395,7 +420,10 @@ def load_checkpoint(path: str | Path, *, load_optimizer: bool = True) -> Checkpo
 
     model_path = step_dir / MODEL_FILE
     model_state, _ = _load_safetensors(model_path)
-    _validate_model_state(model_path, model_state, model_config, sparsity)
+    if hf:
+        _validate_hf_model_state(model_path, model_state, sparsity)
+    else:
+        _validate_model_state(model_path, model_state, model_config, sparsity)
 
     optimizer_state, names = None, []
     if load_optimizer:

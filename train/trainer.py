@@ -14,6 +14,22 @@ in the forward pass, so the artifact holds exactly the weights the model was tra
 ``dense`` trains the same model without masks (the baseline). AdamW (Loshchilov & Hutter 2019) with linear
 warm-up and cosine decay, global gradient-norm clipping.
 
+Issue-3 methods, each a :class:`TrainConfig` switch (``method`` sets their paper defaults):
+
+- Hu et al., "Accelerating Transformer Pre-training with 2:4 Sparsity" (ICML 2024): transposable 2:4 masks,
+  MVUE24 weight gradients, masked decay on the gradients after clipping and before the optimizer step, a mask
+  refresh interval, flip rates per layer and overall (``flip_rate``, ``flip_rate_layers`` at every refresh),
+  dense fine-tuning of the last fraction of steps, FFN-only sparsity.
+- AST, Huang et al., "Pruning Large Language Models with Semi-Structural Adaptive Sparse Training" (AAAI
+  2025): distillation from a dense teacher, adaptive masks (optionally Wanda-scored), the annealed decay, SLoRB.
+- Schedules (:mod:`sparsert.train.schedules`): from-scratch N:M, gradual pruning (The Journey Matters, 2025),
+  SPDF (Thangarasa et al. 2023); ``init_from`` starts from another run's weights.
+
+The masks follow a :class:`~sparsert.train.sparsify.MaskController`. After dense fine-tuning (or for layers
+trained dense with ``sparse_layers="ffn"``) the model as trained is not 2:4: the checkpoint keeps the last
+sparse masks (magnitude masks for the layers never trained sparse), the artifact re-applies them, and the
+final evaluation also reports the loss of that 2:4 model (``val_loss_sparse``).
+
 Resume (``resume=True``) restores model, masks, optimizer, step and the data sampler's RNG, truncates the
 metrics log back to the checkpoint, and continues bit for bit as if never stopped. The architecture comes
 from the checkpoint; a config that differs from the checkpoint's is refused with the list of differences.
@@ -22,6 +38,7 @@ from the checkpoint; a config that differs from the checkpoint's is refused with
 from __future__ import annotations
 
 import base64
+import contextlib
 import dataclasses
 import math
 import sys
@@ -36,23 +53,72 @@ from torch import nn
 from tqdm import tqdm
 
 from sparsert.runtime.errors import ArtifactError, ConfigError, SparsertError
-from sparsert.runtime.model import DecoderLM, ModelConfig, model_config_from_preset
-from sparsert.runtime.tokenizer import ByteTokenizer
+from sparsert.runtime.model import DecoderLM, ModelConfig, model_config_from_preset, sparse_linear_names
+from sparsert.runtime.tokenizer import ByteTokenizer, tokenizer_from_dict
+from sparsert.train.ast_distill import ASTConfig, Teacher, annealed_decay, check_tokenizers_match, distillation_loss
 from sparsert.train.checkpoint import (
     Checkpoint,
     list_checkpoints,
     load_checkpoint,
     restore_optimizer,
-    save_checkpoint,
 )
 from sparsert.train.data import TokenData, load_corpus
-from sparsert.train.metrics import METRICS_FILE, MetricsLog
+from sparsert.train.distributed import (  # H11: multi-process training (DDP / FSDP2 under torchrun)
+    check_mode,
+    entered_on_ranks,
+    global_mean,
+    global_means,
+    init_distributed,
+    is_main_process,
+    local_rows,
+    sync_masks,
+)
+from sparsert.train.hf_train import (  # H11: sparsert train --model PATH (Hugging Face causal LMs)
+    HF_DIR,
+    HF_NOTE,
+    build_hf_model,
+    check_hf_fields,
+    hf_model_config,
+    hf_state,
+    hf_tokenizer,
+    is_hf_config,
+    run_prefix,
+    save_hf_run,
+)
+from sparsert.train.masked_decay import DEFAULT_MASKED_DECAY, apply_masked_decay
+from sparsert.train.metrics import METRICS_FILE
+from sparsert.train.schedules import DEFAULT_DENSE_FINETUNE_FRACTION, SparsitySchedule
 from sparsert.train.sparse_linear import SparsityConfig
-from sparsert.train.sparsify import mask_sparsity, refresh_masks, sparsify_model
+from sparsert.train.sparsify import (
+    DENSE_PHASES,
+    MaskController,
+    mask_sparsity,
+    refresh_masks,
+    select_sparse_layers,
+    sparse_modules,
+    sparsify_model,
+)
 
 RUNS_DIR = "runs"
+METHODS = ("sr-ste", "hu", "ast")
+SCHEDULES = ("from-scratch", "gradual", "spdf")
+# Defaults each --method gives the fields left unset (None). SR-STE: Zhou et al. 2021. Hu: Hu et al., ICML 2024
+# (transposable masks, MVUE24, masked decay 6e-5 on gradients, refresh every 40 steps, dense fine-tuning for the
+# last 1/6, FFN linears only). AST: Huang et al., AAAI 2025 (plain STE, adaptive masks every 10 steps,
+# annealed decay; distillation from a dense teacher).
+METHOD_DEFAULTS: dict[str, dict[str, object]] = {
+    "sr-ste": {"transposable": False, "mvue": False, "masked_decay": 0.0, "mask_refresh_interval": 10,
+               "dense_finetune": 0.0, "sparse_layers": "all"},
+    "hu": {"transposable": True, "mvue": True, "masked_decay": DEFAULT_MASKED_DECAY, "mask_refresh_interval": 40,
+           "dense_finetune": DEFAULT_DENSE_FINETUNE_FRACTION, "sparse_layers": "ffn"},
+    "ast": {"transposable": False, "mvue": False, "masked_decay": 0.0, "mask_refresh_interval": 10,
+            "dense_finetune": 0.0, "sparse_layers": "all"},
+}
+SRSTE_DECAY = 2e-4
+# Path fields compared as resolved absolute paths on resume.
+PATH_FIELDS = ("data", "init_from", "teacher", "hf_model")
 # Fields that may differ between a run and its resumption (they do not change what is computed).
-RESUME_FREE_FIELDS = ("resume", "threads", "out_dir", "progress")
+RESUME_FREE_FIELDS = ("resume", "threads", "out_dir", "progress", "distributed")
 
 
 class TrainingDivergedError(SparsertError):
@@ -68,6 +134,21 @@ class TrainConfig:
     ``min_lr_ratio * lr`` at ``steps``. ``weight_decay`` (AdamW) applies to 2-D weights only.
     ``decay`` is SR-STE's λ; ``mask_refresh_interval`` how often (optimizer steps) masks are recomputed.
     ``qat``: INT4 fake quantization of the kept values, groups of ``group_size`` along K.
+
+    Training methods (issue 3). ``method`` picks a recipe whose defaults fill the fields left None
+    (:data:`METHOD_DEFAULTS`): ``"sr-ste"`` (default), ``"hu"`` (Hu et al. 2024: ``transposable`` masks,
+    ``mvue`` weight gradients, ``masked_decay`` α on the gradients after clipping, refresh every 40 steps,
+    ``dense_finetune`` = 1/6, ``sparse_layers="ffn"``), ``"ast"`` (Huang et al. 2025: distillation from
+    ``teacher`` with ``α·CE + β·T²·KL`` — ``distill_alpha``, ``distill_beta``, ``distill_temperature`` —, masks
+    recomputed every 10 steps from the dense weights, optionally by ``wanda_score``, the annealed masked decay
+    ``λ(t)`` rising linearly to ``decay_max`` over ``decay_warmup`` steps (default a quarter of ``steps``), and
+    ``slorb`` extra parameters with group ``slorb_k``). ``decay`` (SR-STE's λ) defaults to 2e-4 only when no
+    masked decay is on. ``schedule``: ``"from-scratch"`` (2:4 from step 1), ``"gradual"`` (dense, then pruning
+    to N:M between the ``prune_start`` and ``prune_end`` fractions of training, one event every
+    ``prune_interval`` steps — default 100, or a tenth of the window when shorter), ``"spdf"`` (sparse, then
+    dense for the last ``dense_finetune`` fraction, default 1/6). ``init_from``: start from a sparsert
+    checkpoint's weights (and its data order). With ``qat``, ``dense_finetune`` defaults to 0 and
+    ``sparse_layers`` to ``"all"`` (QAT must train the values the INT4 artifact stores).
     ``eval_interval``/``eval_batches``: validation every that many steps (and at the end) on that many
     batches. ``ckpt_interval``: checkpoint every that many steps (and at the end); ``keep_checkpoints`` newest
     kept. ``out_dir``: default ``runs/<preset>-<sparse24|sparse24-int4|dense>-<YYYYmmdd-HHMMSS>``.
@@ -89,10 +170,35 @@ class TrainConfig:
     dense: bool = False
     n: int = 2
     m: int = 4
-    decay: float = 2e-4
-    mask_refresh_interval: int = 10
+    decay: float | None = None
+    mask_refresh_interval: int | None = None
     qat: bool = False
     group_size: int = 128
+    # --- training methods of issue 3 (H10); None = the method's default (METHOD_DEFAULTS) ---
+    method: str = "sr-ste"
+    transposable: bool | None = None
+    mvue: bool | None = None
+    masked_decay: float | None = None
+    dense_finetune: float | None = None
+    sparse_layers: str | None = None
+    schedule: str = "from-scratch"
+    prune_start: float = 0.25
+    prune_end: float = 0.75
+    prune_interval: int | None = None
+    init_from: str | None = None
+    teacher: str | None = None
+    distill_alpha: float = 0.33
+    distill_beta: float = 0.67
+    distill_temperature: float = 2.0
+    decay_max: float = 1e-4
+    decay_warmup: int | None = None
+    wanda_score: bool = False
+    slorb: bool = False
+    slorb_k: int = 16
+    # --- end of the issue-3 method fields ---
+    # --- H11: a local Hugging Face model directory (--model) and multi-process training (--distributed) ---
+    hf_model: str | None = None
+    distributed: str | None = None
     eval_interval: int = 200
     eval_batches: int = 16
     ckpt_interval: int = 200
@@ -103,6 +209,7 @@ class TrainConfig:
     progress: bool = True
 
     def __post_init__(self) -> None:
+        self._resolve_method_defaults()
         positive = ("steps", "batch_size", "seq_len", "n", "m", "mask_refresh_interval", "group_size",
                     "eval_interval", "eval_batches", "ckpt_interval", "keep_checkpoints", "max_data_bytes")
         for name in positive:
@@ -128,12 +235,135 @@ class TrainConfig:
             raise ConfigError("--qat trains the INT4 values of the sparse model; it cannot be combined with --dense")
         if self.qat and self.group_size % self.m:
             raise ConfigError(f"train config 'group_size': {self.group_size} must be a multiple of M={self.m}")
+        self._check_methods()
+        check_mode(self.distributed)  # H11
+        check_hf_fields(self)  # H11
+
+    def _resolve_method_defaults(self) -> None:
+        """Fill the fields left None from :data:`METHOD_DEFAULTS` (and the schedule, QAT and step count)."""
+        if self.method not in METHODS:
+            raise ConfigError(f"train config 'method': expected one of {', '.join(METHODS)}, got {self.method!r}")
+        if self.schedule not in SCHEDULES:
+            raise ConfigError(
+                f"train config 'schedule': expected one of {', '.join(SCHEDULES)}, got {self.schedule!r}"
+            )
+        defaults = dict(METHOD_DEFAULTS["sr-ste" if self.dense else self.method])
+        if self.schedule == "spdf":
+            defaults["dense_finetune"] = DEFAULT_DENSE_FINETUNE_FRACTION
+        if self.qat:
+            defaults.update(dense_finetune=0.0, sparse_layers="all")
+        for name, value in defaults.items():
+            if getattr(self, name) is None:
+                setattr(self, name, value)
+        if self.decay is None:
+            self.decay = SRSTE_DECAY if self.method == "sr-ste" and not self.masked_decay else 0.0
+        if self.teacher is None and self.method == "ast" and not self.dense:
+            self.teacher = self.init_from
+        if self.decay_warmup is None and isinstance(self.steps, int):
+            self.decay_warmup = max(self.steps // 4, 0)
+        if self.prune_interval is None and isinstance(self.steps, int) and _is_fraction(self.prune_start) \
+                and _is_fraction(self.prune_end):
+            window = round(self.prune_end * self.steps) - round(self.prune_start * self.steps)
+            self.prune_interval = min(100, max(1, window // 10))
+
+    def _check_methods(self) -> None:
+        for name in ("transposable", "mvue", "wanda_score", "slorb"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"train config '{name}': expected true or false, got {getattr(self, name)!r}")
+        for name, positive in (("masked_decay", False), ("distill_alpha", False), ("distill_beta", False),
+                               ("distill_temperature", True), ("decay_max", False)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or \
+                    value < 0 or (positive and value == 0):
+                raise ConfigError(f"train config '{name}': expected a number {'>' if positive else '>='} 0, "
+                                  f"got {value!r}")
+        for name in ("dense_finetune", "prune_start", "prune_end"):
+            if not _is_fraction(getattr(self, name)):
+                raise ConfigError(f"train config '{name}': expected a fraction in [0, 1], got {getattr(self, name)!r}")
+        _check_int("decay_warmup", self.decay_warmup, minimum=0)
+        _check_int("prune_interval", self.prune_interval, minimum=1)
+        _check_int("slorb_k", self.slorb_k, minimum=1)
+        if self.sparse_layers not in ("all", "ffn"):
+            raise ConfigError(f"train config 'sparse_layers': expected 'all' or 'ffn', got {self.sparse_layers!r}")
+        for name in PATH_FIELDS[1:]:
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, str) or not value):
+                raise ConfigError(f"train config '{name}': expected a path, got {value!r}")
+        if self.dense:
+            used = [name for name, on in (
+                ("method", self.method != "sr-ste"), ("transposable", self.transposable), ("mvue", self.mvue),
+                ("masked_decay", self.masked_decay > 0), ("dense_finetune", self.dense_finetune > 0),
+                ("sparse_layers", self.sparse_layers != "all"), ("schedule", self.schedule != "from-scratch"),
+                ("teacher", self.teacher is not None), ("wanda_score", self.wanda_score), ("slorb", self.slorb),
+            ) if on]
+            if used:
+                raise ConfigError(f"train config '{used[0]}' applies to sparse training; it cannot be combined "
+                                  "with --dense")
+            return
+        if self.transposable and (self.n, self.m) != (2, 4):
+            raise ConfigError(f"--transposable masks are 2:4 only, got --sparsity {self.n}:{self.m}")
+        if self.dense_finetune >= 1:
+            raise ConfigError("train config 'dense_finetune': expected a fraction below 1 (no sparse phase is left)")
+        if self.method == "ast" and self.masked_decay > 0:
+            raise ConfigError("--masked-decay is the Hu recipe's constant decay; AST decays with the annealed "
+                              "--decay-max/--decay-warmup")
+        if self.decay > 0 and (self.masked_decay > 0 or (self.method == "ast" and self.decay_max > 0)):
+            raise ConfigError("--decay (SR-STE's λ) and the masked decay both decay the pruned weights; set one of "
+                              "them to 0")
+        if self.qat and self.dense_finetune > 0:
+            raise ConfigError("--qat trains the INT4 values of the 2:4 artifact; dense fine-tuning (--dense-finetune) "
+                              "would train other values, so it cannot be combined with --qat")
+        if self.qat and self.sparse_layers == "ffn":
+            raise ConfigError("--qat trains the INT4 values of the 2:4 artifact, which stores every block linear 2:4; "
+                              "use --sparse-layers all with --qat")
+        if self.slorb and (self.schedule != "from-scratch" or self.dense_finetune > 0 or self.sparse_layers != "all"):
+            raise ConfigError("--slorb adds AST's SLoRB terms to layers that train 2:4 from the first step to the "
+                              "last; it needs --schedule from-scratch, --dense-finetune 0 and --sparse-layers all")
+        if self.distill_alpha == 0 and self.distill_beta == 0:
+            raise ConfigError("--distill-alpha and --distill-beta are both 0: the loss would be zero")
+        if self.method == "ast" and self.distill_beta > 0 and self.teacher is None:
+            raise ConfigError("--method ast distils from a dense teacher: give --teacher PATH (a dense sparsert run or "
+                              "checkpoint, or a Hugging Face model directory) or --init-from (then used as the "
+                              "teacher), or --distill-beta 0")
+        try:
+            self.sparsity_schedule()
+        except ConfigError as exc:
+            raise ConfigError(str(exc).replace("sparsity schedule", "train config schedule")) from None
+
+    def sparsity_schedule(self) -> SparsitySchedule:
+        """The :class:`SparsitySchedule` of this run (``from_scratch`` with optional dense fine-tuning, ``spdf``
+        or ``gradual``)."""
+        kind = {"from-scratch": "from_scratch", "gradual": "gradual", "spdf": "spdf"}[self.schedule]
+        return SparsitySchedule(kind=kind, n=self.n, m=self.m, prune_start=self.prune_start, prune_end=self.prune_end,
+                                prune_interval=self.prune_interval, dense_finetune_fraction=self.dense_finetune)
+
+    def ast_config(self) -> ASTConfig:
+        """The AST hyper-parameters of this run (:class:`~sparsert.train.ast_distill.ASTConfig`)."""
+        return ASTConfig(alpha=self.distill_alpha, beta=self.distill_beta, temperature=self.distill_temperature,
+                         decay_max=self.decay_max, decay_warmup_steps=self.decay_warmup,
+                         mask_interval=self.mask_refresh_interval, wanda=self.wanda_score, slorb=self.slorb,
+                         slorb_k=self.slorb_k)
+
+    @property
+    def distills(self) -> bool:
+        """True when the loss distils from a teacher (a teacher is set and ``distill_beta > 0``)."""
+        return not self.dense and self.teacher is not None and self.distill_beta > 0
+
+    def masked_decay_at(self, step: int) -> float:
+        """Masked-decay coefficient applied to the gradients at optimizer step ``step``: AST's annealed
+        ``λ(t)``, else the constant ``masked_decay`` (0 = off; always 0 for a dense run)."""
+        if self.dense:
+            return 0.0
+        if self.method == "ast":
+            return annealed_decay(step, self.decay_max, self.decay_warmup)
+        return float(self.masked_decay)
 
     @property
     def variant(self) -> str:
         if self.dense:
             return "dense"
-        return f"sparse{self.n}{self.m}" + ("-int4" if self.qat else "")
+        method = "" if self.method == "sr-ste" else f"-{self.method}"
+        return f"sparse{self.n}{self.m}{method}" + ("-int4" if self.qat else "")
 
     def warmup(self) -> int:
         return self.warmup_steps if self.warmup_steps is not None else max(1, self.steps // 20)
@@ -148,6 +378,10 @@ class TrainConfig:
         if unknown:
             raise ConfigError(f"train config: unknown field '{unknown[0]}'")
         return cls(**d)
+
+
+def _is_fraction(value: object) -> bool:
+    return not isinstance(value, bool) and isinstance(value, (int, float)) and 0.0 <= value <= 1.0
 
 
 def _check_int(name: str, value: object, minimum: int) -> None:
@@ -167,6 +401,9 @@ class TrainResult:
     checkpoint: Path
     artifact: Path | None
     elapsed_s: float
+    # Validation loss of the 2:4 model the artifact holds, when it differs from the trained model (after dense
+    # fine-tuning, or with layers trained dense by --sparse-layers ffn); None otherwise.
+    final_val_loss_sparse: float | None = None
 
 
 def lr_at(cfg: TrainConfig, step: int) -> float:
@@ -183,17 +420,101 @@ def sparsity_config(cfg: TrainConfig) -> SparsityConfig | None:
     if cfg.dense:
         return None
     return SparsityConfig(n=cfg.n, m=cfg.m, decay=cfg.decay, mask_refresh_interval=cfg.mask_refresh_interval,
-                          qat_group_size=cfg.group_size if cfg.qat else None)
+                          qat_group_size=cfg.group_size if cfg.qat else None, transposable=cfg.transposable,
+                          mvue=cfg.mvue)
 
 
 def build_model(model_config: ModelConfig, cfg: TrainConfig) -> nn.Module:
-    """A fresh DecoderLM (seeded by ``cfg.seed``), its block linears sparsified unless ``cfg.dense``."""
+    """A fresh DecoderLM (seeded by ``cfg.seed``), its block linears sparsified unless ``cfg.dense``.
+
+    With ``sparse_layers="ffn"`` only the feed-forward linears train sparse; the attention linears become
+    SparseLinears in dense mode (they carry a mask so a checkpoint says what compression keeps).
+    """
     torch.manual_seed(cfg.seed)
-    model = DecoderLM(model_config)
+    model = build_hf_model(model_config) if is_hf_config(model_config) else DecoderLM(model_config)  # H11
     scfg = sparsity_config(cfg)
     if scfg is not None:
-        sparsify_model(model, scfg)
+        names = model.sparse_linear_names() if is_hf_config(model_config) else sparse_linear_names(model)  # H11
+        sparse = select_sparse_layers(names, cfg.sparse_layers)
+        sparsify_model(model, scfg, sparse)
+        sparsify_model(model, scfg, [n for n in names if n not in sparse], dense=True)
     return model
+
+
+def sparse_layer_names(model: nn.Module, cfg: TrainConfig) -> list[str]:
+    """Names of the SparseLinears of ``model`` that ``cfg`` trains sparse (all, or the FFN ones)."""
+    return select_sparse_layers(list(sparse_modules(model)), cfg.sparse_layers)
+
+
+def build_mask_controller(model: nn.Module, cfg: TrainConfig) -> MaskController:
+    """The :class:`~sparsert.train.sparsify.MaskController` of a sparse run: ``cfg``'s schedule, refresh
+    interval, sparse layers, and AST's adaptive masks (``method="ast"`` or ``wanda_score``)."""
+    return MaskController(model, cfg.sparsity_schedule(), cfg.steps, sparse_names=sparse_layer_names(model, cfg),
+                          refresh_interval=cfg.mask_refresh_interval, adaptive=cfg.method == "ast",
+                          wanda=cfg.wanda_score)
+
+
+def load_init_weights(model: nn.Module, source: str | Path | Checkpoint) -> Checkpoint:
+    """Copy the weights of a sparsert checkpoint (``source``: a loaded one, or a run, checkpoints or step
+    directory) into ``model``; its masks, if any, are not used (the caller recomputes masks from the weights).
+    Returns the checkpoint. ArtifactError for a missing/corrupt checkpoint or one lacking a tensor of ``model``."""
+    ckpt = source if isinstance(source, Checkpoint) else load_checkpoint(source, load_optimizer=False)
+    with torch.no_grad():
+        for name, tensor in model.state_dict().items():
+            if name.endswith(".mask") or ".slorb." in name:
+                continue
+            src = ckpt.model_state.get(name)
+            if src is None or tuple(src.shape) != tuple(tensor.shape):
+                what = "has no tensor" if src is None else f"has shape {list(src.shape)} for"
+                raise ArtifactError(f"--init-from {ckpt.path}: the checkpoint {what} '{name}' "
+                                    f"(the model needs {list(tensor.shape)})")
+            tensor.copy_(src.to(tensor.dtype))
+    return ckpt
+
+
+def _check_tokenizer(state: dict, tokenizer: object, flag: str, where: Path) -> None:
+    saved = state.get("tokenizer")
+    if saved is None:
+        return
+    try:
+        other = tokenizer_from_dict(saved)
+    except ConfigError as exc:
+        raise ConfigError(f"{flag} {where}: {exc}") from None
+    try:
+        check_tokenizers_match(other, tokenizer)
+    except ConfigError as exc:
+        raise ConfigError(f"{flag} {where}: its tokenizer differs from the student's ({exc})") from None
+
+
+def load_teacher(path: str | Path, vocab_size: int, tokenizer: object) -> Teacher:
+    """AST's frozen dense teacher from ``path``: a dense sparsert run/checkpoint directory, or a Hugging Face
+    causal-LM directory (through :func:`sparsert.train.hf_model.load_hf_causal_lm`).
+
+    ConfigError when the teacher is 2:4 sparse, or its tokenizer or vocabulary differs from the student's
+    (``vocab_size``, ``tokenizer``); ArtifactError for a missing or corrupt checkpoint.
+    """
+    p = Path(path)
+    is_hf = p.is_dir() and (p / "config.json").is_file() and not (p / "checkpoints").exists() \
+        and not (p / "state.json").exists()
+    if is_hf:
+        from sparsert.train.hf_model import load_hf_causal_lm  # noqa: PLC0415 - transformers is optional
+
+        bundle = load_hf_causal_lm(p)
+        if bundle.tokenizer is not None:
+            try:
+                check_tokenizers_match(bundle.tokenizer, tokenizer)
+            except ConfigError as exc:
+                raise ConfigError(f"--teacher {p}: its tokenizer differs from the student's ({exc})") from None
+        return Teacher(bundle.model, vocab_size)
+    ckpt = load_checkpoint(p, load_optimizer=False)
+    if ckpt.state.get("sparsity") is not None:
+        raise ConfigError(f"--teacher {ckpt.path}: a sparse checkpoint; AST distils from the dense model "
+                          "(train it with --dense)")
+    _check_tokenizer(ckpt.state, tokenizer, "--teacher", ckpt.path)
+    module = DecoderLM(ckpt.model_config)
+    module.load_state_dict({k: v.float() for k, v in ckpt.model_state.items()})
+    return Teacher(module, vocab_size)
+
 
 
 def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
@@ -214,28 +535,73 @@ class StepResult:
     loss: float
     grad_norm: float
     flip_rate: float | None
+    # Per-layer flip rates {layer: rate} of the refresh (None when none happened).
+    flip_rate_layers: dict[str, float] | None = None
+    # Distillation (AST): the optimised loss α·CE + β·T²·KL and the KL term; ``loss`` stays the cross-entropy.
+    loss_total: float | None = None
+    kl: float | None = None
+    # The mask controller's report (None without one): phase of the next step, masks/modes changed.
+    masks_changed: bool = False
+
+
+@dataclass
+class Distill:
+    """What :func:`train_step` needs to distil: the frozen teacher and AST's α, β, T."""
+
+    teacher: Teacher
+    alpha: float = 0.33
+    beta: float = 0.67
+    temperature: float = 2.0
 
 
 def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor, *,
-               step: int, lr: float, grad_clip: float, sparse: bool) -> StepResult:
-    """One optimizer step on a batch (x, y int64 [B, T]): cross-entropy, backward, global-norm clipping,
-    AdamW update, then the masks due at ``step`` refreshed (``sparse``). Stops before touching the weights
-    when the loss or the gradient norm is not finite (the caller decides what to do)."""
+               step: int, lr: float, grad_clip: float, sparse: bool, masks: MaskController | None = None,
+               distill: Distill | None = None, masked_decay: float = 0.0) -> StepResult:
+    """One optimizer step on a batch (x, y int64 [B, T]).
+
+    Loss: cross-entropy, or with ``distill`` AST's ``α·CE + β·T²·KL(p_teacher ‖ p_student)`` (Huang et al.
+    2025). Then backward, global-norm clipping, the masked decay ``g += masked_decay·(1 − m) ⊙ W`` on the
+    sparse layers' gradients (Hu et al. 2024: after clipping, before the optimizer step), the AdamW update,
+    and the masks: ``masks.after_step(step)`` when a :class:`MaskController` is given, else (``sparse``) the
+    layers' own refresh due at ``step``. Stops before touching the weights when the loss or the gradient norm
+    is not finite (the caller decides what to do).
+    """
     for group in optimizer.param_groups:
         group["lr"] = lr
     logits = model(x)
-    loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
-    loss_value = loss.item()
-    if not math.isfinite(loss_value):
-        return StepResult(loss_value, float("nan"), None)
+    total = kl = None
+    if distill is not None:
+        parts = distillation_loss(logits, distill.teacher(x), y, distill.alpha, distill.beta, distill.temperature)
+        loss, loss_value = parts.total, parts.ce.item()
+        total, kl = parts.total.item(), parts.kl.item()
+        check = total
+    else:
+        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
+        loss_value = check = loss.item()
+    loss_value, check, total, kl = global_means(loss_value, check, total, kl)  # H11: the global batch's means
+    if not math.isfinite(check):
+        return StepResult(check, float("nan"), None, loss_total=total, kl=kl)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip))
     if not math.isfinite(grad_norm):
-        return StepResult(loss_value, grad_norm, None)
+        return StepResult(loss_value, grad_norm, None, loss_total=total, kl=kl)
+    if masked_decay:
+        with local_rows(model):  # H11: under FSDP2, this rank's rows of W, its gradient and mask
+            apply_masked_decay(model, masked_decay)
     optimizer.step()
-    flip = refresh_masks(model, step) if sparse else None
-    return StepResult(loss_value, grad_norm, flip)
+    if masks is not None:
+        update = sync_masks(model, lambda: masks.after_step(step))  # H11: the same masks on every rank
+        return StepResult(loss_value, grad_norm, update.flip_rate, update.flip_rate_layers, total, kl,
+                          update.changed)
+    if not sparse:
+        return StepResult(loss_value, grad_norm, None, loss_total=total, kl=kl)
+    flip = sync_masks(model, lambda: refresh_masks(model, step))  # H11: the same masks on every rank
+    layers = None
+    if flip is not None:
+        layers = {name: m.last_flip_rate for name, m in sparse_modules(model).items()
+                  if not m.dense and step % m.config.mask_refresh_interval == 0}
+    return StepResult(loss_value, grad_norm, flip, layers, total, kl, flip is not None)
 
 
 @torch.no_grad()
@@ -249,7 +615,7 @@ def evaluate(model: nn.Module, data: TokenData, batch_size: int, seq_len: int, m
         total += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1), reduction="sum").item()
         count += y.numel()
     model.train(was_training)
-    return total / max(count, 1)
+    return global_mean(total / max(count, 1))  # H11: ranks evaluate equal shares of every batch
 
 
 def config_differences(saved: TrainConfig, current: TrainConfig) -> list[str]:
@@ -259,7 +625,7 @@ def config_differences(saved: TrainConfig, current: TrainConfig) -> list[str]:
         if f.name in RESUME_FREE_FIELDS:
             continue
         a, b = getattr(saved, f.name), getattr(current, f.name)
-        if f.name == "data" and a is not None and b is not None:
+        if f.name in PATH_FIELDS and a is not None and b is not None:
             a, b = str(Path(a).resolve()), str(Path(b).resolve())
         if a != b:
             out.append(f"{f.name}: {a!r} -> {b!r}")
@@ -285,7 +651,7 @@ def find_resume_dir(cfg: TrainConfig) -> Path:
     """The run to resume: ``cfg.out_dir``, or the newest ``runs/<preset>-<variant>-*`` with a checkpoint."""
     if cfg.out_dir is not None:
         return Path(cfg.out_dir)
-    candidates = sorted(Path(RUNS_DIR).glob(f"{cfg.preset}-{cfg.variant}-*"))
+    candidates = sorted(Path(RUNS_DIR).glob(f"{run_prefix(cfg)}-{cfg.variant}-*"))
     candidates = [p for p in candidates if list_checkpoints(p / "checkpoints")]
     if not candidates:
         raise ConfigError(
@@ -304,7 +670,7 @@ def _new_run_dir(cfg: TrainConfig) -> Path:
             )
         return run_dir
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-    base = Path(RUNS_DIR) / f"{cfg.preset}-{cfg.variant}-{stamp}"
+    base = Path(RUNS_DIR) / f"{run_prefix(cfg)}-{cfg.variant}-{stamp}"
     run_dir, i = base, 1
     while run_dir.exists():
         run_dir, i = base.with_name(f"{base.name}-{i}"), i + 1
@@ -323,7 +689,8 @@ def _restore_rng(set_state, s: object, where: str) -> None:  # noqa: ANN001 - Ge
 
 
 def _say(msg: str) -> None:
-    tqdm.write(msg, file=sys.stderr)
+    if is_main_process():  # H11: rank 0 speaks for the run
+        tqdm.write(msg, file=sys.stderr)
 
 
 def train(cfg: TrainConfig) -> TrainResult:
@@ -336,8 +703,10 @@ def train(cfg: TrainConfig) -> TrainResult:
     t_start = time.perf_counter()
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)
+    dctx = init_distributed(cfg.distributed)  # H11: DDP / FSDP2 under torchrun (train/distributed.py)
 
     ckpt: Checkpoint | None = None
+    init_ckpt: Checkpoint | None = None
     if cfg.resume:
         run_dir = find_resume_dir(cfg)
         ckpt = load_checkpoint(run_dir)
@@ -350,20 +719,51 @@ def train(cfg: TrainConfig) -> TrainResult:
             )
         model_config = ckpt.model_config
     else:
-        model_config = model_config_from_preset(cfg.preset, cfg.arch)
+        if cfg.init_from is not None:  # the architecture comes from the checkpoint the run starts from
+            init_ckpt = load_checkpoint(cfg.init_from, load_optimizer=False)
+            model_config = init_ckpt.model_config
+        else:
+            model_config = (hf_model_config(cfg.hf_model) if cfg.hf_model is not None  # H11: --model PATH
+                            else model_config_from_preset(cfg.preset, cfg.arch))
         run_dir = None
     if cfg.seq_len > model_config.max_seq_len:
         raise ConfigError(f"--seq-len {cfg.seq_len} exceeds the model's max_seq_len {model_config.max_seq_len}")
 
-    tokenizer = ByteTokenizer()
+    tokenizer = hf_tokenizer(model_config) if is_hf_config(model_config) else ByteTokenizer()  # H11
+    if ckpt is None and init_ckpt is not None:
+        _check_tokenizer(init_ckpt.state, tokenizer, "--init-from", init_ckpt.path)
     data = TokenData.from_corpus(load_corpus(cfg.data, max_bytes=cfg.max_data_bytes), tokenizer)
     # Fail now (DataError), before anything is written, if a split is too short for seq_len.
     data.get_batch("train", 1, cfg.seq_len, generator=torch.Generator())
     next(iter(data.val_batches(1, cfg.seq_len, 1)))
+    data = dctx.shard_data(data, cfg.batch_size)  # H11: this rank's share of every global batch
+    distill = None
+    if cfg.distills:  # ConfigError here for a teacher whose vocabulary/tokenizer differs
+        distill = Distill(load_teacher(cfg.teacher, model_config.vocab_size, tokenizer), cfg.distill_alpha,
+                          cfg.distill_beta, cfg.distill_temperature)
 
     model = build_model(model_config, cfg)  # FormatError here for a K the sparsity/group size does not fit
+    dctx.prepare(model)  # H11: to cuda:LOCAL_RANK under torchrun with GPUs; FSDP2's shard check
+    if distill is not None:
+        distill.teacher.module.to(dctx.device)
+    scfg = sparsity_config(cfg)
+    masks = build_mask_controller(model, cfg) if scfg is not None else None
+    if ckpt is None:
+        if init_ckpt is not None:
+            load_init_weights(model, init_ckpt)
+        if masks is not None:
+            masks.begin(0, fresh=True)
+    if cfg.slorb:
+        from sparsert.train.slorb import attach_slorb  # noqa: PLC0415
+
+        attach_slorb(model, cfg.slorb_k)  # S from the pruned weights (a resume overwrites it below)
     optimizer = build_optimizer(model, cfg)
     gen = torch.Generator().manual_seed(cfg.seed + 1)
+    mvue_gen = None
+    if scfg is not None and cfg.mvue:
+        mvue_gen = torch.Generator(device=next(model.parameters()).device).manual_seed(cfg.seed + 2)
+        for module in sparse_modules(model).values():
+            module.generator = mvue_gen
     start_step = 0
     metrics_offset = None
     if ckpt is not None:
@@ -372,29 +772,44 @@ def train(cfg: TrainConfig) -> TrainResult:
         where = f"{ckpt.path}/state.json"
         _restore_rng(gen.set_state, ckpt.state.get("data_rng"), where)
         _restore_rng(torch.set_rng_state, ckpt.state.get("torch_rng"), where)
+        if mvue_gen is not None:
+            _restore_rng(mvue_gen.set_state, ckpt.state.get("mvue_rng"), where)
         start_step = ckpt.step
         metrics_offset = int(ckpt.state.get("metrics_offset", 0))
+        if masks is not None:
+            masks.load_state_dict(ckpt.state.get("masks") or {}, where)
+            masks.begin(start_step, fresh=False)
     else:
+        if init_ckpt is not None and "data_rng" in init_ckpt.state:  # continue the pre-training's data order
+            _restore_rng(gen.set_state, init_ckpt.state["data_rng"], f"{init_ckpt.path}/state.json")
         run_dir = _new_run_dir(cfg)
+    run_dir = dctx.broadcast(run_dir)  # H11: rank 0's run directory (its timestamp) on every rank
     run_dir.mkdir(parents=True, exist_ok=True)
     if cfg.out_dir is None:
         cfg = dataclasses.replace(cfg, out_dir=str(run_dir))
-    if cfg.data is not None:
-        cfg = dataclasses.replace(cfg, data=str(Path(cfg.data).resolve()))
+    for name in PATH_FIELDS:
+        if getattr(cfg, name) is not None:
+            cfg = dataclasses.replace(cfg, **{name: str(Path(getattr(cfg, name)).resolve())})
 
-    scfg = sparsity_config(cfg)
     base_state = {
         "model_config": model_config.to_dict(),
         "train_config": cfg.to_dict(),
-        "sparsity": None if scfg is None else {"n": cfg.n, "m": cfg.m, "method": "sr-ste", "decay": cfg.decay,
-                                               "mask_refresh_interval": cfg.mask_refresh_interval},
+        "sparsity": None if scfg is None else {
+            "n": cfg.n, "m": cfg.m, "method": cfg.method, "decay": cfg.decay,
+            "mask_refresh_interval": cfg.mask_refresh_interval, "transposable": cfg.transposable, "mvue": cfg.mvue,
+            "masked_decay": cfg.masked_decay, "schedule": cfg.schedule, "dense_finetune": cfg.dense_finetune,
+            "layers": sparse_layer_names(model, cfg),
+        },
         "quantization": {"bits": 4, "group_size": cfg.group_size, "method": "qat"} if cfg.qat else None,
         "tokenizer": tokenizer.to_dict(),
+        **hf_state(model_config),  # H11: {"hf_model": path} for a Hugging Face model
     }
+    model, optimizer = dctx.wrap(model, optimizer, lambda m: build_optimizer(m, cfg))  # H11: DDP / FSDP2
     tokens_per_step = cfg.batch_size * cfg.seq_len
     last_ckpt: Path | None = ckpt.path if ckpt is not None else None
     last_ckpt_step = start_step if ckpt is not None else None
     val_loss = float("nan")
+    val_sparse: float | None = None
     sparsity = mask_sparsity(model)
     step = start_step
     last_flip: float | None = None
@@ -403,13 +818,20 @@ def train(cfg: TrainConfig) -> TrainResult:
         nonlocal last_ckpt, last_ckpt_step
         state = dict(base_state, data_rng=_rng_to_str(gen.get_state()), torch_rng=_rng_to_str(torch.get_rng_state()),
                      metrics_offset=metrics.offset(), tokens_seen=at * tokens_per_step)
-        last_ckpt = save_checkpoint(run_dir, at, model, optimizer, state, keep=cfg.keep_checkpoints)
+        if mvue_gen is not None:
+            state["mvue_rng"] = _rng_to_str(mvue_gen.get_state())
+        if masks is not None:
+            # layers training dense get the masks compression would keep (H11: on every rank)
+            sync_masks(model, masks.prepare_checkpoint)
+            state["masks"] = masks.state_dict()
+        # H11: the full state, gathered from the ranks, written by rank 0
+        last_ckpt = dctx.save_checkpoint(run_dir, at, model, optimizer, state, keep=cfg.keep_checkpoints)
         last_ckpt_step = at
 
     # A fresh run starts a new log (a run interrupted before its first checkpoint may have left one).
-    metrics = MetricsLog(run_dir / METRICS_FILE, truncate_to=0 if ckpt is None else metrics_offset)
-    bar = tqdm(total=cfg.steps, initial=start_step, disable=not cfg.progress, unit="step", dynamic_ncols=True,
-               desc=f"train {cfg.variant}", file=sys.stderr)
+    metrics = dctx.metrics_log(run_dir / METRICS_FILE, truncate_to=0 if ckpt is None else metrics_offset)  # H11
+    bar = tqdm(total=cfg.steps, initial=start_step, disable=not cfg.progress or not dctx.is_main,  # H11
+               unit="step", dynamic_ncols=True, desc=f"train {cfg.variant}", file=sys.stderr)
     try:
         _say(f"run: {run_dir}" + (f" (resumed at step {start_step})" if ckpt is not None else ""))
         model.train()
@@ -417,19 +839,31 @@ def train(cfg: TrainConfig) -> TrainResult:
             t0 = time.perf_counter()
             lr = lr_at(cfg, step)
             x, y = data.get_batch("train", cfg.batch_size, cfg.seq_len, generator=gen)
+            decay_now = cfg.masked_decay_at(step)
+            if masks is not None and masks.phase_of(step) in DENSE_PHASES:
+                decay_now = 0.0  # no masked decay while the sparse layers train dense
+            step_sparsity = sparsity
             out = train_step(model, optimizer, x, y, step=step, lr=lr, grad_clip=cfg.grad_clip,
-                             sparse=scfg is not None)
+                             sparse=scfg is not None, masks=masks, distill=distill, masked_decay=decay_now)
             for what, value in (("loss", out.loss), ("gradient norm", out.grad_norm)):
                 if not math.isfinite(value):
                     raise TrainingDivergedError(_diverged_message(what, value, step, last_ckpt, last_ckpt_step))
             loss_value, flip = out.loss, out.flip_rate
-            if flip is not None:
+            if out.masks_changed:
                 sparsity = mask_sparsity(model)
             dt = time.perf_counter() - t0
             record = {"step": step, "loss": loss_value, "lr": lr, "tokens_per_s": tokens_per_step / dt,
-                      "sparsity": sparsity}
+                      "sparsity": step_sparsity}
+            if masks is not None:
+                record["phase"] = masks.phase_of(step)
+            if decay_now:
+                record["decay"] = decay_now
+            if out.loss_total is not None:
+                record.update(loss_total=out.loss_total, kl=out.kl)
             if flip is not None:
                 record["flip_rate"] = flip
+                if out.flip_rate_layers is not None:
+                    record["flip_rate_layers"] = out.flip_rate_layers
             metrics.write(record)
             postfix = {"loss": f"{loss_value:.3f}", "tok/s": f"{tokens_per_step / dt:,.0f}"}
             last_flip = flip if flip is not None else last_flip
@@ -438,9 +872,15 @@ def train(cfg: TrainConfig) -> TrainResult:
             bar.set_postfix(postfix, refresh=False)
             bar.update(1)
             if step % cfg.eval_interval == 0 or step == cfg.steps:
-                val_loss = evaluate(model, data, cfg.batch_size, cfg.seq_len, cfg.eval_batches)
-                metrics.write({"step": step, "val_loss": val_loss, "val_ppl": _ppl(val_loss)})
-                _say(f"step {step}: val loss {val_loss:.4f} (ppl {_ppl(val_loss):.2f})")
+                with masks.hooks_paused() if masks is not None else contextlib.nullcontext():
+                    val_loss = evaluate(model, data, cfg.batch_size, cfg.seq_len, cfg.eval_batches)
+                    eval_record = {"step": step, "val_loss": val_loss, "val_ppl": _ppl(val_loss)}
+                    if step == cfg.steps and masks is not None and masks.any_dense:
+                        val_sparse = _evaluate_sparse(model, masks, data, cfg)
+                        eval_record.update(val_loss_sparse=val_sparse, val_ppl_sparse=_ppl(val_sparse))
+                metrics.write(eval_record)
+                _say(f"step {step}: val loss {val_loss:.4f} (ppl {_ppl(val_loss):.2f})"
+                     + (f"; 2:4 model {val_sparse:.4f}" if val_sparse is not None else ""))
             if step % cfg.ckpt_interval == 0 or step == cfg.steps:
                 checkpoint(step)
     except KeyboardInterrupt:
@@ -458,23 +898,45 @@ def train(cfg: TrainConfig) -> TrainResult:
 
     if math.isnan(val_loss):
         # Resumed a run that had already finished: nothing trained, evaluate the final weights.
-        val_loss = evaluate(model, data, cfg.batch_size, cfg.seq_len, cfg.eval_batches)
+        with masks.hooks_paused() if masks is not None else contextlib.nullcontext():
+            val_loss = evaluate(model, data, cfg.batch_size, cfg.seq_len, cfg.eval_batches)
+            if masks is not None and masks.any_dense:
+                val_sparse = _evaluate_sparse(model, masks, data, cfg)
+    if not dctx.is_main:  # H11: rank 0 alone writes the artifact and reports
+        return TrainResult(run_dir, cfg.steps, val_loss, _ppl(val_loss), last_ckpt, None,
+                           time.perf_counter() - t_start, val_sparse)
     artifact: Path | None = None
     note = ""
-    if cfg.dense or (cfg.n, cfg.m) == (2, 4):
+    if is_hf_config(model_config):  # H11: a Hugging Face directory in place of the sparsert artifact
+        artifact, note = save_hf_run(last_ckpt, run_dir / HF_DIR), HF_NOTE
+    elif cfg.dense or (cfg.n, cfg.m) == (2, 4):
         from sparsert.train.compress import compress_checkpoint
 
         artifact = compress_checkpoint(last_ckpt, run_dir / "artifact",
                                        int4_group_size=cfg.group_size if cfg.qat else None)
         note = " (dense weights pruned one-shot to 2:4 by magnitude)" if cfg.dense else ""
+        if masks is not None and masks.schedule.finetune_start(cfg.steps) < cfg.steps:
+            note = " (dense fine-tuned weights with the last sparse masks re-applied)"
+        if masks is not None and cfg.sparse_layers == "ffn":
+            note += " (layers trained dense pruned to 2:4 by magnitude)"
     elapsed = time.perf_counter() - t_start
     print(f"final val loss {val_loss:.4f} (ppl {_ppl(val_loss):.2f}) after {cfg.steps} steps, {elapsed:.0f} s")
+    if val_sparse is not None:
+        print(f"final val loss of the 2:4 model (what the artifact holds) {val_sparse:.4f} "
+              f"(ppl {_ppl(val_sparse):.2f})")
     print(f"checkpoint: {last_ckpt}")
     if artifact is not None:
         print(f"artifact{note}: {artifact}")
     else:
         print(f"no artifact: the compressed format stores 2:4 sparsity, this run trained {cfg.n}:{cfg.m}")
-    return TrainResult(run_dir, cfg.steps, val_loss, _ppl(val_loss), last_ckpt, artifact, elapsed)
+    return TrainResult(run_dir, cfg.steps, val_loss, _ppl(val_loss), last_ckpt, artifact, elapsed, val_sparse)
+
+
+def _evaluate_sparse(model: nn.Module, masks: MaskController, data: TokenData, cfg: TrainConfig) -> float:
+    """Validation loss of the 2:4 model the artifact will hold (every layer masked; see
+    :meth:`MaskController.sparse_view`)."""
+    with entered_on_ranks(model, masks.sparse_view()):  # H11: sparse_view recomputes masks
+        return evaluate(model, data, cfg.batch_size, cfg.seq_len, cfg.eval_batches)
 
 
 def _ppl(loss: float) -> float:

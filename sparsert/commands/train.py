@@ -1,9 +1,10 @@
-"""``sparsert train``: train a 2:4 sparse (SR-STE, optionally INT4 QAT) model or a dense baseline.
+"""``sparsert train``: train a 2:4 sparse model (SR-STE, the Hu et al. recipe or AST; optionally INT4 QAT) or a
+dense baseline.
 
 A thin click layer over :func:`sparsert.train.trainer.train`: each flag maps to a
-:class:`~sparsert.train.trainer.TrainConfig` field and shows that field's default. With ``--resume`` the run's
-saved config is used and only the flags given on the command line override it (a real difference is
-refused by the trainer, listing it).
+:class:`~sparsert.train.trainer.TrainConfig` field and shows that field's default (for the fields a
+``--method`` sets, the default of each method). With ``--resume`` the run's saved config is used and only the
+flags given on the command line override it (a real difference is refused by the trainer, listing it).
 """
 
 from __future__ import annotations
@@ -15,7 +16,16 @@ import click
 from click.core import ParameterSource
 
 from sparsert.runtime.errors import ConfigError
-from sparsert.train.trainer import TrainConfig, find_resume_dir, load_train_config, train
+from sparsert.train.distributed import close_distributed, torchrun_env  # H11
+from sparsert.train.trainer import (
+    METHOD_DEFAULTS,
+    METHODS,
+    SCHEDULES,
+    TrainConfig,
+    find_resume_dir,
+    load_train_config,
+    train,
+)
 
 _D = TrainConfig  # the defaults shown in --help are TrainConfig's own
 
@@ -23,8 +33,20 @@ _D = TrainConfig  # the defaults shown in --help are TrainConfig's own
 _FIELD = {"out": "out_dir", "mask_refresh": "mask_refresh_interval"}
 _FLAG = {
     "out_dir": "--out", "mask_refresh_interval": "--mask-refresh", "n": "--sparsity", "m": "--sparsity",
-    "qat": "--qat", "progress": "--no-progress",
+    "qat": "--qat", "progress": "--no-progress", "decay_warmup": "--decay-warmup",
+    "hf_model": "--model",  # H11
 }
+
+
+def _by_method(field: str, fmt: str = "{}") -> str:
+    """``--help`` default text of a field each --method sets, e.g. ``sr-ste: 10, hu: 40, ast: 10``."""
+    def show(v: object) -> str:
+        if isinstance(v, bool):
+            return "on" if v else "off"
+        if isinstance(v, float) and abs(v - 1 / 6) < 1e-12:
+            return "1/6"
+        return f"{v:g}" if isinstance(v, float) else fmt.format(v)
+    return ", ".join(f"{m}: {show(METHOD_DEFAULTS[m][field])}" for m in METHODS)
 
 
 def _flag(field: str) -> str:
@@ -55,13 +77,26 @@ def _config_error(exc: ConfigError) -> ConfigError:
 @click.command("train")
 @click.option("--preset", metavar="NAME", default=_D.preset, show_default=True,
               help="Model size preset (tiny, small, base).")
+# --- H11: Hugging Face models and multi-process training ---
+@click.option("--model", "hf_model", metavar="PATH", type=str, default=None,
+              help="Train a local Hugging Face causal LM directory (Llama, Mistral, Qwen2, GPT-2, ...) instead of a "
+                   "preset: its tokenizer tokenises --data, its decoder-block linears train sparse (embeddings and "
+                   "lm_head stay dense), --seq-len may not exceed its max_position_embeddings, and the run ends "
+                   "with <run>/hf, a directory transformers loads (dense weights carrying the 2:4 zeros), in "
+                   "place of the sparsert artifact (whose format describes the built-in architectures only).")
+@click.option("--distributed", type=click.Choice(["ddp", "fsdp"]), default=None,
+              help="Train on several processes started by torchrun (torchrun --nproc-per-node N -m sparsert train "
+                   "--distributed ddp ...): ddp replicates the model on every rank, fsdp shards it (FSDP2, dim 0). "
+                   "--batch-size is the global batch, split evenly across the ranks; nccl on GPUs, gloo on CPU. "
+                   "Under torchrun without this flag: ddp.")
+# --- end H11 ---
 @click.option("--arch", type=click.Choice(["llama", "gpt2"]), default=None,
               help="Architecture (default: the preset's, llama).")
 @click.option("--data", metavar="PATH", type=str, default=None,
               help="Text file, folder of text files or JSONL file with a 'text' field "
                    "(default: the Python standard library's sources).")
 @click.option("--out", metavar="DIR", type=str, default=None,
-              help="Run directory (default: runs/<preset>-<sparse24|sparse24-int4|dense>-<timestamp>).")
+              help="Run directory (default: runs/<preset>-<sparse24[-hu|-ast][-int4]|dense>-<timestamp>).")
 @click.option("--steps", type=int, default=_D.steps, show_default=True, help="Optimizer steps.")
 @click.option("--batch-size", type=int, default=_D.batch_size, show_default=True, help="Sequences per step.")
 @click.option("--seq-len", type=int, default=_D.seq_len, show_default=True, help="Tokens per sequence.")
@@ -72,10 +107,66 @@ def _config_error(exc: ConfigError) -> ConfigError:
 @click.option("--dense", is_flag=True, help="Train the same model densely (the baseline; no masks).")
 @click.option("--sparsity", metavar="N:M", default="2:4", show_default=True,
               help="N:M pattern along K for the block linears.")
-@click.option("--decay", type=float, default=_D.decay, show_default=True,
+@click.option("--decay", type=float, default=None, show_default="2e-4 for sr-ste without masked decay, else 0",
               help="SR-STE decay λ on the pruned weights' gradient (0 = plain STE).")
-@click.option("--mask-refresh", type=int, default=_D.mask_refresh_interval, show_default=True,
-              help="Recompute the masks from |W| every this many steps.")
+@click.option("--mask-refresh", type=int, default=None, show_default=_by_method("mask_refresh_interval"),
+              help="Recompute the masks from the weights every this many steps.")
+@click.option("--method", type=click.Choice(METHODS), default=_D.method, show_default=True,
+              help="Sparse training recipe; it sets the defaults of the flags below marked 'sr-ste: ..., hu: ..., "
+                   "ast: ...'. sr-ste: SR-STE (Zhou et al. 2021). hu: Hu et al. 2024 2:4 pre-training (transposable "
+                   "masks, MVUE24, masked decay, refresh 40, dense fine-tuning of the last 1/6, FFN linears only). "
+                   "ast: Adaptive Sparse Trainer (Huang et al. 2025: distillation from --teacher, adaptive masks "
+                   "every 10 steps, annealed decay).")
+@click.option("--transposable/--no-transposable", "transposable", default=None,
+              show_default=_by_method("transposable"),
+              help="Transposable 2:4 masks: the best of the 90 4x4 patterns per block, 2:4 along K for W and W^T.")
+@click.option("--mvue/--no-mvue", "mvue", default=None, show_default=_by_method("mvue"),
+              help="MVUE24-sample the output gradient of the weight-gradient GEMM (unbiased 2:4).")
+@click.option("--masked-decay", metavar="ALPHA", type=float, default=None,
+              show_default=_by_method("masked_decay", "{:g}"),
+              help="Masked decay g += ALPHA*(1-m)*W on the gradients, after clipping, before the optimizer step "
+                   "(turns SR-STE's --decay default to 0).")
+@click.option("--dense-finetune", metavar="FRACTION", type=float, default=None,
+              show_default=_by_method("dense_finetune") + "; spdf: 1/6; 0 with --qat",
+              help="Train every layer dense for this last fraction of the steps (masked decay off); the artifact "
+                   "re-applies the last sparse masks to the fine-tuned weights.")
+@click.option("--sparse-layers", type=click.Choice(["all", "ffn"]), default=None,
+              show_default=_by_method("sparse_layers") + "; all with --qat",
+              help="Which block linears train 2:4: all, or the feed-forward ones only (the others train dense and "
+                   "are pruned to 2:4 by magnitude in the artifact).")
+@click.option("--schedule", type=click.Choice(SCHEDULES), default=_D.schedule, show_default=True,
+              help="from-scratch: 2:4 from the first step. gradual: dense, then pruning to 2:4 between "
+                   "--prune-start and --prune-end (The Journey Matters, 2025). spdf: sparse, then dense "
+                   "fine-tuning (--dense-finetune, default 1/6).")
+@click.option("--prune-start", metavar="FRACTION", type=float, default=_D.prune_start, show_default=True,
+              help="gradual: fraction of the steps where pruning starts.")
+@click.option("--prune-end", metavar="FRACTION", type=float, default=_D.prune_end, show_default=True,
+              help="gradual: fraction of the steps where the masks reach exactly N:M.")
+@click.option("--prune-interval", metavar="STEPS", type=int, default=None,
+              show_default="100, or a tenth of the pruning window when shorter",
+              help="gradual: steps between pruning events (each removes a constant share of what is left).")
+@click.option("--init-from", metavar="CHECKPOINT", type=str, default=None,
+              help="Start from the weights of a sparsert run/checkpoint (e.g. a dense pre-training) and continue "
+                   "its data order; masks are computed from those weights.")
+@click.option("--teacher", metavar="PATH", type=str, default=None, show_default="--init-from with --method ast",
+              help="Dense teacher for distillation: a dense sparsert run/checkpoint or a Hugging Face model "
+                   "directory with the same tokenizer.")
+@click.option("--distill-alpha", type=float, default=_D.distill_alpha, show_default=True,
+              help="Weight of the cross-entropy in alpha*CE + beta*T^2*KL.")
+@click.option("--distill-beta", type=float, default=_D.distill_beta, show_default=True,
+              help="Weight of the teacher KL term (0 = no distillation).")
+@click.option("--distill-temperature", type=float, default=_D.distill_temperature, show_default=True,
+              help="Distillation temperature T.")
+@click.option("--decay-max", type=float, default=_D.decay_max, show_default=True,
+              help="ast: the annealed masked decay's maximum lambda_max.")
+@click.option("--decay-warmup", metavar="STEPS", type=int, default=None, show_default="a quarter of --steps",
+              help="ast: steps over which the decay rises linearly to --decay-max.")
+@click.option("--wanda-score", is_flag=True,
+              help="Score masks by Wanda's |W|*||X|| (input-channel norms collected between refreshes).")
+@click.option("--slorb", is_flag=True,
+              help="AST's SLoRB extra parameters: y += S*groupsum_k(x), S initialised to the pruned weights' group "
+                   "means (adds 1/k of each layer's weights; stored dense in the artifact).")
+@click.option("--slorb-k", type=int, default=_D.slorb_k, show_default=True, help="SLoRB group size k along K.")
 @click.option("--qat", "--int4", "qat", is_flag=True,
               help="INT4 quantization-aware training of the kept values (fake quantization, STE).")
 @click.option("--group-size", type=int, default=_D.group_size, show_default=True,
@@ -93,11 +184,18 @@ def _config_error(exc: ConfigError) -> ConfigError:
 @click.option("--no-progress", "no_progress", is_flag=True, help="No progress bar.")
 @click.pass_context
 def command(ctx: click.Context, **opts: object) -> None:
-    """Train a 2:4 sparse transformer with SR-STE (or --dense), then compress it to an artifact.
+    """Train a 2:4 sparse transformer (SR-STE, the Hu et al. recipe, or AST; or --dense), then compress it to
+    an artifact.
 
     With no options this runs the built-in default: the tiny preset on the default corpus, 2:4 SR-STE, a few
     minutes on a 2-core CPU. Writes metrics.jsonl, checkpoints/ and artifact/ in the run directory and prints
     where the artifact is.
+
+    \b
+    Recipes:
+      sparsert train --method hu                   Hu et al. 2024 2:4 pre-training recipe
+      sparsert train --method ast --init-from RUN  AST from a dense run (also the teacher)
+      sparsert train --schedule gradual            dense, then gradual pruning to 2:4
     """
     values: dict[str, object] = {}
     given: set[str] = set()
@@ -115,14 +213,22 @@ def command(ctx: click.Context, **opts: object) -> None:
             raise ConfigError("--sparsity sets the pattern of a sparse run; it cannot be combined with --dense")
         given.update({"n", "m"})
 
+    if opts["hf_model"] is not None and _given(ctx, "preset"):  # H11
+        raise ConfigError("--preset chooses a built-in model; with --model the model comes from the Hugging Face "
+                          "directory")
     try:
         if opts["resume"]:
             probe = TrainConfig(**values)
             run_dir = find_resume_dir(probe)
             saved = load_train_config(run_dir)
             cfg = dataclasses.replace(saved, **{k: values[k] for k in given if k != "out_dir"})
+            if "distributed" not in given and torchrun_env() is None:  # H11: resume a multi-rank run on one
+                cfg = dataclasses.replace(cfg, distributed=None)
         else:
             cfg = TrainConfig(**values)
     except ConfigError as exc:
         raise _config_error(exc) from None
-    train(cfg)
+    try:
+        train(cfg)
+    finally:
+        close_distributed()  # H11: leave the process group torchrun started

@@ -1,0 +1,212 @@
+"""``sparsert train --model PATH``: tiny random Llama and GPT-2 directories (built from configs, with a byte-level
+BPE trained on a few sentences; no downloads) trained 2:4 through the sparsert trainer, checkpointed, resumed,
+and saved back as a directory transformers loads."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+tokenizers = pytest.importorskip("tokenizers")
+
+from safetensors.torch import load_file  # noqa: E402
+
+from sparsert.runtime.errors import ArtifactError, ConfigError  # noqa: E402
+from sparsert.runtime.hf_tokenizer import HFTokenizer  # noqa: E402
+from sparsert.runtime.nm_mask import is_nm_sparse  # noqa: E402
+from sparsert.train.checkpoint import load_checkpoint, write_json_atomic  # noqa: E402
+from sparsert.train.compress import compress_checkpoint  # noqa: E402
+from sparsert.train.distributed import decoder_blocks  # noqa: E402
+from sparsert.train.hf_train import HFCausalLM, HFModelConfig, build_hf_model  # noqa: E402
+from sparsert.train.metrics import read_metrics  # noqa: E402
+from sparsert.train.sparse_linear import SparsityConfig  # noqa: E402
+from sparsert.train.sparsify import sparsify_model  # noqa: E402
+from sparsert.train.trainer import TrainConfig, load_train_config, train  # noqa: E402
+
+TEXT = ("The quick brown fox jumps over the lazy dog. Sparse models keep two of every four weights. "
+        "Zwei von vier Gewichten bleiben übrig, the rest are zero. ")
+VOCAB = 320
+MAX_POS = 128
+
+
+def _make_tokenizer(out: Path) -> None:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  special_tokens=["<eos>"], show_progress=False)
+    tok.train_from_iterator(TEXT.split(". "), trainer)
+    transformers.PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>").save_pretrained(str(out))
+
+
+@pytest.fixture(scope="module")
+def hf(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("hf_train")
+    configs = {
+        "llama": transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                          num_attention_heads=4, num_key_value_heads=2,
+                                          max_position_embeddings=MAX_POS),
+        "gpt2": transformers.GPT2Config(vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4, n_positions=MAX_POS,
+                                        bos_token_id=0, eos_token_id=0),
+    }
+    dirs = {}
+    for i, (name, config) in enumerate(configs.items()):
+        torch.manual_seed(i)
+        transformers.AutoModelForCausalLM.from_config(config).save_pretrained(str(root / name))
+        _make_tokenizer(root / name)
+        dirs[name] = root / name
+    bert = transformers.BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                   intermediate_size=64)
+    transformers.BertModel(bert).save_pretrained(str(root / "bert"))
+    dirs["bert"] = root / "bert"
+    dirs["corpus"] = root / "corpus.txt"
+    dirs["corpus"].write_text(TEXT * 40, encoding="utf-8")
+    return dirs
+
+
+def small(hf: dict[str, Path], arch: str, out: Path, **kw) -> TrainConfig:
+    base = dict(hf_model=str(hf[arch]), data=str(hf["corpus"]), out_dir=str(out), steps=6, batch_size=4, seq_len=32,
+                eval_interval=3, eval_batches=2, ckpt_interval=3, mask_refresh_interval=2, threads=1, progress=False)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def _losses(run: Path) -> list[float]:
+    return [r["loss"] for r in read_metrics(run) if "loss" in r]
+
+
+def _trained_model(run: Path) -> HFCausalLM:
+    """The model of a run's last checkpoint as the trainer ran it (every block linear 2:4 with its mask)."""
+    ckpt = load_checkpoint(run)
+    model = build_hf_model(ckpt.model_config)
+    sparsify_model(model, SparsityConfig(), model.sparse_linear_names())
+    model.load_state_dict(ckpt.model_state)
+    return model.eval()
+
+
+def test_llama_trains_checkpoints_and_saves_a_2_4_hf_directory(hf: dict[str, Path], tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    result = train(small(hf, "llama", run))
+    losses = _losses(run)
+    assert len(losses) == 6 and losses[-1] < losses[0] - 0.3, losses
+    assert result.artifact == run / "hf"
+    assert sorted(p.name for p in run.iterdir()) == ["checkpoints", "hf", "metrics.jsonl"]  # no sparsert artifact
+
+    ckpt = load_checkpoint(run)
+    assert ckpt.state["hf_model"] == str(hf["llama"].resolve())
+    assert isinstance(ckpt.model_config, HFModelConfig) and ckpt.model_config.max_seq_len == MAX_POS
+    assert ckpt.state["model_config"]["type"] == "hf" and ckpt.state["tokenizer"]["type"] == "hf"
+    masks = [k for k in ckpt.model_state if k.endswith(".mask")]
+    assert len(masks) == 2 * 7 and all(k.startswith("hf.model.layers.") for k in masks)
+
+    out = run / "hf"
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(str(out), local_files_only=True).eval()
+    assert type(reloaded).__name__ == "LlamaForCausalLM"
+    tok = HFTokenizer(hf["llama"])
+    x = torch.tensor(tok.encode(TEXT)[:24])[None]
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(input_ids=x).logits, _trained_model(run)(x), atol=1e-5, rtol=1e-5)
+    tensors = load_file(str(out / "model.safetensors"))
+    for name in (k[len("hf."):-len(".mask")] for k in masks):
+        w = tensors[f"{name}.weight"]
+        assert is_nm_sparse(w, 2, 4) and (w == 0).float().mean().item() == pytest.approx(0.5), name
+    for dense in ("model.embed_tokens.weight", "lm_head.weight"):
+        assert (tensors[dense] == 0).float().mean().item() < 0.01, dense
+    assert json.loads((out / "sparsert.json").read_text())["format"] == "sparsert-hf-checkpoint"
+    saved_tok = transformers.AutoTokenizer.from_pretrained(str(out), local_files_only=True)
+    assert saved_tok.encode(TEXT, add_special_tokens=False) == tok.encode(TEXT)
+
+    with pytest.raises(ArtifactError, match=r"is a run of the Hugging Face model .*llama; the artifact format "
+                                            r"describes the built-in architectures only; the run's hf/ directory"):
+        compress_checkpoint(run, tmp_path / "artifact")
+
+
+def test_gpt2_conv1d_layers_train_along_k_and_save_back_transposed(hf: dict[str, Path], tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    train(small(hf, "gpt2", run, steps=4, eval_interval=4, ckpt_interval=4))
+    losses = _losses(run)
+    assert losses[-1] < losses[0], losses
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(str(run / "hf"), local_files_only=True).eval()
+    layer = reloaded.get_submodule("transformer.h.0.mlp.c_fc")
+    assert type(layer).__name__ == "Conv1D" and tuple(layer.weight.shape) == (64, 256)  # [in, out]
+    assert is_nm_sparse(layer.weight.t(), 2, 4) and not is_nm_sparse(layer.weight, 2, 4)
+    tok = HFTokenizer(hf["gpt2"])
+    x = torch.tensor(tok.encode(TEXT)[:24])[None]
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(input_ids=x).logits, _trained_model(run)(x), atol=1e-5, rtol=1e-5)
+
+
+def test_resume_is_exact_and_refuses_a_changed_model_directory(hf: dict[str, Path], tmp_path: Path) -> None:
+    model_dir = shutil.copytree(hf["llama"], tmp_path / "llama")
+    a, b = tmp_path / "a", tmp_path / "b"
+    train(small(hf, "llama", a, hf_model=str(model_dir)))
+    shutil.copytree(a, b)
+    shutil.rmtree(b / "checkpoints" / "step_00000006")
+    shutil.rmtree(b / "hf")
+    write_json_atomic(b / "checkpoints" / "latest.json", {"step": 3, "dir": "step_00000003"})
+    cfg = load_train_config(b)
+    assert cfg.hf_model == str(model_dir.resolve()) and cfg.resume
+    train(cfg)
+    ca, cb = load_checkpoint(a), load_checkpoint(b)
+    assert cb.step == 6
+    for name, t in ca.model_state.items():
+        assert torch.equal(cb.model_state[name], t), name
+    assert _losses(a) == _losses(b)
+    ha, hb = (load_file(str(run / "hf" / "model.safetensors")) for run in (a, b))
+    assert ha.keys() == hb.keys() and all(torch.equal(ha[k], hb[k]) for k in ha)
+
+    config = json.loads((model_dir / "config.json").read_text())
+    config["rms_norm_eps"] = 1e-3
+    (model_dir / "config.json").write_text(json.dumps(config))
+    write_json_atomic(b / "checkpoints" / "latest.json", {"step": 3, "dir": "step_00000003"})
+    with pytest.raises(ConfigError, match=r"llama: config.json differs from the one this run was started with "
+                                          r"\(rms_norm_eps: 1e-06 -> 0.001\)"):
+        train(load_train_config(b))
+
+
+def test_seq_len_is_capped_at_max_position_embeddings(hf: dict[str, Path], tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=rf"--seq-len 256 exceeds the model's max_seq_len {MAX_POS}"):
+        train(small(hf, "gpt2", tmp_path / "run", seq_len=256))
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_cli_refuses_a_directory_that_is_not_a_causal_lm(hf: dict[str, Path], tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch,
+                                                         capsys: pytest.CaptureFixture) -> None:
+    from sparsert.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exc:
+        main(["train", "--model", str(hf["bert"]), "--data", str(hf["corpus"]), "--steps", "2", "--no-progress"])
+    assert exc.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"error: {hf['bert'].resolve()}: not a causal language model (model_type 'bert' is an encoder; expected a "
+        "decoder-only causal LM such as Llama, Mistral, Qwen2 or GPT-2)"]
+    for args, message in (
+        (["--preset", "small"], "error: --preset chooses a built-in model; with --model the model comes from the "
+                                "Hugging Face directory"),
+        (["--arch", "gpt2"], f"error: --model {hf['llama']}: --arch chooses the model too; the architecture and "
+                             "weights come from the Hugging Face directory"),
+    ):
+        with pytest.raises(SystemExit) as exc:
+            main(["train", "--model", str(hf["llama"]), *args, "--no-progress"])
+        assert exc.value.code == 2
+        assert capsys.readouterr().err.strip().splitlines() == [message]
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_default_run_directory_and_fsdp_units(hf: dict[str, Path]) -> None:
+    from sparsert.train.hf_train import run_prefix
+
+    cfg = TrainConfig(hf_model=str(hf["gpt2"]))
+    assert run_prefix(cfg) == "hf-gpt2" and run_prefix(TrainConfig()) == "tiny"
+    model = build_hf_model(HFModelConfig.from_directory(hf["gpt2"]))
+    assert decoder_blocks(model) == list(model.hf.transformer.h)  # FSDP2 shards one unit per decoder block
+    assert model.sparse_linear_names()[:2] == ["hf.transformer.h.0.attn.c_attn", "hf.transformer.h.0.attn.c_proj"]
