@@ -7,12 +7,6 @@ as the top-level ``cuda``, where it would shadow NVIDIA's ``cuda`` namespace pac
 
 from __future__ import annotations
 
-from importlib import resources
 from pkgutil import extend_path
 
 __path__ = extend_path(__path__, __name__)
-
-
-def kernel_source(name: str) -> str:
-    """Return the text of the kernel source file ``name`` (e.g. ``"sparse24_gemm.cu"``)."""
-    return resources.files("sparsert.cuda").joinpath(name).read_text(encoding="utf-8")

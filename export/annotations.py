@@ -172,6 +172,24 @@ def _parse_pattern(text: str, where: str) -> tuple[int, int]:
     return n, m
 
 
+def _annotated_initializer(node: onnx.NodeProto, props: Mapping[str, str], inits: Mapping[str, onnx.TensorProto],
+                           what: str, keys: tuple[str, ...]) -> str:
+    """The name of the initializer an annotated node names in ``sparsert.weight``; ExportError naming the node
+    when it is not in the graph or when node and initializer disagree on one of ``keys``."""
+    where = f"node {node.name!r}"
+    weight = props.get(KEY_WEIGHT)
+    if weight is None or weight not in inits:
+        raise ExportError(f"{where}: annotated {what} initializer {weight!r} is not in the graph")
+    init_props = get_metadata(inits[weight])
+    for key in keys:
+        if props.get(key) != init_props.get(key):
+            raise ExportError(
+                f"{where}: annotation {key}={props.get(key)!r} disagrees with initializer {weight!r} "
+                f"({init_props.get(key)!r})"
+            )
+    return weight
+
+
 def read_sparsity_annotations(model: onnx.ModelProto) -> dict:
     """Read the convention back.
 
@@ -196,16 +214,8 @@ def read_sparsity_annotations(model: onnx.ModelProto) -> dict:
             continue
         where = f"node {node.name!r}"
         layer = props[KEY_LAYER]
-        weight = props.get(KEY_WEIGHT)
-        if weight is None or weight not in inits:
-            raise ExportError(f"{where}: annotated weight initializer {weight!r} is not in the graph")
-        init_props = get_metadata(inits[weight])
-        for key in (KEY_PATTERN, KEY_AXIS, KEY_LAYER, KEY_BITS, KEY_GROUP_SIZE):
-            if props.get(key) != init_props.get(key):
-                raise ExportError(
-                    f"{where}: annotation {key}={props.get(key)!r} disagrees with initializer "
-                    f"{weight!r} ({init_props.get(key)!r})"
-                )
+        weight = _annotated_initializer(node, props, inits, "weight",
+                                        (KEY_PATTERN, KEY_AXIS, KEY_LAYER, KEY_BITS, KEY_GROUP_SIZE))
         if layer in layers:
             raise ExportError(f"{where}: layer {layer!r} is annotated on two nodes")
         if KEY_PATTERN in props:
@@ -286,16 +296,7 @@ def read_slorb_annotations(model: onnx.ModelProto) -> dict[str, dict]:
         if KEY_SLORB_LAYER not in props:
             continue
         where = f"node {node.name!r}"
-        weight = props.get(KEY_WEIGHT)
-        if weight is None or weight not in inits:
-            raise ExportError(f"{where}: annotated SLoRB initializer {weight!r} is not in the graph")
-        init_props = get_metadata(inits[weight])
-        for key in (KEY_SLORB_LAYER, KEY_SLORB_K):
-            if props.get(key) != init_props.get(key):
-                raise ExportError(
-                    f"{where}: annotation {key}={props.get(key)!r} disagrees with initializer {weight!r} "
-                    f"({init_props.get(key)!r})"
-                )
+        weight = _annotated_initializer(node, props, inits, "SLoRB", (KEY_SLORB_LAYER, KEY_SLORB_K))
         layer = props[KEY_SLORB_LAYER]
         if layer in out:
             raise ExportError(f"{where}: SLoRB of layer {layer!r} is annotated on two nodes")

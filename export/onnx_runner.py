@@ -119,7 +119,7 @@ class OnnxStepper:
         try:
             self.model_config = json.loads(config)
             self.max_seq_len = int(self.model_config["max_seq_len"])
-            int(self.model_config["vocab_size"])
+            self.vocab_size = int(self.model_config["vocab_size"])
         except (ValueError, TypeError, KeyError):
             raise ExportError(f"{path}: '{KEY_MODEL_CONFIG}' metadata is not a valid model config") from None
         self.path = path
@@ -146,10 +146,9 @@ class OnnxStepper:
                 f"sequence of {len(self._ids) + len(ids)} positions exceeds the model's max_seq_len="
                 f"{self.max_seq_len}"
             )
-        vocab = int(self.model_config["vocab_size"])
-        bad = [i for i in ids if not 0 <= i < vocab]
+        bad = [i for i in ids if not 0 <= i < self.vocab_size]
         if bad:
-            raise ConfigError(f"token id {bad[0]} is out of range 0..{vocab - 1}")
+            raise ConfigError(f"token id {bad[0]} is out of range 0..{self.vocab_size - 1}")
         self._ids += ids
         if self.kv_cache:
             logits, self._past = run_logits(self.session, np.array([ids], np.int64), self._past)

@@ -22,7 +22,6 @@ import json
 import os
 import shutil
 import tempfile
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -31,6 +30,7 @@ from safetensors.torch import load_file, save_file
 
 import sparsert
 from sparsert.runtime.errors import ArtifactError, SparsertError
+from sparsert.runtime.fileio import replace_dir
 from sparsert.runtime.model import DecoderLM, ModelConfig, add_slorb, sparse_linear_names
 from sparsert.runtime.packed_linear import PackedLinear
 from sparsert.runtime.sparse24 import packed_indices_width, validate_indices_24
@@ -292,30 +292,23 @@ def _check_layers(
 ) -> None:
     known = sparse_linear_names(config)
     shapes = model_state_shapes(config)
-    if slorb is not None:
-        if not slorb.layers:
-            raise ArtifactError(f"{where}: slorb.layers is empty (leave out the slorb field for no SLoRB)")
-        for name in slorb.layers:
-            if name not in known:
-                raise ArtifactError(
-                    f"{where}: slorb.layers names '{name}', which is not a sparse linear of this model "
-                    f"(expected names like '{known[0]}')"
-                )
-            k = shapes[f"{name}.weight"][1]
-            if k % slorb.k:
-                raise ArtifactError(f"{where}: slorb.k {slorb.k} does not divide K={k} of layer '{name}'")
-    for info, key in ((sparsity, "sparsity"), (quantization, "quantization")):
+    lists = ((slorb, "slorb", "leave out the slorb field for no SLoRB"),
+             (sparsity, "sparsity", "use null for no sparsity"),
+             (quantization, "quantization", "use null for no quantization"))
+    for info, key, hint in lists:
         if info is None:
             continue
         if not info.layers:
-            raise ArtifactError(f"{where}: {key}.layers is empty (use null for no {key})")
+            raise ArtifactError(f"{where}: {key}.layers is empty ({hint})")
         for name in info.layers:
             if name not in known:
                 raise ArtifactError(
                     f"{where}: {key}.layers names '{name}', which is not a sparse linear of this model "
                     f"(expected names like '{known[0]}')"
                 )
-            out, k = shapes[f"{name}.weight"]
+            k = shapes[f"{name}.weight"][1]
+            if key == "slorb" and k % info.k:
+                raise ArtifactError(f"{where}: slorb.k {info.k} does not divide K={k} of layer '{name}'")
             if key == "sparsity" and k % 4:
                 raise ArtifactError(f"{where}: layer '{name}' has K={k}, not divisible by 4 as 2:4 needs")
             if key == "quantization":
@@ -506,18 +499,8 @@ def save_artifact(
             os.chmod(tmp / name, 0o644)
             _fsync(tmp / name)
         os.chmod(tmp, 0o755)  # mkdtemp creates it 0700
-        if path.exists():
-            _check_target(path)  # may have changed while we wrote
-            aside = path.parent / f".{path.name}.old-{uuid.uuid4().hex[:8]}"
-            os.rename(path, aside)
-            try:
-                os.rename(tmp, path)
-            except BaseException:
-                os.rename(aside, path)
-                raise
-            shutil.rmtree(aside, ignore_errors=True)
-        else:
-            os.rename(tmp, path)
+        _check_target(path)  # may have changed while we wrote
+        replace_dir(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -575,9 +558,7 @@ def load_artifact(path: str | Path) -> Artifact:
     file = root / CONFIG_NAME
     try:
         model_config = ModelConfig.from_dict(config["model"])
-    except SparsertError as exc:
-        raise ArtifactError(f"{file}: field 'model': {exc}") from None
-    except TypeError as exc:
+    except (SparsertError, TypeError) as exc:
         raise ArtifactError(f"{file}: field 'model': {exc}") from None
     try:
         tokenizer = tokenizer_from_dict(config["tokenizer"])

@@ -22,6 +22,7 @@ not to the baseline, since the dense model it approximates has no ``S``.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -193,7 +194,7 @@ def artifact_stats(path: str | Path) -> ArtifactStats:
                 slorb_bytes=slorb_bytes,
             )
         )
-    model_params = sum(_numel(shape) for shape in model_state_shapes(art.model_config, art.slorb).values())
+    model_params = sum(math.prod(shape) for shape in model_state_shapes(art.model_config, art.slorb).values())
     return ArtifactStats(
         path=str(root),
         sparsity=art.sparsity.to_dict() if art.sparsity else None,
@@ -205,13 +206,6 @@ def artifact_stats(path: str | Path) -> ArtifactStats:
         layers=layers,
         slorb=art.slorb.to_dict() if art.slorb else None,
     )
-
-
-def _numel(shape: tuple[int, ...]) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n
 
 
 def _human(n: float) -> str:

@@ -19,11 +19,10 @@ on ``sys.path`` it does not hide NVIDIA's ``cuda.bindings`` / ``cuda.core``.
 from __future__ import annotations
 
 import importlib
+import math
 import os
-import sys
 import threading
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from sparsert.runtime.errors import DeviceError
 
@@ -441,15 +440,10 @@ class WorkspaceArena:
 
     def tensor(self, shape, dtype):
         """A torch tensor (zero-copy, contiguous) of ``shape``/``dtype`` carved from the arena."""
-        import torch
-
-        numel = 1
-        for s in shape:
-            numel *= int(s)
-        nbytes = max(numel * torch.empty((), dtype=dtype).element_size(), 1)
+        shape = tuple(int(s) for s in shape)
+        nbytes = max(math.prod(shape) * dtype.itemsize, 1)
         ptr = self.take(nbytes)
-        return _torch_from_pointer(ptr, nbytes, tuple(int(s) for s in shape), dtype, self.device.index,
-                                   owner=self.buffer)
+        return _torch_from_pointer(ptr, nbytes, shape, dtype, self.device.index, owner=self.buffer)
 
     def reset(self) -> None:
         self.offset = 0
@@ -473,10 +467,7 @@ def _torch_from_pointer(ptr: int, nbytes: int, shape: tuple[int, ...], dtype, de
     import torch
 
     raw = torch.as_tensor(_CudaArrayInterface(ptr, nbytes, owner), device=f"cuda:{device_index}")
-    numel = 1
-    for s in shape:
-        numel *= s
-    return raw.view(dtype)[:numel].view(shape)
+    return raw.view(dtype)[:math.prod(shape)].view(shape)
 
 
 def as_torch(buffer: DeviceBuffer, shape, dtype, offset: int = 0):
@@ -488,13 +479,9 @@ def as_torch(buffer: DeviceBuffer, shape, dtype, offset: int = 0):
     Raises:
         DeviceError when the view would not fit in the buffer or is misaligned.
     """
-    import torch
-
     shape = tuple(int(s) for s in shape)
-    itemsize = torch.empty((), dtype=dtype).element_size()
-    numel = 1
-    for s in shape:
-        numel *= s
+    itemsize = dtype.itemsize
+    numel = math.prod(shape)
     if isinstance(buffer, DeviceBuffer):
         ptr, size, dev, owner = buffer.ptr, buffer.nbytes, buffer.device_index, buffer
         if buffer.closed:

@@ -16,12 +16,12 @@ The problem key is ``"{kind}|{dtype}|N={n}|K={k}|M={bucket}"``: M is rounded up 
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
 import re
 import statistics
-import tempfile
 import threading
 import time
 import warnings
@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sparsert.runtime.errors import DeviceError, FormatError
+from sparsert.runtime.fileio import write_atomic
 from sparsert.runtime.packed_linear import PackedLinear
 
 DISPATCH_FORMAT = 1
@@ -63,8 +64,10 @@ def dispatch_cache_path(device_name: str) -> Path:
     return root / "dispatch" / f"{slug}.json"
 
 
+@functools.lru_cache(maxsize=1)
 def kernel_sources_digest() -> str:
-    """sha256 (first 16 hex digits) of every kernel source in ``cuda/``."""
+    """sha256 (first 16 hex digits) of every kernel source in ``cuda/`` (computed once per process: the
+    dispatcher's header needs it at every save)."""
     from sparsert.runtime.kernel_build import kernel_dir
 
     h = hashlib.sha256()
@@ -144,12 +147,9 @@ class Dispatcher:
         data = {**self._header(), "choices": {k: asdict(c) for k, c in sorted(self.choices.items())}}
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=self.path.name + ".", suffix=".tmp")
-            with os.fdopen(fd, "w") as f:
-                json.dump(data, f, indent=1)
-            os.replace(tmp, self.path)
+            write_atomic(self.path, json.dumps(data, indent=1))
         except OSError:
-            pass
+            pass  # the cache is only an optimisation: an unwritable folder must not stop inference
 
     def lookup(self, key: str) -> Choice | None:
         return self.choices.get(key)
@@ -245,7 +245,8 @@ def _tensor_bytes(obj) -> int:
 
 
 def dense_weight(packed: PackedLinear, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    """``packed.to_dense()`` (dequantized, decompressed) on ``device`` in ``dtype``."""
+    """``packed.to_dense()`` (dequantized, decompressed): ``[out_features, in_features]`` contiguous, row-major
+    (``nn.Linear`` layout), on ``device`` in ``dtype``."""
     return packed.to_dense().to(device=device, dtype=dtype).contiguous()
 
 

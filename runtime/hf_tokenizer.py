@@ -114,8 +114,3 @@ class HFTokenizer:
 
     def __repr__(self) -> str:
         return f"HFTokenizer({str(self.path)!r}, vocab_size={self.vocab_size})"
-
-
-def load_hf_tokenizer(path: str | Path) -> HFTokenizer:
-    """The tokenizer of the local model directory ``path`` as an :class:`HFTokenizer`."""
-    return HFTokenizer(path)

@@ -74,7 +74,8 @@ def dequantize_int4(codes: torch.Tensor, scales: torch.Tensor, group_size: int) 
 
 
 def fake_quantize_int4(w: torch.Tensor, group_size: int = 128, name: str = "weight") -> torch.Tensor:
-    """``dequantize(quantize(w))`` in w's dtype, fp16 scales. No gradient logic (train/qat.py adds the STE)."""
+    """``dequantize(quantize(w))``: float ``w [out, K]`` -> the same shape in ``w``'s dtype, fp16 scales per group of
+    ``group_size`` along K. No gradient logic (train/qat.py adds the STE)."""
     codes, scales = quantize_int4(w, group_size, torch.float16, name)
     return dequantize_int4(codes, scales, group_size).to(w.dtype)
 

@@ -30,7 +30,6 @@ import json
 import os
 import re
 import struct
-import tempfile
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,9 +38,9 @@ import numpy as np
 
 from sparsert.runtime.device import import_cuda_module
 from sparsert.runtime.errors import DeviceError
+from sparsert.runtime.fileio import write_atomic
 
 KERNEL_ARCHS = ("sm_80", "sm_86", "sm_89", "sm_90a")
-SUPPORTED_ARCHS = KERNEL_ARCHS + ("sm_90",)
 # Modules whose import registers kernel specs (each calls register_kernel at import time).
 SPEC_MODULES = ("sparsert.runtime.kernels", "sparsert.runtime.sparse_gemm")
 _CACHE_FORMAT = 1
@@ -246,20 +245,6 @@ def _decode_entry(data: bytes, key: str) -> CompiledKernel | None:
         return None
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 _FUNC_RE = re.compile(r"(?:Compiling entry function|Function properties for) '?([\w$.]+)'?")
 _SPILL_RE = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
 _REG_RE = re.compile(r"Used (\d+) registers")
@@ -381,7 +366,8 @@ def compile_kernel(
     compiled = _compile_nvrtc(spec, arch, text, kdir, want_cubin=True)
     if use_cache:
         try:
-            _write_atomic(path, _encode_entry(key, compiled))
+            path.parent.mkdir(parents=True, exist_ok=True)
+            write_atomic(path, _encode_entry(key, compiled))
             compiled.cache_path = path
         except OSError:
             pass  # a read-only cache folder must not stop the build
@@ -445,6 +431,11 @@ def load_kernel(spec: KernelSpec, name_expression: str, device=None) -> Launchab
     from sparsert.runtime.device import GpuDevice, cuda_core, get_device
 
     dev = device if isinstance(device, GpuDevice) else get_device(0 if device is None else int(device))
+    key = (dev.index, spec, name_expression)
+    with _LOCK:  # every launch comes through here: a loaded kernel is returned before any other work
+        loaded = _LOADED.get(key)
+    if loaded is not None:
+        return loaded
     if name_expression not in spec.name_expressions:
         raise DeviceError(f"{name_expression!r} is not one of cuda/{spec.source}'s kernels "
                           f"{spec.name_expressions}")
@@ -454,10 +445,6 @@ def load_kernel(spec: KernelSpec, name_expression: str, device=None) -> Launchab
     except DeviceError:
         raise DeviceError(f"cuda/{spec.source} has no build for {dev.name} ({dev.arch}); it supports "
                           f"{', '.join(spec.archs)}") from None
-    key = (dev.index, spec, name_expression)
-    with _LOCK:
-        if key in _LOADED:
-            return _LOADED[key]
     compiled = compile_kernel(spec, arch, want=("cubin",))
     dev.set_current()
     core = cuda_core()

@@ -89,7 +89,10 @@ def _prune_grid(m: int, k: int) -> tuple[int, int]:
 
 def prune24_reference(dense: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """CPU reference of :func:`prune24_compress`: ``nm_mask`` (top-2 |w|, ties to the lower column), then
-    ``compress_24`` and :func:`~sparsert.runtime.sparse_meta.reorder_meta_for_mma`."""
+    ``compress_24`` and :func:`~sparsert.runtime.sparse_meta.reorder_meta_for_mma`.
+
+    ``dense [M, K]`` (``M % 16 == 0``, ``K % 64 == 0``) -> (values ``[M, K/2]`` in ``dense.dtype``, kept values in
+    K order; meta int32 ``[M/16, K/64, 32]``)."""
     mask = nm_mask(dense, 2, 4, name="dense")
     values, packed = compress_24(torch.where(mask, dense, torch.zeros((), dtype=dense.dtype)), name="dense")
     return values, reorder_meta_for_mma(unpack_indices_24(packed, dense.shape[1]), name="dense indices")
@@ -178,7 +181,9 @@ def prune_to_sparse24_weight(dense: torch.Tensor, bias: torch.Tensor | None = No
 
 
 def decompress24_reference(values: torch.Tensor, meta: torch.Tensor, k: int) -> torch.Tensor:
-    """CPU reference of :func:`prune24_decompress`: scatter ``values`` to the columns the metadata names."""
+    """CPU reference of :func:`prune24_decompress` (any device, any dtype): ``values [M, K/2]`` (kept values in
+    K order) and ``meta`` int32 ``[M/16, K/64, 32]`` (:mod:`sparsert.runtime.sparse_meta` layout) -> the dense
+    ``[M, K]`` in ``values.dtype``, each kept value at the column its metadata names, zeros elsewhere."""
     m = values.shape[0]
     idx = unreorder_meta(meta, m, k).long().reshape(m, k // 4, 2)
     dense = torch.zeros(m, k // 4, 4, dtype=values.dtype, device=values.device)

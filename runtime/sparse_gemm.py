@@ -35,9 +35,10 @@ from sparsert.runtime.device import gpu_available
 from sparsert.runtime.errors import ConfigError, DeviceError, FormatError
 from sparsert.runtime.int4 import unpack_int4
 from sparsert.runtime.kernel_build import KernelSpec, load_kernel, register_kernel
+from sparsert.runtime.kernels import decompress24_reference
 from sparsert.runtime.packed_linear import PackedLinear
 from sparsert.runtime.sparse24 import compress_24, unpack_indices_24
-from sparsert.runtime.sparse_meta import reorder_meta_for_mma, unreorder_meta
+from sparsert.runtime.sparse_meta import reorder_meta_for_mma
 
 ROW_PAD = 128  # prepared weights have out_features padded to this (the largest CTA row tile)
 ACTIVATIONS = {"none": 0, "relu": 1, "silu": 2, "gelu": 3}
@@ -349,8 +350,8 @@ class Sparse24Weight:
 
     def to_dense(self) -> torch.Tensor:
         """float32 ``[out_features, in_features]`` decompressed from the prepared tensors."""
-        return _decompress(fragments_to_values(self.values).float(), self.meta, self.n_pad,
-                           self.in_features)[: self.out_features]
+        kept = fragments_to_values(self.values).float()  # (Npad, K/2)
+        return decompress24_reference(kept, self.meta, self.in_features)[: self.out_features]
 
     def nbytes(self) -> int:
         return self.values.numel() * self.values.element_size() + self.meta.numel() * 4
@@ -404,7 +405,7 @@ class W4A16Weight:
 
     def to_dense(self) -> torch.Tensor:
         """float32 ``[out_features, in_features]``, decompressed exactly as the kernel sees the weight."""
-        return _decompress(self.kept_dequantized(), self.meta, self.n_pad, self.in_features)[: self.out_features]
+        return decompress24_reference(self.kept_dequantized(), self.meta, self.in_features)[: self.out_features]
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (self.qweight, self.meta, self.scales))
@@ -412,13 +413,6 @@ class W4A16Weight:
     def bits_per_weight(self) -> float:
         """Device bytes of the prepared weight (padding included) x 8 / (out_features x in_features)."""
         return self.nbytes() * 8 / (self.out_features * self.in_features)
-
-
-def _decompress(kept: torch.Tensor, meta: torch.Tensor, n_pad: int, k: int) -> torch.Tensor:
-    idx = unreorder_meta(meta, n_pad, k).long().reshape(n_pad, k // 4, 2)
-    dense = torch.zeros(n_pad, k // 4, 4, dtype=kept.dtype, device=kept.device)
-    dense.scatter_(-1, idx, kept.reshape(n_pad, k // 4, 2))
-    return dense.reshape(n_pad, k)
 
 
 def _check_dtype(dtype: torch.dtype, fn: str) -> int:

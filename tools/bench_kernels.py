@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import subprocess
 import sys
@@ -191,6 +190,7 @@ def bench(torch, args) -> int:
     import torch.nn.functional as F
 
     from sparsert.runtime.device import get_device
+    from sparsert.runtime.fileio import write_atomic
     from sparsert.runtime.sparse_gemm import precompile, sparse24_linear, w4a16_linear
 
     dev = get_device(0)
@@ -300,8 +300,8 @@ def bench(torch, args) -> int:
     md = to_markdown(result)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     json_path = args.json or args.out.with_suffix(".json")
-    _write(args.out, md)
-    _write(json_path, json.dumps(result, indent=1))
+    write_atomic(args.out, md)
+    write_atomic(json_path, json.dumps(result, indent=1))
     print(md)
     print("JSON " + json.dumps(result))
     return 0
@@ -316,12 +316,6 @@ def w4a16_variants(m: int, arch: str) -> list[tuple[str, dict]]:
     if arch == "sm_90a":
         out += [("sm90_128", {"kernel": "sm90_128"}), ("sm90_256", {"kernel": "sm90_256"})]
     return out
-
-
-def _write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def evaluate(row: dict, peak: float | None) -> dict:

@@ -35,7 +35,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import time
 from datetime import datetime
 from pathlib import Path
@@ -43,12 +42,13 @@ from pathlib import Path
 import torch
 
 from sparsert.runtime.artifact import load_artifact
+from sparsert.runtime.fileio import write_atomic
 from sparsert.runtime.nm_mask import nm_mask
 from sparsert.runtime.tokenizer import ByteTokenizer
 from sparsert.train.checkpoint import load_checkpoint
 from sparsert.train.compress import compress_checkpoint
 from sparsert.train.data import TokenData, load_corpus
-from sparsert.train.report import load_run, plot_flip_rate, summarize_run, write_atomic
+from sparsert.train.report import load_run, plot_flip_rate, summarize_run
 from sparsert.train.sparsify import sparse_modules
 from sparsert.train.trainer import TrainConfig, build_model, evaluate, load_train_config, train
 
@@ -219,10 +219,10 @@ def main() -> None:
     text = "\n".join(lines)
     print(text)
     out.mkdir(parents=True, exist_ok=True)
-    _write_text(out / "results.md", text + "\n")
+    write_atomic(out / "results.md", text + "\n")
     summary = {"args": vars(args), "rows": rows, "flip_rate": flips, "hu_val_loss_magnitude_repruned": repruned,
                "pretrain_val_loss": pre.final_val_loss}
-    _write_text(out / "results.json", json.dumps(summary, indent=2, default=_json_default) + "\n")
+    write_atomic(out / "results.json", json.dumps(summary, indent=2, default=_json_default) + "\n")
 
 
 @torch.no_grad()
@@ -248,12 +248,6 @@ def _json_default(value: object) -> object:
     if isinstance(value, float) and not math.isfinite(value):
         return str(value)
     return str(value)
-
-
-def _write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
 
 
 if __name__ == "__main__":

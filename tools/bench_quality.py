@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 
 from sparsert.runtime.artifact import load_artifact
+from sparsert.runtime.fileio import write_atomic
 from sparsert.runtime.tokenizer import ByteTokenizer
 from sparsert.train.data import TokenData, load_corpus
 from sparsert.train.trainer import TrainConfig, evaluate, train
@@ -98,7 +99,7 @@ def main() -> None:
         print(f"| {r['run']} | {r['tokens']:,} | {r['val_loss']:.4f} | {r['val_ppl']:.2f} | "
               f"{r['ratio_to_dense']:.4f} | {tgt} | {verdict} | {r['artifact_val_loss']:.4f} | {r['seconds']:.0f} s |")
     if args.json:
-        Path(args.json).write_text(json.dumps(rows, indent=2) + "\n")
+        write_atomic(Path(args.json), json.dumps(rows, indent=2) + "\n")
 
 
 def _trained_model(result, cfg: TrainConfig) -> torch.nn.Module:

@@ -51,6 +51,7 @@ from torch import nn
 
 from sparsert.runtime.errors import ConfigError
 from sparsert.runtime.int4 import fake_quantize_int4
+from sparsert.train.oneshot_prune import StopForward, calibration_input_ids, run_calibration
 
 DEFAULT_GRID = 10
 """α grid: ``{i / DEFAULT_GRID for i in 0..DEFAULT_GRID}`` = 0, 0.1, ..., 1."""
@@ -211,10 +212,6 @@ def fold_block_scales(block: nn.Module, scales: BlockScales) -> None:
         _scale_columns(mlp.down_proj, scales.down)
 
 
-class _StopForward(Exception):
-    """Raised by a hook once the block under study has run, to skip the rest of the forward pass."""
-
-
 def _collect_block_stats(model: nn.Module, block: nn.Module, batches: list[torch.Tensor]) -> dict[str, ActivationStats]:
     """Run the calibration batches through ``model`` up to the end of ``block``; statistics of the inputs of
     its q/k/v (one input), o, gate/up (one input) and down projections."""
@@ -229,16 +226,12 @@ def _collect_block_stats(model: nn.Module, block: nn.Module, batches: list[torch
         return hook
 
     def stop(module: nn.Module, inputs: tuple, output: object) -> None:
-        raise _StopForward
+        raise StopForward  # the block under study has run
 
     hooks = [lin.register_forward_pre_hook(tap(key)) for key, lin in taps.items()]
     hooks.append(block.register_forward_hook(stop))
     try:
-        for x in batches:
-            try:
-                model(x)
-            except _StopForward:
-                pass
+        run_calibration(model, batches)
     finally:
         for h in hooks:
             h.remove()
@@ -266,7 +259,7 @@ def awq_scale_model(model: nn.Module, calib_batches: Iterable[torch.Tensor], gro
         ``{"blocks.{i}.attn.qkv" | "blocks.{i}.attn.o_proj" | "blocks.{i}.mlp.gate_up" | "blocks.{i}.mlp.down_proj":
         ScaleSearch}`` (no ``down_proj`` entry for GPT-2 style blocks).
     """
-    batches = [b[0] if isinstance(b, (tuple, list)) else b for b in calib_batches]
+    batches = [calibration_input_ids(b) for b in calib_batches]
     if not batches:
         raise ConfigError("AWQ needs calibration batches (got none)")
     was_training = model.training

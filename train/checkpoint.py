@@ -35,6 +35,7 @@ from torch import nn
 
 from sparsert.runtime.artifact import model_state_shapes
 from sparsert.runtime.errors import ArtifactError, SparsertError
+from sparsert.runtime.fileio import fsync_dir, replace_dir, write_atomic
 from sparsert.runtime.model import ModelConfig, sparse_linear_names
 
 FORMAT = "sparsert-checkpoint"
@@ -73,35 +74,14 @@ def step_dir_name(step: int) -> str:
     return f"step_{step:08d}"
 
 
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def _fsync_file(path: Path) -> None:
     with open(path, "rb") as f:
         os.fsync(f.fileno())
 
 
 def write_json_atomic(path: Path, obj: object) -> None:
-    """Write ``obj`` as JSON to ``path`` through a temp file in the same directory and ``os.replace``."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2, sort_keys=False)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
+    """Write ``obj`` as indented JSON to ``path`` atomically (:func:`sparsert.runtime.fileio.write_atomic`)."""
+    write_atomic(path, json.dumps(obj, indent=2) + "\n")
 
 
 def _model_tensors(model: nn.Module, state: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
@@ -188,17 +168,8 @@ def save_checkpoint(
             f.write("\n")
         for fname in (MODEL_FILE, OPTIMIZER_FILE, STATE_FILE):
             _fsync_file(tmp / fname)
-        _fsync_dir(tmp)
-        if final.exists():
-            old = ckpt_root / (name + ".old")
-            if old.exists():
-                shutil.rmtree(old)
-            final.rename(old)
-            tmp.rename(final)
-            shutil.rmtree(old)
-        else:
-            tmp.rename(final)
-        _fsync_dir(ckpt_root)
+        fsync_dir(tmp)
+        replace_dir(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

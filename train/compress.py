@@ -274,9 +274,9 @@ def compress_checkpoint(
     if awq:
         from sparsert.train.awq import DEFAULT_GRID, awq_scale_model  # noqa: PLC0415
 
-        found = awq_scale_model(model, calibration, group)
+        searches = awq_scale_model(model, calibration, group)
         producer["int4_scales"] = {"method": "awq", "grid": DEFAULT_GRID,
-                                   "alpha": {k: r.alpha for k, r in found.items()}}
+                                   "alpha": {k: r.alpha for k, r in searches.items()}}
     if calib_info is not None:
         producer["calibration"] = calib_info
 

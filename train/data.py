@@ -127,7 +127,7 @@ def _jsonl_documents(path: Path, rel: str) -> Iterator[tuple[str, str]]:
 
 
 class _Collector:
-    """Accumulates documents up to max_bytes UTF-8 bytes."""
+    """Accumulates documents up to max_bytes UTF-8 bytes; ``truncated`` once the limit cut one short."""
 
     def __init__(self, max_bytes: int | None) -> None:
         self.max_bytes = max_bytes
@@ -136,12 +136,8 @@ class _Collector:
         self.total = 0
         self.truncated = False
 
-    @property
-    def full(self) -> bool:
-        return self.truncated
-
-    def add(self, text: str, source: str, nbytes: int | None = None) -> None:
-        nbytes = len(text.encode("utf-8")) if nbytes is None else nbytes
+    def add(self, text: str, source: str) -> None:
+        nbytes = len(text.encode("utf-8"))
         if self.max_bytes is not None and self.total + nbytes > self.max_bytes:
             room = self.max_bytes - self.total
             text = text.encode("utf-8")[:room].decode("utf-8", errors="ignore")
@@ -151,6 +147,42 @@ class _Collector:
             self.documents.append(text)
             self.sources.append(source)
             self.total += nbytes
+
+
+def _documents(path: str | Path | None, skipped: list[str]) -> Iterator[tuple[str, str]]:
+    """(text, source) of every document of ``path`` (None: the default corpus), in corpus order, read lazily;
+    folder files that are not UTF-8 text are appended to ``skipped`` instead."""
+    if path is None:
+        root = default_corpus_root()
+        if not root.is_dir():
+            raise DataError(f"{root}: the Python standard library folder (default corpus) does not exist")
+        for rel, file in _walk_files(root, suffix=".py", exclude_dirs=_EXCLUDED_DIRS):
+            yield _read_bytes(file).decode("utf-8", errors="replace"), rel
+        return
+    p = Path(path)
+    if not p.exists():
+        raise DataError(f"{p}: data path does not exist")
+    if p.is_dir():
+        for rel, file in _walk_files(p, skip_hidden=True):
+            if file.suffix == ".jsonl":
+                yield from _jsonl_documents(file, rel)
+                continue
+            text = _decode_strict(_read_bytes(file))
+            if text is None:
+                skipped.append(rel)
+            else:
+                yield text, rel
+    elif p.is_file():
+        if p.suffix == ".jsonl":
+            yield from _jsonl_documents(p, p.name)
+            return
+        try:
+            text = _read_bytes(p).decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise DataError(f"{p}: not UTF-8 text (invalid byte at offset {exc.start})") from None
+        yield text, p.name
+    else:
+        raise DataError(f"{p}: not a regular file or folder")
 
 
 def load_corpus(path: str | Path | None = None, max_bytes: int | None = DEFAULT_MAX_BYTES) -> Corpus:
@@ -164,51 +196,11 @@ def load_corpus(path: str | Path | None = None, max_bytes: int | None = DEFAULT_
         raise ConfigError(f"max_bytes must be a positive integer or None, got {max_bytes!r}")
     out = _Collector(max_bytes)
     skipped: list[str] = []
-    if path is None:
-        root = default_corpus_root()
-        if not root.is_dir():
-            raise DataError(f"{root}: the Python standard library folder (default corpus) does not exist")
-        name = f"python-stdlib:{root}"
-        for rel, file in _walk_files(root, suffix=".py", exclude_dirs=_EXCLUDED_DIRS):
-            data = _read_bytes(file)
-            out.add(data.decode("utf-8", errors="replace"), rel)
-            if out.full:
-                break
-    else:
-        p = Path(path)
-        name = str(p)
-        if not p.exists():
-            raise DataError(f"{p}: data path does not exist")
-        if p.is_dir():
-            for rel, file in _walk_files(p, skip_hidden=True):
-                if file.suffix == ".jsonl":
-                    for text, source in _jsonl_documents(file, rel):
-                        out.add(text, source)
-                        if out.full:
-                            break
-                else:
-                    text = _decode_strict(_read_bytes(file))
-                    if text is None:
-                        skipped.append(rel)
-                        continue
-                    out.add(text, rel)
-                if out.full:
-                    break
-        elif p.is_file():
-            if p.suffix == ".jsonl":
-                for text, source in _jsonl_documents(p, p.name):
-                    out.add(text, source)
-                    if out.full:
-                        break
-            else:
-                data = _read_bytes(p)
-                try:
-                    text = data.decode("utf-8")
-                except UnicodeDecodeError as exc:
-                    raise DataError(f"{p}: not UTF-8 text (invalid byte at offset {exc.start})") from None
-                out.add(text, p.name)
-        else:
-            raise DataError(f"{p}: not a regular file or folder")
+    for text, source in _documents(path, skipped):
+        out.add(text, source)
+        if out.truncated:
+            break
+    name = f"python-stdlib:{default_corpus_root()}" if path is None else str(Path(path))
     if out.total == 0:
         what = "no UTF-8 text files" if skipped else "no text"
         raise DataError(f"{name}: corpus is empty ({what})")

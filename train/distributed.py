@@ -504,16 +504,21 @@ def decoder_blocks(model: nn.Module) -> list[nn.Module]:
     return list(best) if best is not None else []
 
 
+@torch.no_grad()
+def _broadcast_(t: torch.Tensor) -> None:
+    """Rank 0's ``t`` on every rank, in place (a bool tensor travels as uint8: not every backend sends bool)."""
+    if t.dtype == torch.bool:
+        tmp = t.to(torch.uint8)
+        dist.broadcast(tmp, src=0)
+        t.copy_(tmp.bool())
+    else:
+        dist.broadcast(t.data, src=0)
+
+
 def _broadcast_module(model: nn.Module) -> None:
     """Rank 0's parameters and buffers on every rank (in place)."""
-    with torch.no_grad():
-        for t in list(model.parameters()) + [b for b in model.buffers() if b is not None]:
-            if t.dtype == torch.bool:
-                tmp = t.to(torch.uint8)
-                dist.broadcast(tmp, src=0)
-                t.copy_(tmp.bool())
-            else:
-                dist.broadcast(t.data, src=0)
+    for t in list(model.parameters()) + [b for b in model.buffers() if b is not None]:
+        _broadcast_(t)
 
 
 def _shard_optimizer_state(state: dict, optimizer: torch.optim.Optimizer) -> dict:
@@ -727,17 +732,9 @@ def _broadcast_changed_masks(model: nn.Module, before: list[tuple[nn.Module, str
     old = {(id(m), name): v for m, name, v in before}
     flags = [(id(m), name) not in old or old[(id(m), name)] != v for m, name, v in now]
     changed = _changed_anywhere(flags, device)
-    with torch.no_grad():
-        for (module, name, _), c in zip(now, changed, strict=True):
-            if not c:
-                continue
-            buf = module._buffers[name]
-            if buf.dtype == torch.bool:
-                tmp = buf.to(torch.uint8)
-                dist.broadcast(tmp, src=0)
-                buf.copy_(tmp.bool())
-            else:
-                dist.broadcast(buf, src=0)
+    for (module, name, _), c in zip(now, changed, strict=True):
+        if c:
+            _broadcast_(module._buffers[name])
 
 
 def sync_masks(model: nn.Module, refresh: Callable[[], Any]) -> Any:

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import inspect
 import json
-import os
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -38,6 +37,7 @@ import torch
 from torch import nn
 
 from sparsert.runtime.errors import ArtifactError, ConfigError
+from sparsert.runtime.fileio import replace_dir
 from sparsert.runtime.hf_tokenizer import HFTokenizer, import_transformers
 from sparsert.train.sparse_linear import SparseLinear, SparsityConfig
 from sparsert.train.sparsify import sparsify_model
@@ -46,7 +46,7 @@ from sparsert.train.sparsify import sparsify_model
 _BLOCK_LISTS = ("model.layers", "transformer.h", "model.decoder.layers", "gpt_neox.layers", "transformer.blocks",
                 "transformer.layers")
 _ATTENTION_WORDS = ("attn", "attention")
-_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model", "spiece.model",
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model", "spiece.model",
                     "vocab.txt")
 _WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
                  "pytorch_model.bin.index.json")
@@ -131,6 +131,11 @@ def load_hf_config(path: str | Path) -> Any:
     return config
 
 
+def has_tokenizer_files(path: str | Path) -> bool:
+    """True when the model directory ``path`` holds one of :data:`TOKENIZER_FILES`."""
+    return any((Path(path) / f).is_file() for f in TOKENIZER_FILES)
+
+
 def _dtype_kwarg(transformers: Any) -> str:
     """``from_pretrained``'s dtype keyword: ``dtype`` from transformers 4.56 on, ``torch_dtype`` before."""
     from packaging.version import Version
@@ -168,7 +173,7 @@ def load_hf_causal_lm(path: str | Path, *, dtype: torch.dtype = torch.float32,
         first = mismatched[0][0] if isinstance(mismatched[0], (tuple, list)) else mismatched[0]
         raise ArtifactError(f"{p}: {len(mismatched)} tensor(s) have the wrong shape for the config, e.g. '{first}'")
     tokenizer = None
-    if load_tokenizer and any((p / f).is_file() for f in _TOKENIZER_FILES):
+    if load_tokenizer and has_tokenizer_files(p):
         tokenizer = HFTokenizer(p)
         n_emb = model.get_input_embeddings().weight.shape[0]
         if tokenizer.vocab_size > n_emb:
@@ -361,13 +366,7 @@ def save_hf_checkpoint(model: nn.Module, tokenizer: HFTokenizer | Any | None, ou
                                 "transposed": name in set(getattr(model, TRANSPOSED_ATTR, ()))}
         meta = {"format": "sparsert-hf-checkpoint", "version": 1, "sparse_layers": layers}
         (tmp / SPARSERT_FILE).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
-        if out.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-            os.replace(out, old / out.name)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
+        replace_dir(tmp, out)
     except OSError as exc:
         shutil.rmtree(tmp, ignore_errors=True)
         raise ArtifactError(f"{out}: cannot write the Hugging Face checkpoint ({_first_line(exc)})") from None

@@ -37,8 +37,9 @@ from torch import nn
 from sparsert.runtime.errors import ArtifactError, ConfigError
 from sparsert.runtime.hf_tokenizer import HFTokenizer
 from sparsert.train.hf_model import (
-    _TOKENIZER_FILES,
+    TOKENIZER_FILES,
     conv1d_to_linear,
+    has_tokenizer_files,
     hf_forward,
     hf_sparse_linear_names,
     load_hf_causal_lm,
@@ -216,9 +217,9 @@ def build_hf_model(model_config: HFModelConfig) -> HFCausalLM:
 def hf_tokenizer(model_config: HFModelConfig) -> HFTokenizer:
     """The tokenizer of the model directory; ConfigError when the directory has none."""
     p = Path(model_config.path)
-    if not any((p / f).is_file() for f in _TOKENIZER_FILES):
+    if not has_tokenizer_files(p):
         raise ConfigError(f"--model {p}: no tokenizer in the model directory (expected one of "
-                          f"{', '.join(_TOKENIZER_FILES)}); the corpus is tokenised with the model's own tokenizer")
+                          f"{', '.join(TOKENIZER_FILES)}); the corpus is tokenised with the model's own tokenizer")
     tok = HFTokenizer(p)
     if tok.vocab_size > model_config.vocab_size:
         raise ConfigError(f"--model {p}: the tokenizer has {tok.vocab_size} tokens but the model's embedding has "

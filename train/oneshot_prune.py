@@ -33,7 +33,7 @@ from sparsert.runtime.errors import ConfigError, FormatError
 from sparsert.runtime.nm_mask import check_groups, check_nm, nm_mask
 
 __all__ = ["InputStats", "magnitude_prune", "wanda_prune", "sparsegpt_prune", "PruneResult", "LayerPruner",
-           "ONESHOT_METHODS", "prune_model_oneshot"]
+           "ONESHOT_METHODS", "prune_model_oneshot", "StopForward", "run_calibration", "calibration_input_ids"]
 
 
 @dataclass
@@ -192,8 +192,18 @@ ONESHOT_METHODS: dict[str, LayerPruner] = {
 """Registry of one-shot pruning methods by name (``sparsert compress --prune NAME``)."""
 
 
-class _StopForward(Exception):
-    """Raised by a hook to skip the rest of a forward pass once the hooked layers have run."""
+class StopForward(Exception):
+    """Raised by a forward hook to end a calibration pass early, once the layers under study have run."""
+
+
+def run_calibration(model: nn.Module, batches: Iterable[torch.Tensor]) -> None:
+    """``model(x)`` for every calibration batch ``x`` (int64 [B, T]); a :class:`StopForward` raised by one of
+    the caller's hooks ends that pass early (the rest of the model cannot change the inputs under study)."""
+    for x in batches:
+        try:
+            model(x)
+        except StopForward:
+            pass
 
 
 def _layer_groups(names: list[str]) -> list[list[str]]:
@@ -210,10 +220,12 @@ def _layer_groups(names: list[str]) -> list[list[str]]:
     return groups
 
 
-def _as_input_ids(batch: object) -> torch.Tensor:
+def calibration_input_ids(batch: object) -> torch.Tensor:
+    """The ``input_ids`` int64 [B, T] of a calibration batch given as the tensor itself or an ``(x, y)`` pair;
+    ConfigError otherwise."""
     x = batch[0] if isinstance(batch, (tuple, list)) else batch
     if not isinstance(x, torch.Tensor) or x.dim() != 2:
-        raise ConfigError("one-shot pruning: each calibration batch must be input_ids int64 [B, T] or (x, y)")
+        raise ConfigError("each calibration batch must be input_ids int64 [B, T] or an (x, y) pair")
     return x
 
 
@@ -248,7 +260,7 @@ def prune_model_oneshot(model: nn.Module, method: str, calib_batches: Iterable[o
         if not isinstance(getattr(modules[nm], "weight", None), torch.Tensor):
             raise ConfigError(f"one-shot pruning: '{nm}' has no weight tensor")
         check_groups(modules[nm].weight, m, f"{nm}.weight")
-    batches = [] if calib_batches is None else [_as_input_ids(b) for b in calib_batches]
+    batches = [] if calib_batches is None else [calibration_input_ids(b) for b in calib_batches]
     if pruner.needs is not None and not batches:
         raise ConfigError(f"one-shot pruning with '{method}' needs calibration batches (got none)")
 
@@ -278,26 +290,20 @@ def _collect_stats(model: nn.Module, modules: dict[str, nn.Module], group: list[
                    with_gram: bool) -> dict[str, InputStats]:
     stats = {nm: InputStats(modules[nm].weight.shape[1], with_gram) for nm in group}
     seen: set[str] = set()
-    hooks = []
 
     def make_hook(nm: str):  # noqa: ANN202
         def hook(module: nn.Module, inputs: tuple) -> None:
             stats[nm].add(inputs[0])
             seen.add(nm)
             if len(seen) == len(group):
-                raise _StopForward  # the rest of the model cannot change this group's inputs
+                raise StopForward  # the rest of the model cannot change this group's inputs
 
         return hook
 
-    for nm in group:
-        hooks.append(modules[nm].register_forward_pre_hook(make_hook(nm)))
+    hooks = [modules[nm].register_forward_pre_hook(make_hook(nm)) for nm in group]
+    hooks.append(model.register_forward_pre_hook(lambda module, inputs: seen.clear()))  # each pass starts afresh
     try:
-        for x in batches:
-            seen.clear()
-            try:
-                model(x)
-            except _StopForward:
-                pass
+        run_calibration(model, batches)
     finally:
         for h in hooks:
             h.remove()

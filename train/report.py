@@ -28,17 +28,16 @@ import html
 import io
 import json
 import math
-import os
 import re
-import tempfile
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from sparsert.runtime.errors import ArtifactError, ConfigError
+from sparsert.runtime.fileio import write_atomic
+from sparsert.train.metrics import METRICS_FILE
 
-METRICS_FILE = "metrics.jsonl"
 TRAIN_LOSS_WINDOW = 10  # the "final" training loss is the mean of the last this many logged steps
 _METHOD_WORDS = ("method", "schedule", "transposable", "mvue", "masked_decay", "distill", "teacher", "slorb",
                  "wanda", "dense_finetune", "dense_fine_tune", "qat", "prune", "ast", "sparse_ffn_only",
@@ -71,13 +70,6 @@ class RunMetrics:
                 steps.append(int(r["step"]))
                 values.append(float(v))
         return steps, values
-
-    @property
-    def is_dense(self) -> bool | None:
-        """True/False from the checkpoint's ``sparsity`` (null = dense); None when unknown."""
-        if self.state is None or "sparsity" not in self.state:
-            return None
-        return self.state.get("sparsity") is None
 
     @property
     def last_step(self) -> int:
@@ -516,18 +508,6 @@ def plot_sparsity(runs: list[RunMetrics], dense: RunMetrics | None = None) -> by
 
 
 # --------------------------------------------------------------------------------------------------- writing
-
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary file in the same folder and a rename."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
 
 @dataclass
 class Report:

@@ -195,13 +195,16 @@ class SparsitySchedule:
 
 @torch.no_grad()
 def gradual_nm_mask(weight: torch.Tensor, density: float, n: int = 2, m: int = 4,
-                    score: torch.Tensor | None = None, name: str = "weight") -> torch.Tensor:
+                    score: torch.Tensor | None = None, name: str = "weight", *,
+                    base: torch.Tensor | None = None) -> torch.Tensor:
     """Mask keeping a share ``density`` of ``weight``, always a superset of the N:M mask.
 
     Args:
         weight: [out, K], K % m == 0.
         density: target kept share in ``[n/m, 1]``.
         score: optional [out, K] importance (default ``|weight|``).
+        base: the N:M mask ``nm_mask(weight, n, m, score)`` (bool [out, K]) when the caller already holds it,
+            so it is not computed twice; None computes it.
     Returns:
         bool [out, K]: the top-``n`` of every group of ``m`` (ties to the lower index, as
         :func:`sparsert.runtime.nm_mask.nm_mask`) plus the ``round((density − n/m) · numel)`` highest-scoring
@@ -212,7 +215,11 @@ def gradual_nm_mask(weight: torch.Tensor, density: float, n: int = 2, m: int = 4
     check_groups(weight, m, name)
     if isinstance(density, bool) or not isinstance(density, (int, float)) or not n / m - 1e-9 <= density <= 1.0:
         raise ConfigError(f"gradual mask for {name}: density must be in [{n / m:g}, 1], got {density!r}")
-    base = nm_mask(weight, n, m, score=score, name=name)
+    if base is None:
+        base = nm_mask(weight, n, m, score=score, name=name)
+    elif base.shape != weight.shape or base.dtype != torch.bool:
+        raise ConfigError(f"gradual mask for {name}: base mask must be bool {tuple(weight.shape)}, got "
+                          f"{base.dtype} {tuple(base.shape)}")
     extra = round((density - n / m) * weight.numel())
     if extra <= 0:
         return base

@@ -256,7 +256,7 @@ class MaskController:
         for name, module in self.sparse.items():
             w = module.weight.detach()
             base = nm_mask(w, self.n, self.m, name=module.name)
-            full = gradual_nm_mask(w, max(density, self.n / self.m), self.n, self.m, name=module.name)
+            full = gradual_nm_mask(w, max(density, self.n / self.m), self.n, self.m, name=module.name, base=base)
             flips[name] = module.set_gradual_mask(full, base)
         return self._rates(flips)
 

@@ -32,6 +32,8 @@ class ExportResult:
     parity: object | None  # ParityReport, None with parity=False
 
     def summary(self) -> str:
+        from sparsert.export.onnx_graph import IR_VERSION, OPSET
+
         sparse_int4 = sum(1 for v in self.layers.values() if v["pattern"] and v["bits"] == 4)
         sparse_fp = sum(1 for v in self.layers.values() if v["pattern"] and v["bits"] is None)
         dense_int4 = sum(1 for v in self.layers.values() if not v["pattern"] and v["bits"] == 4)
@@ -48,8 +50,9 @@ class ExportResult:
             parts.append(f"{dense_fp} dense float32")
         ops = ", ".join(f"{op} {n}" for op, n in sorted(self.op_counts.items(), key=lambda kv: -kv[1])[:6])
         lines = [
-            f"wrote {self.path} ({self.file_bytes:,} bytes): opset 21, IR version 10, {self.n_nodes} nodes "
-            f"({ops}, ...), {self.n_initializers} initializers, KV cache {'yes' if self.kv_cache else 'no'}",
+            f"wrote {self.path} ({self.file_bytes:,} bytes): opset {OPSET}, IR version {IR_VERSION}, "
+            f"{self.n_nodes} nodes ({ops}, ...), {self.n_initializers} initializers, "
+            f"KV cache {'yes' if self.kv_cache else 'no'}",
             f"  linear weights: {'; '.join(parts) or 'none'}",
             "  2:4 along axis 0 of each MatMul B verified against the annotations; onnx.checker full check passed",
         ]

@@ -1,0 +1,78 @@
+"""Atomic file writes: a reader sees the old file or the new one, never a half-written one.
+
+:func:`write_atomic` is the one single-file write of sparsert (kernel cache entries, the dispatch cache,
+checkpoint ``latest.json``, report files). Directory-shaped outputs (artifacts, checkpoint steps, Hugging Face
+directories) are written completely into a temporary sibling directory and moved into place by
+:func:`replace_dir`.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import uuid
+from pathlib import Path
+
+
+def fsync_dir(path: Path) -> None:
+    """Best effort: make a rename inside ``path`` durable (not every file system allows it)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def write_atomic(path: str | Path, data: bytes | str, *, fsync: bool = True) -> Path:
+    """Write ``data`` (a ``str`` as UTF-8) to ``path`` atomically and return ``path``.
+
+    The bytes go to a uniquely named temporary file in the same folder (``.<name>.<random>.tmp``, created
+    exclusively, with the usual permissions), which is flushed and fsynced (``fsync=True``) and renamed over
+    ``path`` with ``os.replace``; the folder is then fsynced. The temporary file is removed when anything
+    fails, and the exception (usually ``OSError``) propagates. The folder must exist.
+    """
+    path = Path(path)
+    payload = data.encode("utf-8") if isinstance(data, str) else data
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.tmp")
+    try:
+        with open(tmp, "xb") as f:
+            f.write(payload)
+            if fsync:
+                f.flush()
+                os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    if fsync:
+        fsync_dir(path.parent)
+    return path
+
+
+def replace_dir(staged: str | Path, target: str | Path) -> Path:
+    """Move the complete directory ``staged`` to ``target`` (a sibling: same file system) and return ``target``.
+
+    A directory already at ``target`` is renamed aside (``.<name>.<random>.old``) first and deleted only once
+    ``staged`` is in place; if that last rename fails it is put back, so ``target`` is always either the old
+    directory or the new one. The parent folder is fsynced after the swap.
+    """
+    staged, target = Path(staged), Path(target)
+    if not target.exists():
+        os.replace(staged, target)
+        fsync_dir(target.parent)
+        return target
+    aside = target.with_name(f".{target.name}.{uuid.uuid4().hex[:12]}.old")
+    os.replace(target, aside)
+    try:
+        os.replace(staged, target)
+    except BaseException:
+        os.replace(aside, target)
+        raise
+    fsync_dir(target.parent)
+    shutil.rmtree(aside, ignore_errors=True)
+    return target
