@@ -79,7 +79,7 @@ def test_methods_fill_in_their_paper_defaults():
             hu.sparse_layers) == (True, True, DEFAULT_MASKED_DECAY, 0.0, 40, pytest.approx(1 / 6), "ffn")
     assert hu.variant == "sparse24-hu"
     srste = TrainConfig()
-    assert (srste.decay, srste.masked_decay, srste.mask_refresh_interval, srste.transposable) == (2e-4, 0.0, 10, False)
+    assert (srste.decay, srste.masked_decay, srste.mask_refresh_interval, srste.transposable) == (2e-4, 0.0, 1, False)
     assert TrainConfig(masked_decay=1e-4).decay == 0.0  # SR-STE's own decay is off under masked decay
     ast = TrainConfig(method="ast", teacher="t", steps=400)
     assert (ast.decay, ast.masked_decay, ast.mask_refresh_interval, ast.decay_warmup, ast.distill_alpha,
@@ -431,7 +431,7 @@ def test_cli_help_lists_the_method_flags_with_their_defaults():
                  "--distill-temperature", "--decay-max", "--decay-warmup STEPS", "--wanda-score", "--slorb",
                  "--slorb-k"):
         assert flag in text, flag
-    for default in ("[default: sr-ste]", "[default: (sr-ste: 10, hu: 40, ast: 10)]",
+    for default in ("[default: sr-ste]", "[default: (sr-ste: 1, hu: 40, ast: 10)]",
                     "[default: (sr-ste: off, hu: on, ast: off)]", "[default: (sr-ste: 0, hu: 6e-05, ast: 0)]",
                     "hu: 1/6", "[default: (sr-ste: all, hu: ffn, ast: all; all with --qat)]",
                     "[default: from-scratch]", "[default: 0.25]", "[default: 0.75]", "[default: 0.33]",
