@@ -14,6 +14,11 @@ Two numbers per run:
 
     python tools/bench_quality.py                 # the full comparison (the default run's steps)
     python tools/bench_quality.py --steps 50      # a quick check within a time budget
+    python tools/bench_quality.py --reuse dense=runs/a --reuse sr-ste=runs/b   # evaluate finished runs instead
+
+``--reuse RUN=DIR`` (RUN one of dense, sr-ste, qat) evaluates a finished run directory (its final checkpoint and
+artifact) instead of training that variant, e.g. to re-evaluate runs trained in parallel; the table then shows
+each run's own step count and tokens.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ import math
 import time
 from datetime import datetime
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 
@@ -31,9 +37,10 @@ from sparsert.runtime.artifact import load_artifact
 from sparsert.runtime.fileio import write_atomic
 from sparsert.runtime.tokenizer import ByteTokenizer
 from sparsert.train.data import TokenData, load_corpus
-from sparsert.train.trainer import TrainConfig, evaluate, train
+from sparsert.train.trainer import TrainConfig, evaluate, load_train_config, train
 
 TARGETS = {"sr-ste 2:4": 1.05, "sr-ste 2:4 + int4 qat": 1.07}
+REUSE_KEYS = {"dense": "dense", "sr-ste 2:4": "sr-ste", "sr-ste 2:4 + int4 qat": "qat"}
 
 
 def main() -> None:
@@ -53,7 +60,13 @@ def main() -> None:
     ap.add_argument("--out", default=None, help="folder for the three runs (default runs/bench-quality-<time>)")
     ap.add_argument("--json", default=None, help="also write the results as JSON to this file")
     ap.add_argument("--no-progress", action="store_true")
+    ap.add_argument("--reuse", action="append", default=[], metavar="RUN=DIR",
+                    help="evaluate this finished run dir for RUN (dense, sr-ste or qat) instead of training it")
     args = ap.parse_args()
+    reuse = dict(item.split("=", 1) for item in args.reuse)
+    unknown = set(reuse) - set(REUSE_KEYS.values())
+    if unknown:
+        ap.error(f"--reuse: unknown run {sorted(unknown)}; choose from {sorted(REUSE_KEYS.values())}")
 
     out = Path(args.out or f"runs/bench-quality-{datetime.now().strftime('%Y%m%d-%H%M%S')}")
     common = dict(preset=args.preset, data=args.data, steps=args.steps, batch_size=args.batch_size,
@@ -69,23 +82,28 @@ def main() -> None:
     rows = []
     for name, extra in variants.items():
         run_name = name.replace(" ", "").replace(":", "").replace("+", "-")
-        cfg = TrainConfig(**common, **extra, out_dir=str(out / run_name))
-        t0 = time.perf_counter()
-        result = train(cfg)
-        seconds = time.perf_counter() - t0
+        if REUSE_KEYS[name] in reuse:
+            run_dir = Path(reuse[REUSE_KEYS[name]])
+            cfg = load_train_config(run_dir)
+            result = SimpleNamespace(checkpoint=run_dir, artifact=run_dir / "artifact", run_dir=run_dir)
+            seconds = float("nan")
+        else:
+            cfg = TrainConfig(**common, **extra, out_dir=str(out / run_name))
+            t0 = time.perf_counter()
+            result = train(cfg)
+            seconds = time.perf_counter() - t0
         model = _trained_model(result, cfg)
         val = evaluate(model, data, args.batch_size, args.seq_len, args.eval_batches)
         art_model = load_artifact(result.artifact).build_model()
         art_val = evaluate(art_model, data, args.batch_size, args.seq_len, args.eval_batches)
-        rows.append({"run": name, "steps": args.steps, "tokens": args.steps * args.batch_size * args.seq_len,
+        rows.append({"run": name, "steps": cfg.steps, "tokens": cfg.steps * cfg.batch_size * cfg.seq_len,
                      "val_loss": val, "val_ppl": math.exp(val), "artifact_val_loss": art_val,
                      "seconds": seconds, "run_dir": str(result.run_dir)})
 
     dense = rows[0]["val_loss"]
     val_tokens = sum(y.numel() for _, y in data.val_batches(args.batch_size, args.seq_len, args.eval_batches))
     print()
-    print(f"preset {args.preset}, {args.steps} steps x {args.batch_size} x {args.seq_len} tokens per run, "
-          f"validation on {val_tokens:,} tokens")
+    print(f"preset {args.preset}, batch {args.batch_size} x {args.seq_len} tokens, validation on {val_tokens:,} tokens")
     print()
     print("| run | train tokens | val loss | val ppl | ratio to dense | target | result | artifact val loss | time |")
     print("|---|---:|---:|---:|---:|---:|---|---:|---:|")
