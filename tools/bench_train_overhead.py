@@ -20,7 +20,7 @@ import torch
 
 from sparsert.runtime.model import model_config_from_preset
 from sparsert.train.sparsify import refresh_masks
-from sparsert.train.trainer import TrainConfig, build_model, build_optimizer, train_step
+from sparsert.train.trainer import TrainConfig, build_mask_controller, build_model, build_optimizer, train_step
 
 TARGET = 1.2
 
@@ -51,7 +51,11 @@ def main() -> None:
     runs = {}
     for name, cfg in variants.items():
         model = build_model(mc, cfg)
-        runs[name] = (model, build_optimizer(model, cfg), not cfg.dense)
+        # The same mask controller train() uses (refresh interval, flip-rate bookkeeping).
+        masks = None if cfg.dense else build_mask_controller(model, cfg)
+        if masks is not None:
+            masks.begin(0, fresh=True)
+        runs[name] = (model, build_optimizer(model, cfg), masks)
     g = torch.Generator().manual_seed(0)
     batches = [(torch.randint(0, mc.vocab_size, (args.batch_size, args.seq_len), generator=g),
                 torch.randint(0, mc.vocab_size, (args.batch_size, args.seq_len), generator=g)) for _ in range(4)]
@@ -62,11 +66,12 @@ def main() -> None:
         order = list(runs)
         order = order[rep % len(order):] + order[:rep % len(order)]  # rotate who goes first
         for name in order:
-            model, opt, sparse = runs[name]
+            model, opt, masks = runs[name]
             t0 = time.perf_counter()
             for i in range(block):
                 x, y = batches[(step + i) % len(batches)]
-                train_step(model, opt, x, y, step=step + i + 1, lr=1e-4, grad_clip=1.0, sparse=sparse)
+                train_step(model, opt, x, y, step=step + i + 1, lr=1e-4, grad_clip=1.0, sparse=masks is not None,
+                           masks=masks)
             if rep >= args.warmup:
                 samples[name].append((time.perf_counter() - t0) / block)
         step += block
