@@ -145,6 +145,30 @@ def test_tokenizer_check():
         check_tokenizers_match(Shifted(), ByteTokenizer())
 
 
+def _save_hf_tokenizer(out, vocab: dict[str, int]) -> None:
+    transformers = pytest.importorskip("transformers")
+    tokenizers = pytest.importorskip("tokenizers")
+    tok = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+    transformers.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>").save_pretrained(str(out))
+
+
+def test_tokenizer_check_hf_compares_vocabularies_not_paths(tmp_path):
+    from sparsert.runtime.hf_tokenizer import HFTokenizer
+
+    vocab = {"<unk>": 0, "sparse": 1, "dense": 2, "two": 3, "four": 4}
+    _save_hf_tokenizer(tmp_path / "teacher", vocab)
+    _save_hf_tokenizer(tmp_path / "student", vocab)
+    _save_hf_tokenizer(tmp_path / "swapped", {**vocab, "two": 4, "four": 3})
+    teacher, student = HFTokenizer(tmp_path / "teacher"), HFTokenizer(tmp_path / "student")
+    assert teacher.to_dict() != student.to_dict()  # the paths differ ...
+    check_tokenizers_match(teacher, student)  # ... the tokenizers do not
+    with pytest.raises(ConfigError, match=r"different vocabularies \(token 'four': id 4 vs 3\)"):
+        check_tokenizers_match(teacher, HFTokenizer(tmp_path / "swapped"))
+    with pytest.raises(ConfigError, match="tokenizer is of type 'hf', the student's 'byte'"):
+        check_tokenizers_match(teacher, ByteTokenizer())
+
+
 def test_annealed_decay_schedule():
     assert annealed_decay(0, 1e-4, 10_000) == 0.0
     assert annealed_decay(2_500, 1e-4, 10_000) == pytest.approx(2.5e-5)
@@ -194,6 +218,43 @@ def test_adaptive_masks_wanda_score_uses_activation_norms():
     assert layer.mask.tolist() == [[True, True, False, False]]  # magnitude alone would keep 2, 3
     am.detach()
     assert not layer._forward_hooks
+
+
+def test_adaptive_masks_state_dict_round_trip_and_paused():
+    torch.manual_seed(0)
+    w = torch.randn(4, 8)
+    make = lambda: nn.Sequential(_Masked(w, torch.ones(4, 8, dtype=torch.bool)))  # noqa: E731
+    model = make()
+    am = AdaptiveMasks(model, interval=1, wanda=True).attach()
+    x = torch.randn(5, 8) * torch.tensor([5.0, 0.1, 3.0, 0.2, 0.1, 4.0, 2.0, 0.3])
+    model(x)
+    with am.paused():
+        model(torch.full((50, 8), 100.0))  # evaluation-like passes: not counted
+        with am.paused():
+            model(torch.full((50, 8), 100.0))
+    model(x)
+    state = am.state_dict()
+    torch.testing.assert_close(state["0"], 2 * x.pow(2).sum(0))
+    state["0"].add_(1)  # a copy: the masks' statistics are untouched
+    torch.testing.assert_close(am.activation_norms("0"), (2 * x.pow(2).sum(0)).sqrt())
+    # a resumed run restores the statistics and computes the same Wanda masks
+    resumed_model = make()
+    resumed = AdaptiveMasks(resumed_model, interval=1, wanda=True).attach()
+    resumed.load_state_dict(am.state_dict())
+    am.refresh()
+    resumed.refresh()
+    assert torch.equal(resumed_model[0].mask, model[0].mask)
+    assert am.state_dict() == {} and resumed.state_dict() == {}  # a refresh starts new statistics
+    good = {"0": torch.ones(8)}
+    for bad, match in (({"1": torch.ones(8)}, "'1', which is not a masked module"),
+                       ({"0": torch.ones(7)}, r"'0' must be finite non-negative floats \[8\], got \(7,\)"),
+                       ({"0": torch.full((8,), float("nan"))}, "finite non-negative"),
+                       ({"0": -torch.ones(8)}, "finite non-negative"),
+                       ({"0": [1.0] * 8}, "got list")):
+        resumed.load_state_dict(good)
+        with pytest.raises(ConfigError, match=match):
+            resumed.load_state_dict(bad)
+        torch.testing.assert_close(resumed.state_dict()["0"], torch.ones(8))  # unchanged by a refused load
 
 
 def test_adaptive_masks_transposable_and_errors():

@@ -9,7 +9,13 @@ import torch
 import torch.nn.functional as F
 
 from sparsert.runtime.errors import FormatError
-from sparsert.train.mvue24 import inclusion_probabilities_24, mvue24, mvue24_with_mask, sparse_linear_mvue
+from sparsert.train.mvue24 import (
+    inclusion_probabilities_24,
+    mvue24,
+    mvue24_weight_grad,
+    mvue24_with_mask,
+    sparse_linear_mvue,
+)
 
 GROUPS = torch.tensor(
     [
@@ -78,6 +84,88 @@ def test_sampling_frequencies_match_inclusion_probabilities():
     assert (freq - pi).abs().max() < 4.5 * (0.25 / samples) ** 0.5
 
 
+def _exact_pairs(a: list[float]) -> dict[frozenset, float]:
+    """P(kept pair = {i, j}) of the two-step sampler, by enumerating the ordered draws."""
+    s = sum(a)
+    pairs: dict[frozenset, float] = {}
+    for i, j in itertools.permutations(range(4), 2):
+        if a[i] > 0 and s - a[i] > 0 and a[j] > 0:
+            pairs[frozenset((i, j))] = pairs.get(frozenset((i, j)), 0.0) + a[i] / s * a[j] / (s - a[i])
+    return pairs
+
+
+def test_kept_pairs_follow_the_two_draw_law():
+    # The second draw reuses the first uniform's residual; the joint law of the kept pair must still be
+    # P{i, j} = p_i·a_j/(S − a_i) + p_j·a_i/(S − a_j), not just the right marginals.
+    samples = 40000
+    groups = torch.tensor([[1.0, 2.0, 3.0, 4.0], [-0.5, 0.1, 2.0, -3.0], [1e6, 1.0, 1.0, 1.0], [0.3, -3.0, 0.03, 1.0]])
+    x = groups.reshape(1, -1).expand(samples, -1).contiguous()
+    _, kept = mvue24_with_mask(x, generator=torch.Generator().manual_seed(9))
+    kept = kept.reshape(samples, len(groups), 4)
+    for gi, row in enumerate(groups.abs().double().tolist()):
+        pairs = _exact_pairs(row)
+        assert sum(pairs.values()) == pytest.approx(1.0)
+        total = 0.0
+        for pair, p in pairs.items():
+            want = torch.zeros(4, dtype=torch.bool)
+            want[list(pair)] = True
+            freq = (kept[:, gi] == want).all(-1).double().mean().item()
+            total += freq
+            assert abs(freq - p) <= 4.5 * (p * (1 - p) / samples) ** 0.5 + 1e-9, (gi, sorted(pair), freq, p)
+        assert total == 1.0  # every sample kept one of the possible pairs
+
+
+def test_groups_along_dim_0_and_a_middle_dimension():
+    samples = 20000
+    # dim 0: 4 rows = one group per column, GROUPS' 7 groups repeated (also crosses the CPU column blocks)
+    x = GROUPS.t().repeat(1, samples)  # (4, 7·samples)
+    out = mvue24(x, generator=torch.Generator().manual_seed(3), dim=0)
+    mean = out.double().reshape(4, samples, 7).mean(1)
+    target = GROUPS.t().double()
+    pi = torch.tensor([_exact_inclusion(row) for row in GROUPS.abs().double().tolist()], dtype=torch.float64).t()
+    sem = torch.where(pi > 0, target**2 * (1 / pi.clamp(min=1e-300) - 1), torch.zeros_like(pi)).div(samples).sqrt()
+    assert ((mean - target).abs() <= 4.5 * sem + 1e-6 * target.abs()).all()
+    # a middle dimension: groups of 4 consecutive entries along dim 1 of (3, 8, 5)
+    g = torch.Generator().manual_seed(4)
+    y = torch.randn(3, 8, 5, generator=g)
+    y[0, :4, 0] = 0
+    y[1, 4:8, 2] = torch.tensor([0.0, 0.0, 2.5, 0.0])
+    out, kept = mvue24_with_mask(y, generator=g, dim=1)
+    nonzeros = (y != 0).reshape(3, 2, 4, 5).sum(2)
+    assert torch.equal(kept.reshape(3, 2, 4, 5).sum(2), nonzeros.clamp(max=2))
+    assert (out[0, :4, 0] == 0).all() and out[1, 6, 2] == 2.5 and torch.isfinite(out).all()
+    with pytest.raises(FormatError, match=r"y: MVUE24 needs a tensor whose dimension 0 is divisible by 4, got \(3, 8"):
+        mvue24(torch.randn(3, 8), dim=0, name="y")
+    with pytest.raises(FormatError, match="along dimension 2, but the tensor has shape"):
+        mvue24(torch.randn(4, 4), dim=2)
+
+
+def test_blocks_give_the_same_draws_and_the_fused_gemm_matches(monkeypatch):
+    import sparsert.train.mvue24 as mv
+
+    g = torch.Generator().manual_seed(6)
+    grad, x = torch.randn(64, 24, generator=g), torch.randn(64, 8, generator=g)  # 64 tokens, N = 24, K = 8
+    grad[:4, 0] = 0  # a zero group
+    ref = mvue24(grad, torch.Generator().manual_seed(0), dim=0)
+    torch.testing.assert_close(mvue24_weight_grad(grad, x, torch.Generator().manual_seed(0)), ref.t() @ x)
+    # blocks of 3 groups of rows (12 tokens): row blocks consume the generator in order, so the draws are the
+    # same, and the block GEMMs accumulate to the same gradient
+    monkeypatch.setattr(mv, "_CPU_BLOCK_GROUPS", 3 * 24)
+    monkeypatch.setattr(mv, "_CPU_MIN_ROWS", 1)
+    assert torch.equal(mvue24(grad, torch.Generator().manual_seed(0), dim=0), ref)
+    torch.testing.assert_close(mvue24_weight_grad(grad, x, torch.Generator().manual_seed(0)), ref.t() @ x)
+    # column blocks too (8 columns): other draws, same guarantees
+    monkeypatch.setattr(mv, "_CPU_MAX_COLS", 8)
+    out = mvue24(grad, torch.Generator().manual_seed(0), dim=0)
+    assert ((out != 0).reshape(16, 4, 24).sum(1) == (grad != 0).reshape(16, 4, 24).sum(1).clamp(max=2)).all()
+    torch.testing.assert_close(mvue24_weight_grad(grad, x, torch.Generator().manual_seed(0)), out.t() @ x)
+    # low-precision gradients come back in their dtype
+    wg = mvue24_weight_grad(grad.bfloat16(), x.bfloat16(), torch.Generator().manual_seed(0))
+    assert wg.dtype == torch.bfloat16 and wg.shape == (24, 8)
+    with pytest.raises(FormatError, match=r"must be \[T, N\] and \[T, K\]"):
+        mvue24_weight_grad(grad, x[:60])
+
+
 def test_exact_24_pattern_and_zero_groups():
     g = torch.Generator().manual_seed(2)
     x = torch.randn(3, 5, 64, generator=g)
@@ -103,6 +191,29 @@ def test_determinism_with_generator():
     b = mvue24(x, generator=torch.Generator().manual_seed(7))
     c = mvue24(x, generator=torch.Generator().manual_seed(8))
     assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+def test_inference_mode_then_normal_mode_in_a_fresh_thread():
+    # the CPU scratch is per thread and kept between calls; one made in inference mode could not be updated
+    # in place outside it, so inference mode must not leave one behind
+    import threading
+
+    x = torch.randn(32, 12)
+    results: dict[str, object] = {}
+
+    def work() -> None:
+        try:
+            with torch.inference_mode():
+                results["inside"] = mvue24(x, generator=torch.Generator().manual_seed(5), dim=0)
+            results["outside"] = mvue24(x, generator=torch.Generator().manual_seed(5), dim=0)
+        except Exception as exc:  # noqa: BLE001 - reported by the assertion below
+            results["error"] = exc
+
+    thread = threading.Thread(target=work)
+    thread.start()
+    thread.join()
+    assert "error" not in results, results.get("error")
+    assert torch.equal(results["inside"], results["outside"])
 
 
 def test_half_precision_input():
@@ -135,11 +246,13 @@ def test_sparse_linear_mvue_forward_and_exact_gradients():
     y.backward(gy)
     torch.testing.assert_close(x.grad, gy @ (w * mask).detach())  # ∇X = ∇Z · (W ⊙ m), exact
     torch.testing.assert_close(b.grad, gy.sum((0, 1)))
-    # ∇W = MVUE24(∇Zᵀ) · X, sampling along the token dimension, same generator stream
-    gt = gy.reshape(-1, 6).t()
-    expected = mvue24(gt, generator=torch.Generator().manual_seed(0)) @ x.detach().reshape(-1, 8)
+    # ∇W = MVUE24(∇Zᵀ) · X, sampling along the token dimension (dim 0 of ∇Z [T, N]), same generator stream
+    g2 = gy.reshape(-1, 6)
+    sampled = mvue24(g2, generator=torch.Generator().manual_seed(0), dim=0)
+    assert ((sampled != 0).reshape(-1, 4, 6).sum(1) == 2).all()  # 2:4 along the tokens
+    expected = sampled.t() @ x.detach().reshape(-1, 8)
     torch.testing.assert_close(w.grad, expected)
-    assert not torch.allclose(w.grad, gt @ x.detach().reshape(-1, 8))  # it did sample
+    assert not torch.allclose(w.grad, g2.t() @ x.detach().reshape(-1, 8))  # it did sample
 
 
 def test_sparse_linear_mvue_exact_mode_and_padding():
@@ -148,9 +261,12 @@ def test_sparse_linear_mvue_exact_mode_and_padding():
     torch.testing.assert_close(w.grad, gy.reshape(-1, 6).t() @ x.detach().reshape(-1, 8))
     w.grad = None
     sparse_linear_mvue(x, w, mask, b, generator=torch.Generator().manual_seed(1)).backward(gy)
-    gt = torch.nn.functional.pad(gy.reshape(-1, 6).t(), (0, 2))
+    gp = torch.nn.functional.pad(gy.reshape(-1, 6), (0, 0, 0, 2))  # (12, 6): two zero tokens
     xp = torch.nn.functional.pad(x.detach().reshape(-1, 8), (0, 0, 0, 2))
-    torch.testing.assert_close(w.grad, mvue24(gt, generator=torch.Generator().manual_seed(1)) @ xp)
+    sampled = mvue24(gp, generator=torch.Generator().manual_seed(1), dim=0)
+    torch.testing.assert_close(w.grad, sampled.t() @ xp)
+    torch.testing.assert_close(
+        mvue24_weight_grad(gy.reshape(-1, 6), x.detach().reshape(-1, 8), torch.Generator().manual_seed(1)), w.grad)
 
 
 def test_sparse_linear_mvue_weight_gradient_unbiased():

@@ -21,7 +21,9 @@ AAAI 2025. Its pieces, each usable on its own:
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -194,15 +196,38 @@ class Teacher:
 _PROBE_TEXT = "Sparse 2:4 teacher/student tokenizer probe: ÄÖü 東京 1234 \n\t end."
 
 
+def _tokenizer_kind(tokenizer: Any) -> str:
+    """``to_dict()["type"]`` when the tokenizer has one (``"byte"``, ``"hf"``), else its class name."""
+    to_dict = getattr(tokenizer, "to_dict", None)
+    d = to_dict() if callable(to_dict) else None
+    kind = d.get("type") if isinstance(d, dict) else None
+    return kind if isinstance(kind, str) else type(tokenizer).__name__
+
+
+def _hf_vocabulary(tokenizer: Any) -> dict[str, int] | None:
+    """The token -> id map of a Hugging Face tokenizer (``tokenizer.hf.get_vocab()``, added tokens included),
+    None for other tokenizers."""
+    get_vocab = getattr(getattr(tokenizer, "hf", None), "get_vocab", None)
+    return dict(get_vocab()) if callable(get_vocab) else None
+
+
 def check_tokenizers_match(teacher_tokenizer: Any, student_tokenizer: Any) -> None:
-    """ConfigError unless both tokenizers have the same ``vocab_size``, the same ``to_dict()`` when both
-    provide one, and encode a probe text to the same ids."""
+    """ConfigError unless both tokenizers are the same: same type (``to_dict()["type"]``, else the class), same
+    ``vocab_size``, for Hugging Face tokenizers the same vocabulary (every token with the same id; where each
+    was loaded from does not matter), and the same ids for a probe text."""
+    tk, sk = _tokenizer_kind(teacher_tokenizer), _tokenizer_kind(student_tokenizer)
+    if tk != sk:
+        raise ConfigError(f"AST teacher tokenizer is of type {tk!r}, the student's {sk!r}")
     tv, sv = getattr(teacher_tokenizer, "vocab_size", None), getattr(student_tokenizer, "vocab_size", None)
     if tv != sv:
         raise ConfigError(f"AST teacher tokenizer has vocab_size {tv}, the student's {sv}")
-    if hasattr(teacher_tokenizer, "to_dict") and hasattr(student_tokenizer, "to_dict"):
-        if teacher_tokenizer.to_dict() != student_tokenizer.to_dict():
-            raise ConfigError("AST teacher and student tokenizers differ (to_dict() does not match)")
+    t_vocab, s_vocab = _hf_vocabulary(teacher_tokenizer), _hf_vocabulary(student_tokenizer)
+    if t_vocab != s_vocab:
+        if t_vocab is None or s_vocab is None:
+            raise ConfigError("AST teacher and student tokenizers differ (only one exposes a Hugging Face vocabulary)")
+        token = min(set(t_vocab) ^ set(s_vocab) or {t for t in t_vocab if t_vocab[t] != s_vocab[t]})
+        raise ConfigError(f"AST teacher and student tokenizers have different vocabularies (token {token!r}:"
+                          f" id {t_vocab.get(token)} vs {s_vocab.get(token)})")
     if list(teacher_tokenizer.encode(_PROBE_TEXT)) != list(student_tokenizer.encode(_PROBE_TEXT)):
         raise ConfigError("AST teacher and student tokenizers encode the same text differently")
 
@@ -228,7 +253,10 @@ class AdaptiveMasks:
     module since the previous refresh (forward hooks, registered by :meth:`attach`).
 
     Use: ``masks = AdaptiveMasks(model, interval=10, wanda=True).attach()``; after each optimizer step
-    ``flip = masks.step(step)`` (None when no refresh was due); ``masks.detach()`` removes the hooks.
+    ``flip = masks.step(step)`` (None when no refresh was due); ``masks.detach()`` removes the hooks. Forward
+    passes inside ``with masks.paused():`` (evaluation) are not counted. :meth:`state_dict` /
+    :meth:`load_state_dict` save and restore the statistics gathered since the last refresh, so a resumed run
+    computes the same Wanda masks.
     """
 
     def __init__(self, model: nn.Module, interval: int = 10, n: int = 2, m: int = 4, *, wanda: bool = False,
@@ -245,6 +273,7 @@ class AdaptiveMasks:
         self.interval, self.n, self.m, self.wanda, self.pattern = interval, n, m, wanda, pattern
         self._sumsq: dict[str, torch.Tensor] = {}
         self._hooks: list[torch.utils.hooks.RemovableHandle] = []
+        self._pauses = 0
         self.last_flip_rate: float | None = None
 
     def attach(self) -> AdaptiveMasks:
@@ -259,8 +288,42 @@ class AdaptiveMasks:
             h.remove()
         self._hooks.clear()
 
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        """Inside, forward passes add nothing to the Wanda statistics (e.g. around evaluation); nests."""
+        self._pauses += 1
+        try:
+            yield
+        finally:
+            self._pauses -= 1
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """The Wanda statistics since the last refresh: module name -> float32 [K], the sum over every token
+        seen of the squared input channel ``x_j²`` (detached copies; modules that saw no token are absent)."""
+        return {name: t.detach().clone() for name, t in self._sumsq.items()}
+
+    def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
+        """Replace the Wanda statistics with ``state`` (as returned by :meth:`state_dict`). ConfigError, and
+        nothing changed, for an unknown module name or an entry that is not a finite, non-negative float
+        tensor [K] (K = the module's input features)."""
+        restored = {}
+        for name, t in state.items():
+            module = self.modules.get(name)
+            if module is None:
+                raise ConfigError(f"adaptive masks: statistics for '{name}', which is not a masked module")
+            k = module.weight.shape[1]
+            ok = isinstance(t, torch.Tensor) and t.is_floating_point() and tuple(t.shape) == (k,)
+            if not ok or not bool(torch.isfinite(t).all()) or bool((t < 0).any()):
+                what = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+                raise ConfigError(f"adaptive masks: statistics for '{name}' must be finite non-negative floats"
+                                  f" [{k}], got {what}")
+            restored[name] = t.detach().to(device=module.weight.device, dtype=torch.float32).clone()
+        self._sumsq = restored
+
     def _make_hook(self, name: str):  # noqa: ANN202
         def hook(module: nn.Module, inputs: tuple, output: Any) -> None:
+            if self._pauses:
+                return
             x = inputs[0].detach()
             sq = x.float().pow(2).reshape(-1, x.shape[-1]).sum(0)  # (K,)
             prev = self._sumsq.get(name)

@@ -311,14 +311,8 @@ class MaskController:
     @contextlib.contextmanager
     def hooks_paused(self) -> Iterator[None]:
         """No Wanda activation statistics collected inside (e.g. around validation forward passes)."""
-        if self.adaptive is None or not self.adaptive._hooks:
+        with self.adaptive.paused() if self.adaptive is not None else contextlib.nullcontext():
             yield
-            return
-        self.adaptive.detach()
-        try:
-            yield
-        finally:
-            self.adaptive.attach()
 
     # ---------------------------------------------------------------------------------------------- state
 
@@ -326,9 +320,9 @@ class MaskController:
         """JSON-serialisable state beyond the masks: Wanda's activation sums since the last refresh."""
         if self.adaptive is None or not self.adaptive.wanda:
             return {}
-        # AdaptiveMasks keeps its sums in a private dict; checkpointing them makes a resume exact.
+        # Checkpointing the sums since the last refresh makes a resume exact.
         sums = {name: base64.b64encode(t.float().cpu().numpy().tobytes()).decode("ascii")
-                for name, t in self.adaptive._sumsq.items()}
+                for name, t in self.adaptive.state_dict().items()}
         return {"wanda_sumsq": sums}
 
     def load_state_dict(self, state: dict, where: str = "checkpoint") -> None:
@@ -346,5 +340,7 @@ class MaskController:
             if module is None or t is None or t.numel() != module.weight.shape[1]:
                 raise ArtifactError(f"{where}: the saved Wanda activation statistics of '{name}' are invalid")
             restored[name] = t.clone().to(module.weight.device)
-        self.adaptive._sumsq.clear()
-        self.adaptive._sumsq.update(restored)
+        try:
+            self.adaptive.load_state_dict(restored)
+        except ConfigError as exc:
+            raise ArtifactError(f"{where}: {exc}") from None
