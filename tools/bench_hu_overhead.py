@@ -10,7 +10,7 @@ Each variant runs the trainer's own step (:func:`sparsert.train.trainer.train_st
 decay, AdamW, and the mask refresh when due. Variants:
 
 - ``dense``: the same model without masks (the reference);
-- ``sr-ste 2:4``: SR-STE, refresh every 10 steps (the default method);
+- ``sr-ste 2:4``: SR-STE with its defaults (the default method);
 - ``hu 2:4 all linears``: transposable masks + MVUE24 + masked decay on every block linear, refresh every 40;
 - ``hu recipe (ffn only)``: the same on the FFN linears only (the recipe's default, attention dense).
 
@@ -27,12 +27,11 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 
 import torch
+from bench_train_overhead import print_table, time_variants  # tools/ is on sys.path when run as a script
 
-from sparsert.runtime.model import model_config_from_preset
-from sparsert.train.trainer import TrainConfig, build_mask_controller, build_model, build_optimizer, train_step
+from sparsert.train.trainer import TrainConfig
 
 TARGET = 1.3
 
@@ -59,49 +58,13 @@ def main() -> None:
         "hu 2:4 all linears": TrainConfig(**common, method="hu", sparse_layers="all", dense_finetune=0.0),
         "hu recipe (ffn only)": TrainConfig(**common, method="hu", dense_finetune=0.0),
     }
-    mc = model_config_from_preset(args.preset)
-    runs = {}
-    for name, cfg in variants.items():
-        model = build_model(mc, cfg)
-        masks = None
-        if not cfg.dense:
-            masks = build_mask_controller(model, cfg)
-            masks.begin(0, fresh=True)
-            gen = torch.Generator().manual_seed(0)
-            for module in masks.layers.values():
-                module.generator = gen
-        runs[name] = (model, build_optimizer(model, cfg), masks, cfg)
-    g = torch.Generator().manual_seed(0)
-    batches = [(torch.randint(0, mc.vocab_size, (args.batch_size, args.seq_len), generator=g),
-                torch.randint(0, mc.vocab_size, (args.batch_size, args.seq_len), generator=g)) for _ in range(4)]
+    samples = time_variants(variants, args.block, args.warmup, args.repeats)
 
-    samples: dict[str, list[float]] = {name: [] for name in runs}
-    step = 0
-    for rep in range(args.warmup + args.repeats):
-        order = list(runs)
-        order = order[rep % len(order):] + order[:rep % len(order)]  # rotate who goes first
-        for name in order:
-            model, opt, masks, cfg = runs[name]
-            t0 = time.perf_counter()
-            for i in range(args.block):
-                x, y = batches[(step + i) % len(batches)]
-                s = step + i + 1
-                train_step(model, opt, x, y, step=s, lr=1e-4, grad_clip=1.0, sparse=masks is not None, masks=masks,
-                           masked_decay=cfg.masked_decay_at(s))
-            if rep >= args.warmup:
-                samples[name].append((time.perf_counter() - t0) / args.block)
-        step += args.block
-
-    tokens = args.batch_size * args.seq_len
-    dense = statistics.median(samples["dense"])
+    refresh = {name: cfg.mask_refresh_interval for name, cfg in variants.items() if not cfg.dense}
     print(f"preset {args.preset}, batch {args.batch_size} x {args.seq_len} tokens, {args.threads} threads, "
-          f"median of {args.repeats} blocks of {args.block} steps (mask refresh: sr-ste every 10, hu every 40)")
+          f"median of {args.repeats} blocks of {args.block} steps (mask refresh every: {refresh})")
     print()
-    print("| variant | ms / step | tokens/s | ratio to dense |")
-    print("|---|---:|---:|---:|")
-    for name, times in samples.items():
-        t = statistics.median(times)
-        print(f"| {name} | {t * 1e3:.1f} | {tokens / t:,.0f} | {t / dense:.3f}x |")
+    dense = print_table(samples, args.batch_size * args.seq_len)
     ratio = statistics.median(samples["hu 2:4 all linears"]) / dense
     print()
     print(f"Hu 2:4 (transposable + MVUE24 + masked decay, all linears) step / dense step = {ratio:.3f} "

@@ -19,10 +19,59 @@ import time
 import torch
 
 from sparsert.runtime.model import model_config_from_preset
-from sparsert.train.sparsify import refresh_masks
 from sparsert.train.trainer import TrainConfig, build_mask_controller, build_model, build_optimizer, train_step
 
 TARGET = 1.2
+
+
+def time_variants(variants: dict[str, TrainConfig], block: int, warmup: int, repeats: int) -> dict[str, list[float]]:
+    """Per-step seconds of each variant: ``repeats`` samples of ``block`` consecutive trainer steps, after
+    ``warmup`` discarded blocks. Variants run interleaved (the first one rotating) on the same 4 random batches,
+    each with the mask controller and masked decay train() would use. All configs must share the model shape."""
+    first = next(iter(variants.values()))
+    mc = model_config_from_preset(first.preset)
+    runs = {}
+    for name, cfg in variants.items():
+        model = build_model(mc, cfg)
+        masks = None
+        if not cfg.dense:
+            masks = build_mask_controller(model, cfg)
+            masks.begin(0, fresh=True)
+            gen = torch.Generator().manual_seed(0)  # MVUE24's sampler, when on
+            for module in masks.layers.values():
+                module.generator = gen
+        runs[name] = (model, build_optimizer(model, cfg), masks, cfg)
+    g = torch.Generator().manual_seed(0)
+    shape = (first.batch_size, first.seq_len)
+    batches = [tuple(torch.randint(0, mc.vocab_size, shape, generator=g) for _ in range(2)) for _ in range(4)]
+    samples: dict[str, list[float]] = {name: [] for name in runs}
+    step = 0
+    for rep in range(warmup + repeats):
+        order = list(runs)
+        order = order[rep % len(order):] + order[:rep % len(order)]  # rotate who goes first
+        for name in order:
+            model, opt, masks, cfg = runs[name]
+            t0 = time.perf_counter()
+            for i in range(block):
+                x, y = batches[(step + i) % len(batches)]
+                s = step + i + 1
+                train_step(model, opt, x, y, step=s, lr=1e-4, grad_clip=1.0, sparse=masks is not None, masks=masks,
+                           masked_decay=cfg.masked_decay_at(s))
+            if rep >= warmup:
+                samples[name].append((time.perf_counter() - t0) / block)
+        step += block
+    return samples
+
+
+def print_table(samples: dict[str, list[float]], tokens_per_step: int) -> float:
+    """Print the markdown table (ms/step, tokens/s, ratio to the ``dense`` variant); return dense's median."""
+    dense = statistics.median(samples["dense"])
+    print("| variant | ms / step | tokens/s | ratio to dense |")
+    print("|---|---:|---:|---:|")
+    for name, times in samples.items():
+        t = statistics.median(times)
+        print(f"| {name} | {t * 1e3:.1f} | {tokens_per_step / t:,.0f} | {t / dense:.3f}x |")
+    return dense
 
 
 def main() -> None:
@@ -43,60 +92,19 @@ def main() -> None:
     block = args.block or args.mask_refresh
 
     base = TrainConfig(preset=args.preset, batch_size=args.batch_size, seq_len=args.seq_len,
-                       mask_refresh_interval=args.mask_refresh, group_size=args.group_size, progress=False)
+                       steps=(2 + args.warmup + args.repeats) * block, mask_refresh_interval=args.mask_refresh,
+                       group_size=args.group_size, progress=False)
     variants = {"dense": TrainConfig(**{**base.to_dict(), "dense": True}), "sr-ste 2:4": base}
     if not args.no_qat:
         variants["sr-ste 2:4 + int4 qat"] = TrainConfig(**{**base.to_dict(), "qat": True})
-    mc = model_config_from_preset(args.preset)
-    runs = {}
-    for name, cfg in variants.items():
-        model = build_model(mc, cfg)
-        # The same mask controller train() uses (refresh interval, flip-rate bookkeeping).
-        masks = None if cfg.dense else build_mask_controller(model, cfg)
-        if masks is not None:
-            masks.begin(0, fresh=True)
-        runs[name] = (model, build_optimizer(model, cfg), masks)
-    g = torch.Generator().manual_seed(0)
-    batches = [(torch.randint(0, mc.vocab_size, (args.batch_size, args.seq_len), generator=g),
-                torch.randint(0, mc.vocab_size, (args.batch_size, args.seq_len), generator=g)) for _ in range(4)]
+    samples = time_variants(variants, block, args.warmup, args.repeats)
 
-    samples: dict[str, list[float]] = {name: [] for name in runs}
-    step = 0
-    for rep in range(args.warmup + args.repeats):
-        order = list(runs)
-        order = order[rep % len(order):] + order[:rep % len(order)]  # rotate who goes first
-        for name in order:
-            model, opt, masks = runs[name]
-            t0 = time.perf_counter()
-            for i in range(block):
-                x, y = batches[(step + i) % len(batches)]
-                train_step(model, opt, x, y, step=step + i + 1, lr=1e-4, grad_clip=1.0, sparse=masks is not None,
-                           masks=masks)
-            if rep >= args.warmup:
-                samples[name].append((time.perf_counter() - t0) / block)
-        step += block
-
-    sparse_model = runs["sr-ste 2:4"][0]
-    refresh = []
-    for _ in range(5):
-        t0 = time.perf_counter()
-        refresh_masks(sparse_model)
-        refresh.append(time.perf_counter() - t0)
-
-    tokens = args.batch_size * args.seq_len
-    dense = statistics.median(samples["dense"])
     print(f"preset {args.preset}, batch {args.batch_size} x {args.seq_len} tokens, {args.threads} threads, "
           f"mask refresh every {args.mask_refresh} steps, median of {args.repeats} blocks of {block} steps")
     print()
-    print("| variant | ms / step | tokens/s | ratio to dense |")
-    print("|---|---:|---:|---:|")
-    for name, times in samples.items():
-        t = statistics.median(times)
-        print(f"| {name} | {t * 1e3:.1f} | {tokens / t:,.0f} | {t / dense:.3f}x |")
+    dense = print_table(samples, args.batch_size * args.seq_len)
     ratio = statistics.median(samples["sr-ste 2:4"]) / dense
-    r_ms = statistics.median(refresh) * 1e3
     print()
-    print(f"mask refresh of all layers: {r_ms:.1f} ms ({r_ms / args.mask_refresh:.2f} ms/step amortised)")
     print(f"SR-STE 2:4 step / dense step = {ratio:.3f} (target <= {TARGET}): {'PASS' if ratio <= TARGET else 'FAIL'}")
 
 
