@@ -5,7 +5,7 @@
    length, learning-rate schedule peaking at ``--lr``, seed, data order continued from the pre-training):
 
    - ``dense (continued)``: the reference;
-   - ``SR-STE 2:4`` (Zhou et al. 2021), masks from the dense weights, refreshed every 10 steps;
+   - ``SR-STE 2:4`` (Zhou et al. 2021), masks from the dense weights, refreshed every step;
    - ``Hu recipe 2:4`` (Hu et al. 2024): transposable masks, MVUE24, masked decay, refresh 40, dense fine-tuning
      of the last 1/6 (the artifact re-applies the last masks), on ``--hu-sparse-layers`` (default ``all``, so
      every row prunes the same layers; the paper's ``ffn`` leaves attention dense until compression);
