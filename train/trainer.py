@@ -571,22 +571,30 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tens
     for group in optimizer.param_groups:
         group["lr"] = lr
     logits = model(x)
-    total = kl = None
     if distill is not None:
         parts = distillation_loss(logits, distill.teacher(x), y, distill.alpha, distill.beta, distill.temperature)
-        loss, loss_value = parts.total, parts.ce.item()
-        total, kl = parts.total.item(), parts.kl.item()
-        check = total
+        loss, watched = parts.total, (parts.ce, parts.total, parts.kl)
     else:
         loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
-        loss_value = check = loss.item()
-    loss_value, check, total, kl = global_means(loss_value, check, total, kl)  # H11: the global batch's means
-    if not math.isfinite(check):
-        return StepResult(check, float("nan"), None, loss_total=total, kl=kl)
+        watched = (loss,)
     optimizer.zero_grad(set_to_none=True)
+    # Backward runs even on a non-finite loss (it only writes gradients): the loss, the distillation terms and
+    # the gradient norm then reach the host in one transfer, the step's only device sync before the update.
     loss.backward()
-    grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip))
+    grad_norm_t = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    if hasattr(grad_norm_t, "full_tensor"):  # FSDP2: a replicated DTensor
+        grad_norm_t = grad_norm_t.full_tensor()
+    values = torch.stack([t.detach().float() for t in watched] + [grad_norm_t.detach().float().to(loss.device)])
+    *losses, grad_norm = values.tolist()
+    loss_value, total, kl = losses if distill is not None else (losses[0], None, None)
+    # H11: the global batch's means, reduced before the finiteness test so every rank takes the same decision
+    loss_value, total, kl = global_means(loss_value, total, kl)
+    check = total if distill is not None else loss_value
+    if not math.isfinite(check):
+        optimizer.zero_grad(set_to_none=True)
+        return StepResult(check, float("nan"), None, loss_total=total, kl=kl)
     if not math.isfinite(grad_norm):
+        optimizer.zero_grad(set_to_none=True)
         return StepResult(loss_value, grad_norm, None, loss_total=total, kl=kl)
     if masked_decay:
         with local_rows(model):  # H11: under FSDP2, this rank's rows of W, its gradient and mask
