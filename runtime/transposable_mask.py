@@ -148,21 +148,25 @@ def transposable_24_mask(
     codes = torch.arange(45, dtype=torch.int32, device=device)[:, None]
     rows_table = _ROWS_TABLE.to(device)
     br_per_chunk = max(1, min(out // 4, _TARGET_BLOCKS_PER_CHUNK // nbc))
-    a = torch.empty(4, 4, br_per_chunk, nbc, device=device)  # (row in block, col in block, block row, block col)
+    # One block row of a block = 4 floats = 16 bytes, moved as one complex128 element: gathering the blocks
+    # into [n, 16] rows (block-major) copies 16-byte elements, 4x fewer than a float-by-float permute.
+    wide = src.dtype == torch.float32 and src.storage_offset() % 4 == 0
+    a = torch.empty(br_per_chunk * nbc, 16, device=device)  # (block, 4 rows x 4 columns of the block)
     d = torch.empty(45, br_per_chunk * nbc, device=device)
     key = torch.empty(45, br_per_chunk * nbc, dtype=torch.int32, device=device)
     for b0 in range(0, out // 4, br_per_chunk):
         nbr = min(br_per_chunk, out // 4 - b0)
         n = nbr * nbc
-        a_c, d_c, key_c = a[:, :, :nbr], d[:, :n], key[:, :n]
-        blocks = src[4 * b0: 4 * (b0 + nbr)].view(nbr, 4, nbc, 4).permute(1, 3, 0, 2)  # (4, 4, nbr, nbc)
-        if score is None and src.dtype == torch.float32:
-            torch.abs(blocks, out=a_c)  # fused abs + transpose into the [16, n] GEMM layout
+        a_c, d_c, key_c = a[:n], d[:, :n], key[:, :n]
+        rows = src[4 * b0: 4 * (b0 + nbr)]
+        if wide:
+            a_c.view(torch.complex128).view(nbr, nbc, 4).copy_(rows.view(torch.complex128).view(nbr, 4, nbc)
+                                                                .permute(0, 2, 1))
         else:
-            a_c.copy_(blocks)
-            if score is None:
-                a_c.abs_()
-        torch.mm(signs, a_c.reshape(16, n), out=d_c)  # d_r for the 45 pattern pairs, (45, n)
+            a_c.view(nbr, nbc, 4, 4).copy_(rows.view(nbr, 4, nbc, 4).permute(0, 2, 1, 3))
+        if score is None:
+            a_c.abs_()
+        torch.mm(signs, a_c.t(), out=d_c)  # d_r for the 45 pattern pairs, (45, n)
         torch.bitwise_and(d_c.view(torch.int32), _KEY_MASK, out=key_c)  # |d_r| bits, low 6 bits cleared
         key_c |= codes  # ... replaced by r: an int max is the argmax, ties to the larger r = lower pattern
         r = key_c.amax(0)  # (n,)
