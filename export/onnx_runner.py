@@ -1,4 +1,5 @@
-"""ONNX Runtime execution of an exported sparsert graph: session setup and a generation :class:`Stepper`.
+"""ONNX Runtime execution of an exported sparsert graph: session setup and a generation :class:`Stepper`
+(:class:`OnnxStepper`; :func:`onnx_stepper` opens one for an artifact, on its exported file or a temporary one).
 
 Sessions run on the CPU execution provider with all graph optimisations on. ONNX Runtime then fuses each
 INT4 ``DequantizeLinear -> MatMul`` pair into ``com.microsoft.MatMulNBits``; its ``accuracy_level`` says in
@@ -12,13 +13,21 @@ through the session option ``session.qdq_matmulnbits_accuracy_level``, so the IN
 from __future__ import annotations
 
 import json
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import onnx
 
 from sparsert.export.annotations import KEY_MODEL_CONFIG, get_metadata
 from sparsert.runtime.errors import ConfigError, ExportError
+
+if TYPE_CHECKING:
+    from sparsert.runtime.artifact import Artifact
 
 ACCURACY_LEVEL_KEY = "session.qdq_matmulnbits_accuracy_level"
 DEFAULT_ACCURACY_LEVEL = 1
@@ -155,3 +164,26 @@ class OnnxStepper:
         else:
             logits, _ = run_logits(self.session, np.array([self._ids], np.int64))
         return logits[0, -1]
+
+
+@contextmanager
+def onnx_stepper(artifact: Artifact, onnx_path: str | Path | None = None) -> Iterator[OnnxStepper]:
+    """An :class:`OnnxStepper` for ``artifact``: on ``onnx_path``,
+    a graph ``sparsert export`` wrote from this artifact's model (ExportError when its ``sparsert.model_config``
+    metadata differs), or without it on a graph exported to a temporary directory, removed on exit."""
+    if onnx_path is not None:
+        stepper = OnnxStepper(onnx_path)
+        if stepper.model_config != artifact.model_config.to_dict():
+            raise ExportError(f"--onnx {onnx_path} was exported from a different model than {artifact.path} "
+                              "(its sparsert.model_config metadata differs)")
+        yield stepper
+        return
+    from sparsert.export.onnx_graph import export_onnx  # noqa: PLC0415 - the graph builder only when needed
+
+    tmp = Path(tempfile.mkdtemp(prefix="sparsert-generate-"))
+    try:
+        path = tmp / "model.onnx"
+        export_onnx(artifact, path)
+        yield OnnxStepper(path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

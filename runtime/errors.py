@@ -34,3 +34,8 @@ class ExportError(SparsertError):
 
 class DeviceError(SparsertError):
     """A CUDA call, kernel build or launch failed, or the device cannot run the requested kernel."""
+
+
+class DistributedError(SparsertError):
+    """The processes of a multi-process (torchrun) run disagree — their shards or buffers differ from what the
+    others hold — or another rank failed, so this one cannot go on (``train/distributed.py``)."""

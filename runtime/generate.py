@@ -24,7 +24,7 @@ from typing import Protocol, runtime_checkable
 import numpy as np
 import torch
 
-from sparsert.runtime.errors import ConfigError, SparsertError
+from sparsert.runtime.errors import ConfigError, FormatError
 from sparsert.runtime.tokenizer import Tokenizer
 
 
@@ -94,7 +94,7 @@ def _as_numpy(logits: np.ndarray | torch.Tensor) -> np.ndarray:
         logits = logits.detach().to(device="cpu", dtype=torch.float64).numpy()
     out = np.asarray(logits, dtype=np.float64)
     if out.ndim != 1:
-        raise SparsertError(f"stepper returned logits of shape {out.shape}, expected [vocab_size]")
+        raise FormatError(f"stepper logits: shape {list(out.shape)}, expected [vocab_size] (the last position only)")
     return out
 
 
@@ -102,7 +102,8 @@ def choose_token(logits: np.ndarray | torch.Tensor, cfg: GenerationConfig, rng: 
     """One next token from last-position logits [V] (see the module docstring for the rule)."""
     z = _as_numpy(logits)
     if np.isnan(z).any():
-        raise SparsertError("the model produced NaN logits")
+        raise FormatError(f"stepper logits: {int(np.isnan(z).sum())} of {z.size} values are NaN, expected finite "
+                          "logits [vocab_size]")
     if cfg.temperature == 0.0:
         return int(np.argmax(z))
     z = z / cfg.temperature

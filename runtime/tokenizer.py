@@ -1,8 +1,10 @@
 """Tokenizers: the built-in byte-level tokenizer and the protocol any other tokenizer implements.
 
 :class:`ByteTokenizer` maps text to its UTF-8 bytes (vocabulary 256, no special tokens), so every string
-round-trips and no vocabulary file is needed. A tokenizer is stored in an artifact's ``config.json`` as
-``to_dict()`` and rebuilt with :func:`tokenizer_from_dict`, which dispatches on ``"type"``.
+round-trips and no vocabulary file is needed. A tokenizer is stored in an artifact's ``config.json`` (and a
+checkpoint's ``state.json``) as ``to_dict()`` and rebuilt with :func:`tokenizer_from_dict`, which dispatches on
+``"type"``: ``"byte"`` (:class:`ByteTokenizer`) or ``"hf"`` (a local Hugging Face tokenizer,
+:class:`sparsert.runtime.hf_tokenizer.HFTokenizer`; ``transformers`` is imported only then).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from typing import Protocol, runtime_checkable
 import numpy as np
 
 from sparsert.runtime.errors import ConfigError
+from sparsert.runtime.hf_tokenizer import HFTokenizer
 
 
 @runtime_checkable
@@ -58,7 +61,11 @@ class ByteTokenizer:
 
 
 def tokenizer_from_dict(d: dict) -> Tokenizer:
-    """Rebuild a tokenizer from its ``to_dict()``; unknown ``type`` or inconsistent fields -> ConfigError."""
+    """Rebuild a tokenizer from its ``to_dict()``: ``{"type": "byte", ...}`` or ``{"type": "hf", "path", ...}``.
+
+    ConfigError for an unknown ``type``, inconsistent fields, or (``"hf"``) a tokenizer directory that is gone,
+    holds a tokenizer of another size, or needs the missing ``transformers``.
+    """
     if not isinstance(d, dict):
         raise ConfigError(f"tokenizer config: expected a JSON object, got {type(d).__name__}")
     kind = d.get("type")
@@ -69,4 +76,6 @@ def tokenizer_from_dict(d: dict) -> Tokenizer:
         if unknown:
             raise ConfigError(f"tokenizer config: unknown field '{unknown[0]}' for type 'byte'")
         return ByteTokenizer()
-    raise ConfigError(f"tokenizer config: unknown type {kind!r} (known: 'byte')")
+    if kind == "hf":
+        return HFTokenizer.from_dict(d)
+    raise ConfigError(f"tokenizer config: unknown type {kind!r} (known: 'byte', 'hf')")

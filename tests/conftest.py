@@ -1,4 +1,4 @@
-"""Shared pytest setup: one torch thread, and the ``gpu`` marker.
+"""Shared pytest setup: one torch thread, the ``gpu`` marker, and tiny local Hugging Face models.
 
 Tests marked ``@pytest.mark.gpu`` run only where a CUDA device of sm_80 or newer is usable through
 cuda-python (driver present, device found) and torch was built with CUDA; elsewhere they are skipped with
@@ -8,9 +8,14 @@ the reason (``no NVIDIA GPU/driver available (needs sm_80+)`` and the detail).
 from __future__ import annotations
 
 import functools
+from pathlib import Path
 
 import pytest
 import torch
+
+# The sentences the fixture tokenizers are trained on.
+HF_TOKENIZER_TEXT = ("The quick brown fox jumps over the lazy dog. Sparse models keep two of every four weights. "
+                     "Zwei von vier Gewichten bleiben übrig, the rest are zero. ")
 
 
 @pytest.fixture(autouse=True, scope="session")
@@ -47,3 +52,46 @@ def pytest_collection_modifyitems(config, items):
     skip = pytest.mark.skip(reason=reason)
     for item in gpu_items:
         item.add_marker(skip)
+
+
+def _save_bpe_tokenizer(transformers, out: Path) -> None:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  special_tokens=["<eos>"], show_progress=False)
+    tok.train_from_iterator(HF_TOKENIZER_TEXT.split(". "), trainer)
+    transformers.PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>").save_pretrained(str(out))
+
+
+@pytest.fixture(scope="session")
+def hf_model_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Local Hugging Face model directories built from configs (random weights; nothing is downloaded):
+    ``llama``, ``qwen2`` and ``gpt2`` causal LMs (vocab 320, hidden 64, 2 layers, 4 heads, 128 positions), each
+    with a byte-level BPE tokenizer of 300 tokens (``<eos>`` included) trained on a few sentences, and ``bert``
+    (an encoder, no tokenizer). Skips without transformers/tokenizers. Shared by the session: copy a directory
+    before changing it."""
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("tokenizers")
+    root = tmp_path_factory.mktemp("hf_models")
+    common = dict(vocab_size=320, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+    configs = {
+        "llama": transformers.LlamaConfig(**common),
+        "qwen2": transformers.Qwen2Config(**common),
+        "gpt2": transformers.GPT2Config(vocab_size=320, n_embd=64, n_layer=2, n_head=4, n_positions=128,
+                                        bos_token_id=0, eos_token_id=0),
+    }
+    dirs = {}
+    for seed, (name, config) in enumerate(configs.items()):
+        torch.manual_seed(seed)
+        transformers.AutoModelForCausalLM.from_config(config).save_pretrained(str(root / name))
+        _save_bpe_tokenizer(transformers, root / name)
+        dirs[name] = root / name
+    bert = transformers.BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                   intermediate_size=64)
+    transformers.BertModel(bert).save_pretrained(str(root / "bert"))
+    dirs["bert"] = root / "bert"
+    return dirs

@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import sparsert.train.checkpoint as ckpt_mod
-from sparsert.runtime.errors import ArtifactError
+from sparsert.runtime.errors import ArtifactError, ConfigError
 from sparsert.runtime.model import DecoderLM, ModelConfig
 from sparsert.train.checkpoint import load_checkpoint, restore_optimizer, save_checkpoint
 from sparsert.train.sparse_linear import SparsityConfig
@@ -86,6 +86,17 @@ def test_a_failed_save_leaves_the_previous_checkpoint_published(run, monkeypatch
         save_checkpoint(run_dir, 10, model, opt, STATE)
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["latest.json", "step_00000005"]
     assert load_checkpoint(run_dir).step == 5
+
+
+def test_inconsistent_save_arguments_are_refused_and_leave_nothing(run):
+    run_dir, model, opt = run
+    with pytest.raises(ConfigError, match=r"save_checkpoint: state must contain 'model_config'"):
+        save_checkpoint(run_dir, 10, model, opt, {"sparsity": None})
+    stray = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(3, 5))], lr=1e-3)
+    with pytest.raises(ConfigError, match=r"the optimizer holds a parameter of shape \[3, 5\] that is not in the "
+                                          r"model"):
+        save_checkpoint(run_dir, 10, model, stray, STATE)
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["latest.json", "step_00000005"]
 
 
 def test_missing_paths(tmp_path):

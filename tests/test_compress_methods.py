@@ -17,13 +17,13 @@ from sparsert.runtime.model import DecoderLM, ModelConfig, sparse_linear_names
 from sparsert.runtime.nm_mask import is_nm_sparse, nm_mask
 from sparsert.runtime.tokenizer import ByteTokenizer
 from sparsert.train.awq import (
-    ActivationStats,
     BlockScales,
     awq_scale_model,
     fold_block_scales,
     int4_output_error,
     search_scales,
 )
+from sparsert.train.calibration import InputStats
 from sparsert.train.checkpoint import save_checkpoint
 from sparsert.train.compress import calibration_batches, compress_checkpoint
 from sparsert.train.data import TokenData, load_corpus
@@ -226,7 +226,7 @@ def test_awq_beats_plain_int4_on_a_layer_with_outlier_input_channels() -> None:
 
     w = torch.randn(out, k, generator=g) * 0.02
     w = w * nm_mask(w)
-    stats = ActivationStats(k)
+    stats = InputStats(k, with_gram=True)
     stats.add(acts(512))
     found = search_scales([w], stats, group_size=64)
     assert 0 < found.alpha <= 1 and found.error < 0.6 * found.plain_error

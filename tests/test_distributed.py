@@ -35,7 +35,7 @@ import torch.multiprocessing as mp
 from torch import nn
 
 import sparsert.train.trainer as trainer_mod
-from sparsert.runtime.errors import ConfigError
+from sparsert.runtime.errors import ArtifactError, ConfigError, SparsertError
 from sparsert.runtime.model import model_config_from_preset
 from sparsert.train.checkpoint import load_checkpoint, write_json_atomic
 from sparsert.train.data import TokenData
@@ -136,6 +136,13 @@ def _worker(rank: int, port: int, root: str) -> None:
         except ConfigError as exc:
             out["shard_error"] = str(exc)
         close_distributed()
+        ctx = init_distributed("ddp")  # rank 0 fails alone (as when writing a checkpoint): every rank raises
+        for error in (ArtifactError("disk.safetensors: truncated"), OSError(28, "No space left on device")):
+            try:
+                ctx.agree(error if rank == 0 else None, "writing checkpoint step 9")
+            except (ArtifactError, OSError, SparsertError) as exc:
+                out.setdefault("agree", []).append((type(exc).__name__, str(exc)))
+        close_distributed()
         corpus = root_p / "corpus.txt"
         for mode in ("ddp", "fsdp"):
             train(small(corpus, root_p / mode, distributed=mode))
@@ -181,6 +188,18 @@ def _step_records(run: Path) -> dict[int, dict]:
 
 def _rel(a: float, b: float) -> float:
     return abs(a - b) / max(abs(b), 1e-12)
+
+
+@slow
+def test_an_error_of_rank_0_alone_is_raised_on_every_rank_as_its_own_class(runs: dict) -> None:
+    rank0, rank1 = (r["agree"] for r in runs["ranks"])
+    assert rank0 == [("ArtifactError", "disk.safetensors: truncated"),
+                     ("OSError", "[Errno 28] No space left on device")]
+    assert rank1 == [
+        ("ArtifactError", "rank 0 failed while writing checkpoint step 9: ArtifactError: disk.safetensors: truncated"),
+        ("DistributedError", "rank 0 failed while writing checkpoint step 9: OSError: [Errno 28] No space left on "
+                             "device"),
+    ]
 
 
 @slow

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from sparsert.runtime.errors import ConfigError
+from sparsert.runtime.errors import ConfigError, FormatError
 from sparsert.runtime.generate import (
     GenerationConfig,
     Stepper,
@@ -85,6 +85,14 @@ def test_choose_token_rules():
     assert [choose_token(logits, cfg, rng1) for _ in range(50)] == expected
 
 
+def test_bad_stepper_logits_are_format_errors():
+    rng = np.random.default_rng(0)
+    with pytest.raises(FormatError, match=r"stepper logits: shape \[1, 5\], expected \[vocab_size\]"):
+        choose_token(np.zeros((1, 5)), GenerationConfig(), rng)
+    with pytest.raises(FormatError, match=r"stepper logits: 2 of 4 values are NaN, expected finite logits"):
+        choose_token(torch.tensor([0.0, float("nan"), 1.0, float("nan")]), GenerationConfig(), rng)
+
+
 def test_stops_at_the_context_limit():
     model = make_model(max_seq_len=16)
     out = generate_ids(TorchStepper(model), list(range(10)), GenerationConfig(max_new_tokens=100))
@@ -143,7 +151,7 @@ def test_byte_tokenizer():
         tok.decode([1, 300])
     assert tok.to_dict() == {"type": "byte", "vocab_size": 256}
     assert isinstance(tokenizer_from_dict(tok.to_dict()), ByteTokenizer)
-    with pytest.raises(ConfigError, match=r"unknown type 'bpe' \(known: 'byte'\)"):
+    with pytest.raises(ConfigError, match=r"unknown type 'bpe' \(known: 'byte', 'hf'\)"):
         tokenizer_from_dict({"type": "bpe"})
     with pytest.raises(ConfigError, match=r"a byte tokenizer has vocab_size 256, got 512"):
         tokenizer_from_dict({"type": "byte", "vocab_size": 512})

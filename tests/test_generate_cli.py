@@ -123,6 +123,30 @@ def test_export_no_kv_cache_and_skip_parity(capsys, tmp_path, artifact):
     assert json.loads(stdout)["ids"] == json.loads(stdout_t)["ids"]
 
 
+def test_export_artifact_and_make_stepper_are_library_functions(tmp_path, artifact):
+    """What the two commands call: export_artifact (checked export) and make_stepper (a backend by name)."""
+    from sparsert.backends import make_stepper
+    from sparsert.export.onnx_export import export_artifact
+    from sparsert.runtime.artifact import load_artifact
+    from sparsert.runtime.errors import ConfigError
+    from sparsert.runtime.generate import GenerationConfig, generate_ids
+
+    result = export_artifact(artifact, tmp_path / "m.onnx", parity=False)
+    assert result.path == tmp_path / "m.onnx" and result.file_bytes == result.path.stat().st_size
+    assert result.kv_cache and result.parity is None and sum(1 for v in result.layers.values() if v["pattern"]) == 14
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx"]
+    art = load_artifact(artifact)
+    cfg = GenerationConfig(max_new_tokens=8)
+    ids = []
+    for backend, onnx_path in (("torch", None), ("onnx", result.path), ("onnx", None)):
+        with make_stepper(art, backend, onnx_path) as stepper:
+            ids.append(generate_ids(stepper, list(PROMPT.encode()), cfg))
+    assert ids[0] == ids[1] == ids[2] and len(ids[0]) == 8
+    with pytest.raises(ConfigError, match=r"--backend must be one of torch, onnx, runtime, got 'tpu'"):
+        with make_stepper(art, "tpu"):
+            pass
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Bad input: one line, exit 2, nothing written
 

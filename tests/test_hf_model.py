@@ -21,6 +21,7 @@ from safetensors.torch import load_file  # noqa: E402
 from sparsert.runtime.errors import ArtifactError, ConfigError  # noqa: E402
 from sparsert.runtime.hf_tokenizer import HFTokenizer, import_transformers  # noqa: E402
 from sparsert.runtime.nm_mask import is_nm_sparse  # noqa: E402
+from sparsert.runtime.tokenizer import tokenizer_from_dict  # noqa: E402
 from sparsert.train.hf_model import (  # noqa: E402
     check_causal_lm_config,
     hf_forward,
@@ -34,47 +35,12 @@ from sparsert.train.sparsify import refresh_masks, sparse_modules  # noqa: E402
 
 TEXT = ("The quick brown fox jumps over the lazy dog. Sparse models keep two of every four weights. "
         "Zwei von vier Gewichten bleiben übrig, the rest are zero. ") * 4
-VOCAB = 320
-
-
-def _make_tokenizer(out: Path) -> None:
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=300, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                  special_tokens=["<eos>"], show_progress=False)
-    tok.train_from_iterator(TEXT.split(". "), trainer)
-    transformers.PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>").save_pretrained(str(out))
-
-
-def _configs() -> dict[str, object]:
-    common = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
-    return {
-        "llama": transformers.LlamaConfig(**common),
-        "qwen2": transformers.Qwen2Config(**common),
-        "gpt2": transformers.GPT2Config(vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4, n_positions=128,
-                                        bos_token_id=0, eos_token_id=0),
-    }
 
 
 @pytest.fixture(scope="module")
-def hf_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("hf")
-    dirs = {}
-    for i, (name, config) in enumerate(_configs().items()):
-        torch.manual_seed(i)
-        model = transformers.AutoModelForCausalLM.from_config(config)
-        model.save_pretrained(str(root / name))
-        _make_tokenizer(root / name)
-        dirs[name] = root / name
-    bert = transformers.BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-                                   intermediate_size=64)
-    transformers.BertModel(bert).save_pretrained(str(root / "bert"))
-    dirs["bert"] = root / "bert"
-    return dirs
+def hf_dirs(hf_model_dirs: dict[str, Path]) -> dict[str, Path]:
+    """llama, qwen2, gpt2 (vocab 320) and bert directories (tests/conftest.py)."""
+    return hf_model_dirs
 
 
 def _batch(tok: HFTokenizer, batch: int = 2, seq: int = 24) -> torch.Tensor:
@@ -235,6 +201,10 @@ def test_hf_tokenizer_adapter(hf_dirs: dict[str, Path]) -> None:
     d = tok.to_dict()
     assert d == {"type": "hf", "path": str(hf_dirs["llama"].resolve()), "vocab_size": 300}
     assert HFTokenizer.from_dict(d).encode("lazy dog") == tok.encode("lazy dog")
+    rebuilt = tokenizer_from_dict(d)  # how a checkpoint's or artifact's tokenizer is read back
+    assert isinstance(rebuilt, HFTokenizer) and rebuilt.encode("lazy dog") == tok.encode("lazy dog")
+    with pytest.raises(ConfigError, match=r"nowhere: Hugging Face tokenizer directory does not exist"):
+        tokenizer_from_dict({**d, "path": str(hf_dirs["llama"].parent / "nowhere")})
     with pytest.raises(ConfigError, match=r"has vocab_size 300, the artifact recorded 301"):
         HFTokenizer.from_dict({**d, "vocab_size": 301})
     with pytest.raises(ConfigError, match=r"token id 300 is out of range 0..299"):

@@ -8,9 +8,9 @@ import torch
 from sparsert.runtime.errors import ConfigError, FormatError
 from sparsert.runtime.model import DecoderLM, ModelConfig, sparse_linear_names
 from sparsert.runtime.nm_mask import is_nm_sparse, nm_mask
+from sparsert.train.calibration import InputStats
 from sparsert.train.oneshot_prune import (
     ONESHOT_METHODS,
-    InputStats,
     magnitude_prune,
     prune_model_oneshot,
     sparsegpt_prune,

@@ -26,49 +26,19 @@ from sparsert.train.hf_train import HFCausalLM, HFModelConfig, build_hf_model  #
 from sparsert.train.metrics import read_metrics  # noqa: E402
 from sparsert.train.sparse_linear import SparsityConfig  # noqa: E402
 from sparsert.train.sparsify import sparsify_model  # noqa: E402
-from sparsert.train.trainer import TrainConfig, load_train_config, train  # noqa: E402
+from sparsert.train.trainer import TrainConfig, load_teacher, load_train_config, train  # noqa: E402
 
 TEXT = ("The quick brown fox jumps over the lazy dog. Sparse models keep two of every four weights. "
         "Zwei von vier Gewichten bleiben übrig, the rest are zero. ")
-VOCAB = 320
-MAX_POS = 128
-
-
-def _make_tokenizer(out: Path) -> None:
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=300, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                  special_tokens=["<eos>"], show_progress=False)
-    tok.train_from_iterator(TEXT.split(". "), trainer)
-    transformers.PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>").save_pretrained(str(out))
+MAX_POS = 128  # max_position_embeddings of the conftest models
 
 
 @pytest.fixture(scope="module")
-def hf(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("hf_train")
-    configs = {
-        "llama": transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                          num_attention_heads=4, num_key_value_heads=2,
-                                          max_position_embeddings=MAX_POS),
-        "gpt2": transformers.GPT2Config(vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4, n_positions=MAX_POS,
-                                        bos_token_id=0, eos_token_id=0),
-    }
-    dirs = {}
-    for i, (name, config) in enumerate(configs.items()):
-        torch.manual_seed(i)
-        transformers.AutoModelForCausalLM.from_config(config).save_pretrained(str(root / name))
-        _make_tokenizer(root / name)
-        dirs[name] = root / name
-    bert = transformers.BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-                                   intermediate_size=64)
-    transformers.BertModel(bert).save_pretrained(str(root / "bert"))
-    dirs["bert"] = root / "bert"
-    dirs["corpus"] = root / "corpus.txt"
-    dirs["corpus"].write_text(TEXT * 40, encoding="utf-8")
-    return dirs
+def hf(hf_model_dirs: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """The llama, gpt2 and bert directories of tests/conftest.py and a ``corpus`` text file."""
+    corpus = tmp_path_factory.mktemp("hf_train") / "corpus.txt"
+    corpus.write_text(TEXT * 40, encoding="utf-8")
+    return {**hf_model_dirs, "corpus": corpus}
 
 
 def small(hf: dict[str, Path], arch: str, out: Path, **kw) -> TrainConfig:
@@ -210,3 +180,33 @@ def test_default_run_directory_and_fsdp_units(hf: dict[str, Path]) -> None:
     model = build_hf_model(HFModelConfig.from_directory(hf["gpt2"]))
     assert decoder_blocks(model) == list(model.hf.transformer.h)  # FSDP2 shards one unit per decoder block
     assert model.sparse_linear_names()[:2] == ["hf.transformer.h.0.attn.c_attn", "hf.transformer.h.0.attn.c_proj"]
+
+
+def test_a_dense_hf_run_is_an_ast_teacher_for_a_student_with_its_tokenizer(hf: dict[str, Path],
+                                                                           tmp_path: Path) -> None:
+    teacher_run = tmp_path / "teacher"
+    train(small(hf, "llama", teacher_run, dense=True, steps=2, eval_interval=2, ckpt_interval=2))
+    ckpt = load_checkpoint(teacher_run)
+    assert ckpt.state["tokenizer"]["type"] == "hf" and ckpt.state["sparsity"] is None
+    teacher = load_teacher(teacher_run, 320, HFTokenizer(hf["llama"]))
+    trained = build_hf_model(ckpt.model_config)
+    trained.load_state_dict(ckpt.model_state)
+    x = torch.tensor(HFTokenizer(hf["llama"]).encode(TEXT)[:16])[None]
+    with torch.no_grad():
+        torch.testing.assert_close(teacher(x), trained.eval()(x))  # the run's trained weights, not the directory's
+
+    student = tmp_path / "student"
+    train(small(hf, "llama", student, method="ast", teacher=str(teacher_run), steps=2, eval_interval=2,
+                ckpt_interval=2))
+    kls = [r["kl"] for r in read_metrics(student) if "kl" in r]
+    assert len(kls) == 2 and all(kl > 0 for kl in kls)
+
+    # A student with another tokenizer: refused before anything is written, naming both tokenizers.
+    step_dir = ckpt.path
+    message = (rf"--teacher {step_dir}: its tokenizer, 'hf' tokenizer of {hf['llama'].resolve()} \(300 tokens\), "
+               r"differs from the student's, 'byte' tokenizer \(256 tokens\) \(AST teacher tokenizer is of type "
+               r"'hf', the student's 'byte'\)")
+    with pytest.raises(ConfigError, match=message):
+        train(TrainConfig(data=str(hf["corpus"]), out_dir=str(tmp_path / "byte"), method="ast",
+                          teacher=str(teacher_run), steps=2, batch_size=4, seq_len=32, threads=1, progress=False))
+    assert not (tmp_path / "byte").exists()

@@ -311,7 +311,9 @@ def test_a_sparse_teacher_or_a_foreign_tokenizer_is_refused(corpus, tmp_path, de
         def encode(self, text: str) -> list[int]:
             return [b ^ 1 for b in text.encode()]
 
-    with pytest.raises(ConfigError, match=r"its tokenizer differs from the student's"):
+    with pytest.raises(ConfigError, match=r"its tokenizer, 'byte' tokenizer \(256 tokens\), differs from the "
+                                          r"student's, OtherTokenizer \(256 tokens\) \(AST teacher tokenizer is of "
+                                          r"type 'byte', the student's 'OtherTokenizer'\)"):
         load_teacher(dense_run, 256, OtherTokenizer())
     assert isinstance(load_teacher(dense_run, 256, trainer_mod.ByteTokenizer()), Teacher)
 

@@ -37,7 +37,7 @@ from sparsert.runtime.transposable_mask import transposable_24_mask
 from sparsert.train.masked_decay import masked_modules
 
 __all__ = ["ASTConfig", "AST_GPT2", "AST_LLAMA", "DistillLoss", "distillation_loss", "Teacher", "teacher_vocab_size",
-           "check_tokenizers_match", "annealed_decay", "AdaptiveMasks"]
+           "check_tokenizers_match", "check_same_tokenizer", "describe_tokenizer", "annealed_decay", "AdaptiveMasks"]
 
 
 def _number(value: object, field: str, *, positive: bool = False) -> float:
@@ -230,6 +230,25 @@ def check_tokenizers_match(teacher_tokenizer: Any, student_tokenizer: Any) -> No
                           f" id {t_vocab.get(token)} vs {s_vocab.get(token)})")
     if list(teacher_tokenizer.encode(_PROBE_TEXT)) != list(student_tokenizer.encode(_PROBE_TEXT)):
         raise ConfigError("AST teacher and student tokenizers encode the same text differently")
+
+
+def describe_tokenizer(tokenizer: Any) -> str:
+    """A tokenizer named for an error message: ``'hf' tokenizer of /abs/dir (300 tokens)``, ``'byte' tokenizer
+    (256 tokens)``; a tokenizer without ``to_dict()`` by its class name."""
+    kind = _tokenizer_kind(tokenizer)
+    name = f"{kind!r} tokenizer" if kind != type(tokenizer).__name__ else kind
+    path = getattr(tokenizer, "path", None)
+    return f"{name}{f' of {path}' if path is not None else ''} ({getattr(tokenizer, 'vocab_size', '?')} tokens)"
+
+
+def check_same_tokenizer(other: Any, student_tokenizer: Any, where: str) -> None:
+    """:func:`check_tokenizers_match` for the tokenizer of another model (``--teacher``, ``--init-from``): its
+    ConfigError says ``where`` and names both tokenizers (:func:`describe_tokenizer`), then the difference."""
+    try:
+        check_tokenizers_match(other, student_tokenizer)
+    except ConfigError as exc:
+        raise ConfigError(f"{where}: its tokenizer, {describe_tokenizer(other)}, differs from the student's, "
+                          f"{describe_tokenizer(student_tokenizer)} ({exc})") from None
 
 
 def annealed_decay(step: int, decay_max: float = 1e-4, warmup_steps: int = 10_000) -> float:

@@ -42,50 +42,19 @@ refuses ``--awq`` on a QAT checkpoint unless ``--force-awq`` is given (see :mod:
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from sparsert.runtime.errors import ConfigError
 from sparsert.runtime.int4 import fake_quantize_int4
-from sparsert.train.oneshot_prune import StopForward, calibration_input_ids, run_calibration
+from sparsert.train.calibration import InputStats, calibration_input_ids, collect_input_stats
 
 DEFAULT_GRID = 10
 """α grid: ``{i / DEFAULT_GRID for i in 0..DEFAULT_GRID}`` = 0, 0.1, ..., 1."""
 MIN_MEAN_ABS = 1e-4  # AWQ clamps mean |x| here so dead channels do not get a zero (or infinite) scale
-
-
-@dataclass
-class ActivationStats:
-    """Statistics of one input ``x [tokens, K]`` of a group of linears, accumulated over calibration batches.
-
-    ``abs_sum`` float64 [K]: ``Σ_t |x_tj|``; ``gram`` float64 [K, K]: ``xᵀx``; ``tokens``: rows seen.
-    """
-
-    in_features: int
-    abs_sum: torch.Tensor = field(init=False)
-    gram: torch.Tensor = field(init=False)
-    tokens: int = 0
-
-    def __post_init__(self) -> None:
-        self.abs_sum = torch.zeros(self.in_features, dtype=torch.float64)
-        self.gram = torch.zeros(self.in_features, self.in_features, dtype=torch.float64)
-
-    @torch.no_grad()
-    def add(self, x: torch.Tensor) -> None:
-        """Accumulate a batch of inputs float [..., K]."""
-        x2 = x.detach().reshape(-1, x.shape[-1]).to(device="cpu", dtype=torch.float64)  # (tokens, K)
-        self.abs_sum += x2.abs().sum(0)
-        self.gram += x2.t() @ x2
-        self.tokens += x2.shape[0]
-
-    @property
-    def mean_abs(self) -> torch.Tensor:
-        """``mean_t |x_tj|`` per input channel: float32 [K]."""
-        return (self.abs_sum / max(self.tokens, 1)).float()
 
 
 def awq_scales(mean_abs: torch.Tensor, alpha: float) -> torch.Tensor:
@@ -132,17 +101,20 @@ class ScaleSearch:
 
 
 @torch.no_grad()
-def search_scales(weights: Sequence[torch.Tensor], stats: ActivationStats, group_size: int,
+def search_scales(weights: Sequence[torch.Tensor], stats: InputStats, group_size: int,
                   grid: int = DEFAULT_GRID) -> ScaleSearch:
     """Grid search of AWQ's α for linears sharing one input (see the module docstring).
 
-    ``weights``: pruned float [out_l, K]; ``stats``: their input's :class:`ActivationStats`; ``grid``: number
-    of steps of α over [0, 1]. Ties keep the smaller α (α = 0 is plain INT4 with scales of exactly 1).
+    ``weights``: pruned float [out_l, K]; ``stats``: their input's :class:`~sparsert.train.calibration.InputStats`
+    (``with_gram=True``); ``grid``: number of steps of α over [0, 1]. Ties keep the smaller α (α = 0 is plain
+    INT4 with scales of exactly 1).
     """
     if isinstance(grid, bool) or not isinstance(grid, int) or grid <= 0:
         raise ConfigError(f"AWQ grid must be a positive integer, got {grid!r}")
     if stats.tokens == 0:
         raise ConfigError("AWQ scale search: no calibration tokens reached the layer")
+    if stats.gram is None:
+        raise ConfigError("AWQ scale search: the input statistics hold no Gram matrix (collect them with_gram=True)")
     plain = int4_output_error(weights, stats.gram, None, group_size)
     best = ScaleSearch(0.0, torch.ones(stats.in_features), plain, plain)
     mean_abs = stats.mean_abs
@@ -212,37 +184,6 @@ def fold_block_scales(block: nn.Module, scales: BlockScales) -> None:
         _scale_columns(mlp.down_proj, scales.down)
 
 
-def _collect_block_stats(model: nn.Module, block: nn.Module, batches: list[torch.Tensor]) -> dict[str, ActivationStats]:
-    """Run the calibration batches through ``model`` up to the end of ``block``; statistics of the inputs of
-    its q/k/v (one input), o, gate/up (one input) and down projections."""
-    attn, mlp = block.attn, block.mlp
-    taps = {"qkv": attn.q_proj, "o": attn.o_proj, "gate_up": mlp.up_proj, "down": mlp.down_proj}
-    stats = {key: ActivationStats(lin.weight.shape[1]) for key, lin in taps.items()}
-
-    def tap(key: str):  # noqa: ANN202
-        def hook(module: nn.Module, inputs: tuple) -> None:
-            stats[key].add(inputs[0])
-
-        return hook
-
-    def stop(module: nn.Module, inputs: tuple, output: object) -> None:
-        raise StopForward  # the block under study has run
-
-    hooks = [lin.register_forward_pre_hook(tap(key)) for key, lin in taps.items()]
-    hooks.append(block.register_forward_hook(stop))
-    try:
-        run_calibration(model, batches)
-    finally:
-        for h in hooks:
-            h.remove()
-    for key, st in stats.items():
-        if st.tokens == 0:
-            raise ConfigError(f"AWQ: the {key} input of a block never ran during the calibration forward passes")
-        if not math.isfinite(float(st.abs_sum.sum())):
-            raise ConfigError(f"AWQ: non-finite {key} activations in the calibration pass")
-    return stats
-
-
 @torch.no_grad()
 def awq_scale_model(model: nn.Module, calib_batches: Iterable[torch.Tensor], group_size: int, *,
                     grid: int = DEFAULT_GRID) -> dict[str, ScaleSearch]:
@@ -267,19 +208,21 @@ def awq_scale_model(model: nn.Module, calib_batches: Iterable[torch.Tensor], gro
     results: dict[str, ScaleSearch] = {}
     try:
         for i, block in enumerate(model.blocks):
-            stats = _collect_block_stats(model, block, batches)
             attn, mlp = block.attn, block.mlp
             gated = hasattr(mlp, "gate_proj")
+            # label -> (BlockScales field, the linears sharing one input, the one whose input is tapped)
             groups = {
-                "attn.qkv": ("qkv", [attn.q_proj, attn.k_proj, attn.v_proj]),
-                "attn.o_proj": ("o", [attn.o_proj]),
-                "mlp.gate_up": ("gate_up", [mlp.gate_proj, mlp.up_proj] if gated else [mlp.up_proj]),
+                "attn.qkv": ("qkv", [attn.q_proj, attn.k_proj, attn.v_proj], "attn.q_proj"),
+                "attn.o_proj": ("o", [attn.o_proj], "attn.o_proj"),
+                "mlp.gate_up": ("gate_up", [mlp.gate_proj, mlp.up_proj] if gated else [mlp.up_proj], "mlp.up_proj"),
             }
             if gated:
-                groups["mlp.down_proj"] = ("down", [mlp.down_proj])
+                groups["mlp.down_proj"] = ("down", [mlp.down_proj], "mlp.down_proj")
+            taps = {f"blocks.{i}.{tap}": block.get_submodule(tap) for _, _, tap in groups.values()}
+            stats = collect_input_stats(model, taps, batches, with_gram=True, what="AWQ")
             found = {}
-            for label, (key, linears) in groups.items():
-                res = search_scales([lin.weight for lin in linears], stats[key], group_size, grid)
+            for label, (key, linears, tap) in groups.items():
+                res = search_scales([lin.weight for lin in linears], stats[f"blocks.{i}.{tap}"], group_size, grid)
                 results[f"blocks.{i}.{label}"] = res
                 found[key] = res.scales if res.alpha > 0 else None
             fold_block_scales(block, BlockScales(**found))

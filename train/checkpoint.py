@@ -34,7 +34,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from sparsert.runtime.artifact import model_state_shapes
-from sparsert.runtime.errors import ArtifactError, SparsertError
+from sparsert.runtime.errors import ArtifactError, ConfigError, SparsertError
 from sparsert.runtime.fileio import fsync_dir, replace_dir, write_atomic
 from sparsert.runtime.model import ModelConfig, sparse_linear_names
 
@@ -100,7 +100,8 @@ def _param_names(model: nn.Module, optimizer: torch.optim.Optimizer) -> list[str
     for group in optimizer.param_groups:
         for p in group["params"]:
             if id(p) not in by_id:
-                raise SparsertError("save_checkpoint: the optimizer holds a parameter that is not in the model")
+                raise ConfigError(f"checkpoint: the optimizer holds a parameter of shape {list(p.shape)} that is not "
+                                  "in the model (expected an optimizer over this model's parameters)")
             names.append(by_id[id(p)])
     return names
 
@@ -142,13 +143,15 @@ def save_checkpoint(
     (``train_config``, ``sparsity``, ``quantization``, RNG states, metrics offset); ``format``, ``version`` and
     ``step`` are added. Publishes ``latest.json`` after the step directory is complete, then deletes all but
     the newest ``keep`` checkpoints and any leftover temporary directories. Returns the step directory.
+    ConfigError (and nothing left on disk) when ``state`` lacks ``model_config`` or ``optimizer`` holds a
+    parameter that is not in ``model``.
 
     ``model_state`` / ``optimizer_state``: full CPU copies of ``model.state_dict()`` / ``optimizer.state_dict()``
     to write instead of the live ones — a sharded (FSDP2) model's state gathered by
     :func:`sparsert.train.distributed.gather_full_state`; parameter names still come from ``model``/``optimizer``.
     """
     if "model_config" not in state:
-        raise SparsertError("save_checkpoint: state must contain 'model_config'")
+        raise ConfigError("save_checkpoint: state must contain 'model_config' (the model's config as a dict)")
     ckpt_root = Path(run_dir) / CHECKPOINTS
     ckpt_root.mkdir(parents=True, exist_ok=True)
     name = step_dir_name(step)

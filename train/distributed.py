@@ -60,7 +60,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from sparsert.runtime.errors import ConfigError, SparsertError
+from sparsert.runtime import errors
+from sparsert.runtime.errors import ConfigError, DistributedError, FormatError, SparsertError
 from sparsert.train.checkpoint import CHECKPOINTS, save_checkpoint, step_dir_name
 from sparsert.train.metrics import MetricsLog
 from sparsert.train.sparse_linear import SparseLinear
@@ -180,12 +181,18 @@ class DistContext:
 
     def agree(self, error: BaseException | None, what: str) -> None:
         """Raise everywhere what rank 0 raised (``error``) while doing ``what`` alone, so the other ranks do
-        not wait for it forever; rank 0 re-raises its own exception."""
-        message = self.broadcast(None if error is None else f"{type(error).__name__}: {error}")
+        not wait for it forever; rank 0 re-raises its own exception. The other ranks raise the same
+        :mod:`sparsert.runtime.errors` class when rank 0's error is one (an ArtifactError stays an
+        ArtifactError), else :class:`DistributedError`, the message naming rank 0's error."""
+        sent = None if error is None else (type(error).__name__, f"{type(error).__name__}: {error}")
+        received = self.broadcast(sent)
         if error is not None:
             raise error
-        if message is not None:
-            raise SparsertError(f"rank 0 failed while {what}: {message}")
+        if received is not None:
+            kind = getattr(errors, received[0], None)
+            if not (isinstance(kind, type) and issubclass(kind, SparsertError)):
+                kind = DistributedError
+            raise kind(f"rank 0 failed while {what}: {received[1]}")
 
     # ------------------------------------------------------------------------------------------ data
 
@@ -621,8 +628,8 @@ def local_rows(model: nn.Module, *, sync: bool = False) -> Iterator[list[_Swap]]
             start, count = shard_spans(rows, mesh.size())[mesh.get_local_rank()]
             local = w.to_local()
             if tuple(local.shape) != (count, k):
-                raise SparsertError(f"{name}: local shard has shape {tuple(local.shape)}, expected ({count}, {k}) "
-                                    "(FSDP2 dim-0 sharding)")
+                raise FormatError(f"{name}: local shard has shape {tuple(local.shape)}, expected ({count}, {k}) "
+                                  "(FSDP2 dim-0 sharding)")
             p = nn.Parameter(local, requires_grad=w.requires_grad)
             if w.grad is not None:
                 p.grad = w.grad.to_local()
@@ -702,7 +709,7 @@ def _gather_rows(candidates: list, group: Any) -> None:
         sizes = [torch.zeros(1, dtype=torch.int64, device=send.device) for _ in range(world)]
         dist.all_gather(sizes, torch.tensor([send.numel()], dtype=torch.int64, device=send.device), group=group)
         if len({int(v) for v in sizes}) != 1:
-            raise SparsertError("distributed mask sync: the ranks hold different mask buffers "
+            raise DistributedError("distributed mask sync: the ranks hold different mask buffers "
                                 f"({[int(v) for v in sizes]} elements); a mask update must run on every rank")
         recv = [torch.empty_like(send) for _ in range(world)]
         dist.all_gather(recv, send, group=group)

@@ -14,7 +14,8 @@
 
 :func:`prune_model_oneshot` runs layer by layer in the model's data-flow order, as both papers do: for each
 transformer block it runs the calibration batches through the (already pruned) earlier blocks with forward
-hooks on the block's sparse linears, collects their input statistics, prunes them, and moves on. Pruned
+hooks on the block's sparse linears, collects their input statistics
+(:func:`sparsert.train.calibration.collect_input_stats`), prunes them, and moves on. Pruned
 weights are set to zero in the model (SparseGPT also updates the kept ones); modules with a ``mask`` buffer
 get the new mask copied in. :data:`ONESHOT_METHODS` names the methods for ``sparsert compress --prune``
 (``train/compress.py`` builds the model from a dense checkpoint and calls :func:`prune_model_oneshot`).
@@ -22,51 +23,18 @@ get the new mask copied in. :data:`ONESHOT_METHODS` names the methods for ``spar
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from sparsert.runtime.errors import ConfigError, FormatError
 from sparsert.runtime.nm_mask import check_groups, check_nm, nm_mask
+from sparsert.train.calibration import InputStats, calibration_input_ids, collect_input_stats
 
-__all__ = ["InputStats", "magnitude_prune", "wanda_prune", "sparsegpt_prune", "PruneResult", "LayerPruner",
-           "ONESHOT_METHODS", "prune_model_oneshot", "StopForward", "run_calibration", "calibration_input_ids"]
-
-
-@dataclass
-class InputStats:
-    """Statistics of a linear layer's inputs ``X [tokens, K]`` accumulated over calibration batches.
-
-    ``sumsq`` float64 [K]: ``Σ_t X[t, j]²`` (Wanda's ``‖X_j‖₂²``). ``gram`` float64 [K, K] or None:
-    ``XᵀX`` (SparseGPT's Hessian up to the factor 2). ``tokens``: rows seen.
-    """
-
-    in_features: int
-    with_gram: bool = False
-    sumsq: torch.Tensor = field(init=False)
-    gram: torch.Tensor | None = field(init=False)
-    tokens: int = 0
-
-    def __post_init__(self) -> None:
-        self.sumsq = torch.zeros(self.in_features, dtype=torch.float64)
-        self.gram = torch.zeros(self.in_features, self.in_features, dtype=torch.float64) if self.with_gram else None
-
-    @torch.no_grad()
-    def add(self, x: torch.Tensor) -> None:
-        """Accumulate a batch of inputs float [..., K]."""
-        x2 = x.detach().reshape(-1, x.shape[-1]).to(device="cpu", dtype=torch.float64)  # (tokens, K)
-        self.sumsq += x2.pow(2).sum(0)
-        if self.gram is not None:
-            self.gram += x2.t() @ x2
-        self.tokens += x2.shape[0]
-
-    @property
-    def norms(self) -> torch.Tensor:
-        """‖X_j‖₂ per input channel: float32 [K]."""
-        return self.sumsq.sqrt().float()
+__all__ = ["magnitude_prune", "wanda_prune", "sparsegpt_prune", "PruneResult", "LayerPruner", "ONESHOT_METHODS",
+           "prune_model_oneshot"]
 
 
 def _check_weight(weight: torch.Tensor, n: int, m: int, name: str) -> None:
@@ -192,20 +160,6 @@ ONESHOT_METHODS: dict[str, LayerPruner] = {
 """Registry of one-shot pruning methods by name (``sparsert compress --prune NAME``)."""
 
 
-class StopForward(Exception):
-    """Raised by a forward hook to end a calibration pass early, once the layers under study have run."""
-
-
-def run_calibration(model: nn.Module, batches: Iterable[torch.Tensor]) -> None:
-    """``model(x)`` for every calibration batch ``x`` (int64 [B, T]); a :class:`StopForward` raised by one of
-    the caller's hooks ends that pass early (the rest of the model cannot change the inputs under study)."""
-    for x in batches:
-        try:
-            model(x)
-        except StopForward:
-            pass
-
-
 def _layer_groups(names: list[str]) -> list[list[str]]:
     """Consecutive names sharing their transformer block prefix (``blocks.{i}``) form one group."""
     groups: list[list[str]] = []
@@ -218,15 +172,6 @@ def _layer_groups(names: list[str]) -> list[list[str]]:
             groups.append([nm])
         last = prefix
     return groups
-
-
-def calibration_input_ids(batch: object) -> torch.Tensor:
-    """The ``input_ids`` int64 [B, T] of a calibration batch given as the tensor itself or an ``(x, y)`` pair;
-    ConfigError otherwise."""
-    x = batch[0] if isinstance(batch, (tuple, list)) else batch
-    if not isinstance(x, torch.Tensor) or x.dim() != 2:
-        raise ConfigError("each calibration batch must be input_ids int64 [B, T] or an (x, y) pair")
-    return x
 
 
 @torch.no_grad()
@@ -271,7 +216,8 @@ def prune_model_oneshot(model: nn.Module, method: str, calib_batches: Iterable[o
         for group in _layer_groups(list(names)):
             stats = {nm: None for nm in group}
             if pruner.needs is not None:
-                stats = _collect_stats(model, modules, group, batches, pruner.needs == "gram")
+                stats = collect_input_stats(model, {nm: modules[nm] for nm in group}, batches,
+                                            with_gram=pruner.needs == "gram", what="one-shot pruning")
             for nm in group:
                 module = modules[nm]
                 result = pruner.prune(module.weight.detach(), stats[nm], n, m)
@@ -284,32 +230,3 @@ def prune_model_oneshot(model: nn.Module, method: str, calib_batches: Iterable[o
     finally:
         model.train(was_training)
     return masks
-
-
-def _collect_stats(model: nn.Module, modules: dict[str, nn.Module], group: list[str], batches: list[torch.Tensor],
-                   with_gram: bool) -> dict[str, InputStats]:
-    stats = {nm: InputStats(modules[nm].weight.shape[1], with_gram) for nm in group}
-    seen: set[str] = set()
-
-    def make_hook(nm: str):  # noqa: ANN202
-        def hook(module: nn.Module, inputs: tuple) -> None:
-            stats[nm].add(inputs[0])
-            seen.add(nm)
-            if len(seen) == len(group):
-                raise StopForward  # the rest of the model cannot change this group's inputs
-
-        return hook
-
-    hooks = [modules[nm].register_forward_pre_hook(make_hook(nm)) for nm in group]
-    hooks.append(model.register_forward_pre_hook(lambda module, inputs: seen.clear()))  # each pass starts afresh
-    try:
-        run_calibration(model, batches)
-    finally:
-        for h in hooks:
-            h.remove()
-    for nm in group:
-        if stats[nm].tokens == 0:
-            raise ConfigError(f"one-shot pruning: layer '{nm}' never ran during the calibration forward passes")
-        if not math.isfinite(float(stats[nm].sumsq.sum())):
-            raise ConfigError(f"one-shot pruning: non-finite inputs to layer '{nm}' in the calibration pass")
-    return stats

@@ -55,7 +55,7 @@ from tqdm import tqdm
 from sparsert.runtime.errors import ArtifactError, ConfigError, SparsertError
 from sparsert.runtime.model import DecoderLM, ModelConfig, model_config_from_preset, sparse_linear_names
 from sparsert.runtime.tokenizer import ByteTokenizer, tokenizer_from_dict
-from sparsert.train.ast_distill import ASTConfig, Teacher, annealed_decay, check_tokenizers_match, distillation_loss
+from sparsert.train.ast_distill import ASTConfig, Teacher, annealed_decay, check_same_tokenizer, distillation_loss
 from sparsert.train.checkpoint import (
     Checkpoint,
     list_checkpoints,
@@ -479,18 +479,16 @@ def _check_tokenizer(state: dict, tokenizer: object, flag: str, where: Path) -> 
     if saved is None:
         return
     try:
-        other = tokenizer_from_dict(saved)
+        other = tokenizer_from_dict(saved)  # "byte", or "hf" for a run of `sparsert train --model`
     except ConfigError as exc:
         raise ConfigError(f"{flag} {where}: {exc}") from None
-    try:
-        check_tokenizers_match(other, tokenizer)
-    except ConfigError as exc:
-        raise ConfigError(f"{flag} {where}: its tokenizer differs from the student's ({exc})") from None
+    check_same_tokenizer(other, tokenizer, f"{flag} {where}")
 
 
 def load_teacher(path: str | Path, vocab_size: int, tokenizer: object) -> Teacher:
-    """AST's frozen dense teacher from ``path``: a dense sparsert run/checkpoint directory, or a Hugging Face
-    causal-LM directory (through :func:`sparsert.train.hf_model.load_hf_causal_lm`).
+    """AST's frozen dense teacher from ``path``: a dense sparsert run/checkpoint directory (a built-in model, or
+    a run of ``sparsert train --model HF_DIR``), or a Hugging Face causal-LM directory (through
+    :func:`sparsert.train.hf_model.load_hf_causal_lm`).
 
     ConfigError when the teacher is 2:4 sparse, or its tokenizer or vocabulary differs from the student's
     (``vocab_size``, ``tokenizer``); ArtifactError for a missing or corrupt checkpoint.
@@ -503,17 +501,15 @@ def load_teacher(path: str | Path, vocab_size: int, tokenizer: object) -> Teache
 
         bundle = load_hf_causal_lm(p)
         if bundle.tokenizer is not None:
-            try:
-                check_tokenizers_match(bundle.tokenizer, tokenizer)
-            except ConfigError as exc:
-                raise ConfigError(f"--teacher {p}: its tokenizer differs from the student's ({exc})") from None
+            check_same_tokenizer(bundle.tokenizer, tokenizer, f"--teacher {p}")
         return Teacher(bundle.model, vocab_size)
     ckpt = load_checkpoint(p, load_optimizer=False)
     if ckpt.state.get("sparsity") is not None:
         raise ConfigError(f"--teacher {ckpt.path}: a sparse checkpoint; AST distils from the dense model "
                           "(train it with --dense)")
     _check_tokenizer(ckpt.state, tokenizer, "--teacher", ckpt.path)
-    module = DecoderLM(ckpt.model_config)
+    mc = ckpt.model_config
+    module = build_hf_model(mc) if is_hf_config(mc) else DecoderLM(mc)  # an HF run: rebuilt from its directory
     module.load_state_dict({k: v.float() for k, v in ckpt.model_state.items()})
     return Teacher(module, vocab_size)
 

@@ -8,61 +8,18 @@ tokens wherever the logits agree):
               it, on a graph exported to a temporary file for this run;
 - ``runtime`` sparsert's GPU runtime (``sparsert.runtime.gpu_backend.GpuStepper``); needs an NVIDIA GPU.
 
-The prompt and its continuation go to stdout; token count and speed to stderr.
+:func:`sparsert.backends.make_stepper` opens the chosen one. The prompt and its continuation go to stdout;
+token count and speed to stderr.
 """
 
 from __future__ import annotations
 
 import json
-import shutil
-import tempfile
 import time
-from contextlib import contextmanager
-from pathlib import Path
 
 import click
 
-BACKENDS = ("torch", "onnx", "runtime")
-
-
-@contextmanager
-def make_stepper(artifact, backend: str, onnx_path: str | None = None):
-    """Yield a Stepper for ``artifact`` on ``backend``; temporary files are removed on exit."""
-    from sparsert.runtime.errors import ConfigError, DeviceError, ExportError
-
-    if backend == "torch":
-        from sparsert.runtime.generate import TorchStepper
-
-        yield TorchStepper(artifact.build_model())
-    elif backend == "onnx":
-        from sparsert.export.onnx_runner import OnnxStepper
-
-        if onnx_path is not None:
-            stepper = OnnxStepper(onnx_path)
-            if stepper.model_config != artifact.model_config.to_dict():
-                raise ExportError(
-                    f"--onnx {onnx_path} was exported from a different model than {artifact.path} "
-                    "(its sparsert.model_config metadata differs)"
-                )
-            yield stepper
-            return
-        from sparsert.export.onnx_graph import export_onnx
-
-        tmp = Path(tempfile.mkdtemp(prefix="sparsert-generate-"))
-        try:
-            path = tmp / "model.onnx"
-            export_onnx(artifact, path)
-            yield OnnxStepper(path)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-    elif backend == "runtime":
-        try:
-            from sparsert.runtime.gpu_backend import GpuStepper
-        except ImportError as exc:
-            raise DeviceError(f"--backend runtime is unavailable: {exc}") from None
-        yield GpuStepper(artifact)
-    else:
-        raise ConfigError(f"--backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+from sparsert.backends import BACKENDS, make_stepper
 
 
 @click.command("generate")

@@ -1,0 +1,49 @@
+"""Generation backends by name: ``make_stepper(artifact, "torch" | "onnx" | "runtime")`` -> a Stepper.
+
+Each backend's stepper lives with its backend — :class:`sparsert.runtime.generate.TorchStepper` (PyTorch
+reference, CPU), :class:`sparsert.runtime.gpu_backend.GpuStepper` (sparsert's GPU runtime) and
+:class:`sparsert.export.onnx_runner.OnnxStepper` (ONNX Runtime, opened by
+:func:`sparsert.export.onnx_runner.onnx_stepper`). Choosing among all three needs both ``runtime`` and
+``export``, and ``runtime`` never imports ``export``, so the choice sits here, above both (like the CLI, which
+calls it). Each backend is imported only when chosen: ``--backend torch`` loads neither ONNX nor CUDA.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from sparsert.runtime.artifact import Artifact
+    from sparsert.runtime.generate import Stepper
+
+BACKENDS = ("torch", "onnx", "runtime")
+
+
+@contextmanager
+def make_stepper(artifact: Artifact, backend: str, onnx_path: str | Path | None = None) -> Iterator[Stepper]:
+    """Yield a :class:`~sparsert.runtime.generate.Stepper` for ``artifact`` (a loaded
+    :class:`~sparsert.runtime.artifact.Artifact`) on ``backend``, one of :data:`BACKENDS`; ``onnx_path``: with
+    ``"onnx"``, an exported graph of this artifact (default: one exported to a temporary file). Temporary files
+    are removed on exit. ConfigError for an unknown backend, DeviceError when the GPU runtime cannot load."""
+    from sparsert.runtime.errors import ConfigError, DeviceError  # noqa: PLC0415 - keep `import` light
+
+    if backend == "torch":
+        from sparsert.runtime.generate import TorchStepper  # noqa: PLC0415
+
+        yield TorchStepper(artifact.build_model())
+    elif backend == "onnx":
+        from sparsert.export.onnx_runner import onnx_stepper  # noqa: PLC0415
+
+        with onnx_stepper(artifact, onnx_path) as stepper:
+            yield stepper
+    elif backend == "runtime":
+        try:
+            from sparsert.runtime.gpu_backend import GpuStepper  # noqa: PLC0415
+        except ImportError as exc:
+            raise DeviceError(f"--backend runtime is unavailable: {exc}") from None
+        yield GpuStepper(artifact)
+    else:
+        raise ConfigError(f"--backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
