@@ -1,15 +1,26 @@
 #!/usr/bin/env bash
 # The one command to run on a lent GPU machine (H100/H200 through the device tool), from the repository root:
 #
-#     bash tools/gpu_session.sh [all|tests|bench]     # carry: [".whl"] (optional, see below)
+#     bash tools/gpu_session.sh [all|tests|bench|ffn]     # carry: [".whl"] (optional, see below)
 #
 # It installs sparsert (editable, offline), records the environment, builds every kernel for the device's
-# architecture in parallel (warming the NVRTC cache), runs the GPU test suite (`pytest -m gpu`) and the kernel
-# benchmark (tools/bench_kernels.py), and writes everything under $OUT (the device tool's output folder;
-# ./gpu-session-out elsewhere). The 8 files that come back from $OUT:
+# architecture in parallel (warming the NVRTC cache), runs the GPU test suite (`pytest -m gpu`), the kernel
+# benchmark (tools/bench_kernels.py) and the FFN training-step benchmark (tools/bench_ffn_train_step.py,
+# issue 3), and writes everything under $OUT (the device tool's output folder; ./gpu-session-out elsewhere).
+# The 11 files that come back from $OUT:
 #   summary.txt  env.txt (install log, versions, kernel builds)  gpu-tests.log  gpu-tests.xml
 #   bench.log  bench.md  bench.json  dispatch.json (the dispatcher's measured per-shape choices)
-# `tests` or `bench` runs only that part (one device call must end within 600 s).
+#   ffn.log  ffn.md  ffn.json
+# `tests`, `bench` or `ffn` runs only that part (the benchmarks both run under `bench`).
+#
+# Time budget: one device call must end within 600 s. Set-up steps have fixed caps (carried wheels 60 s,
+# install 60 s, environment + parallel kernel builds 150 s: 270 s at most); the three measured phases are each
+# cut to the time left before DEADLINE (default 570 s after the start) minus what the later phases keep:
+#   GPU tests         min(TESTS_TIMEOUT=240, left - BENCH_MIN (60) - FFN_TIMEOUT)
+#   kernel benchmark  min(BENCH_TIMEOUT=270, left - FFN_TIMEOUT)
+#   FFN benchmark     min(FFN_TIMEOUT=110, left)   (expected ~30-60 s at d=4096, 16k tokens, 10 repeats)
+# so everything has ended by 570 s (+5 s if a phase ignores SIGINT and is killed), leaving the rest for the
+# tails below and the copy-back. A phase left with under 20 s is skipped and says so in summary.txt.
 #
 # The machine has no network. Its image holds torch (CUDA), cuda-python, cuda-core, hypothesis, pytest,
 # safetensors, click, onnx, onnxruntime, transformers. Optional carried wheels in .whl/ (gitignored; name
@@ -30,14 +41,22 @@ PY=${PYTHON:-python3}
 MODE=${1:-all}
 TESTS_TIMEOUT=${TESTS_TIMEOUT:-240}
 BENCH_TIMEOUT=${BENCH_TIMEOUT:-270}
+BENCH_MIN=${BENCH_MIN:-60}
+FFN_TIMEOUT=${FFN_TIMEOUT:-110}
+DEADLINE=${DEADLINE:-570}
 START=$(date +%s)
 summary() { echo "$*" | tee -a "$OUT/summary.txt"; }
+# phase_limit CAP KEEP: seconds a phase may run = min(CAP, time left before DEADLINE - KEEP for later phases).
+phase_limit() {
+  local left=$(( DEADLINE - ($(date +%s) - START) - $2 ))
+  if [ "$left" -lt "$1" ]; then echo "$left"; else echo "$1"; fi
+}
 : > "$OUT/summary.txt"
 : > "$OUT/env.txt"
 
 # 1. Optional carried wheels (checked from /tmp: the repo's cuda/ folder would shadow NVIDIA's cuda package).
 if compgen -G ".whl/*.whl" > /dev/null; then
-  if $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+  if timeout 60 $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
        >> "$OUT/env.txt" 2>&1 \
      && (cd /tmp && PYTHONPATH=/tmp/site $PY -c "import cuda.core, cuda.bindings.driver; cuda.core.Device") \
        >> "$OUT/env.txt" 2>&1; then
@@ -49,7 +68,7 @@ if compgen -G ".whl/*.whl" > /dev/null; then
 fi
 
 # 2. sparsert itself: editable, offline, no build isolation (setuptools comes from the image).
-if $PY -m pip install -q --no-index --no-deps --no-build-isolation -e . >> "$OUT/env.txt" 2>&1; then
+if timeout 60 $PY -m pip install -q --no-index --no-deps --no-build-isolation -e . >> "$OUT/env.txt" 2>&1; then
   summary "install: ok"
 else
   summary "install: FAILED (see env.txt)"
@@ -118,24 +137,49 @@ summary "kernel builds for this GPU: $(grep -c '^build ' "$OUT/env.txt") ($(grep
 
 # 4. GPU tests (every test marked gpu, across the suite).
 if [ "$MODE" = all ] || [ "$MODE" = tests ]; then
-  timeout --signal=INT "$TESTS_TIMEOUT" $PY -m pytest -q -m gpu -rs -p no:cacheprovider \
-    --junitxml="$OUT/gpu-tests.xml" tests > "$OUT/gpu-tests.log" 2>&1
-  rc=$?
-  summary "gpu tests: exit $rc: $(tail -n 1 "$OUT/gpu-tests.log")"
+  keep=0
+  [ "$MODE" = all ] && keep=$(( BENCH_MIN + FFN_TIMEOUT ))
+  limit=$(phase_limit "$TESTS_TIMEOUT" "$keep")
+  if [ "$limit" -ge 20 ]; then
+    timeout --signal=INT --kill-after=5 "$limit" $PY -m pytest -q -m gpu -rs -p no:cacheprovider \
+      --junitxml="$OUT/gpu-tests.xml" tests > "$OUT/gpu-tests.log" 2>&1
+    rc=$?
+    summary "gpu tests: exit $rc (limit ${limit}s): $(tail -n 1 "$OUT/gpu-tests.log")"
+  else
+    summary "gpu tests: skipped, ${limit}s left"
+  fi
 fi
 
 # 5. Kernel benchmark (one run, one table; baselines in the same run).
 if [ "$MODE" = all ] || [ "$MODE" = bench ]; then
-  if [ -f tools/bench_kernels.py ]; then
-    timeout --signal=INT "$BENCH_TIMEOUT" $PY tools/bench_kernels.py --out "$OUT/bench.md" \
-      --json "$OUT/bench.json" > "$OUT/bench.log" 2>&1
-    summary "bench: exit $? (bench.md, bench.json, bench.log)"
-  else
+  limit=$(phase_limit "$BENCH_TIMEOUT" "$FFN_TIMEOUT")
+  if [ ! -f tools/bench_kernels.py ]; then
     summary "bench: tools/bench_kernels.py not found"
+  elif [ "$limit" -ge 20 ]; then
+    timeout --signal=INT --kill-after=5 "$limit" $PY tools/bench_kernels.py --out "$OUT/bench.md" \
+      --json "$OUT/bench.json" > "$OUT/bench.log" 2>&1
+    summary "bench: exit $? (limit ${limit}s; bench.md, bench.json, bench.log)"
+  else
+    summary "bench: skipped, ${limit}s left"
+  fi
+fi
+
+# 6. FFN training step, 2:4 vs dense (issue 3: >= 1.3x at d=4096, ffn 4d, 16k tokens, bf16; device recorded).
+if [ "$MODE" = all ] || [ "$MODE" = bench ] || [ "$MODE" = ffn ]; then
+  limit=$(phase_limit "$FFN_TIMEOUT" 0)
+  if [ ! -f tools/bench_ffn_train_step.py ]; then
+    summary "ffn: tools/bench_ffn_train_step.py not found"
+  elif [ "$limit" -ge 20 ]; then
+    timeout --signal=INT --kill-after=5 "$limit" $PY tools/bench_ffn_train_step.py --out "$OUT/ffn.md" \
+      --json "$OUT/ffn.json" > "$OUT/ffn.log" 2>&1
+    summary "ffn: exit $? (limit ${limit}s; ffn.md, ffn.json, ffn.log): $(grep '^Target:' "$OUT/ffn.md" 2>/dev/null)"
+  else
+    summary "ffn: skipped, ${limit}s left"
   fi
 fi
 
 summary "elapsed: $(( $(date +%s) - START )) s"
 echo "---- gpu tests (tail) ----"; tail -n 25 "$OUT/gpu-tests.log" 2>/dev/null
 echo "---- bench (tail) ----"; tail -n 40 "$OUT/bench.md" 2>/dev/null || tail -n 20 "$OUT/bench.log" 2>/dev/null
+echo "---- ffn (tail) ----"; tail -n 30 "$OUT/ffn.md" 2>/dev/null || tail -n 20 "$OUT/ffn.log" 2>/dev/null
 echo "---- summary ----"; cat "$OUT/summary.txt"
