@@ -42,7 +42,7 @@ from sparsert.runtime.fileio import write_atomic
 
 KERNEL_ARCHS = ("sm_80", "sm_86", "sm_89", "sm_90a")
 # Modules whose import registers kernel specs (each calls register_kernel at import time).
-SPEC_MODULES = ("sparsert.runtime.kernels", "sparsert.runtime.sparse_gemm")
+SPEC_MODULES = ("sparsert.runtime.kernels", "sparsert.runtime.sparse_gemm", "sparsert.runtime.mvue24_kernel")
 _CACHE_FORMAT = 1
 _MAGIC = b"SPARSERT-KCACHE\x01"
 _BASE_OPTIONS = ("-std=c++17", "-Xptxas=-v")
