@@ -20,14 +20,12 @@ import torch.nn.functional as F
 
 from sparsert.runtime.errors import ConfigError, FormatError
 from sparsert.runtime.kernels import transposable_mask
+from sparsert.runtime.mvue24_kernel import mvue24_sample_t_reference
 from sparsert.runtime.sparse_gemm import prepare_sparse24_dense
 from sparsert.runtime.transposable_mask import is_transposable_24
-from sparsert.train import sparse24_training_linear as s24
-from sparsert.train.mvue24 import mvue24
 from sparsert.train.sparse24_training_linear import (
     Sparse24TrainingLinear,
     compress_masked_weight,
-    mvue24_backend,
     mvue24_compress_grad,
     mvue24_sample_dense_t,
     sparse24_training_linear,
@@ -52,17 +50,6 @@ def _case(n=64, k=128, tokens=(2, 50), dtype=torch.bfloat16, device="cpu", seed=
     g = torch.randn(*tokens, n, generator=gen).to(device, dtype)
     mask = transposable_mask(w.detach().contiguous())
     return w, b, x, g, mask
-
-
-@pytest.fixture(params=["kernel", "torch"])
-def backend(request, monkeypatch):
-    """Each MVUE24 provider in turn: runtime.mvue24_kernel (its torch reference on CPU) and the local fallback."""
-    if request.param == "kernel" and s24._kernel_mvue24_compress_t is None:
-        pytest.skip("runtime/mvue24_kernel.py is not installed")
-    if request.param == "torch":
-        monkeypatch.setattr(s24, "_kernel_mvue24_compress_t", None)
-    assert mvue24_backend() == request.param
-    return request.param
 
 
 def unbiasedness_ratio(samples: torch.Tensor, exact: torch.Tensor) -> float:
@@ -93,7 +80,7 @@ def test_forward_and_input_gradient_match_the_masked_linear(dtype, with_bias):
         torch.testing.assert_close(b.grad.float(), g.float().sum((0, 1)), rtol=1e-2, atol=1e-1)
 
 
-def test_weight_gradient_is_the_sparse_gemm_of_the_drawn_sample(backend):
+def test_weight_gradient_is_the_sparse_gemm_of_the_drawn_sample():
     w, b, x, g, mask = _case()
     y = sparse24_training_linear(x, w, mask, b, seed=11, offset=8)
     y.backward(g)
@@ -105,13 +92,8 @@ def test_weight_gradient_is_the_sparse_gemm_of_the_drawn_sample(backend):
     assert int((s_dense.reshape(64, 32, 4) != 0).sum(-1).max()) <= 2  # 2:4 along T
     assert not s_dense[:, 100:].any()  # the zero tokens stay zero
     assert torch.equal(mvue24_sample_dense_t(g_pad, seed=11, offset=8).float(), s_dense)
-    if backend == "torch":  # the fallback's formula: mvue24(∇Z, dim=0) with the step_seed generator
-        gen = torch.Generator().manual_seed(step_seed(11, 8))
-        assert torch.equal(s_dense, mvue24(g_pad, gen, dim=0).t().float())
-    else:  # seed and offset reach the kernel unchanged (on CPU: its torch reference)
-        from sparsert.runtime.mvue24_kernel import mvue24_sample_t_reference
-
-        assert torch.equal(s_dense, mvue24_sample_t_reference(g_pad, seed=11, offset=8).float())
+    # seed and offset reach the kernel unchanged (on CPU: its torch reference)
+    assert torch.equal(s_dense, mvue24_sample_t_reference(g_pad, seed=11, offset=8).float())
     expected = s_dense.double() @ x_pad.double()
     assert w.grad.dtype == torch.bfloat16 and w.grad.shape == (64, 128) and w.grad.is_contiguous()
     assert rel(w.grad, expected) < 2 ** -8  # one bf16 rounding of the fp32-accumulated product
@@ -124,7 +106,7 @@ def test_weight_gradient_is_the_sparse_gemm_of_the_drawn_sample(backend):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_weight_gradient_is_unbiased_over_seeds(dtype, backend):
+def test_weight_gradient_is_unbiased_over_seeds(dtype):
     gen = torch.Generator().manual_seed(1)
     g = (torch.randn(128, 64, generator=gen) * torch.rand(128, 64, generator=gen) * 3).to(dtype)
     x = torch.randn(128, 64, generator=gen).to(dtype)

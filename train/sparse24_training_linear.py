@@ -19,9 +19,8 @@ step) with ``runtime.kernels.prune_to_sparse24_weight``: a magnitude prune of an
 exactly its non-zeros, so one kernel pass compresses it into the GEMM's operand layout. The mask itself is
 refreshed only when asked (:meth:`Sparse24TrainingLinear.refresh_mask`; the paper refreshes every 40 steps).
 
-``S`` comes from ``runtime.mvue24_kernel.mvue24_compress_t`` (a fused sample-and-compress kernel, torch
-reference on CPU) when that module is installed, else from the torch fallback: ``mvue24(∇Z, dim=0)``
-(:mod:`sparsert.train.mvue24`) then a compress of its transpose; :func:`mvue24_backend` says which.
+``S`` comes from ``runtime.mvue24_kernel.mvue24_compress_t``, a fused sample-and-compress kernel (its torch
+reference without a GPU) that draws with the law of :mod:`sparsert.train.mvue24`.
 
 On CPU (or without a usable GPU) every GEMM runs through ``sparse24_linear``'s torch fallback: the same
 function from the same prepared operands (fp32 accumulation of bf16/fp16 products), slow but exact.
@@ -42,16 +41,9 @@ from torch import nn
 
 from sparsert.runtime.errors import ConfigError, FormatError
 from sparsert.runtime.kernels import prune24_decompress, prune_to_sparse24_weight, transposable_mask
+from sparsert.runtime.mvue24_kernel import mvue24_compress_t
 from sparsert.runtime.sparse_gemm import Sparse24Weight, fragments_to_values, sparse24_linear
 from sparsert.runtime.transposable_mask import is_transposable_24
-from sparsert.train.mvue24 import mvue24
-
-try:  # the fused MVUE24 sample-and-compress kernel (written in parallel; absent in older checkouts)
-    from sparsert.runtime.mvue24_kernel import mvue24_compress_t as _kernel_mvue24_compress_t
-except ModuleNotFoundError as exc:
-    if exc.name != "sparsert.runtime.mvue24_kernel":
-        raise
-    _kernel_mvue24_compress_t = None
 
 __all__ = [
     "COMPUTE_DTYPES",
@@ -60,7 +52,6 @@ __all__ = [
     "Sparse24TrainingLinear",
     "Sparse24TrainingLinearFunction",
     "compress_masked_weight",
-    "mvue24_backend",
     "mvue24_compress_grad",
     "mvue24_sample_dense_t",
     "sparse24_training_linear",
@@ -73,12 +64,6 @@ WEIGHT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 DIM_MULTIPLE = 64  # K and N: the reduction dimension of a sparse GEMM must be a multiple of the k tile
 TOKEN_PAD = 64  # T is padded to this for the weight-gradient GEMM (T is its reduction dimension)
 _MASK64 = (1 << 64) - 1
-
-
-def mvue24_backend() -> str:
-    """``"kernel"`` when ``runtime.mvue24_kernel.mvue24_compress_t`` is installed, else ``"torch"``
-    (``train.mvue24.mvue24`` then a compress: correct everywhere, slow on a GPU)."""
-    return "kernel" if _kernel_mvue24_compress_t is not None else "torch"
 
 
 def step_seed(seed: int, call: int) -> int:
@@ -194,13 +179,6 @@ def _check_grad(grad, fn: str) -> None:
                           "zero tokens)")
 
 
-def _torch_sample(grad: torch.Tensor, seed: int, offset: int) -> torch.Tensor:
-    """The torch fallback's draw: ``mvue24(grad, dim=0)`` seeded ``step_seed(seed, offset)``, ``[T, N]``."""
-    gen = torch.Generator(device=grad.device)
-    gen.manual_seed(step_seed(seed, offset))
-    return mvue24(grad, gen, name="grad_output", dim=0)
-
-
 @torch.no_grad()
 def mvue24_compress_grad(grad: torch.Tensor, *, seed: int, offset: int = 0) -> Sparse24Weight:
     """``S = MVUE24(∇Zᵀ)`` compressed for the weight-gradient GEMM.
@@ -212,16 +190,12 @@ def mvue24_compress_grad(grad: torch.Tensor, *, seed: int, offset: int = 0) -> S
     Returns:
         :class:`Sparse24Weight` with ``out_features = N``, ``in_features = T``: ``S [N, T]``, 2:4 along T, each
         group of four consecutive tokens of a column of ``∇Z`` replaced by its MVUE24 sample
-        (``E[S] = ∇Zᵀ``). Through ``runtime.mvue24_kernel.mvue24_compress_t`` when installed; else
-        ``mvue24(grad, generator, dim=0)`` with a generator seeded ``step_seed(seed, offset)`` and a lossless
-        compress of the sample's transpose (:func:`mvue24_backend` says which).
+        (``E[S] = ∇Zᵀ``), by the fused kernel ``runtime.mvue24_kernel.mvue24_compress_t`` (its torch
+        reference without a GPU).
     """
     _check_grad(grad, "mvue24_compress_grad")
     _check_rng(seed, offset, "mvue24_compress_grad")
-    if _kernel_mvue24_compress_t is not None:
-        return _kernel_mvue24_compress_t(grad, seed=seed, offset=offset)
-    sampled = _torch_sample(grad, seed, offset)  # (T, N), 2:4 along T
-    return prune_to_sparse24_weight(sampled.t().contiguous())  # (N, T): a magnitude prune keeps all of a 2:4
+    return mvue24_compress_t(grad, seed=seed, offset=offset)
 
 
 @torch.no_grad()
@@ -230,8 +204,6 @@ def mvue24_sample_dense_t(grad: torch.Tensor, *, seed: int, offset: int = 0) -> 
     grad's dtype, zeros at the dropped entries: for baselines on other GEMM libraries and for checks."""
     _check_grad(grad, "mvue24_sample_dense_t")
     _check_rng(seed, offset, "mvue24_sample_dense_t")
-    if _kernel_mvue24_compress_t is None:
-        return _torch_sample(grad, seed, offset).t().contiguous()
     s = mvue24_compress_grad(grad, seed=seed, offset=offset)
     return prune24_decompress(fragments_to_values(s.values), s.meta, s.in_features)[: s.out_features]
 
@@ -472,4 +444,4 @@ class Sparse24TrainingLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
-                f"bias={self.bias is not None}, mvue={self.mvue}, mvue24_backend={mvue24_backend()}")
+                f"bias={self.bias is not None}, mvue={self.mvue}")
