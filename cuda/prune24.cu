@@ -52,6 +52,27 @@ __device__ __forceinline__ void top2_of_4(const u32 m[4], int& i0, int& i1) {
   i1 = 31 - __clz(keep);
 }
 
+// The metadata block (mt, kb) of this warp (one warp per block, blocks in row-major order over
+// [rows/16, cols/64]) and this lane's place in it: rows 16mt+g and 16mt+g+8, columns col0 .. col0+15.
+struct MetaBlock {
+  long long block, mt;
+  int kb, lane, g, s, col0;
+};
+
+// False when the warp has no block (the grid is rounded up to whole CTAs).
+__device__ __forceinline__ bool meta_block(int rows, int cols, MetaBlock& b) {
+  b.lane = threadIdx.x & 31;
+  b.block = (long long)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+  const int kblocks = cols >> 6;
+  if (b.block >= (long long)(rows >> 4) * kblocks) return false;
+  b.mt = b.block / kblocks;
+  b.kb = (int)(b.block % kblocks);
+  b.g = b.lane >> 2;
+  b.s = b.lane & 3;
+  b.col0 = b.kb * 64 + b.s * 16;
+  return true;
+}
+
 // FRAG = false: values [M, K/2] row-major (K order). FRAG = true (16-bit T only): values in the sparse GEMM's
 // mma.sp A-fragment order [M/16, K/64, 2, 32, 8] (runtime/sparse_gemm.values_to_fragments): element
 // [mt, kb, s, 4g+t, 4hk+2hr+p] = kept value (row 16mt+g+8hr, kept column 32kb+16s+8hk+2t+p). This lane's chunk
@@ -61,14 +82,10 @@ __global__ void __launch_bounds__(128) prune24_compress(const T* __restrict__ de
                                                         u32* __restrict__ meta, int rows, int cols) {
   static_assert(!FRAG || sizeof(T) == 2, "fragment order is defined for 16-bit values");
   constexpr int W = Elem<T>::WORDS_PER_16;
-  const int lane = threadIdx.x & 31;
-  const long long block = (long long)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
-  const int kblocks = cols >> 6;
-  if (block >= (long long)(rows >> 4) * kblocks) return;
-  const long long mt = block / kblocks;
-  const int kb = (int)(block % kblocks);
-  const int g = lane >> 2, s = lane & 3;
-  const int col0 = kb * 64 + s * 16;
+  MetaBlock mb;
+  if (!meta_block(rows, cols, mb)) return;
+  const long long block = mb.block, mt = mb.mt;
+  const int lane = mb.lane, g = mb.g, s = mb.s, col0 = mb.col0;
   u32 word = 0;
 #pragma unroll
   for (int h = 0; h < 2; ++h) {
@@ -120,14 +137,10 @@ template <typename T>
 __global__ void __launch_bounds__(128) prune24_decompress(const T* __restrict__ values, const u32* __restrict__ meta,
                                                           T* __restrict__ dense, int rows, int cols) {
   constexpr int W = Elem<T>::WORDS_PER_16;
-  const int lane = threadIdx.x & 31;
-  const long long block = (long long)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
-  const int kblocks = cols >> 6;
-  if (block >= (long long)(rows >> 4) * kblocks) return;
-  const long long mt = block / kblocks;
-  const int kb = (int)(block % kblocks);
-  const int g = lane >> 2, s = lane & 3;
-  const int col0 = kb * 64 + s * 16;
+  MetaBlock mb;
+  if (!meta_block(rows, cols, mb)) return;
+  const long long block = mb.block, mt = mb.mt;
+  const int lane = mb.lane, g = mb.g, col0 = mb.col0;
   const u32 word = __ldg(meta + block * 32 + lane);
 #pragma unroll
   for (int h = 0; h < 2; ++h) {

@@ -23,21 +23,11 @@
 // [metadata 8 x 128 B]. Empty barriers count the 256 consumer threads.
 // Epilogue: accumulators -> bias/activation -> transposed tile in shared memory -> 16-byte stores of Y rows.
 
-typedef unsigned short u16;
-typedef unsigned int u32;
-typedef unsigned long long u64;
-
-#define DEVI __device__ __forceinline__
+#include "sparse24_gemm_common.cuh"
 
 namespace s90 {
 
-DEVI u32 smem_u32(const void* p) { return static_cast<u32>(__cvta_generic_to_shared(p)); }
-
-DEVI void cp_async16(u32 dst, const void* src, bool valid) {
-  const int n = valid ? 16 : 0;
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(n) : "memory");
-}
-DEVI void cp_async_wait_all() { asm volatile("cp.async.wait_all;\n" ::: "memory"); }
+using namespace sp24;
 
 DEVI void mbar_init(u32 bar, u32 count) {
   asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(count) : "memory");
@@ -88,215 +78,130 @@ DEVI u64 desc_k_major_sw128(u32 saddr) {
   return d;
 }
 
-template <int DT>
-DEVI u16 to_u16(float v) {
-  u16 r;
-  if constexpr (DT == 0) {
-    asm("cvt.rn.bf16.f32 %0, %1;\n" : "=h"(r) : "f"(v));
-  } else {
-    asm("cvt.rn.f16.f32 %0, %1;\n" : "=h"(r) : "f"(v));
-  }
-  return r;
-}
-
-DEVI float activation(float v, int act) {
-  if (act == 1) return fmaxf(v, 0.0f);
-  if (act == 2) return v / (1.0f + expf(-v));
-  if (act == 3) return 0.5f * v * (1.0f + erff(v * 0.7071067811865476f));
-  return v;
-}
-
-// Grouped rasterisation of a 1-D grid (see cuda/sparse24_gemm.cu).
-DEVI void tile_coords(int pid, int nx, int ny, int group, int& x, int& y) {
-  const int per_group = group * nx;
-  const int gid = pid / per_group;
-  const int first_y = gid * group;
-  const int gsize = min(ny - first_y, group);
-  const int r = pid - gid * per_group;
-  y = first_y + r % gsize;
-  x = r / gsize;
-}
-
-// wgmma.mma_async.sp, A from registers, B from a descriptor, scale-d = 1 (accumulate), no negation, B not
-// transposed. Operand lists generated (d has N/2 fp32 registers per thread).
-template <int SEL>
-DEVI void wgmma_sp_n128_bf16(float (&d)[64], const u32 (&a)[4], u64 desc_b, u32 e) {
-  asm volatile(
-      "{\n.reg .pred p;\nsetp.ne.b32 p, %70, 0;\n"
-      "wgmma.mma_async.sp.sync.aligned.m64n128k32.f32.bf16.bf16 "
-      "{"
-      "%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,"
-      "%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31,"
-      "%32,%33,%34,%35,%36,%37,%38,%39,%40,%41,%42,%43,%44,%45,%46,%47,"
-      "%48,%49,%50,%51,%52,%53,%54,%55,%56,%57,%58,%59,%60,%61,%62,%63"
-      "}, {%64,%65,%66,%67}, %68, %69, %71, p, 1, 1, 0;\n}\n"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
-        "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
-        "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
-        "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]),
-        "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]),
-        "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]),
-        "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),
-        "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(e), "n"(1), "n"(SEL));
-}
-
-template <int SEL>
-DEVI void wgmma_sp_n128_f16(float (&d)[64], const u32 (&a)[4], u64 desc_b, u32 e) {
-  asm volatile(
-      "{\n.reg .pred p;\nsetp.ne.b32 p, %70, 0;\n"
-      "wgmma.mma_async.sp.sync.aligned.m64n128k32.f32.f16.f16 "
-      "{"
-      "%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,"
-      "%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31,"
-      "%32,%33,%34,%35,%36,%37,%38,%39,%40,%41,%42,%43,%44,%45,%46,%47,"
-      "%48,%49,%50,%51,%52,%53,%54,%55,%56,%57,%58,%59,%60,%61,%62,%63"
-      "}, {%64,%65,%66,%67}, %68, %69, %71, p, 1, 1, 0;\n}\n"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
-        "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
-        "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
-        "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]),
-        "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]),
-        "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]),
-        "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),
-        "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(e), "n"(1), "n"(SEL));
-}
-
-template <int SEL>
-DEVI void wgmma_sp_n256_bf16(float (&d)[128], const u32 (&a)[4], u64 desc_b, u32 e) {
-  asm volatile(
-      "{\n.reg .pred p;\nsetp.ne.b32 p, %134, 0;\n"
-      "wgmma.mma_async.sp.sync.aligned.m64n256k32.f32.bf16.bf16 "
-      "{"
-      "%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,"
-      "%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31,"
-      "%32,%33,%34,%35,%36,%37,%38,%39,%40,%41,%42,%43,%44,%45,%46,%47,"
-      "%48,%49,%50,%51,%52,%53,%54,%55,%56,%57,%58,%59,%60,%61,%62,%63,"
-      "%64,%65,%66,%67,%68,%69,%70,%71,%72,%73,%74,%75,%76,%77,%78,%79,"
-      "%80,%81,%82,%83,%84,%85,%86,%87,%88,%89,%90,%91,%92,%93,%94,%95,"
-      "%96,%97,%98,%99,%100,%101,%102,%103,%104,%105,%106,%107,%108,%109,%110,%111,"
-      "%112,%113,%114,%115,%116,%117,%118,%119,%120,%121,%122,%123,%124,%125,%126,%127"
-      "}, {%128,%129,%130,%131}, %132, %133, %135, p, 1, 1, 0;\n}\n"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
-        "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
-        "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
-        "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]),
-        "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]),
-        "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]),
-        "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),
-        "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63]),
-        "+f"(d[64]), "+f"(d[65]), "+f"(d[66]), "+f"(d[67]), "+f"(d[68]), "+f"(d[69]), "+f"(d[70]), "+f"(d[71]),
-        "+f"(d[72]), "+f"(d[73]), "+f"(d[74]), "+f"(d[75]), "+f"(d[76]), "+f"(d[77]), "+f"(d[78]), "+f"(d[79]),
-        "+f"(d[80]), "+f"(d[81]), "+f"(d[82]), "+f"(d[83]), "+f"(d[84]), "+f"(d[85]), "+f"(d[86]), "+f"(d[87]),
-        "+f"(d[88]), "+f"(d[89]), "+f"(d[90]), "+f"(d[91]), "+f"(d[92]), "+f"(d[93]), "+f"(d[94]), "+f"(d[95]),
-        "+f"(d[96]), "+f"(d[97]), "+f"(d[98]), "+f"(d[99]), "+f"(d[100]), "+f"(d[101]), "+f"(d[102]), "+f"(d[103]),
-        "+f"(d[104]), "+f"(d[105]), "+f"(d[106]), "+f"(d[107]), "+f"(d[108]), "+f"(d[109]), "+f"(d[110]), "+f"(d[111]),
-        "+f"(d[112]), "+f"(d[113]), "+f"(d[114]), "+f"(d[115]), "+f"(d[116]), "+f"(d[117]), "+f"(d[118]), "+f"(d[119]),
-        "+f"(d[120]), "+f"(d[121]), "+f"(d[122]), "+f"(d[123]), "+f"(d[124]), "+f"(d[125]), "+f"(d[126]), "+f"(d[127])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(e), "n"(1), "n"(SEL));
-}
-
-template <int SEL>
-DEVI void wgmma_sp_n256_f16(float (&d)[128], const u32 (&a)[4], u64 desc_b, u32 e) {
-  asm volatile(
-      "{\n.reg .pred p;\nsetp.ne.b32 p, %134, 0;\n"
-      "wgmma.mma_async.sp.sync.aligned.m64n256k32.f32.f16.f16 "
-      "{"
-      "%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,"
-      "%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31,"
-      "%32,%33,%34,%35,%36,%37,%38,%39,%40,%41,%42,%43,%44,%45,%46,%47,"
-      "%48,%49,%50,%51,%52,%53,%54,%55,%56,%57,%58,%59,%60,%61,%62,%63,"
-      "%64,%65,%66,%67,%68,%69,%70,%71,%72,%73,%74,%75,%76,%77,%78,%79,"
-      "%80,%81,%82,%83,%84,%85,%86,%87,%88,%89,%90,%91,%92,%93,%94,%95,"
-      "%96,%97,%98,%99,%100,%101,%102,%103,%104,%105,%106,%107,%108,%109,%110,%111,"
-      "%112,%113,%114,%115,%116,%117,%118,%119,%120,%121,%122,%123,%124,%125,%126,%127"
-      "}, {%128,%129,%130,%131}, %132, %133, %135, p, 1, 1, 0;\n}\n"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
-        "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
-        "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
-        "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]),
-        "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]),
-        "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]),
-        "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),
-        "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63]),
-        "+f"(d[64]), "+f"(d[65]), "+f"(d[66]), "+f"(d[67]), "+f"(d[68]), "+f"(d[69]), "+f"(d[70]), "+f"(d[71]),
-        "+f"(d[72]), "+f"(d[73]), "+f"(d[74]), "+f"(d[75]), "+f"(d[76]), "+f"(d[77]), "+f"(d[78]), "+f"(d[79]),
-        "+f"(d[80]), "+f"(d[81]), "+f"(d[82]), "+f"(d[83]), "+f"(d[84]), "+f"(d[85]), "+f"(d[86]), "+f"(d[87]),
-        "+f"(d[88]), "+f"(d[89]), "+f"(d[90]), "+f"(d[91]), "+f"(d[92]), "+f"(d[93]), "+f"(d[94]), "+f"(d[95]),
-        "+f"(d[96]), "+f"(d[97]), "+f"(d[98]), "+f"(d[99]), "+f"(d[100]), "+f"(d[101]), "+f"(d[102]), "+f"(d[103]),
-        "+f"(d[104]), "+f"(d[105]), "+f"(d[106]), "+f"(d[107]), "+f"(d[108]), "+f"(d[109]), "+f"(d[110]), "+f"(d[111]),
-        "+f"(d[112]), "+f"(d[113]), "+f"(d[114]), "+f"(d[115]), "+f"(d[116]), "+f"(d[117]), "+f"(d[118]), "+f"(d[119]),
-        "+f"(d[120]), "+f"(d[121]), "+f"(d[122]), "+f"(d[123]), "+f"(d[124]), "+f"(d[125]), "+f"(d[126]), "+f"(d[127])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(e), "n"(1), "n"(SEL));
-}
+// ---- wgmma.mma_async.sp m64nNk32 (N = BT = 128 or 256), A from registers, B from a descriptor ----
+// Operand numbering: the N/2 fp32 accumulators d[0..N/2) are %0..%(N/2-1) ("+f"), then a[0..3], desc_b, e,
+// scale-d (1: accumulate) and the sparsity selector SEL. Scale-d goes through a predicate; immA... = 1, 1
+// (no negation), tnspB = 0 (B is K-major).
+#define S90_D8(I) \
+  "+f"(d[I]), "+f"(d[I + 1]), "+f"(d[I + 2]), "+f"(d[I + 3]), "+f"(d[I + 4]), "+f"(d[I + 5]), "+f"(d[I + 6]), \
+      "+f"(d[I + 7])
+#define S90_D64(I) \
+  S90_D8(I), S90_D8(I + 8), S90_D8(I + 16), S90_D8(I + 24), S90_D8(I + 32), S90_D8(I + 40), S90_D8(I + 48), \
+      S90_D8(I + 56)
+#define S90_D_N128 S90_D64(0)
+#define S90_D_N256 S90_D64(0), S90_D64(64)
+#define S90_R_N128                                                    \
+  "%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,"            \
+  "%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31,"  \
+  "%32,%33,%34,%35,%36,%37,%38,%39,%40,%41,%42,%43,%44,%45,%46,%47,"  \
+  "%48,%49,%50,%51,%52,%53,%54,%55,%56,%57,%58,%59,%60,%61,%62,%63"
+#define S90_R_N256                                                                \
+  S90_R_N128 ","                                                                  \
+  "%64,%65,%66,%67,%68,%69,%70,%71,%72,%73,%74,%75,%76,%77,%78,%79,"              \
+  "%80,%81,%82,%83,%84,%85,%86,%87,%88,%89,%90,%91,%92,%93,%94,%95,"              \
+  "%96,%97,%98,%99,%100,%101,%102,%103,%104,%105,%106,%107,%108,%109,%110,%111,"  \
+  "%112,%113,%114,%115,%116,%117,%118,%119,%120,%121,%122,%123,%124,%125,%126,%127"
+// N: 128 | 256; T: "bf16" | "f16"; SCALE_D / REST: the operand numbers after the accumulators.
+#define S90_WGMMA_SP(N, T, SCALE_D, REST)                                                      \
+  asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, " SCALE_D ", 0;\n"                              \
+               "wgmma.mma_async.sp.sync.aligned.m64n" #N "k32.f32." T "." T " "                  \
+               "{" S90_R_N##N "}, " REST ", p, 1, 1, 0;\n}\n"                                    \
+               : S90_D_N##N                                                                      \
+               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(e), "n"(1), "n"(SEL))
+#define S90_WGMMA_SP_N128(T) S90_WGMMA_SP(128, T, "%70", "{%64,%65,%66,%67}, %68, %69, %71")
+#define S90_WGMMA_SP_N256(T) S90_WGMMA_SP(256, T, "%134", "{%128,%129,%130,%131}, %132, %133, %135")
 
 template <int DT, int BT, int SEL>
 DEVI void wgmma_sp(float (&d)[BT / 2], const u32 (&a)[4], u64 desc_b, u32 e) {
+  static_assert(BT == 128 || BT == 256, "BT");
   if constexpr (BT == 128) {
-    if constexpr (DT == 0) wgmma_sp_n128_bf16<SEL>(d, a, desc_b, e);
-    else wgmma_sp_n128_f16<SEL>(d, a, desc_b, e);
+    if constexpr (DT == 0) S90_WGMMA_SP_N128("bf16");
+    else S90_WGMMA_SP_N128("f16");
   } else {
-    if constexpr (DT == 0) wgmma_sp_n256_bf16<SEL>(d, a, desc_b, e);
-    else wgmma_sp_n256_f16<SEL>(d, a, desc_b, e);
+    if constexpr (DT == 0) S90_WGMMA_SP_N256("bf16");
+    else S90_WGMMA_SP_N256("f16");
   }
 }
 
-// ---- INT4 dequantisation (same code and layout as cuda/w4a16_sparse24_gemm.cu; see its header) ----
-template <int LUT>
-DEVI u32 lop3(u32 a, u32 b, u32 c) {
-  u32 r;
-  asm volatile("lop3.b32 %0, %1, %2, %3, %4;\n" : "=r"(r) : "r"(a), "r"(b), "r"(c), "n"(LUT));
-  return r;
+#undef S90_WGMMA_SP_N256
+#undef S90_WGMMA_SP_N128
+#undef S90_WGMMA_SP
+#undef S90_R_N256
+#undef S90_R_N128
+#undef S90_D_N256
+#undef S90_D_N128
+#undef S90_D64
+#undef S90_D8
+
+// ---- the warp-specialised CTA shared by both kernels ----
+
+// One CTA's tile and shared memory: STAGES stages of STAGE_BYTES from the first 1024-byte boundary of the
+// dynamic shared memory (the 128-byte swizzle needs it), then STAGES full and STAGES empty mbarriers.
+struct CtaTile {
+  unsigned char* smem;  // first stage (generic address)
+  u32 base;             // first stage (shared address)
+  u32 bar_full, bar_empty;
+  int n0, m0;           // first output feature and first token of the tile
+};
+
+// Carve up shared memory, locate the tile (1-D grid of ceil(N/128) x ceil(M/BT) tiles) and initialise the
+// barriers: full ones count the 128 producer threads' cp.async arrivals, empty ones the 256 consumer threads.
+template <int BT, int STAGES, int STAGE_BYTES>
+DEVI CtaTile cta_setup(unsigned char* smem_raw, int M, int N) {
+  CtaTile t;
+  const u32 raw = smem_u32(smem_raw);
+  t.base = (raw + 1023u) & ~1023u;
+  t.smem = smem_raw + (t.base - raw);
+  t.bar_full = t.base + STAGES * STAGE_BYTES;
+  t.bar_empty = t.bar_full + 8 * STAGES;
+  int tx, ty;
+  tile_coords(blockIdx.x, (N + 127) / 128, (M + BT - 1) / BT, 8, tx, ty);
+  t.n0 = tx * 128;
+  t.m0 = ty * BT;
+  if (threadIdx.x == 0) {
+#pragma unroll
+    for (int s = 0; s < STAGES; ++s) {
+      mbar_init(t.bar_full + 8 * s, 128);
+      mbar_init(t.bar_empty + 8 * s, 256);
+    }
+  }
+  __syncthreads();
+  return t;
 }
-constexpr int AND_OR = (0xf0 & 0xcc) | 0xaa;  // (a & b) | c
-DEVI u32 hfma2(u32 a, u32 b, u32 c) {
-  u32 r;
-  asm("fma.rn.f16x2 %0, %1, %2, %3;\n" : "=r"(r) : "r"(a), "r"(b), "r"(c));
-  return r;
+
+// Producer warpgroup (threads 0..127): for every k tile, wait until the consumers have freed its slot, issue
+// its copies with load(stage shared address, kt) and have the slot's full barrier count them when they land.
+template <int STAGES, int STAGE_BYTES, class Load>
+DEVI void producer(const CtaTile& t, int ktiles, Load&& load) {
+  asm volatile("setmaxnreg.dec.sync.aligned.u32 40;\n" ::: "memory");
+  for (int kt = 0; kt < ktiles; ++kt) {
+    const int slot = kt % STAGES;
+    if (kt >= STAGES) mbar_wait(t.bar_empty + 8 * slot, ((kt / STAGES) - 1) & 1);
+    load(t.base + slot * STAGE_BYTES, kt);
+    cp_async_mbar_arrive(t.bar_full + 8 * slot);
+  }
+  cp_async_wait_all();
 }
-DEVI u32 hsub2(u32 a, u32 b) {
-  u32 r;
-  asm("sub.f16x2 %0, %1, %2;\n" : "=r"(r) : "r"(a), "r"(b));
-  return r;
-}
-DEVI u32 hmul2(u32 a, u32 b) {
-  u32 r;
-  asm("mul.f16x2 %0, %1, %2;\n" : "=r"(r) : "r"(a), "r"(b));
-  return r;
-}
-DEVI u32 bfma2(u32 a, u32 b, u32 c) {
-  u32 r;
-  asm("fma.rn.bf16x2 %0, %1, %2, %3;\n" : "=r"(r) : "r"(a), "r"(b), "r"(c));
-  return r;
-}
-template <int DT>
-DEVI void dequant_word(u32 q, u32 sg, u32 sg8, u32 (&a)[4]) {
-  constexpr u32 LO = 0x000f000fu;
-  if constexpr (DT == 1) {
-    constexpr u32 HI = 0x00f000f0u, EX = 0x64006400u;
-    constexpr u32 SUB = 0x64086408u, MUL = 0x2c002c00u, ADD = 0xd480d480u;
-    const u32 lo0 = lop3<AND_OR>(q, LO, EX), hi0 = lop3<AND_OR>(q, HI, EX);
-    const u32 q8 = q >> 8;
-    const u32 lo1 = lop3<AND_OR>(q8, LO, EX), hi1 = lop3<AND_OR>(q8, HI, EX);
-    a[0] = hmul2(hsub2(lo0, SUB), sg);
-    a[1] = hmul2(hfma2(hi0, MUL, ADD), sg8);
-    a[2] = hmul2(hsub2(lo1, SUB), sg);
-    a[3] = hmul2(hfma2(hi1, MUL, ADD), sg8);
-  } else {
-    constexpr u32 EX = 0x43004300u, ONE = 0x3f803f80u, NEG136 = 0xc308c308u, NEG0 = 0x80008000u;
-    a[0] = bfma2(bfma2(lop3<AND_OR>(q, LO, EX), ONE, NEG136), sg, NEG0);
-    a[1] = bfma2(bfma2(lop3<AND_OR>(q >> 4, LO, EX), ONE, NEG136), sg8, NEG0);
-    a[2] = bfma2(bfma2(lop3<AND_OR>(q >> 8, LO, EX), ONE, NEG136), sg, NEG0);
-    a[3] = bfma2(bfma2(lop3<AND_OR>(q >> 12, LO, EX), ONE, NEG136), sg8, NEG0);
+
+// Producer: the X tile of a k tile (tokens m0.., columns k0 .. k0 + 64*SUBS - 1) as SUBS 64-column sub-tiles of
+// BT rows x 128 B at st + h * BT * 128, in the 128-byte swizzle (16-byte chunk j of row r at (j ^ (r & 7)) * 16);
+// rows >= M are zero-filled.
+template <int BT, int SUBS>
+DEVI void load_x_tile(u32 st, const u16* __restrict__ x, int m0, int M, int K, int k0, int ptid) {
+  static_assert(SUBS == 1 || SUBS == 2, "SUBS");
+#pragma unroll 4
+  for (int c = ptid; c < BT * 8 * SUBS; c += 128) {
+    const int r = SUBS == 1 ? c >> 3 : c >> 4, j = c & (8 * SUBS - 1);
+    const int h = j >> 3, jj = j & 7;
+    const int m = m0 + r;
+    const bool ok = m < M;
+    cp_async16(st + h * (BT * 128) + r * 128 + ((jj ^ (r & 7)) << 4), x + (size_t)(ok ? m : 0) * K + k0 + j * 8, ok);
   }
 }
-DEVI u32 lo_pair(u32 s) { return __byte_perm(s, s, 0x1010); }
-DEVI u32 hi_pair(u32 s) { return __byte_perm(s, s, 0x3232); }
 
-// Consumer epilogue shared by both kernels: accumulators of consumer warpgroup c (rows 64c..+63 of the
-// 128-feature tile, warp wi = rows 16wi..+15 of those) -> bias/activation -> transposed tile in shared memory
-// -> 16-byte stores of Y rows. Named barrier 1 spans the 256 consumer threads.
+// Consumer epilogue: accumulators of consumer warpgroup c (rows 64c..+63 of the 128-feature tile, warp wi =
+// rows 16wi..+15 of those) -> bias/activation -> transposed tile in shared memory -> 16-byte stores of Y rows.
+// Named barrier 1 spans the 256 consumer threads.
 template <int DT, int BT>
 DEVI void consumer_epilogue(const float (&acc)[BT / 2], unsigned char* smem, int c, int wi, int lane, int ct,
                             const float* __restrict__ bias, u16* __restrict__ y, int M, int N, int n0, int m0,
@@ -308,23 +213,66 @@ DEVI void consumer_epilogue(const float (&acc)[BT / 2], unsigned char* smem, int
 #pragma unroll
   for (int h = 0; h < 2; ++h) {
     const int r = 64 * c + 16 * wi + g + 8 * h;
-    const int n = n0 + r;
-    const float bv = (bias != nullptr && n < N) ? bias[n] : 0.0f;
+    const float bv = bias_at(bias, n0 + r, N);
 #pragma unroll
-    for (int j = 0; j < BT / 8; ++j) {
-      const int col = 8 * j + 2 * t;
-      out[col * OUT_LD + r] = to_u16<DT>(activation(acc[4 * j + 2 * h] + bv, act));
-      out[(col + 1) * OUT_LD + r] = to_u16<DT>(activation(acc[4 * j + 2 * h + 1] + bv, act));
-    }
+    for (int j = 0; j < BT / 8; ++j)
+      put_transposed_pair<DT, OUT_LD>(out, r, 8 * j + 2 * t, acc[4 * j + 2 * h], acc[4 * j + 2 * h + 1], bv, act);
   }
   asm volatile("bar.sync 1, 256;\n" ::: "memory");
 #pragma unroll 4
-  for (int i = ct; i < BT * 16; i += 256) {
-    const int tl = i >> 4, j = i & 15;
-    const int m = m0 + tl, n = n0 + j * 8;
-    if (m < M && n < N)
-      *reinterpret_cast<uint4*>(y + (size_t)m * N + n) = *reinterpret_cast<const uint4*>(out + tl * OUT_LD + j * 8);
+  for (int i = ct; i < BT * 16; i += 256) store_tile_chunk<OUT_LD>(y, out, i >> 4, i & 15, M, N, m0, n0);
+}
+
+// Consumer warpgroups 1 and 2 (threads 128..383): warpgroup c computes output features 64c..64c+63 of the
+// tile for all BT tokens. Per k tile: wait for the stage, fill(stage, a, e) writes this warp's S k32 A
+// fragments and S/2 metadata words, S wgmmas (k32 step s reads X sub-tile s/2 at column offset 32 (s%2),
+// sparsity selector s % 2). Two register sets of A fragments alternate so that a tile's wgmmas run while
+// the next tile's fragments are built; a stage is released once its wgmmas have completed. Then the epilogue.
+template <int DT, int BT, int STAGES, int STAGE_BYTES, int S, class Fill>
+DEVI void consumer(const CtaTile& t, int ktiles, const float* __restrict__ bias, u16* __restrict__ y, int M,
+                   int N, int act, Fill&& fill) {
+  asm volatile("setmaxnreg.inc.sync.aligned.u32 232;\n" ::: "memory");
+  const int tid = threadIdx.x;
+  float acc[BT / 2];
+#pragma unroll
+  for (int i = 0; i < BT / 2; ++i) acc[i] = 0.0f;
+  u32 a0[S][4], a1[S][4];
+
+  auto step = [&](int kt, u32 (&a)[S][4], u32 (&other)[S][4]) {
+    const int slot = kt % STAGES;
+    mbar_wait(t.bar_full + 8 * slot, (kt / STAGES) & 1);
+    fence_proxy_async();
+    u32 e[S / 2];
+    fill(t.smem + slot * STAGE_BYTES, a, e);
+    const u32 sb = t.base + slot * STAGE_BYTES;
+    keep_f(acc);
+    wgmma_fence();
+#pragma unroll
+    for (int s = 0; s < S; ++s) {
+      const u64 desc = desc_k_major_sw128(sb + (s >> 1) * (BT * 128) + (s & 1) * 64);
+      if (s & 1)
+        wgmma_sp<DT, BT, 1>(acc, a[s], desc, e[s >> 1]);
+      else
+        wgmma_sp<DT, BT, 0>(acc, a[s], desc, e[s >> 1]);
+    }
+    wgmma_commit();
+    wgmma_wait<1>();  // the previous step's wgmmas are done: its stage and registers are free
+    keep_f(acc);
+    keep_r(other);
+    if (kt > 0) mbar_arrive(t.bar_empty + 8 * ((kt - 1) % STAGES));
+  };
+
+  for (int kt = 0; kt < ktiles; kt += 2) {
+    step(kt, a0, a1);
+    if (kt + 1 < ktiles) step(kt + 1, a1, a0);
   }
+  wgmma_wait<0>();
+  keep_f(acc);
+  keep_r(a0);
+  keep_r(a1);
+
+  consumer_epilogue<DT, BT>(acc, t.smem, (tid >> 7) - 1, (tid >> 5) & 3, tid & 31, tid - 128, bias, y, M, N, t.n0,
+                            t.m0, act);
 }
 
 }  // namespace s90
@@ -336,7 +284,6 @@ __global__ void __launch_bounds__(384, 1) sparse24_gemm_sm90(
     const float* __restrict__ bias, u16* __restrict__ y, int M, int N, int K, int act) {
   using namespace s90;
   static_assert(BT == 128 || BT == 256, "BT");
-  constexpr int BR = 128;
   constexpr int B_BYTES = BT * 128;
   constexpr int A_OFF = B_BYTES;
   constexpr int E_OFF = B_BYTES + 8 * 1024;
@@ -344,106 +291,30 @@ __global__ void __launch_bounds__(384, 1) sparse24_gemm_sm90(
   static_assert(STAGE_BYTES % 1024 == 0, "stages must stay 1024-byte aligned for the 128-byte swizzle");
 
   extern __shared__ unsigned char smem_raw[];
-  const u32 raw = smem_u32(smem_raw);
-  const u32 base = (raw + 1023u) & ~1023u;
-  unsigned char* smem = smem_raw + (base - raw);
-  const u32 bar_full = base + STAGES * STAGE_BYTES;
-  const u32 bar_empty = bar_full + 8 * STAGES;
-
+  const CtaTile t = cta_setup<BT, STAGES, STAGE_BYTES>(smem_raw, M, N);
   const int tid = threadIdx.x;
-  const int wg = tid >> 7;
   const int lane = tid & 31;
-  int tx, ty;  // 1-D grid of ceil(N/128) x ceil(M/BT) tiles
-  tile_coords(blockIdx.x, (N + BR - 1) / BR, (M + BT - 1) / BT, 8, tx, ty);
-  const int n0 = tx * BR;
-  const int m0 = ty * BT;
   const int KT = K >> 6;
 
-  if (tid == 0) {
-#pragma unroll
-    for (int s = 0; s < STAGES; ++s) {
-      mbar_init(bar_full + 8 * s, 128);
-      mbar_init(bar_empty + 8 * s, 256);
-    }
-  }
-  __syncthreads();
-
-  if (wg == 0) {
-    // ---------------- producer ----------------
-    asm volatile("setmaxnreg.dec.sync.aligned.u32 40;\n" ::: "memory");
-    const int ptid = tid;
-    const unsigned char* wv_bytes = reinterpret_cast<const unsigned char*>(wvals);
-    const unsigned char* wm_bytes = reinterpret_cast<const unsigned char*>(wmeta);
-    const int blk0 = n0 >> 4;
-    for (int kt = 0; kt < KT; ++kt) {
-      const int slot = kt % STAGES;
-      if (kt >= STAGES) mbar_wait(bar_empty + 8 * slot, ((kt / STAGES) - 1) & 1);
-      const u32 st = base + slot * STAGE_BYTES;
-#pragma unroll 4
-      for (int c = ptid; c < BT * 8; c += 128) {
-        const int r = c >> 3, j = c & 7;
-        const int m = m0 + r;
-        const bool ok = m < M;
-        cp_async16(st + r * 128 + ((j ^ (r & 7)) << 4), x + (size_t)(ok ? m : 0) * K + kt * 64 + j * 8, ok);
-      }
-#pragma unroll
-      for (int i = 0; i < 4; ++i) {
-        const int c = ptid + i * 128;  // 512 chunks: 8 blocks x 64
-        const int b = c >> 6, j = c & 63;
-        cp_async16(st + A_OFF + b * 1024 + j * 16, wv_bytes + ((size_t)(blk0 + b) * KT + kt) * 1024 + j * 16, true);
-      }
-      if (ptid < 64) {
-        const int b = ptid >> 3, j = ptid & 7;
-        cp_async16(st + E_OFF + b * 128 + j * 16, wm_bytes + ((size_t)(blk0 + b) * KT + kt) * 128 + j * 16, true);
-      }
-      cp_async_mbar_arrive(bar_full + 8 * slot);
-    }
-    cp_async_wait_all();
+  if ((tid >> 7) == 0) {
+    const int blk0 = t.n0 >> 4;
+    producer<STAGES, STAGE_BYTES>(t, KT, [&](u32 st, int kt) {
+      load_x_tile<BT, 1>(st, x, t.m0, M, K, kt * 64, tid);
+      copy_block_slabs<8, 1024, 128>(st + A_OFF, wvals, blk0, KT, kt, tid);
+      copy_block_slabs<8, 128, 128>(st + E_OFF, wmeta, blk0, KT, kt, tid);
+    });
     return;
   }
 
-  // ---------------- consumers ----------------
-  asm volatile("setmaxnreg.inc.sync.aligned.u32 232;\n" ::: "memory");
-  const int c = wg - 1;              // rows 64c .. 64c+63 of the tile
-  const int wi = (tid >> 5) & 3;     // warp in the warpgroup: rows 64c + 16wi .. +15
-  const int blk = 4 * c + wi;        // 16-row block within the tile
-  float acc[BT / 2];
-#pragma unroll
-  for (int i = 0; i < BT / 2; ++i) acc[i] = 0.0f;
-  u32 a0[2][4], a1[2][4];
-
-  auto step = [&](int kt, u32 (&a)[2][4], u32 (&other)[2][4]) {
-    const int slot = kt % STAGES;
-    mbar_wait(bar_full + 8 * slot, (kt / STAGES) & 1);
-    fence_proxy_async();
-    const unsigned char* st = smem + slot * STAGE_BYTES;
+  const int blk = 4 * ((tid >> 7) - 1) + ((tid >> 5) & 3);  // this warp's 16-row block within the tile
+  consumer<DT, BT, STAGES, STAGE_BYTES, 2>(t, KT, bias, y, M, N, act,
+                                          [&](const unsigned char* st, u32 (&a)[2][4], u32 (&e)[1]) {
     const uint4 v0 = *reinterpret_cast<const uint4*>(st + A_OFF + blk * 1024 + lane * 16);
     const uint4 v1 = *reinterpret_cast<const uint4*>(st + A_OFF + blk * 1024 + 512 + lane * 16);
-    const u32 e = *reinterpret_cast<const u32*>(st + E_OFF + blk * 128 + lane * 4);
+    e[0] = *reinterpret_cast<const u32*>(st + E_OFF + blk * 128 + lane * 4);
     a[0][0] = v0.x; a[0][1] = v0.y; a[0][2] = v0.z; a[0][3] = v0.w;
     a[1][0] = v1.x; a[1][1] = v1.y; a[1][2] = v1.z; a[1][3] = v1.w;
-    const u32 sb = base + slot * STAGE_BYTES;
-    keep_f(acc);
-    wgmma_fence();
-    wgmma_sp<DT, BT, 0>(acc, a[0], desc_k_major_sw128(sb), e);
-    wgmma_sp<DT, BT, 1>(acc, a[1], desc_k_major_sw128(sb + 64), e);
-    wgmma_commit();
-    wgmma_wait<1>();  // the previous step's wgmmas are done: its stage and registers are free
-    keep_f(acc);
-    keep_r(other);
-    if (kt > 0) mbar_arrive(bar_empty + 8 * ((kt - 1) % STAGES));
-  };
-
-  for (int kt = 0; kt < KT; kt += 2) {
-    step(kt, a0, a1);
-    if (kt + 1 < KT) step(kt + 1, a1, a0);
-  }
-  wgmma_wait<0>();
-  keep_f(acc);
-  keep_r(a0);
-  keep_r(a1);
-
-  consumer_epilogue<DT, BT>(acc, smem, c, wi, lane, tid - 128, bias, y, M, N, n0, m0, act);
+  });
 }
 
 // ------------------------------------------------------------------------------------------------------
@@ -462,7 +333,6 @@ __global__ void __launch_bounds__(384, 1) w4a16_sparse24_sm90(
   using namespace s90;
   static_assert(BT == 128 || BT == 256, "BT");
   static_assert(NG == 1 || NG == 2, "NG");
-  constexpr int BR = 128;
   constexpr int SUB = BT * 128;  // one 64-column X sub-tile
   constexpr int Q_OFF = 2 * SUB;
   constexpr int E_OFF = Q_OFF + 8 * 512;
@@ -471,123 +341,34 @@ __global__ void __launch_bounds__(384, 1) w4a16_sparse24_sm90(
   constexpr int STAGE_BYTES = (S_OFF + 8 * S_UNIT + 1023) / 1024 * 1024;
 
   extern __shared__ unsigned char smem_raw[];
-  const u32 raw = smem_u32(smem_raw);
-  const u32 base = (raw + 1023u) & ~1023u;
-  unsigned char* smem = smem_raw + (base - raw);
-  const u32 bar_full = base + STAGES * STAGE_BYTES;
-  const u32 bar_empty = bar_full + 8 * STAGES;
-
+  const CtaTile t = cta_setup<BT, STAGES, STAGE_BYTES>(smem_raw, M, N);
   const int tid = threadIdx.x;
-  const int wg = tid >> 7;
   const int lane = tid & 31;
-  int tx, ty;  // 1-D grid of ceil(N/128) x ceil(M/BT) tiles
-  tile_coords(blockIdx.x, (N + BR - 1) / BR, (M + BT - 1) / BT, 8, tx, ty);
-  const int n0 = tx * BR;
-  const int m0 = ty * BT;
   const int KU = K >> 7, KB = K >> 6;
 
-  if (tid == 0) {
-#pragma unroll
-    for (int s = 0; s < STAGES; ++s) {
-      mbar_init(bar_full + 8 * s, 128);
-      mbar_init(bar_empty + 8 * s, 256);
-    }
-  }
-  __syncthreads();
-
-  if (wg == 0) {
-    // ---------------- producer ----------------
-    asm volatile("setmaxnreg.dec.sync.aligned.u32 40;\n" ::: "memory");
-    const int ptid = tid;
-    const unsigned char* q_bytes = reinterpret_cast<const unsigned char*>(wq);
-    const unsigned char* e_bytes = reinterpret_cast<const unsigned char*>(wmeta);
-    const unsigned char* s_bytes = reinterpret_cast<const unsigned char*>(wscale);
-    const int blk0 = n0 >> 4;
-    for (int ku = 0; ku < KU; ++ku) {
-      const int slot = ku % STAGES;
-      if (ku >= STAGES) mbar_wait(bar_empty + 8 * slot, ((ku / STAGES) - 1) & 1);
-      const u32 st = base + slot * STAGE_BYTES;
-#pragma unroll 4
-      for (int c = ptid; c < BT * 16; c += 128) {
-        const int r = c >> 4, j = c & 15;
-        const int h = j >> 3, jj = j & 7;
-        const int m = m0 + r;
-        const bool ok = m < M;
-        cp_async16(st + h * SUB + r * 128 + ((jj ^ (r & 7)) << 4), x + (size_t)(ok ? m : 0) * K + ku * 128 + j * 8,
-                   ok);
-      }
-#pragma unroll
-      for (int i = 0; i < 2; ++i) {
-        const int c = ptid + i * 128;  // 256 chunks: 8 blocks x 32
-        const int b = c >> 5, j = c & 31;
-        cp_async16(st + Q_OFF + b * 512 + j * 16, q_bytes + ((size_t)(blk0 + b) * KU + ku) * 512 + j * 16, true);
-      }
-      {
-        const int b = ptid >> 4, j = ptid & 15;  // 128 chunks: 8 blocks x 16
-        cp_async16(st + E_OFF + b * 256 + j * 16, e_bytes + ((size_t)(blk0 + b) * KB + 2 * ku) * 128 + j * 16, true);
-      }
-      if (ptid < 16 * NG) {
-        const int b = ptid / (2 * NG), j = ptid % (2 * NG);
-        cp_async16(st + S_OFF + b * S_UNIT + j * 16, s_bytes + ((size_t)(blk0 + b) * KU + ku) * S_UNIT + j * 16, true);
-      }
-      cp_async_mbar_arrive(bar_full + 8 * slot);
-    }
-    cp_async_wait_all();
+  if ((tid >> 7) == 0) {
+    const int blk0 = t.n0 >> 4;
+    producer<STAGES, STAGE_BYTES>(t, KU, [&](u32 st, int ku) {
+      load_x_tile<BT, 2>(st, x, t.m0, M, K, ku * 128, tid);
+      copy_block_slabs<8, 512, 128>(st + Q_OFF, wq, blk0, KU, ku, tid);
+      copy_block_slabs<8, 256, 128, 128>(st + E_OFF, wmeta, blk0, KB, 2 * ku, tid);  // 2 metadata blocks
+      copy_block_slabs<8, S_UNIT, 128>(st + S_OFF, wscale, blk0, KU, ku, tid);
+    });
     return;
   }
 
-  // ---------------- consumers ----------------
-  asm volatile("setmaxnreg.inc.sync.aligned.u32 232;\n" ::: "memory");
-  const int c = wg - 1;
-  const int wi = (tid >> 5) & 3;
-  const int blk = 4 * c + wi;
+  const int blk = 4 * ((tid >> 7) - 1) + ((tid >> 5) & 3);  // this warp's 16-row block within the tile
   const int g = lane >> 2;
-  float acc[BT / 2];
-#pragma unroll
-  for (int i = 0; i < BT / 2; ++i) acc[i] = 0.0f;
-  u32 a0[4][4], a1[4][4];
-
-  auto step = [&](int ku, u32 (&a)[4][4], u32 (&other)[4][4]) {
-    const int slot = ku % STAGES;
-    mbar_wait(bar_full + 8 * slot, (ku / STAGES) & 1);
-    fence_proxy_async();
-    const unsigned char* st = smem + slot * STAGE_BYTES;
+  consumer<DT, BT, STAGES, STAGE_BYTES, 4>(t, KU, bias, y, M, N, act,
+                                          [&](const unsigned char* st, u32 (&a)[4][4], u32 (&e)[2]) {
     const uint4 q4 = *reinterpret_cast<const uint4*>(st + Q_OFF + blk * 512 + lane * 16);
-    const u32 e0 = *reinterpret_cast<const u32*>(st + E_OFF + blk * 256 + lane * 4);
-    const u32 e1 = *reinterpret_cast<const u32*>(st + E_OFF + blk * 256 + 128 + lane * 4);
+    e[0] = *reinterpret_cast<const u32*>(st + E_OFF + blk * 256 + lane * 4);
+    e[1] = *reinterpret_cast<const u32*>(st + E_OFF + blk * 256 + 128 + lane * 4);
     u32 sc[NG];
-    if constexpr (NG == 1) {
-      sc[0] = *reinterpret_cast<const u32*>(st + S_OFF + blk * S_UNIT + g * 4);
-    } else {
-      const uint2 v = *reinterpret_cast<const uint2*>(st + S_OFF + blk * S_UNIT + g * 8);
-      sc[0] = v.x;
-      sc[1] = v.y;
-    }
-    dequant_word<DT>(q4.x, lo_pair(sc[0]), hi_pair(sc[0]), a[0]);
-    dequant_word<DT>(q4.y, lo_pair(sc[0]), hi_pair(sc[0]), a[1]);
-    dequant_word<DT>(q4.z, lo_pair(sc[NG - 1]), hi_pair(sc[NG - 1]), a[2]);
-    dequant_word<DT>(q4.w, lo_pair(sc[NG - 1]), hi_pair(sc[NG - 1]), a[3]);
-    const u32 sb = base + slot * STAGE_BYTES;
-    keep_f(acc);
-    wgmma_fence();
-    wgmma_sp<DT, BT, 0>(acc, a[0], desc_k_major_sw128(sb), e0);
-    wgmma_sp<DT, BT, 1>(acc, a[1], desc_k_major_sw128(sb + 64), e0);
-    wgmma_sp<DT, BT, 0>(acc, a[2], desc_k_major_sw128(sb + SUB), e1);
-    wgmma_sp<DT, BT, 1>(acc, a[3], desc_k_major_sw128(sb + SUB + 64), e1);
-    wgmma_commit();
-    wgmma_wait<1>();
-    keep_f(acc);
-    keep_r(other);
-    if (ku > 0) mbar_arrive(bar_empty + 8 * ((ku - 1) % STAGES));
-  };
-
-  for (int ku = 0; ku < KU; ku += 2) {
-    step(ku, a0, a1);
-    if (ku + 1 < KU) step(ku + 1, a1, a0);
-  }
-  wgmma_wait<0>();
-  keep_f(acc);
-  keep_r(a0);
-  keep_r(a1);
-  consumer_epilogue<DT, BT>(acc, smem, c, wi, lane, tid - 128, bias, y, M, N, n0, m0, act);
+    load_scales<NG>(st + S_OFF + blk * S_UNIT + g * 4 * NG, sc);
+    dequant_word_scaled<DT>(q4.x, sc[0], a[0]);
+    dequant_word_scaled<DT>(q4.y, sc[0], a[1]);
+    dequant_word_scaled<DT>(q4.z, sc[NG - 1], a[2]);
+    dequant_word_scaled<DT>(q4.w, sc[NG - 1], a[3]);
+  });
 }

@@ -32,160 +32,7 @@
 //                            shared memory, then across the split through a fp32 workspace and a per-tile
 //                            counter (the last CTA of a tile applies the epilogue and resets the counter).
 
-typedef unsigned short u16;
-typedef unsigned int u32;
-typedef unsigned long long u64;
-
-#define DEVI __device__ __forceinline__
-
-namespace w4 {
-
-DEVI u32 smem_u32(const void* p) { return static_cast<u32>(__cvta_generic_to_shared(p)); }
-
-DEVI void cp_async16(u32 dst, const void* src, bool valid) {
-  const int n = valid ? 16 : 0;
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(n) : "memory");
-}
-template <int BYTES>
-DEVI void cp_async_small(u32 dst, const void* src) {  // 4, 8 or 16 bytes, through L1 (.ca)
-  asm volatile("cp.async.ca.shared.global [%0], [%1], %2;\n" ::"r"(dst), "l"(src), "n"(BYTES) : "memory");
-}
-DEVI void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
-template <int N>
-DEVI void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory"); }
-
-DEVI void ldsm_x4(u32 (&r)[4], u32 addr) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(addr));
-}
-
-template <int DT, int SEL>
-DEVI void mma_sp(float (&c)[4], const u32 (&a)[4], const u32 (&b)[4], u32 e) {
-  if constexpr (DT == 0) {
-    asm volatile(
-        "mma.sp::ordered_metadata.sync.aligned.m16n8k32.row.col.f32.bf16.bf16.f32 "
-        "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9,%10,%11}, {%0,%1,%2,%3}, %12, %13;\n"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]), "r"(b[2]), "r"(b[3]), "r"(e),
-          "n"(SEL));
-  } else {
-    asm volatile(
-        "mma.sp::ordered_metadata.sync.aligned.m16n8k32.row.col.f32.f16.f16.f32 "
-        "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9,%10,%11}, {%0,%1,%2,%3}, %12, %13;\n"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]), "r"(b[2]), "r"(b[3]), "r"(e),
-          "n"(SEL));
-  }
-}
-
-template <int LUT>
-DEVI u32 lop3(u32 a, u32 b, u32 c) {
-  u32 r;
-  asm volatile("lop3.b32 %0, %1, %2, %3, %4;\n" : "=r"(r) : "r"(a), "r"(b), "r"(c), "n"(LUT));
-  return r;
-}
-constexpr int AND_OR = (0xf0 & 0xcc) | 0xaa;  // (a & b) | c
-
-DEVI u32 hfma2(u32 a, u32 b, u32 c) {
-  u32 r;
-  asm("fma.rn.f16x2 %0, %1, %2, %3;\n" : "=r"(r) : "r"(a), "r"(b), "r"(c));
-  return r;
-}
-DEVI u32 hsub2(u32 a, u32 b) {
-  u32 r;
-  asm("sub.f16x2 %0, %1, %2;\n" : "=r"(r) : "r"(a), "r"(b));
-  return r;
-}
-DEVI u32 hmul2(u32 a, u32 b) {
-  u32 r;
-  asm("mul.f16x2 %0, %1, %2;\n" : "=r"(r) : "r"(a), "r"(b));
-  return r;
-}
-DEVI u32 bfma2(u32 a, u32 b, u32 c) {  // bf16x2 fma exists from sm_80 (add/sub/mul.bf16x2 only from sm_90)
-  u32 r;
-  asm("fma.rn.bf16x2 %0, %1, %2, %3;\n" : "=r"(r) : "r"(a), "r"(b), "r"(c));
-  return r;
-}
-
-// One word of 8 offset-binary INT4 codes -> the 4 A registers (code - 8) * scale.
-// Register r = (n_r, n_r+4): rows g (r = 0, 2) take scale sg, rows g+8 (r = 1, 3) take sg8 (each a
-// 16-bit value replicated in both halves).
-//   fp16: 0x6400 | n = 1024 + n exactly; (1024 + 16n) / 16 - 72 = n - 8 for the upper nibble of a byte.
-//   bf16: 0x4300 | n = 128 + n exactly; (128 + n) - 136 = n - 8 (bf16 has no room for the x16 trick).
-template <int DT>
-DEVI void dequant_word(u32 q, u32 sg, u32 sg8, u32 (&a)[4]) {
-  constexpr u32 LO = 0x000f000fu;
-  if constexpr (DT == 1) {
-    constexpr u32 HI = 0x00f000f0u, EX = 0x64006400u;
-    constexpr u32 SUB = 0x64086408u, MUL = 0x2c002c00u, ADD = 0xd480d480u;
-    const u32 lo0 = lop3<AND_OR>(q, LO, EX), hi0 = lop3<AND_OR>(q, HI, EX);
-    const u32 q8 = q >> 8;
-    const u32 lo1 = lop3<AND_OR>(q8, LO, EX), hi1 = lop3<AND_OR>(q8, HI, EX);
-    a[0] = hmul2(hsub2(lo0, SUB), sg);
-    a[1] = hmul2(hfma2(hi0, MUL, ADD), sg8);
-    a[2] = hmul2(hsub2(lo1, SUB), sg);
-    a[3] = hmul2(hfma2(hi1, MUL, ADD), sg8);
-  } else {
-    constexpr u32 EX = 0x43004300u, ONE = 0x3f803f80u, NEG136 = 0xc308c308u, NEG0 = 0x80008000u;
-    a[0] = bfma2(bfma2(lop3<AND_OR>(q, LO, EX), ONE, NEG136), sg, NEG0);
-    a[1] = bfma2(bfma2(lop3<AND_OR>(q >> 4, LO, EX), ONE, NEG136), sg8, NEG0);
-    a[2] = bfma2(bfma2(lop3<AND_OR>(q >> 8, LO, EX), ONE, NEG136), sg, NEG0);
-    a[3] = bfma2(bfma2(lop3<AND_OR>(q >> 12, LO, EX), ONE, NEG136), sg8, NEG0);
-  }
-}
-
-DEVI u32 lo_pair(u32 s) { return __byte_perm(s, s, 0x1010); }  // (low half, low half)
-DEVI u32 hi_pair(u32 s) { return __byte_perm(s, s, 0x3232); }  // (high half, high half)
-
-template <int DT>
-DEVI u16 to_u16(float v) {
-  u16 r;
-  if constexpr (DT == 0) {
-    asm("cvt.rn.bf16.f32 %0, %1;\n" : "=h"(r) : "f"(v));
-  } else {
-    asm("cvt.rn.f16.f32 %0, %1;\n" : "=h"(r) : "f"(v));
-  }
-  return r;
-}
-
-DEVI float activation(float v, int act) {
-  if (act == 1) return fmaxf(v, 0.0f);
-  if (act == 2) return v / (1.0f + expf(-v));
-  if (act == 3) return 0.5f * v * (1.0f + erff(v * 0.7071067811865476f));
-  return v;
-}
-
-// Grouped rasterisation of a 1-D grid (see cuda/sparse24_gemm.cu).
-DEVI void tile_coords(int pid, int nx, int ny, int group, int& x, int& y) {
-  const int per_group = group * nx;
-  const int gid = pid / per_group;
-  const int first_y = gid * group;
-  const int gsize = min(ny - first_y, group);
-  const int r = pid - gid * per_group;
-  y = first_y + r % gsize;
-  x = r / gsize;
-}
-
-// Scale words (row g, row g+8) of sub-group q as an array of NG u32, read from shared memory.
-template <int NG>
-DEVI void load_scales(const unsigned char* p, u32 (&sc)[NG]) {
-  if constexpr (NG == 1) {
-    sc[0] = *reinterpret_cast<const u32*>(p);
-  } else if constexpr (NG == 2) {
-    const uint2 v = *reinterpret_cast<const uint2*>(p);
-    sc[0] = v.x;
-    sc[1] = v.y;
-  } else {
-    const uint4 v = *reinterpret_cast<const uint4*>(p);
-    sc[0] = v.x;
-    sc[1] = v.y;
-    sc[2] = v.z;
-    sc[3] = v.w;
-  }
-}
-
-}  // namespace w4
+#include "sparse24_gemm_common.cuh"
 
 // ------------------------------------------------------------------------------------------------------
 // Prefill: CTA tile 128 output features x BT tokens; WR x WT warps; 128-column k tiles.
@@ -197,7 +44,7 @@ __global__ void __launch_bounds__(WR * WT * 32) w4a16_sparse24_prefill(
     const u16* __restrict__ x, const u32* __restrict__ wq, const u32* __restrict__ wmeta,
     const u16* __restrict__ wscale, const float* __restrict__ bias, u16* __restrict__ y, int M, int N, int K,
     int act) {
-  using namespace w4;
+  using namespace sp24;
   constexpr int BR = 128;
   constexpr int NT = WR * WT * 32;
   constexpr int WM = BR / WR, WN = BT / WT;
@@ -210,7 +57,6 @@ __global__ void __launch_bounds__(WR * WT * 32) w4a16_sparse24_prefill(
   constexpr int B_BYTES = BT * 256;
   constexpr int B_OFF = Q_BYTES + E_BYTES + S_BYTES;
   constexpr int STAGE_BYTES = B_OFF + B_BYTES;
-  constexpr int OUT_LD = BR + 8;
   static_assert(WM % 16 == 0 && WN % 8 == 0, "warp tile must be a multiple of 16 x 8");
   static_assert(NG == 1 || NG == 2 || NG == 4, "NG");
 
@@ -224,74 +70,33 @@ __global__ void __launch_bounds__(WR * WT * 32) w4a16_sparse24_prefill(
   const int KB = K >> 6;   // 64-column metadata blocks
   const int blk0 = n0 >> 4;
   const u32 sbase = smem_u32(smem);
-  const unsigned char* q_bytes = reinterpret_cast<const unsigned char*>(wq);
-  const unsigned char* e_bytes = reinterpret_cast<const unsigned char*>(wmeta);
   const unsigned char* s_bytes = reinterpret_cast<const unsigned char*>(wscale);
 
   auto load_stage = [&](int slot, int ku) {
     const u32 base = sbase + slot * STAGE_BYTES;
-#pragma unroll
-    for (int i = 0; i < (NBLK * 32 + NT - 1) / NT; ++i) {
-      const int c = tid + i * NT;
-      if ((NBLK * 32) % NT == 0 || c < NBLK * 32) {
-        const int b = c >> 5, j = c & 31;
-        cp_async16(base + b * 512 + j * 16, q_bytes + ((size_t)(blk0 + b) * KU + ku) * 512 + j * 16, true);
-      }
-    }
-#pragma unroll
-    for (int i = 0; i < (NBLK * 16 + NT - 1) / NT; ++i) {
-      const int c = tid + i * NT;
-      if ((NBLK * 16) % NT == 0 || c < NBLK * 16) {
-        const int b = c >> 4, j = c & 15;
-        cp_async16(base + Q_BYTES + b * 256 + j * 16,
-                   e_bytes + ((size_t)(blk0 + b) * KB + 2 * ku) * 128 + j * 16, true);
-      }
-    }
-#pragma unroll
-    for (int i = 0; i < (NBLK * 2 * NG + NT - 1) / NT; ++i) {
-      const int c = tid + i * NT;
-      if ((NBLK * 2 * NG) % NT == 0 || c < NBLK * 2 * NG) {
-        const int b = c / (2 * NG), j = c % (2 * NG);
-        cp_async16(base + Q_BYTES + E_BYTES + b * S_UNIT + j * 16,
-                   s_bytes + ((size_t)(blk0 + b) * KU + ku) * S_UNIT + j * 16, true);
-      }
-    }
-#pragma unroll
-    for (int i = 0; i < (BT * 16 + NT - 1) / NT; ++i) {
-      const int c = tid + i * NT;
-      if ((BT * 16) % NT == 0 || c < BT * 16) {
-        const int r = c >> 4, j = c & 15;
-        const int m = m0 + r;
-        const bool ok = m < M;
-        const u16* src = x + (size_t)(ok ? m : 0) * K + ku * 128 + j * 8;
-        cp_async16(base + B_OFF + r * 256 + ((j ^ (r & 7)) << 4), src, ok);
-      }
-    }
+    copy_block_slabs<NBLK, 512, NT>(base, wq, blk0, KU, ku, tid);
+    copy_block_slabs<NBLK, 256, NT, 128>(base + Q_BYTES, wmeta, blk0, KB, 2 * ku, tid);  // 2 metadata blocks
+    cta_strided<NBLK * 2 * NG, NT>(tid, [&](int c) {
+      const int b = c / (2 * NG), j = c % (2 * NG);
+      cp_async16(base + Q_BYTES + E_BYTES + b * S_UNIT + j * 16,
+                 s_bytes + ((size_t)(blk0 + b) * KU + ku) * S_UNIT + j * 16, true);
+    });
+    cta_strided<BT * 16, NT>(tid, [&](int c) {
+      const int r = c >> 4, j = c & 15;
+      const int m = m0 + r;
+      const bool ok = m < M;
+      const u16* src = x + (size_t)(ok ? m : 0) * K + ku * 128 + j * 8;
+      cp_async16(base + B_OFF + r * 256 + ((j ^ (r & 7)) << 4), src, ok);
+    });
   };
 
   float acc[MI][NI][4];
-#pragma unroll
-  for (int i = 0; i < MI; ++i)
-#pragma unroll
-    for (int j = 0; j < NI; ++j)
-#pragma unroll
-      for (int v = 0; v < 4; ++v) acc[i][j][v] = 0.0f;
+  zero_acc(acc);
 
-#pragma unroll
-  for (int s = 0; s < STAGES - 1; ++s) {
-    if (s < KU) load_stage(s, s);
-    cp_async_commit();
-  }
-
-  const int g = lane >> 2, t = lane & 3;
+  cta_ring_fill<STAGES>(KU, load_stage);
+  const int g = lane >> 2;
   for (int ku = 0; ku < KU; ++ku) {
-    cp_async_wait<STAGES - 2>();
-    __syncthreads();
-    {
-      const int nk = ku + STAGES - 1;
-      if (nk < KU) load_stage(nk % STAGES, nk);
-      cp_async_commit();
-    }
+    cta_ring_advance<STAGES>(ku, KU, load_stage);
     const int slot = ku % STAGES;
     const unsigned char* st = smem + slot * STAGE_BYTES;
     const u32 sb = sbase + slot * STAGE_BYTES + B_OFF;
@@ -309,59 +114,20 @@ __global__ void __launch_bounds__(WR * WT * 32) w4a16_sparse24_prefill(
 #pragma unroll
     for (int s = 0; s < 4; ++s) {
       u32 bf[NI][4];
-#pragma unroll
-      for (int ni = 0; ni < NI; ++ni) {
-        const int row = wt * WN + ni * 8 + (lane & 7);
-        const int chunk = s * 4 + (lane >> 3);
-        ldsm_x4(bf[ni], sb + row * 256 + ((chunk ^ (row & 7)) << 4));
-      }
+      ldsm_x_frags(bf, sb, 256, wt * WN, s * 4, lane);
 #pragma unroll
       for (int mi = 0; mi < MI; ++mi) {
         const u32 word = s == 0 ? q4[mi].x : s == 1 ? q4[mi].y : s == 2 ? q4[mi].z : q4[mi].w;
-        const u32 scw = sc[mi][(s * NG) / 4];
         u32 a[4];
-        dequant_word<DT>(word, lo_pair(scw), hi_pair(scw), a);
+        dequant_word_scaled<DT>(word, sc[mi][(s * NG) / 4], a);
 #pragma unroll
-        for (int ni = 0; ni < NI; ++ni) {
-          if (s & 1)
-            mma_sp<DT, 1>(acc[mi][ni], a, bf[ni], e[mi][s >> 1]);
-          else
-            mma_sp<DT, 0>(acc[mi][ni], a, bf[ni], e[mi][s >> 1]);
-        }
+        for (int ni = 0; ni < NI; ++ni) mma_sp_step<DT>(acc[mi][ni], a, bf[ni], e[mi][s >> 1], s);
       }
     }
   }
-  cp_async_wait<0>();
-  __syncthreads();
+  cta_ring_drain();
 
-  u16* out = reinterpret_cast<u16*>(smem);
-#pragma unroll
-  for (int mi = 0; mi < MI; ++mi) {
-#pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      const int r = wr * WM + mi * 16 + g + 8 * h;
-      const int n = n0 + r;
-      const float bv = (bias != nullptr && n < N) ? bias[n] : 0.0f;
-#pragma unroll
-      for (int ni = 0; ni < NI; ++ni) {
-        const int c = wt * WN + ni * 8 + 2 * t;
-        out[c * OUT_LD + r] = to_u16<DT>(activation(acc[mi][ni][2 * h] + bv, act));
-        out[(c + 1) * OUT_LD + r] = to_u16<DT>(activation(acc[mi][ni][2 * h + 1] + bv, act));
-      }
-    }
-  }
-  __syncthreads();
-  constexpr int CPR = BR / 8;
-#pragma unroll
-  for (int i = 0; i < (BT * CPR + NT - 1) / NT; ++i) {
-    const int c = tid + i * NT;
-    if ((BT * CPR) % NT == 0 || c < BT * CPR) {
-      const int tl = c / CPR, j = c % CPR;
-      const int m = m0 + tl, n = n0 + j * 8;
-      if (m < M && n < N)
-        *reinterpret_cast<uint4*>(y + (size_t)m * N + n) = *reinterpret_cast<const uint4*>(out + tl * OUT_LD + j * 8);
-    }
-  }
+  mma_tile_epilogue<DT, BR, BT, WR, WT>(acc, smem, tid, lane, wr, wt, bias, y, M, N, n0, m0, act);
 }
 
 // ------------------------------------------------------------------------------------------------------
@@ -377,7 +143,7 @@ __global__ void __launch_bounds__(256) w4a16_sparse24_decode(
     const u16* __restrict__ x, const u32* __restrict__ wq, const u32* __restrict__ wmeta,
     const u16* __restrict__ wscale, const float* __restrict__ bias, u16* __restrict__ y,
     float* __restrict__ ws, int* __restrict__ counters, int M, int N, int K, int ksplit, int act) {
-  using namespace w4;
+  using namespace sp24;
   constexpr int RB = 4;                     // 16-row blocks per warp
   constexpr int NTOK = NB * 8;
   constexpr int U_Q = 32 * 16;              // per unit, per-lane-private: codes 16 B
@@ -439,12 +205,7 @@ __global__ void __launch_bounds__(256) w4a16_sparse24_decode(
   __syncthreads();              // ... and for every thread
 
   float acc[RB][NB][4];
-#pragma unroll
-  for (int b = 0; b < RB; ++b)
-#pragma unroll
-    for (int j = 0; j < NB; ++j)
-#pragma unroll
-      for (int v = 0; v < 4; ++v) acc[b][j][v] = 0.0f;
+  zero_acc(acc);
 
   for (int ku = w0; ku < w1; ++ku) {
     {
@@ -458,12 +219,7 @@ __global__ void __launch_bounds__(256) w4a16_sparse24_decode(
 #pragma unroll
     for (int s = 0; s < 4; ++s) {
       u32 bf[NB][4];
-#pragma unroll
-      for (int nb = 0; nb < NB; ++nb) {
-        const int row = nb * 8 + (lane & 7);
-        const int chunk = kl * 16 + s * 4 + (lane >> 3);
-        ldsm_x4(bf[nb], xs + row * XROW + ((chunk ^ (row & 7)) << 4));
-      }
+      ldsm_x_frags(bf, xs, XROW, 0, kl * 16 + s * 4, lane);
 #pragma unroll
       for (int b = 0; b < RB; ++b) {
         const unsigned char* ub = st + b * UNIT;
@@ -471,14 +227,9 @@ __global__ void __launch_bounds__(256) w4a16_sparse24_decode(
         const u32 e = *reinterpret_cast<const u32*>(ub + U_Q + (s >> 1) * 128 + lane * 4);
         const u32 scw = *reinterpret_cast<const u32*>(ub + U_Q + U_E + lane * 4 * NG + ((s * NG) / 4) * 4);
         u32 a[4];
-        dequant_word<DT>(word, lo_pair(scw), hi_pair(scw), a);
+        dequant_word_scaled<DT>(word, scw, a);
 #pragma unroll
-        for (int nb = 0; nb < NB; ++nb) {
-          if (s & 1)
-            mma_sp<DT, 1>(acc[b][nb], a, bf[nb], e);
-          else
-            mma_sp<DT, 0>(acc[b][nb], a, bf[nb], e);
-        }
+        for (int nb = 0; nb < NB; ++nb) mma_sp_step<DT>(acc[b][nb], a, bf[nb], e, s);
       }
     }
   }

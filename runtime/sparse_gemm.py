@@ -27,6 +27,7 @@ from __future__ import annotations
 import math
 import threading
 from dataclasses import dataclass, replace
+from typing import ClassVar, TypeVar
 
 import numpy as np
 import torch
@@ -311,8 +312,45 @@ def _unit_scales_per_kept(units: torch.Tensor) -> torch.Tensor:
     return per_row[:, :, q].reshape(mt * 16, ku * 64)
 
 
+_W = TypeVar("_W", bound="_PreparedWeight")
+
+
+class _PreparedWeight:
+    """What the prepared weights share: their device tensors are the fields named in ``_TENSORS`` (the first one's
+    leading dimension counts 16-row blocks of the padded weight), ``_DTYPE_FIELD`` holds the activation dtype,
+    and ``bias`` is fp32 ``[out_features]`` or None."""
+
+    _TENSORS: ClassVar[tuple[str, ...]]
+    _DTYPE_FIELD: ClassVar[str]
+    bias: torch.Tensor | None
+
+    def _tensors(self) -> list[torch.Tensor]:
+        return [getattr(self, name) for name in self._TENSORS]
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return getattr(self, self._DTYPE_FIELD).dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self._tensors()[0].device
+
+    @property
+    def n_pad(self) -> int:
+        return self._tensors()[0].shape[0] * 16
+
+    def to(self: _W, device) -> _W:
+        """A copy with every tensor (bias included) on ``device``."""
+        moved = {name: getattr(self, name).to(device) for name in self._TENSORS}
+        return replace(self, **moved, bias=None if self.bias is None else self.bias.to(device))
+
+    def nbytes(self) -> int:
+        """Device bytes of the prepared tensors (padding included, bias excluded)."""
+        return sum(t.numel() * t.element_size() for t in self._tensors())
+
+
 @dataclass
-class Sparse24Weight:
+class Sparse24Weight(_PreparedWeight):
     """A 2:4 weight ``W [out_features, in_features]`` in the bf16/fp16 sparse GEMMs' layout.
 
     Attributes:
@@ -322,27 +360,14 @@ class Sparse24Weight:
         bias: fp32 ``[out_features]`` or None.
     """
 
+    _TENSORS: ClassVar[tuple[str, ...]] = ("values", "meta")
+    _DTYPE_FIELD: ClassVar[str] = "values"
+
     out_features: int
     in_features: int
     values: torch.Tensor
     meta: torch.Tensor
     bias: torch.Tensor | None = None
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.values.dtype
-
-    @property
-    def device(self) -> torch.device:
-        return self.values.device
-
-    @property
-    def n_pad(self) -> int:
-        return self.values.shape[0] * 16
-
-    def to(self, device) -> Sparse24Weight:
-        return replace(self, values=self.values.to(device), meta=self.meta.to(device),
-                       bias=None if self.bias is None else self.bias.to(device))
 
     def kept_values(self) -> torch.Tensor:
         """Kept values ``[out_features, K/2]`` in K order (the prepared dtype)."""
@@ -353,12 +378,9 @@ class Sparse24Weight:
         kept = fragments_to_values(self.values).float()  # (Npad, K/2)
         return decompress24_reference(kept, self.meta, self.in_features)[: self.out_features]
 
-    def nbytes(self) -> int:
-        return self.values.numel() * self.values.element_size() + self.meta.numel() * 4
-
 
 @dataclass
-class W4A16Weight:
+class W4A16Weight(_PreparedWeight):
     """A 2:4 + INT4 weight in the W4A16 kernels' layout.
 
     Attributes:
@@ -369,6 +391,9 @@ class W4A16Weight:
         bias: fp32 ``[out_features]`` or None.
     """
 
+    _TENSORS: ClassVar[tuple[str, ...]] = ("qweight", "meta", "scales")
+    _DTYPE_FIELD: ClassVar[str] = "scales"
+
     out_features: int
     in_features: int
     group_size: int
@@ -378,24 +403,8 @@ class W4A16Weight:
     bias: torch.Tensor | None = None
 
     @property
-    def dtype(self) -> torch.dtype:
-        return self.scales.dtype
-
-    @property
-    def device(self) -> torch.device:
-        return self.qweight.device
-
-    @property
-    def n_pad(self) -> int:
-        return self.qweight.shape[0] * 16
-
-    @property
     def ng(self) -> int:
         return self.scales.shape[3]
-
-    def to(self, device) -> W4A16Weight:
-        return replace(self, qweight=self.qweight.to(device), meta=self.meta.to(device),
-                       scales=self.scales.to(device), bias=None if self.bias is None else self.bias.to(device))
 
     def kept_dequantized(self) -> torch.Tensor:
         """float32 ``[Npad, K/2]``: ``round_dtype((code) * scale)``, what the kernel feeds the tensor cores."""
@@ -406,9 +415,6 @@ class W4A16Weight:
     def to_dense(self) -> torch.Tensor:
         """float32 ``[out_features, in_features]``, decompressed exactly as the kernel sees the weight."""
         return decompress24_reference(self.kept_dequantized(), self.meta, self.in_features)[: self.out_features]
-
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.qweight, self.meta, self.scales))
 
     def bits_per_weight(self) -> float:
         """Device bytes of the prepared weight (padding included) x 8 / (out_features x in_features)."""
@@ -563,6 +569,32 @@ def _fallback(x2: torch.Tensor, dense: torch.Tensor, bias, activation: str, dtyp
     return apply_activation(y, activation).to(dtype)
 
 
+def _run_linear(fn: str, x, weight: _PreparedWeight, bias, activation: str, out, kernel: str,
+                kernels: tuple[str, ...], launch, max_m: int | None = None) -> torch.Tensor:
+    """The body both linears share: check the arguments (naming ``fn``), then either the torch fallback (x not on
+    a usable GPU) or ``launch(x2 [M, K], M, activation code, bias or NULL, y [..., N], device index)`` into
+    ``out`` or a new tensor. ``max_m``: the most tokens ``kernel`` handles (a FormatError above it)."""
+    act = _check_activation(activation, fn)
+    if kernel not in kernels:
+        raise ConfigError(f"{fn}: kernel must be one of {', '.join(kernels)}, got {kernel!r}")
+    x2, m = _check_input(x, weight, fn)
+    bias = _check_bias(bias if bias is not None else weight.bias, weight, fn)
+    out_shape = tuple(x.shape[:-1]) + (weight.out_features,)
+    out = _check_out(out, out_shape, weight, fn)
+    if max_m is not None and m > max_m:
+        raise FormatError(f"{fn}: the {kernel} kernel handles at most {max_m} tokens, x has M={m}")
+    if not (x.is_cuda and gpu_available()):
+        y = _fallback(x2, weight.to_dense(), bias, activation, x.dtype).reshape(out_shape)
+        if out is not None:
+            out.copy_(y)
+            return out
+        return y
+    y = out if out is not None else torch.empty(out_shape, dtype=x.dtype, device=x.device)
+    if m:
+        launch(x2, m, act, bias if bias is not None else _null(), y, x.device.index or 0)
+    return y
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Launch helpers
 # ---------------------------------------------------------------------------------------------------------
@@ -710,29 +742,13 @@ def sparse24_linear(x: torch.Tensor, weight: Sparse24Weight, *, bias: torch.Tens
         ``[..., N]`` in x's dtype. Without a usable GPU: the torch fallback (same math from the prepared
         tensors: fp32 accumulation of the bf16/fp16 products).
     """
-    fn = "sparse24_linear"
-    act = _check_activation(activation, fn)
-    if kernel not in SPARSE24_KERNELS:
-        raise ConfigError(f"{fn}: kernel must be one of {', '.join(SPARSE24_KERNELS)}, got {kernel!r}")
-    x2, m = _check_input(x, weight, fn)
-    bias = _check_bias(bias if bias is not None else weight.bias, weight, fn)
-    n, k = weight.out_features, weight.in_features
-    out_shape = tuple(x.shape[:-1]) + (n,)
-    out = _check_out(out, out_shape, weight, fn)
-    if not (x.is_cuda and gpu_available()):
-        y = _fallback(x2, weight.to_dense(), bias, activation, x.dtype).reshape(out_shape)
-        if out is not None:
-            out.copy_(y)
-            return out
-        return y
-    y = out if out is not None else torch.empty(out_shape, dtype=x.dtype, device=x.device)
-    if m == 0:
-        return y
-    dev = x.device.index or 0
-    plan = plan_sparse24(m, n, k, x.dtype, _arch(dev), max_smem_per_block(dev), kernel)
-    _launch(plan.spec, plan.expr, dev, plan.grid, plan.block, plan.smem,
-            x2, weight.values, weight.meta, bias if bias is not None else _null(), y, m, n, k, act)
-    return y
+    def launch(x2: torch.Tensor, m: int, act: int, b, y: torch.Tensor, dev: int) -> None:
+        n, k = weight.out_features, weight.in_features
+        plan = plan_sparse24(m, n, k, x.dtype, _arch(dev), max_smem_per_block(dev), kernel)
+        _launch(plan.spec, plan.expr, dev, plan.grid, plan.block, plan.smem,
+                x2, weight.values, weight.meta, b, y, m, n, k, act)
+
+    return _run_linear("sparse24_linear", x, weight, bias, activation, out, kernel, SPARSE24_KERNELS, launch)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -841,38 +857,20 @@ def w4a16_linear(x: torch.Tensor, weight: W4A16Weight, *, bias: torch.Tensor | N
     Returns:
         ``[..., N]`` in x's dtype. Without a usable GPU: the torch fallback on ``weight.to_dense()``.
     """
-    fn = "w4a16_linear"
-    act = _check_activation(activation, fn)
-    if kernel not in W4A16_KERNELS:
-        raise ConfigError(f"{fn}: kernel must be one of {', '.join(W4A16_KERNELS)}, got {kernel!r}")
-    x2, m = _check_input(x, weight, fn)
-    bias = _check_bias(bias if bias is not None else weight.bias, weight, fn)
-    n, k = weight.out_features, weight.in_features
-    out_shape = tuple(x.shape[:-1]) + (n,)
-    out = _check_out(out, out_shape, weight, fn)
-    if kernel == "decode" and m > DECODE_MAX_M:
-        raise FormatError(f"{fn}: the decode kernel handles at most {DECODE_MAX_M} tokens, x has M={m}")
-    if not (x.is_cuda and gpu_available()):
-        y = _fallback(x2, weight.to_dense(), bias, activation, x.dtype).reshape(out_shape)
-        if out is not None:
-            out.copy_(y)
-            return out
-        return y
-    y = out if out is not None else torch.empty(out_shape, dtype=x.dtype, device=x.device)
-    if m == 0:
-        return y
-    dev = x.device.index or 0
-    plan = plan_w4a16(m, n, weight.n_pad, k, x.dtype, weight.ng, _arch(dev), max_smem_per_block(dev),
-                      _sm_count(dev), kernel, decode_ctas_per_sm, decode_stages)
-    b = bias if bias is not None else _null()
-    if plan.decode is not None:
-        d = plan.decode
-        counters = _split_counters(x.device, d.row_tiles)
-        ws = (torch.empty(d.splits * d.row_tiles * d.nb * 8 * 128, dtype=torch.float32, device=x.device)
-              if d.splits > 1 else counters)
-        _launch(plan.spec, plan.expr, dev, plan.grid, plan.block, plan.smem, x2, weight.qweight, weight.meta,
-                weight.scales, b, y, ws, counters, m, n, k, d.ksplit, act)
-        return y
-    _launch(plan.spec, plan.expr, dev, plan.grid, plan.block, plan.smem,
-            x2, weight.qweight, weight.meta, weight.scales, b, y, m, n, k, act)
-    return y
+    def launch(x2: torch.Tensor, m: int, act: int, b, y: torch.Tensor, dev: int) -> None:
+        n, k = weight.out_features, weight.in_features
+        plan = plan_w4a16(m, n, weight.n_pad, k, x.dtype, weight.ng, _arch(dev), max_smem_per_block(dev),
+                          _sm_count(dev), kernel, decode_ctas_per_sm, decode_stages)
+        if plan.decode is not None:
+            d = plan.decode
+            counters = _split_counters(x.device, d.row_tiles)
+            ws = (torch.empty(d.splits * d.row_tiles * d.nb * 8 * 128, dtype=torch.float32, device=x.device)
+                  if d.splits > 1 else counters)
+            _launch(plan.spec, plan.expr, dev, plan.grid, plan.block, plan.smem, x2, weight.qweight, weight.meta,
+                    weight.scales, b, y, ws, counters, m, n, k, d.ksplit, act)
+            return
+        _launch(plan.spec, plan.expr, dev, plan.grid, plan.block, plan.smem,
+                x2, weight.qweight, weight.meta, weight.scales, b, y, m, n, k, act)
+
+    return _run_linear("w4a16_linear", x, weight, bias, activation, out, kernel, W4A16_KERNELS, launch,
+                       max_m=DECODE_MAX_M if kernel == "decode" else None)

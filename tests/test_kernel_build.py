@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fnmatch
 import os
 import re
 import subprocess
@@ -16,6 +17,7 @@ from sparsert.runtime.errors import DeviceError
 from sparsert.runtime.kernel_build import (
     KERNEL_ARCHS,
     KernelSpec,
+    _read_source,
     all_kernel_specs,
     compile_kernel,
     kernel_dir,
@@ -73,6 +75,22 @@ def test_kernel_compiles_without_spills(key, arch, build_cache):
     assert (ck.spill_stores, ck.spill_loads) == (0, 0), f"{key} spills registers on {arch}:\n{ck.log}"
     for needle in spec.ptx_must_contain + REQUIRED_PTX.get(spec.source, ()):
         assert needle in ck.ptx, f"{spec.source} for {arch}: PTX lacks {needle!r}"
+
+
+def test_every_header_is_used_and_shipped():
+    """Each cuda/*.cuh is included by a registered kernel (so it is compiled and in that kernel's cache key),
+    and pyproject.toml's package data for sparsert.cuda covers every kernel source and header."""
+    tomllib = pytest.importorskip("tomllib")
+    kdir = kernel_dir()
+    headers = {p.name for p in kdir.glob("*.cuh")}
+    included = set()
+    for spec in SPECS.values():
+        included |= set(_read_source(spec.source, kdir)[1])
+    assert headers <= included, f"headers no kernel includes: {sorted(headers - included)}"
+    pyproject = Path(__file__).resolve().parent.parent / "pyproject.toml"
+    globs = tomllib.loads(pyproject.read_text())["tool"]["setuptools"]["package-data"]["sparsert.cuda"]
+    files = {p.name for p in kdir.iterdir() if p.suffix in (".cu", ".cuh")}
+    assert files == {name for g in globs for name in files if fnmatch.fnmatch(name, g)}
 
 
 def test_sparse_gemm_specs_declare_their_instruction():

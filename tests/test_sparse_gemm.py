@@ -216,6 +216,79 @@ def hi_pair(s: np.ndarray) -> np.ndarray:
 # Kernel emulators: the .cu index formulas, mirrored
 # ---------------------------------------------------------------------------------------------------------
 
+# cuda/sparse24_gemm_common.cuh and the shared pieces of cuda/sparse24_gemm_sm90.cu, mirrored.
+
+def cta_tiles(m: int, n: int, br: int, bt: int):
+    """The CTAs of a 1-D grid over ceil(N/br) x ceil(M/bt) tiles in ``tile_coords`` order: yields (first output
+    feature n0, first token m0, first 16-row weight block blk0)."""
+    nx, ny = -(-n // br), -(-m // bt)
+    for pid in range(nx * ny):
+        bx, by = tile_coords(pid, nx, ny)
+        yield bx * br, by * bt, bx * br // 16
+
+
+def copy_block_slabs(st: np.ndarray, dst: int, src: np.ndarray, blk0: int, ktiles: int, kt: int, nblk: int,
+                     slab: int, unit: int | None = None) -> None:
+    """``copy_block_slabs``: block b's ``slab`` bytes from ``((blk0 + b) * ktiles + kt) * unit`` to
+    ``dst + b * slab``, 16 bytes per chunk."""
+    unit = slab if unit is None else unit
+    ch = slab // 16
+    for c in range(nblk * ch):
+        b, j = c // ch, c % ch
+        copy16(st, dst + b * slab + j * 16, src, ((blk0 + b) * ktiles + kt) * unit + j * 16)
+
+
+def ldsm_x_frags(smem: np.ndarray, tile: int, row_bytes: int, row0: int, chunk0: int, nb: int) -> list[np.ndarray]:
+    """``ldsm_x_frags``: the B fragments of nb n8 token blocks from a row-swizzled X tile."""
+    frags = []
+    for i in range(nb):
+        rows = row0 + i * 8 + (_LANES & 7)
+        chunk = chunk0 + (_LANES >> 3)
+        frags.append(ldmatrix_x4(smem, tile + rows * row_bytes + ((chunk ^ (rows & 7)) << 4)))
+    return frags
+
+
+def scatter_mma_tile(y: np.ndarray, acc: np.ndarray, wt_n: int, wm: int, wn: int, m0: int, n0: int) -> None:
+    """``mma_tile_epilogue``'s index math: warp w's D fragments acc[w, mi, ni] (32 lanes, 4) -> y [M, N]."""
+    m, n = y.shape
+    for warp in range(acc.shape[0]):
+        wr, wt = warp // wt_n, warp % wt_n
+        for mi in range(acc.shape[1]):
+            for h in range(2):
+                r = wr * wm + mi * 16 + _G + 8 * h
+                for ni in range(acc.shape[2]):
+                    c = wt * wn + ni * 8 + 2 * _T
+                    for j in range(2):
+                        mm, nn = m0 + c + j, n0 + r
+                        ok = (mm < m) & (nn < n)
+                        y[mm[ok], nn[ok]] = acc[warp, mi, ni, :, 2 * h + j][ok]
+
+
+def scatter_sm90_tile(y: np.ndarray, acc: np.ndarray, bt: int, m0: int, n0: int) -> None:
+    """sm90 ``consumer_epilogue``'s index math: acc[c, wi] (32 lanes, BT/2) of consumer warpgroup c, warp wi."""
+    m, n = y.shape
+    for cg in range(2):
+        for wi in range(4):
+            for h in range(2):
+                r = 64 * cg + 16 * wi + _G + 8 * h
+                for j8 in range(bt // 8):
+                    col = 8 * j8 + 2 * _T
+                    for j in range(2):
+                        mm, nn = m0 + col + j, n0 + r
+                        ok = (mm < m) & (nn < n)
+                        y[mm[ok], nn[ok]] = acc[cg, wi, :, 4 * j8 + 2 * h + j][ok]
+
+
+def load_x_tile_sm90(st: np.ndarray, xv: np.ndarray, bt: int, subs: int, m0: int, m: int, k: int, k0: int) -> None:
+    """sm90 ``load_x_tile``: ``subs`` 64-column sub-tiles of BT rows x 128 B in the 128-byte swizzle."""
+    for c in range(bt * 8 * subs):
+        r, j = c // (8 * subs), c % (8 * subs)
+        h, jj = j >> 3, j & 7
+        ok = m0 + r < m
+        src = ((m0 + r if ok else 0) * k + k0 + j * 8) * 2
+        copy16(st, h * bt * 128 + r * 128 + ((jj ^ (r & 7)) << 4), xv, src, ok)
+
+
 def emulate_sparse24(x: torch.Tensor, w, cfg: TileConfig) -> np.ndarray:
     """cuda/sparse24_gemm.cu: returns the fp64 accumulator tile values scattered to [M, N] (pre-epilogue)."""
     dtype = x.dtype
@@ -229,19 +302,12 @@ def emulate_sparse24(x: torch.Tensor, w, cfg: TileConfig) -> np.ndarray:
     kt_n = k // 64
     xv, wv, wmeta = gbytes(x), gbytes(w.values), gbytes(w.meta)
     y = np.full((m, n), np.nan)
-    nx, ny = -(-n // br), -(-m // bt)
-    for pid in range(nx * ny):
-        bx, by = tile_coords(pid, nx, ny)
-        n0, m0, blk0 = bx * br, by * bt, bx * br // 16
+    for n0, m0, blk0 in cta_tiles(m, n, br, bt):
         acc = np.zeros((wr_n * wt_n, mi_n, ni_n, 32, 4))
         for kt in range(kt_n):
             smem = np.zeros(a_bytes + e_bytes + bt * 128, dtype=np.uint8)
-            for c in range(nblk * 64):
-                b, j = c >> 6, c & 63
-                copy16(smem, b * 1024 + j * 16, wv, ((blk0 + b) * kt_n + kt) * 1024 + j * 16)
-            for c in range(nblk * 8):
-                b, j = c >> 3, c & 7
-                copy16(smem, a_bytes + b * 128 + j * 16, wmeta, ((blk0 + b) * kt_n + kt) * 128 + j * 16)
+            copy_block_slabs(smem, 0, wv, blk0, kt_n, kt, nblk, 1024)
+            copy_block_slabs(smem, a_bytes, wmeta, blk0, kt_n, kt, nblk, 128)
             for c in range(bt * 8):
                 r, j = c >> 3, c & 7
                 ok = m0 + r < m
@@ -254,26 +320,11 @@ def emulate_sparse24(x: torch.Tensor, w, cfg: TileConfig) -> np.ndarray:
                 for ks in range(2):
                     a = [np.stack([lds(smem, (wr * mi_n + mi) * 1024 + ks * 512 + lane * 16, 16)
                                    for lane in range(32)]) for mi in range(mi_n)]
-                    bfr = []
-                    for ni in range(ni_n):
-                        rows = wt * wn + ni * 8 + (_LANES & 7)
-                        chunk = ks * 4 + (_LANES >> 3)
-                        bfr.append(ldmatrix_x4(smem, a_bytes + e_bytes + rows * 128 + ((chunk ^ (rows & 7)) << 4)))
+                    bfr = ldsm_x_frags(smem, a_bytes + e_bytes, 128, wt * wn, ks * 4, ni_n)
                     for mi in range(mi_n):
                         for ni in range(ni_n):
                             acc[warp, mi, ni] += isa_mma_sp(a[mi], bfr[ni], e[mi], ks, dtype)
-        # epilogue index math
-        for warp in range(wr_n * wt_n):
-            wr, wt = warp // wt_n, warp % wt_n
-            for mi in range(mi_n):
-                for h in range(2):
-                    r = wr * wm + mi * 16 + _G + 8 * h
-                    for ni in range(ni_n):
-                        c = wt * wn + ni * 8 + 2 * _T
-                        for j in range(2):
-                            mm, nn = m0 + c + j, n0 + r
-                            ok = (mm < m) & (nn < n)
-                            y[mm[ok], nn[ok]] = acc[warp, mi, ni, :, 2 * h + j][ok]
+        scatter_mma_tile(y, acc, wt_n, wm, wn, m0, n0)
     return y
 
 
@@ -288,24 +339,13 @@ def emulate_sm90_consumer(x: torch.Tensor, w, bt: int) -> np.ndarray:
     xv, wv, wmeta = gbytes(x), gbytes(w.values), gbytes(w.meta)
     y = np.full((m, n), np.nan)
     kt_n = k // 64
-    nx, ny = -(-n // 128), -(-m // bt)
-    for pid in range(nx * ny):
-        bx, by = tile_coords(pid, nx, ny)
-        n0, m0, blk0 = bx * 128, by * bt, bx * 8
+    for n0, m0, blk0 in cta_tiles(m, n, 128, bt):
         acc = np.zeros((2, 4, 32, bt // 2))
         for kt in range(kt_n):
             st = np.zeros(e_off + 1024, dtype=np.uint8)
-            for c in range(bt * 8):
-                r, j = c >> 3, c & 7
-                ok = m0 + r < m
-                src = ((m0 + r if ok else 0) * k + kt * 64 + j * 8) * 2
-                copy16(st, r * 128 + ((j ^ (r & 7)) << 4), xv, src, ok)
-            for c in range(512):
-                b, j = c >> 6, c & 63
-                copy16(st, a_off + b * 1024 + j * 16, wv, ((blk0 + b) * kt_n + kt) * 1024 + j * 16)
-            for c in range(64):
-                b, j = c >> 3, c & 7
-                copy16(st, e_off + b * 128 + j * 16, wmeta, ((blk0 + b) * kt_n + kt) * 128 + j * 16)
+            load_x_tile_sm90(st, xv, bt, 1, m0, m, k, kt * 64)
+            copy_block_slabs(st, a_off, wv, blk0, kt_n, kt, 8, 1024)
+            copy_block_slabs(st, e_off, wmeta, blk0, kt_n, kt, 8, 128)
             for cg in range(2):
                 for wi in range(4):
                     blk = 4 * cg + wi
@@ -319,16 +359,7 @@ def emulate_sm90_consumer(x: torch.Tensor, w, bt: int) -> np.ndarray:
                             addrs = (rows // 8) * 1024 + (rows % 8) * 128 + ((chunk ^ (rows % 8)) << 4)
                             bfr = ldmatrix_x4(st, addrs)
                             acc[cg, wi, :, 4 * j8:4 * j8 + 4] += isa_mma_sp(a, bfr, e, ks, dtype)
-        for cg in range(2):
-            for wi in range(4):
-                for h in range(2):
-                    r = 64 * cg + 16 * wi + _G + 8 * h
-                    for j8 in range(bt // 8):
-                        col = 8 * j8 + 2 * _T
-                        for j in range(2):
-                            mm, nn = m0 + col + j, n0 + r
-                            ok = (mm < m) & (nn < n)
-                            y[mm[ok], nn[ok]] = acc[cg, wi, :, 4 * j8 + 2 * h + j][ok]
+        scatter_sm90_tile(y, acc, bt, m0, n0)
     return y
 
 
@@ -345,22 +376,13 @@ def emulate_w4a16_prefill(x: torch.Tensor, w: W4A16Weight, cfg) -> np.ndarray:
     ku_n, kb_n = k // 128, k // 64
     xv, qv, ev, sv = gbytes(x), gbytes(w.qweight), gbytes(w.meta), gbytes(w.scales)
     y = np.full((m, n), np.nan)
-    nx, ny = -(-n // 128), -(-m // bt)
-    for pid in range(nx * ny):
-        bx, by = tile_coords(pid, nx, ny)
-        n0, m0, blk0 = bx * 128, by * bt, bx * 8
+    for n0, m0, blk0 in cta_tiles(m, n, 128, bt):
         acc = np.zeros((wr_n * wt_n, mi_n, ni_n, 32, 4))
         for ku in range(ku_n):
             st = np.zeros(b_off + bt * 256, dtype=np.uint8)
-            for c in range(8 * 32):
-                b, j = c >> 5, c & 31
-                copy16(st, b * 512 + j * 16, qv, ((blk0 + b) * ku_n + ku) * 512 + j * 16)
-            for c in range(8 * 16):
-                b, j = c >> 4, c & 15
-                copy16(st, q_bytes + b * 256 + j * 16, ev, ((blk0 + b) * kb_n + 2 * ku) * 128 + j * 16)
-            for c in range(8 * 2 * ng):
-                b, j = c // (2 * ng), c % (2 * ng)
-                copy16(st, q_bytes + e_bytes + b * s_unit + j * 16, sv, ((blk0 + b) * ku_n + ku) * s_unit + j * 16)
+            copy_block_slabs(st, 0, qv, blk0, ku_n, ku, 8, 512)
+            copy_block_slabs(st, q_bytes, ev, blk0, kb_n, 2 * ku, 8, 256, unit=128)
+            copy_block_slabs(st, q_bytes + e_bytes, sv, blk0, ku_n, ku, 8, s_unit)
             for c in range(bt * 16):
                 r, j = c >> 4, c & 15
                 ok = m0 + r < m
@@ -369,11 +391,7 @@ def emulate_w4a16_prefill(x: torch.Tensor, w: W4A16Weight, cfg) -> np.ndarray:
             for warp in range(wr_n * wt_n):
                 wr, wt = warp // wt_n, warp % wt_n
                 for s in range(4):
-                    bfr = []
-                    for ni in range(ni_n):
-                        rows = wt * wn + ni * 8 + (_LANES & 7)
-                        chunk = s * 4 + (_LANES >> 3)
-                        bfr.append(ldmatrix_x4(st, b_off + rows * 256 + ((chunk ^ (rows & 7)) << 4)))
+                    bfr = ldsm_x_frags(st, b_off, 256, wt * wn, s * 4, ni_n)
                     for mi in range(mi_n):
                         b = wr * mi_n + mi
                         word = np.array([lds(st, b * 512 + lane * 16, 16)[s] for lane in range(32)])
@@ -384,17 +402,7 @@ def emulate_w4a16_prefill(x: torch.Tensor, w: W4A16Weight, cfg) -> np.ndarray:
                         a = dequant_word(word, lo_pair(scw), hi_pair(scw), dtype)
                         for ni in range(ni_n):
                             acc[warp, mi, ni] += isa_mma_sp(a, bfr[ni], e, s & 1, dtype)
-        for warp in range(wr_n * wt_n):
-            wr, wt = warp // wt_n, warp % wt_n
-            for mi in range(mi_n):
-                for h in range(2):
-                    r = wr * wm + mi * 16 + _G + 8 * h
-                    for ni in range(ni_n):
-                        c = wt * wn + ni * 8 + 2 * _T
-                        for j in range(2):
-                            mm, nn = m0 + c + j, n0 + r
-                            ok = (mm < m) & (nn < n)
-                            y[mm[ok], nn[ok]] = acc[warp, mi, ni, :, 2 * h + j][ok]
+        scatter_mma_tile(y, acc, wt_n, wm, wn, m0, n0)
     return y
 
 
@@ -431,11 +439,7 @@ def emulate_w4a16_decode(x: torch.Tensor, w: W4A16Weight, nb: int, ksplit: int) 
                 for ku in range(w0, w1):
                     kl = ku - ks0
                     for s in range(4):
-                        bfr = []
-                        for nbi in range(nb):
-                            rows = nbi * 8 + (_LANES & 7)
-                            chunk = kl * 16 + s * 4 + (_LANES >> 3)
-                            bfr.append(ldmatrix_x4(xs, rows * xrow + ((chunk ^ (rows & 7)) << 4)))
+                        bfr = ldsm_x_frags(xs, 0, xrow, 0, kl * 16 + s * 4, nb)
                         for b in range(4):
                             blk = blk0 + b
                             word = np.array([qv[(blk * ku_n + ku) * 512 + lane * 16 + s * 4:][:4].view(np.uint32)[0]
@@ -473,28 +477,14 @@ def emulate_w4a16_sm90(x: torch.Tensor, w: W4A16Weight, bt: int) -> np.ndarray:
     ku_n, kb_n = k // 128, k // 64
     xv, qv, ev, sv = gbytes(x), gbytes(w.qweight), gbytes(w.meta), gbytes(w.scales)
     y = np.full((m, n), np.nan)
-    nx, ny = -(-n // 128), -(-m // bt)
-    for pid in range(nx * ny):
-        bx, by = tile_coords(pid, nx, ny)
-        n0, m0, blk0 = bx * 128, by * bt, bx * 8
+    for n0, m0, blk0 in cta_tiles(m, n, 128, bt):
         acc = np.zeros((2, 4, 32, bt // 2))
         for ku in range(ku_n):
             st = np.zeros(s_off + 8 * s_unit, dtype=np.uint8)
-            for c in range(bt * 16):
-                r, j = c >> 4, c & 15
-                h, jj = j >> 3, j & 7
-                ok = m0 + r < m
-                src = ((m0 + r if ok else 0) * k + ku * 128 + j * 8) * 2
-                copy16(st, h * sub + r * 128 + ((jj ^ (r & 7)) << 4), xv, src, ok)
-            for c in range(256):
-                b, j = c >> 5, c & 31
-                copy16(st, q_off + b * 512 + j * 16, qv, ((blk0 + b) * ku_n + ku) * 512 + j * 16)
-            for c in range(128):
-                b, j = c >> 4, c & 15
-                copy16(st, e_off + b * 256 + j * 16, ev, ((blk0 + b) * kb_n + 2 * ku) * 128 + j * 16)
-            for c in range(16 * ng):
-                b, j = c // (2 * ng), c % (2 * ng)
-                copy16(st, s_off + b * s_unit + j * 16, sv, ((blk0 + b) * ku_n + ku) * s_unit + j * 16)
+            load_x_tile_sm90(st, xv, bt, 2, m0, m, k, ku * 128)
+            copy_block_slabs(st, q_off, qv, blk0, ku_n, ku, 8, 512)
+            copy_block_slabs(st, e_off, ev, blk0, kb_n, 2 * ku, 8, 256, unit=128)
+            copy_block_slabs(st, s_off, sv, blk0, ku_n, ku, 8, s_unit)
             for cg in range(2):
                 for wi in range(4):
                     blk = 4 * cg + wi
@@ -511,16 +501,7 @@ def emulate_w4a16_sm90(x: torch.Tensor, w: W4A16Weight, bt: int) -> np.ndarray:
                             addrs = (s >> 1) * sub + (rows // 8) * 1024 + (rows % 8) * 128 + ((chunk ^ (rows % 8)) << 4)
                             bfr = ldmatrix_x4(st, addrs)
                             acc[cg, wi, :, 4 * j8:4 * j8 + 4] += isa_mma_sp(a, bfr, e[s >> 1], s & 1, dtype)
-        for cg in range(2):
-            for wi in range(4):
-                for h in range(2):
-                    r = 64 * cg + 16 * wi + _G + 8 * h
-                    for j8 in range(bt // 8):
-                        col = 8 * j8 + 2 * _T
-                        for j in range(2):
-                            mm, nn = m0 + col + j, n0 + r
-                            ok = (mm < m) & (nn < n)
-                            y[mm[ok], nn[ok]] = acc[cg, wi, :, 4 * j8 + 2 * h + j][ok]
+        scatter_sm90_tile(y, acc, bt, m0, n0)
     return y
 
 
@@ -881,19 +862,33 @@ def _check_gpu(y, x, dense, bias, activation, bound):
     assert err <= bound, f"relative error {err:.3e} > {bound}"
 
 
+def _skip_unless_sm90() -> None:
+    from sparsert.runtime.device import get_device
+
+    if get_device(0).arch != "sm_90a":
+        pytest.skip(f"wgmma.sp needs sm_90a, this GPU is {get_device(0).arch}")
+
+
+def _run_gpu(linear, prepare, kernel: str, m: int, n: int, k: int, dtype, seed: int, act: str, bound: float, *,
+             group: int | None = None):
+    """One kernel launch into a NaN-poisoned output, checked against the float64 reference on the prepared
+    weight; returns (packed, x, prepared weight, y)."""
+    p, x = _gpu_case(m, n, k, dtype, seed=seed, group=group)
+    w = prepare(p, dtype=dtype)
+    out = torch.full((m, n), float("nan"), dtype=dtype, device="cuda")
+    y = linear(x, w, activation=act, out=out, kernel=kernel)
+    torch.cuda.synchronize()
+    _check_gpu(y, x, w.to_dense(), p.bias, act, bound)
+    return p, x, w, y
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("kernel", ["small", "medium", "large", "auto"])
 @pytest.mark.parametrize("m,n,k", GPU_SHAPES)
 def test_gpu_sparse24(kernel, m, n, k, dtype):
-    k = k - k % 64
-    p, x = _gpu_case(m, n, k, dtype, seed=m * 7 + n)
-    w = prepare_sparse24(p, dtype=dtype)
     act = ["none", "relu", "silu", "gelu"][m % 4]
-    out = torch.full((m, n), float("nan"), dtype=dtype, device="cuda")
-    y = sparse24_linear(x, w, activation=act, out=out, kernel=kernel)
-    torch.cuda.synchronize()
-    _check_gpu(y, x, w.to_dense(), p.bias, act, BOUND[dtype])
+    _run_gpu(sparse24_linear, prepare_sparse24, kernel, m, n, k - k % 64, dtype, m * 7 + n, act, BOUND[dtype])
 
 
 @pytest.mark.gpu
@@ -901,17 +896,9 @@ def test_gpu_sparse24(kernel, m, n, k, dtype):
 @pytest.mark.parametrize("kernel", ["sm90_128", "sm90_256"])
 @pytest.mark.parametrize("m,n,k", [(1, 256, 256), (130, 384, 640), (300, 520, 1024), (600, 1024, 2048)])
 def test_gpu_sparse24_sm90(kernel, m, n, k, dtype):
-    from sparsert.runtime.device import get_device
-
-    if get_device(0).arch != "sm_90a":
-        pytest.skip(f"wgmma.sp needs sm_90a, this GPU is {get_device(0).arch}")
-    p, x = _gpu_case(m, n, k, dtype, seed=m + n + 1)
-    w = prepare_sparse24(p, dtype=dtype)
+    _skip_unless_sm90()
     act = ["none", "gelu", "silu", "relu"][m % 4]
-    out = torch.full((m, n), float("nan"), dtype=dtype, device="cuda")
-    y = sparse24_linear(x, w, activation=act, out=out, kernel=kernel)
-    torch.cuda.synchronize()
-    _check_gpu(y, x, w.to_dense(), p.bias, act, BOUND[dtype])
+    _run_gpu(sparse24_linear, prepare_sparse24, kernel, m, n, k, dtype, m + n + 1, act, BOUND[dtype])
 
 
 @pytest.mark.gpu
@@ -919,12 +906,8 @@ def test_gpu_sparse24_sm90(kernel, m, n, k, dtype):
 @pytest.mark.parametrize("group", [64, 128])
 @pytest.mark.parametrize("m,n,k", [(1, 256, 256), (7, 200, 384), (9, 520, 1024), (16, 1024, 2048), (16, 4096, 4096)])
 def test_gpu_w4a16_decode(m, n, k, group, dtype):
-    p, x = _gpu_case(m, n, k, dtype, seed=m * 3 + k, group=group)
-    w = prepare_w4a16(p, dtype=dtype)
-    out = torch.full((m, n), float("nan"), dtype=dtype, device="cuda")
-    y = w4a16_linear(x, w, activation="silu", out=out, kernel="decode")
-    torch.cuda.synchronize()
-    _check_gpu(y, x, w.to_dense(), p.bias, "silu", 1e-2)
+    _, x, w, y = _run_gpu(w4a16_linear, prepare_w4a16, "decode", m, n, k, dtype, m * 3 + k, "silu", 1e-2,
+                          group=group)
     # the split-K counters are left at zero: a second launch gives the same result
     again = w4a16_linear(x, w, activation="silu", kernel="decode")
     torch.cuda.synchronize()
@@ -936,14 +919,9 @@ def test_gpu_w4a16_decode(m, n, k, group, dtype):
 @pytest.mark.parametrize("group", [64, 128])
 @pytest.mark.parametrize("m,n,k", [(17, 256, 256), (130, 384, 640), (300, 520, 1024)])
 def test_gpu_w4a16_prefill(m, n, k, group, dtype):
-    k = k - k % 128
-    p, x = _gpu_case(m, n, k, dtype, seed=m * 5 + n, group=group)
-    w = prepare_w4a16(p, dtype=dtype)
     act = ["none", "relu", "gelu"][m % 3]
-    out = torch.full((m, n), float("nan"), dtype=dtype, device="cuda")
-    y = w4a16_linear(x, w, activation=act, out=out, kernel="prefill")
-    torch.cuda.synchronize()
-    _check_gpu(y, x, w.to_dense(), p.bias, act, 1e-2)
+    p, x, _, y = _run_gpu(w4a16_linear, prepare_w4a16, "prefill", m, n, k - k % 128, dtype, m * 5 + n, act, 1e-2,
+                          group=group)
     # and against the PackedLinear's own (fp32) dequantisation
     _check_gpu(y, x, p.to_dense(), p.bias, act, 1e-2)
 
@@ -953,18 +931,9 @@ def test_gpu_w4a16_prefill(m, n, k, group, dtype):
 @pytest.mark.parametrize("kernel", ["sm90_128", "sm90_256"])
 @pytest.mark.parametrize("m,n,k,group", [(17, 256, 256, 128), (130, 384, 640, 64), (600, 1024, 2048, 128)])
 def test_gpu_w4a16_sm90(kernel, m, n, k, group, dtype):
-    from sparsert.runtime.device import get_device
-
-    if get_device(0).arch != "sm_90a":
-        pytest.skip(f"wgmma.sp needs sm_90a, this GPU is {get_device(0).arch}")
-    k = k - k % 128
-    p, x = _gpu_case(m, n, k, dtype, seed=m * 11 + n, group=group)
-    w = prepare_w4a16(p, dtype=dtype)
+    _skip_unless_sm90()
     act = ["none", "relu", "gelu"][m % 3]
-    out = torch.full((m, n), float("nan"), dtype=dtype, device="cuda")
-    y = w4a16_linear(x, w, activation=act, out=out, kernel=kernel)
-    torch.cuda.synchronize()
-    _check_gpu(y, x, w.to_dense(), p.bias, act, 1e-2)
+    _run_gpu(w4a16_linear, prepare_w4a16, kernel, m, n, k - k % 128, dtype, m * 11 + n, act, 1e-2, group=group)
 
 
 @pytest.mark.gpu
