@@ -83,7 +83,7 @@ def test_methods_fill_in_their_paper_defaults():
     assert TrainConfig(masked_decay=1e-4).decay == 0.0  # SR-STE's own decay is off under masked decay
     ast = TrainConfig(method="ast", teacher="t", steps=400)
     assert (ast.decay, ast.masked_decay, ast.mask_refresh_interval, ast.decay_warmup, ast.distill_alpha,
-            ast.distill_beta, ast.distill_temperature) == (0.0, 0.0, 10, 100, 0.33, 0.67, 2.0)
+            ast.distill_beta, ast.distill_temperature) == (0.0, 0.0, 1, 100, 0.33, 0.67, 2.0)
     assert TrainConfig(method="ast", init_from="ckpt").teacher == "ckpt"  # the dense init is the teacher
     hu_qat = TrainConfig(method="hu", qat=True)  # QAT trains what the 2:4 INT4 artifact stores
     assert (hu_qat.dense_finetune, hu_qat.sparse_layers, hu_qat.transposable, hu_qat.mvue) == (0.0, "all", True, True)
@@ -433,7 +433,7 @@ def test_cli_help_lists_the_method_flags_with_their_defaults():
                  "--distill-temperature", "--decay-max", "--decay-warmup STEPS", "--wanda-score", "--slorb",
                  "--slorb-k"):
         assert flag in text, flag
-    for default in ("[default: sr-ste]", "[default: (sr-ste: 1, hu: 40, ast: 10)]",
+    for default in ("[default: sr-ste]", "[default: (sr-ste: 1, hu: 40, ast: 1)]",
                     "[default: (sr-ste: off, hu: on, ast: off)]", "[default: (sr-ste: 0, hu: 6e-05, ast: 0)]",
                     "hu: 1/6", "[default: (sr-ste: all, hu: ffn, ast: all; all with --qat)]",
                     "[default: from-scratch]", "[default: 0.25]", "[default: 0.75]", "[default: 0.33]",

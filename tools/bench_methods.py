@@ -9,8 +9,11 @@
    - ``Hu recipe 2:4`` (Hu et al. 2024): transposable masks, MVUE24, masked decay, refresh 40, dense fine-tuning
      of the last 1/6 (the artifact re-applies the last masks), on ``--hu-sparse-layers`` (default ``all``, so
      every row prunes the same layers; the paper's ``ffn`` leaves attention dense until compression);
-   - ``AST 2:4`` (Huang et al. 2025): distillation from the pre-trained dense model (also the init), adaptive
-     masks every 10 steps, annealed decay; and ``AST 2:4 + INT4`` with quantization-aware training;
+   - ``AST 2:4`` (Huang et al. 2025): initialised from the pre-trained dense model and distilled from the dense
+     reference (the ``dense (continued)`` row: as in the paper, the teacher is the dense model the sparse one is
+     compared with), adaptive masks every step, annealed decay; ``AST 2:4 + INT4`` with quantization-aware
+     training; and ``AST 2:4, pre-trained teacher`` distilled from the pre-trained checkpoint instead (the
+     weaker teacher ``sparsert train --method ast --init-from RUN`` uses by default);
    - ``one-shot magnitude / Wanda / SparseGPT``: the dense continued model pruned once (``compress --prune``,
      calibration from the train split), no training;
    - ``magnitude one-shot + fine-tune``: the pre-trained model pruned once by magnitude, then fine-tuned with
@@ -54,11 +57,13 @@ from sparsert.train.trainer import TrainConfig, build_model, evaluate, load_trai
 
 TARGETS = {"ast": 1.02, "ast-int4": 1.03}
 FLIP_TARGET = 10.0
-TRAINED = ("dense", "srste", "hu", "ast", "ast-int4", "oneshot-ft")
+DENSE_REFERENCE = "<the dense (continued) run>"  # placeholder resolved once that run exists
+TRAINED = ("dense", "srste", "hu", "ast", "ast-int4", "ast-pre", "oneshot-ft")
 ONESHOT = ("magnitude", "wanda", "sparsegpt")
 LABELS = {
     "dense": "dense (continued)", "srste": "SR-STE 2:4", "hu": "Hu recipe 2:4", "ast": "AST 2:4",
-    "ast-int4": "AST 2:4 + INT4", "magnitude": "one-shot magnitude 2:4", "wanda": "one-shot Wanda 2:4",
+    "ast-int4": "AST 2:4 + INT4", "ast-pre": "AST 2:4, pre-trained teacher",
+    "magnitude": "one-shot magnitude 2:4", "wanda": "one-shot Wanda 2:4",
     "sparsegpt": "one-shot SparseGPT 2:4", "oneshot-ft": "magnitude one-shot + fine-tune 2:4 (fixed mask)",
     "hu-scratch": "Hu recipe 2:4 pre-trained from scratch (pre-training + method steps)",
 }
@@ -115,8 +120,9 @@ def main() -> None:
         "dense": dict(dense=True),
         "srste": dict(),
         "hu": dict(method="hu", sparse_layers=args.hu_sparse_layers, masked_decay=args.hu_masked_decay),
-        "ast": dict(method="ast"),
-        "ast-int4": dict(method="ast", qat=True),
+        "ast": dict(method="ast", teacher=DENSE_REFERENCE),
+        "ast-int4": dict(method="ast", qat=True, teacher=DENSE_REFERENCE),
+        "ast-pre": dict(method="ast"),  # teacher: the init, the pre-trained checkpoint
         # ASP: prune once (magnitude masks of the pre-trained weights), keep the mask, fine-tune without decay
         "oneshot-ft": dict(decay=0.0, mask_refresh_interval=args.steps + 1),
     }
@@ -125,6 +131,8 @@ def main() -> None:
     for key, extra in configs.items():
         if key not in chosen:
             continue
+        if extra.get("teacher") == DENSE_REFERENCE:  # dense always runs, first
+            extra = dict(extra, teacher=str(results["dense"].run_dir))
         t1 = time.perf_counter()
         result = train(TrainConfig(**after, **extra, out_dir=str(out / key)))
         seconds = time.perf_counter() - t1

@@ -39,7 +39,7 @@ _FLAG = {
 
 
 def _by_method(field: str, fmt: str = "{}") -> str:
-    """``--help`` default text of a field each --method sets, e.g. ``sr-ste: 10, hu: 40, ast: 10``."""
+    """``--help`` default text of a field each --method sets, e.g. ``sr-ste: 1, hu: 40, ast: 1``."""
     def show(v: object) -> str:
         if isinstance(v, bool):
             return "on" if v else "off"
@@ -116,7 +116,7 @@ def _config_error(exc: ConfigError) -> ConfigError:
                    "ast: ...'. sr-ste: SR-STE (Zhou et al. 2021). hu: Hu et al. 2024 2:4 pre-training (transposable "
                    "masks, MVUE24, masked decay, refresh 40, dense fine-tuning of the last 1/6, FFN linears only). "
                    "ast: Adaptive Sparse Trainer (Huang et al. 2025: distillation from --teacher, adaptive masks "
-                   "every 10 steps, annealed decay).")
+                   "recomputed every step, annealed decay).")
 @click.option("--transposable/--no-transposable", "transposable", default=None,
               show_default=_by_method("transposable"),
               help="Transposable 2:4 masks: the best of the 90 4x4 patterns per block, 2:4 along K for W and W^T.")
