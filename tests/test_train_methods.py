@@ -144,14 +144,16 @@ def test_hu_recipe_logs_flip_rates_per_layer_switches_to_dense_and_keeps_a_24_ar
     for name in sparse_linear_names(ck.model_config):
         mask = ck.model_state[f"{name}.mask"].bool()
         w = ck.model_state[f"{name}.weight"]
-        if name in FFN:
-            assert is_transposable_24(mask), name  # the last trained (transposable) masks
-            assert bool((w[~mask] != 0).any()), name  # dense fine-tuning trained the pruned weights too
-        else:
-            assert torch.equal(mask, nm_mask(w)), name  # trained dense: magnitude 2:4
+        if name not in FFN:  # trained dense: stays dense in the artifact (its checkpoint mask is unused)
+            assert torch.equal(mask, nm_mask(w)), name
+            assert name not in art.packed and torch.equal(art.dense[f"{name}.weight"], w.half()), name
+            continue
+        assert is_transposable_24(mask), name  # the last trained (transposable) masks
+        assert bool((w[~mask] != 0).any()), name  # dense fine-tuning trained the pruned weights too
         dense = art.packed[name].to_dense()
         assert is_nm_sparse(dense, 2, 4) and not bool((dense[~mask] != 0).any()), name
         assert torch.allclose(dense, (w * mask).half().float()), name
+    assert art.sparsity.layers == tuple(FFN)
     evals = [r for r in read_metrics(run) if "val_loss" in r]
     assert evals[-1]["val_loss_sparse"] == pytest.approx(result.final_val_loss_sparse)
     assert result.final_val_loss_sparse != result.final_val_loss

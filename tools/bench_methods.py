@@ -53,7 +53,7 @@ from sparsert.train.compress import compress_checkpoint
 from sparsert.train.data import TokenData, load_corpus
 from sparsert.train.report import load_run, plot_flip_rate, summarize_run
 from sparsert.train.sparsify import sparse_modules
-from sparsert.train.trainer import TrainConfig, build_model, evaluate, load_train_config, train
+from sparsert.train.trainer import TrainConfig, build_model, evaluate, load_train_config, sparse_layer_names, train
 
 TARGETS = {"ast": 1.02, "ast-int4": 1.03}
 FLIP_TARGET = 10.0
@@ -235,12 +235,14 @@ def main() -> None:
 
 @torch.no_grad()
 def _magnitude_repruned(run_dir: Path) -> torch.nn.Module:
-    """The run's final weights with every block linear pruned to 2:4 by magnitude (float32, masks applied)."""
+    """The run's final weights with every trained-sparse block linear pruned to 2:4 by magnitude (float32,
+    masks applied; layers the run trained dense stay dense, as in its artifact)."""
     cfg = load_train_config(run_dir)
     ck = load_checkpoint(run_dir, load_optimizer=False)
     model = build_model(ck.model_config, cfg)
     model.load_state_dict(ck.model_state)
-    for module in sparse_modules(model).values():
+    layers = sparse_modules(model)
+    for module in (layers[name] for name in sparse_layer_names(model, cfg)):
         module.mask.copy_(nm_mask(module.weight, 2, 4).to(module.mask.dtype))
         module.dense = False
     return model.eval()

@@ -74,6 +74,21 @@ def _checkpoint_masks(ckpt: Checkpoint, names: list[str]) -> dict[str, torch.Ten
     return masks
 
 
+def _trained_sparse_layers(sparsity: dict, names: list[str], where: str) -> list[str]:
+    """The linears a sparse checkpoint trained N:M (``state["sparsity"]["layers"]``; all of ``names`` when a
+    checkpoint does not list them), in model order."""
+    listed = sparsity.get("layers")
+    if listed is None:
+        return names
+    if not isinstance(listed, list) or not all(isinstance(n, str) for n in listed):
+        raise ArtifactError(f"{where}: sparsity.layers must be a list of layer names, got {listed!r}")
+    unknown = [n for n in listed if n not in names]
+    if unknown:
+        raise ArtifactError(f"{where}: sparsity.layers names '{unknown[0]}', which is not a block linear of this "
+                            f"model (expected names like '{names[0]}')")
+    return [n for n in names if n in listed]
+
+
 def _positive_int(value: object, flag: str) -> None:
     if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
         raise ConfigError(f"{flag} must be a positive integer, got {value!r}")
@@ -202,7 +217,10 @@ def compress_checkpoint(
             f"{where} was trained with {sparsity.get('n')}:{sparsity.get('m')} sparsity; the artifact stores 2:4 only"
         )
     names = sparse_linear_names(config)
-    masks = _checkpoint_masks(ckpt, names) if sparsity is not None else {}
+    # Layers trained dense in a sparse run (``--sparse-layers ffn``) stay dense: their checkpoint masks are
+    # magnitude masks the training never used, and pruning them would cost quality the run never saw.
+    trained = _trained_sparse_layers(sparsity, names, where) if sparsity is not None else names
+    masks = _checkpoint_masks(ckpt, trained) if sparsity is not None else {}
     if masks and prune is not None:
         raise ConfigError(
             f"{where} carries trained 2:4 masks; --prune applies only to dense checkpoints "

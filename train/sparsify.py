@@ -278,8 +278,9 @@ class MaskController:
     @torch.no_grad()
     def prepare_checkpoint(self) -> None:
         """Give the layers that train dense right now (all but during dense fine-tuning, which keeps the last
-        trained masks) the magnitude N:M mask of their current weights, so the checkpoint says what
-        compression keeps. Masks of dense-mode layers never enter the forward pass, so this changes nothing
+        trained masks) the magnitude N:M mask of their current weights: the checkpoint format holds a mask for
+        every block linear. Compression uses the masks of the trained-sparse layers only (layers never trained
+        sparse stay dense). Masks of dense-mode layers never enter the forward pass, so this changes nothing
         in training."""
         modules = list(self.fixed_dense.values())
         if self.current == "dense":
@@ -291,17 +292,19 @@ class MaskController:
 
     @property
     def any_dense(self) -> bool:
-        """True when some layer trains dense right now (the trained model is not the 2:4 model)."""
-        return any(module.dense for module in self.layers.values())
+        """True when some layer trained sparse runs dense right now (dense fine-tuning, a dense phase): the
+        trained model is then not the model compression keeps. Layers never trained sparse do not count."""
+        return any(module.dense for module in self.sparse.values())
 
     @contextlib.contextmanager
     def sparse_view(self) -> Iterator[None]:
-        """Temporarily run every SparseLinear with its mask (what the compressed 2:4 model computes: the
-        last trained masks, magnitude masks for layers trained dense); restores the modes on exit."""
+        """Temporarily run every trained-sparse layer with its mask (what the compressed model computes: the
+        last trained masks) while the layers that never train sparse (``sparse_layers="ffn"``) stay dense, as
+        compression keeps them; restores the modes on exit."""
         self.prepare_checkpoint()
         modes = {name: module.dense for name, module in self.layers.items()}
         try:
-            for module in self.layers.values():
+            for module in self.sparse.values():
                 module.dense = False
             yield
         finally:

@@ -27,8 +27,9 @@ Issue-3 methods, each a :class:`TrainConfig` switch (``method`` sets their paper
 
 The masks follow a :class:`~sparsert.train.sparsify.MaskController`. After dense fine-tuning (or for layers
 trained dense with ``sparse_layers="ffn"``) the model as trained is not 2:4: the checkpoint keeps the last
-sparse masks (magnitude masks for the layers never trained sparse), the artifact re-applies them, and the
-final evaluation also reports the loss of that 2:4 model (``val_loss_sparse``).
+sparse masks, the artifact re-applies them, and the final evaluation also reports the loss of that model
+(``val_loss_sparse``). Layers never trained sparse (``sparse_layers="ffn"``: the attention linears) stay
+dense in the artifact, as the paper deploys them.
 
 Resume (``resume=True``) restores model, masks, optimizer, step and the data sampler's RNG, truncates the
 metrics log back to the checkpoint, and continues bit for bit as if never stopped. The architecture comes
@@ -142,9 +143,9 @@ class TrainConfig:
     (:data:`METHOD_DEFAULTS`): ``"sr-ste"`` (default), ``"hu"`` (Hu et al. 2024: ``transposable`` masks,
     ``mvue`` weight gradients, ``masked_decay`` α on the gradients after clipping, refresh every 40 steps,
     ``dense_finetune`` = 1/6, ``sparse_layers="ffn"``), ``"ast"`` (Huang et al. 2025: distillation from
-    ``teacher`` with ``α·CE + β·T²·KL`` — ``distill_alpha``, ``distill_beta``, ``distill_temperature`` —, masks
-    recomputed every step from the dense weights (the paper: every 10), optionally by ``wanda_score``, the annealed masked decay
-    ``λ(t)`` rising linearly to ``decay_max`` over ``decay_warmup`` steps (default a quarter of ``steps``), and
+    ``teacher`` with ``α·CE + β·T²·KL`` — ``distill_alpha``, ``distill_beta``, ``distill_temperature`` —,
+    masks recomputed every step from the dense weights (the paper: every 10), optionally by ``wanda_score``,
+    the annealed masked decay ``λ(t)`` rising linearly to ``decay_max`` over ``decay_warmup`` steps (default a quarter of ``steps``), and
     ``slorb`` extra parameters with group ``slorb_k``). ``decay`` (SR-STE's λ) defaults to 2e-4 only when no
     masked decay is on. ``schedule``: ``"from-scratch"`` (2:4 from step 1), ``"gradual"`` (dense, then pruning
     to N:M between the ``prune_start`` and ``prune_end`` fractions of training, one event every
@@ -925,7 +926,7 @@ def train(cfg: TrainConfig) -> TrainResult:
         if masks is not None and masks.schedule.finetune_start(cfg.steps) < cfg.steps:
             note = " (dense fine-tuned weights with the last sparse masks re-applied)"
         if masks is not None and cfg.sparse_layers == "ffn":
-            note += " (layers trained dense pruned to 2:4 by magnitude)"
+            note += " (2:4 feed-forward linears; the attention linears, trained dense, stay dense)"
     elapsed = time.perf_counter() - t_start
     print(f"final val loss {val_loss:.4f} (ppl {_ppl(val_loss):.2f}) after {cfg.steps} steps, {elapsed:.0f} s")
     if val_sparse is not None:
