@@ -146,8 +146,8 @@ class TrainConfig:
     ``teacher`` with ``α·CE + β·T²·KL`` — ``distill_alpha``, ``distill_beta``, ``distill_temperature`` —,
     masks recomputed every step from the dense weights (the paper: every 10), optionally by ``wanda_score``,
     the annealed masked decay ``λ(t)`` rising linearly to ``decay_max`` over ``decay_warmup`` steps (default a
-    quarter of ``steps``), and ``slorb`` extra parameters with group ``slorb_k``). ``decay`` (SR-STE's λ) defaults to 2e-4 only when no
-    masked decay is on. ``schedule``: ``"from-scratch"`` (2:4 from step 1), ``"gradual"`` (dense, then pruning
+    quarter of ``steps``), and ``slorb`` extra parameters with group ``slorb_k``). ``decay`` (SR-STE's λ)
+    defaults to 2e-4 only when no masked decay is on. ``schedule``: ``"from-scratch"`` (2:4 from step 1), ``"gradual"`` (dense, then pruning
     to N:M between the ``prune_start`` and ``prune_end`` fractions of training, one event every
     ``prune_interval`` steps — default 100, or a tenth of the window when shorter), ``"spdf"`` (sparse, then
     dense for the last ``dense_finetune`` fraction, default 1/6). ``init_from``: start from a sparsert
