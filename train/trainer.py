@@ -140,22 +140,21 @@ class TrainConfig:
     ``qat``: INT4 fake quantization of the kept values, groups of ``group_size`` along K.
 
     Training methods (issue 3). ``method`` picks a recipe whose defaults fill the fields left None
-    (:data:`METHOD_DEFAULTS`): ``"sr-ste"`` (default), ``"hu"`` (Hu et al. 2024: ``transposable`` masks,
-    ``mvue`` weight gradients, ``masked_decay`` α on the gradients after clipping, refresh every 40 steps,
-    ``dense_finetune`` = 1/6, ``sparse_layers="ffn"``), ``"ast"`` (Huang et al. 2025: distillation from
-    ``teacher`` with ``α·CE + β·T²·KL`` — ``distill_alpha``, ``distill_beta``, ``distill_temperature`` —,
-    masks recomputed every step from the dense weights (the paper: every 10), optionally by ``wanda_score``,
-    the annealed masked decay ``λ(t)`` rising linearly to ``decay_max`` over ``decay_warmup`` steps (default a
-    quarter of ``steps``), and ``slorb`` extra parameters with group ``slorb_k``). ``decay`` (SR-STE's λ)
-    defaults to 2e-4 only when no masked decay is on. ``schedule``: ``"from-scratch"`` (2:4 from step 1), ``"gradual"`` (dense, then pruning
-    to N:M between the ``prune_start`` and ``prune_end`` fractions of training, one event every
-    ``prune_interval`` steps — default 100, or a tenth of the window when shorter), ``"spdf"`` (sparse, then
-    dense for the last ``dense_finetune`` fraction, default 1/6). ``init_from``: start from a sparsert
-    checkpoint's weights (and its data order). With ``qat``, ``dense_finetune`` defaults to 0 and
-    ``sparse_layers`` to ``"all"`` (QAT must train the values the INT4 artifact stores).
-    ``eval_interval``/``eval_batches``: validation every that many steps (and at the end) on that many
-    batches. ``ckpt_interval``: checkpoint every that many steps (and at the end); ``keep_checkpoints`` newest
-    kept. ``out_dir``: default ``runs/<preset>-<sparse24|sparse24-int4|dense>-<YYYYmmdd-HHMMSS>``.
+    (:data:`METHOD_DEFAULTS`): ``"sr-ste"`` (default), ``"hu"`` (Hu et al. 2024: ``transposable`` masks, ``mvue`` weight
+    gradients, ``masked_decay`` α on the gradients after clipping, refresh every 40 steps, ``dense_finetune`` = 1/6,
+    ``sparse_layers="ffn"``), ``"ast"`` (Huang et al. 2025: distillation from ``teacher`` with ``α·CE + β·T²·KL`` —
+    ``distill_alpha``, ``distill_beta``, ``distill_temperature`` —, masks recomputed every step from the dense weights
+    (the paper: every 10), optionally by ``wanda_score``, the annealed masked decay ``λ(t)`` rising linearly to
+    ``decay_max`` over ``decay_warmup`` steps (default a quarter of ``steps``), and ``slorb`` extra parameters with
+    group ``slorb_k``). ``decay`` (SR-STE's λ) defaults to 2e-4 only when no masked decay is on. ``schedule``:
+    ``"from-scratch"`` (2:4 from step 1), ``"gradual"`` (dense, then pruning to N:M between the ``prune_start`` and
+    ``prune_end`` fractions of training, one event every ``prune_interval`` steps — default 100, or a tenth of the
+    window when shorter), ``"spdf"`` (sparse, then dense for the last ``dense_finetune`` fraction, default 1/6).
+    ``init_from``: start from a sparsert checkpoint's weights (and its data order). With ``qat``, ``dense_finetune``
+    defaults to 0 and ``sparse_layers`` to ``"all"`` (QAT must train the values the INT4 artifact stores).
+    ``eval_interval``/``eval_batches``: validation every that many steps (and at the end) on that many batches.
+    ``ckpt_interval``: checkpoint every that many steps (and at the end); ``keep_checkpoints`` newest kept. ``out_dir``:
+    default ``runs/<preset>-<sparse24|sparse24-int4|dense>-<YYYYmmdd-HHMMSS>``.
     """
 
     preset: str = "tiny"
