@@ -51,6 +51,7 @@ from sparsert.runtime.tokenizer import ByteTokenizer
 from sparsert.train.checkpoint import load_checkpoint
 from sparsert.train.compress import compress_checkpoint
 from sparsert.train.data import TokenData, load_corpus
+from sparsert.train.masked_decay import DEFAULT_MASKED_DECAY
 from sparsert.train.report import load_run, plot_flip_rate, summarize_run
 from sparsert.train.sparsify import sparse_modules
 from sparsert.train.trainer import TrainConfig, build_model, evaluate, load_train_config, sparse_layer_names, train
@@ -196,7 +197,8 @@ def main() -> None:
         f"{args.steps} steps ({args.steps * tokens:,} tokens, batch {args.batch_size} x {args.seq_len}, "
         f"lr {args.lr:g})",
         f"validation: {args.eval_batches} fixed batches of {args.batch_size} x {args.seq_len}; "
-        f"Hu recipe on {args.hu_sparse_layers} block linears",
+        f"Hu recipe on {args.hu_sparse_layers} block linears, masked decay "
+        f"{DEFAULT_MASKED_DECAY if args.hu_masked_decay is None else args.hu_masked_decay:g}",
         "",
         "| method | steps after pre-training | val loss (trained) | val loss (2:4 artifact) | ratio to dense | target |"
         " result | time |",
