@@ -288,3 +288,69 @@ def test_sparse_linear_mvue_shape_errors():
         sparse_linear_mvue(torch.randn(2, 5), torch.randn(3, 4), torch.ones(3, 4, dtype=torch.bool))
     with pytest.raises(FormatError, match="mask"):
         sparse_linear_mvue(torch.randn(2, 4), torch.randn(3, 4), torch.ones(4, 3, dtype=torch.bool))
+
+
+def _special_groups(m: int, c: int, seed: int) -> torch.Tensor:
+    """[m, 4, c] float32 gradients with zeros, subnormals, ±inf, NaN, huge values, lone non-zeros, zero groups."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(m, 4, c, generator=g)
+    r = torch.rand(m, 4, c, generator=g)
+    x[r < 0.2] = 0
+    x[(r > 0.2) & (r < 0.22)] = 1e-39
+    x[(r > 0.3) & (r < 0.301)] = float("nan")
+    x[(r > 0.4) & (r < 0.401)] = float("inf")
+    x[(r > 0.5) & (r < 0.501)] = -float("inf")
+    x[(r > 0.6) & (r < 0.65)] *= 1e30
+    x[: m // 4] = 0
+    x[: m // 8, 2] = 3.0
+    return x
+
+
+@pytest.mark.parametrize(("m", "c"), [(1, 1), (3, 5), (17, 33), (64, 384)])
+def test_compiled_cpu_sampler_is_bit_identical_to_the_torch_reference(m, c):
+    import sparsert.train.mvue24 as mv
+    from sparsert.train import mvue24_cpu
+
+    if not mvue24_cpu.available():
+        pytest.skip("numba is not installed: the torch sampler runs on CPU")
+    for seed, x in enumerate((torch.randn(m, 4, c, generator=torch.Generator().manual_seed(m)),
+                              _special_groups(m, c, m + c))):
+        u = torch.rand(m, c, generator=torch.Generator().manual_seed(seed))
+        u.view(-1)[:4] = torch.tensor([0.0, 1 - 2**-24, 0.5, 0.25])[: u.numel()]
+        views = mv._block_views(torch.empty(22 * m * c), m, c, None)
+        views.u.copy_(u)
+        ref = torch.empty(m, 4, c)
+        mv._sample_block(x, ref, views)
+        out = torch.full((m, 4, c), 7.0)
+        mvue24_cpu.sample_block_cpu(x, out, u)
+        torch.testing.assert_close(out, ref, rtol=0, atol=0, equal_nan=True)
+        # a column block of wider tensors (strided input and output): the same values, nothing else written
+        wide = torch.randn(m, 4, c + 9)
+        wide[:, :, 3:3 + c] = x
+        dst = torch.full((m, 4, c + 5), 7.0)
+        mvue24_cpu.sample_block_cpu(wide[:, :, 3:3 + c], dst[:, :, 2:2 + c], u)
+        torch.testing.assert_close(dst[:, :, 2:2 + c], ref, rtol=0, atol=0, equal_nan=True)
+        assert (dst[:, :, :2] == 7).all() and (dst[:, :, 2 + c:] == 7).all()
+    with pytest.raises(ValueError, match="float32 operands expected"):
+        mvue24_cpu.sample_block_cpu(x.double(), out, u)
+
+
+def test_compiled_and_torch_samplers_give_the_same_draws_end_to_end(monkeypatch):
+    import sparsert.train.mvue24 as mv
+    from sparsert.train import mvue24_cpu
+
+    if not mvue24_cpu.available():
+        pytest.skip("numba is not installed: the torch sampler runs on CPU")
+    g = torch.Generator().manual_seed(11)
+    grad, x = torch.randn(256, 40, generator=g), torch.randn(256, 16, generator=g)
+    last = torch.randn(6, 20, generator=g)  # groups along the last dimension
+    monkeypatch.setattr(mv, "_CPU_BLOCK_GROUPS", 4 * 40)  # several row blocks
+    monkeypatch.setattr(mv, "_CPU_MIN_ROWS", 1)
+    results = []
+    for compiled in (True, False):
+        monkeypatch.setattr(mvue24_cpu, "available", lambda compiled=compiled: compiled)
+        results.append((mvue24(grad, torch.Generator().manual_seed(0), dim=0),
+                        mvue24_weight_grad(grad, x, torch.Generator().manual_seed(0)),
+                        mvue24(last, torch.Generator().manual_seed(1))))
+    for a, b in zip(*results, strict=True):
+        assert torch.equal(a, b)

@@ -29,6 +29,9 @@ How it is computed (CPU cost matters: this runs on every weight gradient of the 
 - On CPU the groups are processed in blocks of about 64k that reuse one per-thread scratch buffer (22 floats
   per group), so no temporary is allocated or page-faulted per call and the working set stays in cache;
   :func:`mvue24_weight_grad` feeds each sampled block straight into its share of the weight-gradient GEMM.
+- On CPU each block is sampled by :mod:`sparsert.train.mvue24_cpu`, the same float32 operations in the same
+  order compiled into one vectorised loop by numba (bit-identical, ~7× faster); :func:`_sample_block`, the
+  elementwise torch version below, is the reference and runs elsewhere (and on CPU when numba is missing).
 """
 
 from __future__ import annotations
@@ -42,6 +45,7 @@ import torch
 import torch.nn.functional as F
 
 from sparsert.runtime.errors import FormatError
+from sparsert.train import mvue24_cpu
 
 __all__ = ["mvue24", "mvue24_with_mask", "mvue24_weight_grad", "inclusion_probabilities_24", "SparseLinearMVUE",
            "sparse_linear_mvue"]
@@ -247,6 +251,7 @@ def _sampled_blocks(
     b, _, c = x3.shape
     rows, cols = _block_shape(b, c, x3.device)
     scratch, cache = _scratch_buffer(_SCRATCH_PER_GROUP * rows * cols, x3.device)
+    compiled = x3.device.type == "cpu" and mvue24_cpu.available()  # the same draws, bit for bit
     for r0 in range(0, b, rows):
         m = min(rows, b - r0)
         for c0 in range(0, c, cols):
@@ -254,7 +259,10 @@ def _sampled_blocks(
             views = _block_views(scratch, m, w, cache)
             views.u.uniform_(generator=generator)
             block = views.block if out is None else out[r0:r0 + m, :, c0:c0 + w]
-            _sample_block(x3[r0:r0 + m, :, c0:c0 + w], block, views)
+            if compiled:
+                mvue24_cpu.sample_block_cpu(x3[r0:r0 + m, :, c0:c0 + w], block, views.u)
+            else:
+                _sample_block(x3[r0:r0 + m, :, c0:c0 + w], block, views)
             yield r0, m, c0, w, block
 
 
@@ -303,6 +311,8 @@ def _mvue24(x: torch.Tensor, generator: torch.Generator | None, d: int) -> torch
     else:
         x3 = x.reshape(-1, 4, inner)  # (B, 4, C): groups of 4 along d, no copy when x is contiguous
     x3 = x3 if x3.dtype == torch.float32 else x3.float()
+    if x3.device.type == "cpu" and x3.stride(2) != 1:
+        x3 = x3.contiguous()  # member-major rows, once, for the compiled sampler (groups along the last dim)
     out3 = torch.empty(x3.shape, device=x3.device)
     for _ in _sampled_blocks(x3, generator, out3):
         pass
