@@ -18,6 +18,18 @@ from sparsert.runtime.transposable_mask import (
 )
 
 
+@pytest.fixture(autouse=True, params=["compiled", "torch"])
+def mask_path(request, monkeypatch):
+    """Every test runs on both CPU paths: the numba loop (runtime/transposable_mask_cpu.py) and the torch one."""
+    from sparsert.runtime import transposable_mask_cpu
+
+    if request.param == "compiled" and not transposable_mask_cpu.available():
+        pytest.skip("numba is not installed")
+    if request.param == "torch":
+        monkeypatch.setattr(transposable_mask_cpu, "available", lambda: False)
+    return request.param
+
+
 def _block_scores(weight: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Σ|W| kept per 4×4 block, float64 [nblocks]."""
     out, k = weight.shape
@@ -117,6 +129,9 @@ def test_score_argument_and_dtypes():
     score = torch.rand(16, 32, generator=g)
     m = transposable_24_mask(w, score=score)
     assert torch.equal(m, transposable_24_mask(score))  # score replaces |W|
+    signed = torch.randn(16, 32, generator=g)  # a score is used as given, not abs'd
+    assert torch.equal(transposable_24_mask(w, score=signed), transposable_24_mask_reference(w, score=signed))
+    assert not torch.equal(transposable_24_mask(w, score=signed), transposable_24_mask(signed))
     for dtype in (torch.float16, torch.bfloat16, torch.float64):
         wd = w.to(dtype)
         assert torch.equal(transposable_24_mask(wd), transposable_24_mask_reference(wd))
@@ -138,3 +153,20 @@ def test_is_transposable_rejects_plain_24():
     m = torch.tensor([[1, 1, 0, 0]] * 4, dtype=torch.bool)  # 2:4 along K, columns 0 and 1 hold four
     assert not is_transposable_24(m)
     assert not is_transposable_24(torch.ones(3, 4, dtype=torch.bool))
+
+
+def test_compiled_mask_is_the_exact_argmax_of_the_kernel_scores(mask_path):
+    if mask_path != "compiled":
+        pytest.skip("the compiled path only")
+    g = torch.Generator().manual_seed(5)
+    for shape in [(4, 4), (8, 1028), (132, 36), (256, 512)]:
+        w = torch.randn(*shape, generator=g)
+        assert torch.equal(transposable_24_mask(w), transposable_24_mask_reference(w)), shape
+        if shape[0] == 4:
+            continue
+        wn = w.clone()
+        wn[0, 0] = float("nan")  # NaN scores never win: the NaN entry is pruned ...
+        wn[-4:, -4:] = float("nan")  # ... and an all-NaN block gets pattern 0, still a valid pattern
+        m = transposable_24_mask(wn)
+        assert is_transposable_24(m) and not m[0, 0]
+        assert torch.equal(m[-4:, -4:], TRANSPOSABLE_PATTERNS_24[0])

@@ -3,8 +3,10 @@
 Issue 3 target: a transposable mask refresh (Hu et al., ICML 2024) of a 4096×4096 weight in under 50 ms on
 one CPU core. Rows:
 
-- ``transposable``: :func:`sparsert.runtime.transposable_mask.transposable_24_mask` (the fast path: 45-row
-  ±1 matmul and an integer-packed argmax, chunked to stay in cache) — the row the target applies to;
+- ``transposable``: :func:`sparsert.runtime.transposable_mask.transposable_24_mask` (on CPU the numba loop of
+  :mod:`sparsert.runtime.transposable_mask_cpu`, the CUDA kernel's scores) — the row the target applies to;
+- ``transposable torch``: the same function's torch path (45-row ±1 matmul and an integer-packed argmax,
+  chunked to stay in cache), what runs without numba;
 - ``transposable-ref``: the literal ``patterns[90×16] · |W_blocks|`` + argmax
   (:func:`~sparsert.runtime.transposable_mask.transposable_24_mask_reference`), for comparison;
 - ``nm_mask 1-D``: :func:`sparsert.runtime.nm_mask.nm_mask` (top-2 of 4 along K, not transposable).
@@ -27,12 +29,23 @@ import time
 
 import torch
 
+from sparsert.runtime import transposable_mask_cpu
 from sparsert.runtime.nm_mask import nm_mask
 from sparsert.runtime.transposable_mask import (
     is_transposable_24,
     transposable_24_mask,
     transposable_24_mask_reference,
 )
+
+
+def _torch_path(fn, *args):  # noqa: ANN001, ANN002, ANN202
+    """``fn(*args)`` with the compiled CPU mask switched off (the torch path of transposable_24_mask)."""
+    available = transposable_mask_cpu.available
+    transposable_mask_cpu.available = lambda: False
+    try:
+        return fn(*args)
+    finally:
+        transposable_mask_cpu.available = available
 
 
 def _time(fn, repeats: int) -> tuple[float, float, float]:  # noqa: ANN001
@@ -63,7 +76,7 @@ def main() -> int:
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     print(f"torch {torch.__version__}, 1 thread, {platform.processor() or platform.machine()}, "
           f"load average {load:.2f} on {os.cpu_count()} CPUs")
-    header = (f"| {'method':<17} | {'shape':>10} | {'median ms':>9} | {'min ms':>7} | {'cpu ms':>7} | {'target':>8} "
+    header = (f"| {'method':<18} | {'shape':>10} | {'median ms':>9} | {'min ms':>7} | {'cpu ms':>7} | {'target':>8} "
               f"| {'result':<6} |")
     print(header)
     print("|" + "|".join("-" * (len(c)) for c in header.split("|")[1:-1]) + "|")
@@ -72,7 +85,8 @@ def main() -> int:
     for size in args.sizes.split(","):
         out, k = (int(v) for v in size.lower().split("x"))
         w = torch.randn(out, k)
-        rows = [("transposable", lambda w=w: transposable_24_mask(w), True)]
+        rows = [("transposable", lambda w=w: transposable_24_mask(w), True),
+                ("transposable torch", lambda w=w: _torch_path(transposable_24_mask, w), False)]
         if not args.no_reference:
             rows.append(("transposable-ref", lambda w=w: transposable_24_mask_reference(w), False))
         rows.append(("nm_mask 1-D", lambda w=w: nm_mask(w, 2, 4), False))
@@ -84,7 +98,7 @@ def main() -> int:
                 target, result = f"< {args.target_ms:g}", "PASS" if ok else "FAIL"
             else:
                 target, result = "-", "-"
-            print(f"| {name:<17} | {size:>10} | {med:9.1f} | {best:7.1f} | {cpu:7.1f} | {target:>8} | {result:<6} |")
+            print(f"| {name:<18} | {size:>10} | {med:9.1f} | {best:7.1f} | {cpu:7.1f} | {target:>8} | {result:<6} |")
         # correctness of what was timed
         fast = transposable_24_mask(w)
         assert is_transposable_24(fast), "transposable mask is not 2:4 along both dimensions"
