@@ -10,7 +10,7 @@ the CPU (and plain-torch GPU) reference for the kernels in ``cuda/``.
 
 Speed (the issue asks for a 4096×4096 weight in under 50 ms on one CPU core; see
 ``tools/bench_mask_refresh.py``). On CPU the mask comes from :mod:`sparsert.runtime.transposable_mask_cpu`,
-a numba loop scoring the 90 patterns from row pair sums exactly as the CUDA kernel does (~30 ms). The torch
+a numba loop scoring the 90 patterns from row pair sums as the CUDA kernel does (~39 ms). The torch
 path below (other devices without the kernel; CPU without numba) uses two exact identities that halve the
 work and remove the slow argmax:
 
@@ -137,10 +137,10 @@ def transposable_24_mask(
     Returns:
         bool [out, K] on ``weight``'s device. Block ``(i, j)`` covers rows ``4i..4i+3`` and columns
         ``4j..4j+3``; inside it every row and every column holds exactly two True. So ``mask`` is 2:4 along
-        K and ``mask.T`` is 2:4 along ``out``. On CPU (numba): the exact float32 argmax of the CUDA kernel's
-        scores, ties to the lower pattern index of :data:`TRANSPOSABLE_PATTERNS_24`; elsewhere the torch path
-        below, whose near-ties (within a relative 2⁻¹⁷) go to the lower pattern index. Non-finite weights give
-        a valid but arbitrary block pattern.
+        K and ``mask.T`` is 2:4 along ``out``. Ties and near-ties (within a relative 2⁻¹⁷) keep the lower
+        pattern index of :data:`TRANSPOSABLE_PATTERNS_24` (on CPU through the numba loop of
+        :mod:`~sparsert.runtime.transposable_mask_cpu`, elsewhere the torch path below). Non-finite weights
+        give a valid but arbitrary block pattern.
     """
     src = _scores_source(weight, score, name)
     out, k = src.shape

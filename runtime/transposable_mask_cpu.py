@@ -2,17 +2,21 @@
 
 Hu, Zhao, Xu, Chen, Zhu, "Accelerating Transformer Pre-training with 2:4 Sparsity", ICML 2024, §4.1: each 4×4
 block of ``W`` gets, among the 90 patterns with two ones in every row and column, the one keeping the largest
-``Σ |W|``. Scored exactly as the CUDA kernel (``cuda/transposable_mask.cu``) scores it: per block row ``r`` the
-six pair sums ``s_r = |a| + |b|`` (columns ``a < b``), a pattern's score ``((s_0 + s_1) + s_2) + s_3`` in
-float32, the first maximum in the order of :data:`~sparsert.runtime.transposable_mask.TRANSPOSABLE_PATTERNS_24`
-winning. Blocks are processed in chunks of one block row: the 24 pair sums of the chunk's blocks, then the 90
-patterns one after another over all of them (a loop LLVM vectorises across blocks), then four int32 stores per
-block (one per row: the pattern row's four bools).
+``Σ |W|``. Scores are summed as the CUDA kernel (``cuda/transposable_mask.cu``) sums them: per block row ``r``
+the six pair sums ``s_r = |a| + |b|`` (columns ``a < b``), a pattern's score ``((s_0 + s_1) + s_2) + s_3`` in
+float32. They are compared with their low 6 mantissa bits cleared, the first maximum in the order of
+:data:`~sparsert.runtime.transposable_mask.TRANSPOSABLE_PATTERNS_24` winning: near-ties (within a relative
+2⁻¹⁷) go to the lower pattern, as in the torch path, so a rounding-level difference in the weights (another
+thread count, another rank layout) does not flip a block between two equally good patterns (the kernel takes
+the exact argmax). A NaN score never wins. Blocks are processed in chunks along one block row: the 24 pair sums
+of the chunk's blocks, then the 90 patterns one after another over all of them (a loop LLVM vectorises across
+blocks), then four int32 stores per block (one per row: the pattern row's four bools).
 """
 
 from __future__ import annotations
 
 import itertools
+import os
 
 import numpy as np
 import torch
@@ -25,12 +29,14 @@ except ImportError:  # pragma: no cover - numba is a dependency; transposable_ma
 __all__ = ["available", "transposable_24_mask_cpu"]
 
 _PAIRS = tuple(itertools.combinations(range(4), 2))  # the six column pairs of a block row, in this order
+_KEY_MASK = ~63  # scores compared with their low 6 mantissa bits cleared: near-ties go to the lower pattern
+_KEY_FLOOR = -(2**31)
 _CHUNK = 256  # blocks per chunk: 24 pair-sum rows of 1 KiB (24 KiB) stay in L1
 
 
 def available() -> bool:
-    """True when the compiled mask can run (numba imports)."""
-    return numba is not None
+    """True when the compiled mask can run: numba imports and ``SPARSERT_NO_NUMBA`` is not set to 1."""
+    return numba is not None and os.environ.get("SPARSERT_NO_NUMBA", "") != "1"
 
 
 def _pattern_tables(patterns: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
@@ -51,7 +57,9 @@ def _mask_kernel(w, out32, index, words, chunk, take_abs):  # noqa: ANN001, PLR0
     rows, cols = w.shape
     nbc = cols // 4
     ps = np.empty((24, chunk), dtype=np.float32)
-    best = np.empty(chunk, dtype=np.float32)
+    score = np.empty(chunk, dtype=np.float32)
+    score_bits = score.view(np.int32)
+    best = np.empty(chunk, dtype=np.int32)
     arg = np.empty(chunk, dtype=np.int64)
     for bi in range(rows // 4):
         for j0 in range(0, nbc, chunk):
@@ -82,7 +90,7 @@ def _mask_kernel(w, out32, index, words, chunk, take_abs):  # noqa: ANN001, PLR0
                     p4[j] = a1 + a3
                     p5[j] = a2 + a3
             for j in range(n):
-                best[j] = -np.inf  # for |w| the kernel's -1: scores are >= 0 there
+                best[j] = _KEY_FLOOR
                 arg[j] = 0
             for p in range(90):
                 q0 = ps[index[p, 0]]
@@ -90,9 +98,11 @@ def _mask_kernel(w, out32, index, words, chunk, take_abs):  # noqa: ANN001, PLR0
                 q2 = ps[index[p, 2]]
                 q3 = ps[index[p, 3]]
                 for j in range(n):
-                    score = ((q0[j] + q1[j]) + q2[j]) + q3[j]
-                    if score > best[j]:  # first maximum wins; NaN scores never do
-                        best[j] = score
+                    score[j] = ((q0[j] + q1[j]) + q2[j]) + q3[j]
+                    bits = score_bits[j]
+                    key = (bits if bits >= 0 else bits ^ 0x7FFFFFFF) & _KEY_MASK  # monotone in the score
+                    if key > best[j] and score[j] == score[j]:  # first maximal key wins; NaN never does
+                        best[j] = key
                         arg[j] = p
             for r in range(4):
                 dst = out32[4 * bi + r]
@@ -109,8 +119,8 @@ _tables: tuple[np.ndarray, np.ndarray] | None = None
 def transposable_24_mask_cpu(values: torch.Tensor, patterns: torch.Tensor, take_abs: bool = True) -> torch.Tensor:
     """Transposable 2:4 mask of ``values`` float32 [R, C] (CPU, ``R % 4 == 0``, ``C % 4 == 0``; scored by
     ``|values|``, or by ``values`` as given when not ``take_abs``) with bool ``patterns [90, 4, 4]`` in
-    tie-break order. Returns bool [R, C]: block ``(i, j)``
-    (rows ``4i..4i+3``, columns ``4j..4j+3``) holds the first pattern maximising ``((s_0+s_1)+s_2)+s_3``."""
+    tie-break order. Returns bool [R, C]: block ``(i, j)`` (rows ``4i..4i+3``, columns ``4j..4j+3``) holds the
+    first pattern maximising ``((s_0+s_1)+s_2)+s_3`` up to near-ties (relative 2⁻¹⁷, to the lower pattern)."""
     global _tables
     if _tables is None:
         _tables = _pattern_tables(patterns)

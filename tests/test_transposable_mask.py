@@ -155,13 +155,23 @@ def test_is_transposable_rejects_plain_24():
     assert not is_transposable_24(torch.ones(3, 4, dtype=torch.bool))
 
 
-def test_compiled_mask_is_the_exact_argmax_of_the_kernel_scores(mask_path):
+def test_compiled_mask_is_the_argmax_up_to_near_ties_and_never_picks_nan(mask_path):
     if mask_path != "compiled":
         pytest.skip("the compiled path only")
     g = torch.Generator().manual_seed(5)
     for shape in [(4, 4), (8, 1028), (132, 36), (256, 512)]:
         w = torch.randn(*shape, generator=g)
-        assert torch.equal(transposable_24_mask(w), transposable_24_mask_reference(w)), shape
+        fast, ref = transposable_24_mask(w), transposable_24_mask_reference(w)
+        best = _block_scores(w, ref)
+        assert (_block_scores(w, fast) >= best * (1 - 2.0**-16)).all(), shape  # a near-tie at most
+        assert (fast == ref).float().mean() > 0.999, shape
+        # a near-tie (relative 2^-17) goes to the lower pattern, whichever side of it the rounding falls
+        tie = torch.where(TRANSPOSABLE_PATTERNS_24[5], 1.0, 0.0) + torch.where(TRANSPOSABLE_PATTERNS_24[3], 1.0, 0.0)
+        tie = tie + 1e-3 * torch.where(TRANSPOSABLE_PATTERNS_24[5], 1.0, 0.0)  # pattern 5 better by ~5e-4 relative
+        assert torch.equal(transposable_24_mask(tie), transposable_24_mask_reference(tie))  # a real gap: 5 wins
+        tie = tie - 1e-3 * torch.where(TRANSPOSABLE_PATTERNS_24[5], 1.0, 0.0) + \
+            1e-6 * torch.where(TRANSPOSABLE_PATTERNS_24[5], 1.0, 0.0)  # ~5e-7 relative: a near-tie
+        assert torch.equal(transposable_24_mask(tie), TRANSPOSABLE_PATTERNS_24[3])
         if shape[0] == 4:
             continue
         wn = w.clone()

@@ -10,6 +10,8 @@ reference and the fallback when numba is missing (``available()`` says which run
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import torch
 
@@ -25,8 +27,8 @@ _BELOW_ONE = np.float32(1.0 - 2.0 ** -24)
 
 
 def available() -> bool:
-    """True when the compiled sampler can run (numba imports)."""
-    return numba is not None
+    """True when the compiled sampler can run: numba imports and ``SPARSERT_NO_NUMBA`` is not set to 1."""
+    return numba is not None and os.environ.get("SPARSERT_NO_NUMBA", "") != "1"
 
 
 def _sample_rows(x0r, x1r, x2r, x3r, u, y0r, y1r, y2r, y3r):  # noqa: ANN001, PLR0913 - numba kernel
