@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 
+from sparsert.runtime import nm_mask_cpu
 from sparsert.runtime.errors import FormatError
 
 
@@ -42,9 +43,12 @@ def nm_mask(
     """
     check_nm(n, m)
     check_groups(weight, m, name)
+    if score is not None and score.shape != weight.shape:
+        raise FormatError(f"score for {name} has shape {tuple(score.shape)}, expected {tuple(weight.shape)}")
+    if (n, m) == (2, 4) and weight.device.type == "cpu" and nm_mask_cpu.available():
+        src = weight if score is None else score
+        return nm_mask_cpu.mask_24_cpu(src.detach().float(), take_abs=score is None)  # the same mask, compiled
     s = weight.detach().abs() if score is None else score.detach()
-    if s.shape != weight.shape:
-        raise FormatError(f"score for {name} has shape {tuple(s.shape)}, expected {tuple(weight.shape)}")
     out, k = s.shape
     groups = s.float().reshape(out, k // m, m)  # (out, K/m, m)
     # Rank of entry i in its group = #entries larger + #equal entries at a lower index (ties keep the lower

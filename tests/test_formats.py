@@ -99,6 +99,30 @@ def test_nm_mask_by_score_and_ties():
     assert nm_mask(w, score=score).tolist() == [[False, True, False, True]]
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+def test_compiled_24_mask_equals_the_torch_mask(monkeypatch, dtype):
+    from sparsert.runtime import nm_mask_cpu
+
+    if not nm_mask_cpu.available():
+        pytest.skip("numba is not installed: the torch mask runs on CPU")
+    g = torch.Generator().manual_seed(7)
+    w = torch.randn(37, 64, generator=g)
+    w[0] = 1.0  # all ties
+    w[1, :8] = torch.tensor([0.0, -0.0, 0.0, 0.0, 2.0, -2.0, 2.0, 1.0])  # ±0 and ±2 ties
+    w[2, :4] = float("nan")
+    w[3, 1] = float("nan")
+    w[4, 2] = float("inf")
+    w = w.to(dtype)
+    score = torch.randn(37, 64, generator=g)  # signed: used as given
+    compiled = (nm_mask(w), nm_mask(w, score=score), nm_mask(w.t().contiguous().t()))
+    monkeypatch.setattr(nm_mask_cpu, "available", lambda: False)
+    reference = (nm_mask(w), nm_mask(w, score=score), nm_mask(w.t().contiguous().t()))
+    for a, b in zip(compiled, reference, strict=True):
+        assert a.dtype == torch.bool and torch.equal(a, b)
+    with pytest.raises(ValueError, match="K % 4 == 0 expected"):
+        nm_mask_cpu.mask_24_cpu(torch.randn(4, 6))
+
+
 def test_nm_mask_rejects_bad_shapes():
     with pytest.raises(FormatError, match=r"q_proj of shape \(3, 6\): K=6 is not divisible by M=4"):
         nm_mask(torch.randn(3, 6), name="q_proj")

@@ -9,7 +9,8 @@ one CPU core. Rows:
   chunked to stay in cache), what runs without numba;
 - ``transposable-ref``: the literal ``patterns[90×16] · |W_blocks|`` + argmax
   (:func:`~sparsert.runtime.transposable_mask.transposable_24_mask_reference`), for comparison;
-- ``nm_mask 1-D``: :func:`sparsert.runtime.nm_mask.nm_mask` (top-2 of 4 along K, not transposable).
+- ``nm_mask 1-D``: :func:`sparsert.runtime.nm_mask.nm_mask` (top-2 of 4 along K, not transposable; SR-STE's
+  per-step mask; on CPU the numba loop of :mod:`sparsert.runtime.nm_mask_cpu`), and ``nm_mask 1-D torch``.
 
 Each is timed ``--repeats`` times after a warm-up with ``torch.set_num_threads(1)``: median and min wall
 time, and min CPU time of the thread (less sensitive to other processes on a shared machine). PASS/FAIL
@@ -29,7 +30,7 @@ import time
 
 import torch
 
-from sparsert.runtime import transposable_mask_cpu
+from sparsert.runtime import nm_mask_cpu, transposable_mask_cpu
 from sparsert.runtime.nm_mask import nm_mask
 from sparsert.runtime.transposable_mask import (
     is_transposable_24,
@@ -39,13 +40,15 @@ from sparsert.runtime.transposable_mask import (
 
 
 def _torch_path(fn, *args):  # noqa: ANN001, ANN002, ANN202
-    """``fn(*args)`` with the compiled CPU mask switched off (the torch path of transposable_24_mask)."""
-    available = transposable_mask_cpu.available
-    transposable_mask_cpu.available = lambda: False
+    """``fn(*args)`` with the compiled CPU masks switched off (the torch paths, what runs without numba)."""
+    saved = [(mod, mod.available) for mod in (transposable_mask_cpu, nm_mask_cpu)]
+    for mod, _ in saved:
+        mod.available = lambda: False
     try:
         return fn(*args)
     finally:
-        transposable_mask_cpu.available = available
+        for mod, available in saved:
+            mod.available = available
 
 
 def _time(fn, repeats: int) -> tuple[float, float, float]:  # noqa: ANN001
@@ -90,6 +93,7 @@ def main() -> int:
         if not args.no_reference:
             rows.append(("transposable-ref", lambda w=w: transposable_24_mask_reference(w), False))
         rows.append(("nm_mask 1-D", lambda w=w: nm_mask(w, 2, 4), False))
+        rows.append(("nm_mask 1-D torch", lambda w=w: _torch_path(nm_mask, w, 2, 4), False))
         for name, fn, has_target in rows:
             med, best, cpu = _time(fn, args.repeats)
             if has_target and (out, k) == (4096, 4096):
