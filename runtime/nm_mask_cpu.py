@@ -31,15 +31,9 @@ def _mask_24_kernel(s, keep, take_abs):  # noqa: ANN001 - numba kernel
     ``|s|`` with ``take_abs``."""
     for g in range(s.shape[0] // 4):
         b = 4 * g
-        x0 = s[b]
-        x1 = s[b + 1]
-        x2 = s[b + 2]
-        x3 = s[b + 3]
+        x0, x1, x2, x3 = s[b], s[b + 1], s[b + 2], s[b + 3]
         if take_abs:
-            x0 = abs(x0)
-            x1 = abs(x1)
-            x2 = abs(x2)
-            x3 = abs(x3)
+            x0, x1, x2, x3 = abs(x0), abs(x1), abs(x2), abs(x3)
         # rank_i = #{j < i: x_j >= x_i} + #{j > i: x_j > x_i}; keep rank < 2
         r0 = (x1 > x0) + (x2 > x0) + (x3 > x0)
         r1 = (x0 >= x1) + (x2 > x1) + (x3 > x1)

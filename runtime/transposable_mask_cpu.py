@@ -51,6 +51,13 @@ def _pattern_tables(patterns: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
     return index, words
 
 
+def scores4(v, b, take_abs):  # noqa: ANN001, ANN201 - numba helper
+    """The four scores ``v[b..b+3]`` (1-D float32), as absolute values with ``take_abs``."""
+    if take_abs:
+        return abs(v[b]), abs(v[b + 1]), abs(v[b + 2]), abs(v[b + 3])
+    return v[b], v[b + 1], v[b + 2], v[b + 3]
+
+
 def _mask_kernel(w, out32, index, words, chunk, take_abs):  # noqa: ANN001, PLR0913 - numba kernel
     """``w`` float32 [R, C] C-contiguous, ``out32`` int32 [R, C/4] (the bool mask's bytes, four per block row);
     scores are ``|w|`` with ``take_abs``, else ``w`` as given."""
@@ -73,16 +80,7 @@ def _mask_kernel(w, out32, index, words, chunk, take_abs):  # noqa: ANN001, PLR0
                 p4 = ps[6 * r + 4]
                 p5 = ps[6 * r + 5]
                 for j in range(n):
-                    c = 4 * (j0 + j)
-                    a0 = row[c]
-                    a1 = row[c + 1]
-                    a2 = row[c + 2]
-                    a3 = row[c + 3]
-                    if take_abs:
-                        a0 = abs(a0)
-                        a1 = abs(a1)
-                        a2 = abs(a2)
-                        a3 = abs(a3)
+                    a0, a1, a2, a3 = scores4(row, 4 * (j0 + j), take_abs)
                     p0[j] = a0 + a1
                     p1[j] = a0 + a2
                     p2[j] = a0 + a3
@@ -111,6 +109,7 @@ def _mask_kernel(w, out32, index, words, chunk, take_abs):  # noqa: ANN001, PLR0
 
 
 if numba is not None:
+    scores4 = numba.njit(inline="always")(scores4)
     _mask_kernel = numba.njit(cache=True, nogil=True, boundscheck=False, error_model="numpy")(_mask_kernel)
 
 _tables: tuple[np.ndarray, np.ndarray] | None = None
