@@ -313,7 +313,8 @@ class OursSparse24(GemmBackend):
 
 
 class OursW4A16(GemmBackend):
-    """Our 2:4 + INT4 GEMM (``sparse_gemm.w4a16_linear``): ``decode`` (M <= 16, split-K) or ``prefill``."""
+    """Our 2:4 + INT4 GEMM (``sparse_gemm.w4a16_linear``): ``decode`` (M <= 16, split-K), ``prefill`` (mma.sp,
+    sm_80+) or ``sm90_128`` / ``sm90_256`` (wgmma.sp, sm_90a)."""
 
     state_key = "ours_w4a16"
 
@@ -343,12 +344,14 @@ def our_backends(device: torch.device | None = None) -> list[GemmBackend]:
     except ImportError:
         return []
     variants = ["small", "medium", "large"]
+    w4a16 = ["decode", "prefill"]
     if device is not None and device.type == "cuda":
         from sparsert.runtime.device import get_device
 
         if get_device(device.index or 0).arch == "sm_90a":
             variants += ["sm90_128", "sm90_256"]
-    return [OursSparse24(v) for v in variants] + [OursW4A16("decode"), OursW4A16("prefill")]
+            w4a16 += ["sm90_128", "sm90_256"]
+    return [OursSparse24(v) for v in variants] + [OursW4A16(v) for v in w4a16]
 
 
 def default_backends(device: torch.device | None = None, *, allow_dense: bool = False) -> list[GemmBackend]:

@@ -336,6 +336,30 @@ def test_sparse_linear_dispatch_over_our_backends_on_cpu(int4):
 # ---------------------------------------------------------------------------------------------------------
 
 @gpu
+def test_dispatch_offers_the_wgmma_variants_on_hopper_and_they_run():
+    """On sm_90a both our 2:4 GEMMs offer their wgmma.sp variants to the dispatcher (sm_80+: mma.sp only), and
+    an INT4 layer measured at prefill sizes runs whichever wins within the reference check."""
+    from sparsert.runtime.dispatch import Dispatcher, SparseLinearGPU, our_backends
+    from sparsert.runtime.packed_linear import pack_linear
+
+    hopper = dev.get_device(0).arch == "sm_90a"
+    names = {b.name for b in our_backends(torch.device("cuda", 0))}
+    wgmma = {"ours_sparse24_sm90_128", "ours_sparse24_sm90_256", "ours_w4a16_sm90_128", "ours_w4a16_sm90_256"}
+    assert (wgmma <= names) if hopper else not (wgmma & names)
+    w = torch.randn(512, 1024, generator=torch.Generator().manual_seed(8))
+    packed = pack_linear(w, int4_group_size=128, bias=torch.randn(512))
+    layer = SparseLinearGPU(packed, device="cuda", dtype=torch.bfloat16,
+                            dispatcher=Dispatcher(dev.get_device(0).name, persist=False, warmup=1, reps=3),
+                            backends=our_backends(torch.device("cuda", 0)))
+    decided = layer.tune([1, 256, 2048])
+    assert all(name.startswith("ours_w4a16_") for name in decided.values()), decided
+    x = torch.randn(2048, 1024, device="cuda")
+    ref = x.to(torch.bfloat16).double().cpu() @ packed.to_dense().double().t() + packed.bias.double()
+    y = layer(x)
+    assert float((y.double().cpu() - ref).norm() / ref.norm()) < 1e-2
+
+
+@gpu
 def test_memory_pool_statistics():
     d = dev.get_device(0)
     pool = d.pool
