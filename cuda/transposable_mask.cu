@@ -3,8 +3,9 @@
 // K for W and for W^T (Hubara et al., "Accelerated Sparse Neural Training: A Provable and Efficient Method to
 // Find N:M Transposable Masks", NeurIPS 2021; used by Hu et al.'s 2:4 pre-training recipe).
 //
-// Pattern order (ties keep the first maximum): that of TRANSPOSABLE_PATTERNS_24 in runtime/transposable_mask.py
-// (complementary pairs: pattern 2k+1 is the complement of pattern 2k), the CPU reference this kernel matches.
+// Pattern order (ties and near-ties keep the first maximum): that of TRANSPOSABLE_PATTERNS_24 in
+// runtime/transposable_mask.py (complementary pairs: pattern 2k+1 is the complement of pattern 2k). The CPU loop
+// runtime/transposable_mask_cpu.py computes the same sums and the same comparison, so the masks are identical.
 // A pattern is four row patterns p0..p3, each an index into the six column pairs (0,1) (0,2) (0,3) (1,2) (1,3)
 // (2,3), packed as p0 | p1 << 4 | p2 << 8 | p3 << 12 (tests/test_kernel_build.py checks the table against
 // runtime/transposable_mask.py).
@@ -74,13 +75,17 @@ __global__ void __launch_bounds__(256) transposable_mask24(const T* __restrict__
     s[r][0] = a[0] + a[1]; s[r][1] = a[0] + a[2]; s[r][2] = a[0] + a[3];
     s[r][3] = a[1] + a[2]; s[r][4] = a[1] + a[3]; s[r][5] = a[2] + a[3];
   }
-  float best_score = -1.0f;
+  // Scores are >= 0, so their bits order like them; comparing them with the low 6 mantissa bits cleared sends
+  // near-ties (relative 2^-17) to the lower pattern, as the CPU paths do, so a rounding-level difference in W
+  // cannot flip a block between two equally good patterns. A NaN score never wins.
+  int best_key = -1;
   u32 best = pattern(0);
 #pragma unroll
   for (int i = 0; i < 90; ++i) {
     const u32 p = pattern(i);
     const float sc = ((s[0][p & 15] + s[1][(p >> 4) & 15]) + s[2][(p >> 8) & 15]) + s[3][(p >> 12) & 15];
-    if (sc > best_score) { best_score = sc; best = p; }
+    const int key = (int)(__float_as_uint(sc) & ~63u);
+    if (key > best_key && sc == sc) { best_key = key; best = p; }
   }
 #pragma unroll
   for (int r = 0; r < 4; ++r) {

@@ -256,10 +256,11 @@ def transposable_mask(weight: torch.Tensor, *, out: torch.Tensor | None = None) 
         out: optional uint8 ``[R, C]`` (contiguous, 4-byte aligned) receiving the mask as 0/1.
     Returns:
         bool ``[R, C]`` on weight's device: the CUDA kernel on a usable GPU (float32 scores summed as
-        ``((s0 + s1) + s2) + s3``, ``s_r = |a| + |b|``, first maximum in the order of
-        ``TRANSPOSABLE_PATTERNS_24``), otherwise ``transposable_24_mask`` of runtime/transposable_mask.py
-        (Hu et al., ICML 2024), whose literal reference ``transposable_24_mask_reference`` the kernel is
-        tested against.
+        ``((s0 + s1) + s2) + s3``, ``s_r = |a| + |b|``, compared with their low 6 mantissa bits cleared, first
+        maximum in the order of ``TRANSPOSABLE_PATTERNS_24``: the same mask as the CPU loop of
+        runtime/transposable_mask_cpu.py), otherwise ``transposable_24_mask`` of runtime/transposable_mask.py
+        (Hu et al., ICML 2024). Both are tested against the literal reference
+        ``transposable_24_mask_reference`` (equal up to near-ties).
     """
     fn = "transposable_mask"
     align = 16 if weight.dtype == torch.float32 else 8

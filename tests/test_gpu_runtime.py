@@ -25,6 +25,7 @@ from sparsert.runtime.sparse_meta import decode_meta_isa, unreorder_meta
 from sparsert.runtime.transposable_mask import (
     TRANSPOSABLE_PATTERNS_24,
     is_transposable_24,
+    transposable_24_mask,
     transposable_24_mask_reference,
 )
 
@@ -483,6 +484,10 @@ def test_transposable_mask_kernel_matches_reference(dtype, shape):
     assert torch.allclose(got, best, rtol=1e-5, atol=1e-6)
     differ = (mask.cpu() != ref).reshape(shape[0] // 4, 4, shape[1] // 4, 4).any(3).any(1)
     assert int(differ.sum()) <= max(1, differ.numel() // 1000)
+    from sparsert.runtime import transposable_mask_cpu
+
+    if transposable_mask_cpu.available():  # the same sums and the same near-tie rule: the same mask
+        assert torch.equal(mask.cpu(), transposable_24_mask(w.cpu()))
     assert TRANSPOSABLE_PATTERNS_24.shape == (90, 4, 4)
 
 
