@@ -9,21 +9,16 @@ about 20× faster than the torch version on one core. Only 2:4 is compiled; othe
 
 from __future__ import annotations
 
-import os
-
 import torch
 
-try:
-    import numba
-except ImportError:  # pragma: no cover - numba is a dependency; nm_mask.py's torch path covers its absence
-    numba = None
+from sparsert.runtime.cpu_jit import cpu_kernel, numba_available
 
 __all__ = ["available", "mask_24_cpu"]
 
 
 def available() -> bool:
-    """True when the compiled mask can run: numba imports and ``SPARSERT_NO_NUMBA`` is not set to 1."""
-    return numba is not None and os.environ.get("SPARSERT_NO_NUMBA", "") != "1"
+    """True when the compiled mask can run (:func:`~sparsert.runtime.cpu_jit.numba_available`)."""
+    return numba_available()
 
 
 def _mask_24_kernel(s, keep, take_abs):  # noqa: ANN001 - numba kernel
@@ -45,8 +40,7 @@ def _mask_24_kernel(s, keep, take_abs):  # noqa: ANN001 - numba kernel
         keep[b + 3] = r3 < 2
 
 
-if numba is not None:
-    _mask_24_kernel = numba.njit(cache=True, nogil=True, boundscheck=False)(_mask_24_kernel)
+_mask_24_kernel = cpu_kernel(_mask_24_kernel)
 
 
 def mask_24_cpu(scores: torch.Tensor, take_abs: bool = True) -> torch.Tensor:

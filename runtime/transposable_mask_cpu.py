@@ -16,15 +16,11 @@ blocks), then four int32 stores per block (one per row: the pattern row's four b
 from __future__ import annotations
 
 import itertools
-import os
 
 import numpy as np
 import torch
 
-try:
-    import numba
-except ImportError:  # pragma: no cover - numba is a dependency; transposable_mask.py's torch path covers it
-    numba = None
+from sparsert.runtime.cpu_jit import cpu_kernel, numba_available
 
 __all__ = ["available", "transposable_24_mask_cpu"]
 
@@ -35,8 +31,8 @@ _CHUNK = 256  # blocks per chunk: 24 pair-sum rows of 1 KiB (24 KiB) stay in L1
 
 
 def available() -> bool:
-    """True when the compiled mask can run: numba imports and ``SPARSERT_NO_NUMBA`` is not set to 1."""
-    return numba is not None and os.environ.get("SPARSERT_NO_NUMBA", "") != "1"
+    """True when the compiled mask can run (:func:`~sparsert.runtime.cpu_jit.numba_available`)."""
+    return numba_available()
 
 
 def _pattern_tables(patterns: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
@@ -108,9 +104,8 @@ def _mask_kernel(w, out32, index, words, chunk, take_abs):  # noqa: ANN001, PLR0
                     dst[j0 + j] = words[arg[j], r]
 
 
-if numba is not None:
-    scores4 = numba.njit(inline="always")(scores4)
-    _mask_kernel = numba.njit(cache=True, nogil=True, boundscheck=False, error_model="numpy")(_mask_kernel)
+scores4 = cpu_kernel(scores4, inline=True)
+_mask_kernel = cpu_kernel(_mask_kernel)
 
 _tables: tuple[np.ndarray, np.ndarray] | None = None
 

@@ -10,15 +10,10 @@ reference and the fallback when numba is missing (``available()`` says which run
 
 from __future__ import annotations
 
-import os
-
 import numpy as np
 import torch
 
-try:
-    import numba
-except ImportError:  # pragma: no cover - numba is a dependency; the torch sampler covers its absence
-    numba = None
+from sparsert.runtime.cpu_jit import cpu_kernel, numba_available
 
 __all__ = ["available", "sample_block_cpu"]
 
@@ -27,8 +22,8 @@ _BELOW_ONE = np.float32(1.0 - 2.0 ** -24)
 
 
 def available() -> bool:
-    """True when the compiled sampler can run: numba imports and ``SPARSERT_NO_NUMBA`` is not set to 1."""
-    return numba is not None and os.environ.get("SPARSERT_NO_NUMBA", "") != "1"
+    """True when the compiled sampler can run (:func:`~sparsert.runtime.cpu_jit.numba_available`)."""
+    return numba_available()
 
 
 def _sample_rows(x0r, x1r, x2r, x3r, u, y0r, y1r, y2r, y3r):  # noqa: ANN001, PLR0913 - numba kernel
@@ -106,10 +101,8 @@ def _sample_block_c(x, u, out):  # noqa: ANN001 - numba kernel
         _sample_rows(x[b, 0], x[b, 1], x[b, 2], x[b, 3], u[b], out[b, 0], out[b, 1], out[b, 2], out[b, 3])
 
 
-if numba is not None:
-    _jit = numba.njit(cache=True, nogil=True, boundscheck=False, error_model="numpy")
-    _sample_rows = _jit(_sample_rows)
-    _sample_block_c = _jit(_sample_block_c)
+_sample_rows = cpu_kernel(_sample_rows)
+_sample_block_c = cpu_kernel(_sample_block_c)
 
 
 def sample_block_cpu(x: torch.Tensor, out: torch.Tensor, u: torch.Tensor) -> None:

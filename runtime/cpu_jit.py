@@ -1,0 +1,40 @@
+"""Compile CPU loops with numba: the options every sparsert CPU kernel shares, and a cache that may be absent.
+
+Used by :mod:`sparsert.runtime.nm_mask_cpu`, :mod:`sparsert.runtime.transposable_mask_cpu` and
+:mod:`sparsert.train.mvue24_cpu`. Each kernel is compiled on first use and cached on disk (next to its source, or
+in numba's user-wide cache when that folder is read-only); where no cache folder is writable at all, it is
+compiled in memory per process instead of failing the import.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+
+try:
+    import numba
+except ImportError:  # pragma: no cover - numba is a dependency; every caller keeps a torch path
+    numba = None
+
+__all__ = ["numba_available", "cpu_kernel"]
+
+_OPTIONS = dict(nogil=True, boundscheck=False, error_model="numpy")
+
+
+def numba_available() -> bool:
+    """True when compiled CPU loops can run: numba imports and ``SPARSERT_NO_NUMBA`` is not set to 1."""
+    return numba is not None and os.environ.get("SPARSERT_NO_NUMBA", "") != "1"
+
+
+def cpu_kernel(fn: Callable, *, inline: bool = False) -> Callable:
+    """``fn`` compiled by numba (no bounds checks, no Python division errors, GIL released), cached on disk
+    when a cache folder is writable; ``inline`` marks a helper to inline into its callers. Without numba,
+    ``fn`` is returned unchanged (callers check :func:`numba_available` before using it)."""
+    if numba is None:
+        return fn
+    if inline:
+        return numba.njit(inline="always")(fn)
+    try:
+        return numba.njit(cache=True, **_OPTIONS)(fn)
+    except RuntimeError:  # "cannot cache function ...: no locator available": compile in memory instead
+        return numba.njit(cache=False, **_OPTIONS)(fn)
