@@ -36,6 +36,7 @@ def _write_run(root: Path, name: str, *, sparse: bool, final_val: float, qat: bo
         if sparse:
             frac = min(max((step / STEPS - 0.25) / 0.5, 0.0), 1.0)
             rec["sparsity"] = 0.5 * frac
+            rec["mask_refresh_share"] = 0.03 if step % 10 == 0 else 0.01  # mean 0.012
             if step % 10 == 0:
                 rec["flip_rate"] = 0.05 * math.exp(-step / 25)  # peak 0.05*e^-0.4 at step 10
         lines.append(json.dumps(rec))
@@ -96,6 +97,7 @@ def test_report_writes_valid_pngs_and_summary_numbers(two_runs: tuple[Path, Path
         assert f"+{gap:.2f}%" in text
         assert f"{peak:.3g} (10)" in text and f"{final:.3g}" in text
         assert f"{peak / final:.1f}×" in text
+        assert "1.2%" in text and "mask refresh share" in text  # the sparse run's mean; "—" for the dense one
         assert "dense baseline" in text
     assert "2:4, INT4 g128, transposable" in md
     assert "| 120 | 15.4k |" in md  # steps, tokens = 4 * 32 * 120

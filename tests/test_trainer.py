@@ -49,6 +49,9 @@ def test_run_writes_metrics_checkpoints_and_artifact(corpus, tmp_path):
     assert [r["step"] for r in evals] == [4, 8]
     assert all(set(r) >= {"step", "loss", "lr", "tokens_per_s", "sparsity"} for r in steps)
     assert [r["step"] for r in steps if "flip_rate" in r] == [2, 4, 6, 8]  # refreshed every 2 steps
+    assert all(0.0 <= r["mask_refresh_share"] < 1.0 for r in steps)
+    share = {r["step"]: r["mask_refresh_share"] for r in steps}
+    assert sum(share[s] for s in (2, 4, 6, 8)) > 0.0  # the refreshes take measurable time
     assert all(r["sparsity"] == 0.5 for r in steps)
     assert evals[-1]["val_loss"] == pytest.approx(result.final_val_loss)
     assert evals[-1]["val_ppl"] == pytest.approx(result.final_val_ppl)

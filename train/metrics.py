@@ -19,7 +19,7 @@ from pathlib import Path
 from sparsert.runtime.errors import ArtifactError
 
 METRICS_FILE = "metrics.jsonl"
-TIMING_KEYS = ("tokens_per_s", "elapsed_s")
+TIMING_KEYS = ("tokens_per_s", "elapsed_s", "mask_refresh_share")
 
 
 def _clean(value: object) -> object:

@@ -219,6 +219,7 @@ class RunSummary:
     flip_final: float | None
     flip_peak_over_final: float | None  # inf when the final flip rate is 0
     is_dense_baseline: bool = False
+    mask_refresh_share: float | None = None  # mean share of step time spent on the masks after the update
 
 
 def method_label(run: RunMetrics) -> str:
@@ -285,10 +286,12 @@ def summarize_run(run: RunMetrics, dense: RunMetrics | None = None) -> RunSummar
         i = max(range(len(flips)), key=flips.__getitem__)
         peak, peak_step, final = flips[i], flip_steps[i], flips[-1]
         ratio = peak / final if final > 0 else (math.inf if peak > 0 else None)
+    _, shares = run.series("mask_refresh_share")
     return RunSummary(name=run.name, method=method_label(run), steps=run.last_step, tokens=_tokens(run),
                       train_loss=train_loss, val_loss=val_loss, val_ppl=val_ppl, val_loss_vs_dense=vs_dense,
                       ppl_ratio_to_dense=ppl_ratio, flip_peak=peak, flip_peak_step=peak_step, flip_final=final,
-                      flip_peak_over_final=ratio, is_dense_baseline=dense is run)
+                      flip_peak_over_final=ratio, is_dense_baseline=dense is run,
+                      mask_refresh_share=sum(shares) / len(shares) if shares else None)
 
 
 def _final_val(run: RunMetrics) -> tuple[float | None, float | None]:
@@ -321,7 +324,7 @@ def _fmt_int(v: int | None) -> str:
 
 COLUMNS = ("run", "method", "steps", "tokens", f"train loss (mean of last {TRAIN_LOSS_WINDOW})", "val loss",
            "val ppl", "val loss vs dense", "ppl ratio", "flip rate peak (step)", "flip rate final",
-           "flip peak/final")
+           "flip peak/final", "mask refresh share of step time")
 
 
 def summary_rows(summaries: Iterable[RunSummary]) -> list[list[str]]:
@@ -335,7 +338,8 @@ def summary_rows(summaries: Iterable[RunSummary]) -> list[list[str]]:
             "∞" if math.isinf(s.flip_peak_over_final) else f"{s.flip_peak_over_final:.1f}×")
         rows.append([name, s.method, str(s.steps), _fmt_int(s.tokens), _fmt(s.train_loss), _fmt(s.val_loss),
                      _fmt(s.val_ppl, ".2f"), vs, _fmt(s.ppl_ratio_to_dense, ".3f"), peak,
-                     _fmt(s.flip_final, ".3g"), ratio])
+                     _fmt(s.flip_final, ".3g"), ratio,
+                     "—" if s.mask_refresh_share is None else f"{s.mask_refresh_share * 100:.1f}%"])
     return rows
 
 

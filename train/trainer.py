@@ -541,6 +541,8 @@ class StepResult:
     kl: float | None = None
     # The mask controller's report (None without one): phase of the next step, masks/modes changed.
     masks_changed: bool = False
+    # Wall seconds of the mask work after the optimizer step (refresh, flip rates, rank sync); 0 when dense.
+    mask_seconds: float = 0.0
 
 
 @dataclass
@@ -597,10 +599,11 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tens
         with local_rows(model):  # H11: under FSDP2, this rank's rows of W, its gradient and mask
             apply_masked_decay(model, masked_decay)
     optimizer.step()
+    t0 = time.perf_counter()
     if masks is not None:
         update = sync_masks(model, lambda: masks.after_step(step))  # H11: the same masks on every rank
         return StepResult(loss_value, grad_norm, update.flip_rate, update.flip_rate_layers, total, kl,
-                          update.changed)
+                          update.changed, time.perf_counter() - t0)
     if not sparse:
         return StepResult(loss_value, grad_norm, None, loss_total=total, kl=kl)
     flip = sync_masks(model, lambda: refresh_masks(model, step))  # H11: the same masks on every rank
@@ -608,7 +611,7 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tens
     if flip is not None:
         layers = {name: m.last_flip_rate for name, m in sparse_modules(model).items()
                   if not m.dense and step % m.config.mask_refresh_interval == 0}
-    return StepResult(loss_value, grad_norm, flip, layers, total, kl, flip is not None)
+    return StepResult(loss_value, grad_norm, flip, layers, total, kl, flip is not None, time.perf_counter() - t0)
 
 
 @torch.no_grad()
@@ -861,6 +864,8 @@ def train(cfg: TrainConfig) -> TrainResult:
             dt = time.perf_counter() - t0
             record = {"step": step, "loss": loss_value, "lr": lr, "tokens_per_s": tokens_per_step / dt,
                       "sparsity": step_sparsity}
+            if masks is not None or scfg is not None:
+                record["mask_refresh_share"] = out.mask_seconds / dt  # of this step's wall time
             if masks is not None:
                 record["phase"] = masks.phase_of(step)
             if decay_now:
