@@ -2,7 +2,8 @@
 
 Step lines: ``{"step", "loss", "lr", "tokens_per_s", "sparsity"}`` plus, when they apply, ``phase`` (with a
 sparsity schedule), ``decay`` (masked decay in effect), ``loss_total`` and ``kl`` (distillation), ``flip_rate`` and
-``flip_rate_layers`` (on steps that refreshed the masks). Eval lines: ``{"step", "val_loss", "val_ppl"}`` (and
+``flip_rate_layers`` (on steps that refreshed the masks), ``mask_refresh_share`` (sparse runs: share of the
+step's wall time spent on the masks after the update). Eval lines: ``{"step", "val_loss", "val_ppl"}`` (and
 ``val_loss_sparse``/``val_ppl_sparse`` at the end when the trained model is not the 2:4 one; the trainer's
 :func:`~sparsert.train.trainer.train` writes them all). Every line is flushed as written;
 a checkpoint records the byte offset reached (:meth:`MetricsLog.offset`) so that a resumed run truncates the
