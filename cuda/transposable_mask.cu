@@ -76,8 +76,8 @@ __global__ void __launch_bounds__(256) transposable_mask24(const T* __restrict__
     s[r][3] = a[1] + a[2]; s[r][4] = a[1] + a[3]; s[r][5] = a[2] + a[3];
   }
   // Scores are >= 0, so their bits order like them; comparing them with the low 6 mantissa bits cleared sends
-  // near-ties (relative 2^-17) to the lower pattern, as the CPU paths do, so a rounding-level difference in W
-  // cannot flip a block between two equally good patterns. A NaN score never wins.
+  // near-ties (relative 2^-17) to the lower pattern, as runtime/transposable_mask_cpu.py does (the same mask).
+  // A NaN score never wins.
   int best_key = -1;
   u32 best = pattern(0);
 #pragma unroll

@@ -11,10 +11,12 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 
-try:
-    import numba
-except ImportError:  # pragma: no cover - numba is a dependency; every caller keeps a torch path
-    numba = None
+numba = None
+if os.environ.get("SPARSERT_NO_NUMBA", "") != "1":  # set before the import: numba is not even imported
+    try:
+        import numba
+    except Exception:  # noqa: BLE001 - a missing or broken numba install: every caller keeps a torch path
+        numba = None
 
 __all__ = ["numba_available", "cpu_kernel"]
 

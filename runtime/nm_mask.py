@@ -39,14 +39,15 @@ def nm_mask(
         n, m: keep ``n`` of every ``m`` consecutive entries along K.
         score: optional [out, K] importance (e.g. Wanda's |W|·‖X‖); default |weight|.
     Returns:
-        bool [out, K] on weight's device, exactly ``n`` True per group. Ties keep the lower index.
+        bool [out, K] on weight's device, exactly ``n`` True per group. Ties keep the lower index. (NaN
+        compares false, so a group holding NaN scores keeps every NaN and may keep more than ``n``.)
     """
     check_nm(n, m)
     check_groups(weight, m, name)
     if score is not None and score.shape != weight.shape:
         raise FormatError(f"score for {name} has shape {tuple(score.shape)}, expected {tuple(weight.shape)}")
-    if (n, m) == (2, 4) and weight.device.type == "cpu" and nm_mask_cpu.available():
-        src = weight if score is None else score
+    src = weight if score is None else score
+    if (n, m) == (2, 4) and src.device.type == "cpu" and nm_mask_cpu.available():
         return nm_mask_cpu.mask_24_cpu(src.detach().float(), take_abs=score is None)  # the same mask, compiled
     s = weight.detach().abs() if score is None else score.detach()
     out, k = s.shape

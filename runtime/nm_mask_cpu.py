@@ -44,8 +44,9 @@ _mask_24_kernel = cpu_kernel(_mask_24_kernel)
 
 
 def mask_24_cpu(scores: torch.Tensor, take_abs: bool = True) -> torch.Tensor:
-    """2:4 mask of ``scores`` float32 [out, K] (CPU, ``K % 4 == 0``) along K: bool [out, K], exactly two True per
-    group of four consecutive entries, the two largest (``|scores|`` with ``take_abs``), ties to the lower index."""
+    """2:4 mask of ``scores`` float32 [out, K] (CPU, ``K % 4 == 0``) along K: bool [out, K], two True per group of
+    four consecutive entries, the two largest (``|scores|`` with ``take_abs``), ties to the lower index; as in
+    :func:`~sparsert.runtime.nm_mask.nm_mask`, NaN compares false, so a group with NaN may keep more."""
     if scores.dtype != torch.float32 or scores.device.type != "cpu" or scores.dim() != 2 or scores.shape[1] % 4:
         raise ValueError("mask_24_cpu: a 2-D float32 CPU tensor with K % 4 == 0 expected, got "
                          f"{scores.dtype} {tuple(scores.shape)} on {scores.device}")

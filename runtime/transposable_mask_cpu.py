@@ -6,11 +6,13 @@ block of ``W`` gets, among the 90 patterns with two ones in every row and column
 the six pair sums ``s_r = |a| + |b|`` (columns ``a < b``), a pattern's score ``((s_0 + s_1) + s_2) + s_3`` in
 float32. They are compared with their low 6 mantissa bits cleared, the first maximum in the order of
 :data:`~sparsert.runtime.transposable_mask.TRANSPOSABLE_PATTERNS_24` winning: near-ties (within a relative
-2⁻¹⁷) go to the lower pattern, as in the torch path, so a rounding-level difference in the weights (another
-thread count, another rank layout) does not flip a block between two equally good patterns (the kernel takes
-the exact argmax). A NaN score never wins. Blocks are processed in chunks along one block row: the 24 pair sums
-of the chunk's blocks, then the 90 patterns one after another over all of them (a loop LLVM vectorises across
-blocks), then four int32 stores per block (one per row: the pattern row's four bools).
+2⁻¹⁷) go to the lower pattern — the CUDA kernel applies the same rule, so the two give the same mask; the torch
+path buckets another quantity (the pattern-minus-complement difference), so it can differ at near-ties. A
+rounding-level difference in the weights can still flip a block whose two best scores straddle a bucket edge
+(about as rarely as it would flip an exact argmax). A NaN score never wins. Blocks are processed in chunks
+along one block row: the 24 pair sums of the chunk's blocks, then the 90 patterns one after another over all
+of them (a loop LLVM vectorises across blocks), then four int32 stores per block (one per row: the pattern
+row's four bools).
 """
 
 from __future__ import annotations
@@ -94,7 +96,7 @@ def _mask_kernel(w, out32, index, words, chunk, take_abs):  # noqa: ANN001, PLR0
                 for j in range(n):
                     score[j] = ((q0[j] + q1[j]) + q2[j]) + q3[j]
                     bits = score_bits[j]
-                    key = (bits if bits >= 0 else bits ^ 0x7FFFFFFF) & _KEY_MASK  # monotone in the score
+                    key = (bits if bits >= 0 else -(bits & 0x7FFFFFFF)) & _KEY_MASK  # monotone; -0 == +0
                     if key > best[j] and score[j] == score[j]:  # first maximal key wins; NaN never does
                         best[j] = key
                         arg[j] = p
@@ -107,7 +109,7 @@ def _mask_kernel(w, out32, index, words, chunk, take_abs):  # noqa: ANN001, PLR0
 scores4 = cpu_kernel(scores4, inline=True)
 _mask_kernel = cpu_kernel(_mask_kernel)
 
-_tables: tuple[np.ndarray, np.ndarray] | None = None
+_tables: dict[bytes, tuple[np.ndarray, np.ndarray]] = {}  # by the patterns' bytes (in practice one entry)
 
 
 def transposable_24_mask_cpu(values: torch.Tensor, patterns: torch.Tensor, take_abs: bool = True) -> torch.Tensor:
@@ -115,15 +117,20 @@ def transposable_24_mask_cpu(values: torch.Tensor, patterns: torch.Tensor, take_
     ``|values|``, or by ``values`` as given when not ``take_abs``) with bool ``patterns [90, 4, 4]`` in
     tie-break order. Returns bool [R, C]: block ``(i, j)`` (rows ``4i..4i+3``, columns ``4j..4j+3``) holds the
     first pattern maximising ``((s_0+s_1)+s_2)+s_3`` up to near-ties (relative 2⁻¹⁷, to the lower pattern)."""
-    global _tables
-    if _tables is None:
-        _tables = _pattern_tables(patterns)
-    if values.dtype != torch.float32 or values.device.type != "cpu" or values.dim() != 2:
-        raise ValueError("transposable_24_mask_cpu: a 2-D float32 CPU tensor expected, got "
-                         f"{values.dtype} {tuple(values.shape)} on {values.device}")
+    if values.dtype != torch.float32 or values.device.type != "cpu" or values.dim() != 2 or \
+            values.shape[0] % 4 or values.shape[1] % 4:
+        raise ValueError("transposable_24_mask_cpu: a 2-D float32 CPU tensor [R, C] with R and C multiples of 4 "
+                         f"expected, got {values.dtype} {tuple(values.shape)} on {values.device}")
+    if patterns.dtype != torch.bool or patterns.shape != (90, 4, 4):
+        raise ValueError(f"transposable_24_mask_cpu: bool patterns [90, 4, 4] expected, got {patterns.dtype} "
+                         f"{tuple(patterns.shape)}")
+    key = patterns.numpy().tobytes()
+    if key not in _tables:
+        _tables[key] = _pattern_tables(patterns)
+    index, words = _tables[key]
     r, c = values.shape
     w = values.contiguous()
     mask = torch.empty(r, c, dtype=torch.bool)
     if mask.numel():
-        _mask_kernel(w.numpy(), mask.view(torch.int32).numpy(), _tables[0], _tables[1], _CHUNK, take_abs)
+        _mask_kernel(w.numpy(), mask.view(torch.int32).numpy(), index, words, _CHUNK, take_abs)
     return mask

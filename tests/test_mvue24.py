@@ -301,9 +301,16 @@ def _special_groups(m: int, c: int, seed: int) -> torch.Tensor:
     x[(r > 0.4) & (r < 0.401)] = float("inf")
     x[(r > 0.5) & (r < 0.501)] = -float("inf")
     x[(r > 0.6) & (r < 0.65)] *= 1e30
+    x[(r > 0.7) & (r < 0.75)] = -0.0
     x[: m // 4] = 0
     x[: m // 8, 2] = 3.0
     return x
+
+
+def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Bit-identical float32 tensors (so +0 and -0 differ), NaN compared as NaN whatever its sign bit."""
+    nan = torch.isnan(a)
+    return torch.equal(nan, torch.isnan(b)) and torch.equal(a[~nan].view(torch.int32), b[~nan].view(torch.int32))
 
 
 @pytest.mark.parametrize(("m", "c"), [(1, 1), (3, 5), (17, 33), (64, 384)])
@@ -323,16 +330,18 @@ def test_compiled_cpu_sampler_is_bit_identical_to_the_torch_reference(m, c):
         mv._sample_block(x, ref, views)
         out = torch.full((m, 4, c), 7.0)
         mvue24_cpu.sample_block_cpu(x, out, u)
-        torch.testing.assert_close(out, ref, rtol=0, atol=0, equal_nan=True)
+        assert _same_bits(out, ref)
         # a column block of wider tensors (strided input and output): the same values, nothing else written
         wide = torch.randn(m, 4, c + 9)
         wide[:, :, 3:3 + c] = x
         dst = torch.full((m, 4, c + 5), 7.0)
         mvue24_cpu.sample_block_cpu(wide[:, :, 3:3 + c], dst[:, :, 2:2 + c], u)
-        torch.testing.assert_close(dst[:, :, 2:2 + c], ref, rtol=0, atol=0, equal_nan=True)
+        assert _same_bits(dst[:, :, 2:2 + c].contiguous(), ref)
         assert (dst[:, :, :2] == 7).all() and (dst[:, :, 2 + c:] == 7).all()
     with pytest.raises(ValueError, match="float32 operands expected"):
         mvue24_cpu.sample_block_cpu(x.double(), out, u)
+    with pytest.raises(ValueError, match=r"x \[m, 4, c\], out \[m, 4, c\] and u \[m, c\] expected"):
+        mvue24_cpu.sample_block_cpu(x, out, u[:, :-1] if c > 1 else u[:0])
 
 
 def test_compiled_and_torch_samplers_give_the_same_draws_end_to_end(monkeypatch):

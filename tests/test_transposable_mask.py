@@ -132,6 +132,8 @@ def test_score_argument_and_dtypes():
     signed = torch.randn(16, 32, generator=g)  # a score is used as given, not abs'd
     assert torch.equal(transposable_24_mask(w, score=signed), transposable_24_mask_reference(w, score=signed))
     assert not torch.equal(transposable_24_mask(w, score=signed), transposable_24_mask(signed))
+    zeros = torch.where(TRANSPOSABLE_PATTERNS_24[0], -0.0, 0.0)  # -0 and +0 tie: the lower pattern wins
+    assert torch.equal(transposable_24_mask(zeros, score=zeros), TRANSPOSABLE_PATTERNS_24[0])
     for dtype in (torch.float16, torch.bfloat16, torch.float64):
         wd = w.to(dtype)
         assert torch.equal(transposable_24_mask(wd), transposable_24_mask_reference(wd))

@@ -120,10 +120,10 @@ def _scratch_buffer(numel: int, device: torch.device) -> tuple[torch.Tensor, dic
     place outside it), the buffer is a fresh tensor.
     """
     if device.type != "cpu" or torch.is_inference_mode_enabled():
-        return torch.empty(numel, device=device), None
+        return torch.empty(numel, dtype=torch.float32, device=device), None
     buf = getattr(_scratch, "buf", None)
     if buf is None or buf.numel() < numel:
-        buf = torch.empty(numel)
+        buf = torch.empty(numel, dtype=torch.float32)
         _scratch.buf, _scratch.views = buf, {}
     return buf[:numel], _scratch.views
 
@@ -313,7 +313,7 @@ def _mvue24(x: torch.Tensor, generator: torch.Generator | None, d: int) -> torch
     x3 = x3 if x3.dtype == torch.float32 else x3.float()
     if x3.device.type == "cpu" and x3.stride(2) != 1:
         x3 = x3.contiguous()  # member-major rows, once, for the compiled sampler (groups along the last dim)
-    out3 = torch.empty(x3.shape, device=x3.device)
+    out3 = torch.empty(x3.shape, dtype=torch.float32, device=x3.device)
     for _ in _sampled_blocks(x3, generator, out3):
         pass
     out = out3[0].t() if inner == 1 else out3

@@ -89,11 +89,11 @@ def _sample_rows(x0r, x1r, x2r, x3r, u, y0r, y1r, y2r, y3r):  # noqa: ANN001, PL
         w1 = kk1 / (r0 + e2) * s
         w2 = kk2 / (r3 + e1) * s
         w3 = kk3 / (r2 + e1) * s
-        # sign(x)·w: w is 0 for a zero x (its interval is empty), NaN stays NaN
-        y0r[c] = w0 if x0 > zero else (-w0 if x0 < zero else x0 * w0)
-        y1r[c] = w1 if x1 > zero else (-w1 if x1 < zero else x1 * w1)
-        y2r[c] = w2 if x2 > zero else (-w2 if x2 < zero else x2 * w2)
-        y3r[c] = w3 if x3 > zero else (-w3 if x3 < zero else x3 * w3)
+        # torch.sign(x)·w: sign is +1, -1, or +0 for ±0 and NaN (so the output is +0 there unless w is NaN)
+        y0r[c] = w0 if x0 > zero else (-w0 if x0 < zero else zero * w0)
+        y1r[c] = w1 if x1 > zero else (-w1 if x1 < zero else zero * w1)
+        y2r[c] = w2 if x2 > zero else (-w2 if x2 < zero else zero * w2)
+        y3r[c] = w3 if x3 > zero else (-w3 if x3 < zero else zero * w3)
 
 
 def _sample_block_c(x, u, out):  # noqa: ANN001 - numba kernel
@@ -108,12 +108,18 @@ _sample_block_c = cpu_kernel(_sample_block_c)
 def sample_block_cpu(x: torch.Tensor, out: torch.Tensor, u: torch.Tensor) -> None:
     """MVUE24 of ``x`` float32 [m, 4, c] into ``out`` float32 [m, 4, c], with ``u`` float32 [m, c] (one uniform
     per group). Any strides (non-contiguous operands go through contiguous copies); ``out`` must not overlap
-    ``x`` or ``u``. Same result, bit for bit, as :func:`sparsert.train.mvue24._sample_block` on the same uniforms.
+    ``x`` or ``u``. Same result, bit for bit, as :func:`sparsert.train.mvue24._sample_block` on the same uniforms
+    (NaN outputs may differ in their sign bit).
     """
     if x.dtype != torch.float32 or out.dtype != torch.float32 or u.dtype != torch.float32:
         raise ValueError(f"sample_block_cpu: float32 operands expected, got {x.dtype}, {out.dtype}, {u.dtype}")
+    if any(t.device.type != "cpu" for t in (x, out, u)):
+        raise ValueError("sample_block_cpu: CPU tensors expected")
+    if x.dim() != 3 or x.shape[1] != 4 or out.shape != x.shape or u.shape != (x.shape[0], x.shape[2]):
+        raise ValueError(f"sample_block_cpu: x [m, 4, c], out [m, 4, c] and u [m, c] expected, got x "
+                         f"{tuple(x.shape)}, out {tuple(out.shape)}, u {tuple(u.shape)}")
     direct = out.is_contiguous()
-    y = out if direct else torch.empty(out.shape)
+    y = out if direct else torch.empty(out.shape, dtype=torch.float32)
     _sample_block_c(x.contiguous().numpy(), u.contiguous().numpy(), y.numpy())
     if not direct:
         out.copy_(y)

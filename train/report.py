@@ -291,7 +291,13 @@ def summarize_run(run: RunMetrics, dense: RunMetrics | None = None) -> RunSummar
                       train_loss=train_loss, val_loss=val_loss, val_ppl=val_ppl, val_loss_vs_dense=vs_dense,
                       ppl_ratio_to_dense=ppl_ratio, flip_peak=peak, flip_peak_step=peak_step, flip_final=final,
                       flip_peak_over_final=ratio, is_dense_baseline=dense is run,
-                      mask_refresh_share=sum(shares) / len(shares) if shares else None)
+                      mask_refresh_share=_mean_after_first(shares))
+
+
+def _mean_after_first(values: list[float]) -> float | None:
+    """Mean of ``values`` without the first (the first mask refresh also compiles or loads the CPU loops)."""
+    rest = values[1:] if len(values) > 1 else values
+    return sum(rest) / len(rest) if rest else None
 
 
 def _final_val(run: RunMetrics) -> tuple[float | None, float | None]:

@@ -541,7 +541,8 @@ class StepResult:
     kl: float | None = None
     # The mask controller's report (None without one): phase of the next step, masks/modes changed.
     masks_changed: bool = False
-    # Wall seconds of the mask work after the optimizer step (refresh, flip rates, rank sync); 0 when dense.
+    # Wall seconds of the mask work after the optimizer step (refresh, flip rates, rank sync); 0 when dense. On
+    # a GPU it also holds the optimizer's queued kernels the refresh waits for (no extra sync is added for it).
     mask_seconds: float = 0.0
 
 
