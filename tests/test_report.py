@@ -250,3 +250,30 @@ def test_reads_what_the_trainer_writes(tmp_path: Path) -> None:
     s = summarize_run(m)
     assert (s.steps, s.tokens, s.val_loss, s.method) == (7, 7 * 16, 3.5, "2:4")
     assert s.flip_peak_over_final == pytest.approx(3.0)
+
+
+def test_method_label_shows_only_the_settings_that_shaped_the_run(tmp_path: Path) -> None:
+    from dataclasses import asdict
+
+    from sparsert.train.trainer import TrainConfig
+
+    def label(sparsity: dict | None, **config) -> str:
+        run = tmp_path / f"run{len(list(tmp_path.iterdir()))}"
+        run.mkdir()
+        full = asdict(TrainConfig(progress=False, **config))  # every method field, with its defaults
+        (run / "metrics.jsonl").write_text(json.dumps({"train_config": full}) + "\n" +
+                                           json.dumps({"step": 1, "loss": 1.0}) + "\n")
+        step_dir = run / "checkpoints" / "step_00000001"
+        step_dir.mkdir(parents=True)
+        (step_dir / "state.json").write_text(json.dumps({"step": 1, "sparsity": sparsity, "train_config": full}))
+        (run / "checkpoints" / "latest.json").write_text(json.dumps({"step": 1, "dir": step_dir.name}))
+        return method_label(load_run(run))
+
+    assert label(None, dense=True) == "dense"  # no AST weights, schedule fractions or SLoRB rank
+    hu = label({"n": 2, "m": 4}, method="hu")
+    assert hu.startswith("2:4, ") and "method=hu" in hu and "masked_decay=6e-05" in hu and "transposable" in hu
+    assert not any(w in hu for w in ("distill", "prune_", "slorb"))
+    ast = label({"n": 2, "m": 4}, method="ast", slorb=True, teacher="runs/dense")
+    assert all(w in ast for w in ("method=ast", "distill_alpha=0.33", "slorb", "slorb_k=16")) and "prune_" not in ast
+    gradual = label({"n": 2, "m": 4}, schedule="gradual")
+    assert "prune_start=0.25" in gradual and "distill" not in gradual and "slorb" not in gradual

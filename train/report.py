@@ -241,8 +241,27 @@ def method_label(run: RunMetrics) -> str:
         value = config[key]
         if not any(w in key.lower() for w in _METHOD_WORDS) or value in (None, False, 0, "", "none"):
             continue
-        parts.append(key if value is True else f"{key}={value}")
+        if not _applies(key, config, state):
+            continue
+        shown = f"{value:g}" if isinstance(value, float) else value
+        parts.append(key if value is True else f"{key}={shown}")
     return ", ".join(parts) if parts else "—"
+
+
+def _applies(key: str, config: dict, state: dict) -> bool:
+    """Whether training-config ``key`` shaped this run: the trainer keeps every method's settings (with their
+    defaults) in every run's config, so a dense run also carries AST's distillation weights, a from-scratch
+    run the gradual schedule's fractions, a run without SLoRB its rank."""
+    k = key.lower()
+    if state.get("sparsity", "absent") is None and k != "teacher":  # a dense run: none of the 2:4 methods ran
+        return k.startswith("distill") and bool(config.get("teacher"))
+    if k.startswith("distill"):
+        return config.get("method") == "ast" or bool(config.get("teacher"))
+    if k.startswith("prune_"):
+        return config.get("schedule") == "gradual"
+    if k.startswith("slorb_"):
+        return bool(config.get("slorb"))
+    return True
 
 
 def _tokens(run: RunMetrics) -> int | None:
