@@ -15,10 +15,13 @@ inside REL, while any real error (a rank on other data, a wrong gradient average
 loss by 1e-3 or more. Masks are compared exactly between the two ranks (they must be identical: that is the
 consistency requirement), and against the single process up to MASK_MISMATCH of entries. A mask decision
 whose two best candidates score within float32 rounding of each other can go either way between 1 and 2 ranks,
-and from that refresh on the runs differ legitimately by more than REL: with the transposable mask refreshed at
-every step, about one random corpus in six hits such a decision within these 4 steps (measured with 6 seeds of
-:func:`fixed_corpus`). The corpus is therefore fixed text from a seeded generator (seed 0: no such decision
-here), not text that changes with the code, so the comparison is deterministic on a given machine. Checkpointed
+and from that refresh on the runs differ legitimately by more than REL (measured: 1.4e-5): with the transposable
+mask refreshed at every step, about one random corpus in six hits such a decision within these 4 steps
+(measured with 6 seeds of :func:`fixed_corpus`). The comparisons therefore find the first checkpoint whose
+masks differ (:func:`_first_split_step`) and from the steps it may have changed on allow SPLIT_REL on losses
+and flip rates and bounded Adam moves on weights; before it, and when every mask agrees, REL holds. The corpus
+is fixed text from a seeded generator (seed 0: no split on this machine), not text that changes with the
+code. Checkpointed
 weights: Adam's update is ~lr·g/|g| per element, so where a gradient element is at rounding level its sign can
 differ between the runs and that weight moves by up to lr: at most 0.1% of elements may differ by more than
 1e-6 + 1e-4·|w|, none by more than lr (measured: 1 element of 16384, by 4e-6).
@@ -70,6 +73,7 @@ pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_avai
 
 WORLD = 2
 REL = 1e-5
+SPLIT_REL = 1e-3  # after a rounding-level mask split (measured: 1.4e-5); real errors move the loss by more
 REL_RESUME = 1e-6
 MASK_MISMATCH = 1e-3
 
@@ -199,6 +203,27 @@ def _step_records(run: Path) -> dict[int, dict]:
     return {r["step"]: r for r in read_metrics(run) if "loss" in r}
 
 
+def _first_split_step(run_a: Path, run_b: Path) -> int | None:
+    """The first logged step whose loss a rounding-level mask split between two runs may have changed: a
+    checkpoint (steps 2 and 4) whose masks differ means a refresh at or before it chose differently, so the
+    steps from the one after the previous checkpoint's may differ (2 when the step-2 masks differ: refresh 1
+    feeds step 2; 3 when only the step-4 ones do); None when every checkpointed mask agrees. What bounds such
+    splits is MASK_MISMATCH."""
+    previous = 0
+    for step in (2, 4):
+        a = load_checkpoint(run_a / "checkpoints" / f"step_{step:08d}", load_optimizer=False).model_state
+        b = load_checkpoint(run_b / "checkpoints" / f"step_{step:08d}", load_optimizer=False).model_state
+        if any(not torch.equal(a[k], b[k]) for k in a if k.endswith(".mask")):
+            return previous + 1 if previous else 2
+        previous = step
+    return None
+
+
+def _tolerance(step: int, split: int | None) -> float:
+    """REL, or SPLIT_REL from the first step a mask split may have changed (see _first_split_step)."""
+    return SPLIT_REL if split is not None and step >= split else REL
+
+
 def _rel(a: float, b: float) -> float:
     return abs(a - b) / max(abs(b), 1e-12)
 
@@ -235,15 +260,16 @@ def test_every_rank_holds_the_same_masks_as_one_process(runs: dict, mode: str) -
 def test_loss_curve_matches_one_process_with_the_same_global_batch(runs: dict, mode: str) -> None:
     single, multi = _step_records(runs["root"] / "single"), _step_records(runs["root"] / mode)
     assert sorted(multi) == sorted(single) == [1, 2, 3, 4]
+    split = _first_split_step(runs["root"] / "single", runs["root"] / mode)
     for step, rec in single.items():
-        got = multi[step]
-        assert _rel(got["loss"], rec["loss"]) <= REL, (step, got["loss"], rec["loss"])
-        assert abs(got["flip_rate"] - rec["flip_rate"]) <= REL, (step, got["flip_rate"], rec["flip_rate"])
+        got, tol = multi[step], _tolerance(step, split)
+        assert _rel(got["loss"], rec["loss"]) <= tol, (step, got["loss"], rec["loss"], split)
+        assert abs(got["flip_rate"] - rec["flip_rate"]) <= tol, (step, got["flip_rate"], rec["flip_rate"], split)
         assert got["sparsity"] == rec["sparsity"] == 0.5
     val = {r["step"]: r["val_loss"] for r in read_metrics(runs["root"] / "single") if "val_loss" in r}
     val_multi = {r["step"]: r["val_loss"] for r in read_metrics(runs["root"] / mode) if "val_loss" in r}
     assert val.keys() == val_multi.keys() == {4}
-    assert _rel(val_multi[4], val[4]) <= REL
+    assert _rel(val_multi[4], val[4]) <= _tolerance(4, split)
     assert single[4]["loss"] < single[1]["loss"]  # it trains
 
 
@@ -258,13 +284,17 @@ def test_rank_0_writes_a_single_process_checkpoint_and_the_artifact(runs: dict, 
     assert got.optimizer_param_names == ref.optimizer_param_names
     for key in ("model_config", "sparsity", "quantization", "tokenizer", "data_rng"):
         assert got.state[key] == ref.state[key], key
+    split = _first_split_step(root / "single", root / mode)
+    lr = TrainConfig().lr
     for name, t in ref.model_state.items():
         if name.endswith(".mask"):
             assert (got.model_state[name] != t).float().mean().item() <= MASK_MISMATCH, name
-        else:  # Adam moves a weight by at most ~lr per step: a rounding-level gradient flip costs < lr
+        elif split is None:  # Adam moves a weight by at most ~lr per step: a rounding-level gradient flip costs < lr
             diff = (got.model_state[name] - t).abs()
-            assert diff.max().item() <= TrainConfig().lr, name
+            assert diff.max().item() <= lr, name
             assert (diff > 1e-6 + 1e-4 * t.abs()).float().mean().item() <= 1e-3, name
+        else:  # after a mask split the runs' updates differ, each still moving a weight by at most ~lr per step
+            assert (got.model_state[name] - t).abs().max().item() <= 2 * lr * (5 - split), name
     assert (root / mode / "artifact" / "model.safetensors").is_file()
     assert sorted(p.name for p in (root / mode).iterdir()) == ["artifact", "checkpoints", "metrics.jsonl"]
 
@@ -279,9 +309,11 @@ def test_a_checkpoint_of_2_ranks_resumes_on_1_and_of_1_on_2(runs: dict) -> None:
     # The first step after the resume: the same weights, optimizer state and batch; one process vs two ranks.
     assert _rel(to_1[3]["loss"], fsdp[3]["loss"]) <= REL_RESUME
     assert _rel(to_2[3]["loss"], single[3]["loss"]) <= REL_RESUME
+    split_1 = _first_split_step(root / "single", root / "fsdp_to_1")
+    split_2 = _first_split_step(root / "single", root / "single_to_2")
     for step in (3, 4):
-        assert _rel(to_1[step]["loss"], single[step]["loss"]) <= REL
-        assert _rel(to_2[step]["loss"], single[step]["loss"]) <= REL
+        assert _rel(to_1[step]["loss"], single[step]["loss"]) <= _tolerance(step, split_1)
+        assert _rel(to_2[step]["loss"], single[step]["loss"]) <= _tolerance(step, split_2)
     # --distributed may change on resume (a run's result does not depend on it)
     assert load_checkpoint(root / "fsdp_to_1").state["train_config"]["distributed"] is None
     assert load_checkpoint(root / "single_to_2").state["train_config"]["distributed"] == "fsdp"
