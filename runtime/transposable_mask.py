@@ -85,10 +85,16 @@ TRANSPOSABLE_PATTERNS_24: torch.Tensor = transposable_patterns_24()
 _SIGNS_45 = (TRANSPOSABLE_PATTERNS_24[0::2].flip(0).reshape(45, 16).float() * 2 - 1).contiguous()
 
 
+# int32 [90, 4]: each pattern's four rows as int32 words of four bool bytes (how both paths write the mask).
+_PATTERN_ROWS = TRANSPOSABLE_PATTERNS_24.reshape(90, 16).contiguous().view(torch.int32).reshape(90, 4)
+# int64 [90, 4]: the pair sums each pattern keeps, for the compiled CPU loop.
+_PAIR_INDEX = transposable_mask_cpu.pair_sum_index(TRANSPOSABLE_PATTERNS_24)
+
+
 def _rows_table() -> torch.Tensor:
     """int32 [128, 4]: entry ``r + 64·(d_r < 0)`` holds the four rows (4 bools = one int32 each) of the
     winning pattern, ``P_{2(44−r)}`` or its complement."""
-    rows = TRANSPOSABLE_PATTERNS_24.reshape(90, 16).contiguous().view(torch.int32).reshape(90, 4)
+    rows = _PATTERN_ROWS
     table = torch.zeros(128, 4, dtype=torch.int32)
     for r in range(45):
         table[r], table[64 + r] = rows[2 * (44 - r)], rows[2 * (44 - r) + 1]
@@ -145,7 +151,8 @@ def transposable_24_mask(
     src = _scores_source(weight, score, name)
     out, k = src.shape
     if src.device.type == "cpu" and transposable_mask_cpu.available():
-        return transposable_mask_cpu.transposable_24_mask_cpu(src.float(), TRANSPOSABLE_PATTERNS_24, score is None)
+        return transposable_mask_cpu.transposable_24_mask_cpu(src.float(), _PAIR_INDEX, _PATTERN_ROWS.numpy(),
+                                                              score is None)
     nbc = k // 4  # blocks per block row
     device = src.device
     mask = torch.empty(out, k, dtype=torch.bool, device=device)

@@ -24,7 +24,7 @@ import torch
 
 from sparsert.runtime.cpu_jit import cpu_kernel, numba_available
 
-__all__ = ["available", "transposable_24_mask_cpu"]
+__all__ = ["available", "pair_sum_index", "transposable_24_mask_cpu"]
 
 _PAIRS = tuple(itertools.combinations(range(4), 2))  # the six column pairs of a block row, in this order
 _KEY_MASK = ~63  # scores compared with their low 6 mantissa bits cleared: near-ties go to the lower pattern
@@ -37,16 +37,12 @@ def available() -> bool:
     return numba_available()
 
 
-def _pattern_tables(patterns: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
-    """(int64 [90, 4]: per pattern and block row the index ``6·r + pair`` of its pair sum; int32 [90, 4]: the
-    pattern's rows as int32 words of four bool bytes) for bool ``patterns [90, 4, 4]``."""
-    index = np.zeros((90, 4), dtype=np.int64)
-    for p in range(90):
-        for r in range(4):
-            cols = tuple(int(c) for c in torch.nonzero(patterns[p, r]).flatten())
-            index[p, r] = 6 * r + _PAIRS.index(cols)
-    words = patterns.reshape(90, 16).contiguous().view(torch.int32).reshape(90, 4).numpy().copy()
-    return index, words
+def pair_sum_index(patterns: torch.Tensor) -> np.ndarray:
+    """int64 [90, 4]: for bool ``patterns [90, 4, 4]``, per pattern and block row ``r`` the index ``6·r + pair``
+    of the pair sum it keeps (pairs in :data:`_PAIRS` order)."""
+    rows = patterns.tolist()
+    return np.array([[6 * r + _PAIRS.index(tuple(c for c in range(4) if rows[p][r][c])) for r in range(4)]
+                     for p in range(90)], dtype=np.int64)
 
 
 def scores4(v, b, take_abs):  # noqa: ANN001, ANN201 - numba helper
@@ -109,28 +105,24 @@ def _mask_kernel(w, out32, index, words, chunk, take_abs):  # noqa: ANN001, PLR0
 scores4 = cpu_kernel(scores4, inline=True)
 _mask_kernel = cpu_kernel(_mask_kernel)
 
-_tables: dict[bytes, tuple[np.ndarray, np.ndarray]] = {}  # by the patterns' bytes (in practice one entry)
-
-
-def transposable_24_mask_cpu(values: torch.Tensor, patterns: torch.Tensor, take_abs: bool = True) -> torch.Tensor:
+def transposable_24_mask_cpu(values: torch.Tensor, pair_index: np.ndarray, pattern_rows: np.ndarray,
+                             take_abs: bool = True) -> torch.Tensor:
     """Transposable 2:4 mask of ``values`` float32 [R, C] (CPU, ``R % 4 == 0``, ``C % 4 == 0``; scored by
-    ``|values|``, or by ``values`` as given when not ``take_abs``) with bool ``patterns [90, 4, 4]`` in
-    tie-break order. Returns bool [R, C]: block ``(i, j)`` (rows ``4i..4i+3``, columns ``4j..4j+3``) holds the
-    first pattern maximising ``((s_0+s_1)+s_2)+s_3`` up to near-ties (relative 2⁻¹⁷, to the lower pattern)."""
+    ``|values|``, or by ``values`` as given when not ``take_abs``) over the 90 patterns in tie-break order, given
+    as ``pair_index`` (:func:`pair_sum_index`) and ``pattern_rows`` (int32 [90, 4]: each pattern's rows as int32
+    words of four bool bytes). Returns bool [R, C]: block ``(i, j)`` (rows ``4i..4i+3``, columns ``4j..4j+3``)
+    holds the first pattern maximising ``((s_0+s_1)+s_2)+s_3`` up to near-ties (relative 2⁻¹⁷, to the lower
+    pattern)."""
     if values.dtype != torch.float32 or values.device.type != "cpu" or values.dim() != 2 or \
             values.shape[0] % 4 or values.shape[1] % 4:
         raise ValueError("transposable_24_mask_cpu: a 2-D float32 CPU tensor [R, C] with R and C multiples of 4 "
                          f"expected, got {values.dtype} {tuple(values.shape)} on {values.device}")
-    if patterns.dtype != torch.bool or patterns.shape != (90, 4, 4):
-        raise ValueError(f"transposable_24_mask_cpu: bool patterns [90, 4, 4] expected, got {patterns.dtype} "
-                         f"{tuple(patterns.shape)}")
-    key = patterns.numpy().tobytes()
-    if key not in _tables:
-        _tables[key] = _pattern_tables(patterns)
-    index, words = _tables[key]
+    if pair_index.shape != (90, 4) or pattern_rows.shape != (90, 4) or pattern_rows.dtype != np.int32:
+        raise ValueError(f"transposable_24_mask_cpu: pattern tables [90, 4] expected, got {pair_index.shape} and "
+                         f"{pattern_rows.shape} {pattern_rows.dtype}")
     r, c = values.shape
     w = values.contiguous()
     mask = torch.empty(r, c, dtype=torch.bool)
     if mask.numel():
-        _mask_kernel(w.numpy(), mask.view(torch.int32).numpy(), index, words, _CHUNK, take_abs)
+        _mask_kernel(w.numpy(), mask.view(torch.int32).numpy(), pair_index, pattern_rows, _CHUNK, take_abs)
     return mask
