@@ -30,7 +30,6 @@ import time
 
 import torch
 
-from sparsert.runtime import nm_mask_cpu, transposable_mask_cpu
 from sparsert.runtime.nm_mask import nm_mask
 from sparsert.runtime.transposable_mask import (
     is_transposable_24,
@@ -40,15 +39,16 @@ from sparsert.runtime.transposable_mask import (
 
 
 def _torch_path(fn, *args):  # noqa: ANN001, ANN002, ANN202
-    """``fn(*args)`` with the compiled CPU masks switched off (the torch paths, what runs without numba)."""
-    saved = [(mod, mod.available) for mod in (transposable_mask_cpu, nm_mask_cpu)]
-    for mod, _ in saved:
-        mod.available = lambda: False
+    """``fn(*args)`` under ``SPARSERT_NO_NUMBA=1``: the torch paths, what runs without numba."""
+    previous = os.environ.get("SPARSERT_NO_NUMBA")
+    os.environ["SPARSERT_NO_NUMBA"] = "1"
     try:
         return fn(*args)
     finally:
-        for mod, available in saved:
-            mod.available = available
+        if previous is None:
+            del os.environ["SPARSERT_NO_NUMBA"]
+        else:
+            os.environ["SPARSERT_NO_NUMBA"] = previous
 
 
 def _time(fn, repeats: int) -> tuple[float, float, float]:  # noqa: ANN001

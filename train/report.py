@@ -253,10 +253,11 @@ def _applies(key: str, config: dict, state: dict) -> bool:
     defaults) in every run's config, so a dense run also carries AST's distillation weights, a from-scratch
     run the gradual schedule's fractions, a run without SLoRB its rank."""
     k = key.lower()
-    if state.get("sparsity", "absent") is None and k != "teacher":  # a dense run: none of the 2:4 methods ran
-        return k.startswith("distill") and bool(config.get("teacher"))
-    if k.startswith("distill"):
-        return config.get("method") == "ast" or bool(config.get("teacher"))
+    distilled = bool(config.get("teacher")) or config.get("method") == "ast"
+    if k == "teacher" or k.startswith("distill"):
+        return distilled
+    if state.get("sparsity", "absent") is None:  # a dense run: none of the 2:4 methods ran
+        return False
     if k.startswith("prune_"):
         return config.get("schedule") == "gradual"
     if k.startswith("slorb_"):
