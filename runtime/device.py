@@ -188,6 +188,7 @@ class GpuDevice:
     total_memory: int
     core: object = field(repr=False)
     _pool: MemoryPool | None = field(default=None, repr=False)
+    _context: int = field(default=0, repr=False)  # the primary context's handle, known after set_current
 
     def set_current(self) -> None:
         """Make this device's primary context current on the calling thread (what torch uses too)."""
@@ -195,6 +196,17 @@ class GpuDevice:
             self.core.set_current()
         except Exception as exc:
             raise DeviceError(f"cannot make device {self.index} ({self.name}) current: {exc}") from None
+        self._context = int(check_cuda(driver().cuCtxGetCurrent(), "cuCtxGetCurrent"))
+
+    def ensure_current(self) -> None:
+        """Make this device's primary context current on the calling thread unless it already is.
+
+        Launches need it on every thread: torch runs autograd's backward on its own worker threads, where no
+        driver context is current (pytorch/pytorch#124565), and a thread may hold another device's context.
+        """
+        current = int(check_cuda(driver().cuCtxGetCurrent(), "cuCtxGetCurrent"))
+        if current == 0 or current != self._context:
+            self.set_current()
 
     def sync(self) -> None:
         """Wait for all work on the device; raises DeviceError if a kernel failed."""

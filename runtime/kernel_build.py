@@ -374,6 +374,11 @@ def compile_kernel(
     return compiled
 
 
+def kernel_symbol_mapping(compiled: CompiledKernel) -> dict[str, bytes]:
+    """``ObjectCode.from_cubin``'s ``symbol_mapping``: name expression -> lowered (mangled) name as bytes."""
+    return {expr: name.encode() for expr, name in compiled.lowered_names.items()}
+
+
 class LaunchableKernel:
     """A loaded kernel: ``kernel(grid, block, *args, shmem=0, stream=None)`` launches it with cuda.core.
 
@@ -391,9 +396,10 @@ class LaunchableKernel:
         self.registers = registers
 
     def __call__(self, grid, block, *args, shmem: int = 0, stream=None) -> None:
-        from sparsert.runtime.device import check_last_launch, cuda_core, stream_for
+        from sparsert.runtime.device import check_last_launch, cuda_core, get_device, stream_for
 
         core = cuda_core()
+        get_device(self.device_index).ensure_current()  # e.g. autograd's backward thread has no context
         packed = []
         for i, a in enumerate(args):
             if hasattr(a, "data_ptr"):  # torch tensor
@@ -409,8 +415,8 @@ class LaunchableKernel:
                 packed.append(np.float32(a))
             else:
                 packed.append(a)
-        config = core.LaunchConfig(grid=grid, block=block, shmem_size=shmem)
         try:
+            config = core.LaunchConfig(grid=grid, block=block, shmem_size=shmem)
             core.launch(stream_for(stream, self.device_index), config, self.kernel, *packed)
         except DeviceError:
             raise
@@ -449,7 +455,9 @@ def load_kernel(spec: KernelSpec, name_expression: str, device=None) -> Launchab
     dev.set_current()
     core = cuda_core()
     try:
-        obj = core.ObjectCode.from_cubin(compiled.cubin, symbol_mapping=compiled.lowered_names)
+        # cuda.core hands the mapped name to the driver as a C string: the values must be bytes (a str fails
+        # with "expected bytes, str found"); the cache keeps them as str (JSON).
+        obj = core.ObjectCode.from_cubin(compiled.cubin, symbol_mapping=kernel_symbol_mapping(compiled))
         kernel = obj.get_kernel(name_expression)
     except Exception as exc:  # cuda.core raises CUDAError/RuntimeError with the driver's message
         raise DeviceError(f"loading {name_expression} from cuda/{spec.source} ({arch}) on {dev.name} "

@@ -77,6 +77,37 @@ def test_kernel_compiles_without_spills(key, arch, build_cache):
         assert needle in ck.ptx, f"{spec.source} for {arch}: PTX lacks {needle!r}"
 
 
+SETMAXNREG_RE = re.compile(r"setmaxnreg\.(dec|inc)\.sync\.aligned\.u32 (\d+);")
+
+
+@pytest.mark.slow
+def test_sm90_register_budget_balances(build_cache):
+    """The wgmma kernels hand registers from the producer warpgroup (128 threads, ``setmaxnreg.dec``) to the
+    two consumer warpgroups (256 threads, ``setmaxnreg.inc``). ``inc`` blocks until the CTA's pool holds
+    the registers (PTX ISA, setmaxnreg), so with R registers per thread at launch the kernel hangs unless
+    (R - dec)·128 >= (inc - R)·256; and dec <= R <= inc. ptxas derives R from the launch bounds, so a
+    toolchain that picks another R must fail here, not hang on a GPU."""
+    counts = {}
+    for spec in SPECS.values():
+        if spec.source == "sparse24_gemm_sm90.cu":
+            counts = {kind: int(n) for kind, n in SETMAXNREG_RE.findall(_read_source(spec.source, kernel_dir())[0])}
+            break
+    assert set(counts) == {"dec", "inc"}, f"setmaxnreg pair not found in sparse24_gemm_sm90.cu: {counts}"
+    dec, inc = counts["dec"], counts["inc"]
+    checked = 0
+    for key, spec in SPECS.items():
+        if "sm_90a" not in spec.archs or spec.source != "sparse24_gemm_sm90.cu":
+            continue
+        ck = compile_kernel(spec, "sm_90a", cache=build_cache)
+        for expr in spec.name_expressions:
+            r = ck.registers[expr]
+            assert dec <= r <= inc and (r - dec) * 128 >= (inc - r) * 256, (
+                f"{expr}: {r} registers at launch; setmaxnreg.dec {dec} frees {(r - dec) * 128}, "
+                f"setmaxnreg.inc {inc} asks {(inc - r) * 256}: the consumers would wait forever")
+            checked += 1
+    assert checked
+
+
 def test_every_header_is_used_and_shipped():
     """Each cuda/*.cuh is included by a registered kernel (so it is compiled and in that kernel's cache key),
     and pyproject.toml's package data for sparsert.cuda covers every kernel source and header."""

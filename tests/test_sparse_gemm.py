@@ -328,10 +328,29 @@ def emulate_sparse24(x: torch.Tensor, w, cfg: TileConfig) -> np.ndarray:
     return y
 
 
+def sm90_b_descriptor(saddr: int) -> int:
+    """``desc_k_major_sw128`` of cuda/sparse24_gemm_sm90.cu: the B descriptor the kernel passes to wgmma for
+    shared address ``saddr`` (the emulators put the 1024-byte-aligned stage at address 0)."""
+    return ((saddr & 0x3FFFF) >> 4) | (1 << 16) | ((1024 >> 4) << 32) | (1 << 62)
+
+
+def isa_descriptor_address(desc: int, rows: np.ndarray, chunk: np.ndarray) -> np.ndarray:
+    """Shared address of 16-byte chunk ``chunk`` (0..3 within a k32 step of 16-bit values) of K-major row
+    ``rows`` of a wgmma operand, decoded from the 64-bit matrix descriptor by the PTX ISA's "Matrix Descriptor
+    Format" (CUTLASS GmmaDescriptor): start address >> 4 in bits 0-13, stride byte offset >> 4 (between
+    8-row core-matrix groups) in 32-45, base offset in 49-51, layout type in 62-63 (1 = 128-byte swizzle,
+    rows 128 B apart within a group). The 128-byte swizzle XORs address bits 4-6 with bits 7-9."""
+    start = (desc & 0x3FFF) << 4
+    sbo = ((desc >> 32) & 0x3FFF) << 4
+    assert desc >> 62 == 1 and (desc >> 49) & 7 == 0, f"descriptor {desc:#x}: not 128B-swizzled with base 0"
+    addr = start + (rows // 8) * sbo + (rows % 8) * 128 + chunk * 16
+    return addr ^ (((addr >> 7) & 7) << 4)
+
+
 def emulate_sm90_consumer(x: torch.Tensor, w, bt: int) -> np.ndarray:
     """cuda/sparse24_gemm_sm90.cu: producer layout, consumer A/metadata fragments, wgmma as four per-warp
-    m16nBTk32 products with B read from the 128-byte-swizzled tile the way the descriptor addresses it
-    (row n at (n // 8) * SBO + (n % 8) * 128, 16-byte chunk c at c ^ (n % 8)), and the epilogue mapping."""
+    m16nBTk32 products with B read from the 128-byte-swizzled tile where the kernel's descriptor points
+    (decoded by the ISA's field layout, :func:`isa_descriptor_address`), and the epilogue mapping."""
     dtype = x.dtype
     m, k = x.shape
     n = w.out_features
@@ -352,12 +371,10 @@ def emulate_sm90_consumer(x: torch.Tensor, w, bt: int) -> np.ndarray:
                     e = np.array([lds(st, e_off + blk * 128 + lane * 4, 4)[0] for lane in range(32)])
                     for ks in range(2):
                         a = np.stack([lds(st, a_off + blk * 1024 + ks * 512 + lane * 16, 16) for lane in range(32)])
+                        desc = sm90_b_descriptor(ks * 64)
                         for j8 in range(bt // 8):
-                            # B fragment of n8 block j8 as the descriptor addresses the swizzled tile
-                            rows = 8 * j8 + (_LANES & 7)
-                            chunk = 4 * ks + (_LANES >> 3)
-                            addrs = (rows // 8) * 1024 + (rows % 8) * 128 + ((chunk ^ (rows % 8)) << 4)
-                            bfr = ldmatrix_x4(st, addrs)
+                            # B fragment of n8 block j8, read where the descriptor points
+                            bfr = ldmatrix_x4(st, isa_descriptor_address(desc, 8 * j8 + (_LANES & 7), _LANES >> 3))
                             acc[cg, wi, :, 4 * j8:4 * j8 + 4] += isa_mma_sp(a, bfr, e, ks, dtype)
         scatter_sm90_tile(y, acc, bt, m0, n0)
     return y
@@ -495,11 +512,9 @@ def emulate_w4a16_sm90(x: torch.Tensor, w: W4A16Weight, bt: int) -> np.ndarray:
                     for s in range(4):
                         scw = sc[:, ng - 1] if s >= 2 else sc[:, 0]
                         a = dequant_word(q4[:, s], lo_pair(scw), hi_pair(scw), dtype)
+                        desc = sm90_b_descriptor((s >> 1) * sub + (s & 1) * 64)
                         for j8 in range(bt // 8):
-                            rows = 8 * j8 + (_LANES & 7)
-                            chunk = 4 * (s & 1) + (_LANES >> 3)
-                            addrs = (s >> 1) * sub + (rows // 8) * 1024 + (rows % 8) * 128 + ((chunk ^ (rows % 8)) << 4)
-                            bfr = ldmatrix_x4(st, addrs)
+                            bfr = ldmatrix_x4(st, isa_descriptor_address(desc, 8 * j8 + (_LANES & 7), _LANES >> 3))
                             acc[cg, wi, :, 4 * j8:4 * j8 + 4] += isa_mma_sp(a, bfr, e[s >> 1], s & 1, dtype)
         scatter_sm90_tile(y, acc, bt, m0, n0)
     return y
