@@ -30,7 +30,9 @@
 //                            streams its own weights through a private cp.async ring (no CTA barrier in the
 //                            main loop), the X slice is staged once per CTA; partial sums are reduced in
 //                            shared memory, then across the split through a fp32 workspace and a per-tile
-//                            counter (the last CTA of a tile applies the epilogue and resets the counter).
+//                            counter (the last CTA of a tile adds the splits' partials in split order, so
+//                            the result does not depend on arrival order, applies the epilogue and resets
+//                            the counter).
 
 #include "sparse24_gemm_common.cuh"
 
@@ -270,11 +272,14 @@ __global__ void __launch_bounds__(256) w4a16_sparse24_decode(
     __syncthreads();
     if (!is_last) return;
     __threadfence();
-    for (int z = 0; z < (int)gridDim.y; ++z) {
-      if (z == (int)blockIdx.y) continue;
-      const float* other = ws + ((size_t)z * gridDim.x + blockIdx.x) * (NTOK * 128);
+    // Every split's partial in z order (this CTA's own too, from ws): the fp32 sum is then the same whichever
+    // CTA arrives last, so the output is deterministic.
 #pragma unroll
-      for (int i = 0; i < PER; ++i) sum[i] += __ldcg(other + tid + i * 256);
+    for (int i = 0; i < PER; ++i) sum[i] = 0.0f;
+    for (int z = 0; z < (int)gridDim.y; ++z) {
+      const float* part = ws + ((size_t)z * gridDim.x + blockIdx.x) * (NTOK * 128);
+#pragma unroll
+      for (int i = 0; i < PER; ++i) sum[i] += __ldcg(part + tid + i * 256);
     }
     if (tid == 0) counters[blockIdx.x] = 0;
   }

@@ -104,6 +104,22 @@ def check_cuda(result, call: str):
     return values[0] if len(values) == 1 else tuple(values)
 
 
+# Errors after which the CUDA context is unusable: every later call in the process fails the same way
+# (CUDA runtime API, cudaErrorIllegalAddress .. cudaErrorLaunchFailure), as driver names and as torch words them.
+STICKY_CUDA_ERRORS = ("CUDA_ERROR_ILLEGAL_ADDRESS", "CUDA_ERROR_HARDWARE_STACK_ERROR",
+                      "CUDA_ERROR_ILLEGAL_INSTRUCTION", "CUDA_ERROR_MISALIGNED_ADDRESS",
+                      "CUDA_ERROR_INVALID_ADDRESS_SPACE", "CUDA_ERROR_INVALID_PC", "CUDA_ERROR_LAUNCH_FAILED",
+                      "illegal memory access", "illegal instruction", "misaligned address",
+                      "invalid program counter", "unspecified launch failure", "hardware stack error")
+
+
+def is_sticky_cuda_error(exc: BaseException) -> bool:
+    """True for an error after which no CUDA call in this process can succeed (a kernel fault): retrying
+    with another kernel is pointless, and the fault must be reported, not absorbed."""
+    text = str(exc)
+    return any(marker in text for marker in STICKY_CUDA_ERRORS)
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Device discovery
 # ---------------------------------------------------------------------------------------------------------

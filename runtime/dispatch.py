@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from sparsert.runtime.device import is_sticky_cuda_error
 from sparsert.runtime.errors import DeviceError, FormatError
 from sparsert.runtime.fileio import write_atomic
 from sparsert.runtime.packed_linear import PackedLinear
@@ -189,6 +190,8 @@ class Dispatcher:
                         continue
                 times[name] = time_ms(fn, self.warmup, self.reps, cuda=on_gpu)
             except Exception as exc:  # a backend that cannot run this shape is not a candidate for it
+                if is_sticky_cuda_error(exc):  # a kernel fault: every later CUDA call would fail too
+                    raise DeviceError(f"{name} faulted while being measured for {key}: {exc}") from exc
                 rejected[name] = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:300]
         if not times:
             raise DeviceError(f"no GEMM backend could run {key}: " +
@@ -286,7 +289,14 @@ class Cusparselt(GemmBackend):
 
     def run(self, state, x, bias):
         b = None if bias is None else bias.to(x.dtype)
-        return torch._cslt_sparse_mm(state, x.t(), bias=b, transpose_result=True)
+        # cuSPARSELt's dense operand wants its dimensions in multiples of 8 for 16-bit types (torch's own
+        # semi-structured wrapper pads them too): a bucket is timed at a power of two, then runs any M in it.
+        m = x.shape[0]
+        pad = -m % 8
+        if pad:
+            x = F.pad(x, (0, 0, 0, pad))
+        y = torch._cslt_sparse_mm(state, x.t(), bias=b, transpose_result=True)
+        return y[:m] if pad else y
 
 
 class OursSparse24(GemmBackend):
@@ -446,6 +456,8 @@ class SparseLinearGPU(nn.Module):
                 name = self.dispatcher.choose(self.key(bucket), cands, self._reference(x),
                                               TOLERANCE.get(self.dtype, 1e-2)).name
             except DeviceError as exc:
+                if is_sticky_cuda_error(exc):
+                    raise
                 # Every sparse backend failed or was wrong for this shape: run it correctly, if slowly.
                 warnings.warn(f"{self.name}: {exc}; falling back to dense cuBLAS for M={bucket}", stacklevel=2)
                 fallback = DenseCublas()

@@ -525,4 +525,4 @@ def test_sampled_gradient_feeds_the_sparse_gemm(dtype):
     sampled = mvue24_sample_t_reference(grad.cpu(), seed=123).double()  # [N, T]
     ref = x.cpu().double().t() @ sampled.t()
     err = float((grad_w_t.cpu().double() - ref).norm() / ref.norm())
-    assert err < 1e-2, err
+    assert err < {torch.bfloat16: 1e-2, torch.float16: 2e-3}[dtype], err  # the bounds per dtype

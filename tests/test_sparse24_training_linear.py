@@ -35,6 +35,7 @@ from sparsert.train.sparse24_training_linear import (
 
 gpu = pytest.mark.gpu
 TOL = 1e-2  # the bf16 tolerance (relative Frobenius error)
+GPU_TOL = {torch.bfloat16: 1e-2, torch.float16: 2e-3}  # the bounds per dtype
 
 
 def rel(a: torch.Tensor, ref: torch.Tensor) -> float:
@@ -329,17 +330,18 @@ def test_bench_rejects_bad_flags(capsys):
 def test_gpu_forward_backward_match_fp32_reference(dtype):
     w, b, x, g, mask = _case(n=256, k=512, tokens=(3, 333), dtype=dtype, device="cuda", seed=5)
     assert mask.is_cuda and is_transposable_24(mask)
+    tol = GPU_TOL[dtype]
     y = sparse24_training_linear(x, w, mask, b, seed=21, offset=4)
     wm = (w.detach() * mask).double()
     ref = F.linear(x.detach().double(), wm, b.detach().double())
-    assert rel(y, ref) <= TOL
+    assert rel(y, ref) <= tol
     y.backward(g)
-    assert rel(x.grad, g.double() @ wm) <= TOL
-    assert rel(b.grad, g.double().sum((0, 1))) <= TOL
+    assert rel(x.grad, g.double() @ wm) <= tol
+    assert rel(b.grad, g.double().sum((0, 1))) <= tol
     g2, x2 = g.reshape(-1, 256), x.detach().reshape(-1, 512)
     pad = (-g2.shape[0]) % 64
     s = mvue24_sample_dense_t(F.pad(g2, (0, 0, 0, pad)), seed=21, offset=4)  # the step's own sample
-    assert rel(w.grad, s.double() @ F.pad(x2, (0, 0, 0, pad)).double()) <= TOL
+    assert rel(w.grad, s.double() @ F.pad(x2, (0, 0, 0, pad)).double()) <= tol
     assert (w.grad[mask == 0] != 0).float().mean() > 0.9
 
 

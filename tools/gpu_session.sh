@@ -7,8 +7,8 @@
 # architecture in parallel (warming the NVRTC cache), runs the GPU test suite (`pytest -m gpu`), the kernel
 # benchmark (tools/bench_kernels.py) and the FFN training-step benchmark (tools/bench_ffn_train_step.py,
 # issue 3), and writes everything under $OUT (the device tool's output folder; ./gpu-session-out elsewhere).
-# The 11 files that come back from $OUT:
-#   summary.txt  env.txt (install log, versions, kernel builds)  gpu-tests.log  gpu-tests.xml
+# The files that come back from $OUT:
+#   summary.txt  env.txt (install log, versions, kernel builds)  gpu-tests.log  gpu-tests-<file>.xml
 #   bench.log  bench.md  bench.json  dispatch.json (the dispatcher's measured per-shape choices)
 #   ffn.log  ffn.md  ffn.json
 # `tests`, `bench` or `ffn` runs only that part (the benchmarks both run under `bench`).
@@ -16,7 +16,7 @@
 # Time budget: one device call must end within 600 s. Set-up steps have fixed caps (carried wheels 60 s,
 # install 60 s, environment + parallel kernel builds 150 s: 270 s at most); the three measured phases are each
 # cut to the time left before DEADLINE (default 570 s after the start) minus what the later phases keep:
-#   GPU tests         min(TESTS_TIMEOUT=240, left - BENCH_MIN (60) - FFN_TIMEOUT)
+#   GPU tests         min(TESTS_TIMEOUT=240, left - BENCH_MIN (60) - FFN_TIMEOUT), shared by the test files
 #   kernel benchmark  min(BENCH_TIMEOUT=270, left - FFN_TIMEOUT)
 #   FFN benchmark     min(FFN_TIMEOUT=110, left)   (expected ~30-60 s at d=4096, 16k tokens, 10 repeats)
 # so everything has ended by 570 s (+5 s if a phase ignores SIGINT and is killed), leaving the rest for the
@@ -135,19 +135,33 @@ EOF
 summary "device: $(grep '^device' "$OUT/env.txt" || echo 'unknown (see env.txt)')"
 summary "kernel builds for this GPU: $(grep -c '^build ' "$OUT/env.txt") ($(grep -c '^build .*FAILED' "$OUT/env.txt") failed)"
 
-# 4. GPU tests (every test marked gpu, across the suite).
+# 4. GPU tests (every test marked gpu, across the suite), one pytest process per test file, kernel units first:
+# a kernel fault (illegal address, ...) leaves the process's CUDA context unusable, so it must not take the
+# later files down with it. SPARSERT_SYNC_LAUNCHES=1 waits after each of our launches, so a fault is reported
+# with the kernel's name by the test that caused it.
 if [ "$MODE" = all ] || [ "$MODE" = tests ]; then
   keep=0
   [ "$MODE" = all ] && keep=$(( BENCH_MIN + FFN_TIMEOUT ))
-  limit=$(phase_limit "$TESTS_TIMEOUT" "$keep")
-  if [ "$limit" -ge 20 ]; then
-    timeout --signal=INT --kill-after=5 "$limit" $PY -m pytest -q -m gpu -rs -p no:cacheprovider \
-      --junitxml="$OUT/gpu-tests.xml" tests > "$OUT/gpu-tests.log" 2>&1
+  : > "$OUT/gpu-tests.log"
+  files=""
+  for f in tests/test_sparse_gemm.py tests/test_mvue24_kernel.py tests/test_gpu_runtime.py \
+           $(grep -l "mark.gpu\|^gpu = " tests/test_*.py); do
+    case " $files " in *" $f "*) ;; *) [ -f "$f" ] && files="$files $f" ;; esac
+  done
+  tests_end=$(( $(date +%s) + $(phase_limit "$TESTS_TIMEOUT" "$keep") ))  # the whole phase's budget
+  for f in $files; do
+    name=$(basename "$f" .py)
+    limit=$(( tests_end - $(date +%s) ))
+    if [ "$limit" -lt 20 ]; then
+      summary "gpu tests $name: skipped, ${limit}s left"
+      continue
+    fi
+    echo "==== $f (limit ${limit}s) ====" >> "$OUT/gpu-tests.log"
+    SPARSERT_SYNC_LAUNCHES=1 timeout --signal=INT --kill-after=5 "$limit" $PY -m pytest -q -m gpu -rs \
+      -p no:cacheprovider --junitxml="$OUT/gpu-tests-$name.xml" "$f" >> "$OUT/gpu-tests.log" 2>&1
     rc=$?
-    summary "gpu tests: exit $rc (limit ${limit}s): $(tail -n 1 "$OUT/gpu-tests.log")"
-  else
-    summary "gpu tests: skipped, ${limit}s left"
-  fi
+    summary "gpu tests $name: exit $rc (limit ${limit}s): $(grep -E '(passed|failed|error|skipped|deselected)' "$OUT/gpu-tests.log" | tail -n 1)"
+  done
 fi
 
 # 5. Kernel benchmark (one run, one table; baselines in the same run).
