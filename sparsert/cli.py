@@ -1,8 +1,9 @@
 """The ``sparsert`` command line: a thin click layer over typed Python functions.
 
 Each command lives in ``sparsert/commands/<name>.py`` as a click command called ``command``; it is imported
-only when used, so ``sparsert --help`` stays fast. A :class:`SparsertError` becomes a one-line
-``error: ...`` message and exit code 2; Ctrl-C exits with 130.
+only when used, so ``sparsert --help`` stays fast. A :class:`SparsertError`, a bad flag or value, and a
+filesystem error on a named path (an existing file where a folder is needed, no permission, ...) become a
+one-line ``error: ...`` message and exit code 2; Ctrl-C exits with 130.
 """
 
 from __future__ import annotations
@@ -59,8 +60,18 @@ def main(argv: list[str] | None = None) -> None:
     except (click.exceptions.Abort, KeyboardInterrupt):
         click.echo("interrupted", err=True)
         sys.exit(130)
+    except click.UsageError as exc:  # a bad flag or value: one line, like every other error
+        command = exc.ctx.command_path if exc.ctx is not None else "sparsert"
+        click.echo(f"error: {exc.format_message()} (see '{command} --help')", err=True)
+        sys.exit(2)
     except click.ClickException as exc:
         exc.show()
         sys.exit(exc.exit_code)
+    except OSError as exc:
+        if exc.filename is None:  # not about a path the user gave: a bug, keep its traceback
+            raise
+        where = exc.filename if exc.filename2 is None else f"{exc.filename} -> {exc.filename2}"
+        click.echo(f"error: cannot use {where}: {exc.strerror or exc}", err=True)
+        sys.exit(2)
     except click.exceptions.Exit as exc:
         sys.exit(exc.exit_code)

@@ -277,3 +277,20 @@ def test_method_label_shows_only_the_settings_that_shaped_the_run(tmp_path: Path
     assert all(w in ast for w in ("method=ast", "distill_alpha=0.33", "slorb", "slorb_k=16")) and "prune_" not in ast
     gradual = label({"n": 2, "m": 4}, schedule="gradual")
     assert "prune_start=0.25" in gradual and "distill" not in gradual and "slorb" not in gradual
+
+
+def test_run_ending_dense_is_compared_by_its_2to4_model(tmp_path: Path) -> None:
+    """A Hu/SPDF run ends with dense fine-tuning; its artifact holds the re-masked 2:4 model, whose loss the
+    trainer logs as val_loss_sparse: that is the number compared with dense, and the notes say so."""
+    dense = _write_run(tmp_path, "dense", sparse=False, final_val=2.0)
+    hu = _write_run(tmp_path, "hu", sparse=True, final_val=2.0)
+    metrics = hu / "metrics.jsonl"
+    metrics.write_text(metrics.read_text() + json.dumps(
+        {"step": STEPS, "val_loss": 2.0, "val_ppl": math.exp(2.0), "val_loss_sparse": 2.2,
+         "val_ppl_sparse": math.exp(2.2)}) + "\n")
+    summary = summarize_run(load_run(hu), load_run(dense))
+    assert summary.val_loss == pytest.approx(2.2) and summary.val_ppl == pytest.approx(math.exp(2.2))
+    assert summary.val_loss_vs_dense == pytest.approx(2.2 / (2.0 + 3.0 * math.exp(-STEPS / 30)) - 1)
+    report = build_report([dense, hu], tmp_path / "out", dense=dense)
+    text = (tmp_path / "out" / "summary.md").read_text()
+    assert "hu: ends with dense fine-tuning" in text and "val_loss_sparse" in text, report

@@ -115,6 +115,12 @@ def test_unknown_preset_and_missing_data_are_one_line_errors_with_nothing_writte
     (["--qat", "--group-size", "30"], "error: --group-size: 30 must be a multiple of M=4"),
     (["--resume"], "error: --resume: no run of preset 'tiny' (sparse24) with a checkpoint under runs/; "
                    "pass the run directory with --out"),
+    (["--init-from", "runs/dense", "--arch", "gpt2"],
+     "error: --arch chooses a built-in model; with --init-from the model is the one in runs/dense (leave --arch "
+     "out)"),
+    (["--init-from", "runs/dense", "--preset", "small"],
+     "error: --preset chooses a built-in model; with --init-from the model is the one in runs/dense (leave "
+     "--preset out)"),
 ])
 def test_bad_flags_are_one_line_errors(args, message, tmp_path, monkeypatch, capsys):
     from sparsert.cli import main
@@ -125,3 +131,22 @@ def test_bad_flags_are_one_line_errors(args, message, tmp_path, monkeypatch, cap
     assert exc.value.code == 2
     assert capsys.readouterr().err.strip().splitlines() == [message]
     assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_filesystem_errors_and_bad_values_are_one_line(tmp_path, monkeypatch, capsys):
+    """An --out that is an existing file, and a value click rejects: `error: ...` on one line, exit 2."""
+    from sparsert.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "afile").write_text("keep me")
+    for args, message in (
+        (["--out", "afile", "--steps", "2"], "error: cannot use afile: File exists"),
+        (["--method", "foo"], "error: Invalid value for '--method': 'foo' is not one of 'sr-ste', 'hu', 'ast'. "
+                              "(see 'sparsert train --help')"),
+    ):
+        with pytest.raises(SystemExit) as exc:
+            main(["train", *args])
+        assert exc.value.code == 2
+        assert capsys.readouterr().err.strip().splitlines() == [message]
+    assert (tmp_path / "afile").read_text() == "keep me"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile"]

@@ -321,7 +321,14 @@ def _mean_after_first(values: list[float]) -> float | None:
 
 
 def _final_val(run: RunMetrics) -> tuple[float | None, float | None]:
+    """The last finite validation loss and perplexity of the model the run deploys: ``val_loss_sparse`` where
+    the trainer logged it (a run that ends dense, e.g. the Hu recipe's fine-tuning or SPDF, whose artifact
+    re-applies the last 2:4 masks), else ``val_loss``."""
     for r in reversed(run.evals):
+        sparse = r.get("val_loss_sparse")
+        if _is_number(sparse) and math.isfinite(sparse):
+            ppl = r.get("val_ppl_sparse")
+            return float(sparse), float(ppl) if _is_number(ppl) else (math.exp(sparse) if sparse < 700 else math.inf)
         loss = r.get("val_loss")
         if _is_number(loss) and math.isfinite(loss):
             ppl = r.get("val_ppl")
@@ -385,6 +392,9 @@ def _notes(runs: list[RunMetrics], dense: RunMetrics | None) -> list[str]:
         notes.append("No dense baseline given (--dense RUN_DIR): no ratios to dense.")
     for run in runs:
         notes += [f"{run.name}: {n}" for n in run.notes]
+        if any(_is_number(r.get("val_loss_sparse")) for r in run.evals):
+            notes.append(f"{run.name}: ends with dense fine-tuning; its val loss is the 2:4 model the artifact "
+                         "holds (val_loss_sparse), not the dense fine-tuned one.")
         if not run.evals:
             notes.append(f"{run.name}: no validation lines logged.")
     return notes

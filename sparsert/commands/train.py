@@ -133,7 +133,7 @@ def _config_error(exc: ConfigError) -> ConfigError:
 @click.option("--sparse-layers", type=click.Choice(["all", "ffn"]), default=None,
               show_default=_by_method("sparse_layers") + "; all with --qat",
               help="Which block linears train 2:4: all, or the feed-forward ones only (the others train dense and "
-                   "are pruned to 2:4 by magnitude in the artifact).")
+                   "stay dense in the artifact).")
 @click.option("--schedule", type=click.Choice(SCHEDULES), default=_D.schedule, show_default=True,
               help="from-scratch: 2:4 from the first step. gradual: dense, then pruning to 2:4 between "
                    "--prune-start and --prune-end (The Journey Matters, 2025). spdf: sparse, then dense "
@@ -216,6 +216,12 @@ def command(ctx: click.Context, **opts: object) -> None:
     if opts["hf_model"] is not None and _given(ctx, "preset"):  # H11
         raise ConfigError("--preset chooses a built-in model; with --model the model comes from the Hugging Face "
                           "directory")
+    if opts["init_from"] is not None:
+        shaping = [f"--{o}" for o in ("preset", "arch") if _given(ctx, o)]
+        if shaping:
+            verb = "choose" if len(shaping) > 1 else "chooses"
+            raise ConfigError(f"{' and '.join(shaping)} {verb} a built-in model; with --init-from the model is "
+                              f"the one in {opts['init_from']} (leave {' and '.join(shaping)} out)")
     try:
         if opts["resume"]:
             probe = TrainConfig(**values)
