@@ -132,6 +132,12 @@ def test_resume_is_exact_and_refuses_a_changed_model_directory(hf: dict[str, Pat
     ha, hb = (load_file(str(run / "hf" / "model.safetensors")) for run in (a, b))
     assert ha.keys() == hb.keys() and all(torch.equal(ha[k], hb[k]) for k in ha)
 
+    moved = model_dir.rename(tmp_path / "llama-moved")
+    with pytest.raises(ConfigError, match=r"cannot resume .*b: the Hugging Face model directory it was started "
+                                          r"from \(.*llama\) no longer exists; put it back at that path"):
+        train(load_train_config(b))
+    moved.rename(model_dir)
+
     config = json.loads((model_dir / "config.json").read_text())
     config["rms_norm_eps"] = 1e-3
     (model_dir / "config.json").write_text(json.dumps(config))

@@ -99,6 +99,22 @@ def test_resume_refuses_a_changed_config(corpus, tmp_path):
         train(small(corpus, tmp_path / "run", steps=4))
 
 
+def test_resume_refuses_changed_training_data(corpus, tmp_path):
+    """Same path, other tokens: resuming would silently train (and validate) on another corpus."""
+    data = tmp_path / "corpus.txt"
+    data.write_text(corpus.read_text())
+    train(small(data, tmp_path / "run", steps=4))
+    before = sorted(p.name for p in (tmp_path / "run").rglob("*"))
+    data.write_text(corpus.read_text()[:-500] + "appended text " * 40)
+    cfg = dataclasses.replace(load_train_config(tmp_path / "run"), steps=4)
+    with pytest.raises(ConfigError, match=r"cannot resume .*run: its training data changed since the checkpoint "
+                                          r"\(the tokens of .*corpus.txt differ from those it trained on\)"):
+        train(cfg)
+    assert sorted(p.name for p in (tmp_path / "run").rglob("*")) == before
+    data.write_text(corpus.read_text())  # the same data again: the resume goes ahead
+    train(cfg)
+
+
 def test_non_finite_loss_stops_naming_the_step_and_keeps_the_last_checkpoint(corpus, tmp_path):
     cfg = small(corpus, tmp_path / "run", lr=1e30, warmup_steps=0, ckpt_interval=1, grad_clip=1e30)
     with pytest.raises(TrainingDivergedError, match=r"became (nan|inf) at step (\d+); training stopped and the "
@@ -162,3 +178,11 @@ def test_lr_schedule_warms_up_then_decays_to_the_floor():
     lrs = [lr_at(cfg, s) for s in range(10, 101)]
     assert all(x >= y for x, y in zip(lrs, lrs[1:], strict=False))
     assert json.loads(json.dumps(cfg.to_dict())) == cfg.to_dict()
+
+
+def test_a_run_that_is_not_2to4_says_up_front_it_gets_no_artifact(corpus, tmp_path, capsys):
+    result = train(small(corpus, tmp_path / "run", steps=2, n=1, m=4))
+    err = capsys.readouterr()
+    assert "note: the compressed artifact stores 2:4 sparsity only; this 1:4 run will end with a checkpoint and " \
+           "no artifact" in err.err
+    assert result.artifact is None and "no artifact: the compressed format stores 2:4" in err.out

@@ -26,6 +26,7 @@ machine and spread over the whole corpus. A stream shorter than k chunks uses ch
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import sysconfig
@@ -313,6 +314,14 @@ class TokenData:
         if device is not None:
             x, y = x.to(device), y.to(device)
         return x.contiguous(), y.contiguous()
+
+    def digest(self) -> str:
+        """sha256 (hex) of both token streams and the split: what a resumed run must see again."""
+        h = hashlib.sha256(f"{self.vocab_size} {self.chunk_size} {self.val_every} {self.train.dtype}".encode())
+        for part in (self.train, self.val):
+            h.update(str(part.numel()).encode())
+            h.update(part.contiguous().numpy().tobytes())
+        return h.hexdigest()
 
     def summary(self) -> dict:
         return {"train_tokens": self.train.numel(), "val_tokens": self.val.numel(),

@@ -722,6 +722,9 @@ def train(cfg: TrainConfig) -> TrainResult:
         run_dir = find_resume_dir(cfg)
         ckpt = load_checkpoint(run_dir)
         saved = _saved_config(ckpt, run_dir)
+        if saved.hf_model is not None and not Path(saved.hf_model).is_dir():
+            raise ConfigError(f"cannot resume {run_dir}: the Hugging Face model directory it was started from "
+                              f"({saved.hf_model}) no longer exists; put it back at that path to resume")
         diffs = config_differences(saved, cfg)
         if diffs:
             raise ConfigError(
@@ -744,6 +747,11 @@ def train(cfg: TrainConfig) -> TrainResult:
     if ckpt is None and init_ckpt is not None:
         _check_tokenizer(init_ckpt.state, tokenizer, "--init-from", init_ckpt.path)
     data = TokenData.from_corpus(load_corpus(cfg.data, max_bytes=cfg.max_data_bytes), tokenizer)
+    data_digest = data.digest()
+    if ckpt is not None and ckpt.state.get("data_digest", data_digest) != data_digest:
+        raise ConfigError(f"cannot resume {run_dir}: its training data changed since the checkpoint (the tokens "
+                          f"of {cfg.data or 'the default corpus'} differ from those it trained on); restore "
+                          "the data, or start a new run")
     # Fail now (DataError), before anything is written, if a split is too short for seq_len.
     data.get_batch("train", 1, cfg.seq_len, generator=torch.Generator())
     next(iter(data.val_batches(1, cfg.seq_len, 1)))
@@ -813,6 +821,7 @@ def train(cfg: TrainConfig) -> TrainResult:
         },
         "quantization": {"bits": 4, "group_size": cfg.group_size, "method": "qat"} if cfg.qat else None,
         "tokenizer": tokenizer.to_dict(),
+        "data_digest": data_digest,  # sha256 of the token streams: a resume on changed data is refused
         **hf_state(model_config),  # H11: {"hf_model": path} for a Hugging Face model
     }
     model, optimizer = dctx.wrap(model, optimizer, lambda m: build_optimizer(m, cfg))  # H11: DDP / FSDP2
@@ -845,6 +854,9 @@ def train(cfg: TrainConfig) -> TrainResult:
                unit="step", dynamic_ncols=True, desc=f"train {cfg.variant}", file=sys.stderr)
     try:
         _say(f"run: {run_dir}" + (f" (resumed at step {start_step})" if ckpt is not None else ""))
+        if scfg is not None and (cfg.n, cfg.m) != (2, 4):
+            _say(f"note: the compressed artifact stores 2:4 sparsity only; this {cfg.n}:{cfg.m} run will end with "
+                 "a checkpoint and no artifact")
         model.train()
         for step in range(start_step + 1, cfg.steps + 1):
             t0 = time.perf_counter()
