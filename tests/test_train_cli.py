@@ -115,6 +115,11 @@ def test_unknown_preset_and_missing_data_are_one_line_errors_with_nothing_writte
     (["--qat", "--group-size", "30"], "error: --group-size: 30 must be a multiple of M=4"),
     (["--resume"], "error: --resume: no run of preset 'tiny' (sparse24) with a checkpoint under runs/; "
                    "pass the run directory with --out"),
+    (["--prune-start", "0.1"], "error: --prune-start sets the gradual schedule's pruning; add --schedule gradual "
+                               "(this run's schedule is from-scratch)"),
+    (["--schedule", "spdf", "--qat"],
+     "error: --schedule spdf ends with dense fine-tuning, which --qat leaves out (the artifact holds the INT4 codes "
+     "QAT trained); use --qat with --schedule from-scratch or gradual"),
     (["--init-from", "runs/dense", "--arch", "gpt2"],
      "error: --arch chooses a built-in model; with --init-from the model is the one in runs/dense (leave --arch "
      "out)"),

@@ -251,6 +251,9 @@ class TrainConfig:
                 f"train config 'schedule': expected one of {', '.join(SCHEDULES)}, got {self.schedule!r}"
             )
         defaults = dict(METHOD_DEFAULTS["sr-ste" if self.dense else self.method])
+        if self.schedule == "spdf" and self.qat:
+            raise ConfigError("--schedule spdf ends with dense fine-tuning, which --qat leaves out (the artifact "
+                              "holds the INT4 codes QAT trained); use --qat with --schedule from-scratch or gradual")
         if self.schedule == "spdf":
             defaults["dense_finetune"] = DEFAULT_DENSE_FINETUNE_FRACTION
         if self.qat:

@@ -216,6 +216,11 @@ def command(ctx: click.Context, **opts: object) -> None:
     if opts["hf_model"] is not None and _given(ctx, "preset"):  # H11
         raise ConfigError("--preset chooses a built-in model; with --model the model comes from the Hugging Face "
                           "directory")
+    stray = [f"--{o.replace('_', '-')}" for o in ("prune_start", "prune_end", "prune_interval") if _given(ctx, o)]
+    if stray and opts["schedule"] != "gradual":
+        raise ConfigError(f"{', '.join(stray)} {'sets' if len(stray) == 1 else 'set'} the gradual schedule's "
+                          "pruning; add --schedule gradual "
+                          f"(this run's schedule is {opts['schedule']})")
     if opts["init_from"] is not None:
         shaping = [f"--{o}" for o in ("preset", "arch") if _given(ctx, o)]
         if shaping:
