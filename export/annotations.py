@@ -15,6 +15,10 @@ key                                    value
 ``sparsert.quantization.group_size``   group size along K as a decimal string (INT4 only)
 ``sparsert.model_config``              JSON of the model's ``ModelConfig.to_dict()``
 ``sparsert.kv_cache``                  ``"1"`` when the graph has ``past_*``/``present_*`` tensors, else ``"0"``
+``sparsert.weights_sha256``            sha256 (64 lowercase hex digits) of the bytes of the artifact's
+                                       ``model.safetensors`` the graph was exported from; ``generate --onnx``
+                                       refuses a graph whose digest differs from the artifact's (exports made
+                                       before this key existed lack it and run with a warning)
 =====================================  =======================================================================
 
 On every MatMul node whose B input is a linear weight of a transformer block, and on that weight's initializer
@@ -51,8 +55,10 @@ really there. :func:`verify_sparsity_annotations` checks that they are.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Mapping
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -74,6 +80,7 @@ KEY_LAYER = "sparsert.layer"
 KEY_WEIGHT = "sparsert.weight"
 KEY_MODEL_CONFIG = "sparsert.model_config"
 KEY_KV_CACHE = "sparsert.kv_cache"
+KEY_WEIGHTS_SHA256 = "sparsert.weights_sha256"
 KEY_SLORB_LAYER = "sparsert.slorb.layer"
 KEY_SLORB_K = "sparsert.slorb.k"
 
@@ -104,9 +111,11 @@ def model_annotations(
     model_config: Mapping | None,
     kv_cache: bool,
     slorb_k: int | None = None,
+    weights_sha256: str | None = None,
 ) -> dict[str, str]:
     """Model-level properties of the convention; ``pattern``/``quantization`` None mean ``"none"``;
-    ``slorb_k`` adds ``sparsert.slorb.k`` (SLoRB group size)."""
+    ``slorb_k`` adds ``sparsert.slorb.k`` (SLoRB group size); ``weights_sha256`` adds
+    ``sparsert.weights_sha256`` (see :func:`artifact_weights_sha256`)."""
     props = {
         KEY_FORMAT_VERSION: FORMAT_VERSION,
         KEY_PATTERN: pattern or "none",
@@ -121,7 +130,29 @@ def model_annotations(
         props[KEY_MODEL_CONFIG] = json.dumps(dict(model_config), sort_keys=True)
     if slorb_k is not None:
         props[KEY_SLORB_K] = str(slorb_k)
+    if weights_sha256 is not None:
+        props[KEY_WEIGHTS_SHA256] = weights_sha256
     return props
+
+
+def artifact_weights_sha256(artifact_dir: str | Path) -> str:
+    """sha256 (lowercase hex) of the bytes of ``<artifact_dir>/model.safetensors``, read in 1 MiB chunks.
+
+    This is what ``sparsert.weights_sha256`` records: it identifies the weights a graph was exported from, so
+    ``generate --onnx`` can tell an export of this artifact from one of another artifact with the same model
+    config. ExportError naming the file when it cannot be read.
+    """
+    from sparsert.runtime.artifact import WEIGHTS_NAME  # noqa: PLC0415 - keeps this module free of torch
+
+    file = Path(artifact_dir) / WEIGHTS_NAME
+    digest = hashlib.sha256()
+    try:
+        with open(file, "rb") as f:
+            while chunk := f.read(1 << 20):
+                digest.update(chunk)
+    except OSError as exc:
+        raise ExportError(f"cannot read {file} to compute its sha256: {exc.strerror or exc}") from None
+    return digest.hexdigest()
 
 
 def slorb_annotations(layer: str, k: int) -> dict[str, str]:

@@ -5,7 +5,8 @@ directory beside the output and checks it there — ``onnx.checker`` full check 
 annotations against the weight values (:func:`sparsert.export.annotations.verify_sparsity_annotations`), and,
 unless ``parity=False``, ONNX Runtime logits against the PyTorch reference
 (:func:`sparsert.export.parity.check_parity`) — and renames it into place only when every check passes, so a
-failed export leaves no output file. See docs/ONNX.md.
+failed export leaves no output file. Before any of that, :func:`check_output` refuses an output that would
+destroy something that is not an earlier export (see its docstring). See docs/ONNX.md.
 """
 
 from __future__ import annotations
@@ -76,6 +77,105 @@ class ExportResult:
         return "\n".join(lines)
 
 
+def check_output(out: Path, artifact_path: str | Path) -> None:
+    """Refuse (ExportError naming ``-o OUT``) an output path whose writing could destroy something else.
+
+    Checked, in order: ``out`` is not an existing directory; it does not lie inside the artifact directory
+    ``artifact_path`` (symlinks resolved, so the artifact's own ``model.safetensors`` or ``config.json`` can
+    never be replaced); if it exists, it is an ONNX model (:func:`is_onnx_model`: a previous export, which is
+    replaced); its name ends in ``.onnx``. The external data file ``<out>.data`` that models over 2 GiB get
+    beside ``out`` follows the same rules: it may not be a directory or lie inside the artifact, and if it
+    exists it must be the external data of the ONNX model at ``out`` (one of its initializers names it).
+    """
+    artifact_dir = Path(artifact_path).resolve()
+    data = out.with_name(f"{out.name}.data")
+    if out.is_dir():
+        raise ExportError(f"-o {out} is a directory, expected an .onnx file path")
+    for path in (out, data):
+        if path.resolve().is_relative_to(artifact_dir):
+            raise ExportError(
+                f"-o {out} is inside the artifact directory {artifact_path}: refusing to write into the "
+                "artifact (choose a path outside it)"
+            )
+    if (out.exists() or out.is_symlink()) and not is_onnx_model(out):
+        raise ExportError(
+            f"-o {out} exists and is not an ONNX model: refusing to overwrite it (remove it or choose another "
+            "path)"
+        )
+    if not out.name.lower().endswith(".onnx") or out.name.lower() == ".onnx":
+        raise ExportError(f"-o {out}: expected a file name ending in .onnx")
+    if data.is_dir():
+        raise ExportError(f"-o {out}: {data} (where its external data would go) is a directory")
+    if (data.exists() or data.is_symlink()) and not _uses_external_data(out, data.name):
+        raise ExportError(
+            f"-o {out}: {data} exists and is not the external data of an ONNX model at {out}: refusing to "
+            "overwrite it (remove it or choose another path)"
+        )
+
+
+def is_onnx_model(path: Path) -> bool:
+    """True when ``path`` is a regular file laid out as a serialized ONNX ``ModelProto``: a sequence of
+    well-formed top-level protobuf fields up to the exact end of the file, among them ``ir_version`` (field 1,
+    a varint > 0) and ``graph`` (field 7, length-delimited). Only the field headers are read (payloads are
+    skipped by seeking), so this is cheap for any file size; text and other binary files fail it."""
+    try:
+        size = path.stat().st_size
+        if not path.is_file() or size == 0:
+            return False
+        with open(path, "rb") as f:
+            seen: set[int] = set()
+            while f.tell() < size:
+                key = _read_varint(f)
+                field, wire = key >> 3, key & 7
+                if field == 0:
+                    return False
+                if wire == 0:
+                    value = _read_varint(f)
+                    if field == 1 and value <= 0:
+                        return False
+                elif wire == 1:
+                    f.seek(8, os.SEEK_CUR)
+                elif wire == 2:
+                    f.seek(_read_varint(f), os.SEEK_CUR)
+                elif wire == 5:
+                    f.seek(4, os.SEEK_CUR)
+                else:  # 3/4 (groups: ModelProto has none), 6/7 (invalid)
+                    return False
+                if f.tell() > size:
+                    return False
+                seen.add(key)
+    except (OSError, ValueError):
+        return False
+    return (1 << 3 | 0) in seen and (7 << 3 | 2) in seen
+
+
+def _read_varint(f) -> int:  # noqa: ANN001 - a binary file
+    result = shift = 0
+    while True:
+        byte = f.read(1)
+        if not byte or shift > 63:
+            raise ValueError("truncated or oversized varint")
+        result |= (byte[0] & 0x7F) << shift
+        if byte[0] < 0x80:
+            return result
+        shift += 7
+
+
+def _uses_external_data(model_path: Path, location: str) -> bool:
+    """True when ``model_path`` is an ONNX model with an initializer stored in the external file ``location``."""
+    if not is_onnx_model(model_path):
+        return False
+    try:
+        model = onnx.load(str(model_path), load_external_data=False)
+    except Exception:  # protobuf DecodeError and friends  # noqa: BLE001
+        return False
+    for init in model.graph.initializer:
+        if init.data_location == onnx.TensorProto.EXTERNAL:
+            if any(e.key == "location" and e.value == location for e in init.external_data):
+                return True
+    return False
+
+
 def export_artifact(
     artifact_path: str | Path,
     output: str | Path,
@@ -86,13 +186,13 @@ def export_artifact(
 ) -> ExportResult:
     """Export ``artifact_path`` to ``output`` with every check; nothing is left at ``output`` on failure.
 
-    Raises ArtifactError (bad artifact) or ExportError (checker, annotation or parity failure, unwritable
-    output), each with a one-line message.
+    ``output`` is first checked by :func:`check_output` (before the artifact is even loaded). Raises
+    ArtifactError (bad artifact) or ExportError (refused output path, checker, annotation or parity failure,
+    unwritable output), each with a one-line message.
     """
-    artifact = load_artifact(artifact_path)
     out = Path(output)
-    if out.is_dir():
-        raise ExportError(f"-o {out} is a directory, expected an .onnx file path")
+    check_output(out, artifact_path)
+    artifact = load_artifact(artifact_path)
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))

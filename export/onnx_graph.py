@@ -360,6 +360,7 @@ class _Builder:
                 model_config=c.to_dict(),
                 kv_cache=self.kv,
                 slorb_k=self.artifact.slorb.k if self.artifact.slorb is not None else None,
+                weights_sha256=ann.artifact_weights_sha256(self.artifact.path),
             ),
         )
         return model
@@ -373,7 +374,10 @@ def _rope_tables(artifact: Artifact) -> tuple[np.ndarray, np.ndarray]:
 
 
 def build_onnx_model(artifact: Artifact, *, with_kv_cache: bool = True) -> onnx.ModelProto:
-    """The ONNX model of ``artifact`` in memory (see the module docstring for inputs, outputs and layout)."""
+    """The ONNX model of ``artifact`` in memory (see the module docstring for inputs, outputs and layout).
+
+    Its metadata records ``sparsert.weights_sha256``, the sha256 of ``artifact.path / model.safetensors``
+    (hashed once here), which ``generate --onnx`` compares with the artifact it is given."""
     missing = [n for n in sparse_linear_names(artifact.model_config)
                if n not in artifact.packed and f"{n}.weight" not in artifact.dense]
     if missing:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import shutil
 import tempfile
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -23,7 +24,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import onnx
 
-from sparsert.export.annotations import KEY_MODEL_CONFIG, get_metadata
+from sparsert.export.annotations import KEY_MODEL_CONFIG, KEY_WEIGHTS_SHA256, artifact_weights_sha256, get_metadata
 from sparsert.runtime.errors import ConfigError, ExportError
 
 if TYPE_CHECKING:
@@ -31,6 +32,19 @@ if TYPE_CHECKING:
 
 ACCURACY_LEVEL_KEY = "session.qdq_matmulnbits_accuracy_level"
 DEFAULT_ACCURACY_LEVEL = 1
+
+
+class UnverifiedExportWarning(UserWarning):
+    """``--onnx`` names a graph exported before sparsert recorded ``sparsert.weights_sha256``: whether it holds
+    the artifact's weights cannot be checked (``sparsert generate`` prints it as one ``warning:`` line)."""
+
+
+def _check_model_file(path: Path) -> None:
+    """ExportError unless ``path`` is an existing regular file (a directory or a missing path is named as such)."""
+    if path.is_dir():
+        raise ExportError(f"ONNX model {path} is a directory, expected an .onnx file")
+    if not path.is_file():
+        raise ExportError(f"ONNX model {path} does not exist")
 
 
 def make_session(
@@ -63,8 +77,7 @@ def make_session(
         source, what = model, "the ONNX model"
     else:
         path = Path(model)
-        if not path.is_file():
-            raise ExportError(f"ONNX model {path} does not exist")
+        _check_model_file(path)
         source, what = str(path), str(path)
     try:
         return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
@@ -105,7 +118,8 @@ class OnnxStepper:
     With a KV-cache graph each ``step(ids)`` feeds only the new ids with the cached ``present_*`` tensors
     (float32 [1, n_heads, past_seq, head_dim]) of the previous step as ``past_*``. A graph exported with
     ``--no-kv-cache`` is run on the whole sequence each step (correct, slower).
-    ``max_seq_len`` comes from the model's ``sparsert.model_config`` metadata.
+    ``max_seq_len`` comes from the model's ``sparsert.model_config`` metadata; ``metadata`` holds all of the
+    model-level metadata (``sparsert.weights_sha256`` among it, for :func:`onnx_stepper`'s check).
     """
 
     def __init__(
@@ -116,13 +130,13 @@ class OnnxStepper:
         threads: int | None = None,
     ) -> None:
         path = Path(onnx_path)
-        if not path.is_file():
-            raise ExportError(f"ONNX model {path} does not exist")
+        _check_model_file(path)
         try:
             header = onnx.load(str(path), load_external_data=False)
         except Exception as exc:  # protobuf DecodeError and friends
             raise ExportError(f"{path} is not a readable ONNX model: {exc}") from None
-        config = get_metadata(header).get(KEY_MODEL_CONFIG)
+        self.metadata = get_metadata(header)
+        config = self.metadata.get(KEY_MODEL_CONFIG)
         if config is None:
             raise ExportError(f"{path} has no '{KEY_MODEL_CONFIG}' metadata (not exported by sparsert export)")
         try:
@@ -168,14 +182,38 @@ class OnnxStepper:
 
 @contextmanager
 def onnx_stepper(artifact: Artifact, onnx_path: str | Path | None = None) -> Iterator[OnnxStepper]:
-    """An :class:`OnnxStepper` for ``artifact``: on ``onnx_path``,
-    a graph ``sparsert export`` wrote from this artifact's model (ExportError when its ``sparsert.model_config``
-    metadata differs), or without it on a graph exported to a temporary directory, removed on exit."""
+    """An :class:`OnnxStepper` for ``artifact``: on ``onnx_path``, or without it on a graph exported to a
+    temporary directory, removed on exit.
+
+    ``onnx_path`` must be a graph ``sparsert export`` wrote from this very artifact. Checked, in order: it is
+    an existing file (not a directory) that parses as an ONNX model with sparsert's ``sparsert.model_config``
+    metadata; that config equals the artifact's; and its ``sparsert.weights_sha256`` equals the sha256 of the
+    artifact's ``model.safetensors`` (hashed once per call) — so an export of another artifact of the same
+    architecture is refused too. Each failure is an ExportError naming both paths. A graph exported before
+    the digest was recorded (no ``sparsert.weights_sha256``) is used with an :class:`UnverifiedExportWarning`.
+    """
     if onnx_path is not None:
         stepper = OnnxStepper(onnx_path)
         if stepper.model_config != artifact.model_config.to_dict():
             raise ExportError(f"--onnx {onnx_path} was exported from a different model than {artifact.path} "
                               "(its sparsert.model_config metadata differs)")
+        recorded = stepper.metadata.get(KEY_WEIGHTS_SHA256)
+        if recorded is None:
+            warnings.warn(
+                f"--onnx {onnx_path} has no '{KEY_WEIGHTS_SHA256}' metadata (exported by an older sparsert), so "
+                f"it cannot be verified to hold the weights of {artifact.path}; re-export it with "
+                f"`sparsert export {artifact.path} -o {onnx_path}`",
+                UnverifiedExportWarning,
+                stacklevel=3,
+            )
+        else:
+            actual = artifact_weights_sha256(artifact.path)
+            if recorded != actual:
+                raise ExportError(
+                    f"--onnx {onnx_path} was exported from another artifact (weights digest {recorded[:16]}), "
+                    f"not {artifact.path} (weights digest {actual[:16]}): re-export it with "
+                    f"`sparsert export {artifact.path} -o {onnx_path}`"
+                )
         yield stepper
         return
     from sparsert.export.onnx_graph import export_onnx  # noqa: PLC0415 - the graph builder only when needed

@@ -3,6 +3,8 @@ ONNX Runtime parity (full sequence, batch, KV cache), corrupted exports, and the
 
 from __future__ import annotations
 
+import hashlib
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -13,8 +15,9 @@ from onnx import TensorProto, numpy_helper
 
 from sparsert.export import annotations as ann
 from sparsert.export import parity as parity_mod
+from sparsert.export.onnx_export import is_onnx_model
 from sparsert.export.onnx_graph import build_onnx_model, export_onnx, int4_initializer, save_onnx_model
-from sparsert.export.onnx_runner import OnnxStepper, make_session
+from sparsert.export.onnx_runner import OnnxStepper, UnverifiedExportWarning, make_session, onnx_stepper
 from sparsert.export.parity import FP32_TOLERANCE, INT4_INT8_TOLERANCE, check_parity
 from sparsert.runtime.artifact import QuantizationInfo, SparsityInfo, load_artifact, save_artifact
 from sparsert.runtime.errors import ConfigError, ExportError
@@ -304,6 +307,10 @@ def test_onnx_stepper_greedy_equals_torch_stepper(tmp_path, artifacts, arch):
 def test_onnx_stepper_bad_files(tmp_path, artifacts):
     with pytest.raises(ExportError, match="does not exist"):
         OnnxStepper(tmp_path / "missing.onnx")
+    with pytest.raises(ExportError, match="is a directory, expected an .onnx file"):
+        OnnxStepper(tmp_path)
+    with pytest.raises(ExportError, match="is a directory, expected an .onnx file"):
+        make_session(tmp_path)
     (tmp_path / "junk.onnx").write_bytes(b"not a protobuf \xff\xff")
     with pytest.raises(ExportError, match="junk.onnx"):
         OnnxStepper(tmp_path / "junk.onnx")
@@ -326,3 +333,45 @@ def test_strict_tolerance_makes_parity_fail(monkeypatch, artifacts, models):
     monkeypatch.setattr(parity_mod, "FP32_TOLERANCE", parity_mod.Tolerance(rtol=0.0, atol=0.0))
     with pytest.raises(ExportError, match="exceeds tolerance atol 0 \\+ rtol 0"):
         check_parity(models["llama", "fp32"], artifacts["llama", "fp32"], threads=1)
+
+
+def test_export_records_the_weights_digest_and_onnx_stepper_checks_it(tmp_path, artifacts, models):
+    """sparsert.weights_sha256 = sha256 of the artifact's model.safetensors; onnx_stepper refuses a graph of
+    another artifact with the same config (fp32 vs int4 of one arch share it) and warns on a graph without it."""
+    art, other = artifacts["llama", "int4"], artifacts["llama", "fp32"]
+    assert art.model_config == other.model_config
+    digest = hashlib.sha256((art.path / "model.safetensors").read_bytes()).hexdigest()
+    assert ann.get_metadata(models["llama", "int4"])[ann.KEY_WEIGHTS_SHA256] == digest
+    assert ann.read_sparsity_annotations(models["llama", "int4"])["model"][ann.KEY_WEIGHTS_SHA256] == digest
+    save_onnx_model(models["llama", "fp32"], tmp_path / "other.onnx")
+    with pytest.raises(ExportError, match=r"was exported from another artifact \(weights digest [0-9a-f]{16}\), "
+                                          rf"not {art.path} \(weights digest {digest[:16]}\)"):
+        with onnx_stepper(art, tmp_path / "other.onnx"):
+            pass
+    save_onnx_model(models["llama", "int4"], tmp_path / "own.onnx")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UnverifiedExportWarning)  # its own export: no warning
+        with onnx_stepper(art, tmp_path / "own.onnx") as stepper:
+            assert stepper.metadata[ann.KEY_WEIGHTS_SHA256] == digest
+    legacy = onnx.ModelProto()
+    legacy.CopyFrom(models["llama", "int4"])
+    props = [(p.key, p.value) for p in legacy.metadata_props if p.key != ann.KEY_WEIGHTS_SHA256]
+    del legacy.metadata_props[:]
+    ann.set_metadata(legacy, dict(props))
+    save_onnx_model(legacy, tmp_path / "legacy.onnx")
+    with pytest.warns(UnverifiedExportWarning, match="cannot be verified to hold the weights of"):
+        with onnx_stepper(art, tmp_path / "legacy.onnx") as stepper:
+            assert stepper.step([1, 2, 3]).shape == (art.model_config.vocab_size,)
+
+
+def test_is_onnx_model(tmp_path, models):
+    save_onnx_model(models["gpt2", "fp32"], tmp_path / "m.onnx")
+    assert is_onnx_model(tmp_path / "m.onnx")
+    save_onnx_model(models["gpt2", "fp32"], tmp_path / "ext" / "m.onnx", external_data=True)
+    assert is_onnx_model(tmp_path / "ext" / "m.onnx") and not is_onnx_model(tmp_path / "ext" / "m.onnx.data")
+    for name, data in [("empty", b""), ("text", b"previous"), ("corpus", b"hello world\n" * 100),
+                       ("truncated", (tmp_path / "m.onnx").read_bytes()[:-7]),
+                       ("no-graph", (tmp_path / "m.onnx").read_bytes()[:2])]:  # ir_version only
+        (tmp_path / name).write_bytes(data)
+        assert not is_onnx_model(tmp_path / name), name
+    assert not is_onnx_model(tmp_path) and not is_onnx_model(tmp_path / "missing.onnx")

@@ -3,8 +3,10 @@ subprocesses, backends agreeing on greedy text, and one-line errors (exit 2, no 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -206,8 +208,124 @@ def test_export_failures_leave_no_output(capsys, monkeypatch, tmp_path, artifact
     code, stdout, err = run_main(capsys, "export", str(artifact), "-o", str(out))
     assert_one_line_error(code, err, "ONNX parity failed")
     assert stdout == "" and list((tmp_path / "sub").iterdir()) == []
-    # an existing file is left as it was
+    # an existing file that is not an ONNX model is refused before any work, and left as it was
     out.write_bytes(b"previous")
     code, _, err = run_main(capsys, "export", str(artifact), "-o", str(out))
-    assert code == 2 and out.read_bytes() == b"previous"
+    assert_one_line_error(code, err, f"-o {out} exists and is not an ONNX model: refusing to overwrite it")
+    assert out.read_bytes() == b"previous"
     assert sorted(p.name for p in out.parent.iterdir()) == ["model.onnx"]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# generate --onnx must be an export of this very artifact; export -o never destroys what is not an export
+
+
+def test_generate_refuses_onnx_exported_from_another_artifact_of_the_same_config(capsys, tmp_path, artifact):
+    """Same architecture and config, other weights: the model configs agree, the weights digests do not."""
+    other = make_artifact(tmp_path / "other", seed=1)  # same ModelConfig as `artifact`
+    onnx_file = tmp_path / "other.onnx"
+    code, _, err = run_main(capsys, "export", str(other), "-o", str(onnx_file), "--skip-parity")
+    assert code == 0, err
+    recorded = {p.key: p.value for p in onnx.load(str(onnx_file)).metadata_props}["sparsert.weights_sha256"]
+    assert recorded == hashlib.sha256((other / "model.safetensors").read_bytes()).hexdigest()
+    code, out, err = run_main(capsys, "generate", str(artifact), "--prompt", "hi", "--backend", "onnx",
+                              "--onnx", str(onnx_file))
+    assert_one_line_error(code, err, f"--onnx {onnx_file} was exported from another artifact (weights digest "
+                                     f"{recorded[:16]}), not {artifact}")
+    assert f"re-export it with `sparsert export {artifact} -o {onnx_file}`" in err and out == ""
+    # the export of the artifact itself is accepted, without a warning
+    code, _, err = run_main(capsys, "export", str(artifact), "-o", str(onnx_file), "--skip-parity")
+    assert code == 0, err
+    code, out, err = run_main(capsys, "generate", str(artifact), "--prompt", "hi", "--max-new-tokens", "4",
+                              "--backend", "onnx", "--onnx", str(onnx_file))
+    assert code == 0 and out.startswith("hi") and "warning" not in err, err
+
+
+def test_generate_with_onnx_exported_before_the_digest_warns(capsys, tmp_path, artifact):
+    """An export without sparsert.weights_sha256 (older sparsert) still runs, with one warning line."""
+    onnx_file = tmp_path / "legacy.onnx"
+    code, _, err = run_main(capsys, "export", str(artifact), "-o", str(onnx_file), "--skip-parity")
+    assert code == 0, err
+    model = onnx.load(str(onnx_file))
+    kept = [(p.key, p.value) for p in model.metadata_props if p.key != "sparsert.weights_sha256"]
+    assert len(kept) == len(model.metadata_props) - 1
+    del model.metadata_props[:]
+    for key, value in kept:
+        model.metadata_props.add(key=key, value=value)
+    onnx.save(model, str(onnx_file))
+    args = ["generate", str(artifact), "--prompt", PROMPT, "--max-new-tokens", "6", "--json"]
+    code, out, err = run_main(capsys, *args, "--backend", "onnx", "--onnx", str(onnx_file))
+    assert code == 0, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("warning: ") and "cannot be verified" in lines[0], err
+    assert str(onnx_file) in lines[0] and str(artifact) in lines[0]
+    code_t, out_t, _ = run_main(capsys, *args)
+    assert code_t == 0 and json.loads(out)["ids"] == json.loads(out_t)["ids"]
+
+
+def test_generate_onnx_directory_is_named_as_such(capsys, tmp_path, artifact):
+    code, out, err = run_main(capsys, "generate", str(artifact), "--prompt", "hi", "--backend", "onnx",
+                              "--onnx", str(tmp_path))
+    assert_one_line_error(code, err, f"ONNX model {tmp_path} is a directory, expected an .onnx file")
+    assert out == ""
+
+
+def snapshot(root: Path) -> dict[str, bytes | None]:
+    """Every path under ``root`` -> its bytes (None for a directory)."""
+    return {str(p.relative_to(root)): None if p.is_dir() else p.read_bytes() for p in sorted(root.rglob("*"))}
+
+
+def test_export_refuses_outputs_that_are_not_onnx_exports(capsys, tmp_path, artifact):
+    """Into the artifact, over a text file, over a directory, to a name not ending in .onnx, over a stray
+    <out>.data: one error line each, before any work, and every file byte for byte as it was."""
+    art = tmp_path / "art"
+    shutil.copytree(artifact, art)
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "corpus.txt").write_text("a text corpus\n")
+    (tmp_path / "fake.onnx").write_text("not an ONNX model\n")
+    (tmp_path / "outdir.onnx").mkdir()
+    (tmp_path / "outdir.onnx" / "keep.txt").write_text("keep")
+    (tmp_path / "stray.onnx.data").write_bytes(b"not external data of stray.onnx")
+    before = snapshot(tmp_path)
+    cases = [
+        (art / "model.safetensors", f"-o {art / 'model.safetensors'} is inside the artifact directory {art}"),
+        (art / "config.json", "is inside the artifact directory"),
+        (art / "model.onnx", f"-o {art / 'model.onnx'} is inside the artifact directory {art}"),
+        (tmp_path / "data" / "corpus.txt", "exists and is not an ONNX model: refusing to overwrite it"),
+        (tmp_path / "fake.onnx", f"-o {tmp_path / 'fake.onnx'} exists and is not an ONNX model"),
+        (tmp_path / "outdir.onnx", "is a directory, expected an .onnx file path"),
+        (tmp_path / "new.txt", "expected a file name ending in .onnx"),
+        (tmp_path / "stray.onnx", f"{tmp_path / 'stray.onnx.data'} exists and is not the external data of an "
+                                  f"ONNX model at {tmp_path / 'stray.onnx'}"),
+    ]
+    for out, message in cases:
+        code, stdout, err = run_main(capsys, "export", str(art), "-o", str(out), "--skip-parity")
+        assert_one_line_error(code, err, message)
+        assert stdout == ""
+    # a symlink into the artifact is resolved
+    (tmp_path / "link.onnx").symlink_to(art / "model.safetensors")
+    code, _, err = run_main(capsys, "export", str(art), "-o", str(tmp_path / "link.onnx"), "--skip-parity")
+    assert_one_line_error(code, err, "is inside the artifact directory")
+    (tmp_path / "link.onnx").unlink()
+    assert snapshot(tmp_path) == before
+
+
+def test_export_replaces_an_earlier_export(capsys, tmp_path, artifact):
+    """Re-exporting over an existing .onnx (and over an external-data pair) is the normal workflow."""
+    from sparsert.export.onnx_export import is_onnx_model
+    from sparsert.export.onnx_graph import build_onnx_model, save_onnx_model
+    from sparsert.runtime.artifact import load_artifact
+
+    out = tmp_path / "model.onnx"
+    code, _, err = run_main(capsys, "export", str(artifact), "-o", str(out), "--no-kv-cache", "--skip-parity")
+    assert code == 0, err
+    assert is_onnx_model(out) and [i.name for i in onnx.load(str(out)).graph.input] == ["input_ids"]
+    code, stdout, err = run_main(capsys, "export", str(artifact), "-o", str(out), "--skip-parity")
+    assert code == 0 and "KV cache yes" in stdout, err
+    assert len(onnx.load(str(out)).graph.input) > 1 and sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx"]
+    # an earlier export with external data: both files may be replaced
+    save_onnx_model(build_onnx_model(load_artifact(artifact)), out, external_data=True)
+    assert (tmp_path / "model.onnx.data").is_file()
+    code, _, err = run_main(capsys, "export", str(artifact), "-o", str(out), "--skip-parity")
+    assert code == 0, err
+    onnx.checker.check_model(str(out), full_check=True)

@@ -3,7 +3,10 @@
 The export and its checks are :func:`sparsert.export.onnx_export.export_artifact`: the graph is written to a
 temporary file beside the output, checked (``onnx.checker`` full check, the sparsity annotations against the
 weight values, and unless ``--skip-parity`` ONNX Runtime logits against the PyTorch reference) and renamed into
-place only when every check passes, so a failed export leaves no output file. See docs/ONNX.md.
+place only when every check passes, so a failed export leaves no output file. Before any work the output is
+checked (:func:`sparsert.export.onnx_export.check_output`): it must end in ``.onnx``, lie outside the artifact
+directory, and be new or an existing ONNX model (an earlier export, which is replaced); anything else — a
+directory, a text file, the artifact's own files — is refused untouched. See docs/ONNX.md.
 """
 
 from __future__ import annotations
@@ -13,7 +16,9 @@ import click
 
 @click.command("export")
 @click.argument("artifact", type=str)
-@click.option("-o", "--output", required=True, type=str, help="ONNX file to write (replaced if it exists).")
+@click.option("-o", "--output", required=True, type=str,
+              help="ONNX file to write, ending in .onnx and outside ARTIFACT; an existing ONNX model there is "
+              "replaced, any other existing file (or a directory) is refused.")
 @click.option("--no-kv-cache", is_flag=True, help="Export without past_*/present_* tensors (logits only).")
 @click.option("--skip-parity", is_flag=True, help="Skip the ONNX Runtime vs PyTorch logits check.")
 @click.option(

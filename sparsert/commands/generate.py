@@ -5,7 +5,9 @@ tokens wherever the logits agree):
 
 - ``torch``   the PyTorch reference (:meth:`Artifact.build_model` + :class:`TorchStepper`), CPU;
 - ``onnx``    ONNX Runtime CPU (:class:`sparsert.export.onnx_runner.OnnxStepper`) on ``--onnx PATH`` or, without
-              it, on a graph exported to a temporary file for this run;
+              it, on a graph exported to a temporary file for this run. ``--onnx PATH`` must be an export of
+              this very artifact: its model config and its recorded sha256 of the artifact's
+              ``model.safetensors`` must match (an export without the digest runs with a ``warning:`` line);
 - ``runtime`` sparsert's GPU runtime (``sparsert.runtime.gpu_backend.GpuStepper``); needs an NVIDIA GPU.
 
 :func:`sparsert.backends.make_stepper` opens the chosen one. The prompt and its continuation go to stdout;
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import json
 import time
+import warnings
 
 import click
 
@@ -48,10 +51,12 @@ def command(artifact: str, prompt: str, max_new_tokens: int, temperature: float,
         raise ConfigError(f"--onnx applies only to --backend onnx (got --backend {backend})")
     art = load_artifact(artifact)
     prompt_ids = art.tokenizer.encode(prompt)
-    with make_stepper(art, backend, onnx_path) as stepper:
-        start = time.perf_counter()
-        ids = generate_ids(stepper, prompt_ids, cfg)
-        seconds = time.perf_counter() - start
+    with warnings.catch_warnings():  # restores showwarning on exit
+        warnings.showwarning = _one_line_warnings(warnings.showwarning)
+        with make_stepper(art, backend, onnx_path) as stepper:
+            start = time.perf_counter()
+            ids = generate_ids(stepper, prompt_ids, cfg)
+            seconds = time.perf_counter() - start
     text = art.tokenizer.decode(ids)
     if as_json:
         click.echo(json.dumps({"backend": backend, "prompt": prompt, "text": text, "ids": ids,
@@ -60,3 +65,17 @@ def command(artifact: str, prompt: str, max_new_tokens: int, temperature: float,
     click.echo(prompt + text)
     click.echo(f"[{backend}] {len(ids)} tokens in {seconds:.2f} s ({len(ids) / max(seconds, 1e-9):.1f} tokens/s)",
                err=True)
+
+
+
+def _one_line_warnings(show):  # noqa: ANN001, ANN202 - warnings.showwarning's signature
+    """A ``warnings.showwarning`` that prints sparsert's own warnings (an ``--onnx`` export that cannot be
+    verified) as one ``warning: ...`` line on stderr and passes any other warning to ``show``."""
+
+    def showwarning(message, category, filename, lineno, file=None, line=None):  # noqa: ANN001, ANN202
+        if category.__module__.startswith("sparsert."):
+            click.echo(f"warning: {message}", err=True)
+        else:
+            show(message, category, filename, lineno, file, line)
+
+    return showwarning
