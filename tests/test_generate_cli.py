@@ -329,3 +329,17 @@ def test_export_replaces_an_earlier_export(capsys, tmp_path, artifact):
     code, _, err = run_main(capsys, "export", str(artifact), "-o", str(out), "--skip-parity")
     assert code == 0, err
     onnx.checker.check_model(str(out), full_check=True)
+
+
+def test_generate_says_when_the_context_cut_it_short(capsys, artifact):
+    """max_seq_len is 48: a 12-token prompt leaves room for 36 of the 100 tokens asked for."""
+    code, out, err = run_main(capsys, "generate", str(artifact), "--prompt", PROMPT, "--max-new-tokens", "100")
+    assert code == 0
+    assert ("note: stopped after 36 of --max-new-tokens 100: the prompt (12 tokens) and the generated tokens fill "
+            "the model's context of 48") in err
+    code, out, _ = run_main(capsys, "generate", str(artifact), "--prompt", PROMPT, "--max-new-tokens", "100",
+                            "--json")
+    assert json.loads(out)["stop"] == "context" and len(json.loads(out)["ids"]) == 36
+    code, out, err = run_main(capsys, "generate", str(artifact), "--prompt", PROMPT, "--max-new-tokens", "5",
+                              "--json")
+    assert json.loads(out)["stop"] == "max_new_tokens" and "note:" not in err
