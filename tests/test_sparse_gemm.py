@@ -1019,3 +1019,22 @@ def test_bench_report_targets_and_table():
     table = [line for line in md.splitlines() if line.startswith("| 7b")]
     assert len(table) == 4 and all(line.count("|") == 24 for line in table)
     assert "3.125 bits/weight" in md and "'pass': 1, 'fail': 1" in md
+
+
+def test_bench_counts_cases_without_a_result_as_errors():
+    """A covered case whose kernels all failed (or that faulted) is an ERROR in the summary, not left out."""
+    bench, _ = _bench_module()
+    failed = [bench.evaluate({"model": "7b", "layer": "down", "N": 4096, "K": 11008, "M": m, "flops": 1.0,
+                              "error": "RuntimeError: CUDA error: an illegal memory access was encountered"}, 4.8e12)
+              for m in (1, 128, 2048)]
+    assert [r.get("check_w4a16") for r in failed] == ["ERROR", None, "ERROR"]
+    assert [r.get("check_24") for r in failed] == [None, None, "ERROR"]
+    summary = bench.summarize(failed, {"check": "PASS"})
+    assert summary["sparse24_m>=2048"] == {"pass": 0, "fail": 0, "error": 1}
+    assert summary["w4a16"] == {"pass": 0, "fail": 0, "error": 2}
+    md = bench.to_markdown({"meta": {"device": "x", "arch": "sm_90a", "sms": 1, "commit": "c", "torch": "t",
+                                     "cusparselt": None, "date": "d", "peak_bw": None, "peak_bw_source": "unknown",
+                                     "copy_bw_measured": 1e12, "reps": 1, "stopped": "kernel fault at 7b down M=1"},
+                            "rows": failed, "summary": summary,
+                            "memory": {"bytes": 1, "weights": 1, "bits_per_weight": 3.1, "check": "PASS"}})
+    assert "INCOMPLETE: kernel fault at 7b down M=1" in md and "illegal memory access" in md

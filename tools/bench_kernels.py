@@ -12,7 +12,8 @@ x tokens M in {1, 16, 128, 2048, 8192}. Per case, in the same run and on the sam
 
 Timing: CUDA events around each call, a GPU sleep before the start event so host-side launch overhead is not
 timed, L2 flushed (a buffer of twice the L2 size rewritten) before every repetition, warm-up first, median of
-the repetitions. Reported: median microseconds, TFLOP/s (dense-equivalent 2MNK), GB/s of the bytes each method
+the repetitions. The table and JSON are rewritten after every case, so a run cut short (SIGINT, a kernel
+fault) keeps what it measured and says where it stopped. Reported: median microseconds, TFLOP/s (dense-equivalent 2MNK), GB/s of the bytes each method
 must move, speedup over dense; for W4A16 at M <= 16 the fraction of the HBM roofline: bytes it must read
 (INT4 codes + 2-bit indices + scales + activations) / time / the device's peak bandwidth. Every result is
 checked against dense (relative error column) so a fast wrong kernel cannot pass. PASS/FAIL against issue 4:
@@ -42,6 +43,7 @@ MODELS = {
 # Llama-2-7B: 32 blocks x (4 attention 4096x4096 + 2 of 11008x4096 + 1 of 4096x11008) linear weights.
 LLAMA7B_LAYERS = [("q/k/v/o", 4096, 4096, 4), ("gate/up", 11008, 4096, 2), ("down", 4096, 11008, 1)]
 TOKENS = (1, 16, 128, 2048, 8192)
+TOL_BF16 = 1e-2  # relative error bound of a bf16 result (issue 4)
 TARGETS = {"sparse_speedup": 1.3, "w4a16_decode_speedup": 4.0, "w4a16_roofline": 0.75,
            "w4a16_prefill_speedup": 1.5, "bits_per_weight": 3.25}
 # Peak HBM bandwidth (bytes/s) by device name, used when the driver does not report memory clock and width.
@@ -60,8 +62,10 @@ def _git_commit() -> str:
         return "unknown"
 
 
-def peak_bandwidth(device_index: int, name: str) -> tuple[float | None, str]:
-    """(bytes/s, how it was obtained): memory clock x bus width x 2 from the driver, else a table by name."""
+def peak_bandwidth(device_index: int, name: str) -> tuple[float | None, str, float | None]:
+    """(bytes/s, its source, the driver's figure): the datasheet value for a known device name (the driver's
+    memory clock x bus width x 2 overstates an H200 by ~2.4%), else the driver's figure, else None."""
+    driver_bw = None
     try:
         from sparsert.runtime.device import check_cuda, driver
 
@@ -71,13 +75,15 @@ def peak_bandwidth(device_index: int, name: str) -> tuple[float | None, str]:
         clock_khz = check_cuda(drv.cuDeviceGetAttribute(attr.CU_DEVICE_ATTRIBUTE_MEMORY_CLOCK_RATE, dev), "clock")
         width = check_cuda(drv.cuDeviceGetAttribute(attr.CU_DEVICE_ATTRIBUTE_GLOBAL_MEMORY_BUS_WIDTH, dev), "width")
         if int(clock_khz) > 0 and int(width) > 0:
-            return int(clock_khz) * 1e3 * int(width) / 8 * 2, "driver: memory clock x bus width x 2"
-    except Exception:  # attribute missing in this driver/binding: fall back to the table
+            driver_bw = int(clock_khz) * 1e3 * int(width) / 8 * 2
+    except Exception:  # attribute missing in this driver/binding
         pass
     for key, bw in KNOWN_PEAK_BW.items():
         if key in name:
-            return bw, f"datasheet value for {key}"
-    return None, "unknown"
+            return bw, f"datasheet value for {key}", driver_bw
+    if driver_bw is not None:
+        return driver_bw, "driver: memory clock x bus width x 2", driver_bw
+    return None, "unknown", None
 
 
 class Timer:
@@ -127,7 +133,8 @@ def measure_copy_bandwidth(torch) -> float:
 
 
 def build_weights(torch, n: int, k: int, seed: int):
-    """Random bf16 weight, its 2:4 (magnitude) version, and the prepared 2:4 / W4A16 forms."""
+    """Random bf16 weight -> (its 2:4 magnitude-pruned dense form, prepared 2:4, prepared W4A16, the W4A16
+    weight dequantized, torch's cuSPARSELt and CUTLASS 2:4 tensors or None with the reason why not)."""
     from sparsert.runtime.packed_linear import pack_linear
     from sparsert.runtime.sparse_gemm import prepare_sparse24, prepare_w4a16
 
@@ -138,7 +145,10 @@ def build_weights(torch, n: int, k: int, seed: int):
     sp = prepare_sparse24(p24, dtype=torch.bfloat16)
     p4 = pack_linear(w, sparse=True, int4_group_size=128)
     q4 = prepare_w4a16(p4, dtype=torch.bfloat16)
-    return dense24, sp, q4, p4
+    dense4 = p4.to_dense().to(torch.bfloat16).contiguous()  # the dequantized weight: W4A16's reference
+    cslt, cslt_why = semi_structured(torch, dense24, "cslt")
+    cutl, cutl_why = semi_structured(torch, dense24, "cutlass")
+    return dense24, sp, q4, dense4, cslt, cslt_why, cutl, cutl_why
 
 
 def semi_structured(torch, dense24, backend: str):
@@ -187,124 +197,158 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def bench(torch, args) -> int:
-    import torch.nn.functional as F
-
-    from sparsert.runtime.device import get_device
+    from sparsert.runtime.device import get_device, is_sticky_cuda_error
     from sparsert.runtime.fileio import write_atomic
-    from sparsert.runtime.sparse_gemm import precompile, sparse24_linear, w4a16_linear
+    from sparsert.runtime.sparse_gemm import precompile
 
     dev = get_device(0)
-    t0 = time.time()
-    built = precompile(dev.arch)
-    print(f"kernels: {built} specs built for {dev.arch} in {time.time() - t0:.1f}s", flush=True)
     models = [m.strip() for m in args.models.split(",") if m.strip()]
     for m in models:
         if m not in MODELS:
             print(f"error: unknown model {m!r}; choose from {', '.join(MODELS)}", file=sys.stderr)
             return 2
     tokens = [int(t) for t in args.tokens.split(",")]
-    peak, peak_src = peak_bandwidth(dev.index, dev.name)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    json_path = args.json or args.out.with_suffix(".json")
+    t0 = time.time()
+    try:
+        built = precompile(dev.arch)
+        print(f"kernels: {built} specs built for {dev.arch} in {time.time() - t0:.1f}s", flush=True)
+    except Exception as exc:  # a kernel that does not build fails its own cases below, with the reason
+        print(f"kernels: precompile failed after {time.time() - t0:.1f}s: {exc}", flush=True)
+    peak, peak_src, peak_driver = peak_bandwidth(dev.index, dev.name)
     copy_bw = measure_copy_bandwidth(torch)
     timer = Timer(torch, args.reps)
-    variants = ["small", "medium", "large"] + (["sm90_128", "sm90_256"] if dev.arch == "sm_90a" else [])
     meta = {
         "device": dev.name, "compute_capability": list(dev.compute_capability), "arch": dev.arch,
         "sms": dev.sm_count, "commit": _git_commit(), "torch": torch.__version__,
         "cusparselt": getattr(torch.backends.cusparselt, "version", lambda: None)(),
-        "peak_bw": peak, "peak_bw_source": peak_src, "copy_bw_measured": copy_bw,
+        "peak_bw": peak, "peak_bw_source": peak_src, "peak_bw_driver": peak_driver, "copy_bw_measured": copy_bw,
         "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "reps": args.reps, "dtype": "bfloat16",
     }
-    print(f"device {dev.name} ({dev.arch}, {dev.sm_count} SMs), peak HBM {peak and peak / 1e9:.0f} GB/s "
-          f"({peak_src}), measured copy {copy_bw / 1e9:.0f} GB/s", flush=True)
-    rows = []
+    print(f"device {dev.name} ({dev.arch}, {dev.sm_count} SMs), peak HBM {_f(peak and peak / 1e9, '{:.0f}')} "
+          f"GB/s ({peak_src}), measured copy {copy_bw / 1e9:.0f} GB/s", flush=True)
+    rows: list[dict] = []
+
+    def write_results() -> str:
+        """The table and JSON so far (rewritten after every case: an interrupted run keeps what it measured)."""
+        memory = model_memory(torch)
+        result = {"meta": meta, "rows": rows, "memory": memory, "summary": summarize(rows, memory)}
+        md = to_markdown(result)
+        write_atomic(args.out, md)
+        write_atomic(json_path, json.dumps(result, indent=1))
+        return md
+
     seed = 0
-    for model in models:
-        for layer, n, k in MODELS[model]:
-            seed += 1
-            t0 = time.time()
-            dense24, sp, q4, _ = build_weights(torch, n, k, seed)
-            cslt, cslt_why = semi_structured(torch, dense24, "cslt")
-            cutl, cutl_why = semi_structured(torch, dense24, "cutlass")
-            print(f"[{model} {layer} {n}x{k}] weights ready in {time.time() - t0:.1f}s", flush=True)
-            for m in tokens:
-                g = torch.Generator(device="cuda").manual_seed(seed * 1000 + m)
-                x = torch.randn(m, k, device="cuda", generator=g).to(torch.bfloat16)
-                ref = F.linear(x, dense24)
-                flops = 2.0 * m * n * k
-                row = {"model": model, "layer": layer, "N": n, "K": k, "M": m, "flops": flops}
-                io = (m * k + m * n) * 2
-                row["dense_us"] = timer(lambda x=x, w=dense24: F.linear(x, w))
-                row["dense_bytes"] = n * k * 2 + io
-                for name, ws, why in (("cslt", cslt, cslt_why), ("cutlass", cutl, cutl_why)):
-                    if ws is None:
-                        row[f"{name}_note"] = why
-                        continue
+    try:
+        for model in models:
+            for layer, n, k in MODELS[model]:
+                seed += 1
+                t0 = time.time()
+                weights = build_weights(torch, n, k, seed)
+                print(f"[{model} {layer} {n}x{k}] weights ready in {time.time() - t0:.1f}s", flush=True)
+                for m in tokens:
+                    row = {"model": model, "layer": layer, "N": n, "K": k, "M": m, "flops": 2.0 * m * n * k}
                     try:
-                        y = F.linear(x, ws)
-                        row[f"{name}_err"] = rel_err(torch, y, ref)
-                        row[f"{name}_us"] = timer(lambda x=x, ws=ws: F.linear(x, ws))
-                    except Exception as exc:  # e.g. unsupported M for the backend
-                        row[f"{name}_note"] = f"{type(exc).__name__}: {exc}"[:200]
-                y24 = torch.empty(m, n, dtype=torch.bfloat16, device="cuda")
-                try:
-                    sparse24_linear(x, sp, out=y24)
-                    row["ours24_err"] = rel_err(torch, y24, ref)
-                    row["ours24_us"] = timer(lambda x=x, w=sp, y=y24: sparse24_linear(x, w, out=y))
-                    best = None
-                    for v in variants:
-                        try:
-                            sparse24_linear(x, sp, out=y24, kernel=v)
-                            err = rel_err(torch, y24, ref)
-                            t = timer(lambda x=x, w=sp, y=y24, v=v: sparse24_linear(x, w, out=y, kernel=v))
-                        except Exception as exc:
-                            row[f"ours24_{v}_note"] = f"{type(exc).__name__}: {exc}"[:200]
-                            continue
-                        row[f"ours24_{v}_us"], row[f"ours24_{v}_err"] = t, err
-                        if err <= 1e-2 and (best is None or t < best[1]):
-                            best = (v, t)
-                    if best:
-                        row["ours24_best"], row["ours24_best_us"] = best
-                except Exception as exc:
-                    row["ours24_note"] = f"{type(exc).__name__}: {exc}"[:300]
-                row["ours24_bytes"] = sp.nbytes() + io
-                try:
-                    y4 = torch.empty(m, n, dtype=torch.bfloat16, device="cuda")
-                    w4a16_linear(x, q4, out=y4)
-                    row["w4a16_err"] = rel_err(torch, y4, ref)  # vs the unquantized 2:4 weight (INT4 noise)
-                    row["w4a16_us"] = timer(lambda x=x, w=q4, y=y4: w4a16_linear(x, w, out=y))
-                    best = None
-                    for label, kw in w4a16_variants(m, dev.arch):
-                        try:
-                            w4a16_linear(x, q4, out=y4, **kw)
-                            err = rel_err(torch, y4, ref)
-                            t = timer(lambda x=x, w=q4, y=y4, kw=kw: w4a16_linear(x, w, out=y, **kw))
-                        except Exception as exc:
-                            row[f"w4a16_{label}_note"] = f"{type(exc).__name__}: {exc}"[:200]
-                            continue
-                        row[f"w4a16_{label}_us"], row[f"w4a16_{label}_err"] = t, err
-                        if err <= 5e-2 and (best is None or t < best[1]):
-                            best = (label, t)
-                    if best:
-                        row["w4a16_best"], row["w4a16_best_us"] = best
-                except Exception as exc:
-                    row["w4a16_note"] = f"{type(exc).__name__}: {exc}"[:300]
-                row["w4a16_read_bytes"] = q4.nbytes() + m * k * 2
-                row["w4a16_bytes"] = q4.nbytes() + io
-                rows.append(evaluate(row, peak))
-                print(format_row(row), flush=True)
-            dense24 = sp = q4 = cslt = cutl = None
-            torch.cuda.empty_cache()
-    memory = model_memory(torch)
-    summary = summarize(rows, memory)
-    result = {"meta": meta, "rows": rows, "memory": memory, "summary": summary}
-    md = to_markdown(result)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    json_path = args.json or args.out.with_suffix(".json")
-    write_atomic(args.out, md)
-    write_atomic(json_path, json.dumps(result, indent=1))
+                        measure_case(torch, timer, dev.arch, weights, row, seed)
+                    except Exception as exc:
+                        row["error"] = f"{type(exc).__name__}: {exc}"[:300]
+                        if is_sticky_cuda_error(exc):  # the CUDA context is gone: nothing more can be measured
+                            meta["stopped"] = f"kernel fault at {model} {layer} M={m}: {row['error']}"
+                    rows.append(evaluate(row, peak))
+                    print(format_row(row), flush=True)
+                    write_results()
+                    if "stopped" in meta:
+                        raise RuntimeError(meta["stopped"])
+                weights = None
+                torch.cuda.empty_cache()
+    except KeyboardInterrupt:  # tools/gpu_session.sh's time limit: keep what was measured
+        meta["stopped"] = f"interrupted (SIGINT) after {len(rows)} cases"
+    except RuntimeError as exc:
+        if "stopped" not in meta:
+            raise
+        print(f"stopped: {exc}", file=sys.stderr)
+    md = write_results()
     print(md)
-    print("JSON " + json.dumps(result))
-    return 0
+    print("JSON " + json.dumps({"meta": meta, "rows": rows}))
+    return 0 if "stopped" not in meta else 1
+
+
+def measure_case(torch, timer, arch: str, weights, row: dict, seed: int) -> None:
+    """One (layer, M) case into ``row``: dense, torch 2:4 (cuSPARSELt, CUTLASS), ours (auto and each variant),
+    W4A16 (auto and each variant), each checked against its reference before it is timed."""
+    import torch.nn.functional as F
+
+    from sparsert.runtime.sparse_gemm import sparse24_linear, w4a16_linear
+
+    dense24, sp, q4, dense4, cslt, cslt_why, cutl, cutl_why = weights
+    m, n, k = row["M"], row["N"], row["K"]
+    g = torch.Generator(device="cuda").manual_seed(seed * 1000 + m)
+    x = torch.randn(m, k, device="cuda", generator=g).to(torch.bfloat16)
+    ref = F.linear(x, dense24)
+    io = (m * k + m * n) * 2
+    row["dense_us"] = timer(lambda x=x, w=dense24: F.linear(x, w))
+    row["dense_bytes"] = n * k * 2 + io
+    for name, ws, why in (("cslt", cslt, cslt_why), ("cutlass", cutl, cutl_why)):
+        if ws is None:
+            row[f"{name}_note"] = why
+            continue
+        try:
+            y = F.linear(x, ws)
+            row[f"{name}_err"] = rel_err(torch, y, ref)
+            row[f"{name}_us"] = timer(lambda x=x, ws=ws: F.linear(x, ws))
+        except Exception as exc:  # e.g. unsupported M for the backend
+            row[f"{name}_note"] = f"{type(exc).__name__}: {exc}"[:200]
+    variants = ["small", "medium", "large"] + (["sm90_128", "sm90_256"] if arch == "sm_90a" else [])
+    y24 = torch.empty(m, n, dtype=torch.bfloat16, device="cuda")
+    try:
+        sparse24_linear(x, sp, out=y24)
+        row["ours24_err"] = rel_err(torch, y24, ref)
+        row["ours24_us"] = timer(lambda x=x, w=sp, y=y24: sparse24_linear(x, w, out=y))
+        best = None
+        for v in variants:
+            try:
+                sparse24_linear(x, sp, out=y24, kernel=v)
+                err = rel_err(torch, y24, ref)
+                t = timer(lambda x=x, w=sp, y=y24, v=v: sparse24_linear(x, w, out=y, kernel=v))
+            except Exception as exc:
+                row[f"ours24_{v}_note"] = f"{type(exc).__name__}: {exc}"[:200]
+                continue
+            row[f"ours24_{v}_us"], row[f"ours24_{v}_err"] = t, err
+            if err <= TOL_BF16 and (best is None or t < best[1]):
+                best = (v, t)
+        if best:
+            row["ours24_best"], row["ours24_best_us"] = best
+    except Exception as exc:
+        row["ours24_note"] = f"{type(exc).__name__}: {exc}"[:300]
+    row["ours24_bytes"] = sp.nbytes() + io
+    # W4A16 is checked against its own dequantized weight (the issue's bound); the error against the
+    # unquantized 2:4 weight (~9% at group 128: INT4 noise, not the kernel) is reported for information.
+    ref4 = F.linear(x, dense4)
+    y4 = torch.empty(m, n, dtype=torch.bfloat16, device="cuda")
+    try:
+        w4a16_linear(x, q4, out=y4)
+        row["w4a16_err"] = rel_err(torch, y4, ref4)
+        row["w4a16_err_vs_unquantized"] = rel_err(torch, y4, ref)
+        row["w4a16_us"] = timer(lambda x=x, w=q4, y=y4: w4a16_linear(x, w, out=y))
+        best = None
+        for label, kw in w4a16_variants(m, arch):
+            try:
+                w4a16_linear(x, q4, out=y4, **kw)
+                err = rel_err(torch, y4, ref4)
+                t = timer(lambda x=x, w=q4, y=y4, kw=kw: w4a16_linear(x, w, out=y, **kw))
+            except Exception as exc:
+                row[f"w4a16_{label}_note"] = f"{type(exc).__name__}: {exc}"[:200]
+                continue
+            row[f"w4a16_{label}_us"], row[f"w4a16_{label}_err"] = t, err
+            if err <= TOL_BF16 and (best is None or t < best[1]):
+                best = (label, t)
+        if best:
+            row["w4a16_best"], row["w4a16_best_us"] = best
+    except Exception as exc:
+        row["w4a16_note"] = f"{type(exc).__name__}: {exc}"[:300]
+    row["w4a16_read_bytes"] = q4.nbytes() + m * k * 2
+    row["w4a16_bytes"] = q4.nbytes() + io
 
 
 def w4a16_variants(m: int, arch: str) -> list[tuple[str, dict]]:
@@ -333,15 +377,17 @@ def evaluate(row: dict, peak: float | None) -> dict:
         if t:
             row[f"{key}_gbps"] = row[f"{key}_bytes"] / (t * 1e-6) / 1e9
     best = row.get("ours24_best_us")
-    ok24 = row.get("ours24_err", 1.0) <= 1e-2
-    okq = row.get("w4a16_err", 1.0) <= 5e-2  # INT4 vs the unquantized weight: quantization noise, not a bug
-    if m >= 2048 and best:
-        row["check_24"] = "PASS" if ok24 and row["dense_us"] / best >= TARGETS["sparse_speedup"] else "FAIL"
+    ok24 = row.get("ours24_err", 1.0) <= TOL_BF16
+    okq = row.get("w4a16_err", 1.0) <= TOL_BF16  # against the dequantized weight
+    if m >= 2048 and best and d:
+        row["check_24"] = "PASS" if ok24 and d / best >= TARGETS["sparse_speedup"] else "FAIL"
         if row.get("cslt_us"):
             row["ours24_vs_cslt"] = row["cslt_us"] / best
+    elif m >= 2048:  # a case the target covers that produced no correct timing
+        row["check_24"] = "ERROR"
     tq = row.get("w4a16_best_us") or row.get("w4a16_us")
-    if tq:
-        speedup = row["dense_us"] / tq
+    if tq and d:
+        speedup = d / tq
         if m <= 16:
             if peak:
                 row["w4a16_roofline"] = row["w4a16_read_bytes"] / (tq * 1e-6) / peak
@@ -350,6 +396,8 @@ def evaluate(row: dict, peak: float | None) -> dict:
             row["check_w4a16"] = "PASS" if okq and fast and roof else "FAIL"
         elif m == 2048:
             row["check_w4a16"] = "PASS" if okq and speedup >= TARGETS["w4a16_prefill_speedup"] else "FAIL"
+    elif m <= 16 or m == 2048:  # a case the targets cover that produced no timing
+        row["check_w4a16"] = "ERROR"
     return row
 
 
@@ -374,7 +422,7 @@ def model_memory(torch) -> dict:
 def summarize(rows: list[dict], memory: dict) -> dict:
     def checks(key):
         vals = [r[key] for r in rows if key in r]
-        return {"pass": vals.count("PASS"), "fail": vals.count("FAIL")}
+        return {"pass": vals.count("PASS"), "fail": vals.count("FAIL"), "error": vals.count("ERROR")}
 
     return {"sparse24_m>=2048": checks("check_24"), "w4a16": checks("check_w4a16"), "memory": memory["check"]}
 
@@ -401,7 +449,8 @@ def to_markdown(result: dict) -> str:
         f"({meta['peak_bw_source']}); measured device copy {meta['copy_bw_measured'] / 1e9:.0f} GB/s",
         f"- bf16 activations; median of {meta['reps']} runs, L2 flushed before each; times in microseconds; "
         "TFLOP/s are dense-equivalent (2MNK); speedups = dense time / best variant time; `err` = relative "
-        "error vs dense on the same 2:4 weight (W4A16 includes INT4 quantization error, group 128); roofline = "
+        "error vs dense on the same 2:4 weight (W4A16: vs its own dequantized INT4 weight, group 128; the "
+        "INT4 error itself is `w4a16_err_vs_unquantized` in the JSON); roofline = "
         "W4A16 bytes read (codes + 2-bit indices + scales + activations) / best time / peak HBM bandwidth",
         "",
         "| model | layer | N x K | M | dense us | dense TF/s | cuSPARSELt us | CUTLASS-2:4 us | ours 2:4 us | "
@@ -410,10 +459,11 @@ def to_markdown(result: dict) -> str:
         "|" + "---|" * 23,
     ]
     for r in rows:
-        best_sp = r["dense_us"] / r["ours24_best_us"] if r.get("ours24_best_us") else None
+        d = r.get("dense_us")
+        best_sp = d / r["ours24_best_us"] if d and r.get("ours24_best_us") else None
         tq = r.get("w4a16_best_us") or r.get("w4a16_us")
-        q_sp = r["dense_us"] / tq if tq else None
-        w4_gbps = r["w4a16_bytes"] / (tq * 1e-6) / 1e9 if tq else None
+        q_sp = d / tq if d and tq else None
+        w4_gbps = r["w4a16_bytes"] / (tq * 1e-6) / 1e9 if tq and "w4a16_bytes" in r else None
         lines.append(
             f"| {r['model']} | {r['layer']} | {r['N']}x{r['K']} | {r['M']} | {_f(r.get('dense_us'))} | "
             f"{_f(r.get('dense_tflops'))} | {_f(r.get('cslt_us'))} | {_f(r.get('cutlass_us'))} | "
@@ -436,6 +486,9 @@ def to_markdown(result: dict) -> str:
         f"M <= 16; >= {TARGETS['w4a16_prefill_speedup']}x at M = 2048): {s['w4a16']}",
     ]
     notes = sorted({f"{k}: {v}" for r in rows for k, v in r.items() if k.endswith("_note")})
+    notes += [f"{r['model']} {r['layer']} M={r['M']}: {r['error']}" for r in rows if "error" in r]
+    if meta.get("stopped"):
+        notes.insert(0, f"INCOMPLETE: {meta['stopped']}")
     if notes:
         lines += ["", "Notes:"] + [f"- {n}" for n in notes]
     return "\n".join(lines) + "\n"
