@@ -518,9 +518,10 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         result = run(cfg)
-    except Exception as exc:  # one device call may be all there is: record what broke, then fail
+    except (Exception, KeyboardInterrupt) as exc:  # one device call may be all there is: record what broke
         traceback.print_exc()
-        error = f"{type(exc).__name__}: {str(exc)[:1000]}"
+        error = ("interrupted (SIGINT: the time limit) before the table was complete"
+                 if isinstance(exc, KeyboardInterrupt) else f"{type(exc).__name__}: {str(exc)[:1000]}")
         md = f"# FFN training step: 2:4 sparse GEMMs vs dense (issue 3)\n\nerror: {error}\n"
         if args.out:
             write_atomic(args.out, md)
