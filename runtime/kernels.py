@@ -92,7 +92,12 @@ def prune24_reference(dense: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     ``compress_24`` and :func:`~sparsert.runtime.sparse_meta.reorder_meta_for_mma`.
 
     ``dense [M, K]`` (``M % 16 == 0``, ``K % 64 == 0``) -> (values ``[M, K/2]`` in ``dense.dtype``, kept values in
-    K order; meta int32 ``[M/16, K/64, 32]``)."""
+    K order; meta int32 ``[M/16, K/64, 32]``). A NaN has no magnitude order: refused with its position (the
+    CUDA kernel, which does not check to stay sync-free, ranks it above every number)."""
+    bad = torch.isnan(dense)
+    if bad.any():
+        r, c = (int(i) for i in bad.nonzero()[0])
+        raise FormatError(f"dense holds NaN (first at row {r}, column {c}): it cannot be pruned by magnitude")
     mask = nm_mask(dense, 2, 4, name="dense")
     values, packed = compress_24(torch.where(mask, dense, torch.zeros((), dtype=dense.dtype)), name="dense")
     return values, reorder_meta_for_mma(unpack_indices_24(packed, dense.shape[1]), name="dense indices")

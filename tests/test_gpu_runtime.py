@@ -96,6 +96,8 @@ def _misaligned(shape, dtype):
     (lambda: torch.randn(16, 96), "K must be a positive multiple of 64"),
     (lambda: torch.randn(16, 64, 1), "must be 2-D"),
     (lambda: [[1.0] * 64] * 16, "must be a torch.Tensor"),
+    (lambda: torch.randn(16, 64).index_put_((torch.tensor([3]), torch.tensor([5])), torch.tensor(float("nan"))),
+     r"dense holds NaN \(first at row 3, column 5\): it cannot be pruned by magnitude"),
 ])
 def test_prune24_rejects_bad_input_before_launch(make, match):
     with pytest.raises(FormatError, match=match):
