@@ -749,6 +749,8 @@ def train(cfg: TrainConfig) -> TrainResult:
     tokenizer = hf_tokenizer(model_config) if is_hf_config(model_config) else ByteTokenizer()  # H11
     if ckpt is None and init_ckpt is not None:
         _check_tokenizer(init_ckpt.state, tokenizer, "--init-from", init_ckpt.path)
+    if not isinstance(tokenizer, ByteTokenizer):  # a BPE tokenizer takes a while on a large corpus: say why
+        _say(f"tokenizing {cfg.data or 'the default corpus'} with the model's tokenizer ...")
     data = TokenData.from_corpus(load_corpus(cfg.data, max_bytes=cfg.max_data_bytes), tokenizer)
     data_digest = data.digest()
     if ckpt is not None and ckpt.state.get("data_digest", data_digest) != data_digest:
