@@ -305,20 +305,8 @@ def measure_case(torch, timer, arch: str, weights, row: dict, seed: int) -> None
         sparse24_linear(x, sp, out=y24)
         row["ours24_err"] = rel_err(torch, y24, ref)
         row["ours24_us"] = timer(lambda x=x, w=sp, y=y24: sparse24_linear(x, w, out=y))
-        best = None
-        for v in variants:
-            try:
-                sparse24_linear(x, sp, out=y24, kernel=v)
-                err = rel_err(torch, y24, ref)
-                t = timer(lambda x=x, w=sp, y=y24, v=v: sparse24_linear(x, w, out=y, kernel=v))
-            except Exception as exc:
-                row[f"ours24_{v}_note"] = f"{type(exc).__name__}: {exc}"[:200]
-                continue
-            row[f"ours24_{v}_us"], row[f"ours24_{v}_err"] = t, err
-            if err <= TOL_BF16 and (best is None or t < best[1]):
-                best = (v, t)
-        if best:
-            row["ours24_best"], row["ours24_best_us"] = best
+        time_variants(torch, timer, row, "ours24", lambda **kw: sparse24_linear(x, sp, out=y24, **kw), y24, ref,
+                      [(v, {"kernel": v}) for v in variants])
     except Exception as exc:
         row["ours24_note"] = f"{type(exc).__name__}: {exc}"[:300]
     row["ours24_bytes"] = sp.nbytes() + io
@@ -331,24 +319,31 @@ def measure_case(torch, timer, arch: str, weights, row: dict, seed: int) -> None
         row["w4a16_err"] = rel_err(torch, y4, ref4)
         row["w4a16_err_vs_unquantized"] = rel_err(torch, y4, ref)
         row["w4a16_us"] = timer(lambda x=x, w=q4, y=y4: w4a16_linear(x, w, out=y))
-        best = None
-        for label, kw in w4a16_variants(m, arch):
-            try:
-                w4a16_linear(x, q4, out=y4, **kw)
-                err = rel_err(torch, y4, ref4)
-                t = timer(lambda x=x, w=q4, y=y4, kw=kw: w4a16_linear(x, w, out=y, **kw))
-            except Exception as exc:
-                row[f"w4a16_{label}_note"] = f"{type(exc).__name__}: {exc}"[:200]
-                continue
-            row[f"w4a16_{label}_us"], row[f"w4a16_{label}_err"] = t, err
-            if err <= TOL_BF16 and (best is None or t < best[1]):
-                best = (label, t)
-        if best:
-            row["w4a16_best"], row["w4a16_best_us"] = best
+        time_variants(torch, timer, row, "w4a16", lambda **kw: w4a16_linear(x, q4, out=y4, **kw), y4, ref4,
+                      w4a16_variants(m, arch))
     except Exception as exc:
         row["w4a16_note"] = f"{type(exc).__name__}: {exc}"[:300]
     row["w4a16_read_bytes"] = q4.nbytes() + m * k * 2
     row["w4a16_bytes"] = q4.nbytes() + io
+
+
+def time_variants(torch, timer, row: dict, prefix: str, call, out, ref, variants: list[tuple[str, dict]]) -> None:
+    """Each explicit variant ``call(**kwargs)`` (writing ``out``): error against ``ref``, then its time, into
+    ``row[f"{prefix}_{label}_us" / "_err" / "_note"]``; the fastest correct one as ``{prefix}_best(_us)``."""
+    best = None
+    for label, kw in variants:
+        try:
+            call(**kw)
+            err = rel_err(torch, out, ref)
+            t = timer(lambda kw=kw: call(**kw))
+        except Exception as exc:
+            row[f"{prefix}_{label}_note"] = f"{type(exc).__name__}: {exc}"[:200]
+            continue
+        row[f"{prefix}_{label}_us"], row[f"{prefix}_{label}_err"] = t, err
+        if err <= TOL_BF16 and (best is None or t < best[1]):
+            best = (label, t)
+    if best:
+        row[f"{prefix}_best"], row[f"{prefix}_best_us"] = best
 
 
 def w4a16_variants(m: int, arch: str) -> list[tuple[str, dict]]:
