@@ -91,7 +91,7 @@ def fixed_corpus(seed: int = 0, words: int = 12000) -> str:
 def small(corpus: Path, out: Path, **kw) -> TrainConfig:
     base = dict(data=str(corpus), out_dir=str(out), steps=4, batch_size=4, seq_len=32, eval_interval=4,
                 eval_batches=2, ckpt_interval=2, keep_checkpoints=3, mask_refresh_interval=1, transposable=True,
-                threads=1, progress=False)
+                threads=1, progress=False, device="cpu")  # gloo on CPU processes, also where a GPU exists
     base.update(kw)
     return TrainConfig(**base)
 
@@ -112,7 +112,7 @@ def manual_steps(mode: str | None, steps: int = 2) -> dict:
     process (``mode`` None) or as this rank of the active process group; returns losses, flips and masks."""
     cfg = TrainConfig(steps=steps, batch_size=4, seq_len=16, transposable=True, mask_refresh_interval=1,
                       masked_decay=6e-5, threads=1, progress=False)
-    ctx = init_distributed(mode) if mode is not None else DistContext()
+    ctx = init_distributed(mode, device="cpu") if mode is not None else DistContext()
     model = build_model(model_config_from_preset("tiny"), cfg)
     model, opt = ctx.wrap(model, build_optimizer(model, cfg), lambda m: build_optimizer(m, cfg))
     tokens = torch.arange(4000, dtype=torch.int64).mul(7919).remainder(251)

@@ -155,3 +155,19 @@ def test_filesystem_errors_and_bad_values_are_one_line(tmp_path, monkeypatch, ca
         assert capsys.readouterr().err.strip().splitlines() == [message]
     assert (tmp_path / "afile").read_text() == "keep me"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["afile"]
+
+
+def test_device_cuda_without_a_gpu_is_a_one_line_error(tmp_path, monkeypatch, capsys):
+    import torch
+
+    from sparsert.cli import main
+
+    if torch.cuda.is_available():
+        pytest.skip("torch sees a GPU here")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exc:
+        main(["train", "--device", "cuda", "--steps", "2"])
+    assert exc.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"error: --device cuda: torch {torch.__version__} sees no CUDA GPU (use --device cpu)"]
+    assert list(tmp_path.iterdir()) == []

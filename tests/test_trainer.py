@@ -186,3 +186,28 @@ def test_a_run_that_is_not_2to4_says_up_front_it_gets_no_artifact(corpus, tmp_pa
     assert "note: the compressed artifact stores 2:4 sparsity only; this 1:4 run will end with a checkpoint and " \
            "no artifact" in err.err
     assert result.artifact is None and "no artifact: the compressed format stores 2:4" in err.out
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kw", [{}, {"method": "hu"}, {"method": "ast", "qat": True, "distill_beta": 0.0}],
+                         ids=["sr-ste", "hu", "ast-qat"])
+def test_training_on_the_gpu_follows_the_cpu_run(corpus, tmp_path, kw):
+    """--device cuda: the same run as on the CPU (same data order, masks refreshed, checkpoint, artifact), its
+    losses within float rounding of the CPU run's; resumed on the CPU it finishes."""
+    cpu = train(small(corpus, tmp_path / "cpu", device="cpu", **kw))
+    gpu = train(small(corpus, tmp_path / "gpu", device="cuda", **kw))
+    assert gpu.artifact is not None and load_artifact(gpu.artifact).packed
+    lc = [r["loss"] for r in read_metrics(tmp_path / "cpu") if "loss" in r]
+    lg = [r["loss"] for r in read_metrics(tmp_path / "gpu") if "loss" in r]
+    assert len(lc) == len(lg) == 8
+    assert max(abs(a - b) / abs(a) for a, b in zip(lc, lg)) < 2e-2, (lc, lg)
+    assert abs(gpu.final_val_loss - cpu.final_val_loss) / cpu.final_val_loss < 2e-2
+    ck = load_checkpoint(tmp_path / "gpu")
+    assert all(t.device.type == "cpu" for t in ck.model_state.values())  # checkpoints are device-free
+    rewound = tmp_path / "gpu-resumed"
+    shutil.copytree(tmp_path / "gpu", rewound)
+    shutil.rmtree(rewound / "checkpoints" / "step_00000008")
+    shutil.rmtree(rewound / "artifact")
+    write_json_atomic(rewound / "checkpoints" / "latest.json", {"step": 4, "dir": "step_00000004"})
+    resumed = train(dataclasses.replace(load_train_config(rewound), device="cpu"))
+    assert resumed.artifact is not None

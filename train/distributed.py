@@ -199,8 +199,8 @@ class DistContext:
     def shard_data(self, data: Any, batch_size: int) -> Any:
         """``data`` (a :class:`~sparsert.train.data.TokenData`) as seen by this rank: its share of every
         global batch, on this rank's device. ConfigError when ``batch_size`` does not split evenly."""
-        if not self.enabled:
-            return data
+        if not self.enabled:  # one process: the batches only need to reach its device
+            return data if self.device.type == "cpu" else RankShardedData(data, 0, 1, self.device)
         if batch_size % self.world_size:
             raise ConfigError(
                 f"--batch-size {batch_size} is not divisible by the world size {self.world_size}: the global "
@@ -297,11 +297,33 @@ class DistContext:
             _ACTIVE = None
 
 
-def init_distributed(mode: str | None = None, *, environ: Mapping[str, str] | None = None) -> DistContext:
+DEVICES = ("auto", "cpu", "cuda")
+
+
+def resolve_device(device: str, local_rank: int = 0) -> torch.device:
+    """``--device``: ``auto`` (this rank's GPU when torch sees one, else the CPU), ``cpu`` or ``cuda``
+    (ConfigError without a usable GPU)."""
+    if device not in DEVICES:
+        raise ConfigError(f"--device: expected one of {', '.join(DEVICES)}, got {device!r}")
+    cuda = torch.cuda.is_available()
+    if device == "cuda" and not cuda:
+        raise ConfigError(f"--device cuda: torch {torch.__version__} sees no CUDA GPU (use --device cpu)")
+    return torch.device("cuda", local_rank) if device != "cpu" and cuda else torch.device("cpu")
+
+
+def _set_device(device: torch.device) -> torch.device:
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    return device
+
+
+def init_distributed(mode: str | None = None, *, environ: Mapping[str, str] | None = None,
+                     device: str = "auto") -> DistContext:
     """The distributed context of this process, joining the process group when needed.
 
     ``mode``: ``"ddp"``, ``"fsdp"`` or None (DDP when started by torchrun with WORLD_SIZE > 1, else a
-    single-process run). A process group that already exists (e.g. created by the caller) is used as is.
+    single-process run). ``device`` (:func:`resolve_device`): where the model and batches live — this rank's
+    GPU (backend nccl) or the CPU (gloo). A process group that already exists (e.g. created by the caller) is used as is.
     ConfigError for an unknown mode, or a mode without a torchrun environment (the message shows the launch
     command). Calling it again returns the same context (the mode must agree).
     """
@@ -324,10 +346,10 @@ def init_distributed(mode: str | None = None, *, environ: Mapping[str, str] | No
                     f"--distributed {mode}: no torchrun environment ({', '.join(TORCHRUN_VARS)} are not set); "
                     f"start the run with: {LAUNCH_HINT.format(mode=mode)}"
                 )
-            return DistContext()
+            return DistContext(device=_set_device(resolve_device(device)))
         rank, world, local = env
         if world == 1 and mode is None:
-            return DistContext()
+            return DistContext(device=_set_device(resolve_device(device, local)))
         if not dist.is_available():
             raise ConfigError(f"--distributed {mode or 'ddp'}: this torch build has no torch.distributed")
         source = os.environ if environ is None else environ
@@ -335,16 +357,13 @@ def init_distributed(mode: str | None = None, *, environ: Mapping[str, str] | No
             if var not in source:
                 raise ConfigError(f"torchrun environment: {var} is not set (start with torchrun)")
         owns = True
-    cuda = torch.cuda.is_available()
-    device = torch.device("cuda", local) if cuda else torch.device("cpu")
-    if cuda:
-        torch.cuda.set_device(device)
-    backend = "nccl" if cuda else "gloo"
+    where = _set_device(resolve_device(device, local))
+    backend = "nccl" if where.type == "cuda" else "gloo"
     if owns:
         dist.init_process_group(backend, rank=rank, world_size=world)
     else:
         backend = dist.get_backend()
-    ctx = DistContext(mode=mode or "ddp", rank=rank, world_size=world, local_rank=local, device=device,
+    ctx = DistContext(mode=mode or "ddp", rank=rank, world_size=world, local_rank=local, device=where,
                       backend=backend, owns_group=owns)
     _ACTIVE = ctx
     return ctx

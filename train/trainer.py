@@ -65,6 +65,7 @@ from sparsert.train.checkpoint import (
 )
 from sparsert.train.data import TokenData, load_corpus
 from sparsert.train.distributed import (  # H11: multi-process training (DDP / FSDP2 under torchrun)
+    DEVICES,
     check_mode,
     entered_on_ranks,
     global_mean,
@@ -122,7 +123,7 @@ SRSTE_DECAY = 2e-4
 # Path fields compared as resolved absolute paths on resume.
 PATH_FIELDS = ("data", "init_from", "teacher", "hf_model")
 # Fields that may differ between a run and its resumption (they do not change what is computed).
-RESUME_FREE_FIELDS = ("resume", "threads", "out_dir", "progress", "distributed")
+RESUME_FREE_FIELDS = ("resume", "threads", "out_dir", "progress", "distributed", "device")
 
 
 class TrainingDivergedError(SparsertError):
@@ -202,6 +203,7 @@ class TrainConfig:
     # --- H11: a local Hugging Face model directory (--model) and multi-process training (--distributed) ---
     hf_model: str | None = None
     distributed: str | None = None
+    device: str = "auto"  # auto (the GPU when torch sees one) | cpu | cuda
     eval_interval: int = 200
     eval_batches: int = 16
     ckpt_interval: int = 200
@@ -222,6 +224,8 @@ class TrainConfig:
                 _check_int(name, getattr(self, name), minimum=0)
         if self.threads is not None:
             _check_int("threads", self.threads, minimum=1)
+        if self.device not in DEVICES:
+            raise ConfigError(f"train config 'device': expected one of {', '.join(DEVICES)}, got {self.device!r}")
         _check_int("seed", self.seed, minimum=0)
         for name, lo, lo_ok in (("lr", 0.0, False), ("weight_decay", 0.0, True), ("grad_clip", 0.0, False),
                                 ("decay", 0.0, True), ("min_lr_ratio", 0.0, True)):
@@ -717,7 +721,7 @@ def train(cfg: TrainConfig) -> TrainResult:
     t_start = time.perf_counter()
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)
-    dctx = init_distributed(cfg.distributed)  # H11: DDP / FSDP2 under torchrun (train/distributed.py)
+    dctx = init_distributed(cfg.distributed, device=cfg.device)  # H11: DDP / FSDP2 under torchrun
 
     ckpt: Checkpoint | None = None
     init_ckpt: Checkpoint | None = None

@@ -180,6 +180,9 @@ def _config_error(exc: ConfigError) -> ConfigError:
 @click.option("--seed", type=int, default=_D.seed, show_default=True, help="Seed of the model init and data order.")
 @click.option("--resume", is_flag=True,
               help="Continue the run in --out (default: the newest matching run under runs/) from its last checkpoint.")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
+              help="Where to train: auto takes the GPU when torch sees one (under torchrun: each rank's own), "
+                   "else the CPU. Not part of the run's config: a run may resume on another device.")
 @click.option("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice).")
 @click.option("--no-progress", "no_progress", is_flag=True, help="No progress bar.")
 @click.pass_context
