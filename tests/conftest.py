@@ -27,6 +27,14 @@ def _one_torch_thread():
     torch.set_num_threads(threads)
 
 
+@pytest.fixture(autouse=True)
+def _train_on_the_cpu_unless_a_gpu_test(request, monkeypatch):
+    """The CPU suite's training runs stay on the CPU where a GPU exists too (their exact-resume checks assume
+    the CPU's deterministic kernels): ``--device auto`` reads $SPARSERT_DEVICE. GPU tests choose their own."""
+    if request.node.get_closest_marker("gpu") is None:
+        monkeypatch.setenv("SPARSERT_DEVICE", "cpu")
+
+
 @functools.lru_cache(maxsize=1)
 def gpu_status() -> tuple[bool, str]:
     """(usable, reason) for the GPU tests."""

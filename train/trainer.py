@@ -42,9 +42,10 @@ import base64
 import contextlib
 import dataclasses
 import math
+import os
 import sys
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from datetime import datetime
 from pathlib import Path
 
@@ -203,7 +204,8 @@ class TrainConfig:
     # --- H11: a local Hugging Face model directory (--model) and multi-process training (--distributed) ---
     hf_model: str | None = None
     distributed: str | None = None
-    device: str = "auto"  # auto (the GPU when torch sees one) | cpu | cuda
+    # auto (the GPU when torch sees one) | cpu | cuda; the default comes from $SPARSERT_DEVICE when set
+    device: str = field(default_factory=lambda: os.environ.get("SPARSERT_DEVICE") or "auto")
     eval_interval: int = 200
     eval_batches: int = 16
     ckpt_interval: int = 200

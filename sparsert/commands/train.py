@@ -180,7 +180,8 @@ def _config_error(exc: ConfigError) -> ConfigError:
 @click.option("--seed", type=int, default=_D.seed, show_default=True, help="Seed of the model init and data order.")
 @click.option("--resume", is_flag=True,
               help="Continue the run in --out (default: the newest matching run under runs/) from its last checkpoint.")
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default=None,
+              show_default="$SPARSERT_DEVICE, else auto",
               help="Where to train: auto takes the GPU when torch sees one (under torchrun: each rank's own), "
                    "else the CPU. Not part of the run's config: a run may resume on another device.")
 @click.option("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice).")
@@ -203,7 +204,7 @@ def command(ctx: click.Context, **opts: object) -> None:
     values: dict[str, object] = {}
     given: set[str] = set()
     for name, value in opts.items():
-        if name == "sparsity":
+        if name == "sparsity" or (name == "device" and value is None):  # device: TrainConfig's default
             continue
         field = "progress" if name == "no_progress" else _FIELD.get(name, name)
         values[field] = (not value) if name == "no_progress" else value
