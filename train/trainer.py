@@ -803,7 +803,16 @@ def train(cfg: TrainConfig) -> TrainResult:
         _restore_rng(gen.set_state, ckpt.state.get("data_rng"), where)
         _restore_rng(torch.set_rng_state, ckpt.state.get("torch_rng"), where)
         if mvue_gen is not None:
-            _restore_rng(mvue_gen.set_state, ckpt.state.get("mvue_rng"), where)
+            saved_on = ckpt.state.get("mvue_rng_device", "cpu")
+            if saved_on == mvue_gen.device.type:
+                _restore_rng(mvue_gen.set_state, ckpt.state.get("mvue_rng"), where)
+            else:  # CPU and CUDA generators have different states (and draws): continue with a fresh stream
+                mvue_gen.manual_seed(cfg.seed + 2 + ckpt.step)
+                _say(f"note: resuming on {mvue_gen.device.type} a run checkpointed on {saved_on}: the MVUE24 "
+                     "sampler continues with a new random stream")
+        cuda_rng = ckpt.state.get("cuda_rng")
+        if cuda_rng is not None and dctx.device.type == "cuda":  # dropout draws on the GPU (HF GPT-2)
+            _restore_rng(lambda t: torch.cuda.set_rng_state(t, dctx.device), cuda_rng, where)
         start_step = ckpt.step
         metrics_offset = int(ckpt.state.get("metrics_offset", 0))
         if masks is not None:
@@ -851,6 +860,9 @@ def train(cfg: TrainConfig) -> TrainResult:
                      metrics_offset=metrics.offset(), tokens_seen=at * tokens_per_step)
         if mvue_gen is not None:
             state["mvue_rng"] = _rng_to_str(mvue_gen.get_state())
+            state["mvue_rng_device"] = mvue_gen.device.type
+        if dctx.device.type == "cuda":
+            state["cuda_rng"] = _rng_to_str(torch.cuda.get_rng_state(dctx.device))
         if masks is not None:
             # layers training dense get the masks compression would keep (H11: on every rank)
             sync_masks(model, masks.prepare_checkpoint)
