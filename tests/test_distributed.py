@@ -145,7 +145,7 @@ def _worker(rank: int, port: int, root: str) -> None:
     try:
         for mode in ("ddp", "fsdp"):
             out[f"manual_{mode}"] = manual_steps(mode)
-        ctx = init_distributed("fsdp")
+        ctx = init_distributed("fsdp", device="cpu")
         small_model = _TwelveRows()
         try:
             ctx.wrap(small_model, torch.optim.AdamW(small_model.parameters()),
@@ -153,7 +153,7 @@ def _worker(rank: int, port: int, root: str) -> None:
         except ConfigError as exc:
             out["shard_error"] = str(exc)
         close_distributed()
-        ctx = init_distributed("ddp")  # rank 0 fails alone (as when writing a checkpoint): every rank raises
+        ctx = init_distributed("ddp", device="cpu")  # rank 0 fails alone (as when writing a checkpoint): every rank raises
         for error in (ArtifactError("disk.safetensors: truncated"), OSError(28, "No space left on device")):
             try:
                 ctx.agree(error if rank == 0 else None, "writing checkpoint step 9")

@@ -308,7 +308,13 @@ def resolve_device(device: str, local_rank: int = 0) -> torch.device:
     cuda = torch.cuda.is_available()
     if device == "cuda" and not cuda:
         raise ConfigError(f"--device cuda: torch {torch.__version__} sees no CUDA GPU (use --device cpu)")
-    return torch.device("cuda", local_rank) if device != "cpu" and cuda else torch.device("cpu")
+    if device == "cpu" or not cuda:
+        return torch.device("cpu")
+    count = torch.cuda.device_count()
+    if local_rank >= count:
+        raise ConfigError(f"--device {device}: LOCAL_RANK {local_rank} has no GPU of its own ({count} visible); "
+                          "start at most one process per GPU, or use --device cpu")
+    return torch.device("cuda", local_rank)
 
 
 def _set_device(device: torch.device) -> torch.device:
@@ -357,6 +363,8 @@ def init_distributed(mode: str | None = None, *, environ: Mapping[str, str] | No
             if var not in source:
                 raise ConfigError(f"torchrun environment: {var} is not set (start with torchrun)")
         owns = True
+    if not owns and device == "auto" and dist.get_backend() == "gloo":
+        device = "cpu"  # a caller's gloo group: its collectives are CPU ones (gloo on CUDA lacks most of them)
     where = _set_device(resolve_device(device, local))
     backend = "nccl" if where.type == "cuda" else "gloo"
     if owns:
