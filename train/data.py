@@ -320,7 +320,7 @@ class TokenData:
         h = hashlib.sha256(f"{self.vocab_size} {self.chunk_size} {self.val_every} {self.train.dtype}".encode())
         for part in (self.train, self.val):
             h.update(str(part.numel()).encode())
-            h.update(part.contiguous().numpy().tobytes())
+            h.update(part.contiguous().numpy())  # the array's buffer: no copy of the stream
         return h.hexdigest()
 
     def summary(self) -> dict:

@@ -325,16 +325,13 @@ def _final_val(run: RunMetrics) -> tuple[float | None, float | None]:
     the trainer logged it (a run that ends dense, e.g. the Hu recipe's fine-tuning or SPDF, whose artifact
     re-applies the last 2:4 masks), else ``val_loss``."""
     for r in reversed(run.evals):
-        sparse = r.get("val_loss_sparse")
-        if _is_number(sparse) and math.isfinite(sparse):
-            ppl = r.get("val_ppl_sparse")
-            return float(sparse), float(ppl) if _is_number(ppl) else (math.exp(sparse) if sparse < 700 else math.inf)
-        loss = r.get("val_loss")
-        if _is_number(loss) and math.isfinite(loss):
-            ppl = r.get("val_ppl")
-            if not _is_number(ppl):
-                ppl = math.exp(loss) if loss < 700 else math.inf
-            return float(loss), float(ppl)
+        for suffix in ("_sparse", ""):
+            loss = r.get(f"val_loss{suffix}")
+            if _is_number(loss) and math.isfinite(loss):
+                ppl = r.get(f"val_ppl{suffix}")
+                if not _is_number(ppl):
+                    ppl = math.exp(loss) if loss < 700 else math.inf
+                return float(loss), float(ppl)
     return None, None
 
 

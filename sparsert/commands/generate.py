@@ -74,7 +74,6 @@ def command(artifact: str, prompt: str, max_new_tokens: int, temperature: float,
                err=True)
 
 
-
 def _one_line_warnings(show):  # noqa: ANN001, ANN202 - warnings.showwarning's signature
     """A ``warnings.showwarning`` that prints sparsert's own warnings (an ``--onnx`` export that cannot be
     verified) as one ``warning: ...`` line on stderr and passes any other warning to ``show``."""
