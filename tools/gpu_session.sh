@@ -7,10 +7,10 @@
 # architecture in parallel (warming the NVRTC cache), runs the GPU test suite (`pytest -m gpu`), the kernel
 # benchmark (tools/bench_kernels.py) and the FFN training-step benchmark (tools/bench_ffn_train_step.py,
 # issue 3), and writes everything under $OUT (the device tool's output folder; ./gpu-session-out elsewhere).
-# The files that come back from $OUT:
-#   summary.txt  env.txt (install log, versions, kernel builds)  gpu-tests.log  gpu-tests-<file>.xml
-#   bench.log  bench.md  bench.json  dispatch.json (the dispatcher's measured per-shape choices)
-#   ffn.log  ffn.md  ffn.json
+# The 8 files that come back from $OUT (the device tool returns at most 8: keep it that way):
+#   summary.txt  env.txt (install log, versions, kernel builds)  logs.txt (the GPU tests' and benchmarks' output,
+#   one section each)  bench.md  bench.json  dispatch.json (the dispatcher's measured per-shape choices)
+#   ffn.md  ffn.json
 # `tests`, `bench` or `ffn` runs only that part (the benchmarks both run under `bench`).
 #
 # Time budget: one device call must end within 600 s. Set-up steps have fixed caps (carried wheels 60 s,
@@ -46,12 +46,14 @@ FFN_TIMEOUT=${FFN_TIMEOUT:-110}
 DEADLINE=${DEADLINE:-570}
 START=$(date +%s)
 summary() { echo "$*" | tee -a "$OUT/summary.txt"; }
+log_section() { { echo "==== $1 ===="; cat "$2"; echo; } >> "$OUT/logs.txt"; }  # TITLE FILE
 # phase_limit CAP KEEP: seconds a phase may run = min(CAP, time left before DEADLINE - KEEP for later phases).
 phase_limit() {
   local left=$(( DEADLINE - ($(date +%s) - START) - $2 ))
   if [ "$left" -lt "$1" ]; then echo "$left"; else echo "$1"; fi
 }
 : > "$OUT/summary.txt"
+: > "$OUT/logs.txt"
 : > "$OUT/env.txt"
 
 # 1. Optional carried wheels (checked from /tmp: the repo's cuda/ folder would shadow NVIDIA's cuda package).
@@ -142,7 +144,6 @@ summary "kernel builds for this GPU: $(grep -c '^build ' "$OUT/env.txt") ($(grep
 if [ "$MODE" = all ] || [ "$MODE" = tests ]; then
   keep=0
   [ "$MODE" = all ] && keep=$(( BENCH_MIN + FFN_TIMEOUT ))
-  : > "$OUT/gpu-tests.log"
   files=""
   for f in tests/test_sparse_gemm.py tests/test_mvue24_kernel.py tests/test_gpu_runtime.py \
            $(grep -l "mark.gpu\|^gpu = " tests/test_*.py); do
@@ -156,11 +157,11 @@ if [ "$MODE" = all ] || [ "$MODE" = tests ]; then
       summary "gpu tests $name: skipped, ${limit}s left"
       continue
     fi
-    echo "==== $f (limit ${limit}s) ====" >> "$OUT/gpu-tests.log"
     SPARSERT_SYNC_LAUNCHES=1 timeout --signal=INT --kill-after=5 "$limit" $PY -m pytest -q -m gpu -rs \
-      -p no:cacheprovider --junitxml="$OUT/gpu-tests-$name.xml" "$f" >> "$OUT/gpu-tests.log" 2>&1
+      -p no:cacheprovider "$f" > "/tmp/gpu-tests-$name.log" 2>&1
     rc=$?
-    summary "gpu tests $name: exit $rc (limit ${limit}s): $(grep -E '(passed|failed|error|skipped|deselected)' "$OUT/gpu-tests.log" | tail -n 1)"
+    log_section "gpu tests $f (exit $rc, limit ${limit}s)" "/tmp/gpu-tests-$name.log"
+    summary "gpu tests $name: exit $rc (limit ${limit}s): $(grep -E '(passed|failed|error|skipped|deselected)' "/tmp/gpu-tests-$name.log" | tail -n 1)"
   done
 fi
 
@@ -171,8 +172,10 @@ if [ "$MODE" = all ] || [ "$MODE" = bench ]; then
     summary "bench: tools/bench_kernels.py not found"
   elif [ "$limit" -ge 20 ]; then
     timeout --signal=INT --kill-after=5 "$limit" $PY tools/bench_kernels.py --out "$OUT/bench.md" \
-      --json "$OUT/bench.json" > "$OUT/bench.log" 2>&1
-    summary "bench: exit $? (limit ${limit}s; bench.md, bench.json, bench.log)"
+      --json "$OUT/bench.json" > /tmp/bench.log 2>&1
+    rc=$?
+    log_section "tools/bench_kernels.py (exit $rc)" /tmp/bench.log
+    summary "bench: exit $rc (limit ${limit}s; bench.md, bench.json, logs.txt)"
   else
     summary "bench: skipped, ${limit}s left"
   fi
@@ -185,15 +188,16 @@ if [ "$MODE" = all ] || [ "$MODE" = bench ] || [ "$MODE" = ffn ]; then
     summary "ffn: tools/bench_ffn_train_step.py not found"
   elif [ "$limit" -ge 20 ]; then
     timeout --signal=INT --kill-after=5 "$limit" $PY tools/bench_ffn_train_step.py --out "$OUT/ffn.md" \
-      --json "$OUT/ffn.json" > "$OUT/ffn.log" 2>&1
-    summary "ffn: exit $? (limit ${limit}s; ffn.md, ffn.json, ffn.log): $(grep '^Target:' "$OUT/ffn.md" 2>/dev/null)"
+      --json "$OUT/ffn.json" > /tmp/ffn.log 2>&1
+    rc=$?
+    log_section "tools/bench_ffn_train_step.py (exit $rc)" /tmp/ffn.log
+    summary "ffn: exit $rc (limit ${limit}s; ffn.md, ffn.json, logs.txt): $(grep '^Target:' "$OUT/ffn.md" 2>/dev/null)"
   else
     summary "ffn: skipped, ${limit}s left"
   fi
 fi
 
 summary "elapsed: $(( $(date +%s) - START )) s"
-echo "---- gpu tests (tail) ----"; tail -n 25 "$OUT/gpu-tests.log" 2>/dev/null
-echo "---- bench (tail) ----"; tail -n 40 "$OUT/bench.md" 2>/dev/null || tail -n 20 "$OUT/bench.log" 2>/dev/null
-echo "---- ffn (tail) ----"; tail -n 30 "$OUT/ffn.md" 2>/dev/null || tail -n 20 "$OUT/ffn.log" 2>/dev/null
+echo "---- bench (tail) ----"; tail -n 40 "$OUT/bench.md" 2>/dev/null || tail -n 20 /tmp/bench.log 2>/dev/null
+echo "---- ffn (tail) ----"; tail -n 30 "$OUT/ffn.md" 2>/dev/null || tail -n 20 /tmp/ffn.log 2>/dev/null
 echo "---- summary ----"; cat "$OUT/summary.txt"
