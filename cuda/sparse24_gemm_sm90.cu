@@ -25,6 +25,14 @@
 
 #include "sparse24_gemm_common.cuh"
 
+// Bottleneck diagnosis (tools/diagnose_sm90.py builds the kernels again with -DSP24_DIAG=N; never set by the
+// library, results are wrong on purpose): 1 = the producer loads only the first STAGES k tiles and then just
+// signals the barriers (the MMA pipeline on shared-memory-resident operands); 2 = the consumers wait, read
+// their fragments and release the slots but issue no wgmma (the load pipeline alone).
+#ifndef SP24_DIAG
+#define SP24_DIAG 0
+#endif
+
 namespace s90 {
 
 using namespace sp24;
@@ -177,7 +185,7 @@ DEVI void producer(const CtaTile& t, int ktiles, Load&& load) {
   for (int kt = 0; kt < ktiles; ++kt) {
     const int slot = kt % STAGES;
     if (kt >= STAGES) mbar_wait(t.bar_empty + 8 * slot, ((kt / STAGES) - 1) & 1);
-    load(t.base + slot * STAGE_BYTES, kt);
+    if (SP24_DIAG != 1 || kt < STAGES) load(t.base + slot * STAGE_BYTES, kt);
     cp_async_mbar_arrive(t.bar_full + 8 * slot);
   }
   cp_async_wait_all();
@@ -248,7 +256,7 @@ DEVI void consumer(const CtaTile& t, int ktiles, const float* __restrict__ bias,
     keep_f(acc);
     wgmma_fence();
 #pragma unroll
-    for (int s = 0; s < S; ++s) {
+    for (int s = 0; s < (SP24_DIAG == 2 ? 0 : S); ++s) {
       const u64 desc = desc_k_major_sw128(sb + (s >> 1) * (BT * 128) + (s & 1) * 64);
       if (s & 1)
         wgmma_sp<DT, BT, 1>(acc, a[s], desc, e[s >> 1]);

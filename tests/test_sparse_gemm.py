@@ -1001,7 +1001,8 @@ def test_bench_report_targets_and_table():
     rows = []
     for m, ours_best, w4_best in ((1, 50.0, 2.4), (16, 50.0, 30.0), (2048, 70.0, 60.0), (8192, 80.0, 80.0)):
         r = dict(base, M=m, flops=2.0 * m * 4096 * 4096, ours24_best="large", ours24_best_us=ours_best,
-                 w4a16_us=w4_best * 1.1, w4a16_best="x", w4a16_best_us=w4_best, cslt_us=90.0)
+                 w4a16_us=w4_best * 1.1, w4a16_best="x", w4a16_best_us=w4_best, cslt_us=90.0,
+                 dense_host_us=8.0 + m / 1024, ours24_host_us=30.0)
         rows.append(bench.evaluate(r, 3.35e12))
     assert "check_24" not in rows[0] and rows[2]["check_24"] == "PASS" and rows[3]["check_24"] == "FAIL"
     assert rows[0]["check_w4a16"] == "PASS"  # 41.7x dense, 6.3 MB in 2.4 us = 78% of 3.35 TB/s
@@ -1019,6 +1020,38 @@ def test_bench_report_targets_and_table():
     table = [line for line in md.splitlines() if line.startswith("| 7b")]
     assert len(table) == 4 and all(line.count("|") == 24 for line in table)
     assert "3.125 bits/weight" in md and "'pass': 1, 'fail': 1" in md
+    assert "Host time of one call" in md and "dense 8–16 us; ours 2:4 30–30 us" in md and "W4A16" not in \
+        md.split("Host time of one call")[1].splitlines()[0]
+
+
+def test_diagnose_sm90_without_gpu_and_its_table(tmp_path):
+    """tools/diagnose_sm90.py: nothing measured without a GPU; its table has one line per measured row."""
+    import importlib.util
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from sparsert.runtime.device import probe_gpu
+
+    path = Path(__file__).resolve().parent.parent / "tools" / "diagnose_sm90.py"
+    if not probe_gpu()[0]:
+        out = tmp_path / "diag.md"
+        proc = subprocess.run([sys.executable, str(path), "--out", str(out)], capture_output=True, text=True,
+                              timeout=120)
+        assert proc.returncode == 0 and proc.stdout.startswith("no GPU: nothing measured"), proc.stderr
+        assert not out.exists()
+    spec = importlib.util.spec_from_file_location("diagnose_sm90", path)
+    diag = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(diag)
+    rows = [{"shape": "7b down", "N": 4096, "K": 11008, "M": 8192, "kernel": "sparse24 sm90_256",
+             "variant": "mma_only", "us": 900.0, "tflops": 820.0, "vs_dense": 1.02},
+            {"shape": "7b down", "N": 4096, "K": 11008, "M": 8192, "kernel": "w4a16 sm90_128",
+             "variant": "load_only", "error": "DeviceError: x"}]
+    md = diag.to_markdown({"device": "H200", "arch": "sm_90a", "sms": 132, "date": "d", "reps": 3,
+                           "stopped": "interrupted"}, rows)
+    table = [line for line in md.splitlines() if line.startswith("| 7b")]
+    assert len(table) == 2 and all(line.count("|") == 12 for line in table)
+    assert "| 900.0 | 820 | 1.02x |" in table[0] and "DeviceError: x" in table[1] and "**stopped**" in md
 
 
 def test_bench_counts_cases_without_a_result_as_errors():

@@ -87,24 +87,34 @@ def peak_bandwidth(device_index: int, name: str) -> tuple[float | None, str, flo
 
 
 class Timer:
-    """Median GPU time of a callable: events, GPU sleep before the start event, L2 flush per repetition."""
+    """Median GPU time of a callable: events, GPU sleep before the start event, L2 flush per repetition.
+
+    The sleep keeps the GPU busy while the host enqueues the start event and the call, so host-side launch
+    overhead is not timed: it is sized from the call's own host time measured during warm-up (at least ~100
+    us, three times the host time at an assumed 2 cycles/ns). ``last_host_us``: that host time."""
 
     def __init__(self, torch, reps: int, warmup: int = 3):
         self.torch = torch
         self.reps = reps
         self.warmup = warmup
+        self.last_host_us = 0.0
         l2 = torch.cuda.get_device_properties(0).L2_cache_size or (50 << 20)
         self.flush_buf = torch.empty(2 * l2 // 4 + 1024, dtype=torch.float32, device="cuda")
 
     def __call__(self, fn) -> float:
         torch = self.torch
+        host = []
         for _ in range(self.warmup):
+            t0 = time.perf_counter()
             fn()
+            host.append(time.perf_counter() - t0)
         torch.cuda.synchronize()
+        self.last_host_us = min(host) * 1e6
+        sleep_cycles = max(200_000, int(3 * max(host) * 1e6 * 2000))
         times = []
         for _ in range(self.reps):
             self.flush_buf.zero_()
-            torch.cuda._sleep(200_000)  # ~100 us of GPU work while the host enqueues the events and the call
+            torch.cuda._sleep(sleep_cycles)
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
             fn()
@@ -288,6 +298,7 @@ def measure_case(torch, timer, arch: str, weights, row: dict, seed: int) -> None
     ref = F.linear(x, dense24)
     io = (m * k + m * n) * 2
     row["dense_us"] = timer(lambda x=x, w=dense24: F.linear(x, w))
+    row["dense_host_us"] = timer.last_host_us
     row["dense_bytes"] = n * k * 2 + io
     for name, ws, why in (("cslt", cslt, cslt_why), ("cutlass", cutl, cutl_why)):
         if ws is None:
@@ -305,6 +316,7 @@ def measure_case(torch, timer, arch: str, weights, row: dict, seed: int) -> None
         sparse24_linear(x, sp, out=y24)
         row["ours24_err"] = rel_err(torch, y24, ref)
         row["ours24_us"] = timer(lambda x=x, w=sp, y=y24: sparse24_linear(x, w, out=y))
+        row["ours24_host_us"] = timer.last_host_us
         time_variants(torch, timer, row, "ours24", lambda **kw: sparse24_linear(x, sp, out=y24, **kw), y24, ref,
                       [(v, {"kernel": v}) for v in variants])
     except Exception as exc:
@@ -319,6 +331,7 @@ def measure_case(torch, timer, arch: str, weights, row: dict, seed: int) -> None
         row["w4a16_err"] = rel_err(torch, y4, ref4)
         row["w4a16_err_vs_unquantized"] = rel_err(torch, y4, ref)
         row["w4a16_us"] = timer(lambda x=x, w=q4, y=y4: w4a16_linear(x, w, out=y))
+        row["w4a16_host_us"] = timer.last_host_us
         time_variants(torch, timer, row, "w4a16", lambda **kw: w4a16_linear(x, q4, out=y4, **kw), y4, ref4,
                       w4a16_variants(m, arch))
     except Exception as exc:
@@ -480,6 +493,11 @@ def to_markdown(result: dict) -> str:
         f"W4A16 (>= {TARGETS['w4a16_decode_speedup']}x dense and >= {TARGETS['w4a16_roofline']:.0%} roofline at "
         f"M <= 16; >= {TARGETS['w4a16_prefill_speedup']}x at M = 2048): {s['w4a16']}",
     ]
+    host = {name: [r[f"{key}_host_us"] for r in rows if f"{key}_host_us" in r]
+            for name, key in (("dense", "dense"), ("ours 2:4", "ours24"), ("W4A16", "w4a16"))}
+    if any(host.values()):
+        lines += ["", "Host time of one call (the launch path; the GPU sleep keeps it out of the times above): " +
+                  "; ".join(f"{name} {min(v):.0f}–{max(v):.0f} us" for name, v in host.items() if v)]
     notes = sorted({f"{k}: {v}" for r in rows for k, v in r.items() if k.endswith("_note")})
     notes += [f"{r['model']} {r['layer']} M={r['M']}: {r['error']}" for r in rows if "error" in r]
     if meta.get("stopped"):

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The one command to run on a lent GPU machine (H100/H200 through the device tool), from the repository root:
 #
-#     bash tools/gpu_session.sh [all|tests|bench|ffn]     # carry: [".whl"] (optional, see below)
+#     bash tools/gpu_session.sh [all|tests|bench|ffn|diag]     # carry: [".whl"] (optional, see below)
 #
 # It installs sparsert (editable, offline), records the environment, builds every kernel for the device's
 # architecture in parallel (warming the NVRTC cache), runs the GPU test suite (`pytest -m gpu`), the kernel
@@ -11,7 +11,9 @@
 #   summary.txt  env.txt (install log, versions, kernel builds)  logs.txt (the GPU tests' and benchmarks' output,
 #   one section each)  bench.md  bench.json  dispatch.json (the dispatcher's measured per-shape choices)
 #   ffn.md  ffn.json
-# `tests`, `bench` or `ffn` runs only that part (the benchmarks both run under `bench`).
+# `tests`, `bench`, `ffn` or `diag` runs only that part (the benchmarks both run under `bench`). `diag` is
+# tools/diagnose_sm90.py (Hopper only: why the wgmma kernels are slow); its table goes into logs.txt. `all`
+# runs it last, in whatever time is left (at most DIAG_TIMEOUT=120 s).
 #
 # Time budget: one device call must end within 600 s. Set-up steps have fixed caps (carried wheels 60 s,
 # install 60 s, environment + parallel kernel builds 150 s: 270 s at most); the three measured phases are each
@@ -43,6 +45,7 @@ TESTS_TIMEOUT=${TESTS_TIMEOUT:-240}
 BENCH_TIMEOUT=${BENCH_TIMEOUT:-270}
 BENCH_MIN=${BENCH_MIN:-60}
 FFN_TIMEOUT=${FFN_TIMEOUT:-110}
+DIAG_TIMEOUT=${DIAG_TIMEOUT:-120}
 DEADLINE=${DEADLINE:-570}
 START=$(date +%s)
 summary() { echo "$*" | tee -a "$OUT/summary.txt"; }
@@ -194,6 +197,20 @@ if [ "$MODE" = all ] || [ "$MODE" = bench ] || [ "$MODE" = ffn ]; then
     summary "ffn: exit $rc (limit ${limit}s; ffn.md, ffn.json, logs.txt): $(grep '^Target:' "$OUT/ffn.md" 2>/dev/null)"
   else
     summary "ffn: skipped, ${limit}s left"
+  fi
+fi
+
+# 7. Bottleneck diagnosis of the Hopper kernels (full / mma_only / load_only builds, host and launch times).
+if [ "$MODE" = all ] || [ "$MODE" = diag ]; then
+  limit=$(phase_limit "$DIAG_TIMEOUT" 0)
+  if [ "$limit" -ge 20 ]; then
+    timeout --signal=INT --kill-after=5 "$limit" $PY tools/diagnose_sm90.py --out /tmp/diagnose_sm90.md \
+      > /tmp/diag.log 2>&1
+    rc=$?
+    log_section "tools/diagnose_sm90.py (exit $rc)" /tmp/diag.log
+    summary "diag: exit $rc (limit ${limit}s; table in logs.txt)"
+  else
+    summary "diag: skipped, ${limit}s left"
   fi
 fi
 
