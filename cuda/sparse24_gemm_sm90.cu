@@ -20,7 +20,8 @@
 // the CTA's 128 output features and all BT tokens (one m64nBTk32 wgmma per k32 step). Stage = [X tile: BT rows
 // x 128 B in the 128-byte swizzle (16-byte chunk j of row r at (j ^ (r & 7)) * 16, 1024-byte aligned; the
 // shared-memory matrix descriptor: K-major, SBO = 1024 B, swizzle mode 1)][A fragments 8 blocks x 1 KB]
-// [metadata 8 x 128 B]. Empty barriers count the 256 consumer threads.
+// [metadata 8 x 128 B] for a 64-column k tile (SUBS = 2 doubles each part: 128-column k tiles, see the
+// kernel). Empty barriers count the 256 consumer threads.
 // Epilogue: accumulators -> bias/activation -> transposed tile in shared memory -> 16-byte stores of Y rows.
 
 #include "sparse24_gemm_common.cuh"
@@ -285,43 +286,54 @@ DEVI void consumer(const CtaTile& t, int ktiles, const float* __restrict__ bias,
 
 }  // namespace s90
 
-// Dynamic shared memory: 1024 (alignment) + STAGES * (BT * 128 + 9216) + STAGES * 16 bytes.
-template <int DT, int BT, int STAGES>
+// A stage holds SUBS 64-column k blocks (SUBS = 1: the original 64-column k tile; 2: 128 columns, four wgmmas
+// per stage and half the barrier round trips per FLOP, the stage shape of w4a16_sparse24_sm90 below):
+// [X: SUBS sub-tiles of BT rows x 128 B][A fragments 8 blocks x SUBS KB][metadata 8 x SUBS * 128 B].
+// Needs K % (64 * SUBS) == 0. Dynamic shared memory: 1024 (alignment) + STAGES * stage + STAGES * 16 bytes,
+// stage = SUBS * (BT * 128 + 9216).
+template <int DT, int BT, int STAGES, int SUBS = 1>
 __global__ void __launch_bounds__(384, 1) sparse24_gemm_sm90(
     const u16* __restrict__ x, const u16* __restrict__ wvals, const u32* __restrict__ wmeta,
     const float* __restrict__ bias, u16* __restrict__ y, int M, int N, int K, int act) {
   using namespace s90;
   static_assert(BT == 128 || BT == 256, "BT");
-  constexpr int B_BYTES = BT * 128;
+  static_assert(SUBS == 1 || SUBS == 2, "SUBS");
+  constexpr int B_BYTES = SUBS * BT * 128;
   constexpr int A_OFF = B_BYTES;
-  constexpr int E_OFF = B_BYTES + 8 * 1024;
-  constexpr int STAGE_BYTES = E_OFF + 8 * 128;
+  constexpr int A_SLAB = SUBS * 1024;  // one 16-row block's A fragments for the stage
+  constexpr int E_OFF = B_BYTES + 8 * A_SLAB;
+  constexpr int E_SLAB = SUBS * 128;
+  constexpr int STAGE_BYTES = E_OFF + 8 * E_SLAB;
   static_assert(STAGE_BYTES % 1024 == 0, "stages must stay 1024-byte aligned for the 128-byte swizzle");
 
   extern __shared__ unsigned char smem_raw[];
   const CtaTile t = cta_setup<BT, STAGES, STAGE_BYTES>(smem_raw, M, N);
   const int tid = threadIdx.x;
   const int lane = tid & 31;
-  const int KT = K >> 6;
+  const int KB = K >> 6;        // 64-column blocks (the global A / metadata layouts' unit)
+  const int KT = KB / SUBS;     // k tiles (stages' worth of columns)
 
   if ((tid >> 7) == 0) {
     const int blk0 = t.n0 >> 4;
     producer<STAGES, STAGE_BYTES>(t, KT, [&](u32 st, int kt) {
-      load_x_tile<BT, 1>(st, x, t.m0, M, K, kt * 64, tid);
-      copy_block_slabs<8, 1024, 128>(st + A_OFF, wvals, blk0, KT, kt, tid);
-      copy_block_slabs<8, 128, 128>(st + E_OFF, wmeta, blk0, KT, kt, tid);
+      load_x_tile<BT, SUBS>(st, x, t.m0, M, K, kt * 64 * SUBS, tid);
+      copy_block_slabs<8, A_SLAB, 128, 1024>(st + A_OFF, wvals, blk0, KB, SUBS * kt, tid);
+      copy_block_slabs<8, E_SLAB, 128, 128>(st + E_OFF, wmeta, blk0, KB, SUBS * kt, tid);
     });
     return;
   }
 
   const int blk = 4 * ((tid >> 7) - 1) + ((tid >> 5) & 3);  // this warp's 16-row block within the tile
-  consumer<DT, BT, STAGES, STAGE_BYTES, 2>(t, KT, bias, y, M, N, act,
-                                          [&](const unsigned char* st, u32 (&a)[2][4], u32 (&e)[1]) {
-    const uint4 v0 = *reinterpret_cast<const uint4*>(st + A_OFF + blk * 1024 + lane * 16);
-    const uint4 v1 = *reinterpret_cast<const uint4*>(st + A_OFF + blk * 1024 + 512 + lane * 16);
-    e[0] = *reinterpret_cast<const u32*>(st + E_OFF + blk * 128 + lane * 4);
-    a[0][0] = v0.x; a[0][1] = v0.y; a[0][2] = v0.z; a[0][3] = v0.w;
-    a[1][0] = v1.x; a[1][1] = v1.y; a[1][2] = v1.z; a[1][3] = v1.w;
+  consumer<DT, BT, STAGES, STAGE_BYTES, 2 * SUBS>(t, KT, bias, y, M, N, act,
+                                                 [&](const unsigned char* st, u32 (&a)[2 * SUBS][4],
+                                                     u32 (&e)[SUBS]) {
+#pragma unroll
+    for (int s = 0; s < 2 * SUBS; ++s) {  // k32 step s: 64-column block s / 2, half s % 2
+      const uint4 v = *reinterpret_cast<const uint4*>(st + A_OFF + blk * A_SLAB + s * 512 + lane * 16);
+      a[s][0] = v.x; a[s][1] = v.y; a[s][2] = v.z; a[s][3] = v.w;
+    }
+#pragma unroll
+    for (int h = 0; h < SUBS; ++h) e[h] = *reinterpret_cast<const u32*>(st + E_OFF + blk * E_SLAB + h * 128 + lane * 4);
   });
 }
 

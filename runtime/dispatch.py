@@ -301,7 +301,9 @@ class Cusparselt(GemmBackend):
 
 class OursSparse24(GemmBackend):
     """Our bf16/fp16 2:4 GEMM (``sparse_gemm.sparse24_linear``) with one tile variant: ``small``, ``medium``,
-    ``large`` (mma.sp, sm_80+) or ``sm90_128`` / ``sm90_256`` (wgmma.sp, sm_90a)."""
+    ``large`` (mma.sp, sm_80+) or one of ``sparse_gemm.SM90_CONFIGS`` (wgmma.sp, sm_90a: ``sm90_128``,
+    ``sm90_256``, and the 128-column k tiles ``sm90_128_k128`` / ``sm90_256_k128``, which need K % 128 == 0 and
+    are rejected for other layers)."""
 
     state_key = "ours_sparse24"
 
@@ -350,7 +352,7 @@ class OursW4A16(GemmBackend):
 def our_backends(device: torch.device | None = None) -> list[GemmBackend]:
     """Our kernels' backends (``runtime/sparse_gemm.py``), the wgmma variants only on an sm_90a device."""
     try:
-        from sparsert.runtime import sparse_gemm  # noqa: F401
+        from sparsert.runtime import sparse_gemm
     except ImportError:
         return []
     variants = ["small", "medium", "large"]
@@ -359,7 +361,7 @@ def our_backends(device: torch.device | None = None) -> list[GemmBackend]:
         from sparsert.runtime.device import get_device
 
         if get_device(device.index or 0).arch == "sm_90a":
-            variants += ["sm90_128", "sm90_256"]
+            variants += [c.name for c in sparse_gemm.SM90_CONFIGS]
             w4a16 += ["sm90_128", "sm90_256"]
     return [OursSparse24(v) for v in variants] + [OursW4A16(v) for v in w4a16]
 

@@ -5,7 +5,8 @@ Three kernel files (see their headers for the exact fragment layouts):
 * ``sparse24_gemm.cu`` — 2:4 bf16/fp16 GEMM on ``mma.sp::ordered_metadata.m16n8k32`` (sm_80+): tiles
   ``large`` (128 features x 128 tokens), ``medium`` (64 x 64), ``small`` (64 x 16).
 * ``sparse24_gemm_sm90.cu`` — the same product on Hopper's ``wgmma.mma_async.sp`` (sm_90a), 128 features x
-  128 or 256 tokens per CTA, warp-specialised cp.async producer + two consumer warpgroups.
+  128 or 256 tokens per CTA, warp-specialised cp.async producer + two consumer warpgroups; 64-column k tiles
+  (``sm90_128``, ``sm90_256``) or 128-column ones (``sm90_128_k128``, ``sm90_256_k128``).
 * ``w4a16_sparse24_gemm.cu`` — 2:4 + INT4 (W4A16, after Sparse-Marlin): ``decode`` (M <= 16, split-K,
   memory-bound) and ``prefill`` (large M).
 
@@ -84,19 +85,27 @@ SPARSE24_TILES = (
 
 @dataclass(frozen=True)
 class Sm90Config:
-    """One ``sparse24_gemm_sm90`` instantiation: 128 features x BT tokens, ``stages``-deep ring."""
+    """One ``sparse24_gemm_sm90`` instantiation: 128 features x BT tokens, ``stages``-deep ring of k tiles of
+    ``64 * subs`` columns; ``name`` is its ``kernel=`` choice."""
 
     bt: int
     stages: int
+    subs: int = 1
+
+    @property
+    def name(self) -> str:
+        return f"sm90_{self.bt}" + ("" if self.subs == 1 else f"_k{64 * self.subs}")
 
     def smem_bytes(self) -> int:
-        return 1024 + self.stages * (self.bt * 128 + 9216) + self.stages * 16
+        return 1024 + self.stages * self.subs * (self.bt * 128 + 9216) + self.stages * 16
 
     def expr(self, dt: int) -> str:
-        return f"sparse24_gemm_sm90<{dt}, {self.bt}, {self.stages}>"
+        tail = "" if self.subs == 1 else f", {self.subs}"
+        return f"sparse24_gemm_sm90<{dt}, {self.bt}, {self.stages}{tail}>"
 
 
-SM90_CONFIGS = (Sm90Config(128, 8), Sm90Config(256, 5))
+SM90_CONFIGS = (Sm90Config(128, 8), Sm90Config(256, 5), Sm90Config(128, 4, 2), Sm90Config(256, 2, 2))
+SM90_BY_NAME = {c.name: c for c in SM90_CONFIGS}
 
 
 @dataclass(frozen=True)
@@ -680,7 +689,7 @@ def _sm_count(device_index: int) -> int:
 # bf16/fp16 2:4 GEMM
 # ---------------------------------------------------------------------------------------------------------
 
-SPARSE24_KERNELS = ("auto", "small", "medium", "large", "sm90_128", "sm90_256")
+SPARSE24_KERNELS = ("auto", "small", "medium", "large", *(c.name for c in SM90_CONFIGS))
 
 
 def choose_sparse24_tile(m: int, kernel: str, smem_limit: int) -> TileConfig:
@@ -718,7 +727,9 @@ def plan_sparse24(m: int, n: int, k: int, dtype: torch.dtype, arch: str, smem_li
         if arch != "sm_90a":
             raise DeviceError(f"sparse24_linear: kernel {kernel!r} needs an sm_90a GPU (Hopper), this one is "
                               f"{arch}")
-        cfg = SM90_CONFIGS[0] if kernel == "sm90_128" else SM90_CONFIGS[1]
+        cfg = SM90_BY_NAME[kernel]
+        if k % (64 * cfg.subs):
+            raise FormatError(f"sparse24_linear: kernel {kernel!r} needs K % {64 * cfg.subs} == 0, got K={k}")
         return LaunchPlan(SM90_SPECS[dt], cfg.expr(dt), (_tiles(n, 128) * _tiles(m, cfg.bt), 1, 1), (384, 1, 1),
                           cfg.smem_bytes())
     cfg = choose_sparse24_tile(m, kernel, smem_limit)
@@ -736,8 +747,8 @@ def sparse24_linear(x: torch.Tensor, weight: Sparse24Weight, *, bias: torch.Tens
         weight: from :func:`prepare_sparse24`; its ``bias`` is used unless ``bias`` is given.
         activation: none | relu | silu | gelu.
         out: optional ``[..., N]`` output (contiguous, aligned).
-        kernel: auto | small | medium | large (mma.sp tiles) | sm90_128 | sm90_256 (wgmma, sm_90a only);
-            see :func:`plan_sparse24`.
+        kernel: auto | small | medium | large (mma.sp tiles) | sm90_128 | sm90_256 | sm90_128_k128 |
+            sm90_256_k128 (wgmma, sm_90a only; the _k128 ones need K % 128 == 0); see :func:`plan_sparse24`.
     Returns:
         ``[..., N]`` in x's dtype. Without a usable GPU: the torch fallback (same math from the prepared
         tensors: fp32 accumulation of the bf16/fp16 products).

@@ -153,7 +153,8 @@ def _worker(rank: int, port: int, root: str) -> None:
         except ConfigError as exc:
             out["shard_error"] = str(exc)
         close_distributed()
-        ctx = init_distributed("ddp", device="cpu")  # rank 0 fails alone (as when writing a checkpoint): every rank raises
+        # rank 0 fails alone (as when writing a checkpoint): every rank raises
+        ctx = init_distributed("ddp", device="cpu")
         for error in (ArtifactError("disk.safetensors: truncated"), OSError(28, "No space left on device")):
             try:
                 ctx.agree(error if rank == 0 else None, "writing checkpoint step 9")

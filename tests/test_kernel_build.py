@@ -95,7 +95,7 @@ def test_sm90_register_budget_balances(build_cache):
     assert set(counts) == {"dec", "inc"}, f"setmaxnreg pair not found in sparse24_gemm_sm90.cu: {counts}"
     dec, inc = counts["dec"], counts["inc"]
     checked = 0
-    for key, spec in SPECS.items():
+    for spec in SPECS.values():
         if "sm_90a" not in spec.archs or spec.source != "sparse24_gemm_sm90.cu":
             continue
         ck = compile_kernel(spec, "sm_90a", cache=build_cache)

@@ -28,6 +28,7 @@ from sparsert.runtime.sparse_gemm import (
     PREFILL_CONFIGS,
     ROW_PAD,
     SM90_CONFIGS,
+    SPARSE24_KERNELS,
     SPARSE24_TILES,
     TileConfig,
     W4A16Weight,
@@ -347,35 +348,39 @@ def isa_descriptor_address(desc: int, rows: np.ndarray, chunk: np.ndarray) -> np
     return addr ^ (((addr >> 7) & 7) << 4)
 
 
-def emulate_sm90_consumer(x: torch.Tensor, w, bt: int) -> np.ndarray:
-    """cuda/sparse24_gemm_sm90.cu: producer layout, consumer A/metadata fragments, wgmma as four per-warp
-    m16nBTk32 products with B read from the 128-byte-swizzled tile where the kernel's descriptor points
-    (decoded by the ISA's field layout, :func:`isa_descriptor_address`), and the epilogue mapping."""
+def emulate_sm90_consumer(x: torch.Tensor, w, bt: int, subs: int = 1) -> np.ndarray:
+    """cuda/sparse24_gemm_sm90.cu: producer layout (``subs`` 64-column k blocks per stage), consumer
+    A/metadata fragments, wgmma as four per-warp m16nBTk32 products with B read from the 128-byte-swizzled tile
+    where the kernel's descriptor points (decoded by the ISA's field layout, :func:`isa_descriptor_address`),
+    and the epilogue mapping."""
     dtype = x.dtype
     m, k = x.shape
     n = w.out_features
-    a_off, e_off = bt * 128, bt * 128 + 8192
+    a_off = subs * bt * 128
+    e_off = a_off + subs * 8192
     xv, wv, wmeta = gbytes(x), gbytes(w.values), gbytes(w.meta)
     y = np.full((m, n), np.nan)
-    kt_n = k // 64
+    kb_n = k // 64
     for n0, m0, blk0 in cta_tiles(m, n, 128, bt):
         acc = np.zeros((2, 4, 32, bt // 2))
-        for kt in range(kt_n):
-            st = np.zeros(e_off + 1024, dtype=np.uint8)
-            load_x_tile_sm90(st, xv, bt, 1, m0, m, k, kt * 64)
-            copy_block_slabs(st, a_off, wv, blk0, kt_n, kt, 8, 1024)
-            copy_block_slabs(st, e_off, wmeta, blk0, kt_n, kt, 8, 128)
+        for kt in range(kb_n // subs):
+            st = np.zeros(e_off + subs * 1024, dtype=np.uint8)
+            load_x_tile_sm90(st, xv, bt, subs, m0, m, k, kt * 64 * subs)
+            copy_block_slabs(st, a_off, wv, blk0, kb_n, subs * kt, 8, 1024 * subs, unit=1024)
+            copy_block_slabs(st, e_off, wmeta, blk0, kb_n, subs * kt, 8, 128 * subs, unit=128)
             for cg in range(2):
                 for wi in range(4):
                     blk = 4 * cg + wi
-                    e = np.array([lds(st, e_off + blk * 128 + lane * 4, 4)[0] for lane in range(32)])
-                    for ks in range(2):
-                        a = np.stack([lds(st, a_off + blk * 1024 + ks * 512 + lane * 16, 16) for lane in range(32)])
-                        desc = sm90_b_descriptor(ks * 64)
+                    for s in range(2 * subs):
+                        e = np.array([lds(st, e_off + blk * 128 * subs + (s >> 1) * 128 + lane * 4, 4)[0]
+                                      for lane in range(32)])
+                        a = np.stack([lds(st, a_off + blk * 1024 * subs + s * 512 + lane * 16, 16)
+                                      for lane in range(32)])
+                        desc = sm90_b_descriptor((s >> 1) * bt * 128 + (s & 1) * 64)
                         for j8 in range(bt // 8):
                             # B fragment of n8 block j8, read where the descriptor points
                             bfr = ldmatrix_x4(st, isa_descriptor_address(desc, 8 * j8 + (_LANES & 7), _LANES >> 3))
-                            acc[cg, wi, :, 4 * j8:4 * j8 + 4] += isa_mma_sp(a, bfr, e, ks, dtype)
+                            acc[cg, wi, :, 4 * j8:4 * j8 + 4] += isa_mma_sp(a, bfr, e, s & 1, dtype)
         scatter_sm90_tile(y, acc, bt, m0, n0)
     return y
 
@@ -641,12 +646,12 @@ def test_sparse24_kernel_emulation(cfg, dtype):
     np.testing.assert_allclose(got, _reference(x, w.to_dense()), rtol=1e-10, atol=1e-10)
 
 
-@pytest.mark.parametrize("bt", [c.bt for c in SM90_CONFIGS])
-def test_sm90_kernel_emulation(bt):
-    p = _packed(136, 128, seed=9)
+@pytest.mark.parametrize("cfg", SM90_CONFIGS, ids=lambda c: c.name)
+def test_sm90_kernel_emulation(cfg):
+    p = _packed(136, 256, seed=9)
     w = prepare_sparse24(p, dtype=torch.bfloat16)
-    x = _x(bt + 3, 128, torch.bfloat16, seed=10)
-    got = emulate_sm90_consumer(x, w, bt)
+    x = _x(cfg.bt + 3, 256, torch.bfloat16, seed=10)
+    got = emulate_sm90_consumer(x, w, cfg.bt, cfg.subs)
     np.testing.assert_allclose(got, _reference(x, w.to_dense()), rtol=1e-10, atol=1e-10)
 
 
@@ -807,7 +812,7 @@ def test_launch_plans_pick_built_kernels_that_fit(arch):
     for dtype in DTYPES:
         for m in (1, 8, 16, 17, 64, 65, 200, 256, 2048, 8192):
             for n, k in ((200, 384), (4096, 11008), (13824, 5120)):
-                for kernel in ("auto", "small", "medium", "large", "sm90_128", "sm90_256"):
+                for kernel in SPARSE24_KERNELS:
                     if kernel.startswith("sm90") and arch != "sm_90a":
                         with pytest.raises(DeviceError, match="needs an sm_90a GPU"):
                             plan_sparse24(m, n, k, dtype, arch, limit, kernel)
@@ -831,6 +836,17 @@ def test_launch_plans_pick_built_kernels_that_fit(arch):
                             assert plan.grid == (n_pad // 128, plan.decode.splits, 1)
     assert plan_sparse24(4096, 4096, 4096, torch.bfloat16, arch, limit).expr.startswith(
         "sparse24_gemm_sm90<" if arch == "sm_90a" else "sparse24_gemm<")
+
+
+def test_k128_wgmma_tiles_need_k_multiple_of_128():
+    for cfg in SM90_CONFIGS:
+        plan = plan_sparse24(2048, 4096, 11008, torch.bfloat16, "sm_90a", 232448, cfg.name)
+        assert plan.expr == cfg.expr(0) and plan.smem == cfg.smem_bytes()
+        if cfg.subs == 2:
+            with pytest.raises(FormatError, match=f"{cfg.name}.*K % 128 == 0, got K=320"):
+                plan_sparse24(2048, 4096, 320, torch.bfloat16, "sm_90a", 232448, cfg.name)
+        else:
+            plan_sparse24(2048, 4096, 320, torch.bfloat16, "sm_90a", 232448, cfg.name)
 
 
 def test_tile_configs_fit_the_devices_they_are_meant_for():
@@ -908,7 +924,7 @@ def test_gpu_sparse24(kernel, m, n, k, dtype):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("kernel", ["sm90_128", "sm90_256"])
+@pytest.mark.parametrize("kernel", [c.name for c in SM90_CONFIGS])
 @pytest.mark.parametrize("m,n,k", [(1, 256, 256), (130, 384, 640), (300, 520, 1024), (600, 1024, 2048)])
 def test_gpu_sparse24_sm90(kernel, m, n, k, dtype):
     _skip_unless_sm90()

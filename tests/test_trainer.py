@@ -200,7 +200,7 @@ def test_training_on_the_gpu_follows_the_cpu_run(corpus, tmp_path, kw):
     lc = [r["loss"] for r in read_metrics(tmp_path / "cpu") if "loss" in r]
     lg = [r["loss"] for r in read_metrics(tmp_path / "gpu") if "loss" in r]
     assert len(lc) == len(lg) == 8
-    assert max(abs(a - b) / abs(a) for a, b in zip(lc, lg)) < 2e-2, (lc, lg)
+    assert max(abs(a - b) / abs(a) for a, b in zip(lc, lg, strict=True)) < 2e-2, (lc, lg)
     assert abs(gpu.final_val_loss - cpu.final_val_loss) / cpu.final_val_loss < 2e-2
     ck = load_checkpoint(tmp_path / "gpu")
     assert all(t.device.type == "cpu" for t in ck.model_state.values())  # checkpoints are device-free

@@ -13,10 +13,11 @@ x tokens M in {1, 16, 128, 2048, 8192}. Per case, in the same run and on the sam
 Timing: CUDA events around each call, a GPU sleep before the start event so host-side launch overhead is not
 timed, L2 flushed (a buffer of twice the L2 size rewritten) before every repetition, warm-up first, median of
 the repetitions. The table and JSON are rewritten after every case, so a run cut short (SIGINT, a kernel
-fault) keeps what it measured and says where it stopped. Reported: median microseconds, TFLOP/s (dense-equivalent 2MNK), GB/s of the bytes each method
-must move, speedup over dense; for W4A16 at M <= 16 the fraction of the HBM roofline: bytes it must read
-(INT4 codes + 2-bit indices + scales + activations) / time / the device's peak bandwidth. Every result is
-checked against dense (relative error column) so a fast wrong kernel cannot pass. PASS/FAIL against issue 4:
+fault) keeps what it measured and says where it stopped. Reported: median microseconds, TFLOP/s
+(dense-equivalent 2MNK), GB/s of the bytes each method must move, speedup over dense; for W4A16 at
+M <= 16 the fraction of the HBM roofline: bytes it must read (INT4 codes + 2-bit indices + scales +
+activations) / time / the device's peak bandwidth. Every result is checked against dense (relative error
+column) so a fast wrong kernel cannot pass. PASS/FAIL against issue 4:
 2:4 bf16 >= 1.3x dense at M >= 2048; W4A16 >= 4x dense and >= 75% roofline at M <= 16; W4A16 >= 1.5x dense at
 M = 2048; linear weights of a Llama-2-7B-shaped model <= 3.25 bits per weight on the device.
 
@@ -310,7 +311,9 @@ def measure_case(torch, timer, arch: str, weights, row: dict, seed: int) -> None
             row[f"{name}_us"] = timer(lambda x=x, ws=ws: F.linear(x, ws))
         except Exception as exc:  # e.g. unsupported M for the backend
             row[f"{name}_note"] = f"{type(exc).__name__}: {exc}"[:200]
-    variants = ["small", "medium", "large"] + (["sm90_128", "sm90_256"] if arch == "sm_90a" else [])
+    from sparsert.runtime.sparse_gemm import SM90_CONFIGS
+
+    variants = ["small", "medium", "large"] + ([c.name for c in SM90_CONFIGS] if arch == "sm_90a" else [])
     y24 = torch.empty(m, n, dtype=torch.bfloat16, device="cuda")
     try:
         sparse24_linear(x, sp, out=y24)

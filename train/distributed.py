@@ -329,7 +329,8 @@ def init_distributed(mode: str | None = None, *, environ: Mapping[str, str] | No
 
     ``mode``: ``"ddp"``, ``"fsdp"`` or None (DDP when started by torchrun with WORLD_SIZE > 1, else a
     single-process run). ``device`` (:func:`resolve_device`): where the model and batches live — this rank's
-    GPU (backend nccl) or the CPU (gloo). A process group that already exists (e.g. created by the caller) is used as is.
+    GPU (backend nccl) or the CPU (gloo). A process group that already exists (e.g. created by the caller) is
+    used as is.
     ConfigError for an unknown mode, or a mode without a torchrun environment (the message shows the launch
     command). Calling it again returns the same context (the mode must agree).
     """
