@@ -41,16 +41,49 @@ using namespace sp24;
 DEVI void mbar_init(u32 bar, u32 count) {
   asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(count) : "memory");
 }
+// A barrier phase that never completes is a bug (a byte count that does not match the copies, a lost
+// arrival): after 2^24 unsuccessful try_waits (each may suspend the thread up to a hardware time limit: seconds
+// in all) the kernel traps, so the launch fails with an error instead of hanging the GPU. Kept inside one asm
+// block: a C++ loop with a clock costs the 256-token consumers registers they do not have.
 DEVI void mbar_wait(u32 bar, u32 parity) {
   asm volatile(
-      "{\n.reg .pred P;\nWAIT:\n"
+      "{\n.reg .pred P;\n.reg .u32 n;\nmov.u32 n, 0;\n"
+      "WAIT:\n"
       "mbarrier.try_wait.parity.shared::cta.b64 P, [%0], %1;\n"
-      "@!P bra WAIT;\n}\n" ::"r"(bar),
+      "@P bra DONE;\n"
+      "add.u32 n, n, 1;\n"
+      "setp.lt.u32 P, n, 16777216;\n"
+      "@P bra WAIT;\n"
+      "trap;\n"
+      "DONE:\n}\n" ::"r"(bar),
       "r"(parity)
       : "memory");
 }
 DEVI void mbar_arrive(u32 bar) {
   asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(bar) : "memory");
+}
+// Arrive on `bar` and add `bytes` to the transaction count its phase waits for (the TMA producer).
+DEVI void mbar_arrive_expect_tx(u32 bar, u32 bytes) {
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(bar), "r"(bytes) : "memory");
+}
+// TMA: the box at (c0 = column, c1 = row) of the 2-D tensor map at generic address `tmap` into shared `dst`,
+// completing `bytes` of `bar`'s transaction count (the whole box, out-of-bounds rows zero-filled, counts).
+DEVI void tma_load_2d(u32 dst, u64 tmap, int c0, int c1, u32 bar) {
+  asm volatile(
+      "cp.async.bulk.tensor.2d.shared::cluster.global.tile.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3}], [%4];\n"
+      ::"r"(dst), "l"(tmap), "r"(c0), "r"(c1), "r"(bar)
+      : "memory");
+}
+// Bulk copy of `bytes` contiguous bytes (multiple of 16, both addresses 16-byte aligned) global -> shared.
+DEVI void bulk_load(u32 dst, const void* src, u32 bytes, u32 bar) {
+  asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];\n"
+               ::"r"(dst), "l"(src), "r"(bytes), "r"(bar)
+               : "memory");
+}
+// The tensor map was written to global memory by a host copy (generic proxy); TMA reads it through the
+// tensormap proxy (PTX ISA, "Proxies" / fence.proxy.tensormap).
+DEVI void tensormap_acquire(u64 tmap) {
+  asm volatile("fence.proxy.tensormap::generic.acquire.gpu [%0], 128;\n" ::"l"(tmap) : "memory");
 }
 // Arrive on `bar` once every cp.async this thread issued so far has landed (pending count not incremented).
 DEVI void cp_async_mbar_arrive(u32 bar) {
@@ -154,8 +187,9 @@ struct CtaTile {
 };
 
 // Carve up shared memory, locate the tile (1-D grid of ceil(N/128) x ceil(M/BT) tiles) and initialise the
-// barriers: full ones count the 128 producer threads' cp.async arrivals, empty ones the 256 consumer threads.
-template <int BT, int STAGES, int STAGE_BYTES>
+// barriers: full ones count the 128 producer threads' cp.async arrivals (FULL_COUNT = 1: the TMA producer's
+// single arrive.expect_tx), empty ones the 256 consumer threads.
+template <int BT, int STAGES, int STAGE_BYTES, int FULL_COUNT = 128>
 DEVI CtaTile cta_setup(unsigned char* smem_raw, int M, int N) {
   CtaTile t;
   const u32 raw = smem_u32(smem_raw);
@@ -170,8 +204,12 @@ DEVI CtaTile cta_setup(unsigned char* smem_raw, int M, int N) {
   if (threadIdx.x == 0) {
 #pragma unroll
     for (int s = 0; s < STAGES; ++s) {
-      mbar_init(t.bar_full + 8 * s, 128);
+      mbar_init(t.bar_full + 8 * s, FULL_COUNT);
       mbar_init(t.bar_empty + 8 * s, 256);
+    }
+    if constexpr (FULL_COUNT == 1) {  // the initialised barriers must be visible to the TMA (async proxy) unit
+      asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+      fence_proxy_async();
     }
   }
   __syncthreads();
@@ -286,6 +324,38 @@ DEVI void consumer(const CtaTile& t, int ktiles, const float* __restrict__ bias,
 
 }  // namespace s90
 
+namespace s90 {
+
+// Stage layout of the bf16/fp16 kernels: [X: SUBS sub-tiles of BT rows x 128 B][A fragments: 8 blocks x SUBS KB]
+// [metadata: 8 blocks x SUBS * 128 B]; every offset a multiple of 1024 (the 128-byte swizzle's alignment).
+template <int BT, int SUBS>
+struct Sp24Stage {
+  static_assert(BT == 128 || BT == 256, "BT");
+  static_assert(SUBS == 1 || SUBS == 2, "SUBS");
+  static constexpr int A_OFF = SUBS * BT * 128;
+  static constexpr int A_SLAB = SUBS * 1024;  // one 16-row block's A fragments
+  static constexpr int E_OFF = A_OFF + 8 * A_SLAB;
+  static constexpr int E_SLAB = SUBS * 128;
+  static constexpr int BYTES = E_OFF + 8 * E_SLAB;
+  static_assert(BYTES % 1024 == 0, "stages must stay 1024-byte aligned for the 128-byte swizzle");
+};
+
+// Consumer warp's registers for one stage: A fragments of k32 steps s (64-column block s / 2, half s % 2) and
+// the metadata word of each 64-column block, of 16-row block `blk`.
+template <int BT, int SUBS>
+DEVI void fill_sp24_fragments(const unsigned char* st, int blk, int lane, u32 (&a)[2 * SUBS][4], u32 (&e)[SUBS]) {
+  using L = Sp24Stage<BT, SUBS>;
+#pragma unroll
+  for (int s = 0; s < 2 * SUBS; ++s) {
+    const uint4 v = *reinterpret_cast<const uint4*>(st + L::A_OFF + blk * L::A_SLAB + s * 512 + lane * 16);
+    a[s][0] = v.x; a[s][1] = v.y; a[s][2] = v.z; a[s][3] = v.w;
+  }
+#pragma unroll
+  for (int h = 0; h < SUBS; ++h) e[h] = *reinterpret_cast<const u32*>(st + L::E_OFF + blk * L::E_SLAB + h * 128 + lane * 4);
+}
+
+}  // namespace s90
+
 // A stage holds SUBS 64-column k blocks (SUBS = 1: the original 64-column k tile; 2: 128 columns, four wgmmas
 // per stage and half the barrier round trips per FLOP, the stage shape of w4a16_sparse24_sm90 below):
 // [X: SUBS sub-tiles of BT rows x 128 B][A fragments 8 blocks x SUBS KB][metadata 8 x SUBS * 128 B].
@@ -296,44 +366,80 @@ __global__ void __launch_bounds__(384, 1) sparse24_gemm_sm90(
     const u16* __restrict__ x, const u16* __restrict__ wvals, const u32* __restrict__ wmeta,
     const float* __restrict__ bias, u16* __restrict__ y, int M, int N, int K, int act) {
   using namespace s90;
-  static_assert(BT == 128 || BT == 256, "BT");
-  static_assert(SUBS == 1 || SUBS == 2, "SUBS");
-  constexpr int B_BYTES = SUBS * BT * 128;
-  constexpr int A_OFF = B_BYTES;
-  constexpr int A_SLAB = SUBS * 1024;  // one 16-row block's A fragments for the stage
-  constexpr int E_OFF = B_BYTES + 8 * A_SLAB;
-  constexpr int E_SLAB = SUBS * 128;
-  constexpr int STAGE_BYTES = E_OFF + 8 * E_SLAB;
-  static_assert(STAGE_BYTES % 1024 == 0, "stages must stay 1024-byte aligned for the 128-byte swizzle");
-
+  using L = Sp24Stage<BT, SUBS>;
   extern __shared__ unsigned char smem_raw[];
-  const CtaTile t = cta_setup<BT, STAGES, STAGE_BYTES>(smem_raw, M, N);
+  const CtaTile t = cta_setup<BT, STAGES, L::BYTES>(smem_raw, M, N);
   const int tid = threadIdx.x;
-  const int lane = tid & 31;
   const int KB = K >> 6;        // 64-column blocks (the global A / metadata layouts' unit)
   const int KT = KB / SUBS;     // k tiles (stages' worth of columns)
 
   if ((tid >> 7) == 0) {
     const int blk0 = t.n0 >> 4;
-    producer<STAGES, STAGE_BYTES>(t, KT, [&](u32 st, int kt) {
+    producer<STAGES, L::BYTES>(t, KT, [&](u32 st, int kt) {
       load_x_tile<BT, SUBS>(st, x, t.m0, M, K, kt * 64 * SUBS, tid);
-      copy_block_slabs<8, A_SLAB, 128, 1024>(st + A_OFF, wvals, blk0, KB, SUBS * kt, tid);
-      copy_block_slabs<8, E_SLAB, 128, 128>(st + E_OFF, wmeta, blk0, KB, SUBS * kt, tid);
+      copy_block_slabs<8, L::A_SLAB, 128, 1024>(st + L::A_OFF, wvals, blk0, KB, SUBS * kt, tid);
+      copy_block_slabs<8, L::E_SLAB, 128, 128>(st + L::E_OFF, wmeta, blk0, KB, SUBS * kt, tid);
     });
     return;
   }
 
   const int blk = 4 * ((tid >> 7) - 1) + ((tid >> 5) & 3);  // this warp's 16-row block within the tile
-  consumer<DT, BT, STAGES, STAGE_BYTES, 2 * SUBS>(t, KT, bias, y, M, N, act,
-                                                 [&](const unsigned char* st, u32 (&a)[2 * SUBS][4],
-                                                     u32 (&e)[SUBS]) {
+  consumer<DT, BT, STAGES, L::BYTES, 2 * SUBS>(t, KT, bias, y, M, N, act,
+                                              [&](const unsigned char* st, u32 (&a)[2 * SUBS][4], u32 (&e)[SUBS]) {
+    fill_sp24_fragments<BT, SUBS>(st, blk, tid & 31, a, e);
+  });
+}
+
+// The same GEMM with a TMA producer: one thread of warpgroup 0 moves each stage with SUBS tensor-map loads of
+// the X sub-tiles (cp.async.bulk.tensor, 128-byte swizzle done by the copy engine, rows >= M zero-filled) and
+// 16 bulk copies of the A fragment and metadata slabs, all completing one arrive.expect_tx on the stage's full
+// barrier. The cp.async producer above spends ~1 warp instruction per 16 bytes plus its address arithmetic
+// (at M = 1, where its X copies are mostly zero-fills, sm90_128 still took ~1500 cycles a stage on the
+// H200), which caps every stage; TMA issues a stage in ~20 instructions. Consumers, shared memory layout and
+// epilogue are the cp.async kernel's (same stage bytes, so the same emulation covers both).
+//   xmap: generic address of a 64-byte-aligned CUtensorMap in global memory for X [M, K] (runtime/tensor_map.py:
+//         dims {K, M}, row stride 2K bytes, box {64, BT}, 128-byte swizzle, zero out-of-bounds fill).
+template <int DT, int BT, int STAGES, int SUBS>
+__global__ void __launch_bounds__(384, 1) sparse24_gemm_sm90_tma(
+    const u64 xmap, const u16* __restrict__ wvals, const u32* __restrict__ wmeta,
+    const float* __restrict__ bias, u16* __restrict__ y, int M, int N, int K, int act) {
+  using namespace s90;
+  using L = Sp24Stage<BT, SUBS>;  // L::BYTES is also what every stage's copies deliver
+  extern __shared__ unsigned char smem_raw[];
+  const CtaTile t = cta_setup<BT, STAGES, L::BYTES, 1>(smem_raw, M, N);
+  const int tid = threadIdx.x;
+  const int KB = K >> 6;
+  const int KT = KB / SUBS;
+
+  if ((tid >> 7) == 0) {
+    asm volatile("setmaxnreg.dec.sync.aligned.u32 40;\n" ::: "memory");
+    if (tid == 0) {
+      tensormap_acquire(xmap);
+      const unsigned char* wv = reinterpret_cast<const unsigned char*>(wvals);
+      const unsigned char* wm = reinterpret_cast<const unsigned char*>(wmeta);
+      const int blk0 = t.n0 >> 4;
+      for (int kt = 0; kt < KT; ++kt) {
+        const int slot = kt % STAGES;
+        if (kt >= STAGES) mbar_wait(t.bar_empty + 8 * slot, ((kt / STAGES) - 1) & 1);
+        const u32 st = t.base + slot * L::BYTES, full = t.bar_full + 8 * slot;
+        mbar_arrive_expect_tx(full, L::BYTES);
 #pragma unroll
-    for (int s = 0; s < 2 * SUBS; ++s) {  // k32 step s: 64-column block s / 2, half s % 2
-      const uint4 v = *reinterpret_cast<const uint4*>(st + A_OFF + blk * A_SLAB + s * 512 + lane * 16);
-      a[s][0] = v.x; a[s][1] = v.y; a[s][2] = v.z; a[s][3] = v.w;
+        for (int h = 0; h < SUBS; ++h) tma_load_2d(st + h * (BT * 128), xmap, (kt * SUBS + h) * 64, t.m0, full);
+#pragma unroll
+        for (int b = 0; b < 8; ++b) {
+          const size_t unit = (size_t)(blk0 + b) * KB + SUBS * kt;  // the stage's first 64-column block
+          bulk_load(st + L::A_OFF + b * L::A_SLAB, wv + unit * 1024, L::A_SLAB, full);
+          bulk_load(st + L::E_OFF + b * L::E_SLAB, wm + unit * 128, L::E_SLAB, full);
+        }
+      }
     }
-#pragma unroll
-    for (int h = 0; h < SUBS; ++h) e[h] = *reinterpret_cast<const u32*>(st + E_OFF + blk * E_SLAB + h * 128 + lane * 4);
+    return;
+  }
+
+  const int blk = 4 * ((tid >> 7) - 1) + ((tid >> 5) & 3);
+  consumer<DT, BT, STAGES, L::BYTES, 2 * SUBS>(t, KT, bias, y, M, N, act,
+                                              [&](const unsigned char* st, u32 (&a)[2 * SUBS][4], u32 (&e)[SUBS]) {
+    fill_sp24_fragments<BT, SUBS>(st, blk, tid & 31, a, e);
   });
 }
 

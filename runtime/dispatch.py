@@ -302,8 +302,8 @@ class Cusparselt(GemmBackend):
 class OursSparse24(GemmBackend):
     """Our bf16/fp16 2:4 GEMM (``sparse_gemm.sparse24_linear``) with one tile variant: ``small``, ``medium``,
     ``large`` (mma.sp, sm_80+) or one of ``sparse_gemm.SM90_CONFIGS`` (wgmma.sp, sm_90a: ``sm90_128``,
-    ``sm90_256``, and the 128-column k tiles ``sm90_128_k128`` / ``sm90_256_k128``, which need K % 128 == 0 and
-    are rejected for other layers)."""
+    ``sm90_256``, the 128-column k tiles ``sm90_128_k128`` / ``sm90_256_k128``, which need K % 128 == 0 and
+    are rejected for other layers, and the same four with a TMA producer, ``sm90tma_*``)."""
 
     state_key = "ours_sparse24"
 

@@ -6,7 +6,8 @@ Three kernel files (see their headers for the exact fragment layouts):
   ``large`` (128 features x 128 tokens), ``medium`` (64 x 64), ``small`` (64 x 16).
 * ``sparse24_gemm_sm90.cu`` — the same product on Hopper's ``wgmma.mma_async.sp`` (sm_90a), 128 features x
   128 or 256 tokens per CTA, warp-specialised cp.async producer + two consumer warpgroups; 64-column k tiles
-  (``sm90_128``, ``sm90_256``) or 128-column ones (``sm90_128_k128``, ``sm90_256_k128``).
+  (``sm90_128``, ``sm90_256``) or 128-column ones (``sm90_128_k128``, ``sm90_256_k128``); the ``sm90tma_*``
+  variants fill the same stages with TMA (``runtime/tensor_map.py``) instead of cp.async.
 * ``w4a16_sparse24_gemm.cu`` — 2:4 + INT4 (W4A16, after Sparse-Marlin): ``decode`` (M <= 16, split-K,
   memory-bound) and ``prefill`` (large M).
 
@@ -85,26 +86,32 @@ SPARSE24_TILES = (
 
 @dataclass(frozen=True)
 class Sm90Config:
-    """One ``sparse24_gemm_sm90`` instantiation: 128 features x BT tokens, ``stages``-deep ring of k tiles of
-    ``64 * subs`` columns; ``name`` is its ``kernel=`` choice."""
+    """One wgmma 2:4 instantiation: 128 features x BT tokens, ``stages``-deep ring of k tiles of ``64 * subs``
+    columns, filled by cp.async (``sparse24_gemm_sm90``) or by TMA (``tma``: ``sparse24_gemm_sm90_tma``);
+    ``name`` is its ``kernel=`` choice."""
 
     bt: int
     stages: int
     subs: int = 1
+    tma: bool = False
 
     @property
     def name(self) -> str:
-        return f"sm90_{self.bt}" + ("" if self.subs == 1 else f"_k{64 * self.subs}")
+        return f"sm90{'tma' if self.tma else ''}_{self.bt}" + ("" if self.subs == 1 else f"_k{64 * self.subs}")
 
     def smem_bytes(self) -> int:
         return 1024 + self.stages * self.subs * (self.bt * 128 + 9216) + self.stages * 16
 
     def expr(self, dt: int) -> str:
+        if self.tma:
+            return f"sparse24_gemm_sm90_tma<{dt}, {self.bt}, {self.stages}, {self.subs}>"
         tail = "" if self.subs == 1 else f", {self.subs}"
         return f"sparse24_gemm_sm90<{dt}, {self.bt}, {self.stages}{tail}>"
 
 
-SM90_CONFIGS = (Sm90Config(128, 8), Sm90Config(256, 5), Sm90Config(128, 4, 2), Sm90Config(256, 2, 2))
+SM90_CONFIGS = (Sm90Config(128, 8), Sm90Config(256, 5), Sm90Config(128, 4, 2), Sm90Config(256, 2, 2),
+                Sm90Config(128, 8, 1, True), Sm90Config(256, 5, 1, True), Sm90Config(128, 4, 2, True),
+                Sm90Config(256, 2, 2, True))
 SM90_BY_NAME = {c.name: c for c in SM90_CONFIGS}
 
 
@@ -713,6 +720,7 @@ class LaunchPlan:
     block: tuple[int, int, int]
     smem: int
     decode: DecodePlan | None = None
+    tma_box_rows: int = 0  # > 0: the kernel reads X through a tensor map with boxes of this many rows
 
 
 def plan_sparse24(m: int, n: int, k: int, dtype: torch.dtype, arch: str, smem_limit: int,
@@ -731,7 +739,7 @@ def plan_sparse24(m: int, n: int, k: int, dtype: torch.dtype, arch: str, smem_li
         if k % (64 * cfg.subs):
             raise FormatError(f"sparse24_linear: kernel {kernel!r} needs K % {64 * cfg.subs} == 0, got K={k}")
         return LaunchPlan(SM90_SPECS[dt], cfg.expr(dt), (_tiles(n, 128) * _tiles(m, cfg.bt), 1, 1), (384, 1, 1),
-                          cfg.smem_bytes())
+                          cfg.smem_bytes(), tma_box_rows=cfg.bt if cfg.tma else 0)
     cfg = choose_sparse24_tile(m, kernel, smem_limit)
     return LaunchPlan(SPARSE24_SPECS[dt], cfg.expr(dt), (_tiles(n, cfg.br) * _tiles(m, cfg.bt), 1, 1),
                       (cfg.threads, 1, 1), cfg.smem_bytes())
@@ -748,7 +756,8 @@ def sparse24_linear(x: torch.Tensor, weight: Sparse24Weight, *, bias: torch.Tens
         activation: none | relu | silu | gelu.
         out: optional ``[..., N]`` output (contiguous, aligned).
         kernel: auto | small | medium | large (mma.sp tiles) | sm90_128 | sm90_256 | sm90_128_k128 |
-            sm90_256_k128 (wgmma, sm_90a only; the _k128 ones need K % 128 == 0); see :func:`plan_sparse24`.
+            sm90_256_k128 and the same with ``sm90tma_`` (TMA producer) (wgmma, sm_90a only; the _k128 ones need
+            K % 128 == 0); see :func:`plan_sparse24`.
     Returns:
         ``[..., N]`` in x's dtype. Without a usable GPU: the torch fallback (same math from the prepared
         tensors: fp32 accumulation of the bf16/fp16 products).
@@ -756,8 +765,13 @@ def sparse24_linear(x: torch.Tensor, weight: Sparse24Weight, *, bias: torch.Tens
     def launch(x2: torch.Tensor, m: int, act: int, b, y: torch.Tensor, dev: int) -> None:
         n, k = weight.out_features, weight.in_features
         plan = plan_sparse24(m, n, k, x.dtype, _arch(dev), max_smem_per_block(dev), kernel)
+        xin = x2
+        if plan.tma_box_rows:
+            from sparsert.runtime.tensor_map import device_tensor_map
+
+            xin = np.uint64(device_tensor_map(x2, plan.tma_box_rows).data_ptr())
         _launch(plan.spec, plan.expr, dev, plan.grid, plan.block, plan.smem,
-                x2, weight.values, weight.meta, b, y, m, n, k, act)
+                xin, weight.values, weight.meta, b, y, m, n, k, act)
 
     return _run_linear("sparse24_linear", x, weight, bias, activation, out, kernel, SPARSE24_KERNELS, launch)
 

@@ -155,3 +155,48 @@ def test_kernels_load_and_launch_through_the_driver(fake_driver, tmp_path):
 def test_failed_launch_names_the_kernel_and_the_driver_error(fake_driver, tmp_path):
     out, _ = _run(fake_driver, tmp_path, "fail", FAKE_CUDA_FAIL_LAUNCH="1")
     assert PRUNE_EXPR in out["error"] and "CUDA_ERROR_LAUNCH_FAILED" in out["error"], out["error"]
+
+
+TENSOR_MAP_SCRIPT = textwrap.dedent("""
+    import json
+    import torch
+    from sparsert.runtime.errors import FormatError
+    from sparsert.runtime.tensor_map import encode_tiled_2d
+
+    raw = encode_tiled_2d(0x7f0000001000, 300, 11008, torch.bfloat16, 256)
+    out = {"len": len(raw), "addr": int.from_bytes(raw[:8], "little")}
+    try:
+        encode_tiled_2d(0x7f0000001008, 300, 11008, torch.bfloat16, 256)
+    except FormatError as exc:
+        out["misaligned"] = str(exc)
+    print(json.dumps(out))
+""")
+
+
+def test_tensor_map_encoding_reaches_the_driver(fake_driver, tmp_path):
+    """The TMA map of X [M, K] for ``sparse24_gemm_sm90_tma``: the driver gets dims {K, M}, a 2K-byte row
+    stride, a {64, BT} box, bf16, 128-byte swizzle, 256-byte L2 promotion and zero out-of-bounds fill (the
+    cuda.bindings argument types are checked by the real binding on the way); a misaligned address is refused
+    before the driver is called."""
+    from cuda.bindings import driver as drv
+
+    lib, cache, _ = fake_driver
+    log = tmp_path / "driver-tmap.log"
+    env = dict(os.environ, LD_LIBRARY_PATH=f"{lib}:{os.environ.get('LD_LIBRARY_PATH', '')}",
+               SPARSERT_CACHE_DIR=str(cache), FAKE_CUDA_CC="9.0", FAKE_CUDA_LOG=str(log))
+    proc = subprocess.run([sys.executable, "-c", TENSOR_MAP_SCRIPT], env=env, capture_output=True, text=True,
+                          timeout=120, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["len"] == 128 and out["addr"] == 0x7f0000001000
+    assert "16-byte aligned" in out["misaligned"]
+    calls = [line.split() for line in log.read_text().splitlines() if line.startswith("tensormap")]
+    assert len(calls) == 1
+    expect = [int(drv.CUtensorMapDataType.CU_TENSOR_MAP_DATA_TYPE_BFLOAT16), 2, None, 11008, 300, 2 * 11008, 64,
+              256, 1, 1, int(drv.CUtensorMapInterleave.CU_TENSOR_MAP_INTERLEAVE_NONE),
+              int(drv.CUtensorMapSwizzle.CU_TENSOR_MAP_SWIZZLE_128B),
+              int(drv.CUtensorMapL2promotion.CU_TENSOR_MAP_L2_PROMOTION_L2_256B),
+              int(drv.CUtensorMapFloatOOBfill.CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE)]
+    got = calls[0][1:]
+    assert int(got[2], 16) == 0x7f0000001000
+    assert [int(v) for i, v in enumerate(got) if i != 2] == [v for i, v in enumerate(expect) if i != 2]

@@ -109,6 +109,20 @@ def test_sm90_register_budget_balances(build_cache):
 
 
 
+def test_sm90_tma_kernels_use_the_copy_engine(build_cache):
+    """``sparse24_gemm_sm90_tma`` fills its stages with TMA tensor-map loads and bulk copies completing one
+    arrive.expect_tx per stage, after fencing the tensormap proxy for the map the host copied in."""
+    from sparsert.runtime.sparse_gemm import SM90_CONFIGS, SM90_SPECS
+
+    assert any(c.tma for c in SM90_CONFIGS)
+    ptx = compile_kernel(SM90_SPECS[0], "sm_90a", cache=build_cache).ptx
+    for needle in ("cp.async.bulk.tensor.2d.shared::cluster.global.tile.mbarrier::complete_tx::bytes",
+                   "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes",
+                   "mbarrier.arrive.expect_tx.shared::cta.b64", "fence.proxy.tensormap::generic.acquire.gpu",
+                   "fence.mbarrier_init.release.cluster", "trap;"):
+        assert needle in ptx, needle
+
+
 @pytest.mark.parametrize("diag,has_wgmma", [(1, True), (2, False)])
 def test_sm90_diagnostic_builds(diag, has_wgmma, tmp_path):
     """tools/diagnose_sm90.py rebuilds the wgmma kernels with -DSP24_DIAG: 1 keeps the wgmmas (loads stop

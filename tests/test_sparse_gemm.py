@@ -348,8 +348,22 @@ def isa_descriptor_address(desc: int, rows: np.ndarray, chunk: np.ndarray) -> np
     return addr ^ (((addr >> 7) & 7) << 4)
 
 
-def emulate_sm90_consumer(x: torch.Tensor, w, bt: int, subs: int = 1) -> np.ndarray:
-    """cuda/sparse24_gemm_sm90.cu: producer layout (``subs`` 64-column k blocks per stage), consumer
+def tma_load_2d_sw128(st: np.ndarray, dst: int, xv: np.ndarray, rows: int, cols: int, c0: int, c1: int,
+                      box_rows: int) -> None:
+    """A TMA tile load of a 16-bit ``[rows, cols]`` tensor with box {64, box_rows} at (column c0, row c1) and the
+    128-byte swizzle, as the copy engine does it (CUTLASS ``Swizzle<3, 4, 3>`` on shared-memory byte addresses:
+    bits 4-6 XOR bits 7-9; ``dst`` 1024-byte aligned): box row r, 16-byte chunk j lands at
+    ``a ^ (((a >> 7) & 7) << 4)``, a = dst + 128 r + 16 j; rows >= ``rows`` read as zero."""
+    for r in range(box_rows):
+        ok = c1 + r < rows
+        for j in range(8):
+            a = dst + r * 128 + j * 16
+            copy16(st, a ^ (((a >> 7) & 7) << 4), xv, (((c1 + r) if ok else 0) * cols + c0 + 8 * j) * 2, ok)
+
+
+def emulate_sm90_consumer(x: torch.Tensor, w, bt: int, subs: int = 1, tma: bool = False) -> np.ndarray:
+    """cuda/sparse24_gemm_sm90.cu: producer layout (``subs`` 64-column k blocks per stage; cp.async
+    ``sparse24_gemm_sm90`` or, with ``tma``, ``sparse24_gemm_sm90_tma``'s tensor-map and bulk copies), consumer
     A/metadata fragments, wgmma as four per-warp m16nBTk32 products with B read from the 128-byte-swizzled tile
     where the kernel's descriptor points (decoded by the ISA's field layout, :func:`isa_descriptor_address`),
     and the epilogue mapping."""
@@ -365,9 +379,17 @@ def emulate_sm90_consumer(x: torch.Tensor, w, bt: int, subs: int = 1) -> np.ndar
         acc = np.zeros((2, 4, 32, bt // 2))
         for kt in range(kb_n // subs):
             st = np.zeros(e_off + subs * 1024, dtype=np.uint8)
-            load_x_tile_sm90(st, xv, bt, subs, m0, m, k, kt * 64 * subs)
-            copy_block_slabs(st, a_off, wv, blk0, kb_n, subs * kt, 8, 1024 * subs, unit=1024)
-            copy_block_slabs(st, e_off, wmeta, blk0, kb_n, subs * kt, 8, 128 * subs, unit=128)
+            if tma:  # SUBS tensor-map boxes, then per block one bulk copy of its A slab and one of its metadata
+                for h in range(subs):
+                    tma_load_2d_sw128(st, h * bt * 128, xv, m, k, (kt * subs + h) * 64, m0, bt)
+                for b in range(8):
+                    unit = (blk0 + b) * kb_n + subs * kt
+                    copy16(st, a_off + b * 1024 * subs, wv, unit * 1024, nbytes=1024 * subs)
+                    copy16(st, e_off + b * 128 * subs, wmeta, unit * 128, nbytes=128 * subs)
+            else:
+                load_x_tile_sm90(st, xv, bt, subs, m0, m, k, kt * 64 * subs)
+                copy_block_slabs(st, a_off, wv, blk0, kb_n, subs * kt, 8, 1024 * subs, unit=1024)
+                copy_block_slabs(st, e_off, wmeta, blk0, kb_n, subs * kt, 8, 128 * subs, unit=128)
             for cg in range(2):
                 for wi in range(4):
                     blk = 4 * cg + wi
@@ -651,7 +673,7 @@ def test_sm90_kernel_emulation(cfg):
     p = _packed(136, 256, seed=9)
     w = prepare_sparse24(p, dtype=torch.bfloat16)
     x = _x(cfg.bt + 3, 256, torch.bfloat16, seed=10)
-    got = emulate_sm90_consumer(x, w, cfg.bt, cfg.subs)
+    got = emulate_sm90_consumer(x, w, cfg.bt, cfg.subs, cfg.tma)
     np.testing.assert_allclose(got, _reference(x, w.to_dense()), rtol=1e-10, atol=1e-10)
 
 

@@ -11,6 +11,8 @@
  *   attr <handle> <attribute> <value>    cuKernelSetAttribute / cuFuncSetAttribute
  *   launch <handle> <gx> <gy> <gz> <bx> <by> <bz> <smem> <context current: 0/1>
  *   alloc <bytes> / free                 stream-ordered allocations
+ *   tensormap <dtype> <rank> <address> <dim0> <dim1> <stride1> <box0> <box1> <estride0> <estride1>
+ *             <interleave> <swizzle> <l2 promotion> <oob fill>      cuTensorMapEncodeTiled
  *
  * It runs no code: kernels are never executed, memory is a static arena. Build:
  *   cc -shared -fPIC -o libcuda.so.1 fake_libcuda.c -ldl
@@ -151,6 +153,20 @@ CUresult cuLaunchKernelEx(const CUlaunchConfig *c, P f, void **params, void **ex
            current_context != 0);
   if (!current_context) return ERR_INVALID_CONTEXT;
   return getenv("FAKE_CUDA_FAIL_LAUNCH") ? ERR_LAUNCH_FAILED : OK;
+}
+
+/* TMA tensor maps: the parameters are logged; the map holds the address then a fixed pattern. The real driver
+ * validates more (alignment, box <= 256, swizzle span); rank 2 is all sparsert encodes. */
+CUresult cuTensorMapEncodeTiled(void *map, int dtype, unsigned rank, void *addr, const uint64_t *dims,
+                                const uint64_t *strides, const uint32_t *box, const uint32_t *estrides,
+                                int interleave, int swizzle, int l2, int oob) {
+  if (rank != 2) return ERR_INVALID_VALUE;
+  log_line("tensormap %d %u %p %llu %llu %llu %u %u %u %u %d %d %d %d", dtype, rank, addr,
+           (unsigned long long)dims[0], (unsigned long long)dims[1], (unsigned long long)strides[0], box[0],
+           box[1], estrides[0], estrides[1], interleave, swizzle, l2, oob);
+  memset(map, 0x5a, 128);
+  memcpy(map, &addr, sizeof addr);
+  return OK;
 }
 
 /* Stream-ordered memory */
