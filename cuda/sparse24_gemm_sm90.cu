@@ -230,6 +230,24 @@ DEVI void producer(const CtaTile& t, int ktiles, Load&& load) {
   cp_async_wait_all();
 }
 
+// TMA producer (warpgroup 0; thread 0 issues everything, its 127 companions only hand their registers over):
+// for every k tile, wait until the consumers have freed its slot, announce the stage's tx_bytes on the slot's
+// full barrier (count 1), then issue(stage shared address, kt, full barrier) starts the copies that deliver
+// exactly those bytes.
+template <int STAGES, int STAGE_BYTES, class Issue>
+DEVI void tma_producer(const CtaTile& t, int ktiles, u32 tx_bytes, u64 xmap, Issue&& issue) {
+  asm volatile("setmaxnreg.dec.sync.aligned.u32 40;\n" ::: "memory");
+  if (threadIdx.x != 0) return;
+  tensormap_acquire(xmap);
+  for (int kt = 0; kt < ktiles; ++kt) {
+    const int slot = kt % STAGES;
+    if (kt >= STAGES) mbar_wait(t.bar_empty + 8 * slot, ((kt / STAGES) - 1) & 1);
+    const u32 full = t.bar_full + 8 * slot;
+    mbar_arrive_expect_tx(full, tx_bytes);
+    issue(t.base + slot * STAGE_BYTES, kt, full);
+  }
+}
+
 // Producer: the X tile of a k tile (tokens m0.., columns k0 .. k0 + 64*SUBS - 1) as SUBS 64-column sub-tiles of
 // BT rows x 128 B at st + h * BT * 128, in the 128-byte swizzle (16-byte chunk j of row r at (j ^ (r & 7)) * 16);
 // rows >= M are zero-filled.
@@ -412,27 +430,19 @@ __global__ void __launch_bounds__(384, 1) sparse24_gemm_sm90_tma(
   const int KT = KB / SUBS;
 
   if ((tid >> 7) == 0) {
-    asm volatile("setmaxnreg.dec.sync.aligned.u32 40;\n" ::: "memory");
-    if (tid == 0) {
-      tensormap_acquire(xmap);
-      const unsigned char* wv = reinterpret_cast<const unsigned char*>(wvals);
-      const unsigned char* wm = reinterpret_cast<const unsigned char*>(wmeta);
-      const int blk0 = t.n0 >> 4;
-      for (int kt = 0; kt < KT; ++kt) {
-        const int slot = kt % STAGES;
-        if (kt >= STAGES) mbar_wait(t.bar_empty + 8 * slot, ((kt / STAGES) - 1) & 1);
-        const u32 st = t.base + slot * L::BYTES, full = t.bar_full + 8 * slot;
-        mbar_arrive_expect_tx(full, L::BYTES);
+    const unsigned char* wv = reinterpret_cast<const unsigned char*>(wvals);
+    const unsigned char* wm = reinterpret_cast<const unsigned char*>(wmeta);
+    const int blk0 = t.n0 >> 4;
+    tma_producer<STAGES, L::BYTES>(t, KT, L::BYTES, xmap, [&](u32 st, int kt, u32 full) {
 #pragma unroll
-        for (int h = 0; h < SUBS; ++h) tma_load_2d(st + h * (BT * 128), xmap, (kt * SUBS + h) * 64, t.m0, full);
+      for (int h = 0; h < SUBS; ++h) tma_load_2d(st + h * (BT * 128), xmap, (kt * SUBS + h) * 64, t.m0, full);
 #pragma unroll
-        for (int b = 0; b < 8; ++b) {
-          const size_t unit = (size_t)(blk0 + b) * KB + SUBS * kt;  // the stage's first 64-column block
-          bulk_load(st + L::A_OFF + b * L::A_SLAB, wv + unit * 1024, L::A_SLAB, full);
-          bulk_load(st + L::E_OFF + b * L::E_SLAB, wm + unit * 128, L::E_SLAB, full);
-        }
+      for (int b = 0; b < 8; ++b) {
+        const size_t unit = (size_t)(blk0 + b) * KB + SUBS * kt;  // the stage's first 64-column block
+        bulk_load(st + L::A_OFF + b * L::A_SLAB, wv + unit * 1024, L::A_SLAB, full);
+        bulk_load(st + L::E_OFF + b * L::E_SLAB, wm + unit * 128, L::E_SLAB, full);
       }
-    }
+    });
     return;
   }
 
@@ -451,50 +461,107 @@ __global__ void __launch_bounds__(384, 1) sparse24_gemm_sm90_tma(
 // [X: two 64-column sub-tiles of BT rows x 128 B][codes 8 x 512 B][metadata 8 x 256 B][scales 8 x 32*NG B],
 // padded to a multiple of 1024 bytes. Dynamic shared memory: 1024 + STAGES * stage + STAGES * 16.
 // ------------------------------------------------------------------------------------------------------
+namespace s90 {
+
+// W4A16 stage: [X: two 64-column sub-tiles of BT rows x 128 B][codes 8 x 512 B][metadata 8 x 256 B]
+// [scales 8 x 32*NG B]; BYTES pads it to a multiple of 1024, COPIED is what its copies deliver.
+template <int BT, int NG>
+struct W4Stage {
+  static_assert(BT == 128 || BT == 256, "BT");
+  static_assert(NG == 1 || NG == 2, "NG");
+  static constexpr int SUB = BT * 128;  // one 64-column X sub-tile
+  static constexpr int Q_OFF = 2 * SUB;
+  static constexpr int E_OFF = Q_OFF + 8 * 512;
+  static constexpr int S_OFF = E_OFF + 8 * 256;
+  static constexpr int S_UNIT = 32 * NG;
+  static constexpr int COPIED = S_OFF + 8 * S_UNIT;
+  static constexpr int BYTES = (COPIED + 1023) / 1024 * 1024;
+};
+
+// Consumer warp's registers for one W4A16 stage: the four k32 A fragments of 16-row block `blk` dequantised
+// from its codes and scales, and its two metadata words.
+template <int DT, int BT, int NG>
+DEVI void fill_w4a16_fragments(const unsigned char* st, int blk, int lane, u32 (&a)[4][4], u32 (&e)[2]) {
+  using L = W4Stage<BT, NG>;
+  const uint4 q4 = *reinterpret_cast<const uint4*>(st + L::Q_OFF + blk * 512 + lane * 16);
+  e[0] = *reinterpret_cast<const u32*>(st + L::E_OFF + blk * 256 + lane * 4);
+  e[1] = *reinterpret_cast<const u32*>(st + L::E_OFF + blk * 256 + 128 + lane * 4);
+  u32 sc[NG];
+  load_scales<NG>(st + L::S_OFF + blk * L::S_UNIT + (lane >> 2) * 4 * NG, sc);
+  dequant_word_scaled<DT>(q4.x, sc[0], a[0]);
+  dequant_word_scaled<DT>(q4.y, sc[0], a[1]);
+  dequant_word_scaled<DT>(q4.z, sc[NG - 1], a[2]);
+  dequant_word_scaled<DT>(q4.w, sc[NG - 1], a[3]);
+}
+
+}  // namespace s90
+
 template <int DT, int BT, int STAGES, int NG>
 __global__ void __launch_bounds__(384, 1) w4a16_sparse24_sm90(
     const u16* __restrict__ x, const u32* __restrict__ wq, const u32* __restrict__ wmeta,
     const u16* __restrict__ wscale, const float* __restrict__ bias, u16* __restrict__ y, int M, int N, int K,
     int act) {
   using namespace s90;
-  static_assert(BT == 128 || BT == 256, "BT");
-  static_assert(NG == 1 || NG == 2, "NG");
-  constexpr int SUB = BT * 128;  // one 64-column X sub-tile
-  constexpr int Q_OFF = 2 * SUB;
-  constexpr int E_OFF = Q_OFF + 8 * 512;
-  constexpr int S_OFF = E_OFF + 8 * 256;
-  constexpr int S_UNIT = 32 * NG;
-  constexpr int STAGE_BYTES = (S_OFF + 8 * S_UNIT + 1023) / 1024 * 1024;
-
+  using L = W4Stage<BT, NG>;
   extern __shared__ unsigned char smem_raw[];
-  const CtaTile t = cta_setup<BT, STAGES, STAGE_BYTES>(smem_raw, M, N);
+  const CtaTile t = cta_setup<BT, STAGES, L::BYTES>(smem_raw, M, N);
   const int tid = threadIdx.x;
-  const int lane = tid & 31;
   const int KU = K >> 7, KB = K >> 6;
 
   if ((tid >> 7) == 0) {
     const int blk0 = t.n0 >> 4;
-    producer<STAGES, STAGE_BYTES>(t, KU, [&](u32 st, int ku) {
+    producer<STAGES, L::BYTES>(t, KU, [&](u32 st, int ku) {
       load_x_tile<BT, 2>(st, x, t.m0, M, K, ku * 128, tid);
-      copy_block_slabs<8, 512, 128>(st + Q_OFF, wq, blk0, KU, ku, tid);
-      copy_block_slabs<8, 256, 128, 128>(st + E_OFF, wmeta, blk0, KB, 2 * ku, tid);  // 2 metadata blocks
-      copy_block_slabs<8, S_UNIT, 128>(st + S_OFF, wscale, blk0, KU, ku, tid);
+      copy_block_slabs<8, 512, 128>(st + L::Q_OFF, wq, blk0, KU, ku, tid);
+      copy_block_slabs<8, 256, 128, 128>(st + L::E_OFF, wmeta, blk0, KB, 2 * ku, tid);  // 2 metadata blocks
+      copy_block_slabs<8, L::S_UNIT, 128>(st + L::S_OFF, wscale, blk0, KU, ku, tid);
     });
     return;
   }
 
   const int blk = 4 * ((tid >> 7) - 1) + ((tid >> 5) & 3);  // this warp's 16-row block within the tile
-  const int g = lane >> 2;
-  consumer<DT, BT, STAGES, STAGE_BYTES, 4>(t, KU, bias, y, M, N, act,
-                                          [&](const unsigned char* st, u32 (&a)[4][4], u32 (&e)[2]) {
-    const uint4 q4 = *reinterpret_cast<const uint4*>(st + Q_OFF + blk * 512 + lane * 16);
-    e[0] = *reinterpret_cast<const u32*>(st + E_OFF + blk * 256 + lane * 4);
-    e[1] = *reinterpret_cast<const u32*>(st + E_OFF + blk * 256 + 128 + lane * 4);
-    u32 sc[NG];
-    load_scales<NG>(st + S_OFF + blk * S_UNIT + g * 4 * NG, sc);
-    dequant_word_scaled<DT>(q4.x, sc[0], a[0]);
-    dequant_word_scaled<DT>(q4.y, sc[0], a[1]);
-    dequant_word_scaled<DT>(q4.z, sc[NG - 1], a[2]);
-    dequant_word_scaled<DT>(q4.w, sc[NG - 1], a[3]);
+  consumer<DT, BT, STAGES, L::BYTES, 4>(t, KU, bias, y, M, N, act,
+                                       [&](const unsigned char* st, u32 (&a)[4][4], u32 (&e)[2]) {
+    fill_w4a16_fragments<DT, BT, NG>(st, blk, tid & 31, a, e);
+  });
+}
+
+// The W4A16 kernel with the TMA producer of sparse24_gemm_sm90_tma: per 128-column stage two tensor-map boxes
+// of X and per 16-row block bulk copies of its codes (512 B), metadata (256 B) and scales (32*NG B).
+template <int DT, int BT, int STAGES, int NG>
+__global__ void __launch_bounds__(384, 1) w4a16_sparse24_sm90_tma(
+    const u64 xmap, const u32* __restrict__ wq, const u32* __restrict__ wmeta,
+    const u16* __restrict__ wscale, const float* __restrict__ bias, u16* __restrict__ y, int M, int N, int K,
+    int act) {
+  using namespace s90;
+  using L = W4Stage<BT, NG>;
+  extern __shared__ unsigned char smem_raw[];
+  const CtaTile t = cta_setup<BT, STAGES, L::BYTES, 1>(smem_raw, M, N);
+  const int tid = threadIdx.x;
+  const int KU = K >> 7, KB = K >> 6;
+
+  if ((tid >> 7) == 0) {
+    const unsigned char* q = reinterpret_cast<const unsigned char*>(wq);
+    const unsigned char* e = reinterpret_cast<const unsigned char*>(wmeta);
+    const unsigned char* sc = reinterpret_cast<const unsigned char*>(wscale);
+    const int blk0 = t.n0 >> 4;
+    tma_producer<STAGES, L::BYTES>(t, KU, L::COPIED, xmap, [&](u32 st, int ku, u32 full) {
+      tma_load_2d(st, xmap, ku * 128, t.m0, full);
+      tma_load_2d(st + L::SUB, xmap, ku * 128 + 64, t.m0, full);
+#pragma unroll
+      for (int b = 0; b < 8; ++b) {
+        const size_t blk = (size_t)(blk0 + b);
+        bulk_load(st + L::Q_OFF + b * 512, q + (blk * KU + ku) * 512, 512, full);
+        bulk_load(st + L::E_OFF + b * 256, e + (blk * KB + 2 * ku) * 128, 256, full);
+        bulk_load(st + L::S_OFF + b * L::S_UNIT, sc + (blk * KU + ku) * L::S_UNIT, L::S_UNIT, full);
+      }
+    });
+    return;
+  }
+
+  const int blk = 4 * ((tid >> 7) - 1) + ((tid >> 5) & 3);
+  consumer<DT, BT, STAGES, L::BYTES, 4>(t, KU, bias, y, M, N, act,
+                                       [&](const unsigned char* st, u32 (&a)[4][4], u32 (&e)[2]) {
+    fill_w4a16_fragments<DT, BT, NG>(st, blk, tid & 31, a, e);
   });
 }

@@ -326,7 +326,8 @@ class OursSparse24(GemmBackend):
 
 class OursW4A16(GemmBackend):
     """Our 2:4 + INT4 GEMM (``sparse_gemm.w4a16_linear``): ``decode`` (M <= 16, split-K), ``prefill`` (mma.sp,
-    sm_80+) or ``sm90_128`` / ``sm90_256`` (wgmma.sp, sm_90a)."""
+    sm_80+) or one of ``sparse_gemm.W4A16_SM90_CONFIGS`` (wgmma.sp, sm_90a: ``sm90_128`` / ``sm90_256``, with a
+    TMA producer ``sm90tma_128`` / ``sm90tma_256``)."""
 
     state_key = "ours_w4a16"
 
@@ -362,7 +363,7 @@ def our_backends(device: torch.device | None = None) -> list[GemmBackend]:
 
         if get_device(device.index or 0).arch == "sm_90a":
             variants += [c.name for c in sparse_gemm.SM90_CONFIGS]
-            w4a16 += ["sm90_128", "sm90_256"]
+            w4a16 += [c.name for c in sparse_gemm.W4A16_SM90_CONFIGS]
     return [OursSparse24(v) for v in variants] + [OursW4A16(v) for v in w4a16]
 
 

@@ -137,10 +137,16 @@ PREFILL_CONFIGS = (PrefillConfig(128, 2, 4, 3), PrefillConfig(64, 2, 4, 4))
 
 @dataclass(frozen=True)
 class W4A16Sm90Config:
-    """One ``w4a16_sparse24_sm90`` instantiation (wgmma.sp, 128 features x BT tokens, 128-column k tiles)."""
+    """One ``w4a16_sparse24_sm90`` instantiation (wgmma.sp, 128 features x BT tokens, 128-column k tiles;
+    ``tma``: ``w4a16_sparse24_sm90_tma``, the stages filled by TMA); ``name`` is its ``kernel=`` choice."""
 
     bt: int
     stages: int
+    tma: bool = False
+
+    @property
+    def name(self) -> str:
+        return f"sm90{'tma' if self.tma else ''}_{self.bt}"
 
     def stage_bytes(self, ng: int) -> int:
         raw = 2 * self.bt * 128 + 8 * (512 + 256 + 32 * ng)
@@ -150,10 +156,12 @@ class W4A16Sm90Config:
         return 1024 + self.stages * self.stage_bytes(ng) + self.stages * 16
 
     def expr(self, dt: int, ng: int) -> str:
-        return f"w4a16_sparse24_sm90<{dt}, {self.bt}, {self.stages}, {ng}>"
+        return f"w4a16_sparse24_sm90{'_tma' if self.tma else ''}<{dt}, {self.bt}, {self.stages}, {ng}>"
 
 
-W4A16_SM90_CONFIGS = (W4A16Sm90Config(128, 5), W4A16Sm90Config(256, 3))
+W4A16_SM90_CONFIGS = (W4A16Sm90Config(128, 5), W4A16Sm90Config(256, 3), W4A16Sm90Config(128, 5, True),
+                      W4A16Sm90Config(256, 3, True))
+W4A16_SM90_BY_NAME = {c.name: c for c in W4A16_SM90_CONFIGS}
 DECODE_MAX_M = 16
 DECODE_STAGES = (3, 2)
 DECODE_STATIC_SMEM = 128  # the kernel's one static __shared__ int, rounded up
@@ -661,6 +669,15 @@ def _launch(spec: KernelSpec, expr: str, device_index: int, grid, block, smem: i
     kernel(grid, block, *args, shmem=smem)
 
 
+def _x_operand(x2: torch.Tensor, plan: LaunchPlan):
+    """The kernel's X argument: the tensor itself, or for a TMA kernel the device address of X's tensor map."""
+    if not plan.tma_box_rows:
+        return x2
+    from sparsert.runtime.tensor_map import device_tensor_map
+
+    return np.uint64(device_tensor_map(x2, plan.tma_box_rows).data_ptr())
+
+
 def _tiles(extent: int, tile: int) -> int:
     return (extent + tile - 1) // tile
 
@@ -765,13 +782,8 @@ def sparse24_linear(x: torch.Tensor, weight: Sparse24Weight, *, bias: torch.Tens
     def launch(x2: torch.Tensor, m: int, act: int, b, y: torch.Tensor, dev: int) -> None:
         n, k = weight.out_features, weight.in_features
         plan = plan_sparse24(m, n, k, x.dtype, _arch(dev), max_smem_per_block(dev), kernel)
-        xin = x2
-        if plan.tma_box_rows:
-            from sparsert.runtime.tensor_map import device_tensor_map
-
-            xin = np.uint64(device_tensor_map(x2, plan.tma_box_rows).data_ptr())
         _launch(plan.spec, plan.expr, dev, plan.grid, plan.block, plan.smem,
-                xin, weight.values, weight.meta, b, y, m, n, k, act)
+                _x_operand(x2, plan), weight.values, weight.meta, b, y, m, n, k, act)
 
     return _run_linear("sparse24_linear", x, weight, bias, activation, out, kernel, SPARSE24_KERNELS, launch)
 
@@ -780,7 +792,7 @@ def sparse24_linear(x: torch.Tensor, weight: Sparse24Weight, *, bias: torch.Tens
 # W4A16 2:4 GEMM
 # ---------------------------------------------------------------------------------------------------------
 
-W4A16_KERNELS = ("auto", "decode", "prefill", "sm90_128", "sm90_256")
+W4A16_KERNELS = ("auto", "decode", "prefill", *(c.name for c in W4A16_SM90_CONFIGS))
 
 
 @dataclass(frozen=True)
@@ -855,9 +867,9 @@ def plan_w4a16(m: int, n: int, n_pad: int, k: int, dtype: torch.dtype, ng: int, 
     if kernel.startswith("sm90"):
         if arch != "sm_90a":
             raise DeviceError(f"w4a16_linear: kernel {kernel!r} needs an sm_90a GPU (Hopper), this one is {arch}")
-        cfg9 = W4A16_SM90_CONFIGS[0] if kernel == "sm90_128" else W4A16_SM90_CONFIGS[1]
+        cfg9 = W4A16_SM90_BY_NAME[kernel]
         return LaunchPlan(SM90_SPECS[dt], cfg9.expr(dt, ng), (_tiles(n, 128) * _tiles(m, cfg9.bt), 1, 1),
-                          (384, 1, 1), cfg9.smem_bytes(ng))
+                          (384, 1, 1), cfg9.smem_bytes(ng), tma_box_rows=cfg9.bt if cfg9.tma else 0)
     fits = [c for c in PREFILL_CONFIGS if c.smem_bytes(ng) <= smem_limit]
     if not fits:
         raise DeviceError(f"w4a16_linear: no prefill tile fits {smem_limit} bytes of shared memory per block")
@@ -875,7 +887,8 @@ def w4a16_linear(x: torch.Tensor, weight: W4A16Weight, *, bias: torch.Tensor | N
     Args:
         x: ``[..., K]`` bf16/fp16 (the dtype the weight was prepared for), contiguous, 16-byte aligned.
         weight: from :func:`prepare_w4a16`.
-        kernel: auto | decode (M <= 16, split-K mma.sp) | prefill (mma.sp tiles) | sm90_128 | sm90_256
+        kernel: auto | decode (M <= 16, split-K mma.sp) | prefill (mma.sp tiles) | sm90_128 | sm90_256 |
+            sm90tma_128 | sm90tma_256
             (wgmma.sp, sm_90a only); see :func:`plan_w4a16`.
         decode_ctas_per_sm, decode_stages: the decode split-K plan's target CTAs per SM and ring depth
             (:func:`plan_decode`; None = deepest that fits).
@@ -895,7 +908,7 @@ def w4a16_linear(x: torch.Tensor, weight: W4A16Weight, *, bias: torch.Tensor | N
                     weight.scales, b, y, ws, counters, m, n, k, d.ksplit, act)
             return
         _launch(plan.spec, plan.expr, dev, plan.grid, plan.block, plan.smem,
-                x2, weight.qweight, weight.meta, weight.scales, b, y, m, n, k, act)
+                _x_operand(x2, plan), weight.qweight, weight.meta, weight.scales, b, y, m, n, k, act)
 
     return _run_linear("w4a16_linear", x, weight, bias, activation, out, kernel, W4A16_KERNELS, launch,
                        max_m=DECODE_MAX_M if kernel == "decode" else None)

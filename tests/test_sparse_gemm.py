@@ -29,6 +29,8 @@ from sparsert.runtime.sparse_gemm import (
     ROW_PAD,
     SM90_CONFIGS,
     SPARSE24_KERNELS,
+    W4A16_KERNELS,
+    W4A16_SM90_CONFIGS,
     SPARSE24_TILES,
     TileConfig,
     W4A16Weight,
@@ -510,9 +512,11 @@ def emulate_w4a16_decode(x: torch.Tensor, w: W4A16Weight, nb: int, ksplit: int) 
     return y
 
 
-def emulate_w4a16_sm90(x: torch.Tensor, w: W4A16Weight, bt: int) -> np.ndarray:
-    """``w4a16_sparse24_sm90``: producer layout (two 64-column X sub-tiles), consumer dequantisation into the
-    register A operand, the four k32 wgmmas per stage through the descriptor model, the shared epilogue."""
+def emulate_w4a16_sm90(x: torch.Tensor, w: W4A16Weight, bt: int, tma: bool = False) -> np.ndarray:
+    """``w4a16_sparse24_sm90``: producer layout (two 64-column X sub-tiles; with ``tma`` those of
+    ``w4a16_sparse24_sm90_tma``: two tensor-map boxes and per block bulk copies of codes, metadata and scales),
+    consumer dequantisation into the register A operand, the four k32 wgmmas per stage through the descriptor
+    model, the shared epilogue."""
     dtype = x.dtype
     m, k = x.shape
     n, ng = w.out_features, w.ng
@@ -525,10 +529,19 @@ def emulate_w4a16_sm90(x: torch.Tensor, w: W4A16Weight, bt: int) -> np.ndarray:
         acc = np.zeros((2, 4, 32, bt // 2))
         for ku in range(ku_n):
             st = np.zeros(s_off + 8 * s_unit, dtype=np.uint8)
-            load_x_tile_sm90(st, xv, bt, 2, m0, m, k, ku * 128)
-            copy_block_slabs(st, q_off, qv, blk0, ku_n, ku, 8, 512)
-            copy_block_slabs(st, e_off, ev, blk0, kb_n, 2 * ku, 8, 256, unit=128)
-            copy_block_slabs(st, s_off, sv, blk0, ku_n, ku, 8, s_unit)
+            if tma:
+                tma_load_2d_sw128(st, 0, xv, m, k, ku * 128, m0, bt)
+                tma_load_2d_sw128(st, sub, xv, m, k, ku * 128 + 64, m0, bt)
+                for b in range(8):
+                    blk = blk0 + b
+                    copy16(st, q_off + b * 512, qv, (blk * ku_n + ku) * 512, nbytes=512)
+                    copy16(st, e_off + b * 256, ev, (blk * kb_n + 2 * ku) * 128, nbytes=256)
+                    copy16(st, s_off + b * s_unit, sv, (blk * ku_n + ku) * s_unit, nbytes=s_unit)
+            else:
+                load_x_tile_sm90(st, xv, bt, 2, m0, m, k, ku * 128)
+                copy_block_slabs(st, q_off, qv, blk0, ku_n, ku, 8, 512)
+                copy_block_slabs(st, e_off, ev, blk0, kb_n, 2 * ku, 8, 256, unit=128)
+                copy_block_slabs(st, s_off, sv, blk0, ku_n, ku, 8, s_unit)
             for cg in range(2):
                 for wi in range(4):
                     blk = 4 * cg + wi
@@ -706,12 +719,13 @@ def test_w4a16_prefill_emulation(dtype):
     np.testing.assert_allclose(got, _reference(x, w.to_dense()), rtol=1e-10, atol=1e-10)
 
 
+@pytest.mark.parametrize("tma", [False, True], ids=["cp.async", "tma"])
 @pytest.mark.parametrize("dtype,group", [(torch.float16, 64), (torch.bfloat16, 128)])
-def test_w4a16_sm90_emulation(dtype, group):
+def test_w4a16_sm90_emulation(dtype, group, tma):
     p = _packed(136, 256, seed=23, group=group)
     w = prepare_w4a16(p, dtype=dtype)
     x = _x(131, 256, dtype, seed=24)
-    got = emulate_w4a16_sm90(x, w, 128)
+    got = emulate_w4a16_sm90(x, w, 128, tma)
     np.testing.assert_allclose(got, _reference(x, w.to_dense()), rtol=1e-10, atol=1e-10)
 
 
@@ -842,7 +856,7 @@ def test_launch_plans_pick_built_kernels_that_fit(arch):
                     _check_plan(plan_sparse24(m, n, k, dtype, arch, limit, kernel), arch, limit, m, n)
                 n_pad = -(-n // ROW_PAD) * ROW_PAD
                 for ng in (1, 2):
-                    for kernel in ("auto", "decode", "prefill", "sm90_128", "sm90_256"):
+                    for kernel in W4A16_KERNELS:
                         args = (m, n, n_pad, k - k % 128, dtype, ng, arch, limit, sms, kernel)
                         if kernel == "decode" and m > 16:
                             with pytest.raises(FormatError, match="at most 16 tokens"):
@@ -982,7 +996,7 @@ def test_gpu_w4a16_prefill(m, n, k, group, dtype):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("kernel", ["sm90_128", "sm90_256"])
+@pytest.mark.parametrize("kernel", [c.name for c in W4A16_SM90_CONFIGS])
 @pytest.mark.parametrize("m,n,k,group", [(17, 256, 256, 128), (130, 384, 640, 64), (600, 1024, 2048, 128)])
 def test_gpu_w4a16_sm90(kernel, m, n, k, group, dtype):
     _skip_unless_sm90()
