@@ -742,12 +742,13 @@ class LaunchPlan:
 
 def plan_sparse24(m: int, n: int, k: int, dtype: torch.dtype, arch: str, smem_limit: int,
                   kernel: str = "auto") -> LaunchPlan:
-    """Kernel choice for ``sparse24_linear`` (pure: no device needed). auto: on sm_90a the wgmma kernel from
-    M >= 256 (256-token tiles from M >= 2048), else the mma.sp tile for M (small <= 16 < medium <= 64 <
-    large)."""
+    """Kernel choice for ``sparse24_linear`` (pure: no device needed). auto: the mma.sp tile for M (small <= 16
+    < medium <= 64 < large); on sm_90a, from the H200 run in bench/RESULTS.md (2026-12-04: the best kernel of
+    30 Llama cases), ``small`` up to 16 tokens, the 256-token wgmma tile for K >= 8192 from M >= 2048, and
+    ``medium`` otherwise (at M = 128 ``large`` was 2-3x slower than ``medium``: too few tiles for 132 SMs)."""
     dt = DTYPES[dtype]
-    if kernel == "auto" and arch == "sm_90a" and m >= 256:
-        kernel = "sm90_256" if m >= 2048 else "sm90_128"
+    if kernel == "auto" and arch == "sm_90a" and m > 16:
+        kernel = "sm90_256" if m >= 2048 and k >= 8192 else "medium"
     if kernel.startswith("sm90"):
         if arch != "sm_90a":
             raise DeviceError(f"sparse24_linear: kernel {kernel!r} needs an sm_90a GPU (Hopper), this one is "
@@ -852,8 +853,8 @@ def _split_counters(device: torch.device, n: int) -> torch.Tensor:
 def plan_w4a16(m: int, n: int, n_pad: int, k: int, dtype: torch.dtype, ng: int, arch: str, smem_limit: int,
                sm_count: int, kernel: str = "auto", decode_ctas_per_sm: int = 2,
                decode_stages: int | None = None) -> LaunchPlan:
-    """Kernel choice for ``w4a16_linear`` (pure). auto: decode for M <= 16; on sm_90a the wgmma kernel from
-    M >= 128 (256-token tiles from M >= 2048); else the mma.sp prefill tile that fits shared memory."""
+    """Kernel choice for ``w4a16_linear`` (pure). auto: decode for M <= 16; on sm_90a the 128-token wgmma kernel
+    from M >= 128; else the mma.sp prefill tile that fits shared memory."""
     dt = DTYPES[dtype]
     if kernel == "decode" and m > DECODE_MAX_M:
         raise FormatError(f"w4a16_linear: the decode kernel handles at most {DECODE_MAX_M} tokens, x has M={m}")
@@ -863,7 +864,7 @@ def plan_w4a16(m: int, n: int, n_pad: int, k: int, dtype: torch.dtype, ng: int, 
         return LaunchPlan(DECODE_SPECS[(dt, d.stages)], decode_expr(dt, d.nb, ng, d.stages),
                           (d.row_tiles, d.splits, 1), (256, 1, 1), d.smem, decode=d)
     if kernel == "auto" and arch == "sm_90a" and m >= 128:
-        kernel = "sm90_256" if m >= 2048 else "sm90_128"
+        kernel = "sm90_128"  # the H200 run (bench/RESULTS.md): best or within 3% of the best at every M >= 128
     if kernel.startswith("sm90"):
         if arch != "sm_90a":
             raise DeviceError(f"w4a16_linear: kernel {kernel!r} needs an sm_90a GPU (Hopper), this one is {arch}")

@@ -29,12 +29,13 @@ from sparsert.runtime.sparse_gemm import (
     ROW_PAD,
     SM90_CONFIGS,
     SPARSE24_KERNELS,
+    SPARSE24_TILES,
     W4A16_KERNELS,
     W4A16_SM90_CONFIGS,
-    SPARSE24_TILES,
     TileConfig,
     W4A16Weight,
     apply_activation,
+    choose_sparse24_tile,
     codes_to_words,
     decode_smem_bytes,
     fragments_to_values,
@@ -870,8 +871,12 @@ def test_launch_plans_pick_built_kernels_that_fit(arch):
                         _check_plan(plan, arch, limit, m, n)
                         if plan.decode is not None:
                             assert plan.grid == (n_pad // 128, plan.decode.splits, 1)
-    assert plan_sparse24(4096, 4096, 4096, torch.bfloat16, arch, limit).expr.startswith(
-        "sparse24_gemm_sm90<" if arch == "sm_90a" else "sparse24_gemm<")
+    # auto on Hopper (the H200 run): the 256-token wgmma tile only for K >= 8192 from M >= 2048, mma.sp otherwise
+    assert plan_sparse24(4096, 4096, 11008, torch.bfloat16, arch, limit).expr.startswith(
+        "sparse24_gemm_sm90<0, 256," if arch == "sm_90a" else "sparse24_gemm<")
+    assert plan_sparse24(4096, 4096, 4096, torch.bfloat16, arch, limit).expr.startswith("sparse24_gemm<")
+    tile = choose_sparse24_tile(128, "medium" if arch == "sm_90a" else "large", limit)
+    assert plan_sparse24(128, 4096, 4096, torch.bfloat16, arch, limit).expr == tile.expr(0)
 
 
 def test_k128_wgmma_tiles_need_k_multiple_of_128():
