@@ -81,9 +81,10 @@ DEVI void bulk_load(u32 dst, const void* src, u32 bytes, u32 bar) {
                : "memory");
 }
 // The tensor map was written to global memory by a host copy (generic proxy); TMA reads it through the
-// tensormap proxy (PTX ISA, "Proxies" / fence.proxy.tensormap).
+// tensormap proxy (PTX ISA, "Proxies" / fence.proxy.tensormap). System scope: the CUDA programming guide's
+// example of a map modified by cudaMemcpy from the host uses .sys.
 DEVI void tensormap_acquire(u64 tmap) {
-  asm volatile("fence.proxy.tensormap::generic.acquire.gpu [%0], 128;\n" ::"l"(tmap) : "memory");
+  asm volatile("fence.proxy.tensormap::generic.acquire.sys [%0], 128;\n" ::"l"(tmap) : "memory");
 }
 // Arrive on `bar` once every cp.async this thread issued so far has landed (pending count not incremented).
 DEVI void cp_async_mbar_arrive(u32 bar) {
@@ -300,7 +301,10 @@ DEVI void consumer(const CtaTile& t, int ktiles, const float* __restrict__ bias,
   const int tid = threadIdx.x;
   float acc[BT / 2];
 #pragma unroll
-  for (int i = 0; i < BT / 2; ++i) acc[i] = 0.0f;
+  // Zeroed through asm: with a plain `acc[i] = 0.0f` ptxas serialises every wgmma of the kernel ("C7515:
+  // wgmma.mma_async instructions are serialized due to non wgmma instructions defining accumulator registers"),
+  // which removes the overlap of consecutive wgmmas; tests/test_kernel_build.py rejects that warning.
+  for (int i = 0; i < BT / 2; ++i) asm volatile("mov.b32 %0, 0;\n" : "=f"(acc[i]));
   u32 a0[S][4], a1[S][4];
 
   auto step = [&](int kt, u32 (&a)[S][4], u32 (&other)[S][4]) {

@@ -675,7 +675,10 @@ def _x_operand(x2: torch.Tensor, plan: LaunchPlan):
         return x2
     from sparsert.runtime.tensor_map import device_tensor_map
 
-    return np.uint64(device_tensor_map(x2, plan.tma_box_rows).data_ptr())
+    tmap = device_tensor_map(x2, plan.tma_box_rows)
+    # the map may later be evicted from its cache: its memory must not be reused while this launch reads it
+    tmap.record_stream(torch.cuda.current_stream(x2.device))
+    return np.uint64(tmap.data_ptr())
 
 
 def _tiles(extent: int, tile: int) -> int:
