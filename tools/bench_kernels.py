@@ -192,7 +192,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tokens", default=",".join(str(t) for t in TOKENS))
     parser.add_argument("--reps", type=int, default=20)
     args = parser.parse_args(argv)
+    torch = cuda_torch()
+    return 0 if torch is None else bench(torch, args)
 
+
+def cuda_torch():
+    """torch when a usable GPU and a CUDA build of torch are present; otherwise None, after printing
+    ``no GPU: nothing measured (<why>)`` (the benchmarks never estimate)."""
     from sparsert.runtime.device import probe_gpu
 
     ok, reason = probe_gpu()
@@ -201,10 +207,9 @@ def main(argv: list[str] | None = None) -> int:
     except ImportError:
         torch = None
     if not ok or torch is None or not torch.cuda.is_available():
-        why = reason if not ok else "torch has no CUDA support"
-        print(f"no GPU: nothing measured ({why})")
-        return 0
-    return bench(torch, args)
+        print(f"no GPU: nothing measured ({reason if not ok else 'torch has no CUDA support'})")
+        return None
+    return torch
 
 
 def bench(torch, args) -> int:

@@ -43,16 +43,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=Path("bench/diagnose_sm90.md"), help="markdown table")
     parser.add_argument("--reps", type=int, default=10)
     args = parser.parse_args(argv)
+    from bench_kernels import cuda_torch
 
-    from sparsert.runtime.device import probe_gpu
-
-    ok, reason = probe_gpu()
-    try:
-        import torch
-    except ImportError:
-        torch = None
-    if not ok or torch is None or not torch.cuda.is_available():
-        print(f"no GPU: nothing measured ({reason if not ok else 'torch has no CUDA support'})")
+    torch = cuda_torch()
+    if torch is None:
         return 0
     from sparsert.runtime.device import get_device
 
