@@ -294,7 +294,10 @@ DEVI void consumer_epilogue(const float (&acc)[BT / 2], unsigned char* smem, int
 // fragments and S/2 metadata words, S wgmmas (k32 step s reads X sub-tile s/2 at column offset 32 (s%2),
 // sparsity selector s % 2). Two register sets of A fragments alternate so that a tile's wgmmas run while
 // the next tile's fragments are built; a stage is released once its wgmmas have completed. Then the epilogue.
-template <int DT, int BT, int STAGES, int STAGE_BYTES, int S, class Fill>
+// PROXY_FENCE: the stage was written by cp.async (generic proxy) and is read by wgmma (async proxy), which
+// needs fence.proxy.async after the wait; TMA writes are already in the async proxy (no fence, as in CUTLASS's
+// TMA mainloops).
+template <int DT, int BT, int STAGES, int STAGE_BYTES, int S, bool PROXY_FENCE = true, class Fill>
 DEVI void consumer(const CtaTile& t, int ktiles, const float* __restrict__ bias, u16* __restrict__ y, int M,
                    int N, int act, Fill&& fill) {
   asm volatile("setmaxnreg.inc.sync.aligned.u32 232;\n" ::: "memory");
@@ -310,7 +313,7 @@ DEVI void consumer(const CtaTile& t, int ktiles, const float* __restrict__ bias,
   auto step = [&](int kt, u32 (&a)[S][4], u32 (&other)[S][4]) {
     const int slot = kt % STAGES;
     mbar_wait(t.bar_full + 8 * slot, (kt / STAGES) & 1);
-    fence_proxy_async();
+    if constexpr (PROXY_FENCE) fence_proxy_async();
     u32 e[S / 2];
     fill(t.smem + slot * STAGE_BYTES, a, e);
     const u32 sb = t.base + slot * STAGE_BYTES;
@@ -451,7 +454,7 @@ __global__ void __launch_bounds__(384, 1) sparse24_gemm_sm90_tma(
   }
 
   const int blk = 4 * ((tid >> 7) - 1) + ((tid >> 5) & 3);
-  consumer<DT, BT, STAGES, L::BYTES, 2 * SUBS>(t, KT, bias, y, M, N, act,
+  consumer<DT, BT, STAGES, L::BYTES, 2 * SUBS, false>(t, KT, bias, y, M, N, act,
                                               [&](const unsigned char* st, u32 (&a)[2 * SUBS][4], u32 (&e)[SUBS]) {
     fill_sp24_fragments<BT, SUBS>(st, blk, tid & 31, a, e);
   });
@@ -564,7 +567,7 @@ __global__ void __launch_bounds__(384, 1) w4a16_sparse24_sm90_tma(
   }
 
   const int blk = 4 * ((tid >> 7) - 1) + ((tid >> 5) & 3);
-  consumer<DT, BT, STAGES, L::BYTES, 4>(t, KU, bias, y, M, N, act,
+  consumer<DT, BT, STAGES, L::BYTES, 4, false>(t, KU, bias, y, M, N, act,
                                        [&](const unsigned char* st, u32 (&a)[4][4], u32 (&e)[2]) {
     fill_w4a16_fragments<DT, BT, NG>(st, blk, tid & 31, a, e);
   });
