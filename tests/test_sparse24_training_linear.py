@@ -284,6 +284,16 @@ def test_bench_summary_pass_fail_and_wrong_results():
     bad = dict(good, **{bench.OURS: {"ok": False}})
     res = bench.summarize(cfg, steps, fwds, bad, {}, {})
     assert next(r for r in res["rows"] if r["variant"] == bench.OURS)["result"] == "FAIL (wrong results)"
+    # the per-kernel GEMM timings (Hopper) are not overhead; the fastest is reported against dense
+    parts = {bench.GEMMS_DENSE: 6.0, bench.GEMMS_OURS: 10.0, "MVUE24": 1.0, bench.GEMMS_KERNEL + "medium": 8.0,
+             bench.GEMMS_KERNEL + "sm90tma_256": 4.0}
+    res = bench.summarize(cfg, steps, fwds, good, parts, {})
+    assert res["overhead_ms"] == 1.0 and res["gemm_best_kernel"] == "sm90tma_256"
+    assert res["gemm_best_ratio"] == pytest.approx(1.5) and res["gemm_ratio"] == pytest.approx(0.6)
+    meta = {"device": "H200", "compute_capability": [9, 0], "arch": "sm_90a", "sms": 132, "torch": "t", "cuda": "c",
+            "cusparselt": None, "commit": "x", "date": "d", "config": {"d": 4096, "ffn": 16384, "tokens": 16384,
+                                                                       "dtype": "bf16", "repeats": 1, "warmup": 1}}
+    assert "fastest: `sm90tma_256` (1.500x of dense)" in bench.to_markdown({"meta": meta, **res})
 
 
 def test_bench_cusparselt_variant_math_on_cpu(monkeypatch):
