@@ -812,9 +812,10 @@ class DecodePlan:
 
 
 def plan_decode(m: int, n_pad: int, k: int, ng: int, sm_count: int, smem_limit: int, *,
-                ctas_per_sm: int = 2, stages: int | None = None) -> DecodePlan:
-    """Split-K plan for ``m <= 16`` tokens: about ``ctas_per_sm`` CTAs per SM, each CTA's X slice and warp
-    rings within the device's shared memory; ring depth ``stages`` (2 or 3) or, when None, the deepest that
+                ctas_per_sm: float = 2, stages: int | None = None) -> DecodePlan:
+    """Split-K plan for ``m <= 16`` tokens: about ``ctas_per_sm`` CTAs per SM (below 1: fewer CTAs than SMs,
+    e.g. one split per 128-row tile and no split-K fix-up when the tiles alone fill the GPU), each CTA's X slice
+    and warp rings within the device's shared memory; ring depth ``stages`` (2 or 3) or, when None, the deepest that
     fits."""
     if not 1 <= m <= DECODE_MAX_M:
         raise FormatError(f"w4a16 decode handles 1..{DECODE_MAX_M} tokens, got M={m}")
@@ -854,7 +855,7 @@ def _split_counters(device: torch.device, n: int) -> torch.Tensor:
 
 
 def plan_w4a16(m: int, n: int, n_pad: int, k: int, dtype: torch.dtype, ng: int, arch: str, smem_limit: int,
-               sm_count: int, kernel: str = "auto", decode_ctas_per_sm: int = 2,
+               sm_count: int, kernel: str = "auto", decode_ctas_per_sm: float = 2,
                decode_stages: int | None = None) -> LaunchPlan:
     """Kernel choice for ``w4a16_linear`` (pure). auto: decode for M <= 16; on sm_90a the 128-token wgmma kernel
     from M >= 128; else the mma.sp prefill tile that fits shared memory."""
@@ -884,7 +885,7 @@ def plan_w4a16(m: int, n: int, n_pad: int, k: int, dtype: torch.dtype, ng: int, 
 
 def w4a16_linear(x: torch.Tensor, weight: W4A16Weight, *, bias: torch.Tensor | None = None,
                  activation: str = "none", out: torch.Tensor | None = None,
-                 kernel: str = "auto", decode_ctas_per_sm: int = 2,
+                 kernel: str = "auto", decode_ctas_per_sm: float = 2,
                  decode_stages: int | None = None) -> torch.Tensor:
     """``act(x @ dequant(W)^T + bias)`` with the 2:4 + INT4 weight (W4A16).
 
