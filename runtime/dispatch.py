@@ -351,7 +351,8 @@ class OursW4A16(GemmBackend):
 
 
 def our_backends(device: torch.device | None = None) -> list[GemmBackend]:
-    """Our kernels' backends (``runtime/sparse_gemm.py``), the wgmma variants only on an sm_90a device."""
+    """Our kernels' backends (``runtime/sparse_gemm.py``), the wgmma variants only on an sm_90a device, none
+    that ``$SPARSERT_DISABLE_KERNELS`` names (:func:`sparse_gemm.kernel_enabled`)."""
     try:
         from sparsert.runtime import sparse_gemm
     except ImportError:
@@ -364,7 +365,8 @@ def our_backends(device: torch.device | None = None) -> list[GemmBackend]:
         if get_device(device.index or 0).arch == "sm_90a":
             variants += [c.name for c in sparse_gemm.SM90_CONFIGS]
             w4a16 += [c.name for c in sparse_gemm.W4A16_SM90_CONFIGS]
-    return [OursSparse24(v) for v in variants] + [OursW4A16(v) for v in w4a16]
+    return ([OursSparse24(v) for v in variants if sparse_gemm.kernel_enabled(v)]
+            + [OursW4A16(v) for v in w4a16 if sparse_gemm.kernel_enabled(v)])
 
 
 def default_backends(device: torch.device | None = None, *, allow_dense: bool = False) -> list[GemmBackend]:

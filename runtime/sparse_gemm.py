@@ -27,6 +27,7 @@ in the activation dtype, as the kernel's register dequantisation produces them).
 from __future__ import annotations
 
 import math
+import os
 import threading
 from dataclasses import dataclass, replace
 from typing import ClassVar, TypeVar
@@ -667,6 +668,15 @@ def _launch(spec: KernelSpec, expr: str, device_index: int, grid, block, smem: i
     if smem > 48 * 1024:
         _ensure_smem(kernel, smem, device_index)
     kernel(grid, block, *args, shmem=smem)
+
+
+def kernel_enabled(name: str) -> bool:
+    """False for a kernel variant named (or prefixed) in ``$SPARSERT_DISABLE_KERNELS`` (comma-separated, e.g.
+    ``sm90tma`` or ``sm90tma_256,medium``): the dispatcher and the benchmarks then leave it out of their
+    candidates. A call that names the kernel explicitly still runs it. The escape hatch for a variant that
+    misbehaves on one machine (tools/gpu_session.sh sets it when the TMA kernels' GPU tests fail)."""
+    disabled = [p.strip() for p in os.environ.get("SPARSERT_DISABLE_KERNELS", "").split(",") if p.strip()]
+    return not any(name.startswith(p) for p in disabled)
 
 
 def _x_operand(x2: torch.Tensor, plan: LaunchPlan):

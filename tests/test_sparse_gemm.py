@@ -879,6 +879,18 @@ def test_launch_plans_pick_built_kernels_that_fit(arch):
     assert plan_sparse24(128, 4096, 4096, torch.bfloat16, arch, limit).expr == tile.expr(0)
 
 
+def test_disabled_kernels_leave_the_dispatcher_and_benchmarks(monkeypatch):
+    from sparsert.runtime.dispatch import our_backends
+    from sparsert.runtime.sparse_gemm import kernel_enabled
+
+    assert kernel_enabled("sm90tma_256")
+    monkeypatch.setenv("SPARSERT_DISABLE_KERNELS", " sm90tma, medium ,decode")
+    assert not kernel_enabled("sm90tma_256") and not kernel_enabled("sm90tma_128_k128")
+    assert kernel_enabled("sm90_256") and kernel_enabled("small") and not kernel_enabled("medium")
+    names = {b.name for b in our_backends(None)}
+    assert names == {"ours_sparse24_small", "ours_sparse24_large", "ours_w4a16_prefill"}
+
+
 def test_k128_wgmma_tiles_need_k_multiple_of_128():
     for cfg in SM90_CONFIGS:
         plan = plan_sparse24(2048, 4096, 11008, torch.bfloat16, "sm_90a", 232448, cfg.name)
@@ -915,6 +927,8 @@ def _precompile_on_gpu():
         precompile(get_device(0).arch)
     yield
 GPU_SHAPES = [(1, 256, 256), (7, 200, 384), (16, 1024, 2048), (33, 136, 512), (130, 384, 640), (300, 520, 1024)]
+SM90_GPU_SHAPES = [(1, 256, 256), (130, 384, 640), (300, 520, 1024), (600, 1024, 2048)]
+W4A16_SM90_GPU_SHAPES = [(17, 256, 256, 128), (130, 384, 640, 64), (600, 1024, 2048, 128)]
 
 
 def _gpu_case(m, n, k, dtype, seed, *, group=None, activation="none"):
@@ -965,8 +979,8 @@ def test_gpu_sparse24(kernel, m, n, k, dtype):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("kernel", [c.name for c in SM90_CONFIGS])
-@pytest.mark.parametrize("m,n,k", [(1, 256, 256), (130, 384, 640), (300, 520, 1024), (600, 1024, 2048)])
+@pytest.mark.parametrize("kernel", [c.name for c in SM90_CONFIGS if not c.tma])  # TMA: test_sparse_gemm_tma.py
+@pytest.mark.parametrize("m,n,k", SM90_GPU_SHAPES)
 def test_gpu_sparse24_sm90(kernel, m, n, k, dtype):
     _skip_unless_sm90()
     act = ["none", "gelu", "silu", "relu"][m % 4]
@@ -1001,8 +1015,8 @@ def test_gpu_w4a16_prefill(m, n, k, group, dtype):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("kernel", [c.name for c in W4A16_SM90_CONFIGS])
-@pytest.mark.parametrize("m,n,k,group", [(17, 256, 256, 128), (130, 384, 640, 64), (600, 1024, 2048, 128)])
+@pytest.mark.parametrize("kernel", [c.name for c in W4A16_SM90_CONFIGS if not c.tma])
+@pytest.mark.parametrize("m,n,k,group", W4A16_SM90_GPU_SHAPES)
 def test_gpu_w4a16_sm90(kernel, m, n, k, group, dtype):
     _skip_unless_sm90()
     act = ["none", "relu", "gelu"][m % 3]

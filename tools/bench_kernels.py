@@ -316,11 +316,12 @@ def measure_case(torch, timer, arch: str, weights, row: dict, seed: int) -> None
             row[f"{name}_us"] = timer(lambda x=x, ws=ws: F.linear(x, ws))
         except Exception as exc:  # e.g. unsupported M for the backend
             row[f"{name}_note"] = f"{type(exc).__name__}: {exc}"[:200]
-    from sparsert.runtime.sparse_gemm import SM90_CONFIGS
+    from sparsert.runtime.sparse_gemm import SM90_CONFIGS, kernel_enabled
 
     # the wgmma tiles (128/256 tokens) only from M = 128: below it they were 2.5-5x slower than `small` on an H200
     variants = ["small", "medium", "large"] + ([c.name for c in SM90_CONFIGS] if arch == "sm_90a" and m >= 128
                                                else [])
+    variants = [v for v in variants if kernel_enabled(v)]
     y24 = torch.empty(m, n, dtype=torch.bfloat16, device="cuda")
     try:
         sparse24_linear(x, sp, out=y24)
@@ -376,9 +377,9 @@ def w4a16_variants(m: int, arch: str) -> list[tuple[str, dict]]:
                 for c in (0.5, 1, 2, 4) for st in (2, 3)]
     out = [("prefill", {"kernel": "prefill"})]
     if arch == "sm_90a":
-        from sparsert.runtime.sparse_gemm import W4A16_SM90_CONFIGS
+        from sparsert.runtime.sparse_gemm import W4A16_SM90_CONFIGS, kernel_enabled
 
-        out += [(c.name, {"kernel": c.name}) for c in W4A16_SM90_CONFIGS]
+        out += [(c.name, {"kernel": c.name}) for c in W4A16_SM90_CONFIGS if kernel_enabled(c.name)]
     return out
 
 

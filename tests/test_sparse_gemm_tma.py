@@ -1,0 +1,69 @@
+"""GPU tests of the TMA-fed wgmma kernels (``sparse24_gemm_sm90_tma``, ``w4a16_sparse24_sm90_tma``), in their
+own file: tools/gpu_session.sh runs every test file in its own process, so a fault here (a kernel traps when
+a pipeline barrier never completes) cannot take the other kernels' tests down with it, and a failure here
+disables the TMA variants (``SPARSERT_DISABLE_KERNELS=sm90tma``) for the benchmarks that follow. Same cases,
+bounds and NaN-poisoned outputs as the cp.async wgmma kernels' tests in test_sparse_gemm.py. Their CPU checks
+(emulation, PTX, tensor-map encoding) live in test_sparse_gemm.py, test_kernel_build.py and
+test_fake_driver.py."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from test_sparse_gemm import (  # tests/ is on sys.path (pytest's rootdir-relative import of test modules)
+    BOUND,
+    DTYPES,
+    SM90_GPU_SHAPES,
+    W4A16_SM90_GPU_SHAPES,
+    _run_gpu,
+    _skip_unless_sm90,
+)
+
+from sparsert.runtime.sparse_gemm import (
+    SM90_CONFIGS,
+    W4A16_SM90_CONFIGS,
+    prepare_sparse24,
+    prepare_w4a16,
+    sparse24_linear,
+    w4a16_linear,
+)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("kernel", [c.name for c in SM90_CONFIGS if c.tma])
+@pytest.mark.parametrize("m,n,k", SM90_GPU_SHAPES)
+def test_gpu_sparse24_sm90_tma(kernel, m, n, k, dtype):
+    _skip_unless_sm90()
+    act = ["none", "gelu", "silu", "relu"][m % 4]
+    _run_gpu(sparse24_linear, prepare_sparse24, kernel, m, n, k, dtype, m + n + 1, act, BOUND[dtype])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("kernel", [c.name for c in W4A16_SM90_CONFIGS if c.tma])
+@pytest.mark.parametrize("m,n,k,group", W4A16_SM90_GPU_SHAPES)
+def test_gpu_w4a16_sm90_tma(kernel, m, n, k, group, dtype):
+    _skip_unless_sm90()
+    act = ["none", "relu", "gelu"][m % 3]
+    _run_gpu(w4a16_linear, prepare_w4a16, kernel, m, n, k - k % 128, dtype, m * 11 + n, act, 1e-2, group=group)
+
+
+@pytest.mark.gpu
+def test_gpu_tma_map_reused_across_calls_and_buffers():
+    """The cached tensor map follows X's address and shape: a second call on the same buffer hits the cache,
+    a different buffer (or shape) gets its own map, and both results are right."""
+    from sparsert.runtime import tensor_map
+
+    _skip_unless_sm90()
+    _, x, w, y = _run_gpu(sparse24_linear, prepare_sparse24, "sm90tma_128", 300, 520, 1024, torch.bfloat16, 5,
+                          "none", BOUND[torch.bfloat16])
+    before = len(tensor_map._cache)
+    again = sparse24_linear(x, w, kernel="sm90tma_128")
+    assert len(tensor_map._cache) == before and torch.equal(again, y)
+    x2 = x[:200].clone()
+    y2 = sparse24_linear(x2, w, kernel="sm90tma_128")
+    assert len(tensor_map._cache) == before + 1
+    ref = sparse24_linear(x2, w, kernel="sm90_128")
+    torch.cuda.synchronize()
+    assert torch.equal(y2, ref)  # same tiles, same wgmma order: bit-identical to the cp.async kernel
