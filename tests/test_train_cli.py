@@ -102,6 +102,21 @@ def test_unknown_preset_and_missing_data_are_one_line_errors_with_nothing_writte
     assert sorted(p.name for p in tmp_path.iterdir()) == []  # no runs/ folder, no partial output
 
 
+def test_resume_without_out_names_the_runs_it_could_mean(tmp_path, monkeypatch, capsys):
+    """A run started with its own --out is not found by the default name: the error lists resumable runs."""
+    from sparsert.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs" / "my-experiment" / "checkpoints" / "step_00000040").mkdir(parents=True)
+    (tmp_path / "runs" / "no-checkpoint").mkdir()
+    with pytest.raises(SystemExit) as exc:
+        main(["train", "--resume"])
+    assert exc.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "error: --resume: no run of preset 'tiny' (sparse24) with a checkpoint under runs/ (runs with a checkpoint "
+        "there: my-experiment); pass the run directory with --out"]
+
+
 @pytest.mark.parametrize(("args", "message"), [
     (["--sparsity", "4:2"], "error: --sparsity: expected N:M with integers 0 < N < M (e.g. 2:4), got '4:2'"),
     (["--sparsity", "2-4"], "error: --sparsity: expected N:M with integers 0 < N < M (e.g. 2:4), got '2-4'"),

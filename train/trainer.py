@@ -671,12 +671,14 @@ def find_resume_dir(cfg: TrainConfig) -> Path:
     """The run to resume: ``cfg.out_dir``, or the newest ``runs/<preset>-<variant>-*`` with a checkpoint."""
     if cfg.out_dir is not None:
         return Path(cfg.out_dir)
-    candidates = sorted(Path(RUNS_DIR).glob(f"{run_prefix(cfg)}-{cfg.variant}-*"))
-    candidates = [p for p in candidates if list_checkpoints(p / "checkpoints")]
+    resumable = sorted(p for p in Path(RUNS_DIR).glob("*") if p.is_dir() and list_checkpoints(p / "checkpoints"))
+    candidates = [p for p in resumable if p.name.startswith(f"{run_prefix(cfg)}-{cfg.variant}-")]
     if not candidates:
+        # a run started with its own --out (or another preset) is not found by name: show what could be meant
+        others = f" (runs with a checkpoint there: {', '.join(p.name for p in resumable[-5:])})" if resumable else ""
         raise ConfigError(
-            f"--resume: no run of preset '{cfg.preset}' ({cfg.variant}) with a checkpoint under {RUNS_DIR}/; "
-            "pass the run directory with --out"
+            f"--resume: no run of preset '{cfg.preset}' ({cfg.variant}) with a checkpoint under {RUNS_DIR}/"
+            f"{others}; pass the run directory with --out"
         )
     return candidates[-1]
 
