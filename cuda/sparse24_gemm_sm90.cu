@@ -1,8 +1,9 @@
 // 2:4 sparse GEMMs for Hopper (sm_90a): wgmma.mma_async.sp m64nNk32, warp-specialised, bf16/fp16 in, fp32
 // accumulate, optional bias + activation. On Hopper the dense baseline (cuBLAS) runs on wgmma, so these are
 // the kernels that have to beat it; cuda/sparse24_gemm.cu and cuda/w4a16_sparse24_gemm.cu (mma.sp) remain the
-// small-M / pre-Hopper paths. Two kernels: sparse24_gemm_sm90 (bf16/fp16 kept values) and
-// w4a16_sparse24_sm90 (2:4 + INT4 kept values dequantised in registers; see the end of the file).
+// small-M / pre-Hopper paths. Four kernels: sparse24_gemm_sm90 (bf16/fp16 kept values) and
+// w4a16_sparse24_sm90 (2:4 + INT4 kept values dequantised in registers; see the end of the file), each also
+// as *_tma, whose producer moves the stages with TMA instead of cp.async (same stages and consumers).
 //
 //   Y[M, N] = act(X[M, K] @ W^T + bias)     computed as  Y^T = W @ X^T  (W = the sparse A operand)
 //
@@ -16,7 +17,8 @@
 //           64-column block uses sparsity selector s.
 //
 // CTA = 3 warpgroups (384 threads): warpgroup 0 is the producer (cp.async global -> shared, each stage
-// signalled on an mbarrier with cp.async.mbarrier.arrive.noinc), warpgroups 1 and 2 consume: each owns 64 of
+// signalled on an mbarrier with cp.async.mbarrier.arrive.noinc; in the *_tma kernels one thread's TMA and
+// bulk copies completing an arrive.expect_tx), warpgroups 1 and 2 consume: each owns 64 of
 // the CTA's 128 output features and all BT tokens (one m64nBTk32 wgmma per k32 step). Stage = [X tile: BT rows
 // x 128 B in the 128-byte swizzle (16-byte chunk j of row r at (j ^ (r & 7)) * 16, 1024-byte aligned; the
 // shared-memory matrix descriptor: K-major, SBO = 1024 B, swizzle mode 1)][A fragments 8 blocks x 1 KB]
@@ -42,9 +44,10 @@ DEVI void mbar_init(u32 bar, u32 count) {
   asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(count) : "memory");
 }
 // A barrier phase that never completes is a bug (a byte count that does not match the copies, a lost
-// arrival): after 2^24 unsuccessful try_waits (each may suspend the thread up to a hardware time limit: seconds
-// in all) the kernel traps, so the launch fails with an error instead of hanging the GPU. Kept inside one asm
-// block: a C++ loop with a clock costs the 256-token consumers registers they do not have.
+// arrival): after 2^24 unsuccessful try_waits the kernel traps, so the launch fails with an error instead of
+// hanging the GPU. Each try_wait may suspend the thread up to a system-dependent time limit, so the bound in
+// seconds is not known (not measured yet); a legitimate wait here lasts microseconds. Kept inside one asm
+// block: a C++ loop with a clock cost the 256-token consumers registers they do not have (spills).
 DEVI void mbar_wait(u32 bar, u32 parity) {
   asm volatile(
       "{\n.reg .pred P;\n.reg .u32 n;\nmov.u32 n, 0;\n"

@@ -883,9 +883,14 @@ def test_disabled_kernels_leave_the_dispatcher_and_benchmarks(monkeypatch):
     from sparsert.runtime.dispatch import our_backends
     from sparsert.runtime.sparse_gemm import kernel_enabled
 
-    assert kernel_enabled("sm90tma_256")
+    # variants never run on a GPU stay out of automatic choice unless asked for (the benchmarks ask)
+    assert kernel_enabled("sm90_128") and kernel_enabled("sm90_256")
+    assert not kernel_enabled("sm90tma_256") and not kernel_enabled("sm90_128_k128")
+    assert kernel_enabled("sm90tma_256", include_unverified=True)
+    monkeypatch.setenv("SPARSERT_ENABLE_UNVERIFIED_KERNELS", "1")
+    assert kernel_enabled("sm90tma_256") and kernel_enabled("sm90_256_k128")
     monkeypatch.setenv("SPARSERT_DISABLE_KERNELS", " sm90tma, medium ,decode")
-    assert not kernel_enabled("sm90tma_256") and not kernel_enabled("sm90tma_128_k128")
+    assert not kernel_enabled("sm90tma_256") and not kernel_enabled("sm90tma_128_k128", include_unverified=True)
     assert kernel_enabled("sm90_256") and kernel_enabled("small") and not kernel_enabled("medium")
     names = {b.name for b in our_backends(None)}
     assert names == {"ours_sparse24_small", "ours_sparse24_large", "ours_w4a16_prefill"}

@@ -77,11 +77,13 @@ def host_us(torch, fn, calls: int = 200) -> float:
     return dt / calls * 1e6
 
 
-def back_to_back_us(torch, fn, calls: int = 100) -> float:
-    """GPU time per call of ``calls`` launches queued back to back between two events (L2-warm)."""
+def back_to_back_us(torch, fn, host: float, calls: int = 100) -> float:
+    """GPU time per call of ``calls`` launches queued back to back between two events (L2-warm). ``host``: one
+    call's host time (us); the GPU sleeps (at an assumed 2 cycles/ns) twice as long as queuing all the calls
+    takes, so it never runs dry and the result is the GPU's own time per launch, not the host's launch rate."""
     fn()
     torch.cuda.synchronize()
-    torch.cuda._sleep(2_000_000)  # let the host queue every launch before the first one starts
+    torch.cuda._sleep(max(2_000_000, int(2 * calls * host * 2000)))
     s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     s.record()
     for _ in range(calls):
@@ -191,8 +193,9 @@ def decode_rows(torch, timer, label: str, n: int, k: int, seed: int, add) -> Non
     for kname, fn in (("dense cuBLAS", lambda: F.linear(x, dense24)),
                       ("w4a16 decode", lambda: w4a16_linear(x, q4, out=y)),
                       ("sparse24 auto", lambda: sparse24_linear(x, sp, out=y))):
+        host = host_us(torch, fn)
         add({"shape": label, "N": n, "K": k, "M": 1, "kernel": kname, "variant": "decode", "us": timer(fn),
-             "back_to_back_us": back_to_back_us(torch, fn), "host_us": host_us(torch, fn)})
+             "back_to_back_us": back_to_back_us(torch, fn, host), "host_us": host})
 
 
 def _null():
