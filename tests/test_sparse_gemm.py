@@ -987,6 +987,11 @@ def test_gpu_sparse24(kernel, m, n, k, dtype):
 @pytest.mark.parametrize("kernel", [c.name for c in SM90_CONFIGS if not c.tma])  # TMA: test_sparse_gemm_tma.py
 @pytest.mark.parametrize("m,n,k", SM90_GPU_SHAPES)
 def test_gpu_sparse24_sm90(kernel, m, n, k, dtype):
+    run_sm90_case(kernel, m, n, k, dtype)
+
+
+def run_sm90_case(kernel: str, m: int, n: int, k: int, dtype) -> None:
+    """One wgmma 2:4 kernel case (also test_sparse_gemm_tma.py's): skipped below sm_90a."""
     _skip_unless_sm90()
     act = ["none", "gelu", "silu", "relu"][m % 4]
     _run_gpu(sparse24_linear, prepare_sparse24, kernel, m, n, k, dtype, m + n + 1, act, BOUND[dtype])
@@ -1023,6 +1028,11 @@ def test_gpu_w4a16_prefill(m, n, k, group, dtype):
 @pytest.mark.parametrize("kernel", [c.name for c in W4A16_SM90_CONFIGS if not c.tma])
 @pytest.mark.parametrize("m,n,k,group", W4A16_SM90_GPU_SHAPES)
 def test_gpu_w4a16_sm90(kernel, m, n, k, group, dtype):
+    run_w4a16_sm90_case(kernel, m, n, k, group, dtype)
+
+
+def run_w4a16_sm90_case(kernel: str, m: int, n: int, k: int, group: int, dtype) -> None:
+    """One wgmma W4A16 kernel case (also test_sparse_gemm_tma.py's): skipped below sm_90a."""
     _skip_unless_sm90()
     act = ["none", "relu", "gelu"][m % 3]
     _run_gpu(w4a16_linear, prepare_w4a16, kernel, m, n, k - k % 128, dtype, m * 11 + n, act, 1e-2, group=group)

@@ -17,16 +17,11 @@ from test_sparse_gemm import (  # tests/ is on sys.path (pytest's rootdir-relati
     W4A16_SM90_GPU_SHAPES,
     _run_gpu,
     _skip_unless_sm90,
+    run_sm90_case,
+    run_w4a16_sm90_case,
 )
 
-from sparsert.runtime.sparse_gemm import (
-    SM90_CONFIGS,
-    W4A16_SM90_CONFIGS,
-    prepare_sparse24,
-    prepare_w4a16,
-    sparse24_linear,
-    w4a16_linear,
-)
+from sparsert.runtime.sparse_gemm import SM90_CONFIGS, W4A16_SM90_CONFIGS, prepare_sparse24, sparse24_linear
 
 
 @pytest.mark.gpu
@@ -34,9 +29,7 @@ from sparsert.runtime.sparse_gemm import (
 @pytest.mark.parametrize("kernel", [c.name for c in SM90_CONFIGS if c.tma])
 @pytest.mark.parametrize("m,n,k", SM90_GPU_SHAPES)
 def test_gpu_sparse24_sm90_tma(kernel, m, n, k, dtype):
-    _skip_unless_sm90()
-    act = ["none", "gelu", "silu", "relu"][m % 4]
-    _run_gpu(sparse24_linear, prepare_sparse24, kernel, m, n, k, dtype, m + n + 1, act, BOUND[dtype])
+    run_sm90_case(kernel, m, n, k, dtype)
 
 
 @pytest.mark.gpu
@@ -44,9 +37,7 @@ def test_gpu_sparse24_sm90_tma(kernel, m, n, k, dtype):
 @pytest.mark.parametrize("kernel", [c.name for c in W4A16_SM90_CONFIGS if c.tma])
 @pytest.mark.parametrize("m,n,k,group", W4A16_SM90_GPU_SHAPES)
 def test_gpu_w4a16_sm90_tma(kernel, m, n, k, group, dtype):
-    _skip_unless_sm90()
-    act = ["none", "relu", "gelu"][m % 3]
-    _run_gpu(w4a16_linear, prepare_w4a16, kernel, m, n, k - k % 128, dtype, m * 11 + n, act, 1e-2, group=group)
+    run_w4a16_sm90_case(kernel, m, n, k, group, dtype)
 
 
 @pytest.mark.gpu
