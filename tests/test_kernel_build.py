@@ -124,6 +124,16 @@ def test_wgmma_kernels_are_not_serialized_by_ptxas(build_cache):
     assert checked
 
 
+@pytest.mark.slow  # reads the session's parallel build (see test_kernel_compiles_without_spills)
+@pytest.mark.parametrize("key,arch", CASES, ids=[f"{k}-{a}" for k, a in CASES])
+def test_ptxas_reports_no_performance_loss(key, arch, build_cache):
+    """Any other ptxas "Potential Performance Loss" note (e.g. wgmma pipelines crossing a function boundary,
+    serialisation for other reasons) is a performance bug no result check sees: none may appear."""
+    log = compile_kernel(SPECS[key], arch, cache=build_cache).log
+    notes = [line for line in log.splitlines() if "Performance Loss" in line]
+    assert not notes, "\n".join(notes)
+
+
 def test_sm90_tma_kernels_use_the_copy_engine(build_cache):
     """``sparse24_gemm_sm90_tma`` fills its stages with TMA tensor-map loads and bulk copies completing one
     arrive.expect_tx per stage, after fencing the tensormap proxy for the map the host copied in."""
