@@ -1140,6 +1140,17 @@ def test_diagnose_sm90_without_gpu_and_its_table(tmp_path):
     assert "| 900.0 | 820 | 1.02x |" in table[0] and "DeviceError: x" in table[1] and "**stopped**" in md
 
 
+def test_bench_notes_failures_but_stops_on_kernel_faults():
+    bench, _ = _bench_module()
+    row = {}
+    bench.note_failure(row, "ours24_small_note", ValueError("M too small"))
+    assert row == {"ours24_small_note": "ValueError: M too small"}
+    fault = RuntimeError("CUDA error: an illegal memory access was encountered")
+    with pytest.raises(RuntimeError, match="illegal memory access"):
+        bench.note_failure(row, "ours24_sm90tma_128_note", fault)
+    assert "ours24_sm90tma_128_note" not in row
+
+
 def test_bench_counts_cases_without_a_result_as_errors():
     """A covered case whose kernels all failed (or that faulted) is an ERROR in the summary, not left out."""
     bench, _ = _bench_module()

@@ -296,7 +296,7 @@ def measure_case(torch, timer, arch: str, weights, row: dict, seed: int) -> None
     W4A16 (auto and each variant), each checked against its reference before it is timed."""
     import torch.nn.functional as F
 
-    from sparsert.runtime.sparse_gemm import sparse24_linear, w4a16_linear
+    from sparsert.runtime.sparse_gemm import SM90_CONFIGS, kernel_enabled, sparse24_linear, w4a16_linear
 
     dense24, sp, q4, dense4, cslt, cslt_why, cutl, cutl_why = weights
     m, n, k = row["M"], row["N"], row["K"]
@@ -316,9 +316,7 @@ def measure_case(torch, timer, arch: str, weights, row: dict, seed: int) -> None
             row[f"{name}_err"] = rel_err(torch, y, ref)
             row[f"{name}_us"] = timer(lambda x=x, ws=ws: F.linear(x, ws))
         except Exception as exc:  # e.g. unsupported M for the backend
-            row[f"{name}_note"] = f"{type(exc).__name__}: {exc}"[:200]
-    from sparsert.runtime.sparse_gemm import SM90_CONFIGS, kernel_enabled
-
+            note_failure(row, f"{name}_note", exc)
     # the wgmma tiles (128/256 tokens) only from M = 128: below it they were 1.7-4.4x slower than `small` on an H200
     variants = ["small", "medium", "large"] + ([c.name for c in SM90_CONFIGS] if arch == "sm_90a" and m >= 128
                                                else [])
@@ -332,7 +330,7 @@ def measure_case(torch, timer, arch: str, weights, row: dict, seed: int) -> None
         time_variants(torch, timer, row, "ours24", lambda **kw: sparse24_linear(x, sp, out=y24, **kw), y24, ref,
                       [(v, {"kernel": v}) for v in variants])
     except Exception as exc:
-        row["ours24_note"] = f"{type(exc).__name__}: {exc}"[:300]
+        note_failure(row, "ours24_note", exc, 300)
     row["ours24_bytes"] = sp.nbytes() + io
     # W4A16 is checked against its own dequantized weight (the issue's bound); the error against the
     # unquantized 2:4 weight (~9% at group 128: INT4 noise, not the kernel) is reported for information.
@@ -347,9 +345,19 @@ def measure_case(torch, timer, arch: str, weights, row: dict, seed: int) -> None
         time_variants(torch, timer, row, "w4a16", lambda **kw: w4a16_linear(x, q4, out=y4, **kw), y4, ref4,
                       w4a16_variants(m, arch))
     except Exception as exc:
-        row["w4a16_note"] = f"{type(exc).__name__}: {exc}"[:300]
+        note_failure(row, "w4a16_note", exc, 300)
     row["w4a16_read_bytes"] = q4.nbytes() + m * k * 2
     row["w4a16_bytes"] = q4.nbytes() + io
+
+
+def note_failure(row: dict, key: str, exc: Exception, limit: int = 200) -> None:
+    """Record why one method of a case did not run, unless it was a kernel fault: then the CUDA context is gone
+    and the error goes up, so the run stops there (bench) instead of failing every later call one by one."""
+    from sparsert.runtime.device import is_sticky_cuda_error
+
+    if is_sticky_cuda_error(exc):
+        raise exc
+    row[key] = f"{type(exc).__name__}: {exc}"[:limit]
 
 
 def time_variants(torch, timer, row: dict, prefix: str, call, out, ref, variants: list[tuple[str, dict]]) -> None:
@@ -362,7 +370,7 @@ def time_variants(torch, timer, row: dict, prefix: str, call, out, ref, variants
             err = rel_err(torch, out, ref)
             t = timer(lambda kw=kw: call(**kw))
         except Exception as exc:
-            row[f"{prefix}_{label}_note"] = f"{type(exc).__name__}: {exc}"[:200]
+            note_failure(row, f"{prefix}_{label}_note", exc)
             continue
         row[f"{prefix}_{label}_us"], row[f"{prefix}_{label}_err"] = t, err
         if err <= TOL_BF16 and (best is None or t < best[1]):

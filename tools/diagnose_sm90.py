@@ -123,6 +123,12 @@ def diagnose(torch, args) -> int:
             torch.cuda.empty_cache()
     except KeyboardInterrupt:
         meta["stopped"] = f"interrupted (SIGINT) after {len(rows)} rows"
+    except Exception as exc:
+        from sparsert.runtime.device import is_sticky_cuda_error
+
+        if not is_sticky_cuda_error(exc):
+            raise
+        meta["stopped"] = f"kernel fault after {len(rows)} rows: {exc}"[:300]
     md = to_markdown(meta, rows)
     write_atomic(args.out, md)
     print(md)
@@ -133,7 +139,7 @@ def prefill_rows(torch, timer, dev, label: str, n: int, k: int, seed: int, add) 
     """Dense, then each wgmma kernel (2:4 bf16 and W4A16, 128- and 256-token tiles) full / mma_only /
     load_only, at M = M_PREFILL."""
     import torch.nn.functional as F
-    from bench_kernels import build_weights
+    from bench_kernels import build_weights, note_failure
 
     from sparsert.runtime.sparse_gemm import (
         _launch,
@@ -175,8 +181,8 @@ def prefill_rows(torch, timer, dev, label: str, n: int, k: int, seed: int, add) 
                 t = timer(lambda p=p, kargs=kargs: _launch(p.spec, p.expr, dev.index, p.grid, p.block, p.smem,
                                                            *kargs))
                 row.update(us=t, tflops=flops / t / 1e6, vs_dense=dense_us / t)
-            except Exception as exc:  # a diagnostic build that fails must not hide the others
-                row["error"] = f"{type(exc).__name__}: {exc}"[:300]
+            except Exception as exc:  # a diagnostic build that fails must not hide the others (a fault stops)
+                note_failure(row, "error", exc, 300)
             add(row)
 
 
