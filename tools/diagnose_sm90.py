@@ -143,6 +143,7 @@ def prefill_rows(torch, timer, dev, label: str, n: int, k: int, seed: int, add) 
 
     from sparsert.runtime.sparse_gemm import (
         _launch,
+        _null,
         max_smem_per_block,
         plan_sparse24,
         plan_w4a16,
@@ -202,12 +203,6 @@ def decode_rows(torch, timer, label: str, n: int, k: int, seed: int, add) -> Non
         host = host_us(torch, fn)
         add({"shape": label, "N": n, "K": k, "M": 1, "kernel": kname, "variant": "decode", "us": timer(fn),
              "back_to_back_us": back_to_back_us(torch, fn, host), "host_us": host})
-
-
-def _null():
-    import numpy as np
-
-    return np.uint64(0)
 
 
 def _f(v, fmt="{:.1f}") -> str:
