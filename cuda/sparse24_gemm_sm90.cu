@@ -77,6 +77,32 @@ DEVI void tma_load_2d(u32 dst, u64 tmap, int c0, int c1, u32 bar) {
       ::"r"(dst), "l"(tmap), "r"(c0), "r"(c1), "r"(bar)
       : "memory");
 }
+// tma_load_2d delivered to every CTA of the cluster whose bit is set in `mask`: the box lands at shared offset
+// `dst` of each of them and completes its bytes on each one's own barrier at offset `bar`.
+DEVI void tma_load_2d_multicast(u32 dst, u64 tmap, int c0, int c1, u32 bar, unsigned short mask) {
+  asm volatile(
+      "cp.async.bulk.tensor.2d.shared::cluster.global.tile.mbarrier::complete_tx::bytes.multicast::cluster"
+      " [%0], [%1, {%2, %3}], [%4], %5;\n"
+      ::"r"(dst), "l"(tmap), "r"(c0), "r"(c1), "r"(bar), "h"(mask)
+      : "memory");
+}
+DEVI u32 cluster_ctarank() {
+  u32 r;
+  asm volatile("mov.u32 %0, %%cluster_ctarank;\n" : "=r"(r));
+  return r;
+}
+// Every thread of every CTA of the cluster (barrier.cluster is .aligned: whole warps).
+DEVI void cluster_sync() {
+  asm volatile("barrier.cluster.arrive.release.aligned;\nbarrier.cluster.wait.acquire.aligned;\n" ::: "memory");
+}
+// Arrive on the mbarrier at shared offset `bar` of cluster CTA `rank` (this CTA's own included).
+DEVI void mbar_arrive_cluster(u32 bar, u32 rank) {
+  asm volatile(
+      "{\n.reg .b32 ra;\nmapa.shared::cluster.u32 ra, %0, %1;\n"
+      "mbarrier.arrive.release.cluster.shared::cluster.b64 _, [ra];\n}\n" ::"r"(bar),
+      "r"(rank)
+      : "memory");
+}
 // Bulk copy of `bytes` contiguous bytes (multiple of 16, both addresses 16-byte aligned) global -> shared.
 DEVI void bulk_load(u32 dst, const void* src, u32 bytes, u32 bar) {
   asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];\n"
@@ -188,12 +214,20 @@ struct CtaTile {
   u32 base;             // first stage (shared address)
   u32 bar_full, bar_empty;
   int n0, m0;           // first output feature and first token of the tile
+  int wblk0;            // first 16-row weight block the producer loads (n0 / 16 except for a padding CTA)
+  u32 rank;             // rank in the cluster (0 without one)
 };
 
 // Carve up shared memory, locate the tile (1-D grid of ceil(N/128) x ceil(M/BT) tiles) and initialise the
 // barriers: full ones count the 128 producer threads' cp.async arrivals (FULL_COUNT = 1: the TMA producer's
-// single arrive.expect_tx), empty ones the 256 consumer threads.
-template <int BT, int STAGES, int STAGE_BYTES, int FULL_COUNT = 128>
+// single arrive.expect_tx), empty ones the 256 consumer threads (CLUSTER > 1: one arrival per consumer warp
+// of every CTA of the cluster, whose producers all write this CTA's stages).
+// CLUSTER > 1 (the *_mc kernels): the CLUSTER consecutive CTAs of a cluster take consecutive weight tiles on the
+// same tokens (tile_coords over clusters, then tx = CLUSTER * cluster's x + rank), so they can share the X
+// boxes. When ceil(N/128) is not a multiple of CLUSTER, the last cluster's surplus CTAs run past the weight
+// tiles: they load the last tile's weights (valid memory), take part in the X exchange and store nothing
+// (every store checks n < N).
+template <int BT, int STAGES, int STAGE_BYTES, int FULL_COUNT = 128, int CLUSTER = 1>
 DEVI CtaTile cta_setup(unsigned char* smem_raw, int M, int N) {
   CtaTile t;
   const u32 raw = smem_u32(smem_raw);
@@ -201,22 +235,34 @@ DEVI CtaTile cta_setup(unsigned char* smem_raw, int M, int N) {
   t.smem = smem_raw + (t.base - raw);
   t.bar_full = t.base + STAGES * STAGE_BYTES;
   t.bar_empty = t.bar_full + 8 * STAGES;
+  const int nx = (N + 127) / 128, ny = (M + BT - 1) / BT;
   int tx, ty;
-  tile_coords(blockIdx.x, (N + 127) / 128, (M + BT - 1) / BT, 8, tx, ty);
+  if constexpr (CLUSTER == 1) {
+    t.rank = 0;
+    tile_coords(blockIdx.x, nx, ny, 8, tx, ty);
+  } else {
+    t.rank = cluster_ctarank();  // = blockIdx.x % CLUSTER for a 1-D grid of (CLUSTER, 1, 1) clusters
+    tile_coords(blockIdx.x / CLUSTER, (nx + CLUSTER - 1) / CLUSTER, ny, 8, tx, ty);
+    tx = tx * CLUSTER + (int)t.rank;
+  }
   t.n0 = tx * 128;
   t.m0 = ty * BT;
+  t.wblk0 = min(tx, nx - 1) * 8;
   if (threadIdx.x == 0) {
 #pragma unroll
     for (int s = 0; s < STAGES; ++s) {
       mbar_init(t.bar_full + 8 * s, FULL_COUNT);
-      mbar_init(t.bar_empty + 8 * s, 256);
+      mbar_init(t.bar_empty + 8 * s, CLUSTER == 1 ? 256 : 8 * CLUSTER);
     }
     if constexpr (FULL_COUNT == 1) {  // the initialised barriers must be visible to the TMA (async proxy) unit
       asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
       fence_proxy_async();
     }
   }
-  __syncthreads();
+  if constexpr (CLUSTER == 1)
+    __syncthreads();
+  else
+    cluster_sync();  // no peer may multicast into this CTA or arrive on its barriers before they are initialised
   return t;
 }
 
@@ -238,7 +284,10 @@ DEVI void producer(const CtaTile& t, int ktiles, Load&& load) {
 // for every k tile, wait until the consumers have freed its slot, announce the stage's tx_bytes on the slot's
 // full barrier (count 1), then issue(stage shared address, kt, full barrier) starts the copies that deliver
 // exactly those bytes.
-template <int STAGES, int STAGE_BYTES, class Issue>
+// CLUSTER > 1: the peers' producers write into this CTA's stages and the peers' consumers arrive on its empty
+// barriers, so after the last stage thread 0 waits until every stage has been released by every consumer of the
+// cluster: the CTA (its shared memory and barriers) outlives the last access from a peer.
+template <int STAGES, int STAGE_BYTES, int CLUSTER = 1, class Issue>
 DEVI void tma_producer(const CtaTile& t, int ktiles, u32 tx_bytes, u64 xmap, Issue&& issue) {
   asm volatile("setmaxnreg.dec.sync.aligned.u32 40;\n" ::: "memory");
   if (threadIdx.x != 0) return;
@@ -249,6 +298,10 @@ DEVI void tma_producer(const CtaTile& t, int ktiles, u32 tx_bytes, u64 xmap, Iss
     const u32 full = t.bar_full + 8 * slot;
     mbar_arrive_expect_tx(full, tx_bytes);
     issue(t.base + slot * STAGE_BYTES, kt, full);
+  }
+  if constexpr (CLUSTER > 1) {
+    for (int kt = ktiles; kt < ktiles + STAGES; ++kt)
+      if (kt >= STAGES) mbar_wait(t.bar_empty + 8 * (kt % STAGES), ((kt / STAGES) - 1) & 1);
   }
 }
 
@@ -300,7 +353,10 @@ DEVI void consumer_epilogue(const float (&acc)[BT / 2], unsigned char* smem, int
 // PROXY_FENCE: the stage was written by cp.async (generic proxy) and is read by wgmma (async proxy), which
 // needs fence.proxy.async after the wait; TMA writes are already in the async proxy (no fence, as in CUTLASS's
 // TMA mainloops).
-template <int DT, int BT, int STAGES, int STAGE_BYTES, int S, bool PROXY_FENCE = true, class Fill>
+// CLUSTER > 1: lane 0 of each warp releases a stage on the empty barrier of every CTA of the cluster (their
+// producers all write this CTA's stages), the last stage too (the producers' final wait counts it).
+template <int DT, int BT, int STAGES, int STAGE_BYTES, int S, bool PROXY_FENCE = true, int CLUSTER = 1,
+          class Fill>
 DEVI void consumer(const CtaTile& t, int ktiles, const float* __restrict__ bias, u16* __restrict__ y, int M,
                    int N, int act, Fill&& fill) {
   asm volatile("setmaxnreg.inc.sync.aligned.u32 232;\n" ::: "memory");
@@ -312,6 +368,16 @@ DEVI void consumer(const CtaTile& t, int ktiles, const float* __restrict__ bias,
   // which removes the overlap of consecutive wgmmas; tests/test_kernel_build.py rejects that warning.
   for (int i = 0; i < BT / 2; ++i) asm volatile("mov.b32 %0, 0;\n" : "=f"(acc[i]));
   u32 a0[S][4], a1[S][4];
+
+  auto release = [&](int slot) {
+    const u32 bar = t.bar_empty + 8 * slot;
+    if constexpr (CLUSTER == 1) {
+      mbar_arrive(bar);
+    } else if ((tid & 31) == 0) {  // the warp's wgmma.wait_group (aligned) has been passed by all its lanes
+#pragma unroll
+      for (int r = 0; r < CLUSTER; ++r) mbar_arrive_cluster(bar, r);
+    }
+  };
 
   auto step = [&](int kt, u32 (&a)[S][4], u32 (&other)[S][4]) {
     const int slot = kt % STAGES;
@@ -334,7 +400,7 @@ DEVI void consumer(const CtaTile& t, int ktiles, const float* __restrict__ bias,
     wgmma_wait<1>();  // the previous step's wgmmas are done: its stage and registers are free
     keep_f(acc);
     keep_r(other);
-    if (kt > 0) mbar_arrive(t.bar_empty + 8 * ((kt - 1) % STAGES));
+    if (kt > 0) release((kt - 1) % STAGES);
   };
 
   for (int kt = 0; kt < ktiles; kt += 2) {
@@ -345,6 +411,7 @@ DEVI void consumer(const CtaTile& t, int ktiles, const float* __restrict__ bias,
   keep_f(acc);
   keep_r(a0);
   keep_r(a1);
+  if constexpr (CLUSTER > 1) release((ktiles - 1) % STAGES);
 
   consumer_epilogue<DT, BT>(acc, t.smem, (tid >> 7) - 1, (tid >> 5) & 3, tid & 31, tid - 128, bias, y, M, N, t.n0,
                             t.m0, act);
@@ -426,15 +493,19 @@ __global__ void __launch_bounds__(384, 1) sparse24_gemm_sm90(
 // H200), which caps every stage; TMA issues a stage in ~20 instructions. Consumers, shared memory layout and
 // epilogue are the cp.async kernel's (same stage bytes, so the same emulation covers both).
 //   xmap: generic address of a 64-byte-aligned CUtensorMap in global memory for X [M, K] (runtime/tensor_map.py:
-//         dims {K, M}, row stride 2K bytes, box {64, BT}, 128-byte swizzle, zero out-of-bounds fill).
-template <int DT, int BT, int STAGES, int SUBS>
-__global__ void __launch_bounds__(384, 1) sparse24_gemm_sm90_tma(
-    const u64 xmap, const u16* __restrict__ wvals, const u32* __restrict__ wmeta,
-    const float* __restrict__ bias, u16* __restrict__ y, int M, int N, int K, int act) {
-  using namespace s90;
-  using L = Sp24Stage<BT, SUBS>;  // L::BYTES is also what every stage's copies deliver
+//         dims {K, M}, row stride 2K bytes, box {64, BT / CLUSTER}, 128-byte swizzle, zero out-of-bounds fill).
+// CLUSTER = 2 (sparse24_gemm_sm90_tma_mc): the two CTAs of a cluster compute neighbouring weight tiles on the
+// same tokens; each loads half of every X box (BT / 2 rows) and multicasts it to both, halving the X traffic
+// from L2, the larger part of a stage (BT x 128 B per 64 columns against 9 KB of weights).
+namespace s90 {
+
+template <int DT, int BT, int STAGES, int SUBS, int CLUSTER>
+DEVI void sparse24_tma_cta(const u64 xmap, const u16* __restrict__ wvals, const u32* __restrict__ wmeta,
+                           const float* __restrict__ bias, u16* __restrict__ y, int M, int N, int K, int act) {
+  using L = Sp24Stage<BT, SUBS>;  // L::BYTES is also what every stage's copies deliver to each CTA
+  constexpr int XROWS = BT / CLUSTER;  // X rows this CTA's boxes carry
   extern __shared__ unsigned char smem_raw[];
-  const CtaTile t = cta_setup<BT, STAGES, L::BYTES, 1>(smem_raw, M, N);
+  const CtaTile t = cta_setup<BT, STAGES, L::BYTES, 1, CLUSTER>(smem_raw, M, N);
   const int tid = threadIdx.x;
   const int KB = K >> 6;
   const int KT = KB / SUBS;
@@ -442,13 +513,19 @@ __global__ void __launch_bounds__(384, 1) sparse24_gemm_sm90_tma(
   if ((tid >> 7) == 0) {
     const unsigned char* wv = reinterpret_cast<const unsigned char*>(wvals);
     const unsigned char* wm = reinterpret_cast<const unsigned char*>(wmeta);
-    const int blk0 = t.n0 >> 4;
-    tma_producer<STAGES, L::BYTES>(t, KT, L::BYTES, xmap, [&](u32 st, int kt, u32 full) {
+    const int xrow = (int)t.rank * XROWS;
+    tma_producer<STAGES, L::BYTES, CLUSTER>(t, KT, L::BYTES, xmap, [&](u32 st, int kt, u32 full) {
 #pragma unroll
-      for (int h = 0; h < SUBS; ++h) tma_load_2d(st + h * (BT * 128), xmap, (kt * SUBS + h) * 64, t.m0, full);
+      for (int h = 0; h < SUBS; ++h) {
+        const u32 dst = st + h * (BT * 128) + xrow * 128;
+        if constexpr (CLUSTER == 1)
+          tma_load_2d(dst, xmap, (kt * SUBS + h) * 64, t.m0, full);
+        else
+          tma_load_2d_multicast(dst, xmap, (kt * SUBS + h) * 64, t.m0 + xrow, full, (1u << CLUSTER) - 1);
+      }
 #pragma unroll
       for (int b = 0; b < 8; ++b) {
-        const size_t unit = (size_t)(blk0 + b) * KB + SUBS * kt;  // the stage's first 64-column block
+        const size_t unit = (size_t)(t.wblk0 + b) * KB + SUBS * kt;  // the stage's first 64-column block
         bulk_load(st + L::A_OFF + b * L::A_SLAB, wv + unit * 1024, L::A_SLAB, full);
         bulk_load(st + L::E_OFF + b * L::E_SLAB, wm + unit * 128, L::E_SLAB, full);
       }
@@ -457,10 +534,27 @@ __global__ void __launch_bounds__(384, 1) sparse24_gemm_sm90_tma(
   }
 
   const int blk = 4 * ((tid >> 7) - 1) + ((tid >> 5) & 3);
-  consumer<DT, BT, STAGES, L::BYTES, 2 * SUBS, false>(t, KT, bias, y, M, N, act,
-                                              [&](const unsigned char* st, u32 (&a)[2 * SUBS][4], u32 (&e)[SUBS]) {
-    fill_sp24_fragments<BT, SUBS>(st, blk, tid & 31, a, e);
-  });
+  consumer<DT, BT, STAGES, L::BYTES, 2 * SUBS, false, CLUSTER>(
+      t, KT, bias, y, M, N, act, [&](const unsigned char* st, u32 (&a)[2 * SUBS][4], u32 (&e)[SUBS]) {
+        fill_sp24_fragments<BT, SUBS>(st, blk, tid & 31, a, e);
+      });
+}
+
+}  // namespace s90
+
+template <int DT, int BT, int STAGES, int SUBS>
+__global__ void __launch_bounds__(384, 1) sparse24_gemm_sm90_tma(
+    const u64 xmap, const u16* __restrict__ wvals, const u32* __restrict__ wmeta,
+    const float* __restrict__ bias, u16* __restrict__ y, int M, int N, int K, int act) {
+  s90::sparse24_tma_cta<DT, BT, STAGES, SUBS, 1>(xmap, wvals, wmeta, bias, y, M, N, K, act);
+}
+
+// Grid: 2 * ceil(ceil(N/128) / 2) * ceil(M/BT) CTAs (whole clusters).
+template <int DT, int BT, int STAGES, int SUBS>
+__global__ void __cluster_dims__(2, 1, 1) __launch_bounds__(384, 1) sparse24_gemm_sm90_tma_mc(
+    const u64 xmap, const u16* __restrict__ wvals, const u32* __restrict__ wmeta,
+    const float* __restrict__ bias, u16* __restrict__ y, int M, int N, int K, int act) {
+  s90::sparse24_tma_cta<DT, BT, STAGES, SUBS, 2>(xmap, wvals, wmeta, bias, y, M, N, K, act);
 }
 
 // ------------------------------------------------------------------------------------------------------
@@ -538,15 +632,18 @@ __global__ void __launch_bounds__(384, 1) w4a16_sparse24_sm90(
 
 // The W4A16 kernel with the TMA producer of sparse24_gemm_sm90_tma: per 128-column stage two tensor-map boxes
 // of X and per 16-row block bulk copies of its codes (512 B), metadata (256 B) and scales (32*NG B).
-template <int DT, int BT, int STAGES, int NG>
-__global__ void __launch_bounds__(384, 1) w4a16_sparse24_sm90_tma(
-    const u64 xmap, const u32* __restrict__ wq, const u32* __restrict__ wmeta,
-    const u16* __restrict__ wscale, const float* __restrict__ bias, u16* __restrict__ y, int M, int N, int K,
-    int act) {
-  using namespace s90;
+// CLUSTER = 2 (w4a16_sparse24_sm90_tma_mc): X boxes shared by the cluster's two CTAs as in
+// sparse24_gemm_sm90_tma_mc (here X is 32 KB of a 38 KB stage at BT = 128).
+namespace s90 {
+
+template <int DT, int BT, int STAGES, int NG, int CLUSTER>
+DEVI void w4a16_tma_cta(const u64 xmap, const u32* __restrict__ wq, const u32* __restrict__ wmeta,
+                        const u16* __restrict__ wscale, const float* __restrict__ bias, u16* __restrict__ y, int M,
+                        int N, int K, int act) {
   using L = W4Stage<BT, NG>;
+  constexpr int XROWS = BT / CLUSTER;
   extern __shared__ unsigned char smem_raw[];
-  const CtaTile t = cta_setup<BT, STAGES, L::BYTES, 1>(smem_raw, M, N);
+  const CtaTile t = cta_setup<BT, STAGES, L::BYTES, 1, CLUSTER>(smem_raw, M, N);
   const int tid = threadIdx.x;
   const int KU = K >> 7, KB = K >> 6;
 
@@ -554,13 +651,19 @@ __global__ void __launch_bounds__(384, 1) w4a16_sparse24_sm90_tma(
     const unsigned char* q = reinterpret_cast<const unsigned char*>(wq);
     const unsigned char* e = reinterpret_cast<const unsigned char*>(wmeta);
     const unsigned char* sc = reinterpret_cast<const unsigned char*>(wscale);
-    const int blk0 = t.n0 >> 4;
-    tma_producer<STAGES, L::BYTES>(t, KU, L::COPIED, xmap, [&](u32 st, int ku, u32 full) {
-      tma_load_2d(st, xmap, ku * 128, t.m0, full);
-      tma_load_2d(st + L::SUB, xmap, ku * 128 + 64, t.m0, full);
+    const int xrow = (int)t.rank * XROWS;
+    tma_producer<STAGES, L::BYTES, CLUSTER>(t, KU, L::COPIED, xmap, [&](u32 st, int ku, u32 full) {
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const u32 dst = st + h * L::SUB + xrow * 128;
+        if constexpr (CLUSTER == 1)
+          tma_load_2d(dst, xmap, ku * 128 + h * 64, t.m0, full);
+        else
+          tma_load_2d_multicast(dst, xmap, ku * 128 + h * 64, t.m0 + xrow, full, (1u << CLUSTER) - 1);
+      }
 #pragma unroll
       for (int b = 0; b < 8; ++b) {
-        const size_t blk = (size_t)(blk0 + b);
+        const size_t blk = (size_t)(t.wblk0 + b);
         bulk_load(st + L::Q_OFF + b * 512, q + (blk * KU + ku) * 512, 512, full);
         bulk_load(st + L::E_OFF + b * 256, e + (blk * KB + 2 * ku) * 128, 256, full);
         bulk_load(st + L::S_OFF + b * L::S_UNIT, sc + (blk * KU + ku) * L::S_UNIT, L::S_UNIT, full);
@@ -570,8 +673,27 @@ __global__ void __launch_bounds__(384, 1) w4a16_sparse24_sm90_tma(
   }
 
   const int blk = 4 * ((tid >> 7) - 1) + ((tid >> 5) & 3);
-  consumer<DT, BT, STAGES, L::BYTES, 4, false>(t, KU, bias, y, M, N, act,
-                                       [&](const unsigned char* st, u32 (&a)[4][4], u32 (&e)[2]) {
+  consumer<DT, BT, STAGES, L::BYTES, 4, false, CLUSTER>(t, KU, bias, y, M, N, act,
+                                                        [&](const unsigned char* st, u32 (&a)[4][4], u32 (&e)[2]) {
     fill_w4a16_fragments<DT, BT, NG>(st, blk, tid & 31, a, e);
   });
+}
+
+}  // namespace s90
+
+template <int DT, int BT, int STAGES, int NG>
+__global__ void __launch_bounds__(384, 1) w4a16_sparse24_sm90_tma(
+    const u64 xmap, const u32* __restrict__ wq, const u32* __restrict__ wmeta,
+    const u16* __restrict__ wscale, const float* __restrict__ bias, u16* __restrict__ y, int M, int N, int K,
+    int act) {
+  s90::w4a16_tma_cta<DT, BT, STAGES, NG, 1>(xmap, wq, wmeta, wscale, bias, y, M, N, K, act);
+}
+
+// Grid: 2 * ceil(ceil(N/128) / 2) * ceil(M/BT) CTAs (whole clusters).
+template <int DT, int BT, int STAGES, int NG>
+__global__ void __cluster_dims__(2, 1, 1) __launch_bounds__(384, 1) w4a16_sparse24_sm90_tma_mc(
+    const u64 xmap, const u32* __restrict__ wq, const u32* __restrict__ wmeta,
+    const u16* __restrict__ wscale, const float* __restrict__ bias, u16* __restrict__ y, int M, int N, int K,
+    int act) {
+  s90::w4a16_tma_cta<DT, BT, STAGES, NG, 2>(xmap, wq, wmeta, wscale, bias, y, M, N, K, act);
 }

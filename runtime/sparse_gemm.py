@@ -7,7 +7,8 @@ Three kernel files (see their headers for the exact fragment layouts):
 * ``sparse24_gemm_sm90.cu`` — the same product on Hopper's ``wgmma.mma_async.sp`` (sm_90a), 128 features x
   128 or 256 tokens per CTA, warp-specialised cp.async producer + two consumer warpgroups; 64-column k tiles
   (``sm90_128``, ``sm90_256``) or 128-column ones (``sm90_128_k128``, ``sm90_256_k128``); the ``sm90tma_*``
-  variants fill the same stages with TMA (``runtime/tensor_map.py``) instead of cp.async.
+  variants fill the same stages with TMA (``runtime/tensor_map.py``) instead of cp.async, and the ``sm90mc_*``
+  ones run as 2-CTA clusters whose CTAs (neighbouring weight tiles, same tokens) share every X box by multicast.
 * ``w4a16_sparse24_gemm.cu`` — 2:4 + INT4 (W4A16, after Sparse-Marlin): ``decode`` (M <= 16, split-K,
   memory-bound) and ``prefill`` (large M).
 
@@ -85,34 +86,56 @@ SPARSE24_TILES = (
 )
 
 
+def _sm90_prefix(tma: bool, cluster: int) -> str:
+    """``sm90`` (cp.async producer), ``sm90tma`` (TMA) or ``sm90mc`` (TMA, X boxes multicast in a 2-CTA cluster)."""
+    return "sm90mc" if cluster > 1 else "sm90tma" if tma else "sm90"
+
+
+def _sm90_grid_tiles(n: int, cluster: int) -> int:
+    """Weight tiles the grid spans: ceil(N/128), rounded up to whole clusters (the kernels' padding CTAs)."""
+    return _tiles(_tiles(n, 128), cluster) * cluster
+
+
 @dataclass(frozen=True)
 class Sm90Config:
     """One wgmma 2:4 instantiation: 128 features x BT tokens, ``stages``-deep ring of k tiles of ``64 * subs``
-    columns, filled by cp.async (``sparse24_gemm_sm90``) or by TMA (``tma``: ``sparse24_gemm_sm90_tma``);
-    ``name`` is its ``kernel=`` choice."""
+    columns, filled by cp.async (``sparse24_gemm_sm90``) or by TMA (``tma``: ``sparse24_gemm_sm90_tma``;
+    ``cluster=2``: ``sparse24_gemm_sm90_tma_mc``, two CTAs on neighbouring weight tiles share each X box by
+    multicast); ``name`` is its ``kernel=`` choice."""
 
     bt: int
     stages: int
     subs: int = 1
     tma: bool = False
+    cluster: int = 1
 
     @property
     def name(self) -> str:
-        return f"sm90{'tma' if self.tma else ''}_{self.bt}" + ("" if self.subs == 1 else f"_k{64 * self.subs}")
+        return f"{_sm90_prefix(self.tma, self.cluster)}_{self.bt}" + ("" if self.subs == 1 else f"_k{64 * self.subs}")
+
+    @property
+    def tma_box_rows(self) -> int:
+        """Rows of each X box the kernel's tensor map describes (0: no tensor map)."""
+        return self.bt // self.cluster if self.tma else 0
 
     def smem_bytes(self) -> int:
         return 1024 + self.stages * self.subs * (self.bt * 128 + 9216) + self.stages * 16
 
     def expr(self, dt: int) -> str:
         if self.tma:
-            return f"sparse24_gemm_sm90_tma<{dt}, {self.bt}, {self.stages}, {self.subs}>"
+            mc = "_mc" if self.cluster > 1 else ""
+            return f"sparse24_gemm_sm90_tma{mc}<{dt}, {self.bt}, {self.stages}, {self.subs}>"
         tail = "" if self.subs == 1 else f", {self.subs}"
         return f"sparse24_gemm_sm90<{dt}, {self.bt}, {self.stages}{tail}>"
+
+    def grid(self, m: int, n: int) -> tuple[int, int, int]:
+        return (_sm90_grid_tiles(n, self.cluster) * _tiles(m, self.bt), 1, 1)
 
 
 SM90_CONFIGS = (Sm90Config(128, 8), Sm90Config(256, 5), Sm90Config(128, 4, 2), Sm90Config(256, 2, 2),
                 Sm90Config(128, 8, 1, True), Sm90Config(256, 5, 1, True), Sm90Config(128, 4, 2, True),
-                Sm90Config(256, 2, 2, True))
+                Sm90Config(256, 2, 2, True), Sm90Config(128, 8, 1, True, 2), Sm90Config(256, 5, 1, True, 2),
+                Sm90Config(256, 2, 2, True, 2))
 SM90_BY_NAME = {c.name: c for c in SM90_CONFIGS}
 
 
@@ -139,15 +162,24 @@ PREFILL_CONFIGS = (PrefillConfig(128, 2, 4, 3), PrefillConfig(64, 2, 4, 4))
 @dataclass(frozen=True)
 class W4A16Sm90Config:
     """One ``w4a16_sparse24_sm90`` instantiation (wgmma.sp, 128 features x BT tokens, 128-column k tiles;
-    ``tma``: ``w4a16_sparse24_sm90_tma``, the stages filled by TMA); ``name`` is its ``kernel=`` choice."""
+    ``tma``: ``w4a16_sparse24_sm90_tma``, the stages filled by TMA; ``cluster=2``: ``w4a16_sparse24_sm90_tma_mc``,
+    X boxes multicast in a 2-CTA cluster); ``name`` is its ``kernel=`` choice."""
 
     bt: int
     stages: int
     tma: bool = False
+    cluster: int = 1
 
     @property
     def name(self) -> str:
-        return f"sm90{'tma' if self.tma else ''}_{self.bt}"
+        return f"{_sm90_prefix(self.tma, self.cluster)}_{self.bt}"
+
+    @property
+    def tma_box_rows(self) -> int:
+        return self.bt // self.cluster if self.tma else 0
+
+    def grid(self, m: int, n: int) -> tuple[int, int, int]:
+        return (_sm90_grid_tiles(n, self.cluster) * _tiles(m, self.bt), 1, 1)
 
     def stage_bytes(self, ng: int) -> int:
         raw = 2 * self.bt * 128 + 8 * (512 + 256 + 32 * ng)
@@ -157,11 +189,13 @@ class W4A16Sm90Config:
         return 1024 + self.stages * self.stage_bytes(ng) + self.stages * 16
 
     def expr(self, dt: int, ng: int) -> str:
-        return f"w4a16_sparse24_sm90{'_tma' if self.tma else ''}<{dt}, {self.bt}, {self.stages}, {ng}>"
+        kind = ("_tma_mc" if self.cluster > 1 else "_tma") if self.tma else ""
+        return f"w4a16_sparse24_sm90{kind}<{dt}, {self.bt}, {self.stages}, {ng}>"
 
 
 W4A16_SM90_CONFIGS = (W4A16Sm90Config(128, 5), W4A16Sm90Config(256, 3), W4A16Sm90Config(128, 5, True),
-                      W4A16Sm90Config(256, 3, True))
+                      W4A16Sm90Config(256, 3, True), W4A16Sm90Config(128, 5, True, 2),
+                      W4A16Sm90Config(256, 3, True, 2))
 W4A16_SM90_BY_NAME = {c.name: c for c in W4A16_SM90_CONFIGS}
 DECODE_MAX_M = 16
 DECODE_STAGES = (3, 2)
@@ -673,7 +707,7 @@ def _launch(spec: KernelSpec, expr: str, device_index: int, grid, block, smem: i
 # Variants built and checked on CPU (NVRTC/ptxas, emulation) but not yet run on a GPU: the dispatcher leaves
 # them out unless $SPARSERT_ENABLE_UNVERIFIED_KERNELS=1 (a kernel that traps would take the user's CUDA
 # context down); the benchmarks and the GPU tests run them. Remove a name once a GPU run has passed it.
-UNVERIFIED_KERNELS = ("sm90tma_", "sm90_128_k128", "sm90_256_k128")
+UNVERIFIED_KERNELS = ("sm90tma_", "sm90mc_", "sm90_128_k128", "sm90_256_k128")
 
 
 def kernel_enabled(name: str, *, include_unverified: bool = False) -> bool:
@@ -716,6 +750,14 @@ def tile_coords(pid: int, nx: int, ny: int, group: int = 8) -> tuple[int, int]:
     first_y = gid * group
     gsize = min(ny - first_y, group)
     return r // gsize, first_y + r % gsize
+
+
+def cluster_tile_coords(pid: int, nx: int, ny: int, cluster: int, group: int = 8) -> tuple[int, int]:
+    """``cta_setup``'s rasterisation for clusters of ``cluster`` CTAs (the ``sm90mc_*`` kernels): the cluster
+    ``pid // cluster`` is placed by :func:`tile_coords` over ``ceil(nx / cluster)`` x ``ny`` cluster tiles and
+    its CTA of rank ``pid % cluster`` takes weight tile ``cluster * x + rank`` (>= nx: a padding CTA)."""
+    cx, y = tile_coords(pid // cluster, _tiles(nx, cluster), ny, group)
+    return cx * cluster + pid % cluster, y
 
 
 def _null() -> np.uint64:
@@ -782,8 +824,8 @@ def plan_sparse24(m: int, n: int, k: int, dtype: torch.dtype, arch: str, smem_li
         cfg = SM90_BY_NAME[kernel]
         if k % (64 * cfg.subs):
             raise FormatError(f"sparse24_linear: kernel {kernel!r} needs K % {64 * cfg.subs} == 0, got K={k}")
-        return LaunchPlan(SM90_SPECS[dt], cfg.expr(dt), (_tiles(n, 128) * _tiles(m, cfg.bt), 1, 1), (384, 1, 1),
-                          cfg.smem_bytes(), tma_box_rows=cfg.bt if cfg.tma else 0)
+        return LaunchPlan(SM90_SPECS[dt], cfg.expr(dt), cfg.grid(m, n), (384, 1, 1), cfg.smem_bytes(),
+                          tma_box_rows=cfg.tma_box_rows)
     cfg = choose_sparse24_tile(m, kernel, smem_limit)
     return LaunchPlan(SPARSE24_SPECS[dt], cfg.expr(dt), (_tiles(n, cfg.br) * _tiles(m, cfg.bt), 1, 1),
                       (cfg.threads, 1, 1), cfg.smem_bytes())
@@ -800,8 +842,9 @@ def sparse24_linear(x: torch.Tensor, weight: Sparse24Weight, *, bias: torch.Tens
         activation: none | relu | silu | gelu.
         out: optional ``[..., N]`` output (contiguous, aligned).
         kernel: auto | small | medium | large (mma.sp tiles) | sm90_128 | sm90_256 | sm90_128_k128 |
-            sm90_256_k128 and the same with ``sm90tma_`` (TMA producer) (wgmma, sm_90a only; the _k128 ones need
-            K % 128 == 0); see :func:`plan_sparse24`.
+            sm90_256_k128 and the same with ``sm90tma_`` (TMA producer), sm90mc_128 | sm90mc_256 | sm90mc_256_k128
+            (TMA, 2-CTA clusters sharing X) (wgmma, sm_90a only; the _k128 ones need K % 128 == 0); see
+            :func:`plan_sparse24`.
     Returns:
         ``[..., N]`` in x's dtype. Without a usable GPU: the torch fallback (same math from the prepared
         tensors: fp32 accumulation of the bf16/fp16 products).
@@ -896,8 +939,8 @@ def plan_w4a16(m: int, n: int, n_pad: int, k: int, dtype: torch.dtype, ng: int, 
         if arch != "sm_90a":
             raise DeviceError(f"w4a16_linear: kernel {kernel!r} needs an sm_90a GPU (Hopper), this one is {arch}")
         cfg9 = W4A16_SM90_BY_NAME[kernel]
-        return LaunchPlan(SM90_SPECS[dt], cfg9.expr(dt, ng), (_tiles(n, 128) * _tiles(m, cfg9.bt), 1, 1),
-                          (384, 1, 1), cfg9.smem_bytes(ng), tma_box_rows=cfg9.bt if cfg9.tma else 0)
+        return LaunchPlan(SM90_SPECS[dt], cfg9.expr(dt, ng), cfg9.grid(m, n), (384, 1, 1), cfg9.smem_bytes(ng),
+                          tma_box_rows=cfg9.tma_box_rows)
     fits = [c for c in PREFILL_CONFIGS if c.smem_bytes(ng) <= smem_limit]
     if not fits:
         raise DeviceError(f"w4a16_linear: no prefill tile fits {smem_limit} bytes of shared memory per block")
@@ -916,7 +959,7 @@ def w4a16_linear(x: torch.Tensor, weight: W4A16Weight, *, bias: torch.Tensor | N
         x: ``[..., K]`` bf16/fp16 (the dtype the weight was prepared for), contiguous, 16-byte aligned.
         weight: from :func:`prepare_w4a16`.
         kernel: auto | decode (M <= 16, split-K mma.sp) | prefill (mma.sp tiles) | sm90_128 | sm90_256 |
-            sm90tma_128 | sm90tma_256
+            sm90tma_128 | sm90tma_256 | sm90mc_128 | sm90mc_256
             (wgmma.sp, sm_90a only); see :func:`plan_w4a16`.
         decode_ctas_per_sm, decode_stages: the decode split-K plan's target CTAs per SM and ring depth
             (:func:`plan_decode`; None = deepest that fits).

@@ -148,6 +148,31 @@ def test_sm90_tma_kernels_use_the_copy_engine(build_cache):
         assert needle in ptx, needle
 
 
+def test_sm90_cluster_kernels_multicast_x_and_release_stages_cluster_wide(build_cache):
+    """The ``*_tma_mc`` kernels are compiled as 2-CTA clusters (``__cluster_dims__``, so a plain launch forms
+    them), multicast their X boxes, release each stage on both CTAs' empty barriers (``mapa`` + remote
+    arrive) and synchronise the cluster after initialising the barriers; the other wgmma kernels stay
+    single-CTA and never multicast."""
+    from sparsert.runtime.sparse_gemm import SM90_CONFIGS, SM90_SPECS, W4A16_SM90_CONFIGS
+
+    assert any(c.cluster == 2 for c in SM90_CONFIGS) and any(c.cluster == 2 for c in W4A16_SM90_CONFIGS)
+    ptx = compile_kernel(SM90_SPECS[0], "sm_90a", cache=build_cache).ptx
+    entries = re.split(r"\n(?=\.(?:visible|weak) \.entry )", ptx)[1:]
+    cluster_entries = [e for e in entries if "_mc" in e.split("(", 1)[0]]
+    assert len(cluster_entries) == sum(c.cluster == 2 for c in SM90_CONFIGS) + 2 * sum(
+        c.cluster == 2 for c in W4A16_SM90_CONFIGS)
+    for e in entries:
+        name = e.split("(", 1)[0]
+        if e in cluster_entries:
+            for needle in (".reqnctapercluster 2, 1, 1", ".multicast::cluster", "mapa.shared::cluster.u32",
+                           "mbarrier.arrive.release.cluster.shared::cluster.b64",
+                           "barrier.cluster.arrive.release.aligned", "barrier.cluster.wait.acquire.aligned",
+                           "mov.u32 %r", "%cluster_ctarank"):
+                assert needle in e, f"{name}: {needle}"
+        else:
+            assert ".reqnctapercluster" not in e and ".multicast::cluster" not in e, name
+
+
 @pytest.mark.parametrize("diag,has_wgmma", [(1, True), (2, False)])
 def test_sm90_diagnostic_builds(diag, has_wgmma, tmp_path):
     """tools/diagnose_sm90.py rebuilds the wgmma kernels with -DSP24_DIAG: 1 keeps the wgmmas (loads stop

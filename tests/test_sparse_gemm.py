@@ -36,6 +36,7 @@ from sparsert.runtime.sparse_gemm import (
     W4A16Weight,
     apply_activation,
     choose_sparse24_tile,
+    cluster_tile_coords,
     codes_to_words,
     decode_smem_bytes,
     fragments_to_values,
@@ -231,6 +232,25 @@ def cta_tiles(m: int, n: int, br: int, bt: int):
         yield bx * br, by * bt, bx * br // 16
 
 
+def sm90_ctas(m: int, n: int, bt: int, cluster: int = 1):
+    """The CTAs of an sm90 wgmma grid (``cta_setup``; clusters of ``cluster`` CTAs as the ``*_mc`` kernels launch
+    them, :func:`cluster_tile_coords`): yields (n0, m0, wblk0 = the weight block the producer loads from,
+    x_boxes). ``x_boxes`` lists the X boxes landing in this CTA's stage as (first row within the stage, first X
+    row, rows): one box of BT rows from its own producer, or with a cluster one of BT / cluster rows from the
+    producer of every CTA of the cluster, each taken from that CTA's own tile coordinates (so a cluster whose
+    CTAs did not share their tokens would assemble the wrong X tile)."""
+    nx, ny = -(-n // 128), -(-m // bt)
+    grid = -(-nx // cluster) * cluster * ny
+    assert grid % cluster == 0
+    rows = bt // cluster
+    for c0 in range(0, grid, cluster):
+        tiles = [cluster_tile_coords(pid, nx, ny, cluster) if cluster > 1 else tile_coords(pid, nx, ny)
+                 for pid in range(c0, c0 + cluster)]
+        boxes = [(q * rows, ty * bt + q * rows, rows) for q, (_, ty) in enumerate(tiles)]
+        for tx, ty in tiles:
+            yield tx * 128, ty * bt, min(tx, nx - 1) * 8, boxes
+
+
 def copy_block_slabs(st: np.ndarray, dst: int, src: np.ndarray, blk0: int, ktiles: int, kt: int, nblk: int,
                      slab: int, unit: int | None = None) -> None:
     """``copy_block_slabs``: block b's ``slab`` bytes from ``((blk0 + b) * ktiles + kt) * unit`` to
@@ -364,9 +384,11 @@ def tma_load_2d_sw128(st: np.ndarray, dst: int, xv: np.ndarray, rows: int, cols:
             copy16(st, a ^ (((a >> 7) & 7) << 4), xv, (((c1 + r) if ok else 0) * cols + c0 + 8 * j) * 2, ok)
 
 
-def emulate_sm90_consumer(x: torch.Tensor, w, bt: int, subs: int = 1, tma: bool = False) -> np.ndarray:
+def emulate_sm90_consumer(x: torch.Tensor, w, bt: int, subs: int = 1, tma: bool = False,
+                          cluster: int = 1) -> np.ndarray:
     """cuda/sparse24_gemm_sm90.cu: producer layout (``subs`` 64-column k blocks per stage; cp.async
-    ``sparse24_gemm_sm90`` or, with ``tma``, ``sparse24_gemm_sm90_tma``'s tensor-map and bulk copies), consumer
+    ``sparse24_gemm_sm90`` or, with ``tma``, ``sparse24_gemm_sm90_tma``'s tensor-map and bulk copies; with
+    ``cluster`` > 1 ``sparse24_gemm_sm90_tma_mc``'s X boxes assembled from every CTA of the cluster), consumer
     A/metadata fragments, wgmma as four per-warp m16nBTk32 products with B read from the 128-byte-swizzled tile
     where the kernel's descriptor points (decoded by the ISA's field layout, :func:`isa_descriptor_address`),
     and the epilogue mapping."""
@@ -378,13 +400,14 @@ def emulate_sm90_consumer(x: torch.Tensor, w, bt: int, subs: int = 1, tma: bool 
     xv, wv, wmeta = gbytes(x), gbytes(w.values), gbytes(w.meta)
     y = np.full((m, n), np.nan)
     kb_n = k // 64
-    for n0, m0, blk0 in cta_tiles(m, n, 128, bt):
+    for n0, m0, blk0, boxes in sm90_ctas(m, n, bt, cluster):
         acc = np.zeros((2, 4, 32, bt // 2))
         for kt in range(kb_n // subs):
             st = np.zeros(e_off + subs * 1024, dtype=np.uint8)
             if tma:  # SUBS tensor-map boxes, then per block one bulk copy of its A slab and one of its metadata
                 for h in range(subs):
-                    tma_load_2d_sw128(st, h * bt * 128, xv, m, k, (kt * subs + h) * 64, m0, bt)
+                    for r0, row, rows in boxes:
+                        tma_load_2d_sw128(st, h * bt * 128 + r0 * 128, xv, m, k, (kt * subs + h) * 64, row, rows)
                 for b in range(8):
                     unit = (blk0 + b) * kb_n + subs * kt
                     copy16(st, a_off + b * 1024 * subs, wv, unit * 1024, nbytes=1024 * subs)
@@ -513,9 +536,10 @@ def emulate_w4a16_decode(x: torch.Tensor, w: W4A16Weight, nb: int, ksplit: int) 
     return y
 
 
-def emulate_w4a16_sm90(x: torch.Tensor, w: W4A16Weight, bt: int, tma: bool = False) -> np.ndarray:
+def emulate_w4a16_sm90(x: torch.Tensor, w: W4A16Weight, bt: int, tma: bool = False, cluster: int = 1) -> np.ndarray:
     """``w4a16_sparse24_sm90``: producer layout (two 64-column X sub-tiles; with ``tma`` those of
-    ``w4a16_sparse24_sm90_tma``: two tensor-map boxes and per block bulk copies of codes, metadata and scales),
+    ``w4a16_sparse24_sm90_tma``: two tensor-map boxes and per block bulk copies of codes, metadata and scales;
+    with ``cluster`` > 1 ``w4a16_sparse24_sm90_tma_mc``'s boxes from every CTA of the cluster),
     consumer dequantisation into the register A operand, the four k32 wgmmas per stage through the descriptor
     model, the shared epilogue."""
     dtype = x.dtype
@@ -526,13 +550,14 @@ def emulate_w4a16_sm90(x: torch.Tensor, w: W4A16Weight, bt: int, tma: bool = Fal
     ku_n, kb_n = k // 128, k // 64
     xv, qv, ev, sv = gbytes(x), gbytes(w.qweight), gbytes(w.meta), gbytes(w.scales)
     y = np.full((m, n), np.nan)
-    for n0, m0, blk0 in cta_tiles(m, n, 128, bt):
+    for n0, m0, blk0, boxes in sm90_ctas(m, n, bt, cluster):
         acc = np.zeros((2, 4, 32, bt // 2))
         for ku in range(ku_n):
             st = np.zeros(s_off + 8 * s_unit, dtype=np.uint8)
             if tma:
-                tma_load_2d_sw128(st, 0, xv, m, k, ku * 128, m0, bt)
-                tma_load_2d_sw128(st, sub, xv, m, k, ku * 128 + 64, m0, bt)
+                for h in range(2):
+                    for r0, row, rows in boxes:
+                        tma_load_2d_sw128(st, h * sub + r0 * 128, xv, m, k, ku * 128 + 64 * h, row, rows)
                 for b in range(8):
                     blk = blk0 + b
                     copy16(st, q_off + b * 512, qv, (blk * ku_n + ku) * 512, nbytes=512)
@@ -684,10 +709,11 @@ def test_sparse24_kernel_emulation(cfg, dtype):
 
 @pytest.mark.parametrize("cfg", SM90_CONFIGS, ids=lambda c: c.name)
 def test_sm90_kernel_emulation(cfg):
-    p = _packed(136, 256, seed=9)
+    # a cluster kernel gets 3 weight tiles: the last cluster's second CTA is a padding CTA
+    p = _packed(136 if cfg.cluster == 1 else 296, 256, seed=9)
     w = prepare_sparse24(p, dtype=torch.bfloat16)
     x = _x(cfg.bt + 3, 256, torch.bfloat16, seed=10)
-    got = emulate_sm90_consumer(x, w, cfg.bt, cfg.subs, cfg.tma)
+    got = emulate_sm90_consumer(x, w, cfg.bt, cfg.subs, cfg.tma, cfg.cluster)
     np.testing.assert_allclose(got, _reference(x, w.to_dense()), rtol=1e-10, atol=1e-10)
 
 
@@ -720,13 +746,13 @@ def test_w4a16_prefill_emulation(dtype):
     np.testing.assert_allclose(got, _reference(x, w.to_dense()), rtol=1e-10, atol=1e-10)
 
 
-@pytest.mark.parametrize("tma", [False, True], ids=["cp.async", "tma"])
+@pytest.mark.parametrize("tma,cluster", [(False, 1), (True, 1), (True, 2)], ids=["cp.async", "tma", "tma-mc"])
 @pytest.mark.parametrize("dtype,group", [(torch.float16, 64), (torch.bfloat16, 128)])
-def test_w4a16_sm90_emulation(dtype, group, tma):
-    p = _packed(136, 256, seed=23, group=group)
+def test_w4a16_sm90_emulation(dtype, group, tma, cluster):
+    p = _packed(136 if cluster == 1 else 296, 256, seed=23, group=group)
     w = prepare_w4a16(p, dtype=dtype)
     x = _x(131, 256, dtype, seed=24)
-    got = emulate_w4a16_sm90(x, w, 128, tma)
+    got = emulate_w4a16_sm90(x, w, 128, tma, cluster)
     np.testing.assert_allclose(got, _reference(x, w.to_dense()), rtol=1e-10, atol=1e-10)
 
 
@@ -823,8 +849,22 @@ def test_grouped_rasterisation_is_a_bijection(nx, ny):
         assert {y for _, y in tiles[:16]} == set(range(8))
 
 
+@pytest.mark.parametrize("nx,ny", [(1, 1), (3, 1), (2, 11), (86, 64), (7, 9), (33, 17)])
+def test_cluster_rasterisation_pairs_token_tiles_and_covers_every_tile(nx, ny):
+    """``sm90mc_*``: the CTAs of a cluster share their token tile and take neighbouring weight tiles; the grid
+    covers every tile once, plus one padding CTA per token tile when nx is odd."""
+    grid = -(-nx // 2) * 2 * ny
+    tiles = [cluster_tile_coords(pid, nx, ny, 2) for pid in range(grid)]
+    for c in range(0, grid, 2):
+        (x0, y0), (x1, y1) = tiles[c], tiles[c + 1]
+        assert y0 == y1 and x1 == x0 + 1 and x0 % 2 == 0
+    real = [t for t in tiles if t[0] < nx]
+    assert sorted(real) == [(x, y) for x in range(nx) for y in range(ny)]
+    assert len(tiles) - len(real) == (nx % 2) * ny
+
+
 DEVICES = {"sm_80": (166912, 108), "sm_86": (101376, 84), "sm_89": (101376, 128), "sm_90a": (232448, 132)}
-THREADS = {"sparse24_gemm<": None, "sparse24_gemm_sm90<": 384, "w4a16_sparse24_sm90<": 384,
+THREADS = {"sparse24_gemm<": None, "sparse24_gemm_sm90": 384, "w4a16_sparse24_sm90": 384,
            "w4a16_sparse24_decode<": 256, "w4a16_sparse24_prefill<": 256}
 
 
@@ -840,7 +880,10 @@ def _check_plan(plan, arch, limit, m, n):
     if plan.decode is None:
         bt = int(plan.expr.split(", ")[2 if plan.expr.startswith("sparse24_gemm<") else 1])
         br = int(plan.expr.split(", ")[1]) if plan.expr.startswith("sparse24_gemm<") else 128
-        assert plan.grid == (-(-n // br) * -(-m // bt), 1, 1)
+        cluster = 2 if "_mc<" in plan.expr else 1  # whole 2-CTA clusters: an odd tile count gets a padding CTA
+        tiles = -(-(-(-n // br)) // cluster) * cluster
+        assert plan.grid == (tiles * -(-m // bt), 1, 1)
+        assert plan.tma_box_rows == (bt // cluster if "_tma" in plan.expr else 0)
 
 
 @pytest.mark.parametrize("arch", list(DEVICES))

@@ -2,7 +2,8 @@
 own file: tools/gpu_session.sh runs every test file in its own process, so a fault here (a kernel traps when
 a pipeline barrier never completes) cannot take the other kernels' tests down with it, and a failure here
 disables the TMA variants (``SPARSERT_DISABLE_KERNELS=sm90tma``) for the benchmarks that follow. Same cases,
-bounds and NaN-poisoned outputs as the cp.async wgmma kernels' tests in test_sparse_gemm.py. Their CPU checks
+bounds and NaN-poisoned outputs as the cp.async wgmma kernels' tests in test_sparse_gemm.py (the 2-CTA
+cluster variants have their own file, test_sparse_gemm_cluster.py, for the same reason). Their CPU checks
 (emulation, PTX, tensor-map encoding) live in test_sparse_gemm.py, test_kernel_build.py and
 test_fake_driver.py."""
 
@@ -26,7 +27,7 @@ from sparsert.runtime.sparse_gemm import SM90_CONFIGS, W4A16_SM90_CONFIGS, prepa
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("kernel", [c.name for c in SM90_CONFIGS if c.tma])
+@pytest.mark.parametrize("kernel", [c.name for c in SM90_CONFIGS if c.tma and c.cluster == 1])
 @pytest.mark.parametrize("m,n,k", SM90_GPU_SHAPES)
 def test_gpu_sparse24_sm90_tma(kernel, m, n, k, dtype):
     run_sm90_case(kernel, m, n, k, dtype)
@@ -34,7 +35,7 @@ def test_gpu_sparse24_sm90_tma(kernel, m, n, k, dtype):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("kernel", [c.name for c in W4A16_SM90_CONFIGS if c.tma])
+@pytest.mark.parametrize("kernel", [c.name for c in W4A16_SM90_CONFIGS if c.tma and c.cluster == 1])
 @pytest.mark.parametrize("m,n,k,group", W4A16_SM90_GPU_SHAPES)
 def test_gpu_w4a16_sm90_tma(kernel, m, n, k, group, dtype):
     run_w4a16_sm90_case(kernel, m, n, k, group, dtype)

@@ -44,6 +44,7 @@ PY=${PYTHON:-python3}
 MODE=${1:-all}
 TESTS_TIMEOUT=${TESTS_TIMEOUT:-240}
 TMA_OK=${TMA_OK:-0}
+MC_OK=${MC_OK:-0}
 BENCH_TIMEOUT=${BENCH_TIMEOUT:-270}
 BENCH_MIN=${BENCH_MIN:-60}
 FFN_TIMEOUT=${FFN_TIMEOUT:-110}
@@ -150,7 +151,8 @@ if [ "$MODE" = all ] || [ "$MODE" = tests ]; then
   keep=0
   [ "$MODE" = all ] && keep=$(( BENCH_MIN + FFN_TIMEOUT ))
   files=""
-  for f in tests/test_sparse_gemm.py tests/test_sparse_gemm_tma.py tests/test_mvue24_kernel.py \
+  for f in tests/test_sparse_gemm.py tests/test_sparse_gemm_tma.py tests/test_sparse_gemm_cluster.py \
+           tests/test_mvue24_kernel.py \
            tests/test_gpu_runtime.py \
            $(grep -l "mark.gpu\|^gpu = " tests/test_*.py); do
     case " $files " in *" $f "*) ;; *) [ -f "$f" ] && files="$files $f" ;; esac
@@ -169,15 +171,20 @@ if [ "$MODE" = all ] || [ "$MODE" = tests ]; then
     log_section "gpu tests $f (exit $rc, limit ${limit}s)" "/tmp/gpu-tests-$name.log"
     summary "gpu tests $name: exit $rc (limit ${limit}s): $(grep -E '(passed|failed|error|skipped|deselected)' "/tmp/gpu-tests-$name.log" | tail -n 1)"
     [ "$name" = test_sparse_gemm_tma ] && [ "$rc" -eq 0 ] && TMA_OK=1
+    [ "$name" = test_sparse_gemm_cluster ] && [ "$rc" -eq 0 ] && MC_OK=1
   done
 fi
 
-# The TMA kernels run in the benchmarks only after their GPU tests passed in this call (TMA_OK=1 from the
-# environment vouches for an earlier call): a faulting kernel would end the benchmark's process at its first
-# TMA case.
+# The TMA kernels (and the 2-CTA cluster ones, sm90mc_*) run in the benchmarks only after their GPU tests passed
+# in this call (TMA_OK=1 / MC_OK=1 from the environment vouches for an earlier call): a faulting kernel would end
+# the benchmark's process at its first such case.
 if [ "$MODE" != tests ] && [ "$TMA_OK" != 1 ]; then
   export SPARSERT_DISABLE_KERNELS=${SPARSERT_DISABLE_KERNELS:+$SPARSERT_DISABLE_KERNELS,}sm90tma
   summary "TMA kernels not passed here: SPARSERT_DISABLE_KERNELS=$SPARSERT_DISABLE_KERNELS for what follows"
+fi
+if [ "$MODE" != tests ] && [ "$MC_OK" != 1 ]; then
+  export SPARSERT_DISABLE_KERNELS=${SPARSERT_DISABLE_KERNELS:+$SPARSERT_DISABLE_KERNELS,}sm90mc
+  summary "cluster kernels not passed here: SPARSERT_DISABLE_KERNELS=$SPARSERT_DISABLE_KERNELS for what follows"
 fi
 
 # 5. Kernel benchmark (one run, one table; baselines in the same run).
