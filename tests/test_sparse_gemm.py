@@ -881,7 +881,7 @@ def _check_plan(plan, arch, limit, m, n):
         bt = int(plan.expr.split(", ")[2 if plan.expr.startswith("sparse24_gemm<") else 1])
         br = int(plan.expr.split(", ")[1]) if plan.expr.startswith("sparse24_gemm<") else 128
         cluster = 2 if "_mc<" in plan.expr else 1  # whole 2-CTA clusters: an odd tile count gets a padding CTA
-        tiles = -(-(-(-n // br)) // cluster) * cluster
+        tiles = math.ceil(math.ceil(n / br) / cluster) * cluster
         assert plan.grid == (tiles * -(-m // bt), 1, 1)
         assert plan.tma_box_rows == (bt // cluster if "_tma" in plan.expr else 0)
 
