@@ -15,7 +15,7 @@ from collections import OrderedDict
 
 import torch
 
-from sparsert.runtime.errors import FormatError
+from sparsert.runtime.errors import DeviceError, FormatError
 
 MAP_BYTES = 128
 SWIZZLE_BYTES = 128  # the 128-byte swizzle: a box row is exactly 128 bytes
@@ -60,13 +60,19 @@ def device_tensor_map(x: torch.Tensor, box_rows: int) -> torch.Tensor:
     """The tensor map of a contiguous 2-D CUDA tensor ``x [rows, cols]`` (box ``{64, box_rows}``), as a uint8
     ``[128]`` tensor on ``x``'s device (torch allocations are 512-byte aligned: the map's 64 bytes hold).
     Cached by (device, address, shape, dtype, box): a map depends on nothing else, so a cached one stays right
-    even after ``x`` is freed and its memory reused."""
+    even after ``x`` is freed and its memory reused. A miss while the current stream captures a CUDA graph raises
+    DeviceError (warm the call up before capturing: a captured launch then reads the cached map)."""
     key = (x.device.index, x.data_ptr(), tuple(x.shape), x.dtype, box_rows)
     with _lock:
         hit = _cache.get(key)
         if hit is not None:
             _cache.move_to_end(key)
             return hit
+    if torch.cuda.is_current_stream_capturing():
+        # the copy below would become a graph node that re-reads a pinned host block torch may have reused
+        raise DeviceError(
+            f"tensor map for X [{x.shape[0]}, {x.shape[1]}] at {x.data_ptr():#x} (box rows {box_rows}) is not cached "
+            "and the stream is capturing a CUDA graph: run the same call once before capturing so the map exists")
     raw = encode_tiled_2d(x.data_ptr(), x.shape[0], x.shape[1], x.dtype, box_rows)
     # From pinned memory, non-blocking: stream-ordered before the launch without waiting for the stream to drain
     # (a pageable copy would); torch's pinned allocator keeps the host block until the copy has run.

@@ -59,3 +59,31 @@ def test_gpu_tma_map_reused_across_calls_and_buffers():
     ref = sparse24_linear(x2, w, kernel="sm90_128")
     torch.cuda.synchronize()
     assert torch.equal(y2, ref)  # same tiles, same wgmma order: bit-identical to the cp.async kernel
+
+
+@pytest.mark.gpu
+def test_gpu_tma_kernel_in_a_cuda_graph():
+    """Warmed up outside capture, a TMA launch captures into a CUDA graph and its replays follow X's contents; a
+    call whose tensor map is not cached yet is refused during capture instead of capturing the map's copy."""
+    from sparsert.runtime.errors import DeviceError
+
+    _skip_unless_sm90()
+    _, x, w, y = _run_gpu(sparse24_linear, prepare_sparse24, "sm90tma_128", 130, 384, 640, torch.bfloat16, 11,
+                          "none", BOUND[torch.bfloat16])
+    out = torch.empty_like(y)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        sparse24_linear(x, w, out=out, kernel="sm90tma_128")  # warm-up: caches the map
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        sparse24_linear(x, w, out=out, kernel="sm90tma_128")
+    x.copy_(torch.randn_like(x))
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(out, sparse24_linear(x, w, kernel="sm90_128"))
+    fresh = x[:100].clone()
+    with pytest.raises(DeviceError, match="capturing a CUDA graph"):
+        with torch.cuda.graph(torch.cuda.CUDAGraph()):
+            sparse24_linear(fresh, w, kernel="sm90tma_128")
