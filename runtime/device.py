@@ -343,8 +343,14 @@ def _wrap_stream(core, handle: int, device_index: int):
 def check_last_launch(kernel_name: str) -> None:
     """After a launch. Launch errors (bad configuration, missing kernel) are raised by the driver call itself;
     with ``SPARSERT_SYNC_LAUNCHES=1`` this also waits for the kernel and reports execution errors (illegal
-    address, ...) with the kernel's name. Off by default: a sync per launch would serialise the host."""
+    address, ...) with the kernel's name. Off by default: a sync per launch would serialise the host. Skipped
+    while torch's current stream captures a CUDA graph (a synchronisation would invalidate the capture; the
+    kernel has not run yet anyway)."""
     if os.environ.get("SPARSERT_SYNC_LAUNCHES", "") in ("", "0"):
+        return
+    import torch
+
+    if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
         return
     check_cuda(driver().cuCtxSynchronize(), f"{kernel_name} (cuCtxSynchronize after launch)")
 
