@@ -198,7 +198,10 @@ W4A16_SM90_CONFIGS = (W4A16Sm90Config(128, 5), W4A16Sm90Config(256, 3), W4A16Sm9
                       W4A16Sm90Config(256, 3, True, 2))
 W4A16_SM90_BY_NAME = {c.name: c for c in W4A16_SM90_CONFIGS}
 DECODE_MAX_M = 16
-DECODE_STAGES = (3, 2)
+DECODE_STAGES = (3, 2)  # ring depths the plan picks from by itself (deepest that fits)
+# Deeper rings, built and chosen only on request (decode_stages=): a warp of a one-CTA-per-SM plan then has its
+# next 3-5 units in flight instead of 1-2 (the H200 decode times look latency-bound). Not measured yet.
+DECODE_DEEP_STAGES = (6, 4)
 DECODE_STATIC_SMEM = 128  # the kernel's one static __shared__ int, rounded up
 
 
@@ -235,7 +238,7 @@ DECODE_SPECS = {(dt, st): register_kernel(f"w4a16_decode_{name}_s{st}", KernelSp
     source="w4a16_sparse24_gemm.cu",
     name_expressions=tuple(decode_expr(dt, nb, ng, st) for nb in (1, 2) for ng in (1, 2)),
     ptx_must_contain=("mma.sp::ordered_metadata",),
-)) for dt, name in ((0, "bf16"), (1, "f16")) for st in DECODE_STAGES}
+)) for dt, name in ((0, "bf16"), (1, "f16")) for st in DECODE_STAGES + DECODE_DEEP_STAGES}
 
 
 def all_specs() -> list[KernelSpec]:
@@ -881,8 +884,8 @@ def plan_decode(m: int, n_pad: int, k: int, ng: int, sm_count: int, smem_limit: 
                 ctas_per_sm: float = 2, stages: int | None = None) -> DecodePlan:
     """Split-K plan for ``m <= 16`` tokens: about ``ctas_per_sm`` CTAs per SM (below 1: fewer CTAs than SMs,
     e.g. one split per 128-row tile and no split-K fix-up when the tiles alone fill the GPU), each CTA's X slice
-    and warp rings within the device's shared memory; ring depth ``stages`` (2 or 3) or, when None, the deepest that
-    fits."""
+    and warp rings within the device's shared memory; ring depth ``stages`` (one of :data:`DECODE_STAGES` or, on
+    request only, :data:`DECODE_DEEP_STAGES`) or, when None, the deepest of :data:`DECODE_STAGES` that fits."""
     if not 1 <= m <= DECODE_MAX_M:
         raise FormatError(f"w4a16 decode handles 1..{DECODE_MAX_M} tokens, got M={m}")
     nb = 1 if m <= 8 else 2
@@ -891,8 +894,9 @@ def plan_decode(m: int, n_pad: int, k: int, ng: int, sm_count: int, smem_limit: 
     want = max(1, min(ku, math.ceil(ctas_per_sm * sm_count / row_tiles)))
     ksplit = math.ceil(ku / want)
     limit = smem_limit - DECODE_STATIC_SMEM
-    if stages is not None and stages not in DECODE_STAGES:
-        raise ConfigError(f"w4a16 decode: stages must be one of {DECODE_STAGES}, got {stages!r}")
+    if stages is not None and stages not in DECODE_STAGES + DECODE_DEEP_STAGES:
+        raise ConfigError(f"w4a16 decode: stages must be one of {DECODE_STAGES + DECODE_DEEP_STAGES}, got "
+                          f"{stages!r}")
     for st in DECODE_STAGES if stages is None else (stages,):
         ks = ksplit
         while ks > 1 and decode_smem_bytes(nb, ng, st, ks) > limit:

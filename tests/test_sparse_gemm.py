@@ -13,6 +13,7 @@ GPU (``-m gpu``): every kernel against a float64 reference on fresh random input
 
 from __future__ import annotations
 
+import functools
 import math
 
 import numpy as np
@@ -24,6 +25,7 @@ from sparsert.runtime.packed_linear import PackedLinear, pack_linear
 from sparsert.runtime.sparse24 import unpack_indices_24
 from sparsert.runtime.sparse_gemm import (
     ACTIVATIONS,
+    DECODE_DEEP_STAGES,
     DECODE_STAGES,
     PREFILL_CONFIGS,
     ROW_PAD,
@@ -958,6 +960,19 @@ def test_tile_configs_fit_the_devices_they_are_meant_for():
     assert min(DECODE_STAGES) >= 2
 
 
+@pytest.mark.parametrize("stages", DECODE_DEEP_STAGES)
+def test_deep_decode_rings_only_on_request(stages):
+    """The deeper rings are planned when asked for (fitting shared memory by shrinking the K slice) and never
+    chosen by the default plan; an unknown depth is a ConfigError naming the choices."""
+    plan = plan_decode(1, 13824, 5120, 1, 132, 232448, ctas_per_sm=1, stages=stages)
+    assert plan.stages == stages and plan.smem + 128 <= 232448
+    assert plan.ksplit * plan.splits >= 5120 // 128
+    for m in (1, 9, 16):
+        assert plan_decode(m, 13824, 5120, 1, 132, 232448, ctas_per_sm=0.5).stages in DECODE_STAGES
+    with pytest.raises(ConfigError, match="stages must be one of"):
+        plan_decode(1, 4096, 4096, 1, 132, 232448, stages=5)
+
+
 # ---------------------------------------------------------------------------------------------------------
 # GPU tests
 # ---------------------------------------------------------------------------------------------------------
@@ -1052,6 +1067,16 @@ def test_gpu_w4a16_decode(m, n, k, group, dtype):
     again = w4a16_linear(x, w, activation="silu", kernel="decode")
     torch.cuda.synchronize()
     assert torch.equal(again, y)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("stages", DECODE_STAGES + DECODE_DEEP_STAGES)
+@pytest.mark.parametrize("ctas_per_sm", [0.5, 1, 4])
+def test_gpu_w4a16_decode_ring_depths(stages, ctas_per_sm):
+    """Every ring depth, the deep ones (explicit only) included, with one split per tile (0.5, 1 on a small
+    grid) and with many splits: 2 tokens, K = 3584 (28 units: uneven warp quarters)."""
+    _run_gpu(functools.partial(w4a16_linear, decode_stages=stages, decode_ctas_per_sm=ctas_per_sm),
+             prepare_w4a16, "decode", 2, 1536, 3584, torch.bfloat16, 31 + stages, "none", 1e-2, group=128)
 
 
 @pytest.mark.gpu

@@ -382,8 +382,9 @@ def time_variants(torch, timer, row: dict, prefix: str, call, out, ref, variants
 def w4a16_variants(m: int, arch: str) -> list[tuple[str, dict]]:
     """Explicit W4A16 variants timed besides the auto choice: decode plans for M <= 16, tiles otherwise."""
     if m <= 16:
+        plans = [(c, st) for c in (0.5, 1, 2, 4) for st in (2, 3)] + [(c, st) for c in (0.5, 1) for st in (4, 6)]
         return [(f"decode_c{c}s{st}", {"kernel": "decode", "decode_ctas_per_sm": c, "decode_stages": st})
-                for c in (0.5, 1, 2, 4) for st in (2, 3)]
+                for c, st in plans]
     out = [("prefill", {"kernel": "prefill"})]
     if arch == "sm_90a":
         from sparsert.runtime.sparse_gemm import W4A16_SM90_CONFIGS, kernel_enabled
