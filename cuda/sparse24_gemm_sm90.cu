@@ -48,20 +48,29 @@ DEVI void mbar_init(u32 bar, u32 count) {
 // hanging the GPU. Each try_wait may suspend the thread up to a system-dependent time limit, so the bound in
 // seconds is not known (not measured yet); a legitimate wait here lasts microseconds. Kept inside one asm
 // block: a C++ loop with a clock cost the 256-token consumers registers they do not have (spills).
+// CLUSTER_SCOPE: acquire at cluster scope, pairing with the .release.cluster arrivals of the peer CTAs'
+// consumers on a cluster kernel's empty barriers (the default try_wait acquires at CTA scope).
+#define S90_MBAR_WAIT(SEM)                                   \
+  asm volatile(                                              \
+      "{\n.reg .pred P;\n.reg .u32 n;\nmov.u32 n, 0;\n"     \
+      "WAIT:\n"                                              \
+      "mbarrier.try_wait.parity" SEM ".shared::cta.b64 P, [%0], %1;\n" \
+      "@P bra DONE;\n"                                       \
+      "add.u32 n, n, 1;\n"                                   \
+      "setp.lt.u32 P, n, 16777216;\n"                        \
+      "@P bra WAIT;\n"                                       \
+      "trap;\n"                                              \
+      "DONE:\n}\n" ::"r"(bar),                               \
+      "r"(parity)                                            \
+      : "memory")
+template <bool CLUSTER_SCOPE = false>
 DEVI void mbar_wait(u32 bar, u32 parity) {
-  asm volatile(
-      "{\n.reg .pred P;\n.reg .u32 n;\nmov.u32 n, 0;\n"
-      "WAIT:\n"
-      "mbarrier.try_wait.parity.shared::cta.b64 P, [%0], %1;\n"
-      "@P bra DONE;\n"
-      "add.u32 n, n, 1;\n"
-      "setp.lt.u32 P, n, 16777216;\n"
-      "@P bra WAIT;\n"
-      "trap;\n"
-      "DONE:\n}\n" ::"r"(bar),
-      "r"(parity)
-      : "memory");
+  if constexpr (CLUSTER_SCOPE)
+    S90_MBAR_WAIT(".acquire.cluster");
+  else
+    S90_MBAR_WAIT("");
 }
+#undef S90_MBAR_WAIT
 DEVI void mbar_arrive(u32 bar) {
   asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(bar) : "memory");
 }
@@ -294,14 +303,14 @@ DEVI void tma_producer(const CtaTile& t, int ktiles, u32 tx_bytes, u64 xmap, Iss
   tensormap_acquire(xmap);
   for (int kt = 0; kt < ktiles; ++kt) {
     const int slot = kt % STAGES;
-    if (kt >= STAGES) mbar_wait(t.bar_empty + 8 * slot, ((kt / STAGES) - 1) & 1);
+    if (kt >= STAGES) mbar_wait<(CLUSTER > 1)>(t.bar_empty + 8 * slot, ((kt / STAGES) - 1) & 1);
     const u32 full = t.bar_full + 8 * slot;
     mbar_arrive_expect_tx(full, tx_bytes);
     issue(t.base + slot * STAGE_BYTES, kt, full);
   }
   if constexpr (CLUSTER > 1) {
     for (int kt = ktiles; kt < ktiles + STAGES; ++kt)
-      if (kt >= STAGES) mbar_wait(t.bar_empty + 8 * (kt % STAGES), ((kt / STAGES) - 1) & 1);
+      if (kt >= STAGES) mbar_wait<true>(t.bar_empty + 8 * (kt % STAGES), ((kt / STAGES) - 1) & 1);
   }
 }
 
@@ -373,9 +382,14 @@ DEVI void consumer(const CtaTile& t, int ktiles, const float* __restrict__ bias,
     const u32 bar = t.bar_empty + 8 * slot;
     if constexpr (CLUSTER == 1) {
       mbar_arrive(bar);
-    } else if ((tid & 31) == 0) {  // the warp's wgmma.wait_group (aligned) has been passed by all its lanes
+    } else {
+      __syncwarp();  // every lane's reads of the stage (fragments; their wgmmas retired) precede the release
+      if ((tid & 31) == 0) {
+        // the peers first, this CTA's own barrier last: a peer's arrival for the slot's next use can then not
+        // reach this CTA's barrier before this warp's arrival for the current use has reached the peer's
 #pragma unroll
-      for (int r = 0; r < CLUSTER; ++r) mbar_arrive_cluster(bar, r);
+        for (int r = 1; r <= CLUSTER; ++r) mbar_arrive_cluster(bar, (t.rank + r) % CLUSTER);
+      }
     }
   };
 
@@ -411,7 +425,9 @@ DEVI void consumer(const CtaTile& t, int ktiles, const float* __restrict__ bias,
   keep_f(acc);
   keep_r(a0);
   keep_r(a1);
-  if constexpr (CLUSTER > 1) release((ktiles - 1) % STAGES);
+  if constexpr (CLUSTER > 1) {
+    if (ktiles > 0) release((ktiles - 1) % STAGES);  // the host guarantees K >= 64 (ktiles >= 1)
+  }
 
   consumer_epilogue<DT, BT>(acc, t.smem, (tid >> 7) - 1, (tid >> 5) & 3, tid & 31, tid - 128, bias, y, M, N, t.n0,
                             t.m0, act);
