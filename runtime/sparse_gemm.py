@@ -27,6 +27,7 @@ in the activation dtype, as the kernel's register dequantisation produces them).
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import threading
@@ -810,6 +811,7 @@ class LaunchPlan:
     tma_box_rows: int = 0  # > 0: the kernel reads X through a tensor map with boxes of this many rows
 
 
+@functools.lru_cache(maxsize=4096)  # pure; called on every launch, so a hit saves ~3 us of host time
 def plan_sparse24(m: int, n: int, k: int, dtype: torch.dtype, arch: str, smem_limit: int,
                   kernel: str = "auto") -> LaunchPlan:
     """Kernel choice for ``sparse24_linear`` (pure: no device needed). auto: the mma.sp tile for M (small <= 16
@@ -924,6 +926,7 @@ def _split_counters(device: torch.device, n: int) -> torch.Tensor:
         return buf
 
 
+@functools.lru_cache(maxsize=4096)  # pure; called on every launch, so a hit saves ~3 us of host time
 def plan_w4a16(m: int, n: int, n_pad: int, k: int, dtype: torch.dtype, ng: int, arch: str, smem_limit: int,
                sm_count: int, kernel: str = "auto", decode_ctas_per_sm: float = 2,
                decode_stages: int | None = None) -> LaunchPlan:
