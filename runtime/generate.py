@@ -101,21 +101,42 @@ def _as_numpy(logits: np.ndarray | torch.Tensor) -> np.ndarray:
 def choose_token(logits: np.ndarray | torch.Tensor, cfg: GenerationConfig, rng: np.random.Generator) -> int:
     """One next token from last-position logits [V] (see the module docstring for the rule)."""
     z = _as_numpy(logits)
-    if np.isnan(z).any():
-        raise FormatError(f"stepper logits: {int(np.isnan(z).sum())} of {z.size} values are NaN, expected finite "
-                          "logits [vocab_size]")
+    if np.isnan(z).any() or np.isposinf(z).any():
+        bad = int(np.isnan(z).sum() + np.isposinf(z).sum())
+        raise FormatError(f"stepper logits: {bad} of {z.size} values are NaN or +inf, expected finite logits "
+                          "[vocab_size] (-inf marks a token that may not be chosen)")
+    if not np.isfinite(z).any():
+        raise FormatError(f"stepper logits: all {z.size} values are -inf: no token may be chosen")
     if cfg.temperature == 0.0:
         return int(np.argmax(z))
-    z = z / cfg.temperature
+    with np.errstate(over="ignore"):  # <= 0 before dividing: a tiny temperature gives -inf, never NaN
+        z = (z - z.max()) / cfg.temperature
     if cfg.top_k is not None and cfg.top_k < z.size:
         keep = np.argsort(-z, kind="stable")[: cfg.top_k]
         masked = np.full_like(z, -np.inf)
         masked[keep] = z[keep]
         z = masked
-    p = np.exp(z - z.max())
+    p = np.exp(z)
     cdf = np.cumsum(p)
     u = rng.random() * cdf[-1]
     return int(min(np.searchsorted(cdf, u, side="right"), z.size - 1))
+
+
+def _prompt_ids(prompt_ids: Sequence[int]) -> list[int]:
+    """The prompt as a list of ints; a string, a float id or a tensor that is not 1-D integer is a ConfigError."""
+    if isinstance(prompt_ids, torch.Tensor):
+        if prompt_ids.dim() != 1 or prompt_ids.is_floating_point() or prompt_ids.is_complex():
+            raise ConfigError(f"prompt ids must be a 1-D integer tensor, got {prompt_ids.dtype} "
+                              f"{list(prompt_ids.shape)}")
+        return [int(i) for i in prompt_ids.tolist()]
+    if isinstance(prompt_ids, (str, bytes)) or not isinstance(prompt_ids, (Sequence, np.ndarray)):
+        raise ConfigError(f"prompt ids must be a sequence of token ids (ints), got {type(prompt_ids).__name__}")
+    out = []
+    for i in prompt_ids:
+        if isinstance(i, bool) or not isinstance(i, (int, np.integer)):
+            raise ConfigError(f"prompt ids must be integers, got {i!r} ({type(i).__name__})")
+        out.append(int(i))
+    return out
 
 
 def generate_ids(stepper: Stepper, prompt_ids: Sequence[int], cfg: GenerationConfig,
@@ -125,7 +146,9 @@ def generate_ids(stepper: Stepper, prompt_ids: Sequence[int], cfg: GenerationCon
     ``on_token`` (optional) is called with each new id as soon as it is chosen (for streaming output).
     Stops early when prompt + generated tokens reach ``stepper.max_seq_len``.
     """
-    prompt = [int(i) for i in prompt_ids]
+    if not isinstance(cfg, GenerationConfig):
+        raise ConfigError(f"generation config must be a GenerationConfig, got {type(cfg).__name__}")
+    prompt = _prompt_ids(prompt_ids)
     if not prompt:
         raise ConfigError("prompt is empty")
     limit = stepper.max_seq_len
@@ -149,6 +172,8 @@ def generate_ids(stepper: Stepper, prompt_ids: Sequence[int], cfg: GenerationCon
 
 def generate_text(stepper: Stepper, tokenizer: Tokenizer, prompt: str, cfg: GenerationConfig) -> str:
     """Generate a continuation of ``prompt``; returns the new text only (the prompt is not repeated)."""
+    if not isinstance(prompt, str):
+        raise ConfigError(f"prompt must be a str, got {type(prompt).__name__}")
     if not prompt:
         raise ConfigError("prompt is empty")
     return tokenizer.decode(generate_ids(stepper, tokenizer.encode(prompt), cfg))

@@ -40,11 +40,18 @@ def int4_scales(
 ) -> torch.Tensor:
     """Per-group scales ``absmax / 7`` of ``w [out, K]``: [out, K/group_size] in ``scale_dtype``."""
     check_group_size(w, group_size, name)
+    if not isinstance(scale_dtype, torch.dtype) or not scale_dtype.is_floating_point:
+        raise FormatError(f"INT4 scale dtype must be a floating dtype (float16 by default), got {scale_dtype!r}")
     out, k = w.shape
     absmax = w.detach().float().abs().reshape(out, k // group_size, group_size).amax(-1)
     if not bool(torch.isfinite(absmax).all()):
         raise FormatError(f"{name} holds non-finite values; cannot quantize to INT4")
-    return (absmax / INT4_MAX).to(scale_dtype)
+    scales = (absmax / INT4_MAX).to(scale_dtype)
+    if not bool(torch.isfinite(scales).all()):
+        big = float(absmax.max())
+        raise FormatError(f"{name}: a group's absmax {big:.3g} gives a scale beyond the range of "
+                          f"{str(scale_dtype).replace('torch.', '')} (max {torch.finfo(scale_dtype).max:.3g} x 7)")
+    return scales
 
 
 def _expand(scales: torch.Tensor, group_size: int) -> torch.Tensor:
@@ -65,6 +72,9 @@ def quantize_int4(
 
 def dequantize_int4(codes: torch.Tensor, scales: torch.Tensor, group_size: int) -> torch.Tensor:
     """(codes int8 [out, K], scales [out, K/g]) -> float32 [out, K] = codes * scale."""
+    if codes.dim() != 2 or scales.dim() != 2:
+        raise FormatError(f"INT4 codes and scales must be 2-D [out, K] and [out, K/g], got {tuple(codes.shape)} and "
+                          f"{tuple(scales.shape)}")
     if codes.shape[1] != scales.shape[1] * group_size or codes.shape[0] != scales.shape[0]:
         raise FormatError(
             f"INT4 codes of shape {tuple(codes.shape)} do not match scales {tuple(scales.shape)} "
@@ -82,8 +92,8 @@ def fake_quantize_int4(w: torch.Tensor, group_size: int = 128, name: str = "weig
 
 def pack_int4(codes: torch.Tensor) -> torch.Tensor:
     """Pack int8 codes in [-8, 7], shape [..., K], into uint8 [..., ceil(K/2)], first element low nibble."""
-    if codes.dtype != torch.int8:
-        raise FormatError(f"INT4 codes must be int8, got {codes.dtype}")
+    if codes.dtype != torch.int8 or codes.dim() < 1:
+        raise FormatError(f"INT4 codes must be an int8 tensor [..., K], got {codes.dtype} {tuple(codes.shape)}")
     if codes.numel() and (int(codes.min()) < INT4_MIN or int(codes.max()) > INT4_MAX):
         raise FormatError("INT4 codes must lie in [-8, 7]")
     k = codes.shape[-1]
@@ -95,8 +105,9 @@ def pack_int4(codes: torch.Tensor) -> torch.Tensor:
 
 def unpack_int4(packed: torch.Tensor, k: int) -> torch.Tensor:
     """Inverse of :func:`pack_int4`: uint8 [..., ceil(K/2)] -> int8 [..., K] in [-8, 7]."""
-    if packed.dtype != torch.uint8:
-        raise FormatError(f"packed INT4 tensor must be uint8, got {packed.dtype}")
+    if packed.dtype != torch.uint8 or packed.dim() < 1:
+        raise FormatError(f"packed INT4 tensor must be uint8 [..., ceil(K/2)], got {packed.dtype} "
+                          f"{tuple(packed.shape)}")
     if packed.shape[-1] != (k + 1) // 2:
         raise FormatError(f"packed INT4 tensor has {packed.shape[-1]} bytes per row, expected {(k + 1) // 2}")
     nib = torch.stack([packed & 0xF, packed >> 4], dim=-1).reshape(*packed.shape[:-1], -1)[..., :k]

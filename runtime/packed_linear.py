@@ -29,7 +29,7 @@ import torch
 from sparsert.runtime.errors import FormatError
 from sparsert.runtime.int4 import dequantize_int4, pack_int4, quantize_int4, unpack_int4
 from sparsert.runtime.nm_mask import nm_mask
-from sparsert.runtime.sparse24 import compress_24, decompress_24, unpack_indices_24
+from sparsert.runtime.sparse24 import compress_24, decompress_24, unpack_indices_24, validate_indices_24
 
 
 @dataclass
@@ -53,6 +53,48 @@ class PackedLinear:
     @property
     def quantized(self) -> bool:
         return self.qweight is not None
+
+    def validate(self, name: str = "weight") -> None:
+        """Check the stored tensors against the layout table above (names ``{name}.indices`` etc. in errors):
+        shapes follow ``out_features`` x ``in_features``, dtypes, a positive group size dividing K, finite
+        values and scales, non-negative scales. Raises FormatError; cheap enough to run before every prepare."""
+        out, k = self.out_features, self.in_features
+        if not (isinstance(out, int) and isinstance(k, int)) or out <= 0 or k <= 0:
+            raise FormatError(f"{name}: out_features/in_features must be positive ints, got {out!r} x {k!r}")
+
+        def need(field: str, shape: tuple[int, ...], kinds: tuple[torch.dtype, ...], finite: bool = False) -> None:
+            t = getattr(self, field)
+            if not isinstance(t, torch.Tensor):
+                raise FormatError(f"{name}.{field} must be a torch.Tensor, got {type(t).__name__}")
+            if tuple(t.shape) != shape or t.dtype not in kinds:
+                allowed = "/".join(str(d).replace("torch.", "") for d in kinds)
+                raise FormatError(f"{name}.{field} is {str(t.dtype).replace('torch.', '')} {list(t.shape)}, "
+                                  f"expected {allowed} {list(shape)} for a [{out}, {k}] weight")
+            if finite and not bool(torch.isfinite(t).all()):
+                raise FormatError(f"{name}.{field} holds non-finite values (NaN or Inf)")
+
+        floats = (torch.float32, torch.float16, torch.bfloat16)
+        stored = k // 2 if self.sparse else k
+        if self.sparse:
+            if k % 4:
+                raise FormatError(f"{name}: in_features={k} must be a multiple of 4 for a 2:4 layer")
+            need("indices", (out, (k + 7) // 8), (torch.uint8,))
+            validate_indices_24(self.indices, k, name=f"{name}.indices")
+        if self.quantized:
+            gs = self.group_size
+            if not isinstance(gs, int) or isinstance(gs, bool) or gs <= 0 or k % gs:
+                raise FormatError(f"{name}: INT4 group size must be a positive int dividing in_features={k}, "
+                                  f"got {gs!r}")
+            need("qweight", (out, (stored + 1) // 2), (torch.uint8,))
+            need("scales", (out, k // gs), floats, finite=True)
+            if bool((self.scales < 0).any()):
+                raise FormatError(f"{name}.scales holds negative scales (expected absmax/7 >= 0)")
+        elif self.sparse:
+            need("values", (out, stored), floats, finite=True)
+        else:
+            need("weight", (out, k), floats)
+        if self.bias is not None:
+            need("bias", (out,), floats)
 
     def kept_values(self) -> torch.Tensor:
         """The stored values (dequantized if INT4) as float32: [out, K/2] for 2:4 layers, else [out, K]."""
@@ -130,6 +172,8 @@ def pack_linear(
     """
     if weight.dim() != 2:
         raise FormatError(f"{name} must be 2-D [out, K], got shape {tuple(weight.shape)}")
+    if values_dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise FormatError(f"{name}: values_dtype must be float32, float16 or bfloat16, got {values_dtype!r}")
     out, k = weight.shape
     w = weight.detach().float()
     packed = PackedLinear(out_features=out, in_features=k)

@@ -110,11 +110,16 @@ def validate_indices_24(packed: torch.Tensor, k: int, name: str = "indices") -> 
 def decompress_24(values: torch.Tensor, indices: torch.Tensor, k: int) -> torch.Tensor:
     """Expand (values [out, K/2], indices uint8 [out, ceil(K/8)]) back to the dense [out, K] tensor.
 
-    The result has ``values.dtype``; pruned positions are exactly zero.
+    The result has ``values.dtype``; pruned positions are exactly zero. Raises FormatError for values of the
+    wrong shape and for indices that are not a valid 2:4 pattern of the same rows (:func:`validate_indices_24`:
+    a repeated index would silently drop a value).
     """
+    if values.dim() != 2 or values.shape[1] != k // 2:
+        raise FormatError(f"values has shape {tuple(values.shape)}, expected [out, {k // 2}] for K={k}")
     out = values.shape[0]
-    if values.shape != (out, k // 2):
-        raise FormatError(f"values has shape {tuple(values.shape)}, expected [{out}, {k // 2}] for K={k}")
+    validate_indices_24(indices, k)
+    if indices.shape[0] != out:
+        raise FormatError(f"indices has {indices.shape[0]} rows but values has {out}")
     idx = unpack_indices_24(indices, k).long().reshape(out, k // 4, 2)
     dense = torch.zeros(out, k // 4, 4, dtype=values.dtype, device=values.device)
     dense.scatter_(-1, idx, values.reshape(out, k // 4, 2))

@@ -490,6 +490,12 @@ def _check_dtype(dtype: torch.dtype, fn: str) -> int:
     return DTYPES[dtype]
 
 
+def _check_packed(packed, fn: str, name: str) -> None:
+    if not isinstance(packed, PackedLinear):
+        raise FormatError(f"{fn}: {name} must be a PackedLinear (sparsert.runtime.packed_linear.pack_linear), got "
+                          f"{type(packed).__name__}")
+
+
 def prepare_sparse24(packed: PackedLinear, *, dtype: torch.dtype = torch.bfloat16, device=None,
                      name: str = "weight") -> Sparse24Weight:
     """PackedLinear (2:4, not quantized) -> :class:`Sparse24Weight` on ``device`` (default: where it lives).
@@ -498,13 +504,13 @@ def prepare_sparse24(packed: PackedLinear, *, dtype: torch.dtype = torch.bfloat1
     """
     fn = "prepare_sparse24"
     _check_dtype(dtype, fn)
+    _check_packed(packed, fn, name)
     if not packed.sparse or packed.values is None:
         what = "INT4-quantized (use prepare_w4a16)" if packed.quantized else "dense"
         raise FormatError(f"{fn}: {name} is {what}; expected a 2:4 PackedLinear with kept values")
     n, k = packed.out_features, packed.in_features
     _check_weight_dims(n, k, 64, name)
-    if tuple(packed.values.shape) != (n, k // 2):
-        raise FormatError(f"{fn}: {name}.values has shape {tuple(packed.values.shape)}, expected {(n, k // 2)}")
+    packed.validate(name)
     dev = torch.device(device) if device is not None else packed.values.device
     n_pad = _pad_rows(n)
     idx = _padded_indices(unpack_indices_24(packed.indices.to(dev), k), n_pad)
@@ -535,13 +541,13 @@ def prepare_w4a16(packed: PackedLinear, *, dtype: torch.dtype = torch.float16, d
     """
     fn = "prepare_w4a16"
     _check_dtype(dtype, fn)
+    _check_packed(packed, fn, name)
     if not (packed.sparse and packed.quantized):
         raise FormatError(f"{fn}: {name} must be a 2:4 + INT4 PackedLinear (indices, qweight, scales)")
     n, k, gs = packed.out_features, packed.in_features, packed.group_size
     _check_weight_dims(n, k, 128, name)
+    packed.validate(name)
     ng = _scale_subgroups(int(gs))
-    if k % gs:
-        raise FormatError(f"{fn}: {name}: K={k} is not a multiple of the group size {gs}")
     dev = torch.device(device) if device is not None else packed.qweight.device
     n_pad = _pad_rows(n)
     codes = _pad_zero_rows(unpack_int4(packed.qweight.to(dev), k // 2), n_pad)

@@ -217,6 +217,59 @@ def test_int4_rejects_bad_group():
         quantize_int4(torch.randn(2, 96), 128, name="down_proj")
 
 
+def test_int4_rejects_scales_its_dtype_cannot_hold():
+    with pytest.raises(FormatError, match="beyond the range of float16"):
+        quantize_int4(torch.randn(2, 16) * 1e6, 8, name="w")
+    with pytest.raises(FormatError, match="scale dtype must be a floating dtype"):
+        quantize_int4(torch.randn(2, 16), 8, torch.int8)
+    with pytest.raises(FormatError, match="values_dtype must be float32, float16 or bfloat16"):
+        pack_linear(torch.randn(4, 16), values_dtype=torch.int8)
+    with pytest.raises(FormatError, match="must be 2-D"):
+        dequantize_int4(torch.zeros(8, dtype=torch.int8), torch.ones(1), 8)
+
+
+def test_packed_linear_validate_names_the_inconsistent_tensor():
+    """A PackedLinear whose tensors disagree with out_features x in_features (rows cut, wrong widths, bad
+    indices, NaN or negative scales, a short bias) is refused by name instead of being padded into wrong
+    output by the GPU preparation."""
+    from dataclasses import replace
+
+    from sparsert.runtime.sparse_gemm import prepare_sparse24, prepare_w4a16
+
+    pq = pack_linear(torch.randn(64, 256), int4_group_size=128, bias=torch.randn(64))
+    pv = pack_linear(torch.randn(64, 256))
+    pq.validate("q")
+    pv.validate("v")
+    cases = [
+        (replace(pq, scales=pq.scales[:32]), r"q.scales is float16 \[32, 2\], expected"),
+        (replace(pq, qweight=pq.qweight[:32]), r"q.qweight is uint8 \[32, 64\], expected uint8 \[64, 64\]"),
+        (replace(pq, indices=pq.indices[:32]), r"q.indices is uint8 \[32, 32\]"),
+        (replace(pq, out_features=72), r"q.indices is uint8 \[64, 32\], expected uint8 \[72, 32\]"),
+        (replace(pq, scales=pq.scales * float("nan")), "q.scales holds non-finite values"),
+        (replace(pq, scales=-pq.scales), "q.scales holds negative scales"),
+        (replace(pq, bias=pq.bias[:10]), r"q.bias is float32 \[10\], expected"),
+        (replace(pq, group_size=None), "group size must be a positive int dividing in_features=256"),
+        (replace(pq, indices=torch.zeros_like(pq.indices)), "q.indices does not decode to a valid 2:4 pattern"),
+    ]
+    for bad, why in cases:
+        with pytest.raises(FormatError, match=why):
+            bad.validate("q")
+        with pytest.raises(FormatError, match=why):
+            prepare_w4a16(bad, name="q")
+    with pytest.raises(FormatError, match=r"v.indices is uint8 \[32, 32\]"):
+        prepare_sparse24(replace(pv, indices=pv.indices[:32]), name="v")
+    with pytest.raises(FormatError, match="must be a PackedLinear"):
+        prepare_sparse24(torch.randn(8, 64))
+
+
+def test_decompress_24_refuses_indices_that_drop_values():
+    values, indices = compress_24(pack_linear(torch.randn(4, 16), values_dtype=torch.float32).to_dense())
+    with pytest.raises(FormatError, match="does not decode to a valid 2:4 pattern"):
+        decompress_24(values, torch.zeros_like(indices), 16)
+    with pytest.raises(FormatError, match="indices has 2 rows but values has 4"):
+        decompress_24(values, indices[:2], 16)
+
+
 # ---------------------------------------------------------------- composition
 @SETTINGS
 @given(rows=st.integers(1, 6), groups=st.integers(1, 3), g=st.sampled_from([8, 16, 128]), seed=st.integers(0, 2**16))

@@ -89,8 +89,35 @@ def test_bad_stepper_logits_are_format_errors():
     rng = np.random.default_rng(0)
     with pytest.raises(FormatError, match=r"stepper logits: shape \[1, 5\], expected \[vocab_size\]"):
         choose_token(np.zeros((1, 5)), GenerationConfig(), rng)
-    with pytest.raises(FormatError, match=r"stepper logits: 2 of 4 values are NaN, expected finite logits"):
+    with pytest.raises(FormatError, match=r"stepper logits: 2 of 4 values are NaN or \+inf, expected finite logits"):
         choose_token(torch.tensor([0.0, float("nan"), 1.0, float("nan")]), GenerationConfig(), rng)
+    with pytest.raises(FormatError, match=r"1 of 3 values are NaN or \+inf"):
+        choose_token(np.array([0.0, np.inf, 1.0]), GenerationConfig(temperature=1.0), rng)
+    with pytest.raises(FormatError, match="all 3 values are -inf"):
+        choose_token(np.full(3, -np.inf), GenerationConfig(), rng)
+
+
+def test_sampling_edge_cases_stay_well_defined():
+    """-inf logits are never chosen; a temperature far below the logit gaps samples the argmax instead of
+    overflowing to NaN."""
+    rng = np.random.default_rng(0)
+    z = np.array([-np.inf, 1.0, 3.0, -np.inf, 2.0])
+    assert {choose_token(z, GenerationConfig(temperature=1.0), rng) for _ in range(200)} <= {1, 2, 4}
+    assert choose_token(z, GenerationConfig(temperature=1e-320), rng) == 2
+    assert choose_token(z, GenerationConfig(temperature=1e-320, top_k=2), rng) == 2
+
+
+def test_prompt_ids_must_be_integers():
+    stepper = TorchStepper(make_model(max_seq_len=16))
+    cfg = GenerationConfig(max_new_tokens=2)
+    for bad, why in (([2.7], "prompt ids must be integers, got 2.7"), ("hello", "sequence of token ids"),
+                     (torch.tensor([[1, 2]]), "1-D integer tensor"), (torch.tensor([1.0]), "1-D integer tensor"),
+                     ([True], "must be integers")):
+        with pytest.raises(ConfigError, match=why):
+            generate_ids(stepper, bad, cfg)
+    with pytest.raises(ConfigError, match="must be a GenerationConfig"):
+        generate_ids(stepper, [1], {"max_new_tokens": 2})
+    assert generate_ids(stepper, torch.tensor([1, 2]), cfg) == generate_ids(stepper, [np.int64(1), 2], cfg)
 
 
 def test_stops_at_the_context_limit():
