@@ -109,6 +109,11 @@ def test_methods_fill_in_their_paper_defaults():
     (dict(distill_temperature=0.0), r"'distill_temperature': expected a number > 0"),
     (dict(prune_interval=0), r"'prune_interval': expected a positive integer, got 0"),
     (dict(sparse_layers="attn"), r"'sparse_layers': expected 'all' or 'ffn'"),
+    (dict(qat="no"), r"'qat': expected true or false, got 'no'"),  # a truthy string must not switch QAT on
+    (dict(dense="false"), r"'dense': expected true or false"),
+    (dict(resume=1), r"'resume': expected true or false"),
+    (dict(data=5), r"'data': expected a path"),
+    (dict(data=""), r"'data': expected a path"),
 ])
 def test_bad_method_configs_are_refused(kw, message):
     with pytest.raises(ConfigError, match=message):

@@ -216,6 +216,13 @@ class TrainConfig:
     progress: bool = True
 
     def __post_init__(self) -> None:
+        for name in ("dense", "qat", "resume", "progress"):
+            if not isinstance(getattr(self, name), bool):  # e.g. qat="no" from a hand-written config would be truthy
+                raise ConfigError(f"train config '{name}': expected true or false, got {getattr(self, name)!r}")
+        if isinstance(self.data, os.PathLike):
+            self.data = os.fspath(self.data)
+        if self.data is not None and (not isinstance(self.data, str) or not self.data):
+            raise ConfigError(f"train config 'data': expected a path to a text file or directory, got {self.data!r}")
         self._resolve_method_defaults()
         positive = ("steps", "batch_size", "seq_len", "n", "m", "mask_refresh_interval", "group_size",
                     "eval_interval", "eval_batches", "ckpt_interval", "keep_checkpoints", "max_data_bytes")
