@@ -30,6 +30,7 @@ from __future__ import annotations
 import functools
 import math
 import os
+import re
 import threading
 from dataclasses import dataclass, replace
 from typing import ClassVar, TypeVar
@@ -490,6 +491,11 @@ def _check_dtype(dtype: torch.dtype, fn: str) -> int:
     return DTYPES[dtype]
 
 
+def _check_weight_type(weight, cls, fn: str, prepare: str) -> None:
+    if not isinstance(weight, cls):
+        raise FormatError(f"{fn}: weight must be a {cls.__name__} (from {prepare}), got {type(weight).__name__}")
+
+
 def _check_packed(packed, fn: str, name: str) -> None:
     if not isinstance(packed, PackedLinear):
         raise FormatError(f"{fn}: {name} must be a PackedLinear (sparsert.runtime.packed_linear.pack_linear), got "
@@ -817,6 +823,28 @@ class LaunchPlan:
     tma_box_rows: int = 0  # > 0: the kernel reads X through a tensor map with boxes of this many rows
 
 
+def _check_plan_args(fn: str, m: int, n: int, k: int, dtype: torch.dtype, arch: str, kernel: str,
+                     kernels: tuple[str, ...]) -> int:
+    """The plan functions' own argument checks (they are public and pure); returns the dtype code."""
+    for name, v in (("M", m), ("N", n), ("K", k)):
+        if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+            raise FormatError(f"{fn}: {name} must be a positive int, got {v!r}")
+    dt = _check_dtype(dtype, fn)
+    if not isinstance(arch, str) or not re.fullmatch(r"sm_\d+a?", arch):
+        raise ConfigError(f"{fn}: arch must look like 'sm_80' or 'sm_90a', got {arch!r}")
+    if kernel not in kernels:
+        raise ConfigError(f"{fn}: kernel must be one of {', '.join(kernels)}, got {kernel!r}")
+    return dt
+
+
+def check_sparse24_kernel_k(kernel: str, k: int, fn: str = "sparse24_linear") -> None:
+    """The wgmma tiles' K constraint (64-column k blocks, 128 for the ``_k128`` tiles), checked before launch and
+    before the CPU fallback alike."""
+    cfg = SM90_BY_NAME.get(kernel)
+    if cfg is not None and k % (64 * cfg.subs):
+        raise FormatError(f"{fn}: kernel {kernel!r} needs K % {64 * cfg.subs} == 0, got K={k}")
+
+
 @functools.lru_cache(maxsize=4096)  # pure; called on every launch, so a hit saves ~3 us of host time
 def plan_sparse24(m: int, n: int, k: int, dtype: torch.dtype, arch: str, smem_limit: int,
                   kernel: str = "auto") -> LaunchPlan:
@@ -825,7 +853,7 @@ def plan_sparse24(m: int, n: int, k: int, dtype: torch.dtype, arch: str, smem_li
     30 Llama cases), ``small`` up to 16 tokens, the 256-token wgmma tile for K >= 8192 from M >= 2048, and
     ``medium`` otherwise (at M = 128 ``large`` was 1.2-2.5x slower than ``medium``: too few tiles for 132
     SMs)."""
-    dt = DTYPES[dtype]
+    dt = _check_plan_args("plan_sparse24", m, n, k, dtype, arch, kernel, SPARSE24_KERNELS)
     if kernel == "auto" and arch == "sm_90a" and m > 16:
         kernel = "sm90_256" if m >= 2048 and k >= 8192 else "medium"
     if kernel.startswith("sm90"):
@@ -833,8 +861,7 @@ def plan_sparse24(m: int, n: int, k: int, dtype: torch.dtype, arch: str, smem_li
             raise DeviceError(f"sparse24_linear: kernel {kernel!r} needs an sm_90a GPU (Hopper), this one is "
                               f"{arch}")
         cfg = SM90_BY_NAME[kernel]
-        if k % (64 * cfg.subs):
-            raise FormatError(f"sparse24_linear: kernel {kernel!r} needs K % {64 * cfg.subs} == 0, got K={k}")
+        check_sparse24_kernel_k(kernel, k)
         return LaunchPlan(SM90_SPECS[dt], cfg.expr(dt), cfg.grid(m, n), (384, 1, 1), cfg.smem_bytes(),
                           tma_box_rows=cfg.tma_box_rows)
     cfg = choose_sparse24_tile(m, kernel, smem_limit)
@@ -860,6 +887,10 @@ def sparse24_linear(x: torch.Tensor, weight: Sparse24Weight, *, bias: torch.Tens
         ``[..., N]`` in x's dtype. Without a usable GPU: the torch fallback (same math from the prepared
         tensors: fp32 accumulation of the bf16/fp16 products).
     """
+    _check_weight_type(weight, Sparse24Weight, "sparse24_linear", "prepare_sparse24")
+    if kernel in SM90_BY_NAME:
+        check_sparse24_kernel_k(kernel, weight.in_features)
+
     def launch(x2: torch.Tensor, m: int, act: int, b, y: torch.Tensor, dev: int) -> None:
         n, k = weight.out_features, weight.in_features
         plan = plan_sparse24(m, n, k, x.dtype, _arch(dev), max_smem_per_block(dev), kernel)
@@ -896,15 +927,18 @@ def plan_decode(m: int, n_pad: int, k: int, ng: int, sm_count: int, smem_limit: 
     request only, :data:`DECODE_DEEP_STAGES`) or, when None, the deepest of :data:`DECODE_STAGES` that fits."""
     if not 1 <= m <= DECODE_MAX_M:
         raise FormatError(f"w4a16 decode handles 1..{DECODE_MAX_M} tokens, got M={m}")
+    _check_decode_options(ctas_per_sm, stages)
+    for name, v in (("padded rows", n_pad), ("K", k)):
+        if isinstance(v, bool) or not isinstance(v, int) or v <= 0 or v % 128:
+            raise FormatError(f"w4a16 decode: {name} must be a positive multiple of 128, got {v!r}")
+    if isinstance(sm_count, bool) or not isinstance(sm_count, int) or sm_count <= 0:
+        raise ConfigError(f"w4a16 decode: sm_count must be a positive int, got {sm_count!r}")
     nb = 1 if m <= 8 else 2
     ku = k // 128
     row_tiles = n_pad // 128
     want = max(1, min(ku, math.ceil(ctas_per_sm * sm_count / row_tiles)))
     ksplit = math.ceil(ku / want)
     limit = smem_limit - DECODE_STATIC_SMEM
-    if stages is not None and stages not in DECODE_STAGES + DECODE_DEEP_STAGES:
-        raise ConfigError(f"w4a16 decode: stages must be one of {DECODE_STAGES + DECODE_DEEP_STAGES}, got "
-                          f"{stages!r}")
     for st in DECODE_STAGES if stages is None else (stages,):
         ks = ksplit
         while ks > 1 and decode_smem_bytes(nb, ng, st, ks) > limit:
@@ -913,6 +947,16 @@ def plan_decode(m: int, n_pad: int, k: int, ng: int, sm_count: int, smem_limit: 
             splits = math.ceil(ku / ks)
             return DecodePlan(nb, st, ks, splits, row_tiles, decode_smem_bytes(nb, ng, st, ks))
     raise DeviceError(f"w4a16 decode: no configuration fits {smem_limit} bytes of shared memory per block")
+
+
+def _check_decode_options(ctas_per_sm, stages) -> None:
+    """``decode_ctas_per_sm`` (a finite number > 0) and ``decode_stages`` (None or a built ring depth)."""
+    if isinstance(ctas_per_sm, bool) or not isinstance(ctas_per_sm, (int, float)) or not math.isfinite(ctas_per_sm) \
+            or ctas_per_sm <= 0:
+        raise ConfigError(f"w4a16 decode: decode_ctas_per_sm must be a finite number > 0, got {ctas_per_sm!r}")
+    if stages is not None and (isinstance(stages, bool) or stages not in DECODE_STAGES + DECODE_DEEP_STAGES):
+        raise ConfigError(f"w4a16 decode: stages must be one of {DECODE_STAGES + DECODE_DEEP_STAGES}, got "
+                          f"{stages!r}")
 
 
 _COUNTERS: dict[tuple[int, int], torch.Tensor] = {}
@@ -938,7 +982,7 @@ def plan_w4a16(m: int, n: int, n_pad: int, k: int, dtype: torch.dtype, ng: int, 
                decode_stages: int | None = None) -> LaunchPlan:
     """Kernel choice for ``w4a16_linear`` (pure). auto: decode for M <= 16; on sm_90a the 128-token wgmma kernel
     from M >= 128; else the mma.sp prefill tile that fits shared memory."""
-    dt = DTYPES[dtype]
+    dt = _check_plan_args("plan_w4a16", m, n, k, dtype, arch, kernel, W4A16_KERNELS)
     if kernel == "decode" and m > DECODE_MAX_M:
         raise FormatError(f"w4a16_linear: the decode kernel handles at most {DECODE_MAX_M} tokens, x has M={m}")
     if kernel == "decode" or (kernel == "auto" and m <= DECODE_MAX_M):
@@ -979,6 +1023,9 @@ def w4a16_linear(x: torch.Tensor, weight: W4A16Weight, *, bias: torch.Tensor | N
     Returns:
         ``[..., N]`` in x's dtype. Without a usable GPU: the torch fallback on ``weight.to_dense()``.
     """
+    _check_weight_type(weight, W4A16Weight, "w4a16_linear", "prepare_w4a16")
+    _check_decode_options(decode_ctas_per_sm, decode_stages)
+
     def launch(x2: torch.Tensor, m: int, act: int, b, y: torch.Tensor, dev: int) -> None:
         n, k = weight.out_features, weight.in_features
         plan = plan_w4a16(m, n, weight.n_pad, k, x.dtype, weight.ng, _arch(dev), max_smem_per_block(dev),

@@ -960,6 +960,37 @@ def test_tile_configs_fit_the_devices_they_are_meant_for():
     assert min(DECODE_STAGES) >= 2
 
 
+def test_plans_and_kernel_options_reject_bad_arguments():
+    """The public plan functions and the linears' kernel options fail by name, on the CPU path too (a GPU would
+    otherwise be the first to notice a K the chosen tile cannot take or a ring depth that was never built)."""
+    bf = torch.bfloat16
+    for call, why in (
+        (lambda: plan_sparse24(64, 128, 128, torch.float32, "sm_90a", 232448), "dtype must be bfloat16 or float16"),
+        (lambda: plan_sparse24(64, 128, 128, bf, "banana", 232448), "arch must look like"),
+        (lambda: plan_sparse24(64, 128, 128, bf, "sm_90a", 232448, "sm90_bad"), "kernel must be one of"),
+        (lambda: plan_sparse24(-1, 128, 128, bf, "sm_90a", 232448), "M must be a positive int"),
+        (lambda: plan_w4a16(1, 128, 128, 128, bf, 1, "sm_90a", 232448, 132, "bogus"), "kernel must be one of"),
+        (lambda: plan_w4a16(1, 128, 128, 128, bf, 1, "sm_90a", 232448, 132, "sm90_128_k128"), "kernel must be one"),
+        (lambda: plan_decode(1, 100, 128, 1, 132, 232448), "padded rows must be a positive multiple of 128"),
+        (lambda: plan_decode(1, 128, 0, 1, 132, 232448), "K must be a positive multiple of 128"),
+        (lambda: plan_decode(1, 128, 128, 1, 132, 232448, ctas_per_sm=float("nan")), "finite number > 0"),
+    ):
+        with pytest.raises((FormatError, ConfigError), match=why):
+            call()
+    sp = prepare_sparse24(_packed(16, 64, seed=1), dtype=bf)
+    q4 = prepare_w4a16(_packed(16, 128, seed=2, group=128), dtype=bf)
+    with pytest.raises(FormatError, match=r"kernel 'sm90_128_k128' needs K % 128 == 0, got K=64"):
+        sparse24_linear(_x(2, 64, bf, seed=3), sp, kernel="sm90_128_k128")
+    with pytest.raises(ConfigError, match="stages must be one of"):
+        w4a16_linear(_x(2, 128, bf, seed=3), q4, kernel="decode", decode_stages=99)
+    with pytest.raises(ConfigError, match="decode_ctas_per_sm must be a finite number > 0"):
+        w4a16_linear(_x(2, 128, bf, seed=3), q4, decode_ctas_per_sm=float("nan"))
+    with pytest.raises(FormatError, match=r"weight must be a Sparse24Weight \(from prepare_sparse24\), got W4A16"):
+        sparse24_linear(_x(2, 128, bf, seed=3), q4)
+    with pytest.raises(FormatError, match="weight must be a W4A16Weight"):
+        w4a16_linear(_x(2, 64, bf, seed=3), _packed(16, 64, seed=1))
+
+
 @pytest.mark.parametrize("stages", DECODE_DEEP_STAGES)
 def test_deep_decode_rings_only_on_request(stages):
     """The deeper rings are planned when asked for (fitting shared memory by shrinking the K slice) and never
