@@ -398,8 +398,8 @@ def _as_dtype(value: torch.dtype | str, what: str) -> torch.dtype:
         if value not in DTYPES:
             raise ArtifactError(f"{what}: expected one of {', '.join(DTYPES)}, got {value!r}")
         return DTYPES[value]
-    if value not in _DTYPE_NAMES or value == torch.uint8:
-        raise ArtifactError(f"{what}: expected torch.float32 or torch.float16, got {value}")
+    if not isinstance(value, torch.dtype) or value not in _DTYPE_NAMES or value == torch.uint8:
+        raise ArtifactError(f"{what}: expected torch.float32 or torch.float16, got {value!r}")
     return value
 
 
@@ -575,7 +575,7 @@ def load_artifact(path: str | Path) -> Artifact:
         if config["quantization"] is None
         else QuantizationInfo.from_dict(config["quantization"], f"{file}: quantization")
     )
-    if config["dense_dtype"] not in DTYPES:
+    if not isinstance(config["dense_dtype"], str) or config["dense_dtype"] not in DTYPES:
         raise ArtifactError(
             f"{file}: dense_dtype: expected one of {', '.join(DTYPES)}, got {config['dense_dtype']!r}"
         )

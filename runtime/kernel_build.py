@@ -141,7 +141,7 @@ def check_arch(spec: KernelSpec, arch: str) -> None:
     A spec listing ``"sm_80"`` is generic (plain ``mma.sp``) and builds for any ``sm_XY`` with XY >= 80 (a
     newer GPU's own target too); any other spec (e.g. wgmma, ``archs=("sm_90a",)``) only for its listed archs.
     """
-    m = _ARCH_RE.match(arch)
+    m = _ARCH_RE.match(arch) if isinstance(arch, str) else None
     if m is None or int(m.group(1)) < 80:
         raise DeviceError(f"unsupported kernel architecture {arch!r}; expected sm_80 or newer, e.g. {KERNEL_ARCHS}")
     if arch in spec.archs or "sm_80" in spec.archs:
@@ -241,7 +241,7 @@ def _decode_entry(data: bytes, key: str) -> CompiledKernel | None:
             registers=meta["registers"], lowered_names=meta["lowered_names"],
             stack_frame=meta.get("stack_frame", {}), from_cache=True,
         )
-    except (ValueError, KeyError, UnicodeDecodeError, struct.error):
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError, struct.error):  # TypeError: a field of the wrong type
         return None
 
 

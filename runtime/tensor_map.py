@@ -46,13 +46,18 @@ def encode_tiled_2d(ptr: int, rows: int, cols: int, dtype: torch.dtype, box_rows
     kind = (drv.CUtensorMapDataType.CU_TENSOR_MAP_DATA_TYPE_BFLOAT16 if dtype == torch.bfloat16
             else drv.CUtensorMapDataType.CU_TENSOR_MAP_DATA_TYPE_FLOAT16)
     u32, u64 = drv.cuuint32_t, drv.cuuint64_t  # the binding takes its integer arrays as these, not ints
-    tmap = check_cuda(drv.cuTensorMapEncodeTiled(
-        kind, u32(2), ptr, [u64(cols), u64(rows)], [u64(cols * 2)], [u32(SWIZZLE_BYTES // 2), u32(box_rows)],
-        [u32(1), u32(1)],
-        drv.CUtensorMapInterleave.CU_TENSOR_MAP_INTERLEAVE_NONE,
-        drv.CUtensorMapSwizzle.CU_TENSOR_MAP_SWIZZLE_128B,
-        drv.CUtensorMapL2promotion.CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
-        drv.CUtensorMapFloatOOBfill.CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE), "cuTensorMapEncodeTiled")
+    try:
+        tmap = check_cuda(drv.cuTensorMapEncodeTiled(
+            kind, u32(2), ptr, [u64(cols), u64(rows)], [u64(cols * 2)], [u32(SWIZZLE_BYTES // 2), u32(box_rows)],
+            [u32(1), u32(1)],
+            drv.CUtensorMapInterleave.CU_TENSOR_MAP_INTERLEAVE_NONE,
+            drv.CUtensorMapSwizzle.CU_TENSOR_MAP_SWIZZLE_128B,
+            drv.CUtensorMapL2promotion.CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+            drv.CUtensorMapFloatOOBfill.CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE), "cuTensorMapEncodeTiled")
+    except DeviceError:
+        raise
+    except Exception as exc:  # e.g. cuda.pathfinder's DynamicLibNotFoundError where there is no driver
+        raise DeviceError(f"tensor map: the CUDA driver is not available ({type(exc).__name__}: {exc})") from None
     return ctypes.string_at(int(tmap.getPtr()), MAP_BYTES)
 
 
@@ -62,17 +67,22 @@ def device_tensor_map(x: torch.Tensor, box_rows: int) -> torch.Tensor:
     Cached by (device, address, shape, dtype, box): a map depends on nothing else, so a cached one stays right
     even after ``x`` is freed and its memory reused. A miss while the current stream captures a CUDA graph raises
     DeviceError (warm the call up before capturing: a captured launch then reads the cached map)."""
+    if not isinstance(x, torch.Tensor) or x.dim() != 2 or not x.is_contiguous():
+        what = f"{list(x.shape)}" if isinstance(x, torch.Tensor) else type(x).__name__
+        raise FormatError(f"tensor map: X must be a contiguous 2-D tensor, got {what}")
     key = (x.device.index, x.data_ptr(), tuple(x.shape), x.dtype, box_rows)
     with _lock:
         hit = _cache.get(key)
         if hit is not None:
             _cache.move_to_end(key)
             return hit
-    if torch.cuda.is_current_stream_capturing():
+    if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
         # the copy below would become a graph node that re-reads a pinned host block torch may have reused
         raise DeviceError(
             f"tensor map for X [{x.shape[0]}, {x.shape[1]}] at {x.data_ptr():#x} (box rows {box_rows}) is not cached "
             "and the stream is capturing a CUDA graph: run the same call once before capturing so the map exists")
+    if not x.is_cuda:
+        raise FormatError(f"tensor map: X must be on a CUDA device, got {x.device}")
     raw = encode_tiled_2d(x.data_ptr(), x.shape[0], x.shape[1], x.dtype, box_rows)
     # From pinned memory, non-blocking: stream-ordered before the launch without waiting for the stream to drain
     # (a pageable copy would); torch's pinned allocator keeps the host block until the copy has run.

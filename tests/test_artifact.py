@@ -204,6 +204,7 @@ def test_bad_json(int4_dir: Path) -> None:
         (lambda c: c.pop("dense_dtype"), r"missing field 'dense_dtype'"),
         (lambda c: c.update(extra=1), r"unknown field 'extra'"),
         (lambda c: c.update(dense_dtype="bfloat16"), r"dense_dtype: expected one of float32, float16, got 'bfloat16'"),
+        (lambda c: c.update(dense_dtype=["float32"]), r"dense_dtype: expected one of float32, float16, got \['fl"),
         (lambda c: c["model"].update(n_heads=3), r"field 'model': model config field 'd_model'"),
         (lambda c: c["model"].update(vocab_size=512), r"tokenizer vocab_size 256 does not match model vocab_size 512"),
         (lambda c: c["tokenizer"].update(type="bpe"), r"field 'tokenizer': .*unknown type 'bpe'"),

@@ -209,8 +209,26 @@ def test_tensor_map_miss_during_graph_capture_is_refused(monkeypatch):
     from sparsert.runtime import tensor_map
     from sparsert.runtime.errors import DeviceError
 
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
     monkeypatch.setattr(tensor_map, "encode_tiled_2d", lambda *a: pytest.fail("encoded during capture"))
     x = torch.zeros(8, 64, dtype=torch.bfloat16)
     with pytest.raises(DeviceError, match="capturing a CUDA graph: run the same call once before capturing"):
         tensor_map.device_tensor_map(x, 128)
+
+
+def test_tensor_map_bad_inputs_are_named():
+    """X must be a contiguous 2-D CUDA tensor; without the CUDA driver the encoder says so as a DeviceError (not
+    the loader's own exception type)."""
+    import ctypes.util
+
+    from sparsert.runtime import tensor_map
+    from sparsert.runtime.errors import DeviceError, FormatError
+
+    with pytest.raises(FormatError, match="must be on a CUDA device, got cpu"):
+        tensor_map.device_tensor_map(torch.zeros(8, 64, dtype=torch.bfloat16), 64)
+    with pytest.raises(FormatError, match="contiguous 2-D tensor"):
+        tensor_map.device_tensor_map(torch.zeros(64, 8, dtype=torch.bfloat16).t(), 64)
+    if ctypes.util.find_library("cuda") is None:
+        with pytest.raises(DeviceError, match="tensor map: the CUDA driver is not available"):
+            tensor_map.encode_tiled_2d(0x7f0000001000, 300, 11008, torch.bfloat16, 256)

@@ -273,7 +273,7 @@ def test_included_header_is_part_of_the_key(tmp_path):
     assert not rebuilt.from_cache and "0f40400000" in rebuilt.ptx  # 3.0f
 
 
-@pytest.mark.parametrize("damage", ["truncate", "flip", "empty"])
+@pytest.mark.parametrize("damage", ["truncate", "flip", "empty", "field-type"])
 def test_corrupt_cache_entry_is_rebuilt(tiny_kernel, tmp_path, damage):
     spec, kdir = tiny_kernel
     cache = tmp_path / "cache"
@@ -284,6 +284,20 @@ def test_corrupt_cache_entry_is_rebuilt(tiny_kernel, tmp_path, damage):
         entry.write_bytes(data[: len(data) // 2])
     elif damage == "flip":
         entry.write_bytes(data[:-10] + bytes([data[-10] ^ 0xFF]) + data[-9:])
+    elif damage == "field-type":  # a well-formed, correctly hashed entry whose header field has the wrong type
+        import hashlib
+        import json
+        import struct
+
+        from sparsert.runtime.kernel_build import _MAGIC
+
+        body = data[len(_MAGIC) + 32:]
+        (hlen,) = struct.unpack("<I", body[:4])
+        meta = json.loads(body[4:4 + hlen])
+        meta["ptx_len"] = str(meta["ptx_len"])
+        header = json.dumps(meta).encode()
+        body = struct.pack("<I", len(header)) + header + body[4 + hlen:]
+        entry.write_bytes(_MAGIC + hashlib.sha256(body).digest() + body)
     else:
         entry.write_bytes(b"")
     rebuilt = compile_kernel(spec, "sm_80", cache=cache, kernel_dir_override=kdir)
