@@ -188,9 +188,15 @@ def prune_to_sparse24_weight(dense: torch.Tensor, bias: torch.Tensor | None = No
 def decompress24_reference(values: torch.Tensor, meta: torch.Tensor, k: int) -> torch.Tensor:
     """CPU reference of :func:`prune24_decompress` (any device, any dtype): ``values [M, K/2]`` (kept values in
     K order) and ``meta`` int32 ``[M/16, K/64, 32]`` (:mod:`sparsert.runtime.sparse_meta` layout) -> the dense
-    ``[M, K]`` in ``values.dtype``, each kept value at the column its metadata names, zeros elsewhere."""
+    ``[M, K]`` in ``values.dtype``, each kept value at the column its metadata names, zeros elsewhere. Metadata
+    that is not a valid 2:4 pattern (two strictly increasing indices per group) is a FormatError."""
     m = values.shape[0]
     idx = unreorder_meta(meta, m, k).long().reshape(m, k // 4, 2)
+    bad = idx[..., 0] >= idx[..., 1]  # a repeated column would silently drop a value
+    if bool(bad.any()):
+        row, group = bad.nonzero()[0].tolist()
+        raise FormatError(f"meta does not encode a valid 2:4 pattern: row {row}, group {group} has indices "
+                          f"{tuple(idx[row, group].tolist())}, expected two strictly increasing indices in 0..3")
     dense = torch.zeros(m, k // 4, 4, dtype=values.dtype, device=values.device)
     dense.scatter_(-1, idx, values.reshape(m, k // 4, 2))
     return dense.reshape(m, k)

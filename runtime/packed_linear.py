@@ -28,7 +28,7 @@ import torch
 
 from sparsert.runtime.errors import FormatError
 from sparsert.runtime.int4 import dequantize_int4, pack_int4, quantize_int4, unpack_int4
-from sparsert.runtime.nm_mask import nm_mask
+from sparsert.runtime.nm_mask import is_nm_sparse, nm_mask
 from sparsert.runtime.sparse24 import compress_24, decompress_24, unpack_indices_24, validate_indices_24
 
 
@@ -176,6 +176,8 @@ def pack_linear(
         raise FormatError(f"{name}: values_dtype must be float32, float16 or bfloat16, got {values_dtype!r}")
     out, k = weight.shape
     w = weight.detach().float()
+    if not bool(torch.isfinite(w).all()):
+        raise FormatError(f"{name} holds non-finite values (NaN or Inf); cannot pack it")
     packed = PackedLinear(out_features=out, in_features=k)
     if bias is not None:
         packed.bias = bias.detach().float().contiguous()
@@ -184,6 +186,8 @@ def pack_linear(
             mask = nm_mask(w, 2, 4, name=name)
         elif mask.shape != w.shape:
             raise FormatError(f"mask for {name} has shape {tuple(mask.shape)}, expected {(out, k)}")
+        elif not is_nm_sparse(mask.to(torch.bool), 2, 4):
+            raise FormatError(f"mask for {name} is not 2:4 along K (a group of four keeps more than two)")
         w = w * mask.to(torch.bool)
     if int4_group_size is not None:
         if sparse and int4_group_size % 4:

@@ -226,6 +226,10 @@ def test_int4_rejects_scales_its_dtype_cannot_hold():
         pack_linear(torch.randn(4, 16), values_dtype=torch.int8)
     with pytest.raises(FormatError, match="must be 2-D"):
         dequantize_int4(torch.zeros(8, dtype=torch.int8), torch.ones(1), 8)
+    with pytest.raises(FormatError, match="mask for w is not 2:4"):
+        pack_linear(torch.randn(4, 16), mask=torch.ones(4, 16, dtype=torch.bool), name="w")
+    with pytest.raises(FormatError, match="w holds non-finite values"):
+        pack_linear(torch.full((4, 16), float("nan")), name="w")
 
 
 def test_packed_linear_validate_names_the_inconsistent_tensor():

@@ -115,6 +115,9 @@ def test_prune24_rejects_bad_outputs_and_metadata():
         prune24_decompress(values, meta.long(), 64)
     with pytest.raises(FormatError, match=r"values has shape \(16, 32\), expected \(16, 64\) for K=128"):
         prune24_decompress(values, meta, 128)
+    for bad in (torch.zeros_like(meta), torch.full_like(meta, -1)):  # repeated columns would drop kept values
+        with pytest.raises(FormatError, match="meta does not encode a valid 2:4 pattern: row 0, group 0"):
+            prune24_decompress(values, bad, 64)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
