@@ -60,6 +60,12 @@ class Tolerance:
     rtol: float
     atol: float
 
+    def __post_init__(self) -> None:
+        for name in ("rtol", "atol"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not np.isfinite(v) or v < 0:
+                raise ExportError(f"parity tolerance {name} must be a finite number >= 0, got {v!r}")
+
     def bound(self, scale: float) -> float:
         return self.atol + self.rtol * scale
 
@@ -129,7 +135,14 @@ class ParityReport:
 
 
 def _prompt_ids(prompt: bytes, artifact: Artifact) -> list[int]:
-    ids = artifact.tokenizer.encode(prompt.decode("utf-8"))[: artifact.model_config.max_seq_len]
+    if not isinstance(prompt, bytes):
+        raise ExportError(f"parity check: prompts must be bytes (UTF-8 text), got {type(prompt).__name__}")
+    try:
+        text = prompt.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ExportError(f"parity check: prompt {prompt[:40]!r} is not UTF-8 ({exc.reason} at byte "
+                          f"{exc.start})") from None
+    ids = artifact.tokenizer.encode(text)[: artifact.model_config.max_seq_len]
     if not ids:
         raise ExportError("parity check: empty prompt")
     return ids
@@ -154,6 +167,8 @@ def check_parity(
     Returns the report; raises ExportError naming the prompt, mode, max abs/rel error and the tolerance for
     the first failing check (unless ``raise_on_failure`` is False).
     """
+    if isinstance(prompts, (str, bytes)) or not prompts:
+        raise ExportError(f"parity check: prompts must be a non-empty sequence of bytes, got {prompts!r:.60}")
     quantized = artifact.quantization is not None
     tolerance = tolerance or default_tolerance(quantized, accuracy_level)
     session = make_session(onnx_model, accuracy_level=accuracy_level, threads=threads)

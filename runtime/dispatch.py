@@ -45,8 +45,8 @@ TOLERANCE = {torch.bfloat16: 1e-2, torch.float16: 2e-3, torch.float32: 1e-4}
 
 def m_bucket(m: int) -> int:
     """Smallest power of two >= m (m >= 1): the token-count bucket a dispatch decision covers."""
-    if m < 1:
-        raise FormatError(f"token count must be positive, got {m}")
+    if isinstance(m, bool) or not isinstance(m, int) or m < 1:
+        raise FormatError(f"token count must be a positive int, got {m!r}")
     return 1 << (m - 1).bit_length()
 
 
@@ -494,10 +494,15 @@ class SparseLinearGPU(nn.Module):
         return sum(by_key[k].nbytes(s) for k, s in self.states.items() if k in by_key)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not isinstance(x, torch.Tensor) or x.dim() < 1 or not x.is_floating_point():
+            what = f"{x.dtype} {list(x.shape)}" if isinstance(x, torch.Tensor) else type(x).__name__
+            raise FormatError(f"{self.name}: input must be a floating tensor [..., {self.in_features}], got {what}")
         if x.shape[-1] != self.in_features:
             raise FormatError(f"{self.name}: input has {x.shape[-1]} features, expected {self.in_features}")
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features).to(self.dtype).contiguous()
+        if x2.shape[0] == 0:  # no tokens: nothing to dispatch
+            return x.new_empty(*lead, self.out_features)
         y = self._run(self._choose(x2.shape[0]), x2)
         return y.reshape(*lead, self.out_features).to(x.dtype)
 

@@ -208,6 +208,17 @@ def test_export_of_artifacts_without_24(tmp_path, mode):
 # Parity
 
 
+def test_parity_rejects_bad_prompts_and_tolerances(artifacts, models):
+    key = next(iter(models))
+    for prompts, why in (([], "non-empty sequence of bytes"), (b"abc", "non-empty sequence of bytes"),
+                         (["text"], "prompts must be bytes"), ([b"\xff\xfe"], "is not UTF-8")):
+        with pytest.raises(ExportError, match=why):
+            check_parity(models[key], artifacts[key], prompts=prompts, threads=1)
+    for bad in (-1.0, float("nan")):
+        with pytest.raises(ExportError, match="rtol must be a finite number >= 0"):
+            parity_mod.Tolerance(rtol=bad, atol=0.0)
+
+
 @pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("mode", MODES)
 def test_parity_within_fp32_tolerance(artifacts, models, arch, mode):

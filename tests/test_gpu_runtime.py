@@ -238,7 +238,7 @@ def test_m_bucket_and_key():
 
     assert [m_bucket(m) for m in (1, 2, 3, 16, 17, 2048, 2049)] == [1, 2, 4, 16, 32, 2048, 4096]
     assert problem_key("sparse24", torch.bfloat16, 4096, 11008, 5) == "sparse24|bfloat16|N=4096|K=11008|M=8"
-    with pytest.raises(FormatError, match="token count must be positive"):
+    with pytest.raises(FormatError, match="token count must be a positive int"):
         m_bucket(0)
 
 
