@@ -323,6 +323,12 @@ def test_cli_prune_wanda_with_calibration_file(tmp_path: Path, dense_run: Path, 
     ("args", "message"),
     [
         (["--prune", "wanda", "--calib-batches", 0], "error: --calib-batches must be a positive integer, got 0"),
+        (["--prune", "wanda", "--seed", -1], "error: --seed must be an integer in [0, 2**63 - 1], got -1"),
+        (["--prune", "wanda", "--seed", 2**70], f"error: --seed must be an integer in [0, 2**63 - 1], got {2**70}"),
+        (["--prune", "wanda", "--calib-batches", 10**9],
+         "error: calibration of --calib-batches 1000000000 x --calib-batch-size 4 x --calib-seq-len 16 = "
+         "64,000,000,000 tokens is more than the 16,777,216 this tool holds in memory (one-shot pruning needs a "
+         "few thousand)"),
         (["--prune", "sparsegpt", "--calib-data", "{tmp}/missing.txt"],
          "error: calibration data ({tmp}/missing.txt): {tmp}/missing.txt: data path does not exist"),
         (["--awq", "--group-size", 32, "--calib-data", "{tmp}/missing.txt"],

@@ -89,6 +89,10 @@ def _trained_sparse_layers(sparsity: dict, names: list[str], where: str) -> list
     return [n for n in names if n in listed]
 
 
+MAX_SEED = 2**63 - 1  # torch.Generator.manual_seed's range
+MAX_CALIB_TOKENS = 1 << 24  # calibration windows are drawn up front; this bounds their memory (128 MiB of ids)
+
+
 def _positive_int(value: object, flag: str) -> None:
     if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
         raise ConfigError(f"{flag} must be a positive integer, got {value!r}")
@@ -113,6 +117,11 @@ def calibration_batches(
 
     for value, flag in ((batches, "--calib-batches"), (batch_size, "--calib-batch-size"), (seq_len, "--calib-seq-len")):
         _positive_int(value, flag)
+    if batches * batch_size * seq_len > MAX_CALIB_TOKENS:
+        total = batches * batch_size * seq_len
+        raise ConfigError(f"calibration of --calib-batches {batches} x --calib-batch-size {batch_size} x "
+                          f"--calib-seq-len {seq_len} = {total:,} tokens is more than the {MAX_CALIB_TOKENS:,} this "
+                          "tool holds in memory (one-shot pruning needs a few thousand)")
     what = "default corpus" if data is None else str(data)
     try:
         tokens = TokenData.from_corpus(load_corpus(data), tokenizer)
@@ -185,8 +194,8 @@ def compress_checkpoint(
     for value, flag in ((calib_batches, "--calib-batches"), (calib_seq_len, "--calib-seq-len"),
                         (calib_batch_size, "--calib-batch-size")):
         _positive_int(value, flag)
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-        raise ConfigError(f"--seed must be an integer, got {seed!r}")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED):
+        raise ConfigError(f"--seed must be an integer in [0, 2**63 - 1], got {seed!r}")
     if calibration is not None and calib_data is not None:
         raise ConfigError("give calibration batches or --calib-data, not both")
     if force_awq and not awq:

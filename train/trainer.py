@@ -232,7 +232,7 @@ class TrainConfig:
             if getattr(self, name) is not None:
                 _check_int(name, getattr(self, name), minimum=0)
         if self.threads is not None:
-            _check_int("threads", self.threads, minimum=1)
+            _check_int("threads", self.threads, minimum=1, maximum=4096)
         if self.device not in DEVICES:
             raise ConfigError(f"train config 'device': expected one of {', '.join(DEVICES)}, got {self.device!r}")
         _check_int("seed", self.seed, minimum=0)
@@ -403,10 +403,13 @@ def _is_fraction(value: object) -> bool:
     return not isinstance(value, bool) and isinstance(value, (int, float)) and 0.0 <= value <= 1.0
 
 
-def _check_int(name: str, value: object, minimum: int) -> None:
+def _check_int(name: str, value: object, minimum: int, maximum: int = 2**63 - 1) -> None:
+    """``maximum``: by default the int64 range torch takes (seeds, sizes); beyond it torch fails deep inside."""
+    what = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        what = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
         raise ConfigError(f"train config '{name}': expected {what}, got {value!r}")
+    if value > maximum:
+        raise ConfigError(f"train config '{name}': expected {what} of at most {maximum}, got {value!r}")
 
 
 @dataclass
