@@ -123,6 +123,15 @@ def test_resume_without_out_names_the_runs_it_could_mean(tmp_path, monkeypatch, 
     (["--steps", "0"], "error: --steps: expected a positive integer, got 0"),
     (["--seed", str(10**23)], f"error: --seed: expected an integer >= 0 of at most {2**63 - 1}, got {10**23}"),
     (["--threads", "99999999"], "error: --threads: expected a positive integer of at most 4096, got 99999999"),
+    (["--group-size", "64"], "error: --group-size: only used with --qat (the INT4 group size); this run would "
+                             "ignore it"),
+    (["--slorb-k", "8"], "error: --slorb-k: only used with --slorb (the SLoRB group size); this run would ignore it"),
+    (["--decay-max", "0.5", "--decay-warmup", "3"], "error: --decay-max, --decay-warmup: only used with --method ast "
+                                                   "(AST's annealed decay); this run would ignore them"),
+    (["--distill-temperature", "3"], "error: --distill-temperature: only used when distilling from a teacher "
+                                     "(--teacher, or --method ast with --init-from); this run would ignore it"),
+    (["--dense", "--mask-refresh", "3"], "error: --mask-refresh: only used in sparse training (a --dense run has no "
+                                         "masks); this run would ignore it"),
     (["--mask-refresh", "-1"], "error: --mask-refresh: expected a positive integer, got -1"),
     (["--lr", "0"], "error: --lr: expected a number > 0, got 0.0"),
     (["--dense", "--qat"],

@@ -38,6 +38,27 @@ _FLAG = {
 }
 
 
+# Flags that only act in some runs: (option names, does the run use them?, what they need). A flag given where it
+# has no effect is refused, as --prune-start without --schedule gradual is, instead of being silently ignored.
+_INERT_UNLESS = (
+    (("group_size",), lambda c: c.qat, "with --qat (the INT4 group size)"),
+    (("slorb_k",), lambda c: c.slorb, "with --slorb (the SLoRB group size)"),
+    (("decay_max", "decay_warmup"), lambda c: c.method == "ast" and not c.dense,
+     "with --method ast (AST's annealed decay)"),
+    (("distill_alpha", "distill_beta", "distill_temperature"), lambda c: c.teacher is not None and not c.dense,
+     "when distilling from a teacher (--teacher, or --method ast with --init-from)"),
+    (("mask_refresh",), lambda c: not c.dense, "in sparse training (a --dense run has no masks)"),
+)
+
+
+def _refuse_inert_flags(ctx: click.Context, cfg: TrainConfig) -> None:
+    for names, used, when in _INERT_UNLESS:
+        given = [f"--{n.replace('_', '-')}" for n in names if _given(ctx, n)]
+        if given and not used(cfg):
+            them = "it" if len(given) == 1 else "them"
+            raise ConfigError(f"{', '.join(given)}: only used {when}; this run would ignore {them}")
+
+
 def _by_method(field: str, fmt: str = "{}") -> str:
     """``--help`` default text of a field each --method sets, e.g. ``sr-ste: 1, hu: 40, ast: 1``."""
     def show(v: object) -> str:
@@ -243,6 +264,7 @@ def command(ctx: click.Context, **opts: object) -> None:
             cfg = TrainConfig(**values)
     except ConfigError as exc:
         raise _config_error(exc) from None
+    _refuse_inert_flags(ctx, cfg)
     try:
         train(cfg)
     finally:
