@@ -49,6 +49,13 @@ def command(artifact: str, prompt: str, max_new_tokens: int, temperature: float,
     cfg = GenerationConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, seed=seed)
     if onnx_path is not None and backend != "onnx":
         raise ConfigError(f"--onnx applies only to --backend onnx (got --backend {backend})")
+    if temperature == 0:
+        ctx = click.get_current_context()
+        sampling = [f for f, name in (("--top-k", "top_k"), ("--seed", "seed"))
+                    if ctx.get_parameter_source(name) != click.core.ParameterSource.DEFAULT]
+        if sampling:
+            raise ConfigError(f"{', '.join(sampling)} only {'acts' if len(sampling) == 1 else 'act'} when sampling; "
+                              "add --temperature > 0 (the default, 0, decodes greedily)")
     art = load_artifact(artifact)
     prompt_ids = art.tokenizer.encode(prompt)
     with warnings.catch_warnings():  # restores showwarning on exit
