@@ -120,6 +120,13 @@ def test_report_dense_added_when_not_listed_and_default_output(two_runs: tuple[P
     assert (report.out_dir / "summary.md").is_file()
 
 
+def test_a_sparse_run_is_refused_as_the_dense_baseline(two_runs: tuple[Path, Path], tmp_path: Path) -> None:
+    dense, sparse = two_runs
+    with pytest.raises(ConfigError, match=rf"--dense {sparse}: this run trained sparse; expected a dense baseline"):
+        build_report([dense], tmp_path / "out", dense=sparse, plots=False)
+    assert not (tmp_path / "out").exists()
+
+
 def test_dense_only_run_has_no_flip_plot_and_says_why(tmp_path: Path) -> None:
     run = _write_run(tmp_path, "d", sparse=False, final_val=2.0)
     report = build_report([run], tmp_path / "o")

@@ -566,6 +566,17 @@ def _unique_names(runs: list[RunMetrics]) -> None:
             run.name = f"{run.path.parent.name}/{run.path.name}"
 
 
+def _trained_dense(run: RunMetrics) -> bool | None:
+    """Whether ``run`` trained dense (its checkpoint's sparsity or its training config); None if it does not say."""
+    state = run.state or {}
+    if "sparsity" in state:
+        return state["sparsity"] is None
+    for source in (state.get("train_config"), run.meta.get("train_config")):
+        if isinstance(source, dict) and isinstance(source.get("dense"), bool):
+            return source["dense"]
+    return None
+
+
 def build_report(run_dirs: list[str | Path], out_dir: str | Path | None = None, *,
                  dense: str | Path | None = None, plots: bool = True) -> Report:
     """Render the report of ``run_dirs`` into ``out_dir`` (default: ``<run>/report`` for a single run,
@@ -586,6 +597,9 @@ def build_report(run_dirs: list[str | Path], out_dir: str | Path | None = None, 
         if dense_run is None:
             dense_run = load_run(dense_path)
             runs.insert(0, dense_run)
+        if _trained_dense(dense_run) is False:
+            raise ConfigError(f"--dense {dense}: this run trained sparse; expected a dense baseline run "
+                              "(sparsert train --dense)")
     _unique_names(runs)
     if plots:
         _figure_class()  # fail before writing anything
