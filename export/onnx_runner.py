@@ -112,6 +112,26 @@ def run_logits(session, input_ids: np.ndarray, past: dict[str, np.ndarray] | Non
     return outputs[names.index("logits")], presents
 
 
+def check_graph_io(session, path: str | Path) -> None:
+    """The inputs and outputs ``sparsert export`` writes: ``input_ids`` (the only non-cache input), ``logits``,
+    and for every ``past_X`` input a ``present_X`` output (and no present without its past). An ExportError
+    names the first mismatch, so a hand-edited graph fails here rather than inside ONNX Runtime's run."""
+    inputs = [i.name for i in session.get_inputs()]
+    outputs = [o.name for o in session.get_outputs()]
+    others = [n for n in inputs if not n.startswith("past_")]
+    if others != ["input_ids"]:
+        raise ExportError(f"{path}: graph inputs {others} besides the past_* cache, expected exactly ['input_ids'] "
+                          "(not a sparsert export)")
+    if "logits" not in outputs:
+        raise ExportError(f"{path}: graph has no 'logits' output (outputs {outputs}; not a sparsert export)")
+    pasts = {n[len("past_"):] for n in inputs if n.startswith("past_")}
+    presents = {n[len("present_"):] for n in outputs if n.startswith("present_")}
+    for name in sorted(pasts ^ presents):
+        have, lacks = ("past_", "present_") if name in pasts else ("present_", "past_")
+        raise ExportError(f"{path}: {'input' if have == 'past_' else 'output'} '{have}{name}' has no matching "
+                          f"'{lacks}{name}' {'output' if have == 'past_' else 'input'} (not a sparsert export)")
+
+
 class OnnxStepper:
     """:class:`sparsert.runtime.generate.Stepper` over an exported graph with ONNX Runtime (batch 1).
 
@@ -147,6 +167,7 @@ class OnnxStepper:
             raise ExportError(f"{path}: '{KEY_MODEL_CONFIG}' metadata is not a valid model config") from None
         self.path = path
         self.session = make_session(path, accuracy_level=accuracy_level, threads=threads)
+        check_graph_io(self.session, path)
         self.kv_cache = any(i.name.startswith("past_") for i in self.session.get_inputs())
         self.reset()
 

@@ -208,6 +208,29 @@ def test_export_of_artifacts_without_24(tmp_path, mode):
 # Parity
 
 
+def test_stepper_names_a_hand_edited_graph_io(models, tmp_path):
+    """A graph whose inputs/outputs are not what sparsert export writes fails when the stepper opens it, by name."""
+    model = models[next(iter(models))]
+    edits = {
+        "no-present": (lambda m: m.graph.output.remove(next(o for o in m.graph.output
+                                                            if o.name.startswith("present_"))),
+                       r"input 'past_\w+' has no matching 'present_\w+' output"),
+        "renamed-logits": (lambda m: setattr(next(o for o in m.graph.output if o.name == "logits"), "name", "out"),
+                           "graph has no 'logits' output"),
+    }
+    for name, (edit, why) in edits.items():
+        bad = onnx.ModelProto()
+        bad.CopyFrom(model)
+        if name == "renamed-logits":  # the producing node must follow the rename
+            node = next(n for n in bad.graph.node if "logits" in n.output)
+            node.output[list(node.output).index("logits")] = "out"
+        edit(bad)
+        path = tmp_path / f"{name}.onnx"
+        save_onnx_model(bad, path)
+        with pytest.raises(ExportError, match=why):
+            OnnxStepper(path)
+
+
 def test_parity_rejects_bad_prompts_and_tolerances(artifacts, models):
     key = next(iter(models))
     for prompts, why in (([], "non-empty sequence of bytes"), (b"abc", "non-empty sequence of bytes"),
