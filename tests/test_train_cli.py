@@ -197,3 +197,19 @@ def test_device_cuda_without_a_gpu_is_a_one_line_error(tmp_path, monkeypatch, ca
     assert capsys.readouterr().err.strip().splitlines() == [
         f"error: --device cuda: torch {torch.__version__} sees no CUDA GPU (use --device cpu)"]
     assert list(tmp_path.iterdir()) == []
+
+
+def test_files_left_out_of_a_data_folder_are_reported(corpus, tmp_path, monkeypatch, capsys):
+    """A --data folder with a binary beside the text trains on the text and says which file it left out (stdout
+    and a metrics.jsonl header record), instead of skipping it silently."""
+    from sparsert.cli import main
+
+    folder = tmp_path / "data"
+    folder.mkdir()
+    (folder / "a.txt").write_text(corpus.read_text(encoding="utf-8"), encoding="utf-8")
+    (folder / "blob.bin").write_bytes(bytes(range(256)) * 4)
+    monkeypatch.chdir(tmp_path)
+    main(["train", "--data", str(folder), "--steps", "1", "--eval-interval", "1", "--out", "run", *TINY])
+    err = capsys.readouterr().err  # the trainer's notes go to stderr, beside the progress bar
+    assert f"note: --data {folder}: left out 1 file(s) that are not UTF-8 text: blob.bin" in err
+    assert {"data_skipped": ["blob.bin"]} in read_metrics(tmp_path / "run")

@@ -5,7 +5,8 @@ sparsity schedule), ``decay`` (masked decay in effect), ``loss_total`` and ``kl`
 ``flip_rate_layers`` (on steps that refreshed the masks), ``mask_refresh_share`` (sparse runs: share of the
 step's wall time spent on the masks after the update). Eval lines: ``{"step", "val_loss", "val_ppl"}`` (and
 ``val_loss_sparse``/``val_ppl_sparse`` at the end when the trained model is not the 2:4 one; the trainer's
-:func:`~sparsert.train.trainer.train` writes them all). Every line is flushed as written;
+:func:`~sparsert.train.trainer.train` writes them all). Header lines have no ``step``: ``{"data_skipped": [...]}``
+lists the files of a ``--data`` folder left out as not UTF-8 text. Every line is flushed as written;
 a checkpoint records the byte offset reached (:meth:`MetricsLog.offset`) so that a resumed run truncates the
 log back to the checkpoint and rewrites nothing twice.
 """

@@ -769,7 +769,8 @@ def train(cfg: TrainConfig) -> TrainResult:
         _check_tokenizer(init_ckpt.state, tokenizer, "--init-from", init_ckpt.path)
     if not isinstance(tokenizer, ByteTokenizer):  # a BPE tokenizer takes a while on a large corpus: say why
         _say(f"tokenizing {cfg.data or 'the default corpus'} with the model's tokenizer ...")
-    data = TokenData.from_corpus(load_corpus(cfg.data, max_bytes=cfg.max_data_bytes), tokenizer)
+    corpus = load_corpus(cfg.data, max_bytes=cfg.max_data_bytes)
+    data = TokenData.from_corpus(corpus, tokenizer)
     data_digest = data.digest()
     if ckpt is not None and ckpt.state.get("data_digest", data_digest) != data_digest:
         raise ConfigError(f"cannot resume {run_dir}: its training data changed since the checkpoint (the tokens "
@@ -889,6 +890,12 @@ def train(cfg: TrainConfig) -> TrainResult:
                unit="step", dynamic_ncols=True, desc=f"train {cfg.variant}", file=sys.stderr)
     try:
         _say(f"run: {run_dir}" + (f" (resumed at step {start_step})" if ckpt is not None else ""))
+        if corpus.skipped and dctx.is_main:
+            shown = ", ".join(corpus.skipped[:5]) + (f" and {len(corpus.skipped) - 5} more" if len(corpus.skipped) > 5
+                                                     else "")
+            _say(f"note: --data {cfg.data}: left out {len(corpus.skipped)} file(s) that are not UTF-8 text: {shown}")
+            if ckpt is None:
+                metrics.write({"data_skipped": list(corpus.skipped)})
         if scfg is not None and (cfg.n, cfg.m) != (2, 4):
             _say(f"note: the compressed artifact stores 2:4 sparsity only; this {cfg.n}:{cfg.m} run will end with "
                  "a checkpoint and no artifact")
