@@ -490,8 +490,11 @@ def save_artifact(
     if slorb is not None:  # optional: an artifact without SLoRB stays exactly as before
         config["slorb"] = slorb.to_dict()
     _check_target(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    except OSError as exc:  # name the artifact the caller asked for, not the hidden staging folder
+        raise OSError(exc.errno, exc.strerror or str(exc), str(path)) from None
     try:
         (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
         save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt", "sparsert_format": FORMAT})

@@ -34,7 +34,8 @@ def write_atomic(path: str | Path, data: bytes | str, *, fsync: bool = True) -> 
     The bytes go to a uniquely named temporary file in the same folder (``.<name>.<random>.tmp``, created
     exclusively, with the usual permissions), which is flushed and fsynced (``fsync=True``) and renamed over
     ``path`` with ``os.replace``; the folder is then fsynced. The temporary file is removed when anything
-    fails, and the exception (usually ``OSError``) propagates. The folder must exist.
+    fails, and the exception propagates (an ``OSError`` names ``path``, not the temporary file). The folder must
+    exist.
     """
     path = Path(path)
     payload = data.encode("utf-8") if isinstance(data, str) else data
@@ -46,6 +47,9 @@ def write_atomic(path: str | Path, data: bytes | str, *, fsync: bool = True) -> 
                 f.flush()
                 os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as exc:  # name the file the caller asked for, not the hidden temporary one
+        tmp.unlink(missing_ok=True)
+        raise OSError(exc.errno, exc.strerror or str(exc), str(path)) from None
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise

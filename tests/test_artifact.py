@@ -421,3 +421,30 @@ def test_mixed_layer_kinds_round_trip_and_stats(tmp_path: Path) -> None:
     assert stats[names[2]].storage == "int4 g128" and stats[names[2]].bits_per_weight == 4.125
     assert stats[names[3]].storage == "dense float32" and stats[names[3]].bits_per_weight == 32.0
     assert stats[names[3]].sparsity == 0.0 and stats[names[0]].sparsity == 0.5
+
+
+def test_write_errors_name_the_target_not_the_temporary(tmp_path, monkeypatch, int4_parts):
+    """A failed atomic write (e.g. a read-only file system) reports the path the caller asked for, not the hidden
+    temporary file or staging folder, and leaves no temporary behind."""
+    import errno
+    import tempfile
+
+    from sparsert.runtime import fileio
+
+    def refuse(src, dst):
+        raise OSError(errno.EROFS, "Read-only file system", str(src))
+
+    with monkeypatch.context() as m:
+        m.setattr(fileio.os, "replace", refuse)
+        with pytest.raises(OSError) as exc:
+            fileio.write_atomic(tmp_path / "out.json", "{}")
+    assert exc.value.filename == str(tmp_path / "out.json") and exc.value.errno == errno.EROFS
+    assert list(tmp_path.iterdir()) == []
+
+    def no_mkdtemp(**kw):
+        raise OSError(errno.EROFS, "Read-only file system", str(Path(kw["dir"]) / ".art.x.tmp"))
+
+    monkeypatch.setattr(tempfile, "mkdtemp", no_mkdtemp)
+    with pytest.raises(OSError) as exc:
+        write(tmp_path / "art", int4_parts)
+    assert exc.value.filename == str(tmp_path / "art")

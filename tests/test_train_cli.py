@@ -171,7 +171,7 @@ def test_filesystem_errors_and_bad_values_are_one_line(tmp_path, monkeypatch, ca
     monkeypatch.chdir(tmp_path)
     (tmp_path / "afile").write_text("keep me")
     for args, message in (
-        (["--out", "afile", "--steps", "2"], "error: cannot use afile: File exists"),
+        (["--out", "afile", "--steps", "2"], "error: --out afile: expected a run directory, got a file"),
         (["--method", "foo"], "error: Invalid value for '--method': 'foo' is not one of 'sr-ste', 'hu', 'ast'. "
                               "(see 'sparsert train --help')"),
     ):

@@ -836,6 +836,8 @@ def train(cfg: TrainConfig) -> TrainResult:
             _restore_rng(gen.set_state, init_ckpt.state["data_rng"], f"{init_ckpt.path}/state.json")
         run_dir = _new_run_dir(cfg)
     run_dir = dctx.broadcast(run_dir)  # H11: rank 0's run directory (its timestamp) on every rank
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ConfigError(f"--out {run_dir}: expected a run directory, got a file")
     run_dir.mkdir(parents=True, exist_ok=True)
     if cfg.out_dir is None:
         cfg = dataclasses.replace(cfg, out_dir=str(run_dir))
