@@ -133,7 +133,7 @@ def test_compress_bad_inputs_write_nothing(tmp_path: Path, qat_run, dense_run) -
         compress_checkpoint(qat_run[0], out, prune="magnitude")
     with pytest.raises(ConfigError, match=r"INT4 group size 96 does not divide K=128 of layer 'blocks\.0\.attn"):
         compress_checkpoint(qat_run[0], out, int4_group_size=96)
-    with pytest.raises(ConfigError, match=r"INT4 group size must be a positive multiple of 4, got 6"):
+    with pytest.raises(ConfigError, match=r"--group-size: the INT4 group size must be a positive multiple of 4, got 6"):
         compress_checkpoint(qat_run[0], out, int4_group_size=6)
     with pytest.raises(ConfigError, match=r"--group-size 64 applies only to INT4, but .* not trained with INT4 QAT"):
         compress_checkpoint(dense_run[0], out, int4_group_size=64)

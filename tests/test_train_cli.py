@@ -213,3 +213,16 @@ def test_files_left_out_of_a_data_folder_are_reported(corpus, tmp_path, monkeypa
     err = capsys.readouterr().err  # the trainer's notes go to stderr, beside the progress bar
     assert f"note: --data {folder}: left out 1 file(s) that are not UTF-8 text: blob.bin" in err
     assert {"data_skipped": ["blob.bin"]} in read_metrics(tmp_path / "run")
+
+
+def test_too_short_data_names_the_file(tmp_path, monkeypatch, capsys):
+    from sparsert.cli import main
+
+    (tmp_path / "short.txt").write_text("a few bytes", encoding="utf-8")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exc:
+        main(["train", "--data", "short.txt", "--steps", "2", *TINY])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: --data short.txt: train split has ")
+    assert not (tmp_path / "runs").exists()

@@ -188,7 +188,8 @@ def compress_checkpoint(
         isinstance(int4_group_size, bool) or not isinstance(int4_group_size, int) or int4_group_size <= 0
         or int4_group_size % 4
     ):
-        raise ConfigError(f"INT4 group size must be a positive multiple of 4, got {int4_group_size!r}")
+        raise ConfigError(f"--group-size: the INT4 group size must be a positive multiple of 4, got "
+                          f"{int4_group_size!r}")
     if dense_dtype not in ("float16", "float32"):
         raise ConfigError(f"dense dtype must be float16 or float32, got {dense_dtype!r}")
     for value, flag in ((calib_batches, "--calib-batches"), (calib_seq_len, "--calib-seq-len"),

@@ -54,7 +54,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from sparsert.runtime.errors import ArtifactError, ConfigError, SparsertError
+from sparsert.runtime.errors import ArtifactError, ConfigError, DataError, SparsertError
 from sparsert.runtime.model import DecoderLM, ModelConfig, model_config_from_preset, sparse_linear_names
 from sparsert.runtime.tokenizer import ByteTokenizer, tokenizer_from_dict
 from sparsert.train.ast_distill import ASTConfig, Teacher, annealed_decay, check_same_tokenizer, distillation_loss
@@ -777,8 +777,11 @@ def train(cfg: TrainConfig) -> TrainResult:
                           f"of {cfg.data or 'the default corpus'} differ from those it trained on); restore "
                           "the data, or start a new run")
     # Fail now (DataError), before anything is written, if a split is too short for seq_len.
-    data.get_batch("train", 1, cfg.seq_len, generator=torch.Generator())
-    next(iter(data.val_batches(1, cfg.seq_len, 1)))
+    try:
+        data.get_batch("train", 1, cfg.seq_len, generator=torch.Generator())
+        next(iter(data.val_batches(1, cfg.seq_len, 1)))
+    except DataError as exc:
+        raise DataError(f"--data {cfg.data or '(the default corpus)'}: {exc}") from None
     data = dctx.shard_data(data, cfg.batch_size)  # H11: this rank's share of every global batch
     distill = None
     if cfg.distills:  # ConfigError here for a teacher whose vocabulary/tokenizer differs
