@@ -218,11 +218,11 @@ def test_files_left_out_of_a_data_folder_are_reported(corpus, tmp_path, monkeypa
 def test_too_short_data_names_the_file(tmp_path, monkeypatch, capsys):
     from sparsert.cli import main
 
-    (tmp_path / "short.txt").write_text("a few bytes", encoding="utf-8")
+    (tmp_path / "short.txt").write_text("a few bytes " * 8, encoding="utf-8")  # splits, but shorter than seq_len
     monkeypatch.chdir(tmp_path)
     with pytest.raises(SystemExit) as exc:
         main(["train", "--data", "short.txt", "--steps", "2", *TINY])
     assert exc.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("error: --data short.txt: train split has ")
+    assert len(err) == 1 and err[0].startswith("error: --data short.txt: ") and "fewer than seq_len + 1" in err[0]
     assert not (tmp_path / "runs").exists()

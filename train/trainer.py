@@ -770,7 +770,10 @@ def train(cfg: TrainConfig) -> TrainResult:
     if not isinstance(tokenizer, ByteTokenizer):  # a BPE tokenizer takes a while on a large corpus: say why
         _say(f"tokenizing {cfg.data or 'the default corpus'} with the model's tokenizer ...")
     corpus = load_corpus(cfg.data, max_bytes=cfg.max_data_bytes)
-    data = TokenData.from_corpus(corpus, tokenizer)
+    try:
+        data = TokenData.from_corpus(corpus, tokenizer)
+    except DataError as exc:
+        raise DataError(f"--data {cfg.data or '(the default corpus)'}: {exc}") from None
     data_digest = data.digest()
     if ckpt is not None and ckpt.state.get("data_digest", data_digest) != data_digest:
         raise ConfigError(f"cannot resume {run_dir}: its training data changed since the checkpoint (the tokens "
