@@ -345,3 +345,10 @@ def test_generate_says_when_the_context_cut_it_short(capsys, artifact):
     code, out, err = run_main(capsys, "generate", str(artifact), "--prompt", PROMPT, "--max-new-tokens", "5",
                               "--json")
     assert json.loads(out)["stop"] == "max_new_tokens" and "note:" not in err
+
+
+def test_export_accuracy_level_without_effect_is_refused(capsys, tmp_path, artifact):
+    out = tmp_path / "m.onnx"
+    code, _, err = run_main(capsys, "export", str(artifact), "-o", str(out), "--skip-parity", "--accuracy-level", "4")
+    assert_one_line_error(code, err, "--accuracy-level sets ONNX Runtime's MatMulNBits accuracy for the parity run")
+    assert not out.exists()

@@ -34,6 +34,17 @@ def command(artifact: str, output: str, no_kv_cache: bool, skip_parity: bool, ac
     run onnx.checker (full check) and the parity check, and print a summary."""
     from sparsert.export.onnx_export import export_artifact
 
+    ctx = click.get_current_context()
+    if ctx.get_parameter_source("accuracy_level") != click.core.ParameterSource.DEFAULT:
+        from sparsert.runtime.artifact import read_config
+        from sparsert.runtime.errors import ConfigError
+
+        if skip_parity:
+            raise ConfigError("--accuracy-level sets ONNX Runtime's MatMulNBits accuracy for the parity run; it has "
+                              "no effect with --skip-parity")
+        if read_config(artifact).get("quantization") is None:
+            raise ConfigError(f"--accuracy-level applies to INT4 artifacts (MatMulNBits); {artifact} is not "
+                              "INT4-quantized")
     result = export_artifact(
         artifact,
         output,
