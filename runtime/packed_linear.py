@@ -56,8 +56,9 @@ class PackedLinear:
 
     def validate(self, name: str = "weight") -> None:
         """Check the stored tensors against the layout table above (names ``{name}.indices`` etc. in errors):
-        shapes follow ``out_features`` x ``in_features``, dtypes, a positive group size dividing K, finite
-        values and scales, non-negative scales. Raises FormatError; cheap enough to run before every prepare."""
+        shapes follow ``out_features`` x ``in_features``, dtypes, a positive group size dividing K, finite and
+        non-negative scales (values may hold NaN/Inf: they propagate, as in any product). Raises FormatError;
+        cheap enough to run before every prepare."""
         out, k = self.out_features, self.in_features
         if not (isinstance(out, int) and isinstance(k, int)) or out <= 0 or k <= 0:
             raise FormatError(f"{name}: out_features/in_features must be positive ints, got {out!r} x {k!r}")
@@ -90,7 +91,7 @@ class PackedLinear:
             if bool((self.scales < 0).any()):
                 raise FormatError(f"{name}.scales holds negative scales (expected absmax/7 >= 0)")
         elif self.sparse:
-            need("values", (out, stored), floats, finite=True)
+            need("values", (out, stored), floats)  # NaN/Inf pass through (a gradient operand may carry them)
         else:
             need("weight", (out, k), floats)
         if self.bias is not None:
