@@ -30,8 +30,9 @@
 
 // Bottleneck diagnosis (tools/diagnose_sm90.py builds the kernels again with -DSP24_DIAG=N; never set by the
 // library, results are wrong on purpose): 1 = the producer loads only the first STAGES k tiles and then just
-// signals the barriers (the MMA pipeline on shared-memory-resident operands); 2 = the consumers wait, read
-// their fragments and release the slots but issue no wgmma (the load pipeline alone).
+// signals the barriers (the MMA pipeline on shared-memory-resident operands; cp.async and TMA producers alike);
+// 2 = the consumers wait, read their fragments and release the slots but issue no wgmma (the load pipeline
+// alone).
 #ifndef SP24_DIAG
 #define SP24_DIAG 0
 #endif
@@ -301,12 +302,18 @@ DEVI void tma_producer(const CtaTile& t, int ktiles, u32 tx_bytes, u64 xmap, Iss
   asm volatile("setmaxnreg.dec.sync.aligned.u32 40;\n" ::: "memory");
   if (threadIdx.x != 0) return;
   tensormap_acquire(xmap);
-  for (int kt = 0; kt < ktiles; ++kt) {
+  const int loaded = SP24_DIAG == 1 ? min(ktiles, STAGES) : ktiles;  // diagnosis: only the first ring is loaded
+  for (int kt = 0; kt < loaded; ++kt) {
     const int slot = kt % STAGES;
     if (kt >= STAGES) mbar_wait<(CLUSTER > 1)>(t.bar_empty + 8 * slot, ((kt / STAGES) - 1) & 1);
     const u32 full = t.bar_full + 8 * slot;
     mbar_arrive_expect_tx(full, tx_bytes);
     issue(t.base + slot * STAGE_BYTES, kt, full);
+  }
+  for (int kt = loaded; kt < ktiles; ++kt) {  // SP24_DIAG == 1 only: the operands stay those of the first ring
+    const int slot = kt % STAGES;
+    mbar_wait<(CLUSTER > 1)>(t.bar_empty + 8 * slot, ((kt / STAGES) - 1) & 1);
+    mbar_arrive(t.bar_full + 8 * slot);
   }
   if constexpr (CLUSTER > 1) {
     for (int kt = ktiles; kt < ktiles + STAGES; ++kt)

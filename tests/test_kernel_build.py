@@ -173,21 +173,25 @@ def test_sm90_cluster_kernels_multicast_x_and_release_stages_cluster_wide(build_
             assert ".reqnctapercluster" not in e and ".multicast::cluster" not in e, name
 
 
+@pytest.mark.parametrize("kernel", ["sm90_128", "sm90tma_256", "sm90mc_256"])
 @pytest.mark.parametrize("diag,has_wgmma", [(1, True), (2, False)])
-def test_sm90_diagnostic_builds(diag, has_wgmma, tmp_path):
+def test_sm90_diagnostic_builds(diag, has_wgmma, kernel, tmp_path):
     """tools/diagnose_sm90.py rebuilds the wgmma kernels with -DSP24_DIAG: 1 keeps the wgmmas (loads stop
-    after the first ring), 2 drops them (loads only). Each must build without spills for sm_90a, keep the
-    cp.async producer, and differ from the library build exactly in whether it issues wgmma.sp."""
+    after the first ring), 2 drops them (loads only). Each must build without spills for sm_90a, keep its
+    producer (cp.async, TMA, TMA multicast), and differ from the library build exactly in whether it issues
+    wgmma.sp."""
     import dataclasses
 
-    from sparsert.runtime.sparse_gemm import SM90_CONFIGS, SM90_SPECS
+    from sparsert.runtime.sparse_gemm import SM90_BY_NAME, SM90_SPECS
 
-    expr = SM90_CONFIGS[0].expr(0)
-    spec = dataclasses.replace(SM90_SPECS[0], name_expressions=(expr,), options=(f"-DSP24_DIAG={diag}",))
+    cfg = SM90_BY_NAME[kernel]
+    spec = dataclasses.replace(SM90_SPECS[0], name_expressions=(cfg.expr(0),), options=(f"-DSP24_DIAG={diag}",))
     ck = compile_kernel(spec, "sm_90a", cache=tmp_path)
     assert ck.spill_stores == 0 and ck.spill_loads == 0, ck.log
     assert ("wgmma.mma_async.sp" in ck.ptx) == has_wgmma
-    assert "cp.async.cg.shared.global" in ck.ptx and "mbarrier.try_wait" in ck.ptx
+    producer = ("multicast::cluster" if cfg.cluster > 1 else "cp.async.bulk.tensor" if cfg.tma
+                else "cp.async.cg.shared.global")
+    assert producer in ck.ptx and "mbarrier.try_wait" in ck.ptx
 
 def test_every_header_is_used_and_shipped():
     """Each cuda/*.cuh is included by a registered kernel (so it is compiled and in that kernel's cache key),

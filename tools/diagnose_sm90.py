@@ -3,7 +3,8 @@
 tools/bench_kernels.py says how fast each kernel is; this says why, so the next kernel change targets the
 real bottleneck. On the largest Llama shapes (M = 8192) it times, in one run and against dense cuBLAS:
 
-* ``sparse24_gemm_sm90`` and ``w4a16_sparse24_sm90`` as the library builds them (``full``);
+* ``sparse24_gemm_sm90`` and ``w4a16_sparse24_sm90`` as the library builds them (``full``), and the 256-token
+  TMA (``sm90tma_256``) and 2-CTA cluster (``sm90mc_256``) variants of the bf16 kernel unless disabled;
 * the same kernels built with ``-DSP24_DIAG=1`` (``mma_only``: the producer loads the first ring of k tiles
   and then only signals the barriers, so the consumers run their wgmmas on shared-memory-resident operands:
   the MMA pipeline's own ceiling);
@@ -144,6 +145,8 @@ def prefill_rows(torch, timer, dev, label: str, n: int, k: int, seed: int, add) 
     from sparsert.runtime.sparse_gemm import (
         _launch,
         _null,
+        _x_operand,
+        kernel_enabled,
         max_smem_per_block,
         plan_sparse24,
         plan_w4a16,
@@ -165,15 +168,20 @@ def prefill_rows(torch, timer, dev, label: str, n: int, k: int, seed: int, add) 
     dense_us = timer(dense)
     add({**base, "kernel": "dense cuBLAS", "variant": "-", "us": dense_us, "tflops": flops / dense_us / 1e6,
          "host_us": host_us(torch, dense)})
-    for fam, bt in (("sparse24", 128), ("sparse24", 256), ("w4a16", 128), ("w4a16", 256)):
-        kern = f"sm90_{bt}"
+    # the cp.async kernels, then the TMA producer and the 2-CTA cluster (when not disabled: gpu_session.sh turns
+    # them off unless their GPU tests passed in the same call)
+    kernels = [("sparse24", "sm90_128"), ("sparse24", "sm90_256"), ("w4a16", "sm90_128"), ("w4a16", "sm90_256"),
+               ("sparse24", "sm90tma_256"), ("sparse24", "sm90mc_256")]
+    for fam, kern in kernels:
+        if not kernel_enabled(kern, include_unverified=True):
+            continue
         if fam == "sparse24":
             plan = plan_sparse24(m, n, k, torch.bfloat16, dev.arch, smem, kern)
-            kargs = (x, sp.values, sp.meta, _null(), y, m, n, k, 0)
+            kargs = (_x_operand(x, plan), sp.values, sp.meta, _null(), y, m, n, k, 0)
             host = host_us(torch, lambda kern=kern: sparse24_linear(x, sp, out=y, kernel=kern))
         else:
             plan = plan_w4a16(m, n, q4.n_pad, k, torch.bfloat16, q4.ng, dev.arch, smem, dev.sm_count, kern)
-            kargs = (x, q4.qweight, q4.meta, q4.scales, _null(), y, m, n, k, 0)
+            kargs = (_x_operand(x, plan), q4.qweight, q4.meta, q4.scales, _null(), y, m, n, k, 0)
             host = host_us(torch, lambda kern=kern: w4a16_linear(x, q4, out=y, kernel=kern))
         for vname, diag in DIAGS:
             p = diag_plan(plan, diag)
