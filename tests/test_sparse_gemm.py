@@ -1196,6 +1196,11 @@ def test_bench_report_targets_and_table():
     assert rows[2]["check_w4a16"] == "PASS"  # 1.67x >= 1.5x at M = 2048
     assert "check_w4a16" not in rows[3]
     assert rows[2]["ours24_vs_cslt"] == pytest.approx(90.0 / 70.0)
+    # decode in a CUDA graph: 20x and 94% of the roofline pass; 13x at 63% fails on the roofline
+    rows[0] = bench.evaluate(dict(rows[0], dense_graph_us=40.0, w4a16_graph_us=2.0, graph_weight_copies=16), 3.35e12)
+    rows[1] = bench.evaluate(dict(rows[1], dense_graph_us=40.0, w4a16_graph_us=3.0, graph_weight_copies=16), 3.35e12)
+    assert rows[0]["check_w4a16_graph"] == "PASS" and rows[1]["check_w4a16_graph"] == "FAIL"
+    assert rows[1]["w4a16_graph_roofline"] == pytest.approx(6.3e6 / 3e-6 / 3.35e12)
     memory = bench.model_memory(torch)
     assert memory["bits_per_weight"] == pytest.approx(3.125) and memory["check"] == "PASS"
     meta = {"device": "GPU", "arch": "sm_90a", "sms": 132, "commit": "abc", "torch": "2", "cusparselt": None,
@@ -1203,10 +1208,22 @@ def test_bench_report_targets_and_table():
     md = bench.to_markdown({"meta": meta, "rows": rows, "memory": memory,
                             "summary": bench.summarize(rows, memory)})
     table = [line for line in md.splitlines() if line.startswith("| 7b")]
-    assert len(table) == 4 and all(line.count("|") == 24 for line in table)
+    assert len(table) == 6 and all(line.count("|") == 24 for line in table[:4])
+    assert all(line.count("|") == 11 for line in table[4:]) and "| 20.00x | 94% | 16 | PASS |" in table[4]
     assert "3.125 bits/weight" in md and "'pass': 1, 'fail': 1" in md
+    assert "the same decode targets in a CUDA graph: {'pass': 1, 'fail': 1, 'error': 0}" in md
     assert "Host time of one call" in md and "dense 8–16 us; ours 2:4 30–30 us" in md and "W4A16" not in \
         md.split("Host time of one call")[1].splitlines()[0]
+
+
+def test_bench_clone_weight_copies_every_tensor():
+    bench, _ = _bench_module()
+    w = prepare_w4a16(_packed(16, 128, seed=5, group=128), dtype=torch.bfloat16)
+    c = bench.clone_weight(w)
+    for name in ("qweight", "meta", "scales", "bias"):
+        a, b = getattr(w, name), getattr(c, name)
+        assert torch.equal(a, b) and a.data_ptr() != b.data_ptr()
+    assert (c.out_features, c.in_features, c.group_size) == (w.out_features, w.in_features, w.group_size)
 
 
 def test_diagnose_sm90_without_gpu_and_its_table(tmp_path):
