@@ -9,43 +9,34 @@ exchange and rasterisation, PTX) live in test_sparse_gemm.py and test_kernel_bui
 from __future__ import annotations
 
 import pytest
+import test_sparse_gemm as base  # tests/ is on sys.path (pytest's rootdir-relative import of test modules)
 import torch
-from test_sparse_gemm import (  # tests/ is on sys.path (pytest's rootdir-relative import of test modules)
-    BOUND,
-    DTYPES,
-    SM90_GPU_SHAPES,
-    W4A16_SM90_GPU_SHAPES,
-    _run_gpu,
-    _skip_unless_sm90,
-    run_sm90_case,
-    run_w4a16_sm90_case,
-)
 
 from sparsert.runtime.sparse_gemm import SM90_CONFIGS, W4A16_SM90_CONFIGS, prepare_sparse24, sparse24_linear
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dtype", base.DTYPES)
 @pytest.mark.parametrize("kernel", [c.name for c in SM90_CONFIGS if c.cluster > 1])
-@pytest.mark.parametrize("m,n,k", SM90_GPU_SHAPES)
+@pytest.mark.parametrize("m,n,k", base.SM90_GPU_SHAPES)
 def test_gpu_sparse24_sm90_cluster(kernel, m, n, k, dtype):
-    run_sm90_case(kernel, m, n, k, dtype)
+    base.run_sm90_case(kernel, m, n, k, dtype)
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dtype", base.DTYPES)
 @pytest.mark.parametrize("kernel", [c.name for c in W4A16_SM90_CONFIGS if c.cluster > 1])
-@pytest.mark.parametrize("m,n,k,group", W4A16_SM90_GPU_SHAPES)
+@pytest.mark.parametrize("m,n,k,group", base.W4A16_SM90_GPU_SHAPES)
 def test_gpu_w4a16_sm90_cluster(kernel, m, n, k, group, dtype):
-    run_w4a16_sm90_case(kernel, m, n, k, group, dtype)
+    base.run_w4a16_sm90_case(kernel, m, n, k, group, dtype)
 
 
 @pytest.mark.gpu
 def test_gpu_cluster_kernel_matches_the_single_cta_kernel_bit_for_bit():
     """Same tiles, same k order, same wgmmas: sharing X through the cluster must not change a bit of Y."""
-    _skip_unless_sm90()
-    _, x, w, y = _run_gpu(sparse24_linear, prepare_sparse24, "sm90mc_128", 300, 520, 1024, torch.bfloat16, 7,
-                          "none", BOUND[torch.bfloat16])
+    base._skip_unless_sm90()
+    _, x, w, y = base._run_gpu(sparse24_linear, prepare_sparse24, "sm90mc_128", 300, 520, 1024, torch.bfloat16,
+                               7, "none", base.BOUND[torch.bfloat16])
     ref = sparse24_linear(x, w, kernel="sm90_128")
     torch.cuda.synchronize()
     assert torch.equal(y, ref)
