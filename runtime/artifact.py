@@ -493,8 +493,8 @@ def save_artifact(
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
-    except OSError as exc:  # name the artifact the caller asked for, not the hidden staging folder
-        raise OSError(exc.errno, exc.strerror or str(exc), str(path)) from None
+    except OSError as exc:  # name the artifact the caller asked for, not the hidden staging folder (chained)
+        raise OSError(exc.errno, exc.strerror or str(exc), str(path)) from exc
     try:
         (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
         save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt", "sparsert_format": FORMAT})

@@ -8,6 +8,7 @@ directories) are written completely into a temporary sibling directory and moved
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import uuid
@@ -47,11 +48,13 @@ def write_atomic(path: str | Path, data: bytes | str, *, fsync: bool = True) -> 
                 f.flush()
                 os.fsync(f.fileno())
         os.replace(tmp, path)
-    except OSError as exc:  # name the file the caller asked for, not the hidden temporary one
-        tmp.unlink(missing_ok=True)
-        raise OSError(exc.errno, exc.strerror or str(exc), str(path)) from None
+    except OSError as exc:  # name the file the caller asked for, not the hidden temporary one (chained below)
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        raise OSError(exc.errno, exc.strerror or str(exc), str(path)) from exc
     except BaseException:
-        tmp.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
         raise
     if fsync:
         fsync_dir(path.parent)

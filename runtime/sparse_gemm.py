@@ -845,7 +845,7 @@ def check_sparse24_kernel_k(kernel: str, k: int, fn: str = "sparse24_linear") ->
         raise FormatError(f"{fn}: kernel {kernel!r} needs K % {64 * cfg.subs} == 0, got K={k}")
 
 
-@functools.lru_cache(maxsize=4096)  # pure; called on every launch, so a hit saves ~3 us of host time
+@functools.lru_cache(maxsize=4096, typed=True)  # pure; called on every launch, so a hit saves ~3 us of host time
 def plan_sparse24(m: int, n: int, k: int, dtype: torch.dtype, arch: str, smem_limit: int,
                   kernel: str = "auto") -> LaunchPlan:
     """Kernel choice for ``sparse24_linear`` (pure: no device needed). auto: the mma.sp tile for M (small <= 16
@@ -976,7 +976,7 @@ def _split_counters(device: torch.device, n: int) -> torch.Tensor:
         return buf
 
 
-@functools.lru_cache(maxsize=4096)  # pure; called on every launch, so a hit saves ~3 us of host time
+@functools.lru_cache(maxsize=4096, typed=True)  # pure; called on every launch, so a hit saves ~3 us of host time
 def plan_w4a16(m: int, n: int, n_pad: int, k: int, dtype: torch.dtype, ng: int, arch: str, smem_limit: int,
                sm_count: int, kernel: str = "auto", decode_ctas_per_sm: float = 2,
                decode_stages: int | None = None) -> LaunchPlan:

@@ -21,6 +21,9 @@ MAP_BYTES = 128
 SWIZZLE_BYTES = 128  # the 128-byte swizzle: a box row is exactly 128 bytes
 _CACHE_LIMIT = 1024
 _cache: OrderedDict[tuple, torch.Tensor] = OrderedDict()
+# Maps a CUDA graph captured: a replay reads them at the address captured, so they must outlive the LRU above
+# (kept for the life of the process; one 128-byte map per captured launch shape).
+_captured: dict[tuple, torch.Tensor] = {}
 _lock = threading.Lock()
 
 
@@ -66,17 +69,21 @@ def device_tensor_map(x: torch.Tensor, box_rows: int) -> torch.Tensor:
     ``[128]`` tensor on ``x``'s device (torch allocations are 512-byte aligned: the map's 64 bytes hold).
     Cached by (device, address, shape, dtype, box): a map depends on nothing else, so a cached one stays right
     even after ``x`` is freed and its memory reused. A miss while the current stream captures a CUDA graph raises
-    DeviceError (warm the call up before capturing: a captured launch then reads the cached map)."""
+    DeviceError (warm the call up before capturing: a captured launch then reads the cached map); a map a capture
+    used is kept for the life of the process, since the graph's replays read it."""
     if not isinstance(x, torch.Tensor) or x.dim() != 2 or not x.is_contiguous():
         what = f"{list(x.shape)}" if isinstance(x, torch.Tensor) else type(x).__name__
         raise FormatError(f"tensor map: X must be a contiguous 2-D tensor, got {what}")
     key = (x.device.index, x.data_ptr(), tuple(x.shape), x.dtype, box_rows)
+    capturing = torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
     with _lock:
         hit = _cache.get(key)
         if hit is not None:
             _cache.move_to_end(key)
+            if capturing:
+                _captured[key] = hit
             return hit
-    if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+    if capturing:
         # the copy below would become a graph node that re-reads a pinned host block torch may have reused
         raise DeviceError(
             f"tensor map for X [{x.shape[0]}, {x.shape[1]}] at {x.data_ptr():#x} (box rows {box_rows}) is not cached "

@@ -1197,9 +1197,12 @@ def test_bench_report_targets_and_table():
     assert "check_w4a16" not in rows[3]
     assert rows[2]["ours24_vs_cslt"] == pytest.approx(90.0 / 70.0)
     # decode in a CUDA graph: 20x and 94% of the roofline pass; 13x at 63% fails on the roofline
-    rows[0] = bench.evaluate(dict(rows[0], dense_graph_us=40.0, w4a16_graph_us=2.0, graph_weight_copies=16), 3.35e12)
-    rows[1] = bench.evaluate(dict(rows[1], dense_graph_us=40.0, w4a16_graph_us=3.0, graph_weight_copies=16), 3.35e12)
+    graph = dict(dense_graph_us=40.0, graph_weight_copies=17, graph_l2_ratio=2.1, w4a16_graph_err=3e-3)
+    rows[0] = bench.evaluate(dict(rows[0], **graph, w4a16_graph_us=2.0), 3.35e12)
+    rows[1] = bench.evaluate(dict(rows[1], **graph, w4a16_graph_us=3.0), 3.35e12)
     assert rows[0]["check_w4a16_graph"] == "PASS" and rows[1]["check_w4a16_graph"] == "FAIL"
+    for bad in (dict(w4a16_graph_err=0.5), dict(graph_l2_ratio=1.5)):  # wrong result / weights may sit in L2
+        assert bench.evaluate(dict(rows[0], **bad), 3.35e12)["check_w4a16_graph"] == "ERROR"
     assert rows[1]["w4a16_graph_roofline"] == pytest.approx(6.3e6 / 3e-6 / 3.35e12)
     memory = bench.model_memory(torch)
     assert memory["bits_per_weight"] == pytest.approx(3.125) and memory["check"] == "PASS"
@@ -1209,7 +1212,8 @@ def test_bench_report_targets_and_table():
                             "summary": bench.summarize(rows, memory)})
     table = [line for line in md.splitlines() if line.startswith("| 7b")]
     assert len(table) == 6 and all(line.count("|") == 24 for line in table[:4])
-    assert all(line.count("|") == 11 for line in table[4:]) and "| 20.00x | 94% | 16 | PASS |" in table[4]
+    assert all(line.count("|") == 13 for line in table[4:])
+    assert "| 20.00x | 94% | 17 | 2.1 | 3.0e-03 | PASS |" in table[4]
     assert "3.125 bits/weight" in md and "'pass': 1, 'fail': 1" in md
     assert "the same decode targets in a CUDA graph: {'pass': 1, 'fail': 1, 'error': 0}" in md
     assert "Host time of one call" in md and "dense 8–16 us; ours 2:4 30–30 us" in md and "W4A16" not in \

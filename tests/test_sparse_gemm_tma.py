@@ -79,6 +79,9 @@ def test_gpu_tma_kernel_in_a_cuda_graph():
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         sparse24_linear(x, w, out=out, kernel="sm90tma_128")
+    from sparsert.runtime import tensor_map
+
+    assert any(key[1] == x.data_ptr() for key in tensor_map._captured)  # kept beyond the LRU for the replays
     x.copy_(torch.randn_like(x))
     graph.replay()
     torch.cuda.synchronize()

@@ -129,7 +129,7 @@ def test_resume_without_out_names_the_runs_it_could_mean(tmp_path, monkeypatch, 
     (["--decay-max", "0.5", "--decay-warmup", "3"], "error: --decay-max, --decay-warmup: only used with --method ast "
                                                    "(AST's annealed decay); this run would ignore them"),
     (["--distill-temperature", "3"], "error: --distill-temperature: only used when distilling from a teacher "
-                                     "(--teacher, or --method ast with --init-from); this run would ignore it"),
+                                     "(--teacher, or --method ast); this run would ignore it"),
     (["--dense", "--mask-refresh", "3"], "error: --mask-refresh: only used in sparse training (a --dense run has no "
                                          "masks); this run would ignore it"),
     (["--mask-refresh", "-1"], "error: --mask-refresh: expected a positive integer, got -1"),

@@ -45,8 +45,9 @@ _INERT_UNLESS = (
     (("slorb_k",), lambda c: c.slorb, "with --slorb (the SLoRB group size)"),
     (("decay_max", "decay_warmup"), lambda c: c.method == "ast" and not c.dense,
      "with --method ast (AST's annealed decay)"),
-    (("distill_alpha", "distill_beta", "distill_temperature"), lambda c: c.teacher is not None and not c.dense,
-     "when distilling from a teacher (--teacher, or --method ast with --init-from)"),
+    (("distill_alpha", "distill_beta", "distill_temperature"),
+     lambda c: (c.teacher is not None or c.method == "ast") and not c.dense,  # ast: --distill-beta 0 = no teacher
+     "when distilling from a teacher (--teacher, or --method ast)"),
     (("mask_refresh",), lambda c: not c.dense, "in sparse training (a --dense run has no masks)"),
 )
 
