@@ -226,3 +226,14 @@ def test_too_short_data_names_the_file(tmp_path, monkeypatch, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: --data short.txt: ") and "fewer than seq_len + 1" in err[0]
     assert not (tmp_path / "runs").exists()
+
+
+def test_ast_without_a_teacher_takes_distill_beta_zero(corpus, tmp_path, monkeypatch):
+    """The trainer's advice for AST without a teacher (--distill-beta 0) must not be refused as a flag without
+    effect."""
+    from sparsert.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    main(["train", "--method", "ast", "--distill-beta", "0", "--data", str(corpus), "--steps", "1",
+          "--eval-interval", "1", "--out", "run", *TINY])
+    assert (tmp_path / "run" / "artifact").is_dir()
