@@ -187,6 +187,8 @@ def pack_linear(
             mask = nm_mask(w, 2, 4, name=name)
         elif mask.shape != w.shape:
             raise FormatError(f"mask for {name} has shape {tuple(mask.shape)}, expected {(out, k)}")
+        elif k % 4:
+            raise FormatError(f"{name} of shape {(out, k)}: K={k} is not divisible by 4 (2:4 groups along K)")
         elif not is_nm_sparse(mask.to(torch.bool), 2, 4):
             raise FormatError(f"mask for {name} is not 2:4 along K (a group of four keeps more than two)")
         w = w * mask.to(torch.bool)
