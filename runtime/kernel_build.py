@@ -417,13 +417,14 @@ class LaunchableKernel:
                 packed.append(a)
         try:
             config = core.LaunchConfig(grid=grid, block=block, shmem_size=shmem)
-            core.launch(stream_for(stream, self.device_index), config, self.kernel, *packed)
+            launch_stream = stream_for(stream, self.device_index)
+            core.launch(launch_stream, config, self.kernel, *packed)
         except DeviceError:
             raise
         except Exception as exc:  # cuda.core's CUDAError carries the driver's code and message
             raise DeviceError(f"launching {self.name} ({self.arch}, grid {grid}, block {block}, shmem {shmem}) "
                               f"failed: {exc}") from None
-        check_last_launch(self.name)
+        check_last_launch(self.name, launch_stream)
 
 
 def load_kernel(spec: KernelSpec, name_expression: str, device=None) -> LaunchableKernel:
