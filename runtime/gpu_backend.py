@@ -110,6 +110,9 @@ class GpuStepper:
         tune: decide every layer's kernel at load for the token counts decoding and prefill will use, then
             free the formats no decision chose (keeps device memory at the chosen formats).
         dispatcher: share one :class:`Dispatcher` between steppers (default: one per device, cached on disk).
+        cuda_graph: run every one-token step after the prompt as one CUDA graph replay
+            (:meth:`DecoderLM.decode_step`: fixed shapes, the position on the device), captured at the first such
+            step: no per-layer launch cost on the host. The prompt (prefill) runs eagerly.
     Raises:
         DeviceError: no usable GPU (``"GpuStepper needs a GPU: no NVIDIA GPU/driver available ..."``), torch
         without CUDA, or a layer no backend can run.
@@ -117,7 +120,7 @@ class GpuStepper:
 
     def __init__(self, artifact, device: int = 0, *, dtype: torch.dtype | str = torch.bfloat16,
                  dense_dtype: torch.dtype = torch.float32, allow_dense: bool = False, tune: bool = True,
-                 dispatcher: Dispatcher | None = None):
+                 dispatcher: Dispatcher | None = None, cuda_graph: bool = False):
         gpu = require_gpu("GpuStepper")
         if device != 0:
             from sparsert.runtime.device import get_device
@@ -147,6 +150,10 @@ class GpuStepper:
         self.config = artifact.model_config
         self.max_seq_len = self.config.max_seq_len
         self.cache = self.model.new_cache(1)
+        if not isinstance(cuda_graph, bool):
+            raise ConfigError(f"GpuStepper cuda_graph must be true or false, got {cuda_graph!r}")
+        self.cuda_graph = cuda_graph
+        self._graph = None  # (graph, token [1, 1], position [1], logits [1, 1, V]) once captured
         if tune:
             self.tune()
 
@@ -190,8 +197,34 @@ class GpuStepper:
         if self.cache.length + len(ids) > self.max_seq_len:
             raise ConfigError(f"GpuStepper.step: {self.cache.length + len(ids)} positions exceed max_seq_len="
                               f"{self.max_seq_len}")
+        if self.cuda_graph and len(ids) == 1 and self.cache.length > 0:
+            return self._graph_step(ids[0])
         x = torch.tensor([ids], dtype=torch.int64, device=self.device)  # (1, T)
         return self.model(x, cache=self.cache)[0, -1].float()  # (V,)
+
+    def _graph_step(self, token: int) -> torch.Tensor:
+        """One decode token through the captured graph (captured on first use; the static token and position
+        tensors are filled on the stream, so nothing waits for the GPU)."""
+        if self._graph is None:
+            tok = torch.zeros(1, 1, dtype=torch.int64, device=self.device)
+            pos = torch.zeros(1, dtype=torch.int64, device=self.device)
+            tok.fill_(token)
+            pos.fill_(self.cache.length)
+            side = torch.cuda.Stream(self.device)
+            side.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(side):  # warm-up: kernel loads, cached plans, dispatch decisions (this step's
+                self.model.decode_step(tok, pos, self.cache)  # own k/v write: replayed below, same values)
+            torch.cuda.current_stream(self.device).wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                logits = self.model.decode_step(tok, pos, self.cache)
+            self._graph = (graph, tok, pos, logits)
+        graph, tok, pos, logits = self._graph
+        tok.fill_(token)
+        pos.fill_(self.cache.length)
+        graph.replay()
+        self.cache.length += 1
+        return logits[0, -1].clone()  # (V,) float32; the graph's own output is overwritten by the next replay
 
     def memory_report(self) -> dict:
         """Device memory of the sparse linears' weights: bytes, weights, bits per weight, backends held.

@@ -196,6 +196,23 @@ class KVCache:
         return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
 
 
+class PositionSlot:
+    """The :class:`KVCache` seen by one fixed-shape decode step (:meth:`DecoderLM.decode_step`): ``update`` writes
+    the token's keys/values [B, nh, 1, hd] at the device-side position ``pos`` (int64 tensor, shape [1]) with
+    ``index_copy_`` and returns every cached position [B, nh, max_len, hd] (the step masks those after ``pos``),
+    so no shape depends on the position and the step can be captured in a CUDA graph."""
+
+    def __init__(self, cache: KVCache, pos: torch.Tensor) -> None:
+        self.cache = cache
+        self.pos = pos
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        keys, values = self.cache.k[layer], self.cache.v[layer]
+        keys.index_copy_(2, self.pos, k.to(keys.dtype))
+        values.index_copy_(2, self.pos, v.to(values.dtype))
+        return keys, values
+
+
 def slorb_group_sum(x: torch.Tensor, k: int) -> torch.Tensor:
     """Sums of each group of ``k`` consecutive entries of the last dimension: float [..., K] -> [..., K/k].
 
@@ -456,6 +473,28 @@ class DecoderLM(nn.Module):
             x = block(x, cos, sin, cache, i, mask)
         if cache is not None:
             cache.length = start + T
+        return self.lm_head(self.norm_f(x)).float()
+
+    def decode_step(self, input_ids: torch.Tensor, pos: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """One token per sequence at a position held on the device, with shapes independent of it (a CUDA graph
+        can capture it once and replay it for every later token): logits float32 [B, 1, V] for ``input_ids``
+        int64 [B, 1] at position ``pos`` (int64 tensor [1], on the model's device, < ``cache.max_len``).
+
+        Same function as ``forward(input_ids, cache)`` at ``cache.length == pos``: the keys/values go to ``pos``
+        (:class:`PositionSlot`) and attention covers positions ``0..pos`` through a mask over the whole cache
+        (the sums then run over more, masked, terms: equal up to float rounding). It neither reads nor advances
+        ``cache.length`` and checks nothing on the host (the caller keeps the position in range).
+        """
+        x = self.tok_emb(input_ids)  # (B, 1, d)
+        cos = sin = None
+        if self.config.arch == "gpt2":
+            x = x + self.pos_emb(pos)  # (1, d)
+        else:
+            cos, sin = self.rope_cos.index_select(0, pos), self.rope_sin.index_select(0, pos)  # (1, hd)
+        mask = (torch.arange(cache.max_len, device=pos.device) <= pos).view(1, -1)  # (1, S) bool, True = attend
+        slot = PositionSlot(cache, pos)
+        for i, block in enumerate(self.blocks):
+            x = block(x, cos, sin, slot, i, mask)
         return self.lm_head(self.norm_f(x)).float()
 
 

@@ -23,13 +23,18 @@ BACKENDS = ("torch", "onnx", "runtime")
 
 
 @contextmanager
-def make_stepper(artifact: Artifact, backend: str, onnx_path: str | Path | None = None) -> Iterator[Stepper]:
+def make_stepper(artifact: Artifact, backend: str, onnx_path: str | Path | None = None, *,
+                 cuda_graph: bool = False) -> Iterator[Stepper]:
     """Yield a :class:`~sparsert.runtime.generate.Stepper` for ``artifact`` (a loaded
     :class:`~sparsert.runtime.artifact.Artifact`) on ``backend``, one of :data:`BACKENDS`; ``onnx_path``: with
-    ``"onnx"``, an exported graph of this artifact (default: one exported to a temporary file). Temporary files
-    are removed on exit. ConfigError for an unknown backend, DeviceError when the GPU runtime cannot load."""
+    ``"onnx"``, an exported graph of this artifact (default: one exported to a temporary file); ``cuda_graph``:
+    with ``"runtime"``, replay each decode step as one CUDA graph. Temporary files are removed on exit.
+    ConfigError for an unknown backend (or ``cuda_graph`` on another), DeviceError when the GPU runtime cannot
+    load."""
     from sparsert.runtime.errors import ConfigError, DeviceError  # noqa: PLC0415 - keep `import` light
 
+    if cuda_graph and backend != "runtime":
+        raise ConfigError(f"--cuda-graph applies only to --backend runtime (got --backend {backend})")
     if backend == "torch":
         from sparsert.runtime.generate import TorchStepper  # noqa: PLC0415
 
@@ -44,6 +49,6 @@ def make_stepper(artifact: Artifact, backend: str, onnx_path: str | Path | None 
             from sparsert.runtime.gpu_backend import GpuStepper  # noqa: PLC0415
         except ImportError as exc:
             raise DeviceError(f"--backend runtime is unavailable: {exc}") from None
-        yield GpuStepper(artifact)
+        yield GpuStepper(artifact, cuda_graph=cuda_graph)
     else:
         raise ConfigError(f"--backend must be one of {', '.join(BACKENDS)}, got {backend!r}")

@@ -173,6 +173,7 @@ def test_missing_artifact(capsys, tmp_path):
         (["--prompt", "hi", "--top-k", "0"], "--top-k must be a positive integer"),
         (["--prompt", "hi", "--onnx", "x.onnx"], "--onnx applies only to --backend onnx"),
         (["--prompt", "hi", "--top-k", "5"], "--top-k only acts when sampling; add --temperature > 0"),
+        (["--prompt", "hi", "--cuda-graph"], "--cuda-graph applies only to --backend runtime (got --backend torch)"),
         (["--prompt", "hi", "--top-k", "5", "--seed", "3"], "--top-k, --seed only act when sampling"),
         (["--prompt", "hi", "--backend", "onnx", "--onnx", "missing.onnx"], "ONNX model missing.onnx does not exist"),
         (["--prompt", "x" * 48], "prompt is 48 tokens; the model's context is 48 tokens"),

@@ -158,6 +158,26 @@ def test_cached_decoding_equals_full_forward(arch):
 
 
 @pytest.mark.parametrize("arch", ARCHS)
+def test_fixed_shape_decode_step_equals_cached_forward(arch):
+    """decode_step (the CUDA-graph path of the GPU runtime: position on the device, attention over the whole
+    cache with a mask) computes what the cached forward computes, token by token, after a prefill, and leaves
+    cache.length to the caller; the cache it writes is the one the cached forward writes."""
+    model = make_model(arch)
+    ids = torch.randint(0, 256, (2, 16))
+    with torch.no_grad():
+        ref_cache, cache = model.new_cache(2), model.new_cache(2)
+        model(ids[:, :5], ref_cache)
+        model(ids[:, :5], cache)
+        for t in range(5, 16):
+            want = model(ids[:, t:t + 1], ref_cache)
+            got = model.decode_step(ids[:, t:t + 1], torch.tensor([t]), cache)
+            assert cache.length == 5
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(cache.k[:, :, :, :16], ref_cache.k[:, :, :, :16], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(cache.v[:, :, :, :16], ref_cache.v[:, :, :, :16], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
 def test_sequence_longer_than_max_seq_len_is_rejected(arch):
     model = make_model(arch)
     with pytest.raises(ConfigError, match=r"sequence of 25 positions exceeds the model's max_seq_len=24"):

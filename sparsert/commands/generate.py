@@ -36,9 +36,11 @@ from sparsert.backends import BACKENDS, make_stepper
               help="torch: PyTorch reference (CPU); onnx: ONNX Runtime (CPU); runtime: sparsert GPU runtime.")
 @click.option("--onnx", "onnx_path", type=str, default=None,
               help="With --backend onnx: an ONNX file from `sparsert export` (default: export to a temp file).")
+@click.option("--cuda-graph", is_flag=True,
+              help="With --backend runtime: replay each decode step as one CUDA graph (no per-layer launch cost).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object (text, token ids, timing).")
 def command(artifact: str, prompt: str, max_new_tokens: int, temperature: float, top_k: int | None, seed: int,
-            backend: str, onnx_path: str | None, as_json: bool) -> None:
+            backend: str, onnx_path: str | None, cuda_graph: bool, as_json: bool) -> None:
     """Generate a continuation of --prompt from ARTIFACT (greedy by default)."""
     from sparsert.runtime.artifact import load_artifact
     from sparsert.runtime.errors import ConfigError
@@ -49,6 +51,8 @@ def command(artifact: str, prompt: str, max_new_tokens: int, temperature: float,
     cfg = GenerationConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, seed=seed)
     if onnx_path is not None and backend != "onnx":
         raise ConfigError(f"--onnx applies only to --backend onnx (got --backend {backend})")
+    if cuda_graph and backend != "runtime":
+        raise ConfigError(f"--cuda-graph applies only to --backend runtime (got --backend {backend})")
     if temperature == 0:
         ctx = click.get_current_context()
         sampling = [f for f, name in (("--top-k", "top_k"), ("--seed", "seed"))
@@ -60,7 +64,7 @@ def command(artifact: str, prompt: str, max_new_tokens: int, temperature: float,
     prompt_ids = art.tokenizer.encode(prompt)
     with warnings.catch_warnings():  # restores showwarning on exit
         warnings.showwarning = _one_line_warnings(warnings.showwarning)
-        with make_stepper(art, backend, onnx_path) as stepper:
+        with make_stepper(art, backend, onnx_path, cuda_graph=cuda_graph) as stepper:
             start = time.perf_counter()
             ids = generate_ids(stepper, prompt_ids, cfg)
             seconds = time.perf_counter() - start
