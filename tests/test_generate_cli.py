@@ -353,3 +353,28 @@ def test_export_accuracy_level_without_effect_is_refused(capsys, tmp_path, artif
     code, _, err = run_main(capsys, "export", str(artifact), "-o", str(out), "--skip-parity", "--accuracy-level", "4")
     assert_one_line_error(code, err, "--accuracy-level sets ONNX Runtime's MatMulNBits accuracy for the parity run")
     assert not out.exists()
+
+
+def test_bench_generate_without_gpu_and_its_table(tmp_path):
+    """tools/bench_generate.py: nothing measured without a GPU; its table has one line per mode."""
+    import importlib.util
+
+    from sparsert.runtime.device import probe_gpu
+
+    path = Path(__file__).resolve().parent.parent / "tools" / "bench_generate.py"
+    if not probe_gpu()[0]:
+        out = tmp_path / "gen.md"
+        proc = subprocess.run([sys.executable, str(path), "--out", str(out)], capture_output=True, text=True,
+                              timeout=120)
+        assert proc.returncode == 0 and proc.stdout.startswith("no GPU: nothing measured"), proc.stderr
+        assert not out.exists()
+    spec = importlib.util.spec_from_file_location("bench_generate", path)
+    gen = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gen)
+    rows = [{"mode": m, "ms_per_token": ms, "tokens_per_s": 1e3 / ms, "vs_runtime_eager": 4.0 / ms}
+            for m, ms in (("torch dense bf16 (eager)", 6.0), ("sparsert runtime (eager)", 4.0),
+                          ("sparsert runtime (CUDA graph)", 1.0))]
+    md = gen.to_markdown({"device": "H200", "arch": "sm_90a", "date": "d", "d_model": 1024, "layers": 8,
+                          "ffn": 2816, "prompt_len": 32, "new_tokens": 128, "graph_tokens_equal_eager": 128}, rows)
+    table = [line for line in md.splitlines() if line.startswith("| torch") or line.startswith("| sparsert")]
+    assert len(table) == 3 and "| 1.000 | 1000 | 4.00x |" in table[2] and "the first 128 of 128" in md

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The one command to run on a lent GPU machine (H100/H200 through the device tool), from the repository root:
 #
-#     bash tools/gpu_session.sh [all|tests|bench|ffn|diag]     # carry: [".whl"] (optional, see below)
+#     bash tools/gpu_session.sh [all|tests|bench|ffn|diag|gen]     # carry: [".whl"] (optional, see below)
 #
 # It installs sparsert (editable, offline), records the environment, builds every kernel for the device's
 # architecture in parallel (warming the NVRTC cache), runs the GPU test suite (`pytest -m gpu`), the kernel
@@ -13,7 +13,9 @@
 #   ffn.md  ffn.json
 # `tests`, `bench`, `ffn` or `diag` runs only that part (the benchmarks both run under `bench`). `diag` is
 # tools/diagnose_sm90.py (Hopper only: why the wgmma kernels are slow); its table goes into logs.txt. `all`
-# runs it last, in whatever time is left (at most DIAG_TIMEOUT=120 s).
+# runs it after the benchmarks, in whatever time is left (at most DIAG_TIMEOUT=120 s), then `gen`
+# (tools/bench_generate.py: decode tokens/s of the GPU runtime, eager vs CUDA graph; at most GEN_TIMEOUT=60 s,
+# table in logs.txt).
 #
 # Time budget: one device call must end within 600 s. Set-up steps have fixed caps (carried wheels 60 s,
 # install 60 s, environment + parallel kernel builds 150 s: 270 s at most); the measured phases are each
@@ -21,7 +23,8 @@
 #   GPU tests         min(TESTS_TIMEOUT=240, left - BENCH_MIN (60) - FFN_TIMEOUT), shared by the test files
 #   kernel benchmark  min(BENCH_TIMEOUT=270, left - FFN_TIMEOUT)
 #   FFN benchmark     min(FFN_TIMEOUT=110, left)   (expected ~30-60 s at d=4096, 16k tokens, 10 repeats)
-#   diagnosis         min(DIAG_TIMEOUT=120, left)  (last, in whatever time the others left)
+#   diagnosis         min(DIAG_TIMEOUT=120, left)  (in whatever time the others left)
+#   generate          min(GEN_TIMEOUT=60, left)    (last)
 # so everything has ended by 570 s (+5 s if a phase ignores SIGINT and is killed), leaving the rest for the
 # tails below and the copy-back. A phase left with under 20 s is skipped and says so in summary.txt.
 #
@@ -49,6 +52,7 @@ BENCH_TIMEOUT=${BENCH_TIMEOUT:-270}
 BENCH_MIN=${BENCH_MIN:-60}
 FFN_TIMEOUT=${FFN_TIMEOUT:-110}
 DIAG_TIMEOUT=${DIAG_TIMEOUT:-120}
+GEN_TIMEOUT=${GEN_TIMEOUT:-60}
 DEADLINE=${DEADLINE:-570}
 START=$(date +%s)
 summary() { echo "$*" | tee -a "$OUT/summary.txt"; }
@@ -230,6 +234,20 @@ if [ "$MODE" = all ] || [ "$MODE" = diag ]; then
     summary "diag: exit $rc (limit ${limit}s; table in logs.txt)"
   else
     summary "diag: skipped, ${limit}s left"
+  fi
+fi
+
+# 8. Decode speed of `generate --backend runtime`: eager vs CUDA graph vs dense torch (table in logs.txt).
+if [ "$MODE" = all ] || [ "$MODE" = gen ]; then
+  limit=$(phase_limit "$GEN_TIMEOUT" 0)
+  if [ "$limit" -ge 20 ]; then
+    timeout --signal=INT --kill-after=5 "$limit" $PY tools/bench_generate.py --out /tmp/generate.md \
+      > /tmp/gen.log 2>&1
+    rc=$?
+    log_section "tools/bench_generate.py (exit $rc)" /tmp/gen.log
+    summary "gen: exit $rc (limit ${limit}s; table in logs.txt)"
+  else
+    summary "gen: skipped, ${limit}s left"
   fi
 fi
 
