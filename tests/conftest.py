@@ -35,6 +35,36 @@ def _train_on_the_cpu_unless_a_gpu_test(request, monkeypatch):
         monkeypatch.setenv("SPARSERT_DEVICE", "cpu")
 
 
+TOOLS = Path(__file__).resolve().parent.parent / "tools"
+
+
+def load_tool(name: str):
+    """``tools/<name>.py`` imported as a module (tools/ holds scripts, not a package)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, TOOLS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def check_tool_measures_nothing_without_gpu(name: str, tmp_path: Path) -> None:
+    """``tools/<name>.py --out FILE`` on a machine without a GPU: exit 0, ``no GPU: nothing measured``, no FILE.
+    Does nothing where a GPU is present (the tool would measure)."""
+    import subprocess
+    import sys
+
+    from sparsert.runtime.device import probe_gpu
+
+    if probe_gpu()[0]:
+        return
+    out = tmp_path / f"{name}.md"
+    proc = subprocess.run([sys.executable, str(TOOLS / f"{name}.py"), "--out", str(out)], capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0 and proc.stdout.startswith("no GPU: nothing measured"), proc.stderr
+    assert not out.exists()
+
+
 @functools.lru_cache(maxsize=1)
 def gpu_status() -> tuple[bool, str]:
     """(usable, reason) for the GPU tests."""

@@ -357,20 +357,10 @@ def test_export_accuracy_level_without_effect_is_refused(capsys, tmp_path, artif
 
 def test_bench_generate_without_gpu_and_its_table(tmp_path):
     """tools/bench_generate.py: nothing measured without a GPU; its table has one line per mode."""
-    import importlib.util
+    from conftest import check_tool_measures_nothing_without_gpu, load_tool
 
-    from sparsert.runtime.device import probe_gpu
-
-    path = Path(__file__).resolve().parent.parent / "tools" / "bench_generate.py"
-    if not probe_gpu()[0]:
-        out = tmp_path / "gen.md"
-        proc = subprocess.run([sys.executable, str(path), "--out", str(out)], capture_output=True, text=True,
-                              timeout=120)
-        assert proc.returncode == 0 and proc.stdout.startswith("no GPU: nothing measured"), proc.stderr
-        assert not out.exists()
-    spec = importlib.util.spec_from_file_location("bench_generate", path)
-    gen = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(gen)
+    check_tool_measures_nothing_without_gpu("bench_generate", tmp_path)
+    gen = load_tool("bench_generate")
     rows = [{"mode": m, "ms_per_token": ms, "tokens_per_s": 1e3 / ms, "vs_runtime_eager": 4.0 / ms}
             for m, ms in (("torch dense bf16 (eager)", 6.0), ("sparsert runtime (eager)", 4.0),
                           ("sparsert runtime (CUDA graph)", 1.0))]

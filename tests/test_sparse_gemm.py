@@ -1151,35 +1151,19 @@ def test_gpu_matches_cpu_fallback():
 # ---------------------------------------------------------------------------------------------------------
 
 def _bench_module():
-    import importlib.util
-    from pathlib import Path
+    from conftest import load_tool
 
-    path = Path(__file__).resolve().parent.parent / "tools" / "bench_kernels.py"
-    spec = importlib.util.spec_from_file_location("bench_kernels", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod, path
+    return load_tool("bench_kernels")
 
 
 def test_bench_without_gpu_measures_nothing(tmp_path):
-    import subprocess
-    import sys
+    from conftest import check_tool_measures_nothing_without_gpu
 
-    from sparsert.runtime.device import probe_gpu
-
-    if probe_gpu()[0]:
-        pytest.skip("a GPU is present: the benchmark would measure")
-    _, path = _bench_module()
-    out = tmp_path / "bench.md"
-    proc = subprocess.run([sys.executable, str(path), "--out", str(out)], capture_output=True, text=True,
-                          timeout=120)
-    assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.startswith("no GPU: nothing measured")
-    assert not out.exists()
+    check_tool_measures_nothing_without_gpu("bench_kernels", tmp_path)
 
 
 def test_bench_report_targets_and_table():
-    bench, _ = _bench_module()
+    bench = _bench_module()
     base = {"model": "7b", "layer": "q/k/v/o", "N": 4096, "K": 4096, "dense_us": 100.0, "dense_bytes": 1.0,
             "ours24_us": 80.0, "ours24_err": 1e-3, "ours24_bytes": 1.0, "w4a16_err": 1e-2, "w4a16_bytes": 1.0,
             "w4a16_read_bytes": 6.3e6}
@@ -1221,7 +1205,7 @@ def test_bench_report_targets_and_table():
 
 
 def test_bench_clone_weight_copies_every_tensor():
-    bench, _ = _bench_module()
+    bench = _bench_module()
     w = prepare_w4a16(_packed(16, 128, seed=5, group=128), dtype=torch.bfloat16)
     c = bench.clone_weight(w)
     for name in ("qweight", "meta", "scales", "bias"):
@@ -1232,23 +1216,10 @@ def test_bench_clone_weight_copies_every_tensor():
 
 def test_diagnose_sm90_without_gpu_and_its_table(tmp_path):
     """tools/diagnose_sm90.py: nothing measured without a GPU; its table has one line per measured row."""
-    import importlib.util
-    import subprocess
-    import sys
-    from pathlib import Path
+    from conftest import check_tool_measures_nothing_without_gpu, load_tool
 
-    from sparsert.runtime.device import probe_gpu
-
-    path = Path(__file__).resolve().parent.parent / "tools" / "diagnose_sm90.py"
-    if not probe_gpu()[0]:
-        out = tmp_path / "diag.md"
-        proc = subprocess.run([sys.executable, str(path), "--out", str(out)], capture_output=True, text=True,
-                              timeout=120)
-        assert proc.returncode == 0 and proc.stdout.startswith("no GPU: nothing measured"), proc.stderr
-        assert not out.exists()
-    spec = importlib.util.spec_from_file_location("diagnose_sm90", path)
-    diag = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(diag)
+    check_tool_measures_nothing_without_gpu("diagnose_sm90", tmp_path)
+    diag = load_tool("diagnose_sm90")
     rows = [{"shape": "7b down", "N": 4096, "K": 11008, "M": 8192, "kernel": "sparse24 sm90_256",
              "variant": "mma_only", "us": 900.0, "tflops": 820.0, "vs_dense": 1.02},
             {"shape": "7b down", "N": 4096, "K": 11008, "M": 8192, "kernel": "w4a16 sm90_128",
@@ -1261,7 +1232,7 @@ def test_diagnose_sm90_without_gpu_and_its_table(tmp_path):
 
 
 def test_bench_notes_failures_but_stops_on_kernel_faults():
-    bench, _ = _bench_module()
+    bench = _bench_module()
     row = {}
     bench.note_failure(row, "ours24_small_note", ValueError("M too small"))
     assert row == {"ours24_small_note": "ValueError: M too small"}
@@ -1273,7 +1244,7 @@ def test_bench_notes_failures_but_stops_on_kernel_faults():
 
 def test_bench_counts_cases_without_a_result_as_errors():
     """A covered case whose kernels all failed (or that faulted) is an ERROR in the summary, not left out."""
-    bench, _ = _bench_module()
+    bench = _bench_module()
     failed = [bench.evaluate({"model": "7b", "layer": "down", "N": 4096, "K": 11008, "M": m, "flops": 1.0,
                               "error": "RuntimeError: CUDA error: an illegal memory access was encountered"}, 4.8e12)
               for m in (1, 128, 2048)]

@@ -62,6 +62,20 @@ phase_limit() {
   local left=$(( DEADLINE - ($(date +%s) - START) - $2 ))
   if [ "$left" -lt "$1" ]; then echo "$left"; else echo "$1"; fi
 }
+# log_phase NAME CAP SCRIPT [ARGS...]: run a tool whose table goes into logs.txt only, within min(CAP, time left).
+log_phase() {
+  local name=$1 limit rc
+  limit=$(phase_limit "$2" 0)
+  shift 2
+  if [ "$limit" -ge 20 ]; then
+    timeout --signal=INT --kill-after=5 "$limit" $PY "$@" > "/tmp/$name.log" 2>&1
+    rc=$?
+    log_section "$1 (exit $rc)" "/tmp/$name.log"
+    summary "$name: exit $rc (limit ${limit}s; table in logs.txt)"
+  else
+    summary "$name: skipped, ${limit}s left"
+  fi
+}
 : > "$OUT/summary.txt"
 : > "$OUT/logs.txt"
 : > "$OUT/env.txt"
@@ -225,30 +239,12 @@ fi
 
 # 7. Bottleneck diagnosis of the Hopper kernels (full / mma_only / load_only builds, host and launch times).
 if [ "$MODE" = all ] || [ "$MODE" = diag ]; then
-  limit=$(phase_limit "$DIAG_TIMEOUT" 0)
-  if [ "$limit" -ge 20 ]; then
-    timeout --signal=INT --kill-after=5 "$limit" $PY tools/diagnose_sm90.py --out /tmp/diagnose_sm90.md \
-      > /tmp/diag.log 2>&1
-    rc=$?
-    log_section "tools/diagnose_sm90.py (exit $rc)" /tmp/diag.log
-    summary "diag: exit $rc (limit ${limit}s; table in logs.txt)"
-  else
-    summary "diag: skipped, ${limit}s left"
-  fi
+  log_phase diag "$DIAG_TIMEOUT" tools/diagnose_sm90.py --out /tmp/diagnose_sm90.md
 fi
 
-# 8. Decode speed of `generate --backend runtime`: eager vs CUDA graph vs dense torch (table in logs.txt).
+# 8. Decode speed of `generate --backend runtime`: eager vs CUDA graph vs dense torch.
 if [ "$MODE" = all ] || [ "$MODE" = gen ]; then
-  limit=$(phase_limit "$GEN_TIMEOUT" 0)
-  if [ "$limit" -ge 20 ]; then
-    timeout --signal=INT --kill-after=5 "$limit" $PY tools/bench_generate.py --out /tmp/generate.md \
-      > /tmp/gen.log 2>&1
-    rc=$?
-    log_section "tools/bench_generate.py (exit $rc)" /tmp/gen.log
-    summary "gen: exit $rc (limit ${limit}s; table in logs.txt)"
-  else
-    summary "gen: skipped, ${limit}s left"
-  fi
+  log_phase gen "$GEN_TIMEOUT" tools/bench_generate.py --out /tmp/generate.md
 fi
 
 summary "elapsed: $(( $(date +%s) - START )) s"
