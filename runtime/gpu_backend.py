@@ -96,6 +96,43 @@ def build_runtime_model(artifact, device: torch.device, *, dtype: torch.dtype, d
     return model.eval().requires_grad_(False)
 
 
+class DecodeGraph:
+    """One-token decode steps of a :class:`~sparsert.runtime.model.DecoderLM` (any: the runtime's or a plain torch
+    one on the GPU) replayed from a CUDA graph: :meth:`DecoderLM.decode_step` is captured at the first
+    :meth:`step` into static token / position / logits tensors, on a capture stream of its own (so the
+    per-stream split-K counters of the W4A16 decode kernel belong to this graph alone), after one eager warm-up
+    on a side stream (kernel loads, launch plans, dispatch decisions, tensor maps). Each step then fills the
+    token and position on the stream (no host wait), replays, and advances ``cache.length``."""
+
+    def __init__(self, model: nn.Module, cache, device: torch.device) -> None:
+        self.model, self.cache, self.device = model, cache, device
+        self.graph = None
+        self.stream = torch.cuda.Stream(device)
+        self.token = torch.zeros(1, 1, dtype=torch.int64, device=device)
+        self.position = torch.zeros(1, dtype=torch.int64, device=device)
+        self.logits: torch.Tensor | None = None
+
+    def step(self, token: int) -> torch.Tensor:
+        """Logits float32 [V] of ``token`` fed at position ``cache.length`` (a copy: the graph's own output is
+        overwritten by the next replay)."""
+        self.token.fill_(token)
+        self.position.fill_(self.cache.length)
+        if self.graph is None:
+            current = torch.cuda.current_stream(self.device)
+            side = torch.cuda.Stream(self.device)
+            side.wait_stream(current)
+            with torch.cuda.stream(side):  # warm-up; its k/v write is the step's own, repeated by the replay
+                self.model.decode_step(self.token, self.position, self.cache)
+            current.wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, stream=self.stream):
+                self.logits = self.model.decode_step(self.token, self.position, self.cache)
+            self.graph = graph
+        self.graph.replay()
+        self.cache.length += 1
+        return self.logits[0, -1].clone()
+
+
 class GpuStepper:
     """:class:`~sparsert.runtime.generate.Stepper` over an artifact on the GPU (batch 1, static KV cache).
 
@@ -153,7 +190,7 @@ class GpuStepper:
         if not isinstance(cuda_graph, bool):
             raise ConfigError(f"GpuStepper cuda_graph must be true or false, got {cuda_graph!r}")
         self.cuda_graph = cuda_graph
-        self._graph = None  # (graph, token [1, 1], position [1], logits [1, 1, V]) once captured
+        self._graph = DecodeGraph(self.model, self.cache, self.device) if cuda_graph else None
         if tune:
             self.tune()
 
@@ -197,34 +234,10 @@ class GpuStepper:
         if self.cache.length + len(ids) > self.max_seq_len:
             raise ConfigError(f"GpuStepper.step: {self.cache.length + len(ids)} positions exceed max_seq_len="
                               f"{self.max_seq_len}")
-        if self.cuda_graph and len(ids) == 1 and self.cache.length > 0:
-            return self._graph_step(ids[0])
+        if self._graph is not None and len(ids) == 1 and self.cache.length > 0:
+            return self._graph.step(ids[0])
         x = torch.tensor([ids], dtype=torch.int64, device=self.device)  # (1, T)
         return self.model(x, cache=self.cache)[0, -1].float()  # (V,)
-
-    def _graph_step(self, token: int) -> torch.Tensor:
-        """One decode token through the captured graph (captured on first use; the static token and position
-        tensors are filled on the stream, so nothing waits for the GPU)."""
-        if self._graph is None:
-            tok = torch.zeros(1, 1, dtype=torch.int64, device=self.device)
-            pos = torch.zeros(1, dtype=torch.int64, device=self.device)
-            tok.fill_(token)
-            pos.fill_(self.cache.length)
-            side = torch.cuda.Stream(self.device)
-            side.wait_stream(torch.cuda.current_stream(self.device))
-            with torch.cuda.stream(side):  # warm-up: kernel loads, cached plans, dispatch decisions (this step's
-                self.model.decode_step(tok, pos, self.cache)  # own k/v write: replayed below, same values)
-            torch.cuda.current_stream(self.device).wait_stream(side)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                logits = self.model.decode_step(tok, pos, self.cache)
-            self._graph = (graph, tok, pos, logits)
-        graph, tok, pos, logits = self._graph
-        tok.fill_(token)
-        pos.fill_(self.cache.length)
-        graph.replay()
-        self.cache.length += 1
-        return logits[0, -1].clone()  # (V,) float32; the graph's own output is overwritten by the next replay
 
     def memory_report(self) -> dict:
         """Device memory of the sparse linears' weights: bytes, weights, bits per weight, backends held.

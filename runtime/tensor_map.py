@@ -22,8 +22,10 @@ SWIZZLE_BYTES = 128  # the 128-byte swizzle: a box row is exactly 128 bytes
 _CACHE_LIMIT = 1024
 _cache: OrderedDict[tuple, torch.Tensor] = OrderedDict()
 # Maps a CUDA graph captured: a replay reads them at the address captured, so they must outlive the LRU above
-# (kept for the life of the process; one 128-byte map per captured launch shape).
+# (kept for the life of the process; one 128-byte map per captured launch shape). A map first encoded during a
+# capture is written by a captured host-to-device copy, which every replay repeats: its pinned source is kept too.
 _captured: dict[tuple, torch.Tensor] = {}
+_captured_sources: dict[tuple, torch.Tensor] = {}
 _lock = threading.Lock()
 
 
@@ -68,9 +70,9 @@ def device_tensor_map(x: torch.Tensor, box_rows: int) -> torch.Tensor:
     """The tensor map of a contiguous 2-D CUDA tensor ``x [rows, cols]`` (box ``{64, box_rows}``), as a uint8
     ``[128]`` tensor on ``x``'s device (torch allocations are 512-byte aligned: the map's 64 bytes hold).
     Cached by (device, address, shape, dtype, box): a map depends on nothing else, so a cached one stays right
-    even after ``x`` is freed and its memory reused. A miss while the current stream captures a CUDA graph raises
-    DeviceError (warm the call up before capturing: a captured launch then reads the cached map); a map a capture
-    used is kept for the life of the process, since the graph's replays read it."""
+    even after ``x`` is freed and its memory reused. A map a CUDA-graph capture used (or encoded: then its copy
+    is part of the graph, and its pinned source is kept as well) lives as long as the process, since the
+    graph's replays read it."""
     if not isinstance(x, torch.Tensor) or x.dim() != 2 or not x.is_contiguous():
         what = f"{list(x.shape)}" if isinstance(x, torch.Tensor) else type(x).__name__
         raise FormatError(f"tensor map: X must be a contiguous 2-D tensor, got {what}")
@@ -83,18 +85,16 @@ def device_tensor_map(x: torch.Tensor, box_rows: int) -> torch.Tensor:
             if capturing:
                 _captured[key] = hit
             return hit
-    if capturing:
-        # the copy below would become a graph node that re-reads a pinned host block torch may have reused
-        raise DeviceError(
-            f"tensor map for X [{x.shape[0]}, {x.shape[1]}] at {x.data_ptr():#x} (box rows {box_rows}) is not cached "
-            "and the stream is capturing a CUDA graph: run the same call once before capturing so the map exists")
     if not x.is_cuda:
         raise FormatError(f"tensor map: X must be on a CUDA device, got {x.device}")
     raw = encode_tiled_2d(x.data_ptr(), x.shape[0], x.shape[1], x.dtype, box_rows)
     # From pinned memory, non-blocking: stream-ordered before the launch without waiting for the stream to drain
     # (a pageable copy would); torch's pinned allocator keeps the host block until the copy has run.
-    dev = torch.frombuffer(bytearray(raw), dtype=torch.uint8).pin_memory().to(x.device, non_blocking=True)
+    source = torch.frombuffer(bytearray(raw), dtype=torch.uint8).pin_memory()
+    dev = source.to(x.device, non_blocking=True)
     with _lock:
+        if capturing:  # the copy is a graph node now: its source must live as long as the graph may replay
+            _captured[key], _captured_sources[key] = dev, source
         _cache[key] = dev
         while len(_cache) > _CACHE_LIMIT:
             _cache.popitem(last=False)

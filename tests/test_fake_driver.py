@@ -202,21 +202,6 @@ def test_tensor_map_encoding_reaches_the_driver(fake_driver, tmp_path):
     assert [int(v) for i, v in enumerate(got) if i != 2] == [v for i, v in enumerate(expect) if i != 2]
 
 
-def test_tensor_map_miss_during_graph_capture_is_refused(monkeypatch):
-    """A cache miss while the stream captures a CUDA graph would record the map's host-to-device copy as a graph
-    node re-reading a pinned host block torch may reuse: refused with the fix in the message, before any driver
-    call (capture itself needs a GPU: torch's capture query is stubbed here)."""
-    from sparsert.runtime import tensor_map
-    from sparsert.runtime.errors import DeviceError
-
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
-    monkeypatch.setattr(tensor_map, "encode_tiled_2d", lambda *a: pytest.fail("encoded during capture"))
-    x = torch.zeros(8, 64, dtype=torch.bfloat16)
-    with pytest.raises(DeviceError, match="capturing a CUDA graph: run the same call once before capturing"):
-        tensor_map.device_tensor_map(x, 128)
-
-
 def test_tensor_map_bad_inputs_are_named():
     """X must be a contiguous 2-D CUDA tensor; without the CUDA driver the encoder says so as a DeviceError (not
     the loader's own exception type)."""

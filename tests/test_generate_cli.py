@@ -365,6 +365,7 @@ def test_bench_generate_without_gpu_and_its_table(tmp_path):
             for m, ms in (("torch dense bf16 (eager)", 6.0), ("sparsert runtime (eager)", 4.0),
                           ("sparsert runtime (CUDA graph)", 1.0))]
     md = gen.to_markdown({"device": "H200", "arch": "sm_90a", "date": "d", "d_model": 1024, "layers": 8,
-                          "ffn": 2816, "prompt_len": 32, "new_tokens": 128, "graph_tokens_equal_eager": 128}, rows)
+                          "ffn": 2816, "max_seq_len": 512, "prompt_len": 32, "new_tokens": 128,
+                          "graph_tokens_equal_eager": 128}, rows)
     table = [line for line in md.splitlines() if line.startswith("| torch") or line.startswith("| sparsert")]
     assert len(table) == 3 and "| 1.000 | 1000 | 4.00x |" in table[2] and "the first 128 of 128" in md
