@@ -149,7 +149,8 @@ class GpuStepper:
         dispatcher: share one :class:`Dispatcher` between steppers (default: one per device, cached on disk).
         cuda_graph: run every one-token step after the prompt as one CUDA graph replay
             (:meth:`DecoderLM.decode_step`: fixed shapes, the position on the device), captured at the first such
-            step: no per-layer launch cost on the host. The prompt (prefill) runs eagerly.
+            step or by :meth:`capture_decode_graph`: no per-layer launch cost on the host. The prompt (prefill)
+            runs eagerly.
     Raises:
         DeviceError: no usable GPU (``"GpuStepper needs a GPU: no NVIDIA GPU/driver available ..."``), torch
         without CUDA, or a layer no backend can run.
@@ -194,6 +195,17 @@ class GpuStepper:
         if tune:
             self.tune()
 
+    @torch.inference_mode()
+    def capture_decode_graph(self) -> None:
+        """Capture the decode graph now (``cuda_graph=True``), so the first generated token does not pay for it:
+        a dummy step at position 0, then :meth:`reset`. Call it after :meth:`tune` (tuning later is refused)."""
+        if self._graph is None:
+            raise ConfigError("GpuStepper.capture_decode_graph: this stepper was made without cuda_graph=True")
+        if self._graph.graph is None:
+            self.reset()
+            self._graph.step(0)
+            self.reset()
+
     def sparse_layers(self) -> dict[str, SparseLinearGPU]:
         """Every SparseLinearGPU by its layer name (one inside a :class:`SLoRBLinearGPU` under the wrapper's)."""
         named = dict(self.model.named_modules())
@@ -206,7 +218,11 @@ class GpuStepper:
 
     def tune(self, token_counts=None) -> dict[str, dict[int, str]]:
         """Decide each sparse layer's kernel for the decode step (1 token) and prefill buckets up to
-        ``max_seq_len``, then free unchosen formats. Returns {layer: {bucket: backend}}."""
+        ``max_seq_len``, then free unchosen formats. Returns {layer: {bucket: backend}}. Refused once the decode
+        graph is captured (it holds the addresses of the formats in use)."""
+        if self._graph is not None and self._graph.graph is not None:
+            raise ConfigError("GpuStepper.tune: the decode graph is already captured; tune before the first decode "
+                              "step or capture_decode_graph()")
         if token_counts is None:
             token_counts, m = [], 1
             while m <= m_bucket(self.max_seq_len):

@@ -49,6 +49,9 @@ def make_stepper(artifact: Artifact, backend: str, onnx_path: str | Path | None 
             from sparsert.runtime.gpu_backend import GpuStepper  # noqa: PLC0415
         except ImportError as exc:
             raise DeviceError(f"--backend runtime is unavailable: {exc}") from None
-        yield GpuStepper(artifact, cuda_graph=cuda_graph)
+        stepper = GpuStepper(artifact, cuda_graph=cuda_graph)
+        if cuda_graph:
+            stepper.capture_decode_graph()  # before any timing: the first token does not pay for the capture
+        yield stepper
     else:
         raise ConfigError(f"--backend must be one of {', '.join(BACKENDS)}, got {backend!r}")

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from sparsert.runtime import device as dev
-from sparsert.runtime.errors import DeviceError, FormatError
+from sparsert.runtime.errors import ConfigError, DeviceError, FormatError
 from sparsert.runtime.kernels import (
     decompress24_reference,
     prune24_compress,
@@ -621,6 +621,13 @@ def test_gpu_stepper_cuda_graph_decode_matches_eager(tmp_path, int4):
     graphed = GpuStepper(art, cuda_graph=True)
     assert generate_ids(graphed, prompt, cfg) == want
     assert graphed._graph.graph is not None  # captured at the first decode token
+    with pytest.raises(ConfigError, match="decode graph is already captured"):
+        graphed.tune()
+    early = GpuStepper(art, cuda_graph=True)
+    early.capture_decode_graph()  # a dummy step at position 0, then reset: the cache is clean again
+    assert early.cache.length == 0 and generate_ids(early, prompt, cfg) == want
+    with pytest.raises(ConfigError, match="made without cuda_graph=True"):
+        GpuStepper(art).capture_decode_graph()
     assert generate_ids(graphed, prompt[:-3], cfg) == generate_ids(GpuStepper(art), prompt[:-3], cfg)
     graphed.reset()
     graphed.step(prompt)

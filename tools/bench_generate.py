@@ -128,6 +128,8 @@ def bench(torch, args) -> int:
         for mode, graph in (("sparsert runtime (eager)", False), ("sparsert runtime (CUDA graph)", True)):
             stepper = GpuStepper(art, tune=False, cuda_graph=graph, dense_dtype=torch.bfloat16)
             stepper.tune([1, args.prompt_len])
+            if graph:
+                stepper.capture_decode_graph()
             ms, tokens[graph] = time_decode(torch, stepper, prompt, args.new_tokens)
             rows.append({"mode": mode, "ms_per_token": ms})
             stepper = None
