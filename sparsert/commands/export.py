@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import click
 
+from sparsert.commands import option_given
+
 
 @click.command("export")
 @click.argument("artifact", type=str)
@@ -34,8 +36,7 @@ def command(artifact: str, output: str, no_kv_cache: bool, skip_parity: bool, ac
     run onnx.checker (full check) and the parity check, and print a summary."""
     from sparsert.export.onnx_export import export_artifact
 
-    ctx = click.get_current_context()
-    if ctx.get_parameter_source("accuracy_level") != click.core.ParameterSource.DEFAULT:
+    if option_given(click.get_current_context(), "accuracy_level"):
         from sparsert.runtime.artifact import read_config
         from sparsert.runtime.errors import ConfigError
 

@@ -23,6 +23,7 @@ import warnings
 import click
 
 from sparsert.backends import BACKENDS, make_stepper
+from sparsert.commands import option_given
 
 
 @click.command("generate")
@@ -55,8 +56,7 @@ def command(artifact: str, prompt: str, max_new_tokens: int, temperature: float,
         raise ConfigError(f"--cuda-graph applies only to --backend runtime (got --backend {backend})")
     if temperature == 0:
         ctx = click.get_current_context()
-        sampling = [f for f, name in (("--top-k", "top_k"), ("--seed", "seed"))
-                    if ctx.get_parameter_source(name) != click.core.ParameterSource.DEFAULT]
+        sampling = [f for f, name in (("--top-k", "top_k"), ("--seed", "seed")) if option_given(ctx, name)]
         if sampling:
             raise ConfigError(f"{', '.join(sampling)} only {'acts' if len(sampling) == 1 else 'act'} when sampling; "
                               "add --temperature > 0 (the default, 0, decodes greedily)")

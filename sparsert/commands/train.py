@@ -13,8 +13,8 @@ import dataclasses
 import re
 
 import click
-from click.core import ParameterSource
 
+from sparsert.commands import option_given
 from sparsert.runtime.errors import ConfigError
 from sparsert.train.distributed import close_distributed, torchrun_env  # H11
 from sparsert.train.trainer import (
@@ -54,7 +54,7 @@ _INERT_UNLESS = (
 
 def _refuse_inert_flags(ctx: click.Context, cfg: TrainConfig) -> None:
     for names, used, when in _INERT_UNLESS:
-        given = [f"--{n.replace('_', '-')}" for n in names if _given(ctx, n)]
+        given = [f"--{n.replace('_', '-')}" for n in names if option_given(ctx, n)]
         if given and not used(cfg):
             them = "it" if len(given) == 1 else "them"
             raise ConfigError(f"{', '.join(given)}: only used {when}; this run would ignore {them}")
@@ -85,10 +85,6 @@ def parse_sparsity(text: str) -> tuple[int, int]:
     if not 0 < n < m:
         raise ConfigError(f"--sparsity: expected N:M with integers 0 < N < M (e.g. 2:4), got {text!r}")
     return n, m
-
-
-def _given(ctx: click.Context, name: str) -> bool:
-    return ctx.get_parameter_source(name) in (ParameterSource.COMMANDLINE, ParameterSource.ENVIRONMENT)
 
 
 def _config_error(exc: ConfigError) -> ConfigError:
@@ -230,25 +226,25 @@ def command(ctx: click.Context, **opts: object) -> None:
             continue
         field = "progress" if name == "no_progress" else _FIELD.get(name, name)
         values[field] = (not value) if name == "no_progress" else value
-        if _given(ctx, name):
+        if option_given(ctx, name):
             given.add(field)
     n, m = parse_sparsity(str(opts["sparsity"]))
     values.update(n=n, m=m)
-    if _given(ctx, "sparsity"):
+    if option_given(ctx, "sparsity"):
         if opts["dense"]:
             raise ConfigError("--sparsity sets the pattern of a sparse run; it cannot be combined with --dense")
         given.update({"n", "m"})
 
-    if opts["hf_model"] is not None and _given(ctx, "preset"):  # H11
+    if opts["hf_model"] is not None and option_given(ctx, "preset"):  # H11
         raise ConfigError("--preset chooses a built-in model; with --model the model comes from the Hugging Face "
                           "directory")
-    stray = [f"--{o.replace('_', '-')}" for o in ("prune_start", "prune_end", "prune_interval") if _given(ctx, o)]
+    stray = [f"--{o.replace('_', '-')}" for o in ("prune_start", "prune_end", "prune_interval") if option_given(ctx, o)]
     if stray and opts["schedule"] != "gradual":
         raise ConfigError(f"{', '.join(stray)} {'sets' if len(stray) == 1 else 'set'} the gradual schedule's "
                           "pruning; add --schedule gradual "
                           f"(this run's schedule is {opts['schedule']})")
     if opts["init_from"] is not None:
-        shaping = [f"--{o}" for o in ("preset", "arch") if _given(ctx, o)]
+        shaping = [f"--{o}" for o in ("preset", "arch") if option_given(ctx, o)]
         if shaping:
             verb = "choose" if len(shaping) > 1 else "chooses"
             raise ConfigError(f"{' and '.join(shaping)} {verb} a built-in model; with --init-from the model is "
