@@ -348,13 +348,14 @@ def check_last_launch(kernel_name: str, stream=None) -> None:
     synchronisation would invalidate the capture; the kernel has not run yet anyway)."""
     if os.environ.get("SPARSERT_SYNC_LAUNCHES", "") in ("", "0"):
         return
-    if _capturing(stream):
+    if stream_capturing(stream):
         return
     check_cuda(driver().cuCtxSynchronize(), f"{kernel_name} (cuCtxSynchronize after launch)")
 
 
-def _capturing(stream) -> bool:
-    """Whether ``stream`` (cuda.core Stream, or None for torch's current stream) is capturing a CUDA graph."""
+def stream_capturing(stream=None) -> bool:
+    """Whether ``stream`` (cuda.core Stream, or None for torch's current stream) is capturing a CUDA graph;
+    False without CUDA."""
     import torch
 
     if stream is not None:

@@ -15,6 +15,7 @@ from collections import OrderedDict
 
 import torch
 
+from sparsert.runtime.device import stream_capturing
 from sparsert.runtime.errors import DeviceError, FormatError
 
 MAP_BYTES = 128
@@ -77,7 +78,7 @@ def device_tensor_map(x: torch.Tensor, box_rows: int) -> torch.Tensor:
         what = f"{list(x.shape)}" if isinstance(x, torch.Tensor) else type(x).__name__
         raise FormatError(f"tensor map: X must be a contiguous 2-D tensor, got {what}")
     key = (x.device.index, x.data_ptr(), tuple(x.shape), x.dtype, box_rows)
-    capturing = torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+    capturing = stream_capturing()
     with _lock:
         hit = _cache.get(key)
         if hit is not None:
