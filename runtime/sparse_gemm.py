@@ -93,13 +93,26 @@ def _sm90_prefix(tma: bool, cluster: int) -> str:
     return "sm90mc" if cluster > 1 else "sm90tma" if tma else "sm90"
 
 
-def _sm90_grid_tiles(n: int, cluster: int) -> int:
-    """Weight tiles the grid spans: ceil(N/128), rounded up to whole clusters (the kernels' padding CTAs)."""
-    return _tiles(_tiles(n, 128), cluster) * cluster
+class _Sm90Tile:
+    """What the wgmma configs share (their ``bt`` tokens per CTA, ``tma`` producer and ``cluster`` size)."""
+
+    bt: int
+    tma: bool
+    cluster: int
+
+    @property
+    def tma_box_rows(self) -> int:
+        """Rows of each X box the kernel's tensor map describes (0: no tensor map)."""
+        return self.bt // self.cluster if self.tma else 0
+
+    def grid(self, m: int, n: int) -> tuple[int, int, int]:
+        """1-D grid: ceil(N/128) weight tiles rounded up to whole clusters (the kernels' padding CTAs) x
+        ceil(M/BT) token tiles."""
+        return (_tiles(_tiles(n, 128), self.cluster) * self.cluster * _tiles(m, self.bt), 1, 1)
 
 
 @dataclass(frozen=True)
-class Sm90Config:
+class Sm90Config(_Sm90Tile):
     """One wgmma 2:4 instantiation: 128 features x BT tokens, ``stages``-deep ring of k tiles of ``64 * subs``
     columns, filled by cp.async (``sparse24_gemm_sm90``) or by TMA (``tma``: ``sparse24_gemm_sm90_tma``;
     ``cluster=2``: ``sparse24_gemm_sm90_tma_mc``, two CTAs on neighbouring weight tiles share each X box by
@@ -115,11 +128,6 @@ class Sm90Config:
     def name(self) -> str:
         return f"{_sm90_prefix(self.tma, self.cluster)}_{self.bt}" + ("" if self.subs == 1 else f"_k{64 * self.subs}")
 
-    @property
-    def tma_box_rows(self) -> int:
-        """Rows of each X box the kernel's tensor map describes (0: no tensor map)."""
-        return self.bt // self.cluster if self.tma else 0
-
     def smem_bytes(self) -> int:
         return 1024 + self.stages * self.subs * (self.bt * 128 + 9216) + self.stages * 16
 
@@ -129,9 +137,6 @@ class Sm90Config:
             return f"sparse24_gemm_sm90_tma{mc}<{dt}, {self.bt}, {self.stages}, {self.subs}>"
         tail = "" if self.subs == 1 else f", {self.subs}"
         return f"sparse24_gemm_sm90<{dt}, {self.bt}, {self.stages}{tail}>"
-
-    def grid(self, m: int, n: int) -> tuple[int, int, int]:
-        return (_sm90_grid_tiles(n, self.cluster) * _tiles(m, self.bt), 1, 1)
 
 
 SM90_CONFIGS = (Sm90Config(128, 8), Sm90Config(256, 5), Sm90Config(128, 4, 2), Sm90Config(256, 2, 2),
@@ -162,7 +167,7 @@ PREFILL_CONFIGS = (PrefillConfig(128, 2, 4, 3), PrefillConfig(64, 2, 4, 4))
 
 
 @dataclass(frozen=True)
-class W4A16Sm90Config:
+class W4A16Sm90Config(_Sm90Tile):
     """One ``w4a16_sparse24_sm90`` instantiation (wgmma.sp, 128 features x BT tokens, 128-column k tiles;
     ``tma``: ``w4a16_sparse24_sm90_tma``, the stages filled by TMA; ``cluster=2``: ``w4a16_sparse24_sm90_tma_mc``,
     X boxes multicast in a 2-CTA cluster); ``name`` is its ``kernel=`` choice."""
@@ -175,13 +180,6 @@ class W4A16Sm90Config:
     @property
     def name(self) -> str:
         return f"{_sm90_prefix(self.tma, self.cluster)}_{self.bt}"
-
-    @property
-    def tma_box_rows(self) -> int:
-        return self.bt // self.cluster if self.tma else 0
-
-    def grid(self, m: int, n: int) -> tuple[int, int, int]:
-        return (_sm90_grid_tiles(n, self.cluster) * _tiles(m, self.bt), 1, 1)
 
     def stage_bytes(self, ng: int) -> int:
         raw = 2 * self.bt * 128 + 8 * (512 + 256 + 32 * ng)
@@ -888,8 +886,7 @@ def sparse24_linear(x: torch.Tensor, weight: Sparse24Weight, *, bias: torch.Tens
         tensors: fp32 accumulation of the bf16/fp16 products).
     """
     _check_weight_type(weight, Sparse24Weight, "sparse24_linear", "prepare_sparse24")
-    if kernel in SM90_BY_NAME:
-        check_sparse24_kernel_k(kernel, weight.in_features)
+    check_sparse24_kernel_k(kernel, weight.in_features)
 
     def launch(x2: torch.Tensor, m: int, act: int, b, y: torch.Tensor, dev: int) -> None:
         n, k = weight.out_features, weight.in_features
