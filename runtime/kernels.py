@@ -16,7 +16,7 @@ from sparsert.runtime.device import gpu_available
 from sparsert.runtime.errors import FormatError
 from sparsert.runtime.kernel_build import KernelSpec, load_kernel, register_kernel
 from sparsert.runtime.nm_mask import nm_mask
-from sparsert.runtime.sparse24 import compress_24, unpack_indices_24
+from sparsert.runtime.sparse24 import compress_24, expand_index_pairs, unpack_indices_24
 from sparsert.runtime.sparse_meta import META_COLS, META_ROWS, meta_shape, reorder_meta_for_mma, unreorder_meta
 from sparsert.runtime.transposable_mask import TRANSPOSABLE_PATTERNS_24, transposable_24_mask
 
@@ -191,15 +191,7 @@ def decompress24_reference(values: torch.Tensor, meta: torch.Tensor, k: int) -> 
     ``[M, K]`` in ``values.dtype``, each kept value at the column its metadata names, zeros elsewhere. Metadata
     that is not a valid 2:4 pattern (two strictly increasing indices per group) is a FormatError."""
     m = values.shape[0]
-    idx = unreorder_meta(meta, m, k).long().reshape(m, k // 4, 2)
-    bad = idx[..., 0] >= idx[..., 1]  # a repeated column would silently drop a value
-    if bool(bad.any()):
-        row, group = bad.nonzero()[0].tolist()
-        raise FormatError(f"meta does not encode a valid 2:4 pattern: row {row}, group {group} has indices "
-                          f"{tuple(idx[row, group].tolist())}, expected two strictly increasing indices in 0..3")
-    dense = torch.zeros(m, k // 4, 4, dtype=values.dtype, device=values.device)
-    dense.scatter_(-1, idx, values.reshape(m, k // 4, 2))
-    return dense.reshape(m, k)
+    return expand_index_pairs(values, unreorder_meta(meta, m, k).reshape(m, k // 4, 2), k, "meta")
 
 
 def prune24_decompress(

@@ -29,7 +29,13 @@ import torch
 from sparsert.runtime.errors import FormatError
 from sparsert.runtime.int4 import dequantize_int4, pack_int4, quantize_int4, unpack_int4
 from sparsert.runtime.nm_mask import is_nm_sparse, nm_mask
-from sparsert.runtime.sparse24 import compress_24, decompress_24, unpack_indices_24, validate_indices_24
+from sparsert.runtime.sparse24 import (
+    compress_24,
+    decompress_24,
+    packed_indices_width,
+    unpack_indices_24,
+    validate_indices_24,
+)
 
 
 @dataclass
@@ -79,7 +85,7 @@ class PackedLinear:
         if self.sparse:
             if k % 4:
                 raise FormatError(f"{name}: in_features={k} must be a multiple of 4 for a 2:4 layer")
-            need("indices", (out, (k + 7) // 8), (torch.uint8,))
+            need("indices", (out, packed_indices_width(k)), (torch.uint8,))
             validate_indices_24(self.indices, k, name=f"{name}.indices")
         if self.quantized:
             gs = self.group_size

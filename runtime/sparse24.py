@@ -93,7 +93,15 @@ def validate_indices_24(packed: torch.Tensor, k: int, name: str = "indices") -> 
         raise FormatError(
             f"{name} has shape {tuple(packed.shape)}, expected [out, {packed_indices_width(k)}] for K={k}"
         )
-    idx = unpack_indices_24(packed, k).reshape(packed.shape[0], k // 4, 2)
+    check_index_pairs(unpack_indices_24(packed, k).reshape(packed.shape[0], k // 4, 2), name)
+    used = k // 2
+    if used % 4 and bool((packed[:, -1] >> (2 * (used % 4))).any()):
+        raise FormatError(f"{name}: padding bits of the last byte are not zero")
+
+
+def check_index_pairs(idx: torch.Tensor, name: str = "indices") -> None:
+    """Raise FormatError unless every group's two kept-column indices (integer ``[out, K/4, 2]``, values 0..3)
+    strictly increase: a repeated column would silently drop a kept value when the pairs are expanded."""
     bad = idx[..., 0] >= idx[..., 1]
     if bool(bad.any()):
         row, group = bad.nonzero()[0].tolist()
@@ -102,25 +110,32 @@ def validate_indices_24(packed: torch.Tensor, k: int, name: str = "indices") -> 
             f"{name} does not decode to a valid 2:4 pattern: row {row}, group {group} has indices "
             f"({first}, {second}), expected two strictly increasing indices in 0..3"
         )
-    used = k // 2
-    if used % 4 and bool((packed[:, -1] >> (2 * (used % 4))).any()):
-        raise FormatError(f"{name}: padding bits of the last byte are not zero")
+
+
+def expand_index_pairs(values: torch.Tensor, idx: torch.Tensor, k: int, name: str = "indices") -> torch.Tensor:
+    """``values [out, K/2]`` placed at the columns ``idx`` (integer ``[out, K/4, 2]``, checked by
+    :func:`check_index_pairs`) names within each group of four -> dense ``[out, K]`` in ``values.dtype``, zeros
+    elsewhere."""
+    check_index_pairs(idx, name)
+    out = values.shape[0]
+    dense = torch.zeros(out, k // 4, 4, dtype=values.dtype, device=values.device)
+    dense.scatter_(-1, idx.long(), values.reshape(out, k // 4, 2))
+    return dense.reshape(out, k)
 
 
 def decompress_24(values: torch.Tensor, indices: torch.Tensor, k: int) -> torch.Tensor:
     """Expand (values [out, K/2], indices uint8 [out, ceil(K/8)]) back to the dense [out, K] tensor.
 
-    The result has ``values.dtype``; pruned positions are exactly zero. Raises FormatError for values of the
-    wrong shape and for indices that are not a valid 2:4 pattern of the same rows (:func:`validate_indices_24`:
-    a repeated index would silently drop a value).
+    The result has ``values.dtype``; pruned positions are exactly zero. Raises FormatError for values or indices
+    of the wrong shape and for indices that are not a valid 2:4 pattern (a repeated index would silently drop a
+    value).
     """
     if values.dim() != 2 or values.shape[1] != k // 2:
         raise FormatError(f"values has shape {tuple(values.shape)}, expected [out, {k // 2}] for K={k}")
     out = values.shape[0]
-    validate_indices_24(indices, k)
-    if indices.shape[0] != out:
+    if indices.dim() == 2 and indices.shape[0] != out:
         raise FormatError(f"indices has {indices.shape[0]} rows but values has {out}")
-    idx = unpack_indices_24(indices, k).long().reshape(out, k // 4, 2)
-    dense = torch.zeros(out, k // 4, 4, dtype=values.dtype, device=values.device)
-    dense.scatter_(-1, idx, values.reshape(out, k // 4, 2))
-    return dense.reshape(out, k)
+    if indices.dtype != torch.uint8 or tuple(indices.shape) != (out, packed_indices_width(k)):
+        raise FormatError(f"indices is {indices.dtype} {list(indices.shape)}, expected uint8 "
+                          f"[{out}, {packed_indices_width(k)}] for values of {out} rows and K={k}")
+    return expand_index_pairs(values, unpack_indices_24(indices, k).reshape(out, k // 4, 2), k)

@@ -116,7 +116,7 @@ def test_prune24_rejects_bad_outputs_and_metadata():
     with pytest.raises(FormatError, match=r"values has shape \(16, 32\), expected \(16, 64\) for K=128"):
         prune24_decompress(values, meta, 128)
     for bad in (torch.zeros_like(meta), torch.full_like(meta, -1)):  # repeated columns would drop kept values
-        with pytest.raises(FormatError, match="meta does not encode a valid 2:4 pattern: row 0, group 0"):
+        with pytest.raises(FormatError, match="meta does not decode to a valid 2:4 pattern: row 0, group 0"):
             prune24_decompress(values, bad, 64)
 
 
