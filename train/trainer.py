@@ -770,8 +770,10 @@ def train(cfg: TrainConfig) -> TrainResult:
     if not isinstance(tokenizer, ByteTokenizer):  # a BPE tokenizer takes a while on a large corpus: say why
         _say(f"tokenizing {cfg.data or 'the default corpus'} with the model's tokenizer ...")
     corpus = load_corpus(cfg.data, max_bytes=cfg.max_data_bytes)
-    try:
+    try:  # fail now, before anything is written, if the corpus cannot split or a split is too short for seq_len
         data = TokenData.from_corpus(corpus, tokenizer)
+        data.get_batch("train", 1, cfg.seq_len, generator=torch.Generator())
+        next(iter(data.val_batches(1, cfg.seq_len, 1)))
     except DataError as exc:
         raise DataError(f"--data {cfg.data or '(the default corpus)'}: {exc}") from None
     data_digest = data.digest()
@@ -779,12 +781,6 @@ def train(cfg: TrainConfig) -> TrainResult:
         raise ConfigError(f"cannot resume {run_dir}: its training data changed since the checkpoint (the tokens "
                           f"of {cfg.data or 'the default corpus'} differ from those it trained on); restore "
                           "the data, or start a new run")
-    # Fail now (DataError), before anything is written, if a split is too short for seq_len.
-    try:
-        data.get_batch("train", 1, cfg.seq_len, generator=torch.Generator())
-        next(iter(data.val_batches(1, cfg.seq_len, 1)))
-    except DataError as exc:
-        raise DataError(f"--data {cfg.data or '(the default corpus)'}: {exc}") from None
     data = dctx.shard_data(data, cfg.batch_size)  # H11: this rank's share of every global batch
     distill = None
     if cfg.distills:  # ConfigError here for a teacher whose vocabulary/tokenizer differs
