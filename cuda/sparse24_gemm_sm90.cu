@@ -321,6 +321,23 @@ DEVI void tma_producer(const CtaTile& t, int ktiles, u32 tx_bytes, u64 xmap, Iss
   }
 }
 
+// TMA producer: the X tile of k tile kt (SUBS 64-column sub-tiles of BT rows x 128 B at st + h * BT * 128, the
+// layout load_x_tile below writes, swizzled by the copy engine), completing on `full`. CLUSTER > 1: this CTA
+// loads rows rank * BT / CLUSTER .. of each sub-tile and multicasts them to every CTA of the cluster.
+template <int BT, int SUBS, int CLUSTER>
+DEVI void tma_x_tile(u32 st, u64 xmap, int kt, const CtaTile& t, u32 full) {
+  const int xrow = (int)t.rank * (BT / CLUSTER);
+#pragma unroll
+  for (int h = 0; h < SUBS; ++h) {
+    const u32 dst = st + h * (BT * 128) + xrow * 128;
+    const int col = (kt * SUBS + h) * 64;
+    if constexpr (CLUSTER == 1)
+      tma_load_2d(dst, xmap, col, t.m0, full);
+    else
+      tma_load_2d_multicast(dst, xmap, col, t.m0 + xrow, full, (1u << CLUSTER) - 1);
+  }
+}
+
 // Producer: the X tile of a k tile (tokens m0.., columns k0 .. k0 + 64*SUBS - 1) as SUBS 64-column sub-tiles of
 // BT rows x 128 B at st + h * BT * 128, in the 128-byte swizzle (16-byte chunk j of row r at (j ^ (r & 7)) * 16);
 // rows >= M are zero-filled.
@@ -526,7 +543,6 @@ template <int DT, int BT, int STAGES, int SUBS, int CLUSTER>
 DEVI void sparse24_tma_cta(const u64 xmap, const u16* __restrict__ wvals, const u32* __restrict__ wmeta,
                            const float* __restrict__ bias, u16* __restrict__ y, int M, int N, int K, int act) {
   using L = Sp24Stage<BT, SUBS>;  // L::BYTES is also what every stage's copies deliver to each CTA
-  constexpr int XROWS = BT / CLUSTER;  // X rows this CTA's boxes carry
   extern __shared__ unsigned char smem_raw[];
   const CtaTile t = cta_setup<BT, STAGES, L::BYTES, 1, CLUSTER>(smem_raw, M, N);
   const int tid = threadIdx.x;
@@ -536,16 +552,8 @@ DEVI void sparse24_tma_cta(const u64 xmap, const u16* __restrict__ wvals, const 
   if ((tid >> 7) == 0) {
     const unsigned char* wv = reinterpret_cast<const unsigned char*>(wvals);
     const unsigned char* wm = reinterpret_cast<const unsigned char*>(wmeta);
-    const int xrow = (int)t.rank * XROWS;
     tma_producer<STAGES, L::BYTES, CLUSTER>(t, KT, L::BYTES, xmap, [&](u32 st, int kt, u32 full) {
-#pragma unroll
-      for (int h = 0; h < SUBS; ++h) {
-        const u32 dst = st + h * (BT * 128) + xrow * 128;
-        if constexpr (CLUSTER == 1)
-          tma_load_2d(dst, xmap, (kt * SUBS + h) * 64, t.m0, full);
-        else
-          tma_load_2d_multicast(dst, xmap, (kt * SUBS + h) * 64, t.m0 + xrow, full, (1u << CLUSTER) - 1);
-      }
+      tma_x_tile<BT, SUBS, CLUSTER>(st, xmap, kt, t, full);
 #pragma unroll
       for (int b = 0; b < 8; ++b) {
         const size_t unit = (size_t)(t.wblk0 + b) * KB + SUBS * kt;  // the stage's first 64-column block
@@ -663,8 +671,7 @@ template <int DT, int BT, int STAGES, int NG, int CLUSTER>
 DEVI void w4a16_tma_cta(const u64 xmap, const u32* __restrict__ wq, const u32* __restrict__ wmeta,
                         const u16* __restrict__ wscale, const float* __restrict__ bias, u16* __restrict__ y, int M,
                         int N, int K, int act) {
-  using L = W4Stage<BT, NG>;
-  constexpr int XROWS = BT / CLUSTER;
+  using L = W4Stage<BT, NG>;  // two 64-column X sub-tiles of L::SUB = BT * 128 bytes, as tma_x_tile writes them
   extern __shared__ unsigned char smem_raw[];
   const CtaTile t = cta_setup<BT, STAGES, L::BYTES, 1, CLUSTER>(smem_raw, M, N);
   const int tid = threadIdx.x;
@@ -674,16 +681,8 @@ DEVI void w4a16_tma_cta(const u64 xmap, const u32* __restrict__ wq, const u32* _
     const unsigned char* q = reinterpret_cast<const unsigned char*>(wq);
     const unsigned char* e = reinterpret_cast<const unsigned char*>(wmeta);
     const unsigned char* sc = reinterpret_cast<const unsigned char*>(wscale);
-    const int xrow = (int)t.rank * XROWS;
     tma_producer<STAGES, L::BYTES, CLUSTER>(t, KU, L::COPIED, xmap, [&](u32 st, int ku, u32 full) {
-#pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        const u32 dst = st + h * L::SUB + xrow * 128;
-        if constexpr (CLUSTER == 1)
-          tma_load_2d(dst, xmap, ku * 128 + h * 64, t.m0, full);
-        else
-          tma_load_2d_multicast(dst, xmap, ku * 128 + h * 64, t.m0 + xrow, full, (1u << CLUSTER) - 1);
-      }
+      tma_x_tile<BT, 2, CLUSTER>(st, xmap, ku, t, full);
 #pragma unroll
       for (int b = 0; b < 8; ++b) {
         const size_t blk = (size_t)(t.wblk0 + b);
