@@ -266,36 +266,39 @@ class DenseCublas(GemmBackend):
 
 
 class Cusparselt(GemmBackend):
-    """cuSPARSELt 2:4 through torch (``torch._cslt_compress`` / ``torch._cslt_sparse_mm``), bf16/fp16."""
+    """cuSPARSELt 2:4 through torch (``runtime/cusparselt.py``), bf16/fp16, with the algorithm configuration
+    searched per problem (configuration 0, what a plain call runs, never beat dense on an H200)."""
 
     name = state_key = "cusparselt"
 
     @staticmethod
     def available() -> bool:
-        try:
-            return bool(torch.cuda.is_available() and hasattr(torch, "_cslt_compress")
-                        and torch.backends.cusparselt.is_available())
-        except Exception:
-            return False
+        from sparsert.runtime.cusparselt import cusparselt_status
+
+        return not cusparselt_status()
 
     def prepare(self, packed, device, dtype):
-        if not self.available():
-            raise DeviceError("cuSPARSELt is not available in this torch build")
+        from sparsert.runtime import cusparselt
+
+        why = cusparselt.cusparselt_status()
+        if why:
+            raise DeviceError(why)
         if dtype not in (torch.bfloat16, torch.float16):
             raise DeviceError(f"cuSPARSELt backend supports bf16/fp16, not {dtype}")
         if packed.quantized:
             raise DeviceError("cuSPARSELt has no INT4 weight path (it would hold 16-bit values)")
-        return torch._cslt_compress(dense_weight(packed, device, dtype))
+        return cusparselt.compress(dense_weight(packed, device, dtype), name="dense weight")
 
     def run(self, state, x, bias):
-        b = None if bias is None else bias.to(x.dtype)
+        from sparsert.runtime.cusparselt import tuned
+
         # cuSPARSELt's dense operand wants its dimensions in multiples of 8 for 16-bit types (torch's own
         # semi-structured wrapper pads them too): a bucket is timed at a power of two, then runs any M in it.
         m = x.shape[0]
         pad = -m % 8
         if pad:
             x = F.pad(x, (0, 0, 0, pad))
-        y = torch._cslt_sparse_mm(state, x.t(), bias=b, transpose_result=True)
+        y = tuned()(state, x.t(), bias=bias, transpose_result=True)
         return y[:m] if pad else y
 
 

@@ -279,8 +279,17 @@ def test_bench_summary_pass_fail_and_wrong_results():
     res = bench.summarize(cfg, steps, fwds, good, {}, {bench.CSLT: "no cuSPARSELt"})
     ours = next(r for r in res["rows"] if r["variant"] == bench.OURS)
     assert ours["step_ratio"] == pytest.approx(20 / 14) and ours["result"] == "PASS"
+    assert res["target_result"] == "PASS (2:4 ours)"
     res = bench.summarize(cfg, dict(steps, **{bench.OURS: 0.016}), fwds, good, {}, {})
     assert next(r for r in res["rows"] if r["variant"] == bench.OURS)["result"] == "FAIL"
+    # either sparse variant meets the target; a fast wrong one does not
+    both = dict(steps, **{bench.OURS: 0.030, bench.CSLT: 0.015})
+    fwds2 = dict(fwds, **{bench.CSLT: 0.005})
+    res = bench.summarize(cfg, both, fwds2, dict(good, **{bench.CSLT: {"ok": True}}), {}, {})
+    assert res["target_result"] == "PASS (2:4 cuSPARSELt)"
+    res = bench.summarize(cfg, both, fwds2, dict(good, **{bench.CSLT: {"ok": False}}), {}, {})
+    assert res["target_result"] == "FAIL"
+    assert next(r for r in res["rows"] if r["variant"] == bench.CSLT)["result"] == "FAIL (wrong results)"
     bad = dict(good, **{bench.OURS: {"ok": False}})
     res = bench.summarize(cfg, steps, fwds, bad, {}, {})
     assert next(r for r in res["rows"] if r["variant"] == bench.OURS)["result"] == "FAIL (wrong results)"
@@ -297,21 +306,31 @@ def test_bench_summary_pass_fail_and_wrong_results():
 
 
 def test_bench_cusparselt_variant_math_on_cpu(monkeypatch):
-    """The cuSPARSELt variant's operand orientation, checked on CPU with torch's documented semantics of its two
-    ops standing in (``_cslt_compress``: the 2:4 matrix itself; ``_cslt_sparse_mm(A, B, bias)``: ``A·B + bias``
-    per row of A, transposed when ``transpose_result``) — the real ops need a CUDA GPU."""
+    """The benchmark's cuSPARSELt variant (the library's ``gemm="cusparselt"`` layer) passes the benchmark's own
+    checks on CPU with torch's documented semantics of its cuSPARSELt ops standing in (``_cslt_compress``: the
+    2:4 matrix itself; ``_cslt_sparse_mm(A, B, bias)``: ``A·B + bias`` per row of A, transposed when
+    ``transpose_result``) — the real ops need a CUDA GPU (tests/test_cusparselt.py runs them there)."""
+    import types
+
     bench = _bench()
 
-    def sparse_mm(a, b, bias=None, transpose_result=False):
+    def sparse_mm(a, b, bias=None, transpose_result=False, **config):
         out = a.float() @ b.float() + (0 if bias is None else bias.float()[:, None])
         return (out.t().contiguous() if transpose_result else out).to(b.dtype)
 
-    monkeypatch.setattr(torch, "_cslt_compress", lambda dense: dense.clone(), raising=False)
-    monkeypatch.setattr(torch, "_cslt_sparse_mm", sparse_mm, raising=False)
     cfg = bench.BenchConfig(d=64, tokens=100, device="cpu")
     fc1, fc2, x, gy, models = bench.build(cfg)
     s1, s2 = models[bench.OURS].fc1, models[bench.OURS].fc2
-    model = bench.FFN(bench.CsltLinear(s1), bench.CsltLinear(s2))
+    monkeypatch.setattr(torch, "_cslt_compress", lambda dense: dense.clone(), raising=False)
+    monkeypatch.setattr(torch, "_cslt_sparse_mm", sparse_mm, raising=False)
+    monkeypatch.setattr(torch._C, "_cusparselt", types.SimpleNamespace(mm_search=lambda *a: (0, 1, -1, 1)),
+                        raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.backends.cusparselt, "is_available", lambda: True)
+    from sparsert.train.sparse24_training_linear import Sparse24TrainingLinear
+
+    model = bench.FFN(Sparse24TrainingLinear.from_linear(fc1, seed=s1.seed, gemm="cusparselt"),
+                      Sparse24TrainingLinear.from_linear(fc2, seed=s2.seed, gemm="cusparselt"))
     checks = bench.check_variant(bench.CSLT, model, fc1, fc2, (s1.mask, s2.mask), x, gy, cfg)
     assert checks["ok"], checks
     assert checks["dw2_rel_err"] < 1e-2 and checks["dx_rel_err"] < 1e-2

@@ -1180,6 +1180,13 @@ def test_bench_report_targets_and_table():
     assert rows[2]["check_w4a16"] == "PASS"  # 1.67x >= 1.5x at M = 2048
     assert "check_w4a16" not in rows[3]
     assert rows[2]["ours24_vs_cslt"] == pytest.approx(90.0 / 70.0)
+    assert rows[2]["check_24_dispatch"] == "PASS" and rows[3]["check_24_dispatch"] == "FAIL"
+    # a tuned cuSPARSELt call is the baseline when faster, and what the dispatcher can run beside ours
+    tuned = bench.evaluate(dict(rows[3], cslt_tuned_us=60.0, cslt_tuned_err=1e-3), 3.35e12)
+    assert tuned["ours24_vs_cslt"] == pytest.approx(60.0 / 80.0)
+    assert tuned["dispatch24_speedup"] == pytest.approx(100 / 60) and tuned["check_24_dispatch"] == "PASS"
+    wrong = bench.evaluate(dict(rows[3], cslt_tuned_us=10.0, cslt_tuned_err=0.5), 3.35e12)  # never counted
+    assert wrong["ours24_vs_cslt"] == pytest.approx(90.0 / 80.0) and wrong["check_24_dispatch"] == "FAIL"
     # decode in a CUDA graph: 20x and 94% of the roofline pass; 13x at 63% fails on the roofline
     graph = dict(dense_graph_us=40.0, graph_weight_copies=17, graph_l2_ratio=2.1, w4a16_graph_err=3e-3)
     rows[0] = bench.evaluate(dict(rows[0], **graph, w4a16_graph_us=2.0), 3.35e12)
@@ -1195,7 +1202,7 @@ def test_bench_report_targets_and_table():
     md = bench.to_markdown({"meta": meta, "rows": rows, "memory": memory,
                             "summary": bench.summarize(rows, memory)})
     table = [line for line in md.splitlines() if line.startswith("| 7b")]
-    assert len(table) == 6 and all(line.count("|") == 24 for line in table[:4])
+    assert len(table) == 6 and all(line.count("|") == 26 for line in table[:4])
     assert all(line.count("|") == 13 for line in table[4:])
     assert "| 20.00x | 94% | 17 | 2.1 | 3.0e-03 | PASS |" in table[4]
     assert "3.125 bits/weight" in md and "'pass': 1, 'fail': 1" in md

@@ -25,6 +25,14 @@ reference without a GPU) that draws with the law of :mod:`sparsert.train.mvue24`
 On CPU (or without a usable GPU) every GEMM runs through ``sparse24_linear``'s torch fallback: the same
 function from the same prepared operands (fp32 accumulation of bf16/fp16 products), slow but exact.
 
+``gemm="cusparselt"`` runs the same three products on NVIDIA's cuSPARSELt instead (through torch's binding,
+:mod:`sparsert.runtime.cusparselt`, with the algorithm configuration searched once per shape): ``W⊙M`` and
+``(W⊙M)ᵀ`` compressed by ``_cslt_compress``; forward ``(W⊙M)·Xᵀ`` and ``∇X = ((W⊙M)ᵀ·∇Zᵀ)ᵀ`` with the result
+transposed by the library; ``∇W = S·X`` with the same MVUE24 sample ``S [N, T]`` (drawn by our kernel,
+expanded to dense, compressed by cuSPARSELt). T is zero-padded to a multiple of 64 for all three. This is the
+library Hu et al.'s released code builds on (through torch's semi-structured tensors); it needs a CUDA build
+of torch with cuSPARSELt.
+
 Shapes: ``K % 64 == 0`` and ``N % 64 == 0`` (each is the reduction dimension of one sparse GEMM; the sparse
 kernels' k tile is 64); T is zero-padded to a multiple of 64 for the weight-gradient GEMM (zero tokens
 contribute nothing). Activations bf16/fp16; the weight may be fp32 (master weights), bf16 or fp16 and is cast
@@ -39,6 +47,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from sparsert.runtime import cusparselt
 from sparsert.runtime.errors import ConfigError, FormatError
 from sparsert.runtime.kernels import prune24_decompress, prune_to_sparse24_weight, transposable_mask
 from sparsert.runtime.mvue24_kernel import mvue24_compress_t
@@ -47,6 +56,7 @@ from sparsert.runtime.transposable_mask import is_transposable_24
 
 __all__ = [
     "COMPUTE_DTYPES",
+    "GEMMS",
     "TOKEN_PAD",
     "Sparse24Operands",
     "Sparse24TrainingLinear",
@@ -63,6 +73,7 @@ COMPUTE_DTYPES = (torch.bfloat16, torch.float16)
 WEIGHT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 DIM_MULTIPLE = 64  # K and N: the reduction dimension of a sparse GEMM must be a multiple of the k tile
 TOKEN_PAD = 64  # T is padded to this for the weight-gradient GEMM (T is its reduction dimension)
+GEMMS = ("ours", "cusparselt")  # who runs the three sparse products: our kernels, or cuSPARSELt
 _MASK64 = (1 << 64) - 1
 
 
@@ -153,10 +164,25 @@ def compress_masked_weight(weight: torch.Tensor, mask: torch.Tensor, dtype: torc
         :class:`Sparse24Operands` on weight's device: one ``prune24_compress`` kernel pass per operand on a
         GPU (a magnitude prune of a 2:4 tensor keeps exactly its non-zeros), its CPU reference otherwise.
     """
-    keep = mask if mask.dtype == torch.bool else mask != 0
-    masked = torch.where(keep, weight.detach().to(dtype), torch.zeros((), dtype=dtype, device=weight.device))
+    masked = _masked(weight, mask, dtype)
     ops_t = prune_to_sparse24_weight(masked.t().contiguous()) if transposed else None
     return Sparse24Operands(weight=prune_to_sparse24_weight(masked), weight_t=ops_t)
+
+
+def _masked(weight: torch.Tensor, mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``W⊙M`` in ``dtype``, ``[N, K]`` contiguous (detached)."""
+    keep = mask if mask.dtype == torch.bool else mask != 0
+    return torch.where(keep, weight.detach().to(dtype), torch.zeros((), dtype=dtype, device=weight.device))
+
+
+def check_gemm(gemm, name: str) -> str:
+    """``gemm`` if it is one of :data:`GEMMS` and usable here, else ConfigError naming the option."""
+    if gemm not in GEMMS:
+        raise ConfigError(f"{name}: gemm must be one of {', '.join(GEMMS)}, got {gemm!r}")
+    why = cusparselt.cusparselt_status() if gemm == "cusparselt" else ""
+    if why:
+        raise ConfigError(f"{name}: gemm='cusparselt' needs a CUDA build of torch with cuSPARSELt: {why}")
+    return gemm
 
 
 def _check_rng(seed, offset, fn: str) -> None:
@@ -249,47 +275,93 @@ def sparse24_weight_grad(grad_output: torch.Tensor, x: torch.Tensor, *, seed: in
 class Sparse24TrainingLinearFunction(torch.autograd.Function):
     """``y = x·(W⊙M)ᵀ + b`` with the three GEMMs of forward and backward on 2:4 sparse GEMMs.
 
-    ``apply(x [..., K] bf16/fp16, weight [N, K], bias [N] | None, mask [N, K] bool, seed, offset, mvue)``
+    ``apply(x [..., K] bf16/fp16, weight [N, K], bias [N] | None, mask [N, K] bool, seed, offset, mvue, gemm)``
     -> ``[..., N]`` in x's dtype. Backward: ``∇X = ∇Z·(W⊙M)`` (sparse, exact), ``∇W = MVUE24(∇Zᵀ)·X`` (sparse,
     :func:`sparse24_weight_grad` with ``seed``/``offset``; ``mvue=False``: the exact dense ``∇Zᵀ·X``),
-    ``∇b = Σ_t ∇Z[t]``. Arguments are not validated here: use :func:`sparse24_training_linear` or
-    :class:`Sparse24TrainingLinear`.
+    ``∇b = Σ_t ∇Z[t]``. ``gemm``: ``"ours"`` or ``"cusparselt"`` (see the module docstring). Arguments are not
+    validated here: use :func:`sparse24_training_linear` or :class:`Sparse24TrainingLinear`.
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, mask, seed, offset, mvue):  # noqa: ANN001 - autograd signature
+    def forward(ctx, x, weight, bias, mask, seed, offset, mvue, gemm):  # noqa: ANN001 - autograd signature
         with torch.autocast(device_type=x.device.type, enabled=False):
             need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-            ops = compress_masked_weight(weight, mask, x.dtype, transposed=need_x)
             x2 = _aligned(x.reshape(-1, x.shape[-1]))
-            b32 = None if bias is None else bias.detach().to(torch.float32).contiguous()
-            y = sparse24_linear(x2, ops.weight, bias=b32)
+            y, ctx.weight_t = _forward_product(x2, weight, mask, bias, gemm, transposed=need_x)
         ctx.save_for_backward(x2 if need_w else None)
-        ctx.weight_t = ops.weight_t
         ctx.x_shape, ctx.compute_dtype = tuple(x.shape), x.dtype
         ctx.weight_dtype = weight.dtype
         ctx.bias_dtype = None if bias is None else bias.dtype
-        ctx.seed, ctx.offset, ctx.mvue = int(seed), int(offset), bool(mvue)
+        ctx.seed, ctx.offset, ctx.mvue, ctx.gemm = int(seed), int(offset), bool(mvue), gemm
         return y.reshape(*x.shape[:-1], y.shape[-1])
 
     @staticmethod
     def backward(ctx, grad_out):  # noqa: ANN001
         (x2,) = ctx.saved_tensors
         grad_x = grad_w = grad_b = None
+        cslt = ctx.gemm == "cusparselt"
         with torch.autocast(device_type=grad_out.device.type, enabled=False):
             g = _aligned(grad_out.reshape(-1, grad_out.shape[-1]).to(ctx.compute_dtype))  # (T, N)
             if ctx.needs_input_grad[0]:
-                grad_x = sparse24_linear(g, ctx.weight_t).reshape(ctx.x_shape)  # (T, K)
+                gx = _cslt_tokens_mm(ctx.weight_t, g) if cslt else sparse24_linear(g, ctx.weight_t)  # (T, K)
+                grad_x = gx.reshape(ctx.x_shape)
             if ctx.needs_input_grad[1]:
-                if ctx.mvue:
-                    grad_w = sparse24_weight_grad(g, x2, seed=ctx.seed, offset=ctx.offset)  # (N, K) view of (K, N)
-                else:
+                if not ctx.mvue:
                     grad_w = g.t() @ x2
+                elif cslt:
+                    grad_w = _cslt_weight_grad(g, x2, seed=ctx.seed, offset=ctx.offset)
+                else:
+                    grad_w = sparse24_weight_grad(g, x2, seed=ctx.seed, offset=ctx.offset)  # (N, K) view of (K, N)
                 if grad_w.dtype != ctx.weight_dtype:
                     grad_w = grad_w.to(ctx.weight_dtype, memory_format=torch.contiguous_format)
             if ctx.bias_dtype is not None and ctx.needs_input_grad[2]:
                 grad_b = g.sum(0, dtype=torch.float32).to(ctx.bias_dtype)
-        return grad_x, grad_w, grad_b, None, None, None, None
+        ctx.weight_t = None
+        return grad_x, grad_w, grad_b, None, None, None, None, None
+
+
+def _forward_product(x2, weight, mask, bias, gemm: str, *, transposed: bool):
+    """``(x2·(W⊙M)ᵀ + b`` ``[T, N]``, the compressed ``(W⊙M)ᵀ`` for ``∇X`` or None) on ``gemm``."""
+    if gemm == "cusparselt":
+        return _cslt_forward(x2, weight, mask, bias, transposed=transposed)
+    ops = compress_masked_weight(weight, mask, x2.dtype, transposed=transposed)
+    b32 = None if bias is None else bias.detach().to(torch.float32).contiguous()
+    return sparse24_linear(x2, ops.weight, bias=b32), ops.weight_t
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The three products on cuSPARSELt (gemm="cusparselt")
+# ---------------------------------------------------------------------------------------------------------
+
+def _pad_tokens(t: torch.Tensor) -> torch.Tensor:
+    """``t [T, C]`` with zero rows appended up to a multiple of :data:`TOKEN_PAD` (cuSPARSELt wants every
+    dimension a multiple of 8; the weight-gradient product reduces over T)."""
+    pad = (-t.shape[0]) % TOKEN_PAD
+    return F.pad(t, (0, 0, 0, pad)) if pad else t
+
+
+def _cslt_tokens_mm(packed: torch.Tensor, t: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``t [T, C] · Aᵀ (+ bias)`` for a cuSPARSELt-compressed ``A [R, C]``: ``[T, R]``, as ``(A·tᵀ)ᵀ``."""
+    tp = _pad_tokens(t)
+    y = cusparselt.tuned()(packed, tp.t(), bias=bias, transpose_result=True)
+    return y[: t.shape[0]] if tp is not t else y
+
+
+def _cslt_forward(x2, weight, mask, bias, *, transposed: bool):
+    """Forward of the cuSPARSELt path: ``(x2·(W⊙M)ᵀ + b, compressed (W⊙M)ᵀ or None)``."""
+    masked = _masked(weight, mask, x2.dtype)
+    packed_t = cusparselt.compress(masked.t().contiguous(), name="(W⊙M)ᵀ") if transposed else None
+    b = None if bias is None else bias.detach()
+    return _cslt_tokens_mm(cusparselt.compress(masked, name="W⊙M"), x2, b), packed_t
+
+
+@torch.no_grad()
+def _cslt_weight_grad(grad: torch.Tensor, x2: torch.Tensor, *, seed: int, offset: int) -> torch.Tensor:
+    """``∇W = S·X`` on cuSPARSELt, with the MVUE24 sample ``S`` of :func:`mvue24_sample_dense_t` (same draw as
+    the ``ours`` path for the same seed/offset): ``[N, K]`` in grad's dtype."""
+    gp, xp = _pad_tokens(grad), _pad_tokens(x2)
+    s = mvue24_sample_dense_t(_aligned(gp), seed=seed, offset=offset)  # (N, T), 2:4 along T
+    return cusparselt.tuned()(cusparselt.compress(s, name="MVUE24(∇Zᵀ)"), xp)
 
 
 def sparse24_training_linear(
@@ -302,6 +374,7 @@ def sparse24_training_linear(
     offset: int = 0,
     mvue: bool = True,
     check_mask: bool = True,
+    gemm: str = "ours",
 ) -> torch.Tensor:
     """``x·(W⊙M)ᵀ + b`` trained through 2:4 sparse GEMMs (Hu et al., ICML 2024; see the module docstring).
 
@@ -315,30 +388,30 @@ def sparse24_training_linear(
         mvue: False computes the exact ``∇W = ∇Zᵀ·X`` with a dense GEMM instead.
         check_mask: verify that ``mask`` is transposable 2:4 (one reduction and a host sync; the module skips
             it, its mask being transposable by construction).
+        gemm: ``"ours"`` (our kernels) or ``"cusparselt"`` (:mod:`sparsert.runtime.cusparselt`; CUDA only).
     Returns:
         ``[..., N]`` in x's dtype.
     """
     fn = "sparse24_training_linear"
+    check_gemm(gemm, fn)
     x = _autocast_input(x)
     _check_operands(x, weight, mask, bias, fn)
     if check_mask and not is_transposable_24(mask):
         raise FormatError(f"{fn}: mask {tuple(mask.shape)} is not a transposable 2:4 mask (every aligned 4x4 block "
                           "needs two ones in each row and each column); build it with transposable_mask(weight)")
-    return _apply(x, weight, bias, mask, seed, offset, mvue)
+    return _apply(x, weight, bias, mask, seed, offset, mvue, gemm)
 
 
 def _records_graph(*tensors) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
-def _apply(x, weight, bias, mask, seed: int, offset: int, mvue: bool) -> torch.Tensor:
+def _apply(x, weight, bias, mask, seed: int, offset: int, mvue: bool, gemm: str) -> torch.Tensor:
     """The autograd Function when a graph is recorded; otherwise the forward GEMM alone (no ``(W⊙M)ᵀ``)."""
     if _records_graph(x, weight, bias):
-        return Sparse24TrainingLinearFunction.apply(x, weight, bias, mask, seed, offset, mvue)
+        return Sparse24TrainingLinearFunction.apply(x, weight, bias, mask, seed, offset, mvue, gemm)
     with torch.no_grad(), torch.autocast(device_type=x.device.type, enabled=False):
-        ops = compress_masked_weight(weight, mask, x.dtype, transposed=False)
-        b32 = None if bias is None else bias.to(torch.float32).contiguous()
-        y = sparse24_linear(_aligned(x.reshape(-1, x.shape[-1])), ops.weight, bias=b32)
+        y, _ = _forward_product(_aligned(x.reshape(-1, x.shape[-1])), weight, mask, bias, gemm, transposed=False)
     return y.reshape(*x.shape[:-1], y.shape[-1])
 
 
@@ -363,7 +436,8 @@ class Sparse24TrainingLinear(nn.Module):
     ``forward(x [..., in] bf16/fp16) -> [..., out]``: :class:`Sparse24TrainingLinearFunction` with the MVUE24
     draw ``step_seed(seed, calls)``; ``calls`` counts the forwards that record a graph and is saved in the
     state dict (``_extra_state``), so a resumed run continues the same random stream.
-    ``in_features`` and ``out_features`` must be multiples of 64.
+    ``in_features`` and ``out_features`` must be multiples of 64. ``gemm``: who runs the three products,
+    ``"ours"`` (default) or ``"cusparselt"`` (a CUDA build of torch with cuSPARSELt; checked here).
     """
 
     def __init__(
@@ -379,8 +453,10 @@ class Sparse24TrainingLinear(nn.Module):
         weight: nn.Parameter | None = None,
         bias_param: nn.Parameter | None = None,
         name: str = "weight",
+        gemm: str = "ours",
     ) -> None:
         super().__init__()
+        self.gemm = check_gemm(gemm, name)
         if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
             raise ConfigError(f"{name}: seed must be a non-negative integer, got {seed!r}")
         if not isinstance(mvue, bool):
@@ -405,11 +481,11 @@ class Sparse24TrainingLinear(nn.Module):
         self.register_buffer("mask", self._compute_mask())
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, *, seed: int = 0, mvue: bool = True,
-                    name: str = "weight") -> Sparse24TrainingLinear:
+    def from_linear(cls, linear: nn.Linear, *, seed: int = 0, mvue: bool = True, name: str = "weight",
+                    gemm: str = "ours") -> Sparse24TrainingLinear:
         """A layer sharing ``linear``'s weight and bias Parameters; mask from its current |W|."""
         return cls(linear.in_features, linear.out_features, bias=linear.bias is not None, seed=seed, mvue=mvue,
-                   weight=linear.weight, bias_param=linear.bias, name=name)
+                   weight=linear.weight, bias_param=linear.bias, name=name, gemm=gemm)
 
     @torch.no_grad()
     def _compute_mask(self) -> torch.Tensor:
@@ -440,8 +516,8 @@ class Sparse24TrainingLinear(nn.Module):
         if _records_graph(x, self.weight, self.bias):
             self.calls += 1
         keep = self.mask.view(torch.bool)  # 0/1 by construction: a free view instead of a != 0 pass
-        return _apply(x, self.weight, self.bias, keep, seed, 0, self.mvue)
+        return _apply(x, self.weight, self.bias, keep, seed, 0, self.mvue, self.gemm)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
-                f"bias={self.bias is not None}, mvue={self.mvue}")
+                f"bias={self.bias is not None}, mvue={self.mvue}, gemm={self.gemm}")

@@ -1,0 +1,275 @@
+"""runtime/cusparselt.py: torch's cuSPARSELt binding with searched algorithm configurations, and the
+``gemm="cusparselt"`` path of the Hu et al. training linear.
+
+CPU tests check what does not need the library: argument building against this torch's real operator schema,
+operand checks, the problem key, and the errors without cuSPARSELt. The orientation of every product and the
+search-once-per-problem cache are checked on CPU with torch's documented semantics of its cuSPARSELt ops
+standing in for the library (``_cslt_compress``: the 2:4 matrix itself; ``_cslt_sparse_mm(A, B, bias)``:
+``A·B + bias`` per row of A, transposed when ``transpose_result``; the search: a configuration id). The GPU
+tests run the real library against fp32 references.
+"""
+
+from __future__ import annotations
+
+import types
+
+import pytest
+import torch
+
+from sparsert.runtime import cusparselt
+from sparsert.runtime.cusparselt import (
+    CsltConfig,
+    TunedCusparselt,
+    check_dense_operand,
+    config_kwargs,
+    problem_key,
+)
+from sparsert.runtime.errors import ConfigError, DeviceError, FormatError
+from sparsert.runtime.kernels import transposable_mask
+
+gpu = pytest.mark.gpu
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Arguments, operands, keys
+# ---------------------------------------------------------------------------------------------------------
+
+def test_config_kwargs_follow_the_operator_schema():
+    new = frozenset({"compressed_A", "dense_B", "bias", "alpha", "out_dtype", "transpose_result", "alg_id",
+                     "split_k", "split_k_mode"})
+    old_flag = frozenset({"compressed_A", "dense_B", "alg_id", "split_k", "split_k_one_kernel"})
+    oldest = frozenset({"compressed_A", "dense_B", "bias", "transpose_result"})
+    assert config_kwargs(CsltConfig(), new) == {"alg_id": 0}
+    assert config_kwargs(CsltConfig(7, 4, 2), new) == {"alg_id": 7, "split_k": 4, "split_k_mode": 2}
+    assert config_kwargs(CsltConfig(7, 4, 1), old_flag) == {"alg_id": 7, "split_k": 4, "split_k_one_kernel": True}
+    assert config_kwargs(CsltConfig(), oldest) == {}
+    with pytest.raises(DeviceError, match="takes no alg_id"):
+        config_kwargs(CsltConfig(3), oldest)
+    with pytest.raises(DeviceError, match="takes no split_k"):
+        config_kwargs(CsltConfig(3, 2), frozenset({"alg_id"}))
+    # this torch's real schema accepts what we build for it
+    real = cusparselt._mm_arguments()
+    assert {"compressed_A", "dense_B", "alg_id"} <= real
+    assert set(config_kwargs(CsltConfig(5, 2, 1))) <= real
+
+
+def test_dense_operand_layouts():
+    b = torch.randn(64, 32, dtype=torch.bfloat16)
+    assert check_dense_operand(b) is b
+    bt = torch.randn(32, 64, dtype=torch.bfloat16).t()  # transposed view of a contiguous tensor
+    assert check_dense_operand(bt) is bt
+    strided = torch.randn(64, 64, dtype=torch.bfloat16)[:, ::2]
+    out = check_dense_operand(strided)
+    assert out.is_contiguous() and torch.equal(out, strided)
+    with pytest.raises(FormatError, match="dense operand B must be a 2-D bfloat16/float16 tensor.*float32"):
+        check_dense_operand(torch.randn(8, 8))
+    with pytest.raises(FormatError, match=r"got bfloat16 \(2, 8, 8\)"):
+        check_dense_operand(torch.randn(2, 8, 8, dtype=torch.bfloat16))
+
+
+def test_problem_key_buckets_token_counts():
+    a = torch.empty(64, 16)
+    def key(n, transposed=False, bias=None, tr=True):
+        b = torch.empty(n, 32, dtype=torch.bfloat16).t() if transposed else torch.empty(32, n, dtype=torch.bfloat16)
+        return problem_key(a, b, bias, tr)
+    assert key(100) == key(128) != key(129)
+    assert key(8) == key(5) != key(9)
+    assert key(128) != key(128, transposed=True)
+    assert key(128) != key(128, bias=torch.zeros(64))
+    assert key(128) != key(128, tr=False)
+
+
+def test_compress_checks_shapes_before_the_library():
+    with pytest.raises(FormatError, match=r"W has shape \(12, 16\); both dimensions must be positive multiples of 8"):
+        cusparselt.compress(torch.zeros(12, 16, dtype=torch.bfloat16), name="W")
+    with pytest.raises(FormatError, match="W must be a 2-D bfloat16/float16 tensor"):
+        cusparselt.compress(torch.zeros(16, 16), name="W")
+
+
+def test_without_cusparselt_every_call_says_why():
+    if not cusparselt.cusparselt_status():
+        pytest.skip("cuSPARSELt is usable here")
+    why = cusparselt.cusparselt_status()
+    assert "CUDA" in why or "cuSPARSELt" in why or "_cslt" in why
+    a = torch.zeros(16, 16, dtype=torch.bfloat16)
+    for call in (lambda: cusparselt.compress(a), lambda: cusparselt.sparse_mm(a, a),
+                 lambda: cusparselt.search_config(a, a), lambda: cusparselt.tuned()(a, a)):
+        with pytest.raises(DeviceError, match="CUDA|cuSPARSELt|_cslt"):
+            call()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Orientation and caching with torch's documented semantics standing in for the library
+# ---------------------------------------------------------------------------------------------------------
+
+class _StandIn:
+    """torch's cuSPARSELt ops as documented, on CPU; records searches and the configurations run."""
+
+    def __init__(self, found=(3, 1, -1, 10)):
+        self.found, self.searches, self.runs = found, 0, []
+
+    def compress(self, dense):
+        return dense.clone()
+
+    def sparse_mm(self, a, b, bias=None, alpha=None, out_dtype=None, transpose_result=False, alg_id=0, split_k=1,
+                  split_k_mode=-1):
+        self.runs.append(CsltConfig(alg_id, split_k, split_k_mode))
+        out = a.float() @ b.float() + (0 if bias is None else bias.float()[:, None])
+        return (out.t().contiguous() if transpose_result else out).to(b.dtype)
+
+    def mm_search(self, a, b, bias, alpha, out_dtype, transpose_result):
+        self.searches += 1
+        return self.found
+
+
+@pytest.fixture
+def stand_in(monkeypatch):
+    s = _StandIn()
+    monkeypatch.setattr(torch, "_cslt_compress", s.compress, raising=False)
+    monkeypatch.setattr(torch, "_cslt_sparse_mm", s.sparse_mm, raising=False)
+    monkeypatch.setattr(torch._C, "_cusparselt", types.SimpleNamespace(mm_search=s.mm_search), raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.backends.cusparselt, "is_available", lambda: True)
+    assert cusparselt.cusparselt_status() == ""
+    return s
+
+
+def _sparse24(n, k, dtype=torch.bfloat16, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(n, k, generator=g)
+    keep = w.abs().reshape(n, k // 4, 4).argsort(-1, descending=True).argsort(-1) < 2
+    return (w * keep.reshape(n, k)).to(dtype)
+
+
+def test_tuned_searches_once_per_problem_and_runs_what_it_found(stand_in):
+    tuned = TunedCusparselt()
+    w = _sparse24(64, 32)
+    a = cusparselt.compress(w)
+    bias = torch.randn(64)
+    for m in (100, 128, 104):  # one bucket: one search
+        x = torch.randn(m, 32).to(torch.bfloat16)
+        y = tuned(a, x.t(), bias=bias, transpose_result=True)
+        ref = x.float() @ w.float().t() + bias.to(torch.bfloat16).float()
+        assert y.shape == (m, 64) and torch.allclose(y.float(), ref, rtol=1e-2, atol=1e-2)
+    assert stand_in.searches == 1
+    assert set(stand_in.runs) == {CsltConfig(3, 1, -1)}
+    tuned(a, torch.randn(32, 200).to(torch.bfloat16))  # another bucket and layout: a second search
+    assert stand_in.searches == 2 and len(tuned.configs) == 2
+
+
+def test_search_maps_the_split_k_flag_of_older_bindings(stand_in):
+    stand_in.found = (9, 4, True, 20)  # torch versions whose third field is split_k_one_kernel
+    a = cusparselt.compress(_sparse24(16, 16))
+    assert cusparselt.search_config(a, torch.randn(16, 8).to(torch.bfloat16)) == CsltConfig(9, 4, 1)
+
+
+def test_library_errors_are_named(stand_in, monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("CUDA error: invalid argument\nmore")
+    monkeypatch.setattr(torch, "_cslt_sparse_mm", broken)
+    a = cusparselt.compress(_sparse24(16, 16))
+    with pytest.raises(DeviceError, match=r"cuSPARSELt product of A \(16, 16\) and B bfloat16 \(16, 8\) on cpu .* "
+                                          "failed: CUDA error: invalid argument$"):
+        cusparselt.sparse_mm(a, torch.randn(16, 8).to(torch.bfloat16))
+    monkeypatch.setattr(torch, "_cslt_compress", broken)
+    with pytest.raises(DeviceError, match=r"could not compress W⊙M \(bfloat16 \(16, 16\) on cpu\)"):
+        cusparselt.compress(_sparse24(16, 16), name="W⊙M")
+
+
+def test_training_linear_on_the_stand_in_matches_ours(stand_in, monkeypatch):
+    """Forward, ∇X, ∇W (same MVUE24 draw) and ∇b of ``gemm="cusparselt"`` against ``gemm="ours"``'s torch
+    fallback on CPU: the products are oriented as the library defines them. T = 100 exercises the padding."""
+    from sparsert.train.sparse24_training_linear import sparse24_training_linear
+
+    g = torch.Generator().manual_seed(1)
+    n, k, t = 128, 64, 100
+    w = torch.randn(n, k, generator=g)
+    mask = transposable_mask(w).bool()
+    b = torch.randn(n, generator=g)
+    x = torch.randn(t, k, generator=g).to(torch.bfloat16)
+    gy = torch.randn(t, n, generator=g).to(torch.bfloat16)
+    grads = {}
+    for gemm in ("ours", "cusparselt"):
+        xs, ws, bs = x.clone().requires_grad_(True), w.clone().requires_grad_(True), b.clone().requires_grad_(True)
+        y = sparse24_training_linear(xs, ws, mask, bs, seed=5, gemm=gemm)
+        y.backward(gy)
+        grads[gemm] = (y.detach().float(), xs.grad.float(), ws.grad.float(), bs.grad.float())
+    for ours, cslt in zip(grads["ours"], grads["cusparselt"], strict=True):
+        assert (ours - cslt).norm() <= 1e-2 * ours.norm()
+    assert stand_in.searches == 3  # forward, ∇X and ∇W products: one search each
+    # without a recorded graph only the forward product runs
+    with torch.no_grad():
+        y = sparse24_training_linear(x, w, mask, b, seed=5, gemm="cusparselt")
+    assert (y.float() - grads["ours"][0]).norm() <= 1e-2 * grads["ours"][0].norm()
+
+
+def test_training_linear_gemm_option_is_checked():
+    from sparsert.train.sparse24_training_linear import Sparse24TrainingLinear, sparse24_training_linear
+
+    with pytest.raises(ConfigError, match="fc1: gemm must be one of ours, cusparselt, got 'cublas'"):
+        Sparse24TrainingLinear(64, 64, name="fc1", gemm="cublas")
+    w = torch.randn(64, 64)
+    with pytest.raises(ConfigError, match="sparse24_training_linear: gemm must be one of"):
+        sparse24_training_linear(torch.randn(4, 64).to(torch.bfloat16), w, transposable_mask(w).bool(), seed=0,
+                                 gemm=None)
+    if cusparselt.cusparselt_status():
+        with pytest.raises(ConfigError, match="fc1: gemm='cusparselt' needs a CUDA build of torch with cuSPARSELt"):
+            Sparse24TrainingLinear(64, 64, name="fc1", gemm="cusparselt")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# GPU: the real library
+# ---------------------------------------------------------------------------------------------------------
+
+def _need_cslt():
+    why = cusparselt.cusparselt_status()
+    if why:
+        pytest.skip(why)
+
+
+@gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("m,k,n", [(256, 512, 64), (4096, 1024, 200), (1024, 4096, 2048)])
+def test_gpu_tuned_products_match_fp32(dtype, m, k, n):
+    _need_cslt()
+    w = _sparse24(m, k, dtype, seed=m + n).cuda()
+    a = cusparselt.compress(w)
+    tol = 1e-2 if dtype == torch.bfloat16 else 2e-3
+    g = torch.Generator(device="cuda").manual_seed(n)
+    bias = torch.randn(m, generator=g, device="cuda")
+    x = torch.randn(n + (-n) % 8, k, generator=g, device="cuda").to(dtype)  # tokens [n, k]
+    y = cusparselt.tuned()(a, x.t(), bias=bias, transpose_result=True)  # x·Wᵀ + b
+    ref = x.double() @ w.double().t() + bias.to(dtype).double()
+    assert y.dtype == dtype and y.shape == ref.shape
+    assert float((y.double() - ref).norm() / ref.norm()) <= tol
+    b = torch.randn(k, n + (-n) % 8, generator=g, device="cuda").to(dtype)  # contiguous B: W·B
+    y2 = cusparselt.tuned()(a, b)
+    ref2 = w.double() @ b.double()
+    assert float((y2.double() - ref2).norm() / ref2.norm()) <= tol
+
+
+@gpu
+def test_gpu_training_linear_cusparselt_matches_ours():
+    _need_cslt()
+    from sparsert.train.sparse24_training_linear import sparse24_training_linear
+
+    g = torch.Generator(device="cuda").manual_seed(3)
+    n, k, t = 1024, 512, 1000
+    w = torch.randn(n, k, generator=g, device="cuda")
+    mask = transposable_mask(w).bool()
+    b = torch.randn(n, generator=g, device="cuda")
+    x = torch.randn(t, k, generator=g, device="cuda").to(torch.bfloat16)
+    gy = torch.randn(t, n, generator=g, device="cuda").to(torch.bfloat16)
+    grads = {}
+    for gemm in ("ours", "cusparselt"):
+        xs, ws, bs = x.clone().requires_grad_(True), w.clone().requires_grad_(True), b.clone().requires_grad_(True)
+        y = sparse24_training_linear(xs, ws, mask, bs, seed=11, gemm=gemm)
+        y.backward(gy)
+        grads[gemm] = (y.detach().double(), xs.grad.double(), ws.grad.double(), bs.grad.double())
+    wm = (w * mask).double()
+    ref_y = x.double() @ wm.t() + b.to(torch.bfloat16).double()
+    assert float((grads["cusparselt"][0] - ref_y).norm() / ref_y.norm()) <= 1e-2
+    ref_dx = gy.double() @ wm
+    assert float((grads["cusparselt"][1] - ref_dx).norm() / ref_dx.norm()) <= 1e-2
+    for name, ours, cslt in zip(("y", "dx", "dw", "db"), grads["ours"], grads["cusparselt"], strict=True):
+        assert float((ours - cslt).norm() / ours.norm()) <= 1e-2, name
