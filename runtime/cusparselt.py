@@ -7,15 +7,18 @@ configuration ``cusparseLtMatmulSearch`` picks for the problem it reached 1.34�
 product here runs with a searched :class:`CsltConfig`, found once per problem (:func:`problem_key`) and kept
 for the process (:class:`TunedCusparselt`).
 
-Operands, as torch's binding defines them: ``A`` 2:4 sparse ``[m, k]`` (2:4 along k, compressed by
-:func:`compress` from a dense row-major bf16/fp16 tensor), ``B`` dense ``[k, n]`` — contiguous, or the
-transposed view of a contiguous ``[n, k]`` tensor — in A's dtype; ``A·B`` comes back ``[m, n]`` row-major,
+Operands, as torch's binding defines them: ``A`` 2:4 sparse ``[m, k]`` (2:4 along k), a :class:`CsltMatrix`
+made by :func:`compress` from a dense row-major bf16/fp16 tensor; ``B`` dense ``[k, n]`` in A's dtype —
+contiguous, or the transposed view of a contiguous ``[n, k]`` tensor; ``A·B`` comes back ``[m, n]`` row-major,
 or ``[n, m]`` row-major with ``transpose_result=True`` (``(A·B)ᵀ``, which is how ``x @ Wᵀ`` is computed as
-``W·xᵀ``). ``bias`` ``[m]`` in A's dtype is added to each of the m rows of ``A·B``. cuSPARSELt needs every
-dimension a multiple of 8 for 16-bit types (callers pad).
+``W·xᵀ``). ``bias`` ``[m]`` is cast to A's dtype and added to each of the m rows of ``A·B``. cuSPARSELt needs
+every dimension a multiple of 8 for 16-bit types (callers pad; checked here).
 
 A search costs roughly as much as timing every configuration on the problem a few times (tens of
 milliseconds to a few seconds for large GEMMs); its result only chooses a kernel, never changes the math.
+A configuration found for one token count serves its whole power-of-two bucket; if it fails on another count
+of the bucket, that exact count is searched on its own. Torch applies a searched split-K mode only together
+with a split-K factor above 1 (so a mode the library reports for ``split_k == 1`` is its own default anyway).
 """
 
 from __future__ import annotations
@@ -26,28 +29,51 @@ from dataclasses import dataclass
 
 import torch
 
+from sparsert.runtime.device import is_sticky_cuda_error
 from sparsert.runtime.errors import DeviceError, FormatError
 
-__all__ = ["CsltConfig", "TunedCusparselt", "compress", "cusparselt_status", "problem_key", "search_config",
-           "sparse_mm", "tuned"]
+__all__ = ["CsltConfig", "CsltMatrix", "TunedCusparselt", "compress", "cusparselt_status", "problem_key",
+           "search_config", "sparse_mm", "tuned"]
 
 DTYPES = (torch.bfloat16, torch.float16)
 DIM_MULTIPLE = 8  # every dimension, for 16-bit operands
+MIN_CAPABILITY = (8, 0)
 
 
 @dataclass(frozen=True)
 class CsltConfig:
     """A cuSPARSELt algorithm configuration: ``alg_id`` (CUSPARSELT_MATMUL_ALG_CONFIG_ID), ``split_k`` and
-    ``split_k_mode`` (-1: the library's choice; torch versions whose binding takes a ``split_k_one_kernel`` flag
-    get ``split_k_mode > 0``). The default is what a plain ``_cslt_sparse_mm`` call runs."""
+    ``split_k_mode`` (cusparseLtSplitKMode_t: 1 one kernel, 2 two kernels, ...; -1 the library's choice). The
+    default is what a plain ``_cslt_sparse_mm`` call runs."""
 
     alg_id: int = 0
     split_k: int = 1
     split_k_mode: int = -1
 
 
+@dataclass(frozen=True)
+class CsltMatrix:
+    """A 2:4 matrix compressed by cuSPARSELt: ``packed`` (torch's opaque buffer of kept values and metadata),
+    its logical ``rows`` × ``cols`` (2:4 along cols) and ``dtype`` (bf16/fp16), and a ``name`` for messages."""
+
+    packed: torch.Tensor
+    rows: int
+    cols: int
+    dtype: torch.dtype
+    name: str = "A"
+
+    def describe(self) -> str:
+        return f"{self.name} ({_dt(self.dtype)} [{self.rows}, {self.cols}])"
+
+    def nbytes(self) -> int:
+        """Device bytes of the compressed buffer."""
+        return self.packed.numel() * self.packed.element_size()
+
+
+@functools.lru_cache(maxsize=1)
 def cusparselt_status() -> str:
-    """'' when torch's cuSPARSELt ops can run here (CUDA device, torch built with cuSPARSELt), else why not."""
+    """'' when torch's cuSPARSELt ops can run here (torch built with cuSPARSELt, device 0 of compute
+    capability 8.0 or newer), else why not. Probed once per process."""
     if not all(hasattr(torch, op) for op in ("_cslt_compress", "_cslt_sparse_mm")):
         return f"torch {torch.__version__} has no torch._cslt_compress / torch._cslt_sparse_mm"
     try:
@@ -55,6 +81,9 @@ def cusparselt_status() -> str:
             return f"torch {torch.__version__} sees no CUDA device (cuSPARSELt runs on sm_80 and newer GPUs)"
         if not torch.backends.cusparselt.is_available():
             return f"torch {torch.__version__} was built without cuSPARSELt"
+        cc = tuple(torch.cuda.get_device_capability(0))
+        if cc < MIN_CAPABILITY:
+            return f"cuSPARSELt needs compute capability 8.0 or newer, device 0 has {cc[0]}.{cc[1]}"
     except Exception as exc:  # a broken CUDA install reports through here
         return f"cuSPARSELt unusable: {type(exc).__name__}: {str(exc)[:160]}"
     return ""
@@ -89,8 +118,8 @@ def config_kwargs(config: CsltConfig, arguments: frozenset[str] | None = None) -
         kw["split_k"] = int(config.split_k)
         if "split_k_mode" in args:
             kw["split_k_mode"] = int(config.split_k_mode)
-        elif "split_k_one_kernel" in args:
-            kw["split_k_one_kernel"] = config.split_k_mode > 0
+        elif "split_k_one_kernel" in args:  # older torch: a flag, true unless two kernels were chosen
+            kw["split_k_one_kernel"] = config.split_k_mode != 2
     return kw
 
 
@@ -98,26 +127,52 @@ def _dt(dtype: torch.dtype) -> str:
     return str(dtype).replace("torch.", "")
 
 
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [""])[0][:300]
+
+
 def check_dense_operand(b: torch.Tensor, what: str = "dense operand B") -> torch.Tensor:
-    """``b`` as cuSPARSELt reads it: contiguous ``[k, n]`` or the transpose of a contiguous ``[n, k]`` (returned
-    as is); any other strides are copied contiguous. FormatError for a non-2-D or non-bf16/fp16 tensor."""
+    """``b`` as cuSPARSELt reads it: a 2-D bf16/fp16 ``[k, n]``, both dimensions positive multiples of 8,
+    contiguous or the transpose of a contiguous ``[n, k]`` (returned as is); other strides are copied
+    contiguous. FormatError naming ``what`` otherwise."""
     if not isinstance(b, torch.Tensor) or b.dim() != 2 or b.dtype not in DTYPES:
         got = f"{_dt(b.dtype)} {tuple(b.shape)}" if isinstance(b, torch.Tensor) else type(b).__name__
         raise FormatError(f"cuSPARSELt: {what} must be a 2-D bfloat16/float16 tensor [k, n], got {got}")
+    k, n = b.shape
+    if k == 0 or n == 0 or k % DIM_MULTIPLE or n % DIM_MULTIPLE:
+        raise FormatError(f"cuSPARSELt: {what} has shape ({k}, {n}); both dimensions must be positive multiples "
+                          f"of {DIM_MULTIPLE} (pad the tokens)")
     if b.is_contiguous() or b.t().is_contiguous():
         return b
     return b.contiguous()
 
 
-def _first_line(exc: BaseException) -> str:
-    return (str(exc).strip().splitlines() or [""])[0][:300]
+def _check_product(a: CsltMatrix, b: torch.Tensor, bias: torch.Tensor | None) -> tuple[torch.Tensor,
+                                                                                          torch.Tensor | None]:
+    """B (see :func:`check_dense_operand`) and bias (cast to A's dtype, contiguous) for ``A·B``, checked
+    against A: same dtype, B's k = A's cols, bias of A's rows."""
+    if not isinstance(a, CsltMatrix):
+        raise FormatError(f"cuSPARSELt: A must be a CsltMatrix made by compress(), got {type(a).__name__}")
+    b = check_dense_operand(b)
+    if b.dtype != a.dtype:
+        raise FormatError(f"cuSPARSELt: dense operand B is {_dt(b.dtype)} but {a.describe()} is {_dt(a.dtype)}; "
+                          "both must have one dtype")
+    if b.shape[0] != a.cols:
+        raise FormatError(f"cuSPARSELt: dense operand B has shape {tuple(b.shape)}; its rows must be the columns "
+                          f"of {a.describe()}")
+    if bias is not None:
+        if not isinstance(bias, torch.Tensor) or bias.numel() != a.rows:
+            got = tuple(bias.shape) if isinstance(bias, torch.Tensor) else type(bias).__name__
+            raise FormatError(f"cuSPARSELt: bias must hold one value per row of {a.describe()}, got {got}")
+        bias = bias.reshape(-1).to(a.dtype).contiguous()
+    return b, bias
 
 
-def compress(dense: torch.Tensor, name: str = "weight") -> torch.Tensor:
+def compress(dense: torch.Tensor, name: str = "weight") -> CsltMatrix:
     """``torch._cslt_compress`` of ``dense`` (bf16/fp16 ``[m, k]`` on a CUDA device, 2:4 along k: at most two
     non-zeros in every aligned group of four — cuSPARSELt keeps two entries per group, so a denser group
-    would lose values silently; not re-checked here), m and k multiples of 8. Returns the opaque cuSPARSELt
-    buffer (values and metadata) that :func:`sparse_mm` takes as ``A``."""
+    would lose values silently; not re-checked here), m and k positive multiples of 8. Returns the
+    :class:`CsltMatrix` that :func:`sparse_mm` takes as ``A``."""
     if not isinstance(dense, torch.Tensor) or dense.dim() != 2 or dense.dtype not in DTYPES:
         got = f"{_dt(dense.dtype)} {tuple(dense.shape)}" if isinstance(dense, torch.Tensor) else type(dense).__name__
         raise FormatError(f"cuSPARSELt: {name} must be a 2-D bfloat16/float16 tensor [m, k], got {got}")
@@ -127,42 +182,45 @@ def compress(dense: torch.Tensor, name: str = "weight") -> torch.Tensor:
                           f"of {DIM_MULTIPLE}")
     _require()
     try:
-        return torch._cslt_compress(dense.contiguous())
+        packed = torch._cslt_compress(dense.contiguous())
     except RuntimeError as exc:  # e.g. a CPU tensor: name it instead of torch's internals
         raise DeviceError(f"cuSPARSELt could not compress {name} ({_dt(dense.dtype)} ({m}, {k}) on "
                           f"{dense.device}): {_first_line(exc)}") from exc
+    return CsltMatrix(packed, int(m), int(k), dense.dtype, name)
 
 
-def problem_key(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None, transpose_result: bool) -> tuple:
-    """What a searched configuration is valid for: A's rows m, the reduction k, B's columns n rounded up to a
-    power of two (token counts vary call to call; one search serves a bucket), the dtype, B's layout, the
-    output layout, whether a bias is fused, and the device."""
-    k, n = b.shape
-    return (int(a.shape[0]), int(k), 1 << max(int(n) - 1, 0).bit_length(), b.dtype, bool(b.is_contiguous()),
-            bool(transpose_result), bias is not None, b.device.index)
+def problem_key(a: CsltMatrix, b: torch.Tensor, bias: torch.Tensor | None, transpose_result: bool, *,
+                exact: bool = False) -> tuple:
+    """What a searched configuration is valid for: A's rows and columns, B's columns n rounded up to a power
+    of two (token counts vary call to call; one search serves a bucket) or n itself with ``exact``, the
+    dtype, B's layout, the output layout, whether a bias is fused, and the device."""
+    n = int(b.shape[1])
+    return (a.rows, a.cols, n if exact else 1 << max(n - 1, 0).bit_length(), exact, a.dtype,
+            bool(b.is_contiguous()), bool(transpose_result), bias is not None, b.device.index)
 
 
-def search_config(a: torch.Tensor, b: torch.Tensor, *, bias: torch.Tensor | None = None,
+def search_config(a: CsltMatrix, b: torch.Tensor, *, bias: torch.Tensor | None = None,
                   transpose_result: bool = False) -> CsltConfig:
     """The configuration ``cusparseLtMatmulSearch`` finds fastest for ``A·B`` on these operands (it runs the
     product with each configuration; the operands are not modified). Uses ``torch._C._cusparselt.mm_search``
     (configuration id and split-K) where torch has it, else ``torch._cslt_sparse_mm_search`` (id only)."""
+    b, bias = _check_product(a, b, bias)
     _require()
-    b = check_dense_operand(b)
     binding = getattr(torch._C, "_cusparselt", None)
     try:
         if binding is not None and hasattr(binding, "mm_search"):
-            found = binding.mm_search(a, b, bias, None, None, transpose_result)
+            found = binding.mm_search(a.packed, b, bias, None, None, transpose_result)
             alg_id, split_k, mode = int(found[0]), int(found[1]), found[2]
-            mode = (1 if mode else -1) if isinstance(mode, bool) else int(mode)
+            # older torch reports split_k_one_kernel (a flag) where newer reports the mode
+            mode = (1 if mode else 2) if isinstance(mode, bool) else int(mode)
             config = CsltConfig(alg_id, split_k, mode)
         elif hasattr(torch, "_cslt_sparse_mm_search"):
-            config = CsltConfig(int(torch._cslt_sparse_mm_search(a, b, bias=bias,
+            config = CsltConfig(int(torch._cslt_sparse_mm_search(a.packed, b, bias=bias,
                                                                  transpose_result=transpose_result)))
         else:
             config = CsltConfig()
     except RuntimeError as exc:
-        raise DeviceError(f"cuSPARSELt configuration search for A {tuple(a.shape)} and B {_dt(b.dtype)} "
+        raise DeviceError(f"cuSPARSELt configuration search for {a.describe()} times B {_dt(b.dtype)} "
                           f"{tuple(b.shape)} on {b.device} failed: {_first_line(exc)}") from exc
     try:
         config_kwargs(config)
@@ -171,20 +229,19 @@ def search_config(a: torch.Tensor, b: torch.Tensor, *, bias: torch.Tensor | None
     return config
 
 
-def sparse_mm(a: torch.Tensor, b: torch.Tensor, *, bias: torch.Tensor | None = None, transpose_result: bool = False,
+def sparse_mm(a: CsltMatrix, b: torch.Tensor, *, bias: torch.Tensor | None = None, transpose_result: bool = False,
               config: CsltConfig | None = None) -> torch.Tensor:
     """``A·B (+ bias per row)`` with one configuration (default: configuration 0): ``[m, n]``, or ``[n, m]``
-    with ``transpose_result``, in B's dtype. See the module docstring for the operands."""
+    with ``transpose_result``, in A's dtype. See the module docstring for the operands."""
+    b, bias = _check_product(a, b, bias)
     _require()
-    b = check_dense_operand(b)
-    if bias is not None:
-        bias = bias.to(b.dtype).contiguous()
+    config = config or CsltConfig()
     try:
-        return torch._cslt_sparse_mm(a, b, bias=bias, transpose_result=transpose_result,
-                                     **config_kwargs(config or CsltConfig()))
+        return torch._cslt_sparse_mm(a.packed, b, bias=bias, transpose_result=transpose_result,
+                                     **config_kwargs(config))
     except RuntimeError as exc:
-        raise DeviceError(f"cuSPARSELt product of A {tuple(a.shape)} and B {_dt(b.dtype)} {tuple(b.shape)} on "
-                          f"{b.device} ({config or CsltConfig()}) failed: {_first_line(exc)}") from exc
+        raise DeviceError(f"cuSPARSELt product of {a.describe()} and B {_dt(b.dtype)} {tuple(b.shape)} on "
+                          f"{b.device} ({config}) failed: {_first_line(exc)}") from exc
 
 
 class TunedCusparselt:
@@ -195,23 +252,35 @@ class TunedCusparselt:
         self.configs: dict[tuple, CsltConfig] = {}
         self._lock = threading.Lock()
 
-    def config_for(self, a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None,
-                   transpose_result: bool = False) -> CsltConfig:
-        b = check_dense_operand(b)
-        key = problem_key(a, b, bias, transpose_result)
+    def _config(self, key: tuple, a: CsltMatrix, b: torch.Tensor, bias, transpose_result: bool) -> CsltConfig:
         with self._lock:
             found = self.configs.get(key)
         if found is None:
-            bias_c = None if bias is None else bias.to(b.dtype).contiguous()
-            found = search_config(a, b, bias=bias_c, transpose_result=transpose_result)
+            found = search_config(a, b, bias=bias, transpose_result=transpose_result)
             with self._lock:
                 found = self.configs.setdefault(key, found)
         return found
 
-    def __call__(self, a: torch.Tensor, b: torch.Tensor, *, bias: torch.Tensor | None = None,
+    def config_for(self, a: CsltMatrix, b: torch.Tensor, bias: torch.Tensor | None = None,
+                   transpose_result: bool = False) -> CsltConfig:
+        """The configuration for this product's bucket (searched on these operands if it is new)."""
+        b, bias = _check_product(a, b, bias)
+        return self._config(problem_key(a, b, bias, transpose_result), a, b, bias, transpose_result)
+
+    def __call__(self, a: CsltMatrix, b: torch.Tensor, *, bias: torch.Tensor | None = None,
                  transpose_result: bool = False) -> torch.Tensor:
-        config = self.config_for(a, b, bias, transpose_result)
-        return sparse_mm(a, b, bias=bias, transpose_result=transpose_result, config=config)
+        b, bias = _check_product(a, b, bias)
+        key = problem_key(a, b, bias, transpose_result)
+        fresh = key not in self.configs
+        config = self._config(key, a, b, bias, transpose_result)
+        try:
+            return sparse_mm(a, b, bias=bias, transpose_result=transpose_result, config=config)
+        except DeviceError as exc:
+            if fresh or is_sticky_cuda_error(exc):  # searched on these very operands, or the context is lost
+                raise
+        # a configuration found for another token count of the bucket: search this count on its own
+        exact = self._config(problem_key(a, b, bias, transpose_result, exact=True), a, b, bias, transpose_result)
+        return sparse_mm(a, b, bias=bias, transpose_result=transpose_result, config=exact)
 
 
 _TUNED = TunedCusparselt()

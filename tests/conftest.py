@@ -133,3 +133,62 @@ def hf_model_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     transformers.BertModel(bert).save_pretrained(str(root / "bert"))
     dirs["bert"] = root / "bert"
     return dirs
+
+
+class CsltStandIn:
+    """torch's cuSPARSELt ops as torch documents them, on CPU, for checking how sparsert calls them without a
+    GPU (the real library needs one; the GPU tests run it). ``_cslt_compress`` returns the 2:4 matrix itself;
+    ``_cslt_sparse_mm(A, B, bias)`` is ``A·B + bias`` per row of A (transposed with ``transpose_result``) and
+    asserts the library's preconditions; the search returns ``found``. Records searches and configurations."""
+
+    def __init__(self, found=(3, 1, -1, 10)):
+        self.found, self.searches, self.runs = found, 0, []
+        self.fail_if = set()  # {(alg_id, n)}: that configuration raises on that many columns of B (a bad replay)
+
+    def compress(self, dense):
+        assert dense.is_contiguous() and dense.shape[0] % 8 == 0 and dense.shape[1] % 8 == 0
+        return dense.clone()
+
+    def _check(self, a, b, bias):
+        assert b.dtype == a.dtype, "A and B dtypes differ"
+        assert b.shape[0] == a.shape[1] and b.shape[0] % 8 == 0 and b.shape[1] % 8 == 0, tuple(b.shape)
+        assert b.is_contiguous() or b.t().is_contiguous()
+        assert bias is None or (bias.dtype == a.dtype and bias.shape == (a.shape[0],))
+
+    def sparse_mm(self, a, b, bias=None, alpha=None, out_dtype=None, transpose_result=False, alg_id=0, split_k=1,
+                  split_k_mode=-1):
+        from sparsert.runtime.cusparselt import CsltConfig
+
+        self._check(a, b, bias)
+        if (alg_id, b.shape[1]) in self.fail_if:
+            raise RuntimeError("CUDA error: the stand-in's configuration does not run this shape")
+        self.runs.append(CsltConfig(alg_id, split_k, split_k_mode))
+        out = a.float() @ b.float() + (0 if bias is None else bias.float()[:, None])
+        return (out.t().contiguous() if transpose_result else out).to(b.dtype)
+
+    def mm_search(self, a, b, bias, alpha, out_dtype, transpose_result):
+        self._check(a, b, bias)
+        self.searches += 1
+        return self.found
+
+
+@pytest.fixture
+def cslt_stand_in(monkeypatch):
+    """A :class:`CsltStandIn` in place of torch's cuSPARSELt ops, device 0 reported as sm_90, and a fresh
+    configuration cache for the test."""
+    import types
+
+    from sparsert.runtime import cusparselt
+
+    s = CsltStandIn()
+    monkeypatch.setattr(torch, "_cslt_compress", s.compress, raising=False)
+    monkeypatch.setattr(torch, "_cslt_sparse_mm", s.sparse_mm, raising=False)
+    monkeypatch.setattr(torch._C, "_cusparselt", types.SimpleNamespace(mm_search=s.mm_search), raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    monkeypatch.setattr(torch.backends.cusparselt, "is_available", lambda: True)
+    monkeypatch.setattr(cusparselt, "_TUNED", cusparselt.TunedCusparselt())
+    cusparselt.cusparselt_status.cache_clear()
+    assert cusparselt.cusparselt_status() == ""
+    yield s
+    cusparselt.cusparselt_status.cache_clear()

@@ -305,35 +305,22 @@ def test_bench_summary_pass_fail_and_wrong_results():
     assert "fastest: `sm90tma_256` (1.500x of dense)" in bench.to_markdown({"meta": meta, **res})
 
 
-def test_bench_cusparselt_variant_math_on_cpu(monkeypatch):
+def test_bench_cusparselt_variant_math_on_cpu(cslt_stand_in):
     """The benchmark's cuSPARSELt variant (the library's ``gemm="cusparselt"`` layer) passes the benchmark's own
-    checks on CPU with torch's documented semantics of its cuSPARSELt ops standing in (``_cslt_compress``: the
-    2:4 matrix itself; ``_cslt_sparse_mm(A, B, bias)``: ``A·B + bias`` per row of A, transposed when
-    ``transpose_result``) — the real ops need a CUDA GPU (tests/test_cusparselt.py runs them there)."""
-    import types
+    checks on CPU with torch's documented semantics of its cuSPARSELt ops standing in (conftest.CsltStandIn) —
+    the real ops need a CUDA GPU (tests/test_cusparselt.py runs them there)."""
+    from sparsert.train.sparse24_training_linear import Sparse24TrainingLinear
 
     bench = _bench()
-
-    def sparse_mm(a, b, bias=None, transpose_result=False, **config):
-        out = a.float() @ b.float() + (0 if bias is None else bias.float()[:, None])
-        return (out.t().contiguous() if transpose_result else out).to(b.dtype)
-
     cfg = bench.BenchConfig(d=64, tokens=100, device="cpu")
     fc1, fc2, x, gy, models = bench.build(cfg)
     s1, s2 = models[bench.OURS].fc1, models[bench.OURS].fc2
-    monkeypatch.setattr(torch, "_cslt_compress", lambda dense: dense.clone(), raising=False)
-    monkeypatch.setattr(torch, "_cslt_sparse_mm", sparse_mm, raising=False)
-    monkeypatch.setattr(torch._C, "_cusparselt", types.SimpleNamespace(mm_search=lambda *a: (0, 1, -1, 1)),
-                        raising=False)
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.backends.cusparselt, "is_available", lambda: True)
-    from sparsert.train.sparse24_training_linear import Sparse24TrainingLinear
-
     model = bench.FFN(Sparse24TrainingLinear.from_linear(fc1, seed=s1.seed, gemm="cusparselt"),
                       Sparse24TrainingLinear.from_linear(fc2, seed=s2.seed, gemm="cusparselt"))
     checks = bench.check_variant(bench.CSLT, model, fc1, fc2, (s1.mask, s2.mask), x, gy, cfg)
     assert checks["ok"], checks
     assert checks["dw2_rel_err"] < 1e-2 and checks["dx_rel_err"] < 1e-2
+    assert cslt_stand_in.searches == 6  # forward, ∇X and ∇W of both linears
 
 
 def test_bench_without_gpu_exits_2(capsys):

@@ -29,7 +29,8 @@ function from the same prepared operands (fp32 accumulation of bf16/fp16 product
 :mod:`sparsert.runtime.cusparselt`, with the algorithm configuration searched once per shape): ``W⊙M`` and
 ``(W⊙M)ᵀ`` compressed by ``_cslt_compress``; forward ``(W⊙M)·Xᵀ`` and ``∇X = ((W⊙M)ᵀ·∇Zᵀ)ᵀ`` with the result
 transposed by the library; ``∇W = S·X`` with the same MVUE24 sample ``S [N, T]`` (drawn by our kernel,
-expanded to dense, compressed by cuSPARSELt). T is zero-padded to a multiple of 64 for all three. This is the
+expanded to dense, compressed by cuSPARSELt). T is zero-padded to a multiple of 8 (64 for ``∇W``, whose
+reduction it is). The bias is added in the activations' dtype (``ours`` adds it in fp32). This is the
 library Hu et al.'s released code builds on (through torch's semi-structured tensors); it needs a CUDA build
 of torch with cuSPARSELt.
 
@@ -175,11 +176,12 @@ def _masked(weight: torch.Tensor, mask: torch.Tensor, dtype: torch.dtype) -> tor
     return torch.where(keep, weight.detach().to(dtype), torch.zeros((), dtype=dtype, device=weight.device))
 
 
-def check_gemm(gemm, name: str) -> str:
-    """``gemm`` if it is one of :data:`GEMMS` and usable here, else ConfigError naming the option."""
+def check_gemm(gemm, name: str, *, usable: bool = True) -> str:
+    """``gemm`` if it is one of :data:`GEMMS` (and, with ``usable``, can run here), else ConfigError naming
+    the option."""
     if gemm not in GEMMS:
         raise ConfigError(f"{name}: gemm must be one of {', '.join(GEMMS)}, got {gemm!r}")
-    why = cusparselt.cusparselt_status() if gemm == "cusparselt" else ""
+    why = cusparselt.cusparselt_status() if usable and gemm == "cusparselt" else ""
     if why:
         raise ConfigError(f"{name}: gemm='cusparselt' needs a CUDA build of torch with cuSPARSELt: {why}")
     return gemm
@@ -316,7 +318,6 @@ class Sparse24TrainingLinearFunction(torch.autograd.Function):
                     grad_w = grad_w.to(ctx.weight_dtype, memory_format=torch.contiguous_format)
             if ctx.bias_dtype is not None and ctx.needs_input_grad[2]:
                 grad_b = g.sum(0, dtype=torch.float32).to(ctx.bias_dtype)
-        ctx.weight_t = None
         return grad_x, grad_w, grad_b, None, None, None, None, None
 
 
@@ -333,22 +334,25 @@ def _forward_product(x2, weight, mask, bias, gemm: str, *, transposed: bool):
 # The three products on cuSPARSELt (gemm="cusparselt")
 # ---------------------------------------------------------------------------------------------------------
 
-def _pad_tokens(t: torch.Tensor) -> torch.Tensor:
-    """``t [T, C]`` with zero rows appended up to a multiple of :data:`TOKEN_PAD` (cuSPARSELt wants every
-    dimension a multiple of 8; the weight-gradient product reduces over T)."""
-    pad = (-t.shape[0]) % TOKEN_PAD
+def _pad_tokens(t: torch.Tensor, multiple: int) -> torch.Tensor:
+    """``t [T, C]`` with zero rows appended up to a multiple of ``multiple``."""
+    pad = (-t.shape[0]) % multiple
     return F.pad(t, (0, 0, 0, pad)) if pad else t
 
 
-def _cslt_tokens_mm(packed: torch.Tensor, t: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``t [T, C] · Aᵀ (+ bias)`` for a cuSPARSELt-compressed ``A [R, C]``: ``[T, R]``, as ``(A·tᵀ)ᵀ``."""
-    tp = _pad_tokens(t)
-    y = cusparselt.tuned()(packed, tp.t(), bias=bias, transpose_result=True)
+def _cslt_tokens_mm(a: cusparselt.CsltMatrix, t: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``t [T, C] · Aᵀ (+ bias)`` for a compressed ``A [R, C]``: ``[T, R]`` in t's dtype, as ``(A·tᵀ)ᵀ`` (T padded
+    to a multiple of 8 for the library, the padding cut off)."""
+    if t.shape[0] == 0:
+        return t.new_zeros(0, a.rows)
+    tp = _pad_tokens(t, cusparselt.DIM_MULTIPLE)
+    y = cusparselt.tuned()(a, tp.t(), bias=bias, transpose_result=True)
     return y[: t.shape[0]] if tp is not t else y
 
 
 def _cslt_forward(x2, weight, mask, bias, *, transposed: bool):
-    """Forward of the cuSPARSELt path: ``(x2·(W⊙M)ᵀ + b, compressed (W⊙M)ᵀ or None)``."""
+    """Forward of the cuSPARSELt path: ``(x2·(W⊙M)ᵀ + b, compressed (W⊙M)ᵀ or None)``. The bias is rounded to
+    x's dtype first (the library adds it in that dtype; the ``ours`` path adds an fp32 bias)."""
     masked = _masked(weight, mask, x2.dtype)
     packed_t = cusparselt.compress(masked.t().contiguous(), name="(W⊙M)ᵀ") if transposed else None
     b = None if bias is None else bias.detach()
@@ -358,8 +362,12 @@ def _cslt_forward(x2, weight, mask, bias, *, transposed: bool):
 @torch.no_grad()
 def _cslt_weight_grad(grad: torch.Tensor, x2: torch.Tensor, *, seed: int, offset: int) -> torch.Tensor:
     """``∇W = S·X`` on cuSPARSELt, with the MVUE24 sample ``S`` of :func:`mvue24_sample_dense_t` (same draw as
-    the ``ours`` path for the same seed/offset): ``[N, K]`` in grad's dtype."""
-    gp, xp = _pad_tokens(grad), _pad_tokens(x2)
+    the ``ours`` path for the same seed/offset): ``[N, K]`` in grad's dtype. T (the product's reduction) is
+    padded to a multiple of 64, so each distinct padded T is a problem of its own for the configuration search
+    (training steps share one T)."""
+    if grad.shape[0] == 0:
+        return grad.new_zeros(grad.shape[1], x2.shape[1])
+    gp, xp = _pad_tokens(grad, TOKEN_PAD), _pad_tokens(x2, TOKEN_PAD)
     s = mvue24_sample_dense_t(_aligned(gp), seed=seed, offset=offset)  # (N, T), 2:4 along T
     return cusparselt.tuned()(cusparselt.compress(s, name="MVUE24(∇Zᵀ)"), xp)
 
@@ -437,7 +445,8 @@ class Sparse24TrainingLinear(nn.Module):
     draw ``step_seed(seed, calls)``; ``calls`` counts the forwards that record a graph and is saved in the
     state dict (``_extra_state``), so a resumed run continues the same random stream.
     ``in_features`` and ``out_features`` must be multiples of 64. ``gemm``: who runs the three products,
-    ``"ours"`` (default) or ``"cusparselt"`` (a CUDA build of torch with cuSPARSELt; checked here).
+    ``"ours"`` (default) or ``"cusparselt"`` (a CUDA build of torch with cuSPARSELt; checked at each forward,
+    so a CPU-only machine can still build the module and load its state).
     """
 
     def __init__(
@@ -456,7 +465,7 @@ class Sparse24TrainingLinear(nn.Module):
         gemm: str = "ours",
     ) -> None:
         super().__init__()
-        self.gemm = check_gemm(gemm, name)
+        self.gemm = check_gemm(gemm, name, usable=False)  # a CPU-only machine may still load its checkpoint
         if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
             raise ConfigError(f"{name}: seed must be a non-negative integer, got {seed!r}")
         if not isinstance(mvue, bool):
@@ -511,6 +520,7 @@ class Sparse24TrainingLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = _autocast_input(x)
+        check_gemm(self.gemm, self.name)
         _check_operands(x, self.weight, self.mask, self.bias, self.name)
         seed = step_seed(self.seed, self.calls)
         if _records_graph(x, self.weight, self.bias):
