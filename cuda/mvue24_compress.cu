@@ -36,6 +36,7 @@
 // tokens (4 groups = one metadata nibble row). Kept values and nibbles are staged in shared memory in the exact
 // global order (values XOR-swizzled in 16-byte units against bank conflicts), then the CTA writes 8 x 1 KB of
 // values and 8 x 128 B of metadata with 16-byte stores. One read of dZ, one write of the operand.
+// mvue24_sample_dense draws the same samples and writes them as a dense [N, T] tensor instead.
 //
 // Self-contained: no CUDA headers (NVRTC only); 16-bit floats as bit patterns, converted with PTX cvt.
 
@@ -162,38 +163,48 @@ __device__ __forceinline__ void mvue24_group(u32 h0, u32 h1, u32 h2, u32 h3, u32
 // whole 16-byte units move, so the write-out still reads one aligned uint4 per logical unit.
 __device__ __forceinline__ u32 swizzle(u32 idx) { return idx ^ ((((idx >> 6) & 1u) | ((idx >> 7) & 6u)) << 2); }
 
-template <typename T>
-__global__ void __launch_bounds__(128) mvue24_compress(const u16* __restrict__ grad, uint4* __restrict__ values,
-                                                       uint4* __restrict__ meta, int n, int n_pad, int tokens,
-                                                       u64 seed, u64 offset) {
-  __shared__ __align__(16) u32 sval[8 * 256];  // 8 blocks x 1 KB of values, in global order (swizzled)
-  __shared__ __align__(16) u32 smeta[8 * 32];  // 8 blocks x 32 metadata words
-  const int row_tiles = n_pad >> 7, kblocks = tokens >> 6;
-  const int rt = (int)(blockIdx.x % (u32)row_tiles), kb = (int)(blockIdx.x / (u32)row_tiles);
-  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
-  // This thread: rows row0 .. row0+3 of the tile, tokens 16ts .. 16ts+15 of the block (token groups 4ts..4ts+3,
-  // i.e. k32 step s = ts >> 1, half hk = ts & 1 of the value fragments, metadata word column s' = ts).
-  const int ts = (warp & 2) | (lane >> 4);
-  const int row0 = ((warp & 1) << 6) | ((lane & 15) << 2);
-  const int n0 = (rt << 7) + row0;
-  const long long tok0 = ((long long)kb << 6) + (ts << 4);
-  const bool live = n0 < n;  // N % 8 == 0: the four rows are all real or all padding
+// This thread's place in a CTA tile (both kernels): rows 128*rt .. +127 x tokens 64*kb .. +63. The thread takes 4
+// consecutive rows n0 .. n0+3 (one 8-byte load per token: a half-warp reads 128 contiguous bytes of a token row)
+// x 16 tokens tok0 .. tok0+15 (4 groups = one metadata nibble row): k32 step ts >> 1, half ts & 1 of the value
+// fragments, metadata word column ts.
+struct ThreadTile {
+  int rt, kb, ts, row0, n0;
+  long long tok0;
+  bool live;  // N % 8 == 0: the four rows are all real or all padding
+};
 
+__device__ __forceinline__ ThreadTile thread_tile(int n, int n_pad) {
+  ThreadTile tt;
+  const int row_tiles = n_pad >> 7;
+  tt.rt = (int)(blockIdx.x % (u32)row_tiles);
+  tt.kb = (int)(blockIdx.x / (u32)row_tiles);
+  const int warp = (int)threadIdx.x >> 5, lane = (int)threadIdx.x & 31;
+  tt.ts = (warp & 2) | (lane >> 4);
+  tt.row0 = ((warp & 1) << 6) | ((lane & 15) << 2);
+  tt.n0 = (tt.rt << 7) + tt.row0;
+  tt.tok0 = ((long long)tt.kb << 6) + (tt.ts << 4);
+  tt.live = tt.n0 < n;
+  return tt;
+}
+
+// MVUE24 of the thread's 16 groups: pair[e][j], nib[e][j] for row n0+e, token group j (tokens tok0+4j .. +3).
+// Padding rows (not live) give zero groups: pair 0, columns (0, 1).
+template <typename T>
+__device__ __forceinline__ void sample_thread(const u16* __restrict__ grad, int n, const ThreadTile& tt, u64 seed,
+                                              u64 offset, u32 (&pair)[4][4], u32 (&nib)[4][4]) {
   uint2 in[16];
 #pragma unroll
   for (int i = 0; i < 16; ++i) in[i] = make_uint2(0u, 0u);
-  if (live) {
-    const u16* src = grad + tok0 * n + n0;
+  if (tt.live) {
+    const u16* src = grad + tt.tok0 * n + tt.n0;
 #pragma unroll
     for (int i = 0; i < 16; ++i) in[i] = __ldg(reinterpret_cast<const uint2*>(src + (long long)i * n));
   }
-
-  u32 mhalf[4] = {0u, 0u, 0u, 0u};  // metadata half-words of rows row0+e
 #pragma unroll
   for (int j = 0; j < 4; ++j) {
     uint4 rnd = make_uint4(0u, 0u, 0u, 0u);
-    if (live) {
-      const u64 group = (u64)((tok0 >> 2) + j) * (u64)n + (u64)n0;  // q*N + n0, a multiple of 4
+    if (tt.live) {
+      const u64 group = (u64)((tt.tok0 >> 2) + j) * (u64)n + (u64)tt.n0;  // q*N + n0, a multiple of 4
       const u64 ctr = (offset >> 2) + (group >> 2);
       rnd = philox4x32_10((u32)ctr, (u32)(ctr >> 32), (u32)seed, (u32)(seed >> 32));
     }
@@ -206,24 +217,44 @@ __global__ void __launch_bounds__(128) mvue24_compress(const u16* __restrict__ g
         const u32 w2 = (e < 2) ? in[4 * j + i].x : in[4 * j + i].y;
         h[i] = (w2 >> ((e & 1) * 16)) & 0xffffu;
       }
-      u32 pair, nib;
-      mvue24_group<T>(h[0], h[1], h[2], h[3], word[e], pair, nib);
-      const u32 r = (u32)(row0 + e), b = r >> 4, g = r & 7u, hr = (r >> 3) & 1u;
-      const u32 idx = (b << 8) | ((u32)(ts >> 1) << 7) | (g << 4) | ((u32)j << 2) | ((u32)(ts & 1) << 1) | hr;
-      sval[swizzle(idx)] = pair;
-      mhalf[e] |= nib << (4 * j);
+      mvue24_group<T>(h[0], h[1], h[2], h[3], word[e], pair[e][j], nib[e][j]);
+    }
+  }
+}
+
+template <typename T>
+__global__ void __launch_bounds__(128) mvue24_compress(const u16* __restrict__ grad, uint4* __restrict__ values,
+                                                       uint4* __restrict__ meta, int n, int n_pad, int tokens,
+                                                       u64 seed, u64 offset) {
+  __shared__ __align__(16) u32 sval[8 * 256];  // 8 blocks x 1 KB of values, in global order (swizzled)
+  __shared__ __align__(16) u32 smeta[8 * 32];  // 8 blocks x 32 metadata words
+  const int kblocks = tokens >> 6;
+  const int tid = threadIdx.x;
+  const ThreadTile tt = thread_tile(n, n_pad);
+  u32 pair[4][4], nib[4][4];
+  sample_thread<T>(grad, n, tt, seed, offset, pair, nib);
+
+  u32 mhalf[4] = {0u, 0u, 0u, 0u};  // metadata half-words of rows row0+e
+#pragma unroll
+  for (int j = 0; j < 4; ++j) {
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const u32 r = (u32)(tt.row0 + e), b = r >> 4, g = r & 7u, hr = (r >> 3) & 1u;
+      const u32 idx = (b << 8) | ((u32)(tt.ts >> 1) << 7) | (g << 4) | ((u32)j << 2) | ((u32)(tt.ts & 1) << 1) | hr;
+      sval[swizzle(idx)] = pair[e][j];
+      mhalf[e] |= nib[e][j] << (4 * j);
     }
   }
   u16* smeta16 = reinterpret_cast<u16*>(smeta);
 #pragma unroll
   for (int e = 0; e < 4; ++e) {
-    const u32 r = (u32)(row0 + e), b = r >> 4, g = r & 7u, hr = (r >> 3) & 1u;
-    smeta16[2 * ((b << 5) | (g << 2) | (u32)ts) + hr] = (u16)mhalf[e];
+    const u32 r = (u32)(tt.row0 + e), b = r >> 4, g = r & 7u, hr = (r >> 3) & 1u;
+    smeta16[2 * ((b << 5) | (g << 2) | (u32)tt.ts) + hr] = (u16)mhalf[e];
   }
   __syncthreads();
 
   const uint4* sv4 = reinterpret_cast<const uint4*>(sval);
-  const long long block0 = (long long)rt * 8 * kblocks + kb;  // global block (8rt, kb); (8rt+b, kb) is b*kblocks on
+  const long long block0 = (long long)tt.rt * 8 * kblocks + tt.kb;  // global block (8rt, kb); (8rt+b, kb) is b*kblocks on
 #pragma unroll
   for (int i = 0; i < 4; ++i) {
     const u32 k = (u32)tid + 128u * i, b = k >> 6;
@@ -232,5 +263,35 @@ __global__ void __launch_bounds__(128) mvue24_compress(const u16* __restrict__ g
   if (tid < 64) {
     const u32 b = (u32)tid >> 3;
     meta[(block0 + (long long)b * kblocks) * 8 + (tid & 7)] = reinterpret_cast<const uint4*>(smeta)[tid];
+  }
+}
+
+// The same draw written as the dense sample S = MVUE24(dZ^T) [N, T] (16-bit, row-major, 16-byte aligned base),
+// for GEMM libraries that compress their own operand (cuSPARSELt): each thread writes its 4 rows x 16 tokens as
+// two 16-byte stores per row (the two half-warps of a warp fill 64 contiguous bytes of each of 16 rows). A group
+// puts its two stored values at its metadata columns p < q, zeros elsewhere: exactly the compressed operand
+// expanded. Padding rows (>= N) are not written.
+template <typename T>
+__global__ void __launch_bounds__(128) mvue24_sample_dense(const u16* __restrict__ grad, uint4* __restrict__ out,
+                                                           int n, int n_pad, int tokens, u64 seed, u64 offset) {
+  const ThreadTile tt = thread_tile(n, n_pad);
+  u32 pair[4][4], nib[4][4];
+  sample_thread<T>(grad, n, tt, seed, offset, pair, nib);
+  if (!tt.live) return;
+#pragma unroll
+  for (int e = 0; e < 4; ++e) {
+    u32 w[8];
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      const u32 p = nib[e][j] & 3u, q = nib[e][j] >> 2, lo = pair[e][j] & 0xffffu, hi = pair[e][j] >> 16;
+      u32 v[4];
+#pragma unroll
+      for (int c = 0; c < 4; ++c) v[c] = (p == (u32)c ? lo : 0u) | (q == (u32)c ? hi : 0u);
+      w[2 * j] = v[0] | (v[1] << 16);
+      w[2 * j + 1] = v[2] | (v[3] << 16);
+    }
+    uint4* dst = out + (((long long)(tt.n0 + e) * tokens + tt.tok0) >> 3);
+    dst[0] = make_uint4(w[0], w[1], w[2], w[3]);
+    dst[1] = make_uint4(w[4], w[5], w[6], w[7]);
   }
 }

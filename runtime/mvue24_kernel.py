@@ -6,7 +6,9 @@ Chmiel et al., "Minimum Variance Unbiased N:M Sparsity for the Neural Gradients"
 sparse tensor cores. :func:`mvue24_compress_t` does the sampling and the compression in one pass: it reads
 ``∇Z [T, N]`` (token-major, as autograd hands it over) and returns a
 :class:`~sparsert.runtime.sparse_gemm.Sparse24Weight` with ``out_features = N``, ``in_features = T``, so
-``sparse24_linear(Xᵀ, op)`` (``Xᵀ`` contiguous ``[K, T]``) gives ``∇Wᵀ [K, N]``.
+``sparse24_linear(Xᵀ, op)`` (``Xᵀ`` contiguous ``[K, T]``) gives ``∇Wᵀ [K, N]``. :func:`mvue24_sample_t` draws
+the same sample as a dense ``[N, T]`` tensor (one read of ``∇Z``, one write), for GEMM libraries that compress
+their own operand (cuSPARSELt).
 
 The law is train/mvue24.py's (that module is the training-side CPU implementation; ``runtime`` does not import
 ``train``, so the sampler is restated here and the tests check the two agree draw for draw): per group of four
@@ -47,11 +49,12 @@ from sparsert.runtime.sparse_gemm import ROW_PAD, Sparse24Weight, prepare_sparse
 from sparsert.runtime.sparse_meta import meta_shape
 
 __all__ = ["MVUE24_SPEC", "philox4x32_10", "mvue24_uniforms", "mvue24_sample_t_reference",
-           "mvue24_compress_t_reference", "mvue24_compress_t"]
+           "mvue24_compress_t_reference", "mvue24_compress_t", "mvue24_sample_t"]
 
 MVUE24_SPEC = register_kernel("mvue24_compress", KernelSpec(
     source="mvue24_compress.cu",
-    name_expressions=("mvue24_compress<bf16_bits>", "mvue24_compress<f16_bits>"),
+    name_expressions=("mvue24_compress<bf16_bits>", "mvue24_compress<f16_bits>", "mvue24_sample_dense<bf16_bits>",
+                      "mvue24_sample_dense<f16_bits>"),
 ))
 _KERNEL_TYPES = {torch.bfloat16: "bf16_bits", torch.float16: "f16_bits"}
 TILE_ROWS = 128  # rows (columns of ∇Z) per CTA: 8 metadata blocks
@@ -288,3 +291,35 @@ def mvue24_compress_t(
     grid = (n_pad // TILE_ROWS) * (t // TILE_TOKENS)
     kernel(grid, THREADS, grad, values, meta, n, n_pad, t, np.uint64(seed), np.uint64(offset))
     return Sparse24Weight(out_features=n, in_features=t, values=values, meta=meta, bias=None)
+
+
+def mvue24_sample_t(grad: torch.Tensor, *, seed: int, offset: int = 0, out: torch.Tensor | None = None) -> torch.Tensor:
+    """The draw of :func:`mvue24_compress_t` (same ``grad``, ``seed``, ``offset``, same bits) as the dense sample.
+
+    Args:
+        grad: ``∇Z [T, N]`` bf16/fp16 as for :func:`mvue24_compress_t` (``T % 64 == 0``, ``N % 8 == 0``).
+        seed, offset: as for :func:`mvue24_compress_t`.
+        out: optional ``[N, T]`` output in grad's dtype on grad's device, contiguous, 16-byte aligned.
+    Returns:
+        ``S = MVUE24(∇Zᵀ)`` ``[N, T]`` in grad's dtype, row-major: at most two non-zeros per four consecutive
+        tokens, at the compressed operand's columns (a non-finite group: NaN in its first two columns). On a CUDA
+        tensor with a usable GPU the ``mvue24_sample_dense`` kernel; otherwise
+        :func:`mvue24_sample_t_reference`, which gives the same bits.
+    """
+    fn = "mvue24_sample_t"
+    t, n = _check_grad(grad, fn)
+    seed, offset = _check_rng(seed, offset, t // 4 * n, fn)
+    if out is not None:
+        _check_tensor(out, "out", fn, dtypes=(grad.dtype,), dim=2, align=16)
+        if tuple(out.shape) != (n, t):
+            raise FormatError(f"{fn}: out has shape {tuple(out.shape)}, expected {(n, t)}")
+        _same_device(fn, grad=grad, out=out)
+    if not _use_kernel(grad):
+        ref = mvue24_sample_t_reference(grad, seed=seed, offset=offset)
+        return ref if out is None else out.copy_(ref)
+    dense = out if out is not None else torch.empty(n, t, dtype=grad.dtype, device=grad.device)
+    n_pad = -(-n // TILE_ROWS) * TILE_ROWS  # the grid covers whole row tiles; rows >= N are not written
+    kernel = load_kernel(MVUE24_SPEC, f"mvue24_sample_dense<{_KERNEL_TYPES[grad.dtype]}>", grad.device.index)
+    kernel((n_pad // TILE_ROWS) * (t // TILE_TOKENS), THREADS, grad, dense, n, n_pad, t, np.uint64(seed),
+           np.uint64(offset))
+    return dense

@@ -21,6 +21,7 @@ from sparsert.runtime.mvue24_kernel import (
     MVUE24_SPEC,
     mvue24_compress_t,
     mvue24_compress_t_reference,
+    mvue24_sample_t,
     mvue24_sample_t_reference,
     mvue24_uniforms,
     philox4x32_10,
@@ -332,6 +333,40 @@ def _swizzle(idx: np.ndarray) -> np.ndarray:
     return idx ^ ((((idx >> 6) & 1) | ((idx >> 7) & 6)) << 2)
 
 
+def _emulate_thread_tiles(bits: np.ndarray, n: int, n_pad: int, cta: int, seed: int, offset: int, bf16: bool):
+    """``thread_tile`` and ``sample_thread`` of one CTA, its 128 threads at once: (tile fields, pair[e][j],
+    nib[e][j]), each an array over the threads (the .cu index formulas and arithmetic mirrored)."""
+    tid = np.arange(128)
+    warp, lane = tid >> 5, tid & 31
+    row_tiles = n_pad >> 7
+    rt, kb = cta % row_tiles, cta // row_tiles
+    ts = (warp & 2) | (lane >> 4)
+    row0 = ((warp & 1) << 6) | ((lane & 15) << 2)
+    n0 = (rt << 7) + row0
+    tok0 = (kb << 6) + (ts << 4)
+    live = n0 < n
+    col = np.where(live, n0, 0)
+    ins = []  # uint2 loads: .x = columns n0, n0+1; .y = n0+2, n0+3 (low half first)
+    for i in range(16):
+        w = [bits[tok0 + i, col + c].astype(np.uint32) for c in range(4)]
+        ins.append((np.where(live, w[0] | (w[1] << 16), 0), np.where(live, w[2] | (w[3] << 16), 0)))
+    pair = [[None] * 4 for _ in range(4)]
+    nib = [[None] * 4 for _ in range(4)]
+    for j in range(4):
+        group = ((tok0 >> 2) + j).astype(np.int64) * n + n0  # q*N + n0
+        ctr = torch.from_numpy((offset >> 2) + (group >> 2))
+        zeros = torch.zeros_like(ctr)
+        words = philox4x32_10(torch.stack([ctr & MASK32, ctr >> 32, zeros, zeros], -1),
+                              (seed & MASK32, seed >> 32)).numpy().astype(np.uint32)
+        words = np.where(live[:, None], words, 0).astype(np.uint32)
+        for e in range(4):
+            h = [((ins[4 * j + i][0] if e < 2 else ins[4 * j + i][1]) >> ((e & 1) * 16)) & 0xFFFF
+                 for i in range(4)]
+            pair[e][j], nib[e][j] = _emulate_group(h, words[:, e], bf16)
+    tile = {"rt": rt, "kb": kb, "ts": ts, "row0": row0, "n0": n0, "tok0": tok0, "live": live}
+    return tile, pair, nib
+
+
 def emulate_mvue24_compress(grad: torch.Tensor, seed: int, offset: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The kernel, CTA by CTA, all 128 threads at once: the .cu index formulas and arithmetic mirrored.
     Returns (values [Npad/16, T/64, 2, 32, 8] in grad's dtype, meta int32 [Npad/16, T/64, 32])."""
@@ -344,45 +379,27 @@ def emulate_mvue24_compress(grad: torch.Tensor, seed: int, offset: int) -> tuple
     values4 = np.full((n_pad // 16 * kblocks * 64, 4), poison, dtype=np.uint32)
     meta4 = np.full((n_pad // 16 * kblocks * 8, 4), poison, dtype=np.uint32)
     tid = np.arange(128)
-    warp, lane = tid >> 5, tid & 31
-    ts = (warp & 2) | (lane >> 4)
-    row0 = ((warp & 1) << 6) | ((lane & 15) << 2)
     for cta in range(row_tiles * kblocks):
-        rt, kb = cta % row_tiles, cta // row_tiles
-        n0 = (rt << 7) + row0
-        tok0 = (kb << 6) + (ts << 4)
-        live = n0 < n
-        col = np.where(live, n0, 0)
-        ins = []  # uint2 loads: .x = columns n0, n0+1; .y = n0+2, n0+3 (low half first)
-        for i in range(16):
-            w = [bits[tok0 + i, col + c].astype(np.uint32) for c in range(4)]
-            ins.append((np.where(live, w[0] | (w[1] << 16), 0), np.where(live, w[2] | (w[3] << 16), 0)))
+        tt, pair, nib = _emulate_thread_tiles(bits, n, n_pad, cta, seed, offset, bf16)
+        row0, ts = tt["row0"], tt["ts"]
         sval = np.zeros(2048, dtype=np.uint32)
         written = np.zeros(2048, dtype=np.int64)
         smeta16 = np.zeros(512, dtype=np.uint16)
         mhalf = [np.zeros(128, dtype=np.uint32) for _ in range(4)]
         for j in range(4):
-            group = ((tok0 >> 2) + j).astype(np.int64) * n + n0  # q*N + n0
-            ctr = torch.from_numpy((offset >> 2) + (group >> 2))
-            zeros = torch.zeros_like(ctr)
-            words = philox4x32_10(torch.stack([ctr & MASK32, ctr >> 32, zeros, zeros], -1),
-                                  (seed & MASK32, seed >> 32)).numpy().astype(np.uint32)
             for e in range(4):
-                h = [((ins[4 * j + i][0] if e < 2 else ins[4 * j + i][1]) >> ((e & 1) * 16)) & 0xFFFF
-                     for i in range(4)]
-                pair, nib = _emulate_group(h, words[:, e], bf16)
                 r = row0 + e
                 b, g, hr = r >> 4, r & 7, (r >> 3) & 1
                 idx = (b << 8) | ((ts >> 1) << 7) | (g << 4) | (j << 2) | ((ts & 1) << 1) | hr
-                sval[_swizzle(idx)] = pair
+                sval[_swizzle(idx)] = pair[e][j]
                 np.add.at(written, _swizzle(idx), 1)
-                mhalf[e] |= nib << (4 * j)
+                mhalf[e] |= nib[e][j] << (4 * j)
         assert (written == 1).all(), "every staged value word is written by exactly one thread"
         for e in range(4):
             r = row0 + e
             b, g, hr = r >> 4, r & 7, (r >> 3) & 1
             smeta16[2 * ((b << 5) | (g << 2) | ts) + hr] = mhalf[e].astype(np.uint16)
-        block0 = rt * 8 * kblocks + kb
+        block0 = tt["rt"] * 8 * kblocks + tt["kb"]
         sv4 = sval.reshape(512, 4)
         for i in range(4):
             k = tid + 128 * i
@@ -392,6 +409,33 @@ def emulate_mvue24_compress(grad: torch.Tensor, seed: int, offset: int) -> tuple
     values = torch.from_numpy(values4.view(np.int16).copy()).view(grad.dtype)
     meta = torch.from_numpy(meta4.view(np.int32).copy())
     return values.reshape(n_pad // 16, kblocks, 2, 32, 8), meta.reshape(n_pad // 16, kblocks, 32)
+
+
+def emulate_mvue24_sample_dense(grad: torch.Tensor, seed: int, offset: int) -> torch.Tensor:
+    """``mvue24_sample_dense``, CTA by CTA: the same samples, each live thread's two 16-byte stores per row at
+    uint4 index ((n0 + e)·T + tok0) / 8 of a poisoned [N, T] output. Returns [N, T] in grad's dtype."""
+    tokens, n = grad.shape
+    bf16 = grad.dtype == torch.bfloat16
+    bits = grad.view(torch.int16).numpy().view(np.uint16)
+    n_pad = -(-n // 128) * 128  # the Python side's grid: whole row tiles
+    out4 = np.full((n * tokens // 8, 4), np.uint32(0xDEADBEEF), dtype=np.uint32)
+    written = np.zeros(n * tokens // 8, dtype=np.int64)
+    for cta in range(n_pad // 128 * (tokens // 64)):
+        tt, pair, nib = _emulate_thread_tiles(bits, n, n_pad, cta, seed, offset, bf16)
+        live = tt["live"]
+        for e in range(4):
+            w = []
+            for j in range(4):
+                p, q, lo, hi = nib[e][j] & 3, nib[e][j] >> 2, pair[e][j] & 0xFFFF, pair[e][j] >> 16
+                v = [np.where(p == c, lo, 0) | np.where(q == c, hi, 0) for c in range(4)]
+                w += [v[0] | (v[1] << 16), v[2] | (v[3] << 16)]
+            dst = ((tt["n0"] + e) * tokens + tt["tok0"]) >> 3
+            for half in range(2):
+                idx = dst[live] + half
+                out4[idx] = np.stack(w[4 * half:4 * half + 4], axis=1)[live]
+                np.add.at(written, idx, 1)
+    assert (written == 1).all(), "every 16-byte unit of the output is written by exactly one thread"
+    return torch.from_numpy(out4.view(np.int16).copy()).view(grad.dtype).reshape(n, tokens)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -407,6 +451,10 @@ def test_kernel_emulation_matches_reference(dtype, tokens, n, seed, offset):
     ref = mvue24_compress_t_reference(x, seed=seed, offset=offset)
     assert torch.equal(meta, ref.meta)
     assert torch.equal(values.view(torch.int16), ref.values.view(torch.int16))
+    dense = emulate_mvue24_sample_dense(x, seed, offset)  # the dense kernel: the same draw, expanded
+    want = mvue24_sample_t_reference(x, seed=seed, offset=offset)
+    assert torch.equal(dense.view(torch.int16), want.view(torch.int16))
+    assert torch.equal(mvue24_sample_t(x, seed=seed, offset=offset).view(torch.int16), want.view(torch.int16))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -460,6 +508,19 @@ def test_bad_outputs_and_filled_outputs():
         philox4x32_10(torch.zeros(3, dtype=torch.int64), (0, 0))
 
 
+def test_dense_sample_checks_its_output():
+    x = torch.randn(64, 16).to(torch.float16)
+    with pytest.raises(FormatError, match=r"mvue24_sample_t: out has shape \(64, 16\), expected \(16, 64\)"):
+        mvue24_sample_t(x, seed=0, out=torch.zeros(64, 16, dtype=torch.float16))
+    with pytest.raises(FormatError, match="mvue24_sample_t: out has dtype bfloat16, expected one of float16"):
+        mvue24_sample_t(x, seed=0, out=torch.zeros(16, 64, dtype=torch.bfloat16))
+    with pytest.raises(FormatError, match="mvue24_sample_t: grad \\[T, N\\] has T=60 tokens"):
+        mvue24_sample_t(torch.zeros(60, 16, dtype=torch.float16), seed=0)
+    out = torch.full((16, 64), float("nan"), dtype=torch.float16)
+    assert mvue24_sample_t(x, seed=3, out=out) is out
+    assert torch.equal(out.view(torch.int16), mvue24_sample_t_reference(x, seed=3).view(torch.int16))
+
+
 def test_kernel_compiles_for_every_arch_without_spills(tmp_path_factory):
     """kernel_build.SPEC_MODULES does not list this module yet, so tests/test_kernel_build.py does not see
     MVUE24_SPEC: build it here for every target (no GPU needed), from the shared on-disk cache when warm."""
@@ -508,6 +569,29 @@ def test_kernel_matches_reference(dtype, shape):
         torch.cuda.synchronize()
         assert torch.equal(fresh.values.view(torch.int16), out_v.view(torch.int16))
         assert torch.equal(fresh.meta, out_m)
+
+
+@gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", GPU_SHAPES)
+def test_dense_sample_kernel_matches_reference_and_compressed_draw(dtype, shape):
+    """``mvue24_sample_dense`` == the torch reference, bit for bit, and == the compress kernel's operand expanded
+    (the same draw); a poisoned output is overwritten everywhere."""
+    from sparsert.runtime.kernels import prune24_decompress
+
+    tokens, n = shape
+    gen = torch.Generator().manual_seed(int(torch.randint(0, 2**31, ())))
+    x = _hard_gradient(tokens, n, dtype, gen, non_finite=n > 8).cuda()
+    seed, offset = int(torch.randint(0, 2**62, ())), 4 * int(torch.randint(0, 2**40, ()))
+    out = torch.full((n, tokens), float("nan"), dtype=dtype, device="cuda")
+    got = mvue24_sample_t(x, seed=seed, offset=offset, out=out)
+    torch.cuda.synchronize()
+    assert got is out
+    ref = mvue24_sample_t_reference(x.cpu(), seed=seed, offset=offset)
+    assert torch.equal(out.cpu().view(torch.int16), ref.view(torch.int16)), f"seed {seed}, offset {offset}"
+    w = mvue24_compress_t(x, seed=seed, offset=offset)
+    expanded = prune24_decompress(fragments_to_values(w.values), w.meta, tokens)[:n]
+    assert torch.equal(expanded.view(torch.int16), out.view(torch.int16))
 
 
 @gpu

@@ -50,9 +50,9 @@ from torch import nn
 
 from sparsert.runtime import cusparselt
 from sparsert.runtime.errors import ConfigError, FormatError
-from sparsert.runtime.kernels import prune24_decompress, prune_to_sparse24_weight, transposable_mask
-from sparsert.runtime.mvue24_kernel import mvue24_compress_t
-from sparsert.runtime.sparse_gemm import Sparse24Weight, fragments_to_values, sparse24_linear
+from sparsert.runtime.kernels import prune_to_sparse24_weight, transposable_mask
+from sparsert.runtime.mvue24_kernel import mvue24_compress_t, mvue24_sample_t
+from sparsert.runtime.sparse_gemm import Sparse24Weight, sparse24_linear
 from sparsert.runtime.transposable_mask import is_transposable_24
 
 __all__ = [
@@ -229,11 +229,11 @@ def mvue24_compress_grad(grad: torch.Tensor, *, seed: int, offset: int = 0) -> S
 @torch.no_grad()
 def mvue24_sample_dense_t(grad: torch.Tensor, *, seed: int, offset: int = 0) -> torch.Tensor:
     """The ``S`` of :func:`mvue24_compress_grad` (same arguments, same draw) as a dense ``[N, T]`` tensor in
-    grad's dtype, zeros at the dropped entries: for baselines on other GEMM libraries and for checks."""
+    grad's dtype, zeros at the dropped entries, by ``runtime.mvue24_kernel.mvue24_sample_t`` (one pass on a GPU):
+    the operand of the cuSPARSELt path, and a reference for checks."""
     _check_grad(grad, "mvue24_sample_dense_t")
     _check_rng(seed, offset, "mvue24_sample_dense_t")
-    s = mvue24_compress_grad(grad, seed=seed, offset=offset)
-    return prune24_decompress(fragments_to_values(s.values), s.meta, s.in_features)[: s.out_features]
+    return mvue24_sample_t(grad, seed=seed, offset=offset)
 
 
 @torch.no_grad()
