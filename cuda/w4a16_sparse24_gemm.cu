@@ -276,6 +276,9 @@ __global__ void __launch_bounds__(256) w4a16_sparse24_decode(
     // CTA arrives last, so the output is deterministic.
 #pragma unroll
     for (int i = 0; i < PER; ++i) sum[i] = 0.0f;
+    // Unrolled so that the loads of four splits are in flight together (a warp issues in order: rolled, each
+    // split's adds would wait out one L2 round trip before the next split's loads); the adds stay in z order.
+#pragma unroll 4
     for (int z = 0; z < (int)gridDim.y; ++z) {
       const float* part = ws + ((size_t)z * gridDim.x + blockIdx.x) * (NTOK * 128);
 #pragma unroll
