@@ -314,6 +314,9 @@ def mvue24_sample_t(grad: torch.Tensor, *, seed: int, offset: int = 0, out: torc
         if tuple(out.shape) != (n, t):
             raise FormatError(f"{fn}: out has shape {tuple(out.shape)}, expected {(n, t)}")
         _same_device(fn, grad=grad, out=out)
+        g0, o0 = grad.data_ptr(), out.data_ptr()
+        if g0 < o0 + out.numel() * out.element_size() and o0 < g0 + grad.numel() * grad.element_size():
+            raise FormatError(f"{fn}: out overlaps grad in memory (the kernel reads grad while it writes out)")
     if not _use_kernel(grad):
         ref = mvue24_sample_t_reference(grad, seed=seed, offset=offset)
         return ref if out is None else out.copy_(ref)

@@ -516,6 +516,8 @@ def test_dense_sample_checks_its_output():
         mvue24_sample_t(x, seed=0, out=torch.zeros(16, 64, dtype=torch.bfloat16))
     with pytest.raises(FormatError, match="mvue24_sample_t: grad \\[T, N\\] has T=60 tokens"):
         mvue24_sample_t(torch.zeros(60, 16, dtype=torch.float16), seed=0)
+    with pytest.raises(FormatError, match="mvue24_sample_t: out overlaps grad in memory"):
+        mvue24_sample_t(x, seed=0, out=x.view(16, 64))
     out = torch.full((16, 64), float("nan"), dtype=torch.float16)
     assert mvue24_sample_t(x, seed=3, out=out) is out
     assert torch.equal(out.view(torch.int16), mvue24_sample_t_reference(x, seed=3).view(torch.int16))
