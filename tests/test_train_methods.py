@@ -387,6 +387,7 @@ def test_qat_with_every_method_trains_the_artifact_codes(corpus, tmp_path, dense
 
 @pytest.mark.parametrize("kw", [
     dict(method="hu", mask_refresh_interval=2),  # MVUE RNG, transposable masks, masked decay, dense fine-tuning
+    dict(method="hu", mask_refresh_interval=2, sparse_gemm="ours"),  # MVUE24 seeds from the checkpointed RNG
     dict(method="ast", teacher="DENSE", wanda_score=True, mask_refresh_interval=4),  # Wanda statistics
     dict(schedule="gradual", prune_interval=2),  # the checkpoint at step 6 falls in the pruning window
 ])

@@ -138,6 +138,10 @@ class SparseLinear(nn.Module):
         self.register_buffer("forward_mask", None, persistent=False)
         self.last_flip_rate: float | None = None
         self.generator: torch.Generator | None = None  # MVUE24 sampling (config.mvue)
+        # How training runs the transposable + MVUE24 layer: "masked" (matmuls on W ⊙ mask), or "ours" /
+        # "cusparselt" (Hu et al.'s three 2:4 sparse GEMMs, train/sparse24_training_linear.py); set by the trainer
+        # (--sparse-gemm), not saved: it changes how the same function is computed, not the model.
+        self.gemm = "masked"
         # SLoRB (AST §3.4): optional extra term added to the output, set by train.slorb.attach_slorb.
         self.register_module("slorb", None)
 
@@ -225,6 +229,8 @@ class SparseLinear(nn.Module):
             if g is not None:
                 w = fake_quantize_int4(w, g, name=self.name)
             return F.linear(x, w, self.bias)
+        if self.gemm != "masked" and c.transposable and c.mvue and g is None and self.forward_mask is None:
+            return self._sparse_gemm_linear(x, mask)
         if c.mvue:
             # Straight-through to the dense W (plus SR-STE's decay, if any) and fake quantization compose on
             # the weight; the linear itself samples ∇Z with MVUE24 for ∇W (Hu et al. 2024).
@@ -238,6 +244,21 @@ class SparseLinear(nn.Module):
             return sr_ste_linear(x, self.weight, mask, self.bias, c.decay)
         w = fake_quant_int4_ste(sr_ste_weight(self.weight, mask, c.decay), g, self.name)
         return F.linear(x, w, self.bias)
+
+    def _sparse_gemm_linear(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Hu et al. (ICML 2024) §4: ``x @ (W ⊙ mask)ᵀ + b`` with the forward, input-gradient and MVUE24
+        weight-gradient GEMMs on 2:4 sparse GEMMs (:func:`sparsert.train.sparse24_training_linear.
+        sparse24_training_linear`, ``gemm=self.gemm``): ``x`` bf16/fp16 (or float32 under a bf16/fp16 autocast),
+        the mask transposable 2:4. The MVUE24 draw's seed comes from :attr:`generator` (torch's global RNG when
+        None), so a checkpointed generator state resumes the same draws. SR-STE's decay, if any, composes on W."""
+        from sparsert.train.sparse24_training_linear import sparse24_training_linear
+
+        c = self.config
+        w = sr_ste_weight(self.weight, mask, c.decay) if c.decay else self.weight
+        gen = self.generator
+        seed = int(torch.randint(0, 2**62, (1,), generator=gen, device=gen.device if gen is not None else "cpu"))
+        keep = mask.view(torch.bool) if mask.dtype == torch.uint8 else mask.bool()
+        return sparse24_training_linear(x, w, keep, self.bias, seed=seed, gemm=self.gemm, check_mask=False)
 
     def extra_repr(self) -> str:
         c = self.config

@@ -104,6 +104,10 @@ from sparsert.train.sparsify import (
 
 RUNS_DIR = "runs"
 METHODS = ("sr-ste", "hu", "ast")
+# How the Hu recipe's sparse layers run their GEMMs in training: "masked" (dense matmuls on W⊙M in float32, any
+# device), "ours" / "cusparselt" (its three 2:4 sparse GEMMs, train/sparse24_training_linear.py, under bf16
+# autocast: our kernels — their torch fallback on a CPU — or cuSPARSELt with searched configurations).
+SPARSE_GEMMS = ("masked", "ours", "cusparselt")
 SCHEDULES = ("from-scratch", "gradual", "spdf")
 # Defaults each --method gives the fields left unset (None). SR-STE: Zhou et al. 2021, masks recomputed every
 # step as in the original (on the tiny preset a refresh every 10 steps ended 8% above dense, every step within
@@ -124,7 +128,7 @@ SRSTE_DECAY = 2e-4
 # Path fields compared as resolved absolute paths on resume.
 PATH_FIELDS = ("data", "init_from", "teacher", "hf_model")
 # Fields that may differ between a run and its resumption (they do not change what is computed).
-RESUME_FREE_FIELDS = ("resume", "threads", "out_dir", "progress", "distributed", "device")
+RESUME_FREE_FIELDS = ("resume", "threads", "out_dir", "progress", "distributed", "device", "sparse_gemm")
 
 
 class TrainingDivergedError(SparsertError):
@@ -200,6 +204,7 @@ class TrainConfig:
     wanda_score: bool = False
     slorb: bool = False
     slorb_k: int = 16
+    sparse_gemm: str = "masked"  # SPARSE_GEMMS
     # --- end of the issue-3 method fields ---
     # --- H11: a local Hugging Face model directory (--model) and multi-process training (--distributed) ---
     hf_model: str | None = None
@@ -285,6 +290,24 @@ class TrainConfig:
             window = round(self.prune_end * self.steps) - round(self.prune_start * self.steps)
             self.prune_interval = min(100, max(1, window // 10))
 
+    def _check_sparse_gemm(self) -> None:
+        """``--sparse-gemm ours|cusparselt`` runs the Hu recipe's sparse GEMMs: what they cannot train is refused."""
+        if self.sparse_gemm == "masked":
+            return
+        flag = f"--sparse-gemm {self.sparse_gemm}"
+        if self.method != "hu" or not (self.transposable and self.mvue):
+            raise ConfigError(f"{flag} runs the three 2:4 GEMMs of the Hu et al. recipe: it needs --method hu with "
+                              "its transposable masks and MVUE24 gradients (--transposable --mvue)")
+        if self.qat:
+            raise ConfigError(f"{flag} multiplies the 2:4 values as they are; --qat trains fake-quantized ones: "
+                              "use --sparse-gemm masked with --qat")
+        if self.schedule == "gradual":
+            raise ConfigError(f"{flag} needs 2:4 masks from the first sparse step; --schedule gradual prunes "
+                              "through denser masks first: use --schedule from-scratch or spdf")
+        if self.distributed == "fsdp":
+            raise ConfigError(f"{flag} is not supported with --distributed fsdp (not tested with sharded "
+                              "parameters); use --distributed ddp")
+
     def _check_methods(self) -> None:
         for name in ("transposable", "mvue", "wanda_score", "slorb"):
             if not isinstance(getattr(self, name), bool):
@@ -304,6 +327,9 @@ class TrainConfig:
         _check_int("slorb_k", self.slorb_k, minimum=1)
         if self.sparse_layers not in ("all", "ffn"):
             raise ConfigError(f"train config 'sparse_layers': expected 'all' or 'ffn', got {self.sparse_layers!r}")
+        if self.sparse_gemm not in SPARSE_GEMMS:
+            raise ConfigError(f"train config 'sparse_gemm': expected one of {', '.join(SPARSE_GEMMS)}, got "
+                              f"{self.sparse_gemm!r}")
         for name in PATH_FIELDS[1:]:
             value = getattr(self, name)
             if value is not None and (not isinstance(value, str) or not value):
@@ -314,6 +340,7 @@ class TrainConfig:
                 ("masked_decay", self.masked_decay > 0), ("dense_finetune", self.dense_finetune > 0),
                 ("sparse_layers", self.sparse_layers != "all"), ("schedule", self.schedule != "from-scratch"),
                 ("teacher", self.teacher is not None), ("wanda_score", self.wanda_score), ("slorb", self.slorb),
+                ("sparse_gemm", self.sparse_gemm != "masked"),
             ) if on]
             if used:
                 raise ConfigError(f"train config '{used[0]}' applies to sparse training; it cannot be combined "
@@ -321,6 +348,7 @@ class TrainConfig:
             return
         if self.transposable and (self.n, self.m) != (2, 4):
             raise ConfigError(f"--transposable masks are 2:4 only, got --sparsity {self.n}:{self.m}")
+        self._check_sparse_gemm()
         if self.dense_finetune >= 1:
             raise ConfigError("train config 'dense_finetune': expected a fraction below 1 (no sparse phase is left)")
         if self.method == "ast" and self.masked_decay > 0:
@@ -460,7 +488,38 @@ def build_model(model_config: ModelConfig, cfg: TrainConfig) -> nn.Module:
         sparse = select_sparse_layers(names, cfg.sparse_layers)
         sparsify_model(model, scfg, sparse)
         sparsify_model(model, scfg, [n for n in names if n not in sparse], dense=True)
+        if cfg.sparse_gemm != "masked":
+            use_sparse_gemms(model, sparse, cfg.sparse_gemm)
     return model
+
+
+def check_sparse_gemm_device(gemm: str, device: torch.device) -> None:
+    """``--sparse-gemm cusparselt`` needs a CUDA device and a torch with cuSPARSELt: ConfigError otherwise."""
+    if gemm != "cusparselt":
+        return
+    if device.type != "cuda":
+        raise ConfigError(f"--sparse-gemm cusparselt runs on a CUDA GPU; this run trains on {device.type} "
+                          "(--device); use --sparse-gemm ours or masked there")
+    from sparsert.runtime.cusparselt import cusparselt_status
+
+    why = cusparselt_status()
+    if why:
+        raise ConfigError(f"--sparse-gemm cusparselt: {why}")
+
+
+def use_sparse_gemms(model: nn.Module, names: list[str], gemm: str) -> None:
+    """Let the sparse layers ``names`` train on the Hu recipe's 2:4 GEMMs (``SparseLinear.gemm``); ConfigError
+    naming a layer whose dimensions the sparse GEMMs cannot take (multiples of 64)."""
+    from sparsert.train.sparse24_training_linear import DIM_MULTIPLE
+
+    modules = sparse_modules(model)
+    for name in names:
+        module = modules[name]
+        for what, v in (("in_features", module.in_features), ("out_features", module.out_features)):
+            if v % DIM_MULTIPLE:
+                raise ConfigError(f"--sparse-gemm {gemm}: layer {name} has {what}={v}; the 2:4 GEMMs need "
+                                  f"multiples of {DIM_MULTIPLE} (use --sparse-gemm masked for this model)")
+        module.gemm = gemm
 
 
 def sparse_layer_names(model: nn.Module, cfg: TrainConfig) -> list[str]:
@@ -577,7 +636,8 @@ class Distill:
 
 def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor, *,
                step: int, lr: float, grad_clip: float, sparse: bool, masks: MaskController | None = None,
-               distill: Distill | None = None, masked_decay: float = 0.0) -> StepResult:
+               distill: Distill | None = None, masked_decay: float = 0.0,
+               autocast: torch.dtype | None = None) -> StepResult:
     """One optimizer step on a batch (x, y int64 [B, T]).
 
     Loss: cross-entropy, or with ``distill`` AST's ``α·CE + β·T²·KL(p_teacher ‖ p_student)`` (Huang et al.
@@ -585,17 +645,20 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tens
     sparse layers' gradients (Hu et al. 2024: after clipping, before the optimizer step), the AdamW update,
     and the masks: ``masks.after_step(step)`` when a :class:`MaskController` is given, else (``sparse``) the
     layers' own refresh due at ``step``. Stops before touching the weights when the loss or the gradient norm
-    is not finite (the caller decides what to do).
+    is not finite (the caller decides what to do). ``autocast``: run the forward and the loss under
+    ``torch.autocast`` in that dtype (``--sparse-gemm ours|cusparselt``: the sparse GEMMs are bf16).
     """
     for group in optimizer.param_groups:
         group["lr"] = lr
-    logits = model(x)
-    if distill is not None:
-        parts = distillation_loss(logits, distill.teacher(x), y, distill.alpha, distill.beta, distill.temperature)
-        loss, watched = parts.total, (parts.ce, parts.total, parts.kl)
-    else:
-        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
-        watched = (loss,)
+    with torch.autocast(device_type=x.device.type, dtype=autocast or torch.bfloat16, enabled=autocast is not None):
+        logits = model(x)
+        if distill is not None:
+            parts = distillation_loss(logits, distill.teacher(x), y, distill.alpha, distill.beta,
+                                      distill.temperature)
+            loss, watched = parts.total, (parts.ce, parts.total, parts.kl)
+        else:
+            loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
+            watched = (loss,)
     optimizer.zero_grad(set_to_none=True)
     # Backward runs even on a non-finite loss (it only writes gradients): the loss, the distillation terms and
     # the gradient norm then reach the host in one transfer, the step's only device sync before the update.
@@ -789,6 +852,7 @@ def train(cfg: TrainConfig) -> TrainResult:
 
     model = build_model(model_config, cfg)  # FormatError here for a K the sparsity/group size does not fit
     dctx.prepare(model)  # H11: to cuda:LOCAL_RANK under torchrun with GPUs; FSDP2's shard check
+    check_sparse_gemm_device(cfg.sparse_gemm, dctx.device)
     if distill is not None:
         distill.teacher.module.to(dctx.device)
     scfg = sparsity_config(cfg)
@@ -913,7 +977,8 @@ def train(cfg: TrainConfig) -> TrainResult:
                 decay_now = 0.0  # no masked decay while the sparse layers train dense
             step_sparsity = sparsity
             out = train_step(model, optimizer, x, y, step=step, lr=lr, grad_clip=cfg.grad_clip,
-                             sparse=scfg is not None, masks=masks, distill=distill, masked_decay=decay_now)
+                             sparse=scfg is not None, masks=masks, distill=distill, masked_decay=decay_now,
+                             autocast=None if cfg.sparse_gemm == "masked" else torch.bfloat16)
             for what, value in (("loss", out.loss), ("gradient norm", out.grad_norm)):
                 if not math.isfinite(value):
                     raise TrainingDivergedError(_diverged_message(what, value, step, last_ckpt, last_ckpt_step))

@@ -21,6 +21,7 @@ from sparsert.train.trainer import (
     METHOD_DEFAULTS,
     METHODS,
     SCHEDULES,
+    SPARSE_GEMMS,
     TrainConfig,
     find_resume_dir,
     load_train_config,
@@ -152,6 +153,11 @@ def _config_error(exc: ConfigError) -> ConfigError:
               show_default=_by_method("sparse_layers") + "; all with --qat",
               help="Which block linears train 2:4: all, or the feed-forward ones only (the others train dense and "
                    "stay dense in the artifact).")
+@click.option("--sparse-gemm", type=click.Choice(SPARSE_GEMMS), default=_D.sparse_gemm, show_default=True,
+              help="How --method hu's sparse layers compute while training. masked: matmuls on W*mask in float32 "
+                   "(any device). ours / cusparselt: the recipe's three 2:4 sparse GEMMs (forward, input gradient, "
+                   "MVUE24 weight gradient) under bf16 autocast, on our kernels (their exact but slow torch "
+                   "fallback on a CPU) or on cuSPARSELt (CUDA torch only). Layer sizes must be multiples of 64.")
 @click.option("--schedule", type=click.Choice(SCHEDULES), default=_D.schedule, show_default=True,
               help="from-scratch: 2:4 from the first step. gradual: dense, then pruning to 2:4 between "
                    "--prune-start and --prune-end (The Journey Matters, 2025). spdf: sparse, then dense "
