@@ -149,3 +149,19 @@ def test_gpu_hu_trains_on_the_sparse_gemms(corpus, tmp_path, gemm):
     sparse = train(small(corpus, tmp_path / gemm, device="cuda", steps=12, eval_interval=12, ckpt_interval=12,
                          sparse_gemm=gemm))
     assert sparse.final_val_loss == pytest.approx(masked.final_val_loss, rel=3e-2)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_hugging_face_models_train_on_the_sparse_gemms(corpus, tmp_path, hf_model_dirs, arch, monkeypatch):
+    calls = []
+    real = stl.sparse24_training_linear
+
+    def counting(*args, **kwargs):
+        calls.append(kwargs["gemm"])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(stl, "sparse24_training_linear", counting)
+    result = train(small(corpus, tmp_path / "run", hf_model=str(hf_model_dirs[arch]), preset="tiny", steps=3,
+                         eval_interval=3, ckpt_interval=3, dense_finetune=0.0, sparse_gemm="ours"))
+    assert len(calls) == 3 * 2 * (3 if arch == "llama" else 2)  # steps x layers x FFN linears per layer
+    assert result.final_val_loss == result.final_val_loss and (tmp_path / "run" / "hf").is_dir()
