@@ -35,6 +35,18 @@ def _train_on_the_cpu_unless_a_gpu_test(request, monkeypatch):
         monkeypatch.setenv("SPARSERT_DEVICE", "cpu")
 
 
+@pytest.fixture(scope="session")
+def corpus(tmp_path_factory):
+    """~40 KB of real text for training runs: this repository's trainer source, repeated."""
+    import inspect
+
+    import sparsert.train.trainer as trainer_mod
+
+    path = tmp_path_factory.mktemp("data") / "corpus.txt"
+    path.write_text(inspect.getsource(trainer_mod) * 3, encoding="utf-8")
+    return path
+
+
 TOOLS = Path(__file__).resolve().parent.parent / "tools"
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import inspect
 import json
 import os
 import signal
@@ -13,19 +12,11 @@ from pathlib import Path
 
 import pytest
 
-import sparsert.train.trainer as trainer_mod
 from sparsert.train.checkpoint import load_checkpoint
 from sparsert.train.metrics import read_metrics
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["--batch-size", "2", "--seq-len", "32", "--eval-batches", "2", "--threads", "1", "--no-progress"]
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    path = tmp_path_factory.mktemp("data") / "corpus.txt"
-    path.write_text(inspect.getsource(trainer_mod) * 3, encoding="utf-8")
-    return path
 
 
 def sparsert(*args: str, cwd: Path, **kw) -> subprocess.CompletedProcess:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import inspect
 import math
 import shutil
 
@@ -38,14 +37,6 @@ from sparsert.train.trainer import (
 torch.set_num_threads(1)
 
 FFN = [n for n in sparse_linear_names(model_config_from_preset("tiny")) if ".mlp." in n]
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    """~40 KB of real text: the trainer's source, repeated."""
-    path = tmp_path_factory.mktemp("data") / "corpus.txt"
-    path.write_text(inspect.getsource(trainer_mod) * 3, encoding="utf-8")
-    return path
 
 
 @pytest.fixture(scope="module")

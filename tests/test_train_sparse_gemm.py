@@ -8,14 +8,12 @@ whole path — layer, autograd, trainer, checkpoint, artifact — runs here; cuS
 from __future__ import annotations
 
 import dataclasses
-import inspect
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 import sparsert.train.sparse24_training_linear as stl
-import sparsert.train.trainer as trainer_mod
 from sparsert.runtime.errors import ConfigError
 from sparsert.runtime.model import ModelConfig, model_config_from_preset
 from sparsert.train.metrics import read_metrics
@@ -24,13 +22,6 @@ from sparsert.train.sparsify import sparse_modules
 from sparsert.train.trainer import TrainConfig, build_model, config_differences, train, use_sparse_gemms
 
 gpu = pytest.mark.gpu
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    path = tmp_path_factory.mktemp("data") / "corpus.txt"
-    path.write_text(inspect.getsource(trainer_mod) * 3, encoding="utf-8")
-    return path
 
 
 def small(corpus, out, **kw) -> TrainConfig:
@@ -116,7 +107,9 @@ def test_layer_falls_back_to_the_masked_path_when_not_training_or_dense():
     assert torch.allclose(layer(x), F.linear(x, layer.weight, layer.bias))
 
 
-def test_hu_trains_on_the_sparse_gemms_close_to_the_masked_run(corpus, tmp_path, monkeypatch):
+@pytest.fixture
+def gemm_calls(monkeypatch) -> list[str]:
+    """The ``gemm`` of every call to ``sparse24_training_linear`` (which still computes: a counter, not a stand-in)."""
     calls = []
     real = stl.sparse24_training_linear
 
@@ -125,6 +118,11 @@ def test_hu_trains_on_the_sparse_gemms_close_to_the_masked_run(corpus, tmp_path,
         return real(*args, **kwargs)
 
     monkeypatch.setattr(stl, "sparse24_training_linear", counting)
+    return calls
+
+
+def test_hu_trains_on_the_sparse_gemms_close_to_the_masked_run(corpus, tmp_path, gemm_calls):
+    calls = gemm_calls
     masked = train(small(corpus, tmp_path / "masked"))
     assert calls == []
     sparse = train(small(corpus, tmp_path / "sparse", sparse_gemm="ours"))
@@ -152,15 +150,8 @@ def test_gpu_hu_trains_on_the_sparse_gemms(corpus, tmp_path, gemm):
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
-def test_hugging_face_models_train_on_the_sparse_gemms(corpus, tmp_path, hf_model_dirs, arch, monkeypatch):
-    calls = []
-    real = stl.sparse24_training_linear
-
-    def counting(*args, **kwargs):
-        calls.append(kwargs["gemm"])
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(stl, "sparse24_training_linear", counting)
+def test_hugging_face_models_train_on_the_sparse_gemms(corpus, tmp_path, hf_model_dirs, arch, gemm_calls):
+    calls = gemm_calls
     result = train(small(corpus, tmp_path / "run", hf_model=str(hf_model_dirs[arch]), preset="tiny", steps=3,
                          eval_interval=3, ckpt_interval=3, dense_finetune=0.0, sparse_gemm="ours"))
     assert len(calls) == 3 * 2 * (3 if arch == "llama" else 2)  # steps x layers x FFN linears per layer

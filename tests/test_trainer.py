@@ -3,27 +3,17 @@
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import json
 import shutil
 
 import pytest
 import torch
 
-import sparsert.train.trainer as trainer_mod
 from sparsert.runtime.artifact import load_artifact
 from sparsert.runtime.errors import ConfigError, DataError
 from sparsert.train.checkpoint import load_checkpoint, write_json_atomic
 from sparsert.train.metrics import TIMING_KEYS, read_metrics
 from sparsert.train.trainer import TrainConfig, TrainingDivergedError, build_model, load_train_config, lr_at, train
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    """~40 KB of real text: this repository's trainer source, repeated."""
-    path = tmp_path_factory.mktemp("data") / "corpus.txt"
-    path.write_text(inspect.getsource(trainer_mod) * 3, encoding="utf-8")
-    return path
 
 
 def small(corpus, out, **kw) -> TrainConfig:
