@@ -107,6 +107,57 @@ def test_layer_falls_back_to_the_masked_path_when_not_training_or_dense():
     assert torch.allclose(layer(x), F.linear(x, layer.weight, layer.bias))
 
 
+def _model_grads(gemm: str, seed: int = 0, device: str = "cpu") -> dict[str, torch.Tensor]:
+    """Parameter gradients of one forward/backward of the tiny Hu model (same init, masks and batch for every
+    call): the exact gradients of float32 matmuls on W ⊙ mask (``masked``, MVUE24 off), or the sparse GEMMs
+    under bf16 autocast with the MVUE24 seeds drawn from a generator seeded ``seed``."""
+    cfg = TrainConfig(method="hu", sparse_gemm=gemm, mvue=gemm != "masked")
+    model = build_model(model_config_from_preset("tiny"), cfg).to(device)
+    gen = torch.Generator().manual_seed(seed)  # on the CPU, as the trainer makes it for the sparse GEMMs
+    for m in sparse_modules(model).values():
+        m.generator = gen
+    g = torch.Generator().manual_seed(0)
+    x, y = (torch.randint(0, 256, (4, 64), generator=g).to(device) for _ in range(2))
+    with torch.autocast(device, dtype=torch.bfloat16, enabled=gemm != "masked"):
+        logits = model(x)
+    F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), y.reshape(-1)).backward()
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def _check_one_step_gradients(gemm: str, device: str) -> None:
+    ref = _model_grads("masked", device=device)
+    draws = [_model_grads(gemm, seed, device) for seed in range(16)]
+    sparse = [n for n in ref if ".mlp." in n and n.endswith("_proj.weight")]
+    assert sparse and len(ref) == len(draws[0])
+
+    def rel(a, b):
+        return float((a - b).norm() / b.norm())
+
+    for name, g in ref.items():
+        if name in sparse:
+            assert rel(draws[1][name], draws[0][name]) > 0.2, name  # the seed matters
+            assert rel(torch.stack([d[name] for d in draws]).mean(0), g) < 0.3, name  # noise ~0.7/4
+        else:
+            assert rel(draws[0][name], g) < 3e-2, name
+
+
+def test_one_step_gradients_match_the_masked_model():
+    """Every dense parameter's gradient (it depends on the sparse layers' ∇X) equals the masked model's to bf16
+    precision; the sparse layers' ∇W are MVUE24 estimates: noisy (another seed gives another one) but unbiased,
+    their mean over 16 seeds close to the masked model's exact ∇W."""
+    _check_one_step_gradients("ours", "cpu")
+
+
+@gpu
+@pytest.mark.parametrize("gemm", ["ours", "cusparselt"])
+def test_gpu_one_step_gradients_match_the_masked_model(gemm):
+    from sparsert.runtime.cusparselt import cusparselt_status
+
+    if gemm == "cusparselt" and cusparselt_status():
+        pytest.skip(cusparselt_status())
+    _check_one_step_gradients(gemm, "cuda")
+
+
 @pytest.fixture
 def gemm_calls(monkeypatch) -> list[str]:
     """The ``gemm`` of every call to ``sparse24_training_linear`` (which still computes: a counter, not a stand-in)."""
@@ -156,3 +207,24 @@ def test_hugging_face_models_train_on_the_sparse_gemms(corpus, tmp_path, hf_mode
                          eval_interval=3, ckpt_interval=3, dense_finetune=0.0, sparse_gemm="ours"))
     assert len(calls) == 3 * 2 * (3 if arch == "llama" else 2)  # steps x layers x FFN linears per layer
     assert result.final_val_loss == result.final_val_loss and (tmp_path / "run" / "hf").is_dir()
+
+
+def test_cli_resumes_a_hu_run_on_the_sparse_gemms(corpus, tmp_path, monkeypatch, capsys, gemm_calls):
+    """A masked Hu run stopped after its step-2 checkpoint continues on the sparse GEMMs with only --resume,
+    --out and --sparse-gemm given (the recipe comes from the saved config), and says so."""
+    import shutil
+
+    from sparsert.cli import main
+    from sparsert.train.checkpoint import load_checkpoint, write_json_atomic
+
+    monkeypatch.chdir(tmp_path)
+    train(small(corpus, tmp_path / "run", steps=4, ckpt_interval=2, eval_interval=4, dense_finetune=0.0,
+                keep_checkpoints=2))
+    shutil.rmtree(tmp_path / "run" / "checkpoints" / "step_00000004")
+    shutil.rmtree(tmp_path / "run" / "artifact")
+    write_json_atomic(tmp_path / "run" / "checkpoints" / "latest.json", {"step": 2, "dir": "step_00000002"})
+    assert gemm_calls == []
+    main(["train", "--resume", "--out", "run", "--sparse-gemm", "ours", "--threads", "1", "--no-progress"])
+    assert load_checkpoint(tmp_path / "run").step == 4
+    assert len(gemm_calls) == 2 * 3 * 4  # steps 3 and 4, three FFN linears in each of the 4 blocks
+    assert "trained with --sparse-gemm masked; it continues with --sparse-gemm ours" in capsys.readouterr().err

@@ -250,13 +250,17 @@ class SparseLinear(nn.Module):
         weight-gradient GEMMs on 2:4 sparse GEMMs (:func:`sparsert.train.sparse24_training_linear.
         sparse24_training_linear`, ``gemm=self.gemm``): ``x`` bf16/fp16 (or float32 under a bf16/fp16 autocast),
         the mask transposable 2:4. The MVUE24 draw's seed comes from :attr:`generator` (torch's global RNG when
-        None), so a checkpointed generator state resumes the same draws. SR-STE's decay, if any, composes on W."""
-        from sparsert.train.sparse24_training_linear import sparse24_training_linear
+        None; the trainer gives these layers a CPU generator, so the draw never waits for a GPU), mixed with the
+        process's rank under torch.distributed; a checkpointed generator state resumes the same draws. SR-STE's
+        decay, if any, composes on W."""
+        from sparsert.train.sparse24_training_linear import sparse24_training_linear, step_seed
 
         c = self.config
         w = sr_ste_weight(self.weight, mask, c.decay) if c.decay else self.weight
         gen = self.generator
         seed = int(torch.randint(0, 2**62, (1,), generator=gen, device=gen.device if gen is not None else "cpu"))
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            seed = step_seed(seed, torch.distributed.get_rank())  # each rank its own draws of its own tokens
         keep = mask.view(torch.bool) if mask.dtype == torch.uint8 else mask.bool()
         return sparse24_training_linear(x, w, keep, self.bias, seed=seed, gemm=self.gemm, check_mask=False)
 

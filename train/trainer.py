@@ -127,7 +127,8 @@ METHOD_DEFAULTS: dict[str, dict[str, object]] = {
 SRSTE_DECAY = 2e-4
 # Path fields compared as resolved absolute paths on resume.
 PATH_FIELDS = ("data", "init_from", "teacher", "hf_model")
-# Fields that may differ between a run and its resumption (they do not change what is computed).
+# Fields that may differ between a run and its resumption: how or where the same training is computed (the
+# device and --sparse-gemm change the arithmetic's precision and the random streams, not the recipe).
 RESUME_FREE_FIELDS = ("resume", "threads", "out_dir", "progress", "distributed", "device", "sparse_gemm")
 
 
@@ -645,20 +646,24 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tens
     sparse layers' gradients (Hu et al. 2024: after clipping, before the optimizer step), the AdamW update,
     and the masks: ``masks.after_step(step)`` when a :class:`MaskController` is given, else (``sparse``) the
     layers' own refresh due at ``step``. Stops before touching the weights when the loss or the gradient norm
-    is not finite (the caller decides what to do). ``autocast``: run the forward and the loss under
-    ``torch.autocast`` in that dtype (``--sparse-gemm ours|cusparselt``: the sparse GEMMs are bf16).
+    is not finite (the caller decides what to do). ``autocast``: run the model's (and the teacher's) forward
+    under ``torch.autocast`` in that dtype (``--sparse-gemm ours|cusparselt``: the sparse GEMMs are bf16); the
+    loss is then computed in float32 from the logits.
     """
     for group in optimizer.param_groups:
         group["lr"] = lr
     with torch.autocast(device_type=x.device.type, dtype=autocast or torch.bfloat16, enabled=autocast is not None):
         logits = model(x)
-        if distill is not None:
-            parts = distillation_loss(logits, distill.teacher(x), y, distill.alpha, distill.beta,
-                                      distill.temperature)
-            loss, watched = parts.total, (parts.ce, parts.total, parts.kl)
-        else:
-            loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
-            watched = (loss,)
+        teacher_logits = distill.teacher(x) if distill is not None else None
+    if autocast is not None:  # the loss in float32, outside the autocast region
+        logits = logits.float()
+        teacher_logits = None if teacher_logits is None else teacher_logits.float()
+    if distill is not None:
+        parts = distillation_loss(logits, teacher_logits, y, distill.alpha, distill.beta, distill.temperature)
+        loss, watched = parts.total, (parts.ce, parts.total, parts.kl)
+    else:
+        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
+        watched = (loss,)
     optimizer.zero_grad(set_to_none=True)
     # Backward runs even on a non-finite loss (it only writes gradients): the loss, the distillation terms and
     # the gradient norm then reach the host in one transfer, the step's only device sync before the update.
@@ -810,6 +815,9 @@ def train(cfg: TrainConfig) -> TrainResult:
             raise ConfigError(f"cannot resume {run_dir}: the Hugging Face model directory it was started from "
                               f"({saved.hf_model}) no longer exists; put it back at that path to resume")
         diffs = config_differences(saved, cfg)
+        if saved.sparse_gemm != cfg.sparse_gemm and not diffs:
+            _say(f"note: {run_dir} trained with --sparse-gemm {saved.sparse_gemm}; it continues with --sparse-gemm "
+                 f"{cfg.sparse_gemm}")
         if diffs:
             raise ConfigError(
                 f"cannot resume {run_dir}: the config differs from its checkpoint's ({'; '.join(diffs)}); "
@@ -870,7 +878,10 @@ def train(cfg: TrainConfig) -> TrainResult:
     gen = torch.Generator().manual_seed(cfg.seed + 1)
     mvue_gen = None
     if scfg is not None and cfg.mvue:
-        mvue_gen = torch.Generator(device=next(model.parameters()).device).manual_seed(cfg.seed + 2)
+        # The masked path samples on the model's device; the sparse GEMMs only draw one seed per layer and step,
+        # from a CPU generator, so that draw never waits for the GPU.
+        gen_device = next(model.parameters()).device if cfg.sparse_gemm == "masked" else torch.device("cpu")
+        mvue_gen = torch.Generator(device=gen_device).manual_seed(cfg.seed + 2)
         for module in sparse_modules(model).values():
             module.generator = mvue_gen
     start_step = 0

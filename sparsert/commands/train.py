@@ -257,7 +257,8 @@ def command(ctx: click.Context, **opts: object) -> None:
                               f"the one in {opts['init_from']} (leave {' and '.join(shaping)} out)")
     try:
         if opts["resume"]:
-            probe = TrainConfig(**values)
+            # only to find the run: --sparse-gemm is checked against the saved recipe once merged with it
+            probe = TrainConfig(**{k: v for k, v in values.items() if k != "sparse_gemm"})
             run_dir = find_resume_dir(probe)
             saved = load_train_config(run_dir)
             cfg = dataclasses.replace(saved, **{k: values[k] for k in given if k != "out_dir"})
