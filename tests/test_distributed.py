@@ -72,6 +72,8 @@ pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_avai
                                 reason="torch.distributed with the gloo backend is not available")
 
 WORLD = 2
+# The Hu recipe on its 2:4 GEMMs (--sparse-gemm ours; their torch fallback on these CPU processes)
+HU_SPARSE_GEMM = dict(method="hu", sparse_gemm="ours", dense_finetune=0.0)
 REL = 1e-5
 SPLIT_REL = 1e-3  # after a rounding-level mask split (measured: 1.4e-5); real errors move the loss by more
 REL_RESUME = 1e-6
@@ -165,6 +167,8 @@ def _worker(rank: int, port: int, root: str) -> None:
         for mode in ("ddp", "fsdp"):
             train(small(corpus, root_p / mode, distributed=mode))
             close_distributed()
+        train(small(corpus, root_p / "ddp_sparse_gemm", distributed="ddp", **HU_SPARSE_GEMM))
+        close_distributed()
         cfg = dataclasses.replace(load_train_config(root_p / "single_to_2"), distributed="fsdp")
         train(cfg)
         close_distributed()
@@ -189,6 +193,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict:
     corpus.write_text(fixed_corpus(), encoding="utf-8")
     torch.set_num_threads(1)
     train(small(corpus, root / "single"))
+    train(small(corpus, root / "single_sparse_gemm", **HU_SPARSE_GEMM))
     rewind(root / "single", root / "single_to_2", 2)
     reference_manual = manual_steps(None)
     mp.spawn(_worker, args=(_free_port(), str(root)), nprocs=WORLD, join=True)
@@ -272,6 +277,18 @@ def test_loss_curve_matches_one_process_with_the_same_global_batch(runs: dict, m
     assert val.keys() == val_multi.keys() == {4}
     assert _rel(val_multi[4], val[4]) <= _tolerance(4, split)
     assert single[4]["loss"] < single[1]["loss"]  # it trains
+
+
+@slow
+def test_ddp_trains_the_hu_recipe_on_the_sparse_gemms(runs: dict) -> None:
+    """Under DDP each rank draws its own MVUE24 samples (the seeds are mixed with the rank), so the loss curve
+    follows the single-process run's within the sampling noise instead of to rounding."""
+    single = _step_records(runs["root"] / "single_sparse_gemm")
+    multi = _step_records(runs["root"] / "ddp_sparse_gemm")
+    assert sorted(multi) == sorted(single) == [1, 2, 3, 4]
+    assert _rel(multi[1]["loss"], single[1]["loss"]) <= 1e-3  # before any update: the same model and batch
+    assert all(_rel(multi[s]["loss"], single[s]["loss"]) <= 3e-2 for s in single), (multi, single)
+    assert load_checkpoint(runs["root"] / "ddp_sparse_gemm").step == 4
 
 
 @slow
