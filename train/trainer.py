@@ -157,6 +157,8 @@ class TrainConfig:
     ``"from-scratch"`` (2:4 from step 1), ``"gradual"`` (dense, then pruning to N:M between the ``prune_start`` and
     ``prune_end`` fractions of training, one event every ``prune_interval`` steps — default 100, or a tenth of the
     window when shorter), ``"spdf"`` (sparse, then dense for the last ``dense_finetune`` fraction, default 1/6).
+    ``sparse_gemm`` (:data:`SPARSE_GEMMS`): how the Hu recipe's sparse layers compute in training — matmuls on
+    ``W⊙M`` in float32 (``"masked"``), or its three 2:4 GEMMs under bf16 autocast (``"ours"``, ``"cusparselt"``).
     ``init_from``: start from a sparsert checkpoint's weights (and its data order). With ``qat``, ``dense_finetune``
     defaults to 0 and ``sparse_layers`` to ``"all"`` (QAT must train the values the INT4 artifact stores).
     ``eval_interval``/``eval_batches``: validation every that many steps (and at the end) on that many batches.
