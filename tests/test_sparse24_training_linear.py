@@ -298,6 +298,11 @@ def test_bench_summary_pass_fail_and_wrong_results():
              bench.GEMMS_KERNEL + "sm90tma_256": 4.0}
     res = bench.summarize(cfg, steps, fwds, good, parts, {})
     assert res["overhead_ms"] == 1.0 and res["gemm_best_kernel"] == "sm90tma_256"
+    # the cuSPARSELt variant's own parts: shares of its step, not counted in ours' overhead
+    cparts = dict(parts, **{bench.CSLT_PART + "compress": 2.0})
+    cres = bench.summarize(cfg, dict(steps, **{bench.CSLT: 0.020}), dict(fwds, **{bench.CSLT: 0.005}),
+                           dict(good, **{bench.CSLT: {"ok": True}}), cparts, {})
+    assert cres["overhead_ms"] == 1.0 and cres["parts_share"][bench.CSLT_PART + "compress"] == pytest.approx(0.1)
     assert res["gemm_best_ratio"] == pytest.approx(1.5) and res["gemm_ratio"] == pytest.approx(0.6)
     meta = {"device": "H200", "compute_capability": [9, 0], "arch": "sm_90a", "sms": 132, "torch": "t", "cuda": "c",
             "cusparselt": None, "commit": "x", "date": "d", "config": {"d": 4096, "ffn": 16384, "tokens": 16384,
@@ -321,6 +326,15 @@ def test_bench_cusparselt_variant_math_on_cpu(cslt_stand_in):
     assert checks["ok"], checks
     assert checks["dw2_rel_err"] < 1e-2 and checks["dx_rel_err"] < 1e-2
     assert cslt_stand_in.searches == 6  # forward, ∇X and ∇W of both linears
+    # the benchmark's cuSPARSELt GEMMs-alone and overhead parts run on the same operand layouts (the stand-in
+    # asserts the library's preconditions)
+    t, d, f = 128, 64, 256
+    x, h, g1, g2 = (torch.randn(t, c).to(torch.bfloat16) for c in (d, f, f, d))
+    w1, w2 = fc1.weight.detach(), fc2.weight.detach()
+    k1, k2 = s1.mask.view(torch.bool), s2.mask.view(torch.bool)
+    bench.cslt_gemms(x, h, g1, g2, w1, w2, k1, k2)()
+    for fn in bench.cslt_parts(g1, g2, w1, w2, k1, k2).values():
+        fn()
 
 
 def test_bench_without_gpu_exits_2(capsys):

@@ -62,6 +62,7 @@ TARGETED = (OURS, CSLT)  # the sparse variants the issue-3 target applies to (th
 GEMMS_DENSE = "six GEMMs, dense (F.linear / matmul)"
 GEMMS_OURS = "six GEMMs, 2:4 ours (prepared operands)"
 GEMMS_CSLT = "six GEMMs, cuSPARSELt with searched configurations (prepared operands)"
+CSLT_PART = "cuSPARSELt: "  # prefix of the cuSPARSELt variant's own per-step overheads (shares of its step)
 GEMMS_KERNEL = "six GEMMs, 2:4 ours, all with kernel="  # + a sparse24_linear kernel name (Hopper only)
 REFRESH = f"transposable mask refresh (both linears), once per {MASK_REFRESH_INTERVAL} steps"
 
@@ -307,6 +308,7 @@ def component_times(cfg: BenchConfig, fc1, fc2, models, timer: StepTimer) -> dic
     fns = dict(parts) | {GEMMS_DENSE: dense_gemms, GEMMS_OURS: sparse_gemms}
     if CSLT in models:
         fns[GEMMS_CSLT] = cslt_gemms(x, h, g1, g2, w1, w2, k1, k2)
+        fns |= cslt_parts(g1, g2, w1, w2, k1, k2)
     # On Hopper, the same six GEMMs with each wgmma variant (and the mma.sp tile auto mostly takes) for all six:
     # which kernel family would make the step fastest, measured in the same run.
     if dev.type == "cuda":
@@ -343,6 +345,25 @@ def cslt_gemms(x, h, g1, g2, w1, w2, k1, k2):
 
     gemms()  # the searches, outside the timing
     return gemms
+
+
+def cslt_parts(g1, g2, w1, w2, k1, k2) -> dict:
+    """The per-step work of the ``gemm="cusparselt"`` layer besides its GEMMs, as it does it: masking and
+    compressing ``W⊙M`` and ``(W⊙M)ᵀ``, and the dense MVUE24 sample of ∇Z compressed by cuSPARSELt."""
+    from sparsert.runtime.cusparselt import compress
+    from sparsert.train.sparse24_training_linear import mvue24_sample_dense_t
+
+    def weights():
+        for w, k in ((w1, k1), (w2, k2)):
+            wm = torch.where(k, w.to(g1.dtype), torch.zeros((), dtype=g1.dtype, device=g1.device))
+            compress(wm), compress(wm.t().contiguous())
+
+    def samples():
+        for i, g in ((1, g1), (2, g2)):
+            compress(mvue24_sample_dense_t(g, seed=i))
+
+    return {CSLT_PART + "mask and compress W⊙M and (W⊙M)ᵀ (both linears)": weights,
+            CSLT_PART + "MVUE24 dense sample + compress of S (both linears)": samples}
 
 
 def run(cfg: BenchConfig) -> dict:
@@ -398,10 +419,13 @@ def summarize(cfg: BenchConfig, steps: dict, fwds: dict, checks: dict, parts: di
             else:
                 row["result"] = "PASS" if row["step_ratio"] >= TARGET else "FAIL"
         rows.append(row)
-    overhead = {k: v for k, v in parts.items()
-                if k not in (GEMMS_DENSE, GEMMS_OURS, GEMMS_CSLT, REFRESH) and not k.startswith(GEMMS_KERNEL)}
+    overhead = {k: v for k, v in parts.items() if k not in (GEMMS_DENSE, GEMMS_OURS, GEMMS_CSLT, REFRESH)
+                and not k.startswith((GEMMS_KERNEL, CSLT_PART))}
     ours_ms = steps.get(OURS, 0) * 1e3
     shares = {k: v / ours_ms for k, v in overhead.items()} if ours_ms else {}
+    cslt_ms = steps.get(CSLT, 0) * 1e3
+    if cslt_ms:
+        shares |= {k: v / cslt_ms for k, v in parts.items() if k.startswith(CSLT_PART)}
     refresh = parts.get(REFRESH)
     extra = {"overhead_ms": sum(overhead.values()) if overhead else None,
              "overhead_share": sum(overhead.values()) / ours_ms if overhead and ours_ms else None,
@@ -464,7 +488,8 @@ def to_markdown(result: dict) -> str:
             f"{_f(c.get('dw2_rel_err'), '{:.1e}')} | {r['note']} |")
     parts, shares = result["parts_ms"], result["parts_share"]
     if parts:
-        lines += ["", f"Parts of the `{OURS}` step, each timed alone:", "", "| part | ms | share of the step |",
+        lines += ["", f"Parts of the `{OURS}` step (`{CSLT_PART}…`: of the `{CSLT}` step), each timed alone:", "",
+                  "| part | ms | share of the step |",
                   "|---|---|---|"]
         for k, v in parts.items():
             share = shares.get(k)
