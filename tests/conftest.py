@@ -53,9 +53,11 @@ TOOLS = Path(__file__).resolve().parent.parent / "tools"
 def load_tool(name: str):
     """``tools/<name>.py`` imported as a module (tools/ holds scripts, not a package)."""
     import importlib.util
+    import sys
 
     spec = importlib.util.spec_from_file_location(name, TOOLS / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up there
     spec.loader.exec_module(module)
     return module
 

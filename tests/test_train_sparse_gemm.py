@@ -228,3 +228,18 @@ def test_cli_resumes_a_hu_run_on_the_sparse_gemms(corpus, tmp_path, monkeypatch,
     assert load_checkpoint(tmp_path / "run").step == 4
     assert len(gemm_calls) == 2 * 3 * 4  # steps 3 and 4, three FFN linears in each of the 4 blocks
     assert "trained with --sparse-gemm masked; it continues with --sparse-gemm ours" in capsys.readouterr().err
+
+
+def test_whole_model_step_benchmark(tmp_path, capsys):
+    """tools/bench_train_step.py: nothing measured without a GPU; its CPU smoke run times every variant it can
+    run here (cuSPARSELt needs CUDA) against dense bf16."""
+    from conftest import check_tool_measures_nothing_without_gpu, load_tool
+
+    check_tool_measures_nothing_without_gpu("bench_train_step", tmp_path)
+    bench = load_tool("bench_train_step")
+    out = tmp_path / "t.md"
+    assert bench.main(["--device", "cpu", "--out", str(out)]) == 0
+    table = [line for line in out.read_text().splitlines() if line.startswith("| ") and "variant" not in line]
+    assert [line.split(" | ")[0][2:] for line in table] == ["dense fp32", "dense bf16", "hu masked", "hu ours"]
+    assert "| dense bf16 | " in out.read_text() and "1.000x" in out.read_text()
+    assert all("–" not in line.split(" | ")[1] for line in table)  # every variant ran

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The one command to run on a lent GPU machine (H100/H200 through the device tool), from the repository root:
 #
-#     bash tools/gpu_session.sh [all|tests|bench|ffn|diag|gen]     # carry: [".whl"] (optional, see below)
+#     bash tools/gpu_session.sh [all|tests|bench|ffn|diag|gen|train]     # carry: [".whl"] (optional, see below)
 #
 # It installs sparsert (editable, offline), records the environment, builds every kernel for the device's
 # architecture in parallel (warming the NVRTC cache), runs the GPU test suite (`pytest -m gpu`), the kernel
@@ -15,7 +15,8 @@
 # tools/diagnose_sm90.py (Hopper only: why the wgmma kernels are slow); its table goes into logs.txt. `all`
 # runs it after the benchmarks, in whatever time is left (at most DIAG_TIMEOUT=120 s), then `gen`
 # (tools/bench_generate.py: decode tokens/s of the GPU runtime, eager vs CUDA graph; at most GEN_TIMEOUT=60 s,
-# table in logs.txt).
+# table in logs.txt). `train` (tools/bench_train_step.py: a whole-model training step, dense vs the Hu recipe on
+# each --sparse-gemm; at most TRAIN_TIMEOUT=90 s, table in logs.txt) runs only when asked for (not in `all`).
 #
 # Time budget: one device call must end within 600 s. Set-up steps have fixed caps (carried wheels 60 s,
 # install 60 s, environment + parallel kernel builds 150 s: 270 s at most); the measured phases are each
@@ -53,6 +54,7 @@ BENCH_MIN=${BENCH_MIN:-60}
 FFN_TIMEOUT=${FFN_TIMEOUT:-110}
 DIAG_TIMEOUT=${DIAG_TIMEOUT:-120}
 GEN_TIMEOUT=${GEN_TIMEOUT:-60}
+TRAIN_TIMEOUT=${TRAIN_TIMEOUT:-90}
 DEADLINE=${DEADLINE:-570}
 START=$(date +%s)
 summary() { echo "$*" | tee -a "$OUT/summary.txt"; }
@@ -245,6 +247,11 @@ fi
 # 8. Decode speed of `generate --backend runtime`: eager vs CUDA graph vs dense torch.
 if [ "$MODE" = all ] || [ "$MODE" = gen ]; then
   log_phase gen "$GEN_TIMEOUT" tools/bench_generate.py --out /tmp/generate.md
+fi
+
+# 9. Whole-model training step, dense vs the Hu recipe on each --sparse-gemm (only when asked for).
+if [ "$MODE" = train ]; then
+  log_phase train "$TRAIN_TIMEOUT" tools/bench_train_step.py --out /tmp/train_step.md
 fi
 
 summary "elapsed: $(( $(date +%s) - START )) s"
