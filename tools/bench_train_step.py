@@ -24,7 +24,7 @@ import argparse
 import statistics
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -32,15 +32,17 @@ import torch
 DENSE_BF16 = "dense bf16"
 
 
+def default_model():
+    """The measured model: Llama-style, d 2048, ffn 5632 (both multiples of 64), 4 blocks, 1024 positions."""
+    from sparsert.runtime.model import ModelConfig
+
+    return ModelConfig(vocab_size=32000, d_model=2048, n_layers=4, n_heads=16, ffn_dim=5632, max_seq_len=1024)
+
+
 @dataclass
 class BenchConfig:
-    d_model: int = 2048
-    ffn: int = 5632
-    layers: int = 4
-    heads: int = 16
-    seq_len: int = 1024
+    model: object = field(default_factory=default_model)  # a sparsert.runtime.model.ModelConfig
     batch_size: int = 8
-    vocab: int = 32000
     repeats: int = 10
     warmup: int = 3
     device: str = "cuda"
@@ -59,13 +61,11 @@ def variants(device: str) -> dict[str, dict]:
 
 def make_step(cfg: BenchConfig, overrides: dict, autocast):
     """A zero-argument callable running one ``train_step`` of a fresh model of ``cfg`` (same seed for all)."""
-    from sparsert.runtime.model import ModelConfig
     from sparsert.train.sparsify import sparse_modules
     from sparsert.train.trainer import TrainConfig, build_model, build_optimizer, train_step
 
-    mc = ModelConfig(vocab_size=cfg.vocab, d_model=cfg.d_model, n_layers=cfg.layers, n_heads=cfg.heads,
-                     ffn_dim=cfg.ffn, max_seq_len=cfg.seq_len)
-    tc = TrainConfig(seq_len=cfg.seq_len, batch_size=cfg.batch_size, threads=None, progress=False, **overrides)
+    mc = cfg.model
+    tc = TrainConfig(seq_len=mc.max_seq_len, batch_size=cfg.batch_size, threads=None, progress=False, **overrides)
     model = build_model(mc, tc).to(cfg.device)
     gen_device = cfg.device if tc.sparse_gemm == "masked" else "cpu"  # as the trainer makes it
     gen = torch.Generator(device=gen_device).manual_seed(2)
@@ -73,7 +73,7 @@ def make_step(cfg: BenchConfig, overrides: dict, autocast):
         module.generator = gen
     optimizer = build_optimizer(model, tc)
     g = torch.Generator(device=cfg.device).manual_seed(1)
-    x, y = (torch.randint(0, cfg.vocab, (cfg.batch_size, cfg.seq_len), generator=g, device=cfg.device)
+    x, y = (torch.randint(0, mc.vocab_size, (cfg.batch_size, mc.max_seq_len), generator=g, device=cfg.device)
             for _ in range(2))
     decay = tc.masked_decay_at(1)
 
@@ -109,10 +109,10 @@ def time_steps(steps: dict, cfg: BenchConfig) -> dict[str, float]:
 
 
 def to_markdown(cfg: BenchConfig, ms: dict[str, float], notes: dict[str, str], meta: str) -> str:
-    base = ms.get(DENSE_BF16)
+    base, mc = ms.get(DENSE_BF16), cfg.model
     lines = ["# Whole-model training step: dense vs the Hu recipe on each --sparse-gemm", "", f"- {meta}",
-             f"- Llama DecoderLM d={cfg.d_model}, ffn={cfg.ffn}, {cfg.layers} layers, {cfg.heads} heads, "
-             f"{cfg.batch_size}x{cfg.seq_len} tokens, vocab {cfg.vocab}; median of {cfg.repeats} steps after "
+             f"- Llama DecoderLM d={mc.d_model}, ffn={mc.ffn_dim}, {mc.n_layers} layers, {mc.n_heads} heads, "
+             f"{cfg.batch_size}x{mc.max_seq_len} tokens, vocab {mc.vocab_size}; median of {cfg.repeats} steps after "
              f"{cfg.warmup}, variants interleaved; ratio = dense bf16 time / variant time", "",
              "| variant | ms/step | ratio to dense bf16 | note |", "|---|---|---|---|"]
     for name in [*ms, *(n for n in notes if n not in ms)]:
@@ -124,10 +124,10 @@ def to_markdown(cfg: BenchConfig, ms: dict[str, float], notes: dict[str, str], m
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    d = BenchConfig()
-    for flag, value, what in (("--d-model", d.d_model, "model width"), ("--ffn", d.ffn, "feed-forward width"),
-                              ("--layers", d.layers, "blocks"), ("--heads", d.heads, "attention heads"),
-                              ("--seq-len", d.seq_len, "tokens per sequence"),
+    d, m = BenchConfig(), default_model()
+    for flag, value, what in (("--d-model", m.d_model, "model width"), ("--ffn", m.ffn_dim, "feed-forward width"),
+                              ("--layers", m.n_layers, "blocks"), ("--heads", m.n_heads, "attention heads"),
+                              ("--seq-len", m.max_seq_len, "tokens per sequence"),
                               ("--batch-size", d.batch_size, "sequences per step"),
                               ("--repeats", d.repeats, "timed steps per variant"),
                               ("--warmup", d.warmup, "untimed steps per variant first")):
@@ -136,11 +136,22 @@ def main(argv: list[str] | None = None) -> int:
                     help="cuda (the measurement) or cpu (a tiny smoke run through the torch fallbacks)")
     ap.add_argument("--out", type=Path, default=None, help="also write the markdown table here")
     args = ap.parse_args(argv)
-    cfg = BenchConfig(d_model=args.d_model, ffn=args.ffn, layers=args.layers, heads=args.heads, seq_len=args.seq_len,
-                      batch_size=args.batch_size, repeats=args.repeats, warmup=args.warmup, device=args.device)
+    for flag, v in (("--d-model", args.d_model), ("--ffn", args.ffn)):
+        if v <= 0 or v % 64:
+            print(f"error: {flag} must be a positive multiple of 64 (the 2:4 GEMMs' k tile), got {v}", file=sys.stderr)
+            return 2
+    try:
+        model = replace(m, d_model=args.d_model, ffn_dim=args.ffn, n_layers=args.layers, n_heads=args.heads,
+                        max_seq_len=args.seq_len)
+    except ValueError as exc:  # ModelConfig names the field
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    cfg = BenchConfig(model=model, batch_size=args.batch_size, repeats=args.repeats, warmup=args.warmup,
+                      device=args.device)
     if cfg.device == "cpu":  # a smoke configuration: the torch fallbacks of the sparse GEMMs are slow
-        cfg = BenchConfig(d_model=128, ffn=384, layers=2, heads=4, seq_len=64, batch_size=2, vocab=256,
-                          repeats=max(1, min(args.repeats, 2)), warmup=0, device="cpu")
+        cfg = BenchConfig(model=replace(m, vocab_size=256, d_model=128, n_layers=2, n_heads=4, ffn_dim=384,
+                                        max_seq_len=64),
+                          batch_size=2, repeats=max(1, min(args.repeats, 2)), warmup=0, device="cpu")
         meta = "device: cpu (torch fallbacks; not a GPU measurement)"
     else:
         from sparsert.runtime.device import probe_gpu
@@ -150,11 +161,6 @@ def main(argv: list[str] | None = None) -> int:
             print(f"no GPU: nothing measured ({why or 'torch sees no CUDA device'})")
             return 0
         meta = f"device: {torch.cuda.get_device_name(0)}; torch {torch.__version__}"
-    for name in ("d_model", "ffn"):
-        if getattr(cfg, name) % 64:
-            print(f"error: --{name.replace('_', '-')} must be a multiple of 64 (the 2:4 GEMMs' k tile)",
-                  file=sys.stderr)
-            return 2
     steps, notes = {}, {}
     for name, (overrides, autocast) in variants(cfg.device).items():
         try:
