@@ -5,7 +5,7 @@ NVIDIA's cuSPARSELt (deployment.md) is reached through torch's private ops: ``to
 configuration 0, which on an H200 never beat dense cuBLAS (0.15–0.85×, bench/RESULTS.md); with the
 configuration ``cusparseLtMatmulSearch`` picks for the problem it reached 1.34–1.45× at M = 8192. So every
 product here runs with a searched :class:`CsltConfig`, found once per problem (:func:`problem_key`) and kept
-for the process (:class:`TunedCusparselt`).
+for the process and in a JSON file per device (:class:`TunedCusparselt`, :func:`cusparselt_cache_path`).
 
 Operands, as torch's binding defines them: ``A`` 2:4 sparse ``[m, k]`` (2:4 along k), a :class:`CsltMatrix`
 made by :func:`compress` from a dense row-major bf16/fp16 tensor; ``B`` dense ``[k, n]`` in A's dtype —
@@ -24,13 +24,17 @@ with a split-K factor above 1 (so a mode the library reports for ``split_k == 1`
 from __future__ import annotations
 
 import functools
+import json
+import os
 import threading
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
 from sparsert.runtime.device import is_sticky_cuda_error
 from sparsert.runtime.errors import DeviceError, FormatError
+from sparsert.runtime.fileio import user_cache_file, write_atomic
 
 __all__ = ["CsltConfig", "CsltMatrix", "TunedCusparselt", "compress", "cusparselt_status", "problem_key",
            "search_config", "sparse_mm", "tuned"]
@@ -244,42 +248,112 @@ def sparse_mm(a: CsltMatrix, b: torch.Tensor, *, bias: torch.Tensor | None = Non
                           f"{b.device} ({config}) failed: {_first_line(exc)}") from exc
 
 
+CACHE_FORMAT = 1
+
+
+def cusparselt_cache_path(device_name: str) -> Path:
+    """``$SPARSERT_CUSPARSELT_CACHE`` if set, else ``~/.cache/sparsert/cusparselt/<device name>.json`` (beside
+    the kernel cache when ``$SPARSERT_CACHE_DIR`` is set)."""
+    env = os.environ.get("SPARSERT_CUSPARSELT_CACHE")
+    return Path(env) if env else user_cache_file("cusparselt", device_name)
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type != "cuda":
+        return device.type
+    try:
+        return torch.cuda.get_device_name(device)
+    except Exception:  # the name only labels the cache file
+        return "cuda"
+
+
 class TunedCusparselt:
     """:func:`sparse_mm` with the configuration searched once per :func:`problem_key` and remembered (thread
-    safe; one instance per process is :func:`tuned`). ``configs`` maps keys to what was found."""
+    safe; one instance per process is :func:`tuned`). ``configs`` maps the keys (as strings) to what was
+    found. With ``persist`` the configurations are also kept in a JSON file per device (``path``, default
+    :func:`cusparselt_cache_path`; ``{"format", "device", "torch", "cusparselt", "configs"}``, written
+    atomically after each search), so a new process does not search again; a file for another device, torch
+    or cuSPARSELt version, or an unreadable one, is ignored (and replaced on the next save)."""
 
-    def __init__(self) -> None:
-        self.configs: dict[tuple, CsltConfig] = {}
+    def __init__(self, path: Path | str | None = None, *, persist: bool = True) -> None:
+        self.configs: dict[str, CsltConfig] = {}
+        self.persist = persist
+        self._path = None if path is None else Path(path)
+        self._loaded: set[Path] = set()
         self._lock = threading.Lock()
 
-    def _config(self, key: tuple, a: CsltMatrix, b: torch.Tensor, bias, transpose_result: bool) -> CsltConfig:
+    def _file(self, device: torch.device) -> Path | None:
+        if not self.persist:
+            return None
+        return self._path if self._path is not None else cusparselt_cache_path(_device_name(device))
+
+    @staticmethod
+    def _header(device: torch.device) -> dict:
+        try:
+            version = torch.backends.cusparselt.version()
+        except Exception:
+            version = None
+        return {"format": CACHE_FORMAT, "device": _device_name(device), "torch": torch.__version__,
+                "cusparselt": version}
+
+    def _load(self, file: Path, device: torch.device) -> None:
+        """Merge ``file``'s configurations (once per file and process; the lock is held)."""
+        if file in self._loaded:
+            return
+        self._loaded.add(file)
+        try:
+            data = json.loads(file.read_text())
+            if {k: data.get(k) for k in self._header(device)} != self._header(device):
+                return
+            for key, c in data["configs"].items():
+                self.configs.setdefault(str(key), CsltConfig(*(int(v) for v in c)))
+        except (OSError, ValueError, KeyError, TypeError):
+            pass  # a missing or corrupt cache is only a lost optimisation: search again
+
+    def _save(self, file: Path, device: torch.device) -> None:
+        data = {**self._header(device), "configs": {k: [c.alg_id, c.split_k, c.split_k_mode]
+                                                    for k, c in sorted(self.configs.items())}}
+        try:
+            file.parent.mkdir(parents=True, exist_ok=True)
+            write_atomic(file, json.dumps(data, indent=1))
+        except OSError:
+            pass  # an unwritable cache folder must not stop the product
+
+    def _config(self, key: tuple, a: CsltMatrix, b: torch.Tensor, bias,
+                transpose_result: bool) -> tuple[CsltConfig, bool]:
+        """(the configuration for ``key``, whether it was searched on these very operands now)."""
+        name, file = str(key), self._file(b.device)
         with self._lock:
-            found = self.configs.get(key)
-        if found is None:
-            found = search_config(a, b, bias=bias, transpose_result=transpose_result)
-            with self._lock:
-                found = self.configs.setdefault(key, found)
-        return found
+            if file is not None:
+                self._load(file, b.device)
+            found = self.configs.get(name)
+        if found is not None:
+            return found, False
+        found = search_config(a, b, bias=bias, transpose_result=transpose_result)
+        with self._lock:
+            found = self.configs.setdefault(name, found)
+            if file is not None:
+                self._save(file, b.device)
+        return found, True
 
     def config_for(self, a: CsltMatrix, b: torch.Tensor, bias: torch.Tensor | None = None,
                    transpose_result: bool = False) -> CsltConfig:
         """The configuration for this product's bucket (searched on these operands if it is new)."""
         b, bias = _check_product(a, b, bias)
-        return self._config(problem_key(a, b, bias, transpose_result), a, b, bias, transpose_result)
+        return self._config(problem_key(a, b, bias, transpose_result), a, b, bias, transpose_result)[0]
 
     def __call__(self, a: CsltMatrix, b: torch.Tensor, *, bias: torch.Tensor | None = None,
                  transpose_result: bool = False) -> torch.Tensor:
         b, bias = _check_product(a, b, bias)
         key = problem_key(a, b, bias, transpose_result)
-        fresh = key not in self.configs
-        config = self._config(key, a, b, bias, transpose_result)
+        config, fresh = self._config(key, a, b, bias, transpose_result)
         try:
             return sparse_mm(a, b, bias=bias, transpose_result=transpose_result, config=config)
         except DeviceError as exc:
             if fresh or is_sticky_cuda_error(exc):  # searched on these very operands, or the context is lost
                 raise
         # a configuration found for another token count of the bucket: search this count on its own
-        exact = self._config(problem_key(a, b, bias, transpose_result, exact=True), a, b, bias, transpose_result)
+        exact, _ = self._config(problem_key(a, b, bias, transpose_result, exact=True), a, b, bias, transpose_result)
         return sparse_mm(a, b, bias=bias, transpose_result=transpose_result, config=exact)
 
 

@@ -20,7 +20,6 @@ import functools
 import hashlib
 import json
 import os
-import re
 import statistics
 import threading
 import time
@@ -35,7 +34,7 @@ from torch import nn
 
 from sparsert.runtime.device import is_sticky_cuda_error
 from sparsert.runtime.errors import DeviceError, FormatError
-from sparsert.runtime.fileio import write_atomic
+from sparsert.runtime.fileio import user_cache_file, write_atomic
 from sparsert.runtime.packed_linear import PackedLinear
 
 DISPATCH_FORMAT = 1
@@ -57,12 +56,7 @@ def problem_key(kind: str, dtype: torch.dtype, n: int, k: int, m: int) -> str:
 def dispatch_cache_path(device_name: str) -> Path:
     """``$SPARSERT_DISPATCH_CACHE`` if set, else ``~/.cache/sparsert/dispatch/<device name>.json``."""
     env = os.environ.get("SPARSERT_DISPATCH_CACHE")
-    if env:
-        return Path(env)
-    slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", device_name).strip("_") or "device"
-    base = os.environ.get("SPARSERT_CACHE_DIR")
-    root = Path(base).parent if base else Path.home() / ".cache" / "sparsert"
-    return root / "dispatch" / f"{slug}.json"
+    return Path(env) if env else user_cache_file("dispatch", device_name)
 
 
 @functools.lru_cache(maxsize=1)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
 import uuid
 from pathlib import Path
@@ -83,3 +84,12 @@ def replace_dir(staged: str | Path, target: str | Path) -> Path:
     fsync_dir(target.parent)
     shutil.rmtree(aside, ignore_errors=True)
     return target
+
+
+def user_cache_file(kind: str, device_name: str) -> Path:
+    """``<root>/<kind>/<device name>.json``: a per-device cache file of measured choices. ``<root>`` is the parent
+    of ``$SPARSERT_CACHE_DIR`` when set (the kernel cache lives beside), else ``~/.cache/sparsert``."""
+    slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", device_name).strip("_") or "device"
+    base = os.environ.get("SPARSERT_CACHE_DIR")
+    root = Path(base).parent if base else Path.home() / ".cache" / "sparsert"
+    return root / kind / f"{slug}.json"

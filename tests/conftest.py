@@ -201,7 +201,7 @@ def cslt_stand_in(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
     monkeypatch.setattr(torch.backends.cusparselt, "is_available", lambda: True)
-    monkeypatch.setattr(cusparselt, "_TUNED", cusparselt.TunedCusparselt())
+    monkeypatch.setattr(cusparselt, "_TUNED", cusparselt.TunedCusparselt(persist=False))
     cusparselt.cusparselt_status.cache_clear()
     assert cusparselt.cusparselt_status() == ""
     yield s

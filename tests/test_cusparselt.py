@@ -77,7 +77,7 @@ def _matrix(rows=64, cols=32, dtype=torch.bfloat16):
 def test_products_are_checked_against_a_before_the_library():
     a = _matrix()
     b = torch.zeros(32, 16, dtype=torch.bfloat16)
-    for call in (cusparselt.sparse_mm, cusparselt.search_config, TunedCusparselt()):
+    for call in (cusparselt.sparse_mm, cusparselt.search_config, TunedCusparselt(persist=False)):
         with pytest.raises(FormatError, match=r"B is float16 but W \(bfloat16 \[64, 32\]\) is bfloat16"):
             call(a, b.half())
         with pytest.raises(FormatError, match=r"B has shape \(40, 16\); its rows must be the columns of W"):
@@ -115,7 +115,8 @@ def test_without_cusparselt_every_call_says_why():
         pytest.skip("cuSPARSELt is usable here")
     a, b = torch.zeros(16, 16, dtype=torch.bfloat16), torch.zeros(16, 16, dtype=torch.bfloat16)
     for call in (lambda: cusparselt.compress(a), lambda: cusparselt.sparse_mm(_matrix(16, 16), b),
-                 lambda: cusparselt.search_config(_matrix(16, 16), b), lambda: TunedCusparselt()(_matrix(16, 16), b)):
+                 lambda: cusparselt.search_config(_matrix(16, 16), b),
+                 lambda: TunedCusparselt(persist=False)(_matrix(16, 16), b)):
         with pytest.raises(DeviceError) as err:
             call()
         assert str(err.value) == why
@@ -306,3 +307,30 @@ def test_gpu_training_linear_cusparselt_matches_ours():
     assert float((grads["cusparselt"][1] - ref_dx).norm() / ref_dx.norm()) <= 1e-2
     for name, ours, cslt in zip(("y", "dx", "dw", "db"), grads["ours"], grads["cusparselt"], strict=True):
         assert float((ours - cslt).norm() / ours.norm()) <= 1e-2, name
+
+
+def test_searched_configurations_persist_per_device(cslt_stand_in, tmp_path):
+    """A new process (a new TunedCusparselt on the same file) runs the saved configuration without searching;
+    a file for another torch, or a corrupt one, is ignored; a saved bucket configuration that fails on another
+    token count of the bucket is searched again for that count."""
+    import json
+
+    path = tmp_path / "cslt" / "dev.json"
+    a = cusparselt.compress(_sparse24(64, 32))
+    b = torch.randn(32, 128).to(torch.bfloat16)
+    TunedCusparselt(path)(a, b)
+    saved = json.loads(path.read_text())
+    assert saved["torch"] == torch.__version__ and saved["device"] == "cpu" and len(saved["configs"]) == 1
+    assert list(saved["configs"].values()) == [[3, 1, -1]] and cslt_stand_in.searches == 1
+    cslt_stand_in.found = (7, 1, -1, 10)
+    TunedCusparselt(path)(a, b)  # loaded: no search, configuration 3 runs
+    assert cslt_stand_in.searches == 1 and cslt_stand_in.runs[-1] == CsltConfig(3)
+    cslt_stand_in.fail_if = {(3, 104)}  # the saved bucket configuration does not run 104 tokens
+    y = TunedCusparselt(path)(a, torch.randn(32, 104).to(torch.bfloat16))
+    assert y.shape == (64, 104) and cslt_stand_in.searches == 2 and cslt_stand_in.runs[-1] == CsltConfig(7)
+    for bad in ({**saved, "torch": "0.0"}, "not json"):
+        path.write_text(bad if isinstance(bad, str) else json.dumps(bad))
+        before = cslt_stand_in.searches
+        TunedCusparselt(path)(a, b)
+        assert cslt_stand_in.searches == before + 1
+    assert TunedCusparselt(path, persist=False)._file(b.device) is None
