@@ -209,6 +209,11 @@ def search_config(a: CsltMatrix, b: torch.Tensor, *, bias: torch.Tensor | None =
     product with each configuration; the operands are not modified). Uses ``torch._C._cusparselt.mm_search``
     (configuration id and split-K) where torch has it, else ``torch._cslt_sparse_mm_search`` (id only)."""
     b, bias = _check_product(a, b, bias)
+    return _search(a, b, bias, transpose_result)
+
+
+def _search(a: CsltMatrix, b: torch.Tensor, bias: torch.Tensor | None, transpose_result: bool) -> CsltConfig:
+    """:func:`search_config` on operands :func:`_check_product` has passed."""
     _require()
     binding = getattr(torch._C, "_cusparselt", None)
     try:
@@ -238,8 +243,13 @@ def sparse_mm(a: CsltMatrix, b: torch.Tensor, *, bias: torch.Tensor | None = Non
     """``A·B (+ bias per row)`` with one configuration (default: configuration 0): ``[m, n]``, or ``[n, m]``
     with ``transpose_result``, in A's dtype. See the module docstring for the operands."""
     b, bias = _check_product(a, b, bias)
+    return _run(a, b, bias, transpose_result, config or CsltConfig())
+
+
+def _run(a: CsltMatrix, b: torch.Tensor, bias: torch.Tensor | None, transpose_result: bool,
+         config: CsltConfig) -> torch.Tensor:
+    """:func:`sparse_mm` on operands :func:`_check_product` has passed."""
     _require()
-    config = config or CsltConfig()
     try:
         return torch._cslt_sparse_mm(a.packed, b, bias=bias, transpose_result=transpose_result,
                                      **config_kwargs(config))
@@ -279,7 +289,7 @@ class TunedCusparselt:
         self.configs: dict[str, CsltConfig] = {}
         self.persist = persist
         self._path = None if path is None else Path(path)
-        self._loaded: set[Path] = set()
+        self._loaded: set[torch.device] = set()  # devices whose cache file has been read
         self._lock = threading.Lock()
 
     def _file(self, device: torch.device) -> Path | None:
@@ -296,11 +306,14 @@ class TunedCusparselt:
         return {"format": CACHE_FORMAT, "device": _device_name(device), "torch": torch.__version__,
                 "cusparselt": version}
 
-    def _load(self, file: Path, device: torch.device) -> None:
-        """Merge ``file``'s configurations (once per file and process; the lock is held)."""
-        if file in self._loaded:
+    def _load(self, device: torch.device) -> None:
+        """Merge ``device``'s cache file's configurations (once per device and process; the lock is held)."""
+        if device in self._loaded:
             return
-        self._loaded.add(file)
+        self._loaded.add(device)
+        file = self._file(device)
+        if file is None:
+            return
         try:
             data = json.loads(file.read_text())
             if {k: data.get(k) for k in self._header(device)} != self._header(device):
@@ -310,7 +323,11 @@ class TunedCusparselt:
         except (OSError, ValueError, KeyError, TypeError):
             pass  # a missing or corrupt cache is only a lost optimisation: search again
 
-    def _save(self, file: Path, device: torch.device) -> None:
+    def _save(self, device: torch.device) -> None:
+        """Write the configurations to ``device``'s cache file, if any (the lock is held)."""
+        file = self._file(device)
+        if file is None:
+            return
         data = {**self._header(device), "configs": {k: [c.alg_id, c.split_k, c.split_k_mode]
                                                     for k, c in sorted(self.configs.items())}}
         try:
@@ -322,18 +339,16 @@ class TunedCusparselt:
     def _config(self, key: tuple, a: CsltMatrix, b: torch.Tensor, bias,
                 transpose_result: bool) -> tuple[CsltConfig, bool]:
         """(the configuration for ``key``, whether it was searched on these very operands now)."""
-        name, file = str(key), self._file(b.device)
+        name = str(key)
         with self._lock:
-            if file is not None:
-                self._load(file, b.device)
+            self._load(b.device)
             found = self.configs.get(name)
         if found is not None:
             return found, False
-        found = search_config(a, b, bias=bias, transpose_result=transpose_result)
+        found = _search(a, b, bias, transpose_result)
         with self._lock:
             found = self.configs.setdefault(name, found)
-            if file is not None:
-                self._save(file, b.device)
+            self._save(b.device)
         return found, True
 
     def config_for(self, a: CsltMatrix, b: torch.Tensor, bias: torch.Tensor | None = None,
@@ -348,13 +363,13 @@ class TunedCusparselt:
         key = problem_key(a, b, bias, transpose_result)
         config, fresh = self._config(key, a, b, bias, transpose_result)
         try:
-            return sparse_mm(a, b, bias=bias, transpose_result=transpose_result, config=config)
+            return _run(a, b, bias, transpose_result, config)
         except DeviceError as exc:
             if fresh or is_sticky_cuda_error(exc):  # searched on these very operands, or the context is lost
                 raise
         # a configuration found for another token count of the bucket: search this count on its own
         exact, _ = self._config(problem_key(a, b, bias, transpose_result, exact=True), a, b, bias, transpose_result)
-        return sparse_mm(a, b, bias=bias, transpose_result=transpose_result, config=exact)
+        return _run(a, b, bias, transpose_result, exact)
 
 
 _TUNED = TunedCusparselt()
