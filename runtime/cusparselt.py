@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 
 from sparsert.runtime.device import is_sticky_cuda_error
-from sparsert.runtime.errors import DeviceError, FormatError
+from sparsert.runtime.errors import DeviceError, FormatError, dtype_name
 from sparsert.runtime.fileio import user_cache_file, write_atomic
 
 __all__ = ["CsltConfig", "CsltMatrix", "TunedCusparselt", "compress", "cusparselt_status", "problem_key",
@@ -67,7 +67,7 @@ class CsltMatrix:
     name: str = "A"
 
     def describe(self) -> str:
-        return f"{self.name} ({_dt(self.dtype)} [{self.rows}, {self.cols}])"
+        return f"{self.name} ({dtype_name(self.dtype)} [{self.rows}, {self.cols}])"
 
     def nbytes(self) -> int:
         """Device bytes of the compressed buffer."""
@@ -127,9 +127,6 @@ def config_kwargs(config: CsltConfig, arguments: frozenset[str] | None = None) -
     return kw
 
 
-def _dt(dtype: torch.dtype) -> str:
-    return str(dtype).replace("torch.", "")
-
 
 def _first_line(exc: BaseException) -> str:
     return (str(exc).strip().splitlines() or [""])[0][:300]
@@ -140,7 +137,7 @@ def check_dense_operand(b: torch.Tensor, what: str = "dense operand B") -> torch
     contiguous or the transpose of a contiguous ``[n, k]`` (returned as is); other strides are copied
     contiguous. FormatError naming ``what`` otherwise."""
     if not isinstance(b, torch.Tensor) or b.dim() != 2 or b.dtype not in DTYPES:
-        got = f"{_dt(b.dtype)} {tuple(b.shape)}" if isinstance(b, torch.Tensor) else type(b).__name__
+        got = f"{dtype_name(b.dtype)} {tuple(b.shape)}" if isinstance(b, torch.Tensor) else type(b).__name__
         raise FormatError(f"cuSPARSELt: {what} must be a 2-D bfloat16/float16 tensor [k, n], got {got}")
     k, n = b.shape
     if k == 0 or n == 0 or k % DIM_MULTIPLE or n % DIM_MULTIPLE:
@@ -159,8 +156,8 @@ def _check_product(a: CsltMatrix, b: torch.Tensor, bias: torch.Tensor | None) ->
         raise FormatError(f"cuSPARSELt: A must be a CsltMatrix made by compress(), got {type(a).__name__}")
     b = check_dense_operand(b)
     if b.dtype != a.dtype:
-        raise FormatError(f"cuSPARSELt: dense operand B is {_dt(b.dtype)} but {a.describe()} is {_dt(a.dtype)}; "
-                          "both must have one dtype")
+        raise FormatError(f"cuSPARSELt: dense operand B is {dtype_name(b.dtype)} but {a.describe()} is "
+                          f"{dtype_name(a.dtype)}; both must have one dtype")
     if b.shape[0] != a.cols:
         raise FormatError(f"cuSPARSELt: dense operand B has shape {tuple(b.shape)}; its rows must be the columns "
                           f"of {a.describe()}")
@@ -178,7 +175,8 @@ def compress(dense: torch.Tensor, name: str = "weight") -> CsltMatrix:
     would lose values silently; not re-checked here), m and k positive multiples of 8. Returns the
     :class:`CsltMatrix` that :func:`sparse_mm` takes as ``A``."""
     if not isinstance(dense, torch.Tensor) or dense.dim() != 2 or dense.dtype not in DTYPES:
-        got = f"{_dt(dense.dtype)} {tuple(dense.shape)}" if isinstance(dense, torch.Tensor) else type(dense).__name__
+        got = (f"{dtype_name(dense.dtype)} {tuple(dense.shape)}" if isinstance(dense, torch.Tensor)
+               else type(dense).__name__)
         raise FormatError(f"cuSPARSELt: {name} must be a 2-D bfloat16/float16 tensor [m, k], got {got}")
     m, k = dense.shape
     if m % DIM_MULTIPLE or k % DIM_MULTIPLE or m == 0 or k == 0:
@@ -188,7 +186,7 @@ def compress(dense: torch.Tensor, name: str = "weight") -> CsltMatrix:
     try:
         packed = torch._cslt_compress(dense.contiguous())
     except RuntimeError as exc:  # e.g. a CPU tensor: name it instead of torch's internals
-        raise DeviceError(f"cuSPARSELt could not compress {name} ({_dt(dense.dtype)} ({m}, {k}) on "
+        raise DeviceError(f"cuSPARSELt could not compress {name} ({dtype_name(dense.dtype)} ({m}, {k}) on "
                           f"{dense.device}): {_first_line(exc)}") from exc
     return CsltMatrix(packed, int(m), int(k), dense.dtype, name)
 
@@ -229,7 +227,7 @@ def _search(a: CsltMatrix, b: torch.Tensor, bias: torch.Tensor | None, transpose
         else:
             config = CsltConfig()
     except RuntimeError as exc:
-        raise DeviceError(f"cuSPARSELt configuration search for {a.describe()} times B {_dt(b.dtype)} "
+        raise DeviceError(f"cuSPARSELt configuration search for {a.describe()} times B {dtype_name(b.dtype)} "
                           f"{tuple(b.shape)} on {b.device} failed: {_first_line(exc)}") from exc
     try:
         config_kwargs(config)
@@ -254,7 +252,7 @@ def _run(a: CsltMatrix, b: torch.Tensor, bias: torch.Tensor | None, transpose_re
         return torch._cslt_sparse_mm(a.packed, b, bias=bias, transpose_result=transpose_result,
                                      **config_kwargs(config))
     except RuntimeError as exc:
-        raise DeviceError(f"cuSPARSELt product of {a.describe()} and B {_dt(b.dtype)} {tuple(b.shape)} on "
+        raise DeviceError(f"cuSPARSELt product of {a.describe()} and B {dtype_name(b.dtype)} {tuple(b.shape)} on "
                           f"{b.device} ({config}) failed: {_first_line(exc)}") from exc
 
 

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sparsert.runtime.device import is_sticky_cuda_error
-from sparsert.runtime.errors import DeviceError, FormatError
+from sparsert.runtime.errors import DeviceError, FormatError, dtype_name
 from sparsert.runtime.fileio import user_cache_file, write_atomic
 from sparsert.runtime.packed_linear import PackedLinear
 
@@ -50,7 +50,7 @@ def m_bucket(m: int) -> int:
 
 
 def problem_key(kind: str, dtype: torch.dtype, n: int, k: int, m: int) -> str:
-    return f"{kind}|{str(dtype).replace('torch.', '')}|N={n}|K={k}|M={m_bucket(m)}"
+    return f"{kind}|{dtype_name(dtype)}|N={n}|K={k}|M={m_bucket(m)}"
 
 
 def dispatch_cache_path(device_name: str) -> Path:

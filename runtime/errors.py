@@ -39,3 +39,8 @@ class DeviceError(SparsertError):
 class DistributedError(SparsertError):
     """The processes of a multi-process (torchrun) run disagree — their shards or buffers differ from what the
     others hold — or another rank failed, so this one cannot go on (``train/distributed.py``)."""
+
+
+def dtype_name(dtype) -> str:
+    """``torch.bfloat16`` -> ``"bfloat16"``: a dtype as error messages name it."""
+    return str(dtype).replace("torch.", "")

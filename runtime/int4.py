@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from sparsert.runtime.errors import FormatError
+from sparsert.runtime.errors import FormatError, dtype_name
 
 INT4_MIN, INT4_MAX = -8, 7
 
@@ -50,7 +50,7 @@ def int4_scales(
     if not bool(torch.isfinite(scales).all()):
         big = float(absmax.max())
         raise FormatError(f"{name}: a group's absmax {big:.3g} gives a scale beyond the range of "
-                          f"{str(scale_dtype).replace('torch.', '')} (max {torch.finfo(scale_dtype).max:.3g} x 7)")
+                          f"{dtype_name(scale_dtype)} (max {torch.finfo(scale_dtype).max:.3g} x 7)")
     return scales
 
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from sparsert.runtime.device import gpu_available
-from sparsert.runtime.errors import FormatError
+from sparsert.runtime.errors import FormatError, dtype_name
 from sparsert.runtime.kernel_build import KernelSpec, load_kernel, register_kernel
 from sparsert.runtime.nm_mask import nm_mask
 from sparsert.runtime.sparse24 import compress_24, expand_index_pairs, unpack_indices_24
@@ -47,8 +47,8 @@ def _check_tensor(t, name: str, fn: str, *, dtypes, dim: int, align: int) -> Non
     if not isinstance(t, torch.Tensor):
         raise FormatError(f"{fn}: {name} must be a torch.Tensor, got {type(t).__name__}")
     if t.dtype not in dtypes:
-        allowed = ", ".join(str(d).replace("torch.", "") for d in dtypes)
-        raise FormatError(f"{fn}: {name} has dtype {str(t.dtype).replace('torch.', '')}, expected one of {allowed}")
+        allowed = ", ".join(dtype_name(d) for d in dtypes)
+        raise FormatError(f"{fn}: {name} has dtype {dtype_name(t.dtype)}, expected one of {allowed}")
     if t.dim() != dim:
         raise FormatError(f"{fn}: {name} must be {dim}-D, got shape {tuple(t.shape)}")
     if not t.is_contiguous():

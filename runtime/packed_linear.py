@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
-from sparsert.runtime.errors import FormatError
+from sparsert.runtime.errors import FormatError, dtype_name
 from sparsert.runtime.int4 import dequantize_int4, pack_int4, quantize_int4, unpack_int4
 from sparsert.runtime.nm_mask import is_nm_sparse, nm_mask
 from sparsert.runtime.sparse24 import (
@@ -74,8 +74,8 @@ class PackedLinear:
             if not isinstance(t, torch.Tensor):
                 raise FormatError(f"{name}.{field} must be a torch.Tensor, got {type(t).__name__}")
             if tuple(t.shape) != shape or t.dtype not in kinds:
-                allowed = "/".join(str(d).replace("torch.", "") for d in kinds)
-                raise FormatError(f"{name}.{field} is {str(t.dtype).replace('torch.', '')} {list(t.shape)}, "
+                allowed = "/".join(dtype_name(d) for d in kinds)
+                raise FormatError(f"{name}.{field} is {dtype_name(t.dtype)} {list(t.shape)}, "
                                   f"expected {allowed} {list(shape)} for a [{out}, {k}] weight")
             if finite and not bool(torch.isfinite(t).all()):
                 raise FormatError(f"{name}.{field} holds non-finite values (NaN or Inf)")

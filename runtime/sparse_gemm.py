@@ -39,7 +39,7 @@ import numpy as np
 import torch
 
 from sparsert.runtime.device import gpu_available
-from sparsert.runtime.errors import ConfigError, DeviceError, FormatError
+from sparsert.runtime.errors import ConfigError, DeviceError, FormatError, dtype_name
 from sparsert.runtime.int4 import unpack_int4
 from sparsert.runtime.kernel_build import KernelSpec, load_kernel, register_kernel
 from sparsert.runtime.kernels import decompress24_reference
@@ -580,7 +580,7 @@ def _check_input(x, weight, fn: str) -> tuple[torch.Tensor, int]:
     if not isinstance(x, torch.Tensor):
         raise FormatError(f"{fn}: x must be a torch.Tensor, got {type(x).__name__}")
     if x.dtype != weight.dtype:
-        raise FormatError(f"{fn}: x has dtype {str(x.dtype).replace('torch.', '')}, expected "
+        raise FormatError(f"{fn}: x has dtype {dtype_name(x.dtype)}, expected "
                           f"{_DT_NAME[weight.dtype]} (the dtype the weight was prepared for)")
     if x.dim() < 1 or x.shape[-1] != weight.in_features:
         raise FormatError(f"{fn}: x has shape {tuple(x.shape)}; its last dimension must be in_features="

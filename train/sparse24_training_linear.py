@@ -49,7 +49,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sparsert.runtime import cusparselt
-from sparsert.runtime.errors import ConfigError, FormatError
+from sparsert.runtime.errors import ConfigError, FormatError, dtype_name
 from sparsert.runtime.kernels import prune_to_sparse24_weight, transposable_mask
 from sparsert.runtime.mvue24_kernel import mvue24_compress_t, mvue24_sample_t
 from sparsert.runtime.sparse_gemm import Sparse24Weight, sparse24_linear
@@ -91,9 +91,6 @@ def step_seed(seed: int, call: int) -> int:
 # Checks
 # ---------------------------------------------------------------------------------------------------------
 
-def _dt(dtype: torch.dtype) -> str:
-    return str(dtype).replace("torch.", "")
-
 
 def _check_dims(n: int, k: int, fn: str) -> None:
     for name, v, why in (("in_features K", k, "forward"), ("out_features N", n, "input-gradient")):
@@ -104,10 +101,10 @@ def _check_dims(n: int, k: int, fn: str) -> None:
 
 def _check_operands(x, weight, mask, bias, fn: str) -> None:
     if not isinstance(x, torch.Tensor) or x.dtype not in COMPUTE_DTYPES:
-        got = _dt(x.dtype) if isinstance(x, torch.Tensor) else type(x).__name__
+        got = dtype_name(x.dtype) if isinstance(x, torch.Tensor) else type(x).__name__
         raise FormatError(f"{fn}: x must be a bfloat16 or float16 tensor (the sparse GEMMs' dtypes), got {got}")
     if not isinstance(weight, torch.Tensor) or weight.dim() != 2 or weight.dtype not in WEIGHT_DTYPES:
-        got = (f"{_dt(weight.dtype)} {tuple(weight.shape)}" if isinstance(weight, torch.Tensor)
+        got = (f"{dtype_name(weight.dtype)} {tuple(weight.shape)}" if isinstance(weight, torch.Tensor)
                else type(weight).__name__)
         raise FormatError(f"{fn}: weight must be a 2-D float32/bfloat16/float16 tensor [N, K], got {got}")
     n, k = weight.shape
@@ -199,7 +196,7 @@ def _check_rng(seed, offset, fn: str) -> None:
 
 def _check_grad(grad, fn: str) -> None:
     if not isinstance(grad, torch.Tensor) or grad.dim() != 2 or grad.dtype not in COMPUTE_DTYPES:
-        got = f"{_dt(grad.dtype)} {tuple(grad.shape)}" if isinstance(grad, torch.Tensor) else type(grad).__name__
+        got = f"{dtype_name(grad.dtype)} {tuple(grad.shape)}" if isinstance(grad, torch.Tensor) else type(grad).__name__
         raise FormatError(f"{fn}: grad must be a 2-D bfloat16/float16 tensor [T, N], got {got}")
     t = grad.shape[0]
     if t == 0 or t % TOKEN_PAD:
@@ -254,7 +251,8 @@ def sparse24_weight_grad(grad_output: torch.Tensor, x: torch.Tensor, *, seed: in
         raise FormatError(f"{fn}: grad_output {tuple(grad_output.shape)} and x {tuple(x.shape)} must be [T, N] "
                           "and [T, K]")
     if x.dtype != grad_output.dtype:
-        raise FormatError(f"{fn}: x has dtype {_dt(x.dtype)}, expected grad_output's {_dt(grad_output.dtype)}")
+        raise FormatError(f"{fn}: x has dtype {dtype_name(x.dtype)}, expected grad_output's "
+                          f"{dtype_name(grad_output.dtype)}")
     t, n = grad_output.shape
     k = x.shape[1]
     if t == 0:
@@ -479,7 +477,7 @@ class Sparse24TrainingLinear(nn.Module):
             raise FormatError(f"{name}: weight has shape {tuple(weight.shape)}, expected "
                               f"({out_features}, {in_features})")
         if weight.dtype not in WEIGHT_DTYPES:
-            raise FormatError(f"{name}: weight dtype {_dt(weight.dtype)} is not float32, bfloat16 or float16")
+            raise FormatError(f"{name}: weight dtype {dtype_name(weight.dtype)} is not float32, bfloat16 or float16")
         _check_dims(out_features, in_features, name)
         self.weight = weight
         if bias and bias_param is None:
