@@ -326,14 +326,12 @@ def component_times(cfg: BenchConfig, fc1, fc2, models, timer: StepTimer) -> dic
 def cslt_gemms(x, h, g1, g2, w1, w2, k1, k2):
     """The six GEMMs of the step on cuSPARSELt from prepared operands (same orientation as the
     ``gemm="cusparselt"`` layer), configurations searched before timing."""
-    from sparsert.runtime.cusparselt import compress, tuned
-    from sparsert.train.sparse24_training_linear import mvue24_sample_dense_t
+    from sparsert.runtime.cusparselt import tuned
+    from sparsert.train.sparse24_training_linear import cslt_compress_grad, cslt_compress_masked_weight
 
     mm = tuned()
-    wm1, wm2 = (torch.where(k, w.to(x.dtype), torch.zeros((), dtype=x.dtype, device=x.device))
-                for w, k in ((w1, k1), (w2, k2)))
-    a1, a2, a1t, a2t = (compress(t.contiguous()) for t in (wm1, wm2, wm1.t(), wm2.t()))
-    s1, s2 = (compress(mvue24_sample_dense_t(g, seed=i)) for i, g in ((1, g1), (2, g2)))
+    (a1, a1t), (a2, a2t) = (cslt_compress_masked_weight(w, k, x.dtype) for w, k in ((w1, k1), (w2, k2)))
+    s1, s2 = (cslt_compress_grad(g, seed=i) for i, g in ((1, g1), (2, g2)))
 
     def gemms():
         mm(a1, x.t(), transpose_result=True)
@@ -348,22 +346,15 @@ def cslt_gemms(x, h, g1, g2, w1, w2, k1, k2):
 
 
 def cslt_parts(g1, g2, w1, w2, k1, k2) -> dict:
-    """The per-step work of the ``gemm="cusparselt"`` layer besides its GEMMs, as it does it: masking and
-    compressing ``W⊙M`` and ``(W⊙M)ᵀ``, and the dense MVUE24 sample of ∇Z compressed by cuSPARSELt."""
-    from sparsert.runtime.cusparselt import compress
-    from sparsert.train.sparse24_training_linear import mvue24_sample_dense_t
+    """The per-step work of the ``gemm="cusparselt"`` layer besides its GEMMs, with the layer's own functions:
+    masking and compressing ``W⊙M`` and ``(W⊙M)ᵀ``, and the dense MVUE24 sample of ∇Z compressed by cuSPARSELt."""
+    from sparsert.train.sparse24_training_linear import cslt_compress_grad, cslt_compress_masked_weight
 
-    def weights():
-        for w, k in ((w1, k1), (w2, k2)):
-            wm = torch.where(k, w.to(g1.dtype), torch.zeros((), dtype=g1.dtype, device=g1.device))
-            compress(wm), compress(wm.t().contiguous())
-
-    def samples():
-        for i, g in ((1, g1), (2, g2)):
-            compress(mvue24_sample_dense_t(g, seed=i))
-
-    return {CSLT_PART + "mask and compress W⊙M and (W⊙M)ᵀ (both linears)": weights,
-            CSLT_PART + "MVUE24 dense sample + compress of S (both linears)": samples}
+    dt = g1.dtype
+    return {CSLT_PART + "mask and compress W⊙M and (W⊙M)ᵀ (both linears)":
+            lambda: (cslt_compress_masked_weight(w1, k1, dt), cslt_compress_masked_weight(w2, k2, dt)),
+            CSLT_PART + "MVUE24 dense sample + compress of S (both linears)":
+            lambda: (cslt_compress_grad(g1, seed=1), cslt_compress_grad(g2, seed=2))}
 
 
 def run(cfg: BenchConfig) -> dict:

@@ -63,6 +63,8 @@ __all__ = [
     "Sparse24TrainingLinear",
     "Sparse24TrainingLinearFunction",
     "compress_masked_weight",
+    "cslt_compress_grad",
+    "cslt_compress_masked_weight",
     "mvue24_compress_grad",
     "mvue24_sample_dense_t",
     "sparse24_training_linear",
@@ -348,26 +350,41 @@ def _cslt_tokens_mm(a: cusparselt.CsltMatrix, t: torch.Tensor, bias: torch.Tenso
     return y[: t.shape[0]] if tp is not t else y
 
 
+@torch.no_grad()
+def cslt_compress_masked_weight(weight: torch.Tensor, mask: torch.Tensor, dtype: torch.dtype, *,
+                                transposed: bool = True) -> tuple[cusparselt.CsltMatrix, cusparselt.CsltMatrix | None]:
+    """:func:`compress_masked_weight` for the cuSPARSELt path: ``(W⊙M [N, K], (W⊙M)ᵀ [K, N] or None)`` in
+    ``dtype``, each compressed by cuSPARSELt (same arguments; CUDA only)."""
+    masked = _masked(weight, mask, dtype)
+    packed_t = cusparselt.compress(masked.t().contiguous(), name="(W⊙M)ᵀ") if transposed else None
+    return cusparselt.compress(masked, name="W⊙M"), packed_t
+
+
+@torch.no_grad()
+def cslt_compress_grad(grad: torch.Tensor, *, seed: int, offset: int = 0) -> cusparselt.CsltMatrix:
+    """:func:`mvue24_compress_grad` for the cuSPARSELt path: the same draw ``S = MVUE24(∇Zᵀ) [N, T]`` (``grad``
+    ``[T, N]`` bf16/fp16, ``T % 64 == 0``), sampled dense by :func:`mvue24_sample_dense_t` and compressed by
+    cuSPARSELt."""
+    return cusparselt.compress(mvue24_sample_dense_t(grad, seed=seed, offset=offset), name="MVUE24(∇Zᵀ)")
+
+
 def _cslt_forward(x2, weight, mask, bias, *, transposed: bool):
     """Forward of the cuSPARSELt path: ``(x2·(W⊙M)ᵀ + b, compressed (W⊙M)ᵀ or None)``. The bias is rounded to
     x's dtype first (the library adds it in that dtype; the ``ours`` path adds an fp32 bias)."""
-    masked = _masked(weight, mask, x2.dtype)
-    packed_t = cusparselt.compress(masked.t().contiguous(), name="(W⊙M)ᵀ") if transposed else None
-    b = None if bias is None else bias.detach()
-    return _cslt_tokens_mm(cusparselt.compress(masked, name="W⊙M"), x2, b), packed_t
+    packed, packed_t = cslt_compress_masked_weight(weight, mask, x2.dtype, transposed=transposed)
+    return _cslt_tokens_mm(packed, x2, None if bias is None else bias.detach()), packed_t
 
 
 @torch.no_grad()
 def _cslt_weight_grad(grad: torch.Tensor, x2: torch.Tensor, *, seed: int, offset: int) -> torch.Tensor:
-    """``∇W = S·X`` on cuSPARSELt, with the MVUE24 sample ``S`` of :func:`mvue24_sample_dense_t` (same draw as
+    """``∇W = S·X`` on cuSPARSELt, with the MVUE24 sample ``S`` of :func:`cslt_compress_grad` (same draw as
     the ``ours`` path for the same seed/offset): ``[N, K]`` in grad's dtype. T (the product's reduction) is
     padded to a multiple of 64, so each distinct padded T is a problem of its own for the configuration search
     (training steps share one T)."""
     if grad.shape[0] == 0:
         return grad.new_zeros(grad.shape[1], x2.shape[1])
     gp, xp = _pad_tokens(grad, TOKEN_PAD), _pad_tokens(x2, TOKEN_PAD)
-    s = mvue24_sample_dense_t(_aligned(gp), seed=seed, offset=offset)  # (N, T), 2:4 along T
-    return cusparselt.tuned()(cusparselt.compress(s, name="MVUE24(∇Zᵀ)"), xp)
+    return cusparselt.tuned()(cslt_compress_grad(_aligned(gp), seed=seed, offset=offset), xp)
 
 
 def sparse24_training_linear(
