@@ -58,6 +58,8 @@ def load_tool(name: str):
     spec = importlib.util.spec_from_file_location(name, TOOLS / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module  # dataclasses look their module up there
+    if str(TOOLS) not in sys.path:  # tools import each other, as they do when run as scripts
+        sys.path.insert(0, str(TOOLS))
     spec.loader.exec_module(module)
     return module
 

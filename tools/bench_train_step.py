@@ -21,9 +21,7 @@ configuration through the kernels' torch fallbacks (nothing it prints is a GPU n
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -86,26 +84,12 @@ def make_step(cfg: BenchConfig, overrides: dict, autocast):
 
 
 def time_steps(steps: dict, cfg: BenchConfig) -> dict[str, float]:
-    """Median ms per step of each variant, interleaved round by round after ``warmup`` steps each."""
-    cuda = cfg.device == "cuda"
+    """Median ms per step of each variant, interleaved round by round after ``warmup`` steps each (the FFN
+    benchmark's protocol)."""
+    from bench_ffn_train_step import StepTimer, interleaved_medians
 
-    def once(fn) -> float:
-        if cuda:
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        fn()
-        if cuda:
-            torch.cuda.synchronize()
-        return (time.perf_counter() - t0) * 1e3
-
-    for fn in steps.values():
-        for _ in range(cfg.warmup):
-            fn()
-    times = {name: [] for name in steps}
-    for _ in range(cfg.repeats):
-        for name, fn in steps.items():
-            times[name].append(once(fn))
-    return {name: statistics.median(t) for name, t in times.items()}
+    med = interleaved_medians(steps, StepTimer(cfg.device), cfg.warmup, cfg.repeats)
+    return {name: t * 1e3 for name, t in med.items()}
 
 
 def to_markdown(cfg: BenchConfig, ms: dict[str, float], notes: dict[str, str], meta: str) -> str:
