@@ -43,7 +43,7 @@ from sparsert.runtime.fileio import write_atomic
 KERNEL_ARCHS = ("sm_80", "sm_86", "sm_89", "sm_90a")
 # Modules whose import registers kernel specs (each calls register_kernel at import time).
 SPEC_MODULES = ("sparsert.runtime.kernels", "sparsert.runtime.sparse_gemm", "sparsert.runtime.mvue24_kernel")
-_CACHE_FORMAT = 1
+_CACHE_FORMAT = 2  # 2: registers and stack frames read from the cubin, log_missing
 _MAGIC = b"SPARSERT-KCACHE\x01"
 _BASE_OPTIONS = ("-std=c++17", "-Xptxas=-v")
 
@@ -74,9 +74,12 @@ class KernelSpec:
 class CompiledKernel:
     """NVRTC output for one :class:`KernelSpec` and architecture.
 
-    ``registers``, ``spill_stores``/``spill_loads`` (bytes, summed over all kernels) and ``stack_frame`` come
-    from ptxas' ``-v`` report; dicts are keyed by name expression. ``lowered_names`` maps each name expression
-    to its mangled symbol in the cubin.
+    ``registers`` and ``stack_frame`` (bytes of local-memory frame per thread; spills live there) are read
+    from the cubin's ``.nv.info`` attributes (:mod:`sparsert.runtime.cubin_info`), the values the driver
+    loads; ``spill_stores``/``spill_loads`` (bytes, summed over all kernels) come from ptxas' ``-v`` report in
+    ``log``. ``log_missing`` names the kernels the log has no ptxas report for (an incomplete log: its
+    warnings cannot be trusted for them). Dicts are keyed by name expression; ``lowered_names`` maps each name
+    expression to its mangled symbol in the cubin.
     """
 
     arch: str
@@ -88,12 +91,14 @@ class CompiledKernel:
     registers: dict[str, int]
     lowered_names: dict[str, str]
     stack_frame: dict[str, int] = field(default_factory=dict)
+    log_missing: tuple[str, ...] = ()
     from_cache: bool = False
     cache_path: Path | None = None
 
 
 _REGISTRY: dict[str, KernelSpec] = {}
 _LOCK = threading.Lock()
+_SERIAL_BUILD = threading.Lock()
 _LOADED: dict[tuple, LaunchableKernel] = {}
 
 
@@ -215,7 +220,8 @@ def _encode_entry(key: str, ck: CompiledKernel) -> bytes:
     header = json.dumps({
         "key": key, "arch": ck.arch, "log": ck.log, "spill_stores": ck.spill_stores,
         "spill_loads": ck.spill_loads, "registers": ck.registers, "lowered_names": ck.lowered_names,
-        "stack_frame": ck.stack_frame, "ptx_len": len(ptx), "cubin_len": len(ck.cubin),
+        "stack_frame": ck.stack_frame, "log_missing": list(ck.log_missing), "ptx_len": len(ptx),
+        "cubin_len": len(ck.cubin),
     }).encode()
     body = struct.pack("<I", len(header)) + header + ptx + ck.cubin
     return _MAGIC + hashlib.sha256(body).digest() + body
@@ -239,7 +245,7 @@ def _decode_entry(data: bytes, key: str) -> CompiledKernel | None:
             arch=meta["arch"], ptx=rest[:meta["ptx_len"]].decode(), cubin=bytes(rest[meta["ptx_len"]:]),
             log=meta["log"], spill_stores=meta["spill_stores"], spill_loads=meta["spill_loads"],
             registers=meta["registers"], lowered_names=meta["lowered_names"],
-            stack_frame=meta.get("stack_frame", {}), from_cache=True,
+            stack_frame=meta["stack_frame"], log_missing=tuple(meta["log_missing"]), from_cache=True,
         )
     except (ValueError, KeyError, TypeError, UnicodeDecodeError, struct.error):  # TypeError: a field of the wrong type
         return None
@@ -273,6 +279,16 @@ def parse_ptxas_log(log: str, lowered_names: dict[str, str]) -> tuple[int, int, 
         if m and current is not None:
             registers[current] = int(m.group(1))
     return stores, loads, registers, stack
+
+
+def _cubin_resources(cubin: bytes) -> dict | None:
+    """The cubin's per-kernel resources, or None without pyelftools (the ``cuda`` extra installs it): the
+    values then come from ptxas' log alone, as before."""
+    try:
+        from sparsert.runtime.cubin_info import kernel_resources
+    except ImportError:
+        return None
+    return kernel_resources(cubin)
 
 
 def _compile_nvrtc(spec: KernelSpec, arch: str, text: str, kdir: Path, want_cubin: bool) -> CompiledKernel:
@@ -318,9 +334,15 @@ def _compile_nvrtc(spec: KernelSpec, arch: str, text: str, kdir: Path, want_cubi
             lowered[expr] = name.decode() if isinstance(name, bytes) else str(name)
     finally:
         nvrtc.nvrtcDestroyProgram(prog)
-    stores, loads, regs, stack = parse_ptxas_log(log, lowered)
+    stores, loads, log_regs, log_stack = parse_ptxas_log(log, lowered)
+    regs, stack = log_regs, log_stack
+    resources = _cubin_resources(cubin) if cubin else None
+    if resources is not None:
+        regs = {e: resources[s].registers for e, s in lowered.items() if s in resources}
+        stack = {e: resources[s].frame_bytes for e, s in lowered.items() if s in resources}
+    missing = tuple(e for e in spec.name_expressions if e not in log_regs) if resources is not None else ()
     return CompiledKernel(arch=arch, ptx=ptx, cubin=cubin, log=log, spill_stores=stores, spill_loads=loads,
-                          registers=regs, lowered_names=lowered, stack_frame=stack)
+                          registers=regs, lowered_names=lowered, stack_frame=stack, log_missing=missing)
 
 
 def compile_kernel(
@@ -364,6 +386,14 @@ def compile_kernel(
             return entry
         path.unlink(missing_ok=True)  # corrupt, truncated or without the wanted cubin: rebuild
     compiled = _compile_nvrtc(spec, arch, text, kdir, want_cubin=True)
+    if compiled.log_missing:
+        # NVRTC 13.0 on the H200 machine once returned a log lacking one kernel's ptxas report while 16 builds
+        # ran in parallel; the same unit built alone reported it. One rebuild (rebuilds one at a time) for a
+        # complete log; the registers and frames are the cubin's either way.
+        with _SERIAL_BUILD:
+            again = _compile_nvrtc(spec, arch, text, kdir, want_cubin=True)
+        if len(again.log_missing) < len(compiled.log_missing):
+            compiled = again
     if use_cache:
         try:
             path.parent.mkdir(parents=True, exist_ok=True)

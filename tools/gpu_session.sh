@@ -32,9 +32,10 @@
 # The machine has no network. Its image holds torch (CUDA), cuda-python, cuda-core, hypothesis, pytest,
 # safetensors, click, onnx, onnxruntime, transformers. Optional carried wheels in .whl/ (gitignored; name
 # ".whl" in the run's carry list) are installed into /tmp/site and used when they import; we carry
-# cuda-core 1.2.2 + cuda-pathfinder 1.9.0 (the versions the code was written against):
+# cuda-core 1.2.2 + cuda-pathfinder 1.9.0 (the versions the code was written against) and pyelftools (kernel
+# registers read from the cubin; without it they come from ptxas' log alone):
 #     python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
-#         --platform manylinux_2_28_x86_64 -d .whl cuda-core==1.2.2 cuda-pathfinder==1.9.0
+#         --platform manylinux_2_28_x86_64 -d .whl cuda-core==1.2.2 cuda-pathfinder==1.9.0 pyelftools==0.33
 # Phases have their own time limits so one hang cannot eat the whole call.
 set -uo pipefail
 cd "$(dirname "$0")/.."
