@@ -1162,6 +1162,22 @@ def test_bench_without_gpu_measures_nothing(tmp_path):
     check_tool_measures_nothing_without_gpu("bench_kernels", tmp_path)
 
 
+def test_bench_runs_the_target_sizes_on_every_layer_first():
+    """A run cut short by its time limit still has M = 2048 and M = 1 on every layer; every case runs once."""
+    bench = _bench_module()
+    order = bench.case_order(["7b", "13b"], [1, 16, 128, 2048, 8192, 512])
+    assert len(order) == 6 * 6 and len(set(order)) == len(order)
+    assert [c[4] for c in order[:12]] == [2048] * 6 + [1] * 6
+    assert [c[4] for c in order[12:24]] == [8192] * 6 + [16] * 6
+    assert [c[4] for c in order[24:]] == [128] * 6 + [512] * 6
+    assert [(c[0], c[1], c[5]) for c in order[:6]] == [
+        (model, layer, i) for i, (model, layer) in enumerate(
+            [(m, lay) for m in ("7b", "13b") for lay, _, _ in bench.MODELS[m]], 1)]
+    seeds = {(c[0], c[1]): c[5] for c in order}
+    assert all(seeds[(c[0], c[1])] == c[5] for c in order) and sorted(seeds.values()) == list(range(1, 7))
+    assert [c[4] for c in bench.case_order(["7b"], [16, 1])] == [1, 1, 1, 16, 16, 16]
+
+
 def test_bench_report_targets_and_table():
     bench = _bench_module()
     base = {"model": "7b", "layer": "q/k/v/o", "N": 4096, "K": 4096, "dense_us": 100.0, "dense_bytes": 1.0,

@@ -47,6 +47,9 @@ MODELS = {
 # Llama-2-7B: 32 blocks x (4 attention 4096x4096 + 2 of 11008x4096 + 1 of 4096x11008) linear weights.
 LLAMA7B_LAYERS = [("q/k/v/o", 4096, 4096, 4), ("gate/up", 11008, 4096, 2), ("down", 4096, 11008, 1)]
 TOKENS = (1, 16, 128, 2048, 8192)
+# The order token counts run in: M = 2048 (the 2:4 and prefill targets) and M = 1 (decode) on every layer
+# first, then the other target sizes, then M = 128 (no target; it only informs the automatic kernel choice).
+TOKEN_PASSES = ((2048, 1), (8192, 16), (128,))
 TOL_BF16 = 1e-2  # relative error bound of a bf16 result (issue 4)
 TARGETS = {"sparse_speedup": 1.3, "w4a16_decode_speedup": 4.0, "w4a16_roofline": 0.75,
            "w4a16_prefill_speedup": 1.5, "bits_per_weight": 3.25}
@@ -270,29 +273,27 @@ def bench(torch, args) -> int:
         write_atomic(json_path, json.dumps(result, indent=1))
         return md
 
-    seed = 0
+    built: dict[int, tuple] = {}  # layer seed -> weights, kept across the token passes (a few GB at most)
     try:
-        for model in models:
-            for layer, n, k in MODELS[model]:
-                seed += 1
+        for model, layer, n, k, m, seed in case_order(models, tokens):
+            if seed not in built:
                 t0 = time.time()
-                weights = build_weights(torch, n, k, seed)
+                built[seed] = build_weights(torch, n, k, seed)
                 print(f"[{model} {layer} {n}x{k}] weights ready in {time.time() - t0:.1f}s", flush=True)
-                for m in tokens:
-                    row = {"model": model, "layer": layer, "N": n, "K": k, "M": m, "flops": 2.0 * m * n * k}
-                    try:
-                        measure_case(torch, timer, dev.arch, weights, row, seed)
-                    except Exception as exc:
-                        row["error"] = f"{type(exc).__name__}: {exc}"[:300]
-                        if is_sticky_cuda_error(exc):  # the CUDA context is gone: nothing more can be measured
-                            meta["stopped"] = f"kernel fault at {model} {layer} M={m}: {row['error']}"
-                    rows.append(evaluate(row, peak))
-                    print(format_row(row), flush=True)
-                    write_results()
-                    if "stopped" in meta:
-                        raise RuntimeError(meta["stopped"])
-                weights = None
-                torch.cuda.empty_cache()
+            row = {"model": model, "layer": layer, "N": n, "K": k, "M": m, "seed": seed,
+                   "flops": 2.0 * m * n * k}
+            try:
+                measure_case(torch, timer, dev.arch, built[seed], row, seed)
+            except Exception as exc:
+                row["error"] = f"{type(exc).__name__}: {exc}"[:300]
+                if is_sticky_cuda_error(exc):  # the CUDA context is gone: nothing more can be measured
+                    meta["stopped"] = f"kernel fault at {model} {layer} M={m}: {row['error']}"
+            rows.append(evaluate(row, peak))
+            rows.sort(key=lambda r: (r["seed"], r["M"]))
+            print(format_row(row), flush=True)
+            write_results()
+            if "stopped" in meta:
+                raise RuntimeError(meta["stopped"])
     except KeyboardInterrupt:  # tools/gpu_session.sh's time limit: keep what was measured
         meta["stopped"] = f"interrupted (SIGINT) after {len(rows)} cases"
     except RuntimeError as exc:
@@ -303,6 +304,18 @@ def bench(torch, args) -> int:
     print(md)
     print("JSON " + json.dumps({"meta": meta, "rows": rows}))
     return 0 if "stopped" not in meta else 1
+
+
+def case_order(models: list[str], tokens: list[int]) -> list[tuple[str, str, int, int, int, int]]:
+    """``(model, layer, N, K, M, seed)`` in the order they run: passes of token counts (:data:`TOKEN_PASSES`,
+    then any other requested count), each pass over every layer, so a run its time limit cuts short still
+    covers every shape for the targets measured first. ``seed`` numbers the layer (1, 2, ...) and seeds its
+    weights; the table lists rows by layer, then M."""
+    passes = [[t for t in p if t in tokens] for p in TOKEN_PASSES]
+    passes.append([t for t in tokens if all(t not in p for p in TOKEN_PASSES)])
+    layers = [(model, layer, n, k) for model in models for layer, n, k in MODELS[model]]
+    return [(model, layer, n, k, m, seed) for p in passes for m in p
+            for seed, (model, layer, n, k) in enumerate(layers, 1)]
 
 
 def measure_case(torch, timer, arch: str, weights, row: dict, seed: int) -> None:
