@@ -20,7 +20,9 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
+import struct
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,7 +31,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import sparsert
-from sparsert.runtime.errors import ArtifactError, SparsertError
+from sparsert.runtime.errors import ArtifactError, ConfigError, SparsertError
 from sparsert.runtime.fileio import replace_dir
 from sparsert.runtime.model import DecoderLM, ModelConfig, add_slorb, sparse_linear_names
 from sparsert.runtime.packed_linear import PackedLinear
@@ -181,10 +183,25 @@ class Artifact:
         return sd
 
     def build_model(self) -> DecoderLM:
-        """A float32 :class:`DecoderLM` in eval mode holding the decompressed weights (the reference path)."""
+        """A float32 :class:`DecoderLM` in eval mode holding the decompressed weights (the reference path).
+
+        ArtifactError naming ``config.json``'s ``max_seq_len`` when the model cannot be allocated: every weight
+        was checked against ``model.safetensors`` at load, but the RoPE tables [max_seq_len, head_dim] of a
+        llama model depend on ``max_seq_len`` alone."""
         # Built on the CPU rather than the meta device: the RoPE tables are non-persistent buffers that the
         # constructor computes and the state dict does not carry.
-        model = DecoderLM(self.model_config)
+        try:
+            model = DecoderLM(self.model_config)
+        except (RuntimeError, MemoryError) as exc:
+            text = str(exc).strip()
+            if not isinstance(exc, MemoryError) and "alloc" not in text and "overflow" not in text:
+                raise
+            c = self.model_config
+            first = text.splitlines()[0] if text else type(exc).__name__
+            raise ArtifactError(
+                f"{self.path / CONFIG_NAME}: cannot build the model in memory (max_seq_len={c.max_seq_len}, "
+                f"d_model={c.d_model}, n_layers={c.n_layers}): {first[:200]}"
+            ) from None
         if self.slorb is not None:
             add_slorb(model, self.slorb.layers, self.slorb.k)
         model.load_state_dict(self.state_dict(), strict=True, assign=True)
@@ -200,10 +217,14 @@ def model_state_shapes(config: ModelConfig, slorb: SLoRBInfo | None = None) -> d
     [out, K/k] after the layer's weight and bias), from a model on the meta device (no memory)."""
     key = json.dumps([config.to_dict(), slorb.to_dict() if slorb else None], sort_keys=True)
     if key not in _SHAPES_CACHE:
-        with torch.device("meta"):
-            model = DecoderLM(config)
-            if slorb is not None:
-                add_slorb(model, slorb.layers, slorb.k)
+        try:
+            with torch.device("meta"):
+                model = DecoderLM(config)
+                if slorb is not None:
+                    add_slorb(model, slorb.layers, slorb.k)
+        except RuntimeError as exc:  # sizes whose element counts overflow int64 (absurd config values)
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise ConfigError(f"model config sizes are too large to describe a model ({first})") from None
         _SHAPES_CACHE[key] = {name: tuple(t.shape) for name, t in model.state_dict().items()}
     return _SHAPES_CACHE[key]
 
@@ -373,6 +394,12 @@ def _check_tensors(
 # Saving
 
 
+def is_artifact_dir(path: str | Path) -> bool:
+    """Whether ``path`` is a directory whose ``config.json`` declares the sparsert artifact format (cheap: the
+    rest of the artifact is not validated)."""
+    return Path(path).is_dir() and _is_artifact_dir(Path(path))
+
+
 def _is_artifact_dir(path: Path) -> bool:
     try:
         config = json.loads((path / CONFIG_NAME).read_text())
@@ -516,6 +543,8 @@ def save_artifact(
 
 def read_config(path: str | Path) -> dict:
     """Read and validate ``<path>/config.json`` of an artifact; returns the parsed JSON object."""
+    if not str(path).strip():  # Path("") would be the current directory
+        raise ArtifactError(f"artifact: expected the path of an artifact directory, got {str(path)!r}")
     root = Path(path)
     if not root.exists():
         raise ArtifactError(f"artifact {root} does not exist")
@@ -523,6 +552,9 @@ def read_config(path: str | Path) -> dict:
         raise ArtifactError(f"artifact {root} is not a directory (expected {CONFIG_NAME} + {WEIGHTS_NAME})")
     file = root / CONFIG_NAME
     if not file.is_file():
+        if (root / "artifact" / CONFIG_NAME).is_file():
+            raise ArtifactError(f"{root} is not an artifact ({file} is missing); it looks like a training run "
+                                f"directory: its artifact is {root / 'artifact'}")
         raise ArtifactError(f"{file} is missing (not a sparsert artifact?)")
     try:
         config = json.loads(file.read_text(encoding="utf-8"))
@@ -531,6 +563,13 @@ def read_config(path: str | Path) -> dict:
     except (OSError, UnicodeDecodeError) as exc:
         raise ArtifactError(f"{file} cannot be read: {exc}") from None
     config = _object(config, str(file))
+    if config.get("format") is None and ("model_type" in config or "architectures" in config):
+        kind = config.get("model_type") or config.get("architectures")
+        raise ArtifactError(
+            f"{root} is a Hugging Face model directory ({CONFIG_NAME} has model_type/architectures {kind!r}), not "
+            "a sparsert artifact: load it with transformers (AutoModelForCausalLM.from_pretrained); sparsert "
+            "artifacts are the <run>/artifact directories of runs of the built-in models"
+        )
     if config.get("format") != FORMAT:
         raise ArtifactError(f"{file}: unknown format {config.get('format')!r}, expected '{FORMAT}'")
     version = config.get("format_version")
@@ -547,17 +586,84 @@ def read_config(path: str | Path) -> dict:
     return config
 
 
+_SAFETENSORS_MAX_HEADER = 100_000_000  # bytes; the safetensors library refuses larger headers too
+_BLOCK_KEY = re.compile(r"blocks\.(\d+)\.")
+
+
+def _safetensors_shapes(weights: Path) -> dict[str, list]:
+    """Tensor name -> shape, from the JSON header of a safetensors file (its first 8 bytes give the header's
+    length); reads no tensor data. ArtifactError when the header is unreadable."""
+    try:
+        size = weights.stat().st_size
+        with open(weights, "rb") as f:
+            head = f.read(8)
+            n = struct.unpack("<Q", head)[0] if len(head) == 8 else -1
+            if not 0 < n <= min(size - 8, _SAFETENSORS_MAX_HEADER):
+                raise ValueError(f"header length {n} does not fit the file of {size} bytes")
+            header = json.loads(f.read(n))
+    except (OSError, ValueError, UnicodeDecodeError) as exc:
+        raise ArtifactError(f"{weights} is corrupt or truncated: {exc}") from None
+    if not isinstance(header, dict):
+        raise ArtifactError(f"{weights} is corrupt: its header is not a JSON object")
+    return {name: info.get("shape") if isinstance(info, dict) else None
+            for name, info in header.items() if name != "__metadata__"}
+
+
+def _blocks_text(blocks: set[int]) -> str:
+    if not blocks:
+        return "no blocks.* tensors"
+    top = max(blocks)
+    if len(blocks) == top + 1:
+        return f"blocks 0..{top} ({top + 1} layer{'s' if top else ''})"
+    shown = ", ".join(str(i) for i in sorted(blocks)[:8]) + (", ..." if len(blocks) > 8 else "")
+    return f"blocks {shown} (not numbered 0..{len(blocks) - 1})"
+
+
+def _check_sizes(config: ModelConfig, shapes: dict[str, list], file: Path, weights: Path) -> None:
+    """The size fields of ``config.json``'s model against the tensors ``model.safetensors`` holds (names and
+    shapes from its header), before anything proportional to them is built: ``n_layers`` against the
+    ``blocks.<i>.`` tensors, ``vocab_size`` and ``d_model`` against ``tok_emb.weight``, ``ffn_dim`` against the
+    first block's ``mlp.up_proj`` (output rows, however it is stored), gpt2's ``max_seq_len`` against
+    ``pos_emb.weight``. Everything else is checked tensor by tensor afterwards (:func:`_check_tensors`)."""
+    blocks = {int(m.group(1)) for name in shapes if (m := _BLOCK_KEY.match(name))}
+    n = config.n_layers
+    if len(blocks) != n or max(blocks, default=-1) != n - 1:
+        raise ArtifactError(f"{file}: model.n_layers={n} but {weights} holds {_blocks_text(blocks)}")
+
+    def rows(name: str) -> int | None:
+        shape = shapes.get(name)
+        return shape[0] if isinstance(shape, list) and shape and isinstance(shape[0], int) else None
+
+    emb = shapes.get("tok_emb.weight")  # missing or not 2-D: reported by the tensor check, in its words
+    if isinstance(emb, list) and len(emb) == 2:
+        for field_name, want, got in (("vocab_size", config.vocab_size, emb[0]),
+                                      ("d_model", config.d_model, emb[1])):
+            if got != want:
+                raise ArtifactError(f"{file}: model.{field_name}={want} but {weights} holds tok_emb.weight {emb}")
+    up = next((r for leaf in ("weight", "values", "qweight", "indices")
+               if (r := rows(f"blocks.0.mlp.up_proj.{leaf}")) is not None), None)
+    if up is not None and up != config.ffn_dim:
+        raise ArtifactError(f"{file}: model.ffn_dim={config.ffn_dim} but {weights} holds blocks.0.mlp.up_proj "
+                            f"with {up} output rows")
+    pos = rows("pos_emb.weight")
+    if config.arch == "gpt2" and pos is not None and pos != config.max_seq_len:
+        raise ArtifactError(f"{file}: model.max_seq_len={config.max_seq_len} but {weights} holds pos_emb.weight "
+                            f"with {pos} rows")
+
+
 def load_artifact(path: str | Path) -> Artifact:
     """Load and validate an artifact directory; the first problem found raises :class:`ArtifactError`.
 
     Checks, in order: the directory and both files exist; config.json is valid JSON with the known format
     and format_version and well-formed fields; the listed layers are sparse linears of the model; the
-    safetensors file is readable (not truncated); it holds exactly the expected tensor names with the
+    safetensors file is readable (not truncated); the model's size fields match the tensors its header lists
+    (``n_layers``, ``vocab_size``, ``d_model``, ``ffn_dim``: checked before anything of those sizes is built);
+    it holds exactly the expected tensor names with the
     expected shapes and dtypes; floating tensors are finite and scales non-negative; every indices tensor
     decodes to a valid 2:4 pattern.
     """
+    config = read_config(path)  # before Path(): an empty path is refused, not read as the current directory
     root = Path(path)
-    config = read_config(root)
     file = root / CONFIG_NAME
     try:
         model_config = ModelConfig.from_dict(config["model"])
@@ -587,11 +693,17 @@ def load_artifact(path: str | Path) -> Artifact:
     if not isinstance(producer, dict):
         raise ArtifactError(f"{file}: producer: expected a JSON object, got {type(producer).__name__}")
     slorb = None if config.get("slorb") is None else SLoRBInfo.from_dict(config["slorb"], f"{file}: slorb")
-    _check_layers(model_config, sparsity, quantization, str(file), slorb)
-
     weights = root / WEIGHTS_NAME
     if not weights.is_file():
         raise ArtifactError(f"{weights} is missing")
+    # Before anything of the config's sizes is built (layer lists, shapes): n_layers=400000 must fail here, fast
+    _check_sizes(model_config, _safetensors_shapes(weights), file, weights)
+    try:
+        model_state_shapes(model_config)
+    except ConfigError as exc:
+        raise ArtifactError(f"{file}: field 'model': {exc}") from None
+    _check_layers(model_config, sparsity, quantization, str(file), slorb)
+
     try:
         tensors = load_file(str(weights))
     except Exception as exc:  # safetensors raises its own SafetensorError (not exported) or OSError

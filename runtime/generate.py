@@ -27,6 +27,8 @@ import torch
 from sparsert.runtime.errors import ConfigError, FormatError
 from sparsert.runtime.tokenizer import Tokenizer
 
+MAX_SEED = 2**63 - 1  # the range `sparsert train` and `sparsert compress` accept
+
 
 @dataclass
 class GenerationConfig:
@@ -49,8 +51,8 @@ class GenerationConfig:
         if k is not None and (isinstance(k, bool) or not isinstance(k, int) or k <= 0):
             raise ConfigError(f"--top-k must be a positive integer, got {k!r}")
         s = self.seed
-        if isinstance(s, bool) or not isinstance(s, int) or s < 0:
-            raise ConfigError(f"--seed must be a non-negative integer, got {s!r}")
+        if isinstance(s, bool) or not isinstance(s, int) or not 0 <= s <= MAX_SEED:
+            raise ConfigError(f"--seed must be an integer in [0, 2**63 - 1], got {s!r}")
 
 
 @runtime_checkable
@@ -70,20 +72,40 @@ class Stepper(Protocol):
     def step(self, ids: list[int]) -> np.ndarray | torch.Tensor: ...
 
 
+TORCH_CACHE_START = 256  # positions of TorchStepper's first KV cache; it grows (doubling) up to max_seq_len
+
+
 class TorchStepper:
     """:class:`Stepper` over a :class:`~sparsert.runtime.model.DecoderLM` with its static KV cache
-    (batch 1), on the model's device; the model is put in eval mode."""
+    (batch 1), on the model's device; the model is put in eval mode.
+
+    The cache starts at ``min(max_seq_len, 256)`` positions and is reallocated (at least doubling, at most
+    ``max_seq_len``) when a step needs more, so its memory follows the positions used, not the model's
+    ``max_seq_len`` (a long-context config would otherwise allocate its whole cache for a short prompt)."""
 
     def __init__(self, model: torch.nn.Module) -> None:
         self.model = model.eval()
         self.max_seq_len = model.config.max_seq_len
-        self.cache = model.new_cache(1)
+        self.cache = model.new_cache(1, min(self.max_seq_len, TORCH_CACHE_START))
 
     def reset(self) -> None:
         self.cache.reset()
 
+    def _reserve(self, positions: int) -> None:
+        """Grow the cache to hold ``positions`` (capped at ``max_seq_len``: the model refuses more itself)."""
+        old = self.cache
+        if positions <= old.max_len or old.max_len >= self.max_seq_len:
+            return
+        new = self.model.new_cache(1, min(self.max_seq_len, max(positions, 2 * old.max_len)))
+        n = old.length
+        new.k[:, :, :, :n] = old.k[:, :, :, :n]
+        new.v[:, :, :, :n] = old.v[:, :, :, :n]
+        new.length = n
+        self.cache = new
+
     @torch.inference_mode()
     def step(self, ids: list[int]) -> torch.Tensor:
+        self._reserve(self.cache.length + len(ids))
         device = self.cache.k.device
         input_ids = torch.tensor([list(ids)], dtype=torch.int64, device=device)  # (1, T)
         return self.model(input_ids, cache=self.cache)[0, -1]  # (V,)

@@ -223,6 +223,74 @@ def test_bad_config_fields(int4_dir: Path, edit, message: str) -> None:
         load_artifact(int4_dir)
 
 
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (lambda c: c["model"].update(n_layers=400000),
+         r"config\.json: model\.n_layers=400000 but .*model\.safetensors holds blocks 0\.\.0 \(1 layer\)$"),
+        (lambda c: c["model"].update(n_layers=10**12), r"model\.n_layers=1000000000000 but .*holds blocks 0\.\.0"),
+        (lambda c: c["model"].update(d_model=2**40),
+         r"config\.json: model\.d_model=1099511627776 but .*model\.safetensors holds tok_emb\.weight \[256, 128\]"),
+        (lambda c: c["model"].update(ffn_dim=10**12),
+         r"model\.ffn_dim=1000000000000 but .*holds blocks\.0\.mlp\.up_proj with 256 output rows"),
+    ],
+)
+def test_size_fields_are_checked_against_the_weights_before_building(int4_dir: Path, edit, message: str,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """A huge n_layers (or d_model, ffn_dim) in config.json fails at once, naming the file and the field,
+    before anything of that size is built (layer name lists, the meta-device model of expected shapes)."""
+
+    def too_early(*args, **kwargs):
+        raise AssertionError("built something of the config's sizes before checking them against the weights")
+
+    edit_config(int4_dir, edit)
+    monkeypatch.setattr(artifact_mod, "sparse_linear_names", too_early)
+    monkeypatch.setattr(artifact_mod, "model_state_shapes", too_early)
+    with pytest.raises(ArtifactError, match=message):
+        load_artifact(int4_dir)
+
+
+def test_sizes_without_a_tensor_to_check_them_fail_cleanly(int4_dir: Path) -> None:
+    # tok_emb.weight absent, so d_model is only seen by the expected-shapes model: an overflow there is one line
+    edit_config(int4_dir, lambda c: c["model"].update(d_model=2**60))
+    edit_tensors(int4_dir, lambda t: t.pop("tok_emb.weight"))
+    with pytest.raises(ArtifactError, match=r"config\.json: field 'model': model config sizes are too large"):
+        load_artifact(int4_dir)
+
+
+def test_build_model_out_of_memory_names_max_seq_len(int4_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A llama max_seq_len has no tensor to be checked against; its RoPE tables are allocated by build_model."""
+    edit_config(int4_dir, lambda c: c["model"].update(max_seq_len=10**12))
+    art = load_artifact(int4_dir)  # the weights fit the config: inspect works
+
+    def no_memory(config):
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:127] DefaultCPUAllocator: can't allocate memory: you "
+                           "tried to allocate 8000000000000 bytes.")
+
+    monkeypatch.setattr(artifact_mod, "DecoderLM", no_memory)
+    with pytest.raises(ArtifactError, match=r"config\.json: cannot build the model in memory "
+                       r"\(max_seq_len=1000000000000, .*can't allocate memory"):
+        art.build_model()
+
+
+def test_not_an_artifact_says_what_it_is(tmp_path: Path, int4_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    int4_dir.rename(run / "artifact")
+    with pytest.raises(ArtifactError, match=rf"^{run} is not an artifact \({run / 'config.json'} is missing\); it "
+                       rf"looks like a training run directory: its artifact is {run / 'artifact'}$"):
+        load_artifact(run)
+    hf = run / "hf"
+    hf.mkdir()
+    (hf / "config.json").write_text(json.dumps({"architectures": ["LlamaForCausalLM"], "model_type": "llama"}))
+    with pytest.raises(ArtifactError, match=rf"^{hf} is a Hugging Face model directory \(config\.json has "
+                       r"model_type/architectures 'llama'\), not a sparsert artifact: load it with transformers"):
+        load_artifact(hf)
+    monkeypatch.chdir(run / "artifact")  # "" must not be read as the current directory (a valid artifact)
+    with pytest.raises(ArtifactError, match=r"^artifact: expected the path of an artifact directory, got ''$"):
+        load_artifact("")
+
+
 def test_truncated_safetensors(int4_dir: Path) -> None:
     file = int4_dir / "model.safetensors"
     data = file.read_bytes()

@@ -155,12 +155,27 @@ def test_generate_text():
         ({"temperature": -0.1}, r"--temperature must be a finite number >= 0, got -0\.1"),
         ({"temperature": float("nan")}, r"--temperature must be a finite number >= 0"),
         ({"top_k": 0}, r"--top-k must be a positive integer, got 0"),
-        ({"seed": -1}, r"--seed must be a non-negative integer, got -1"),
+        ({"seed": -1}, r"--seed must be an integer in \[0, 2\*\*63 - 1\], got -1"),
+        ({"seed": 2**63}, r"--seed must be an integer in \[0, 2\*\*63 - 1\], got 9223372036854775808"),
     ],
 )
 def test_generation_config_validation(kwargs, message):
     with pytest.raises(ConfigError, match=message):
         GenerationConfig(**kwargs)
+
+
+def test_torch_stepper_cache_grows_with_the_positions_used():
+    """A long max_seq_len must not allocate the whole KV cache for a short prompt; growing it keeps the tokens."""
+    model = make_model(max_seq_len=600)
+    stepper = TorchStepper(model)
+    assert stepper.cache.max_len == 256 and stepper.max_seq_len == 600
+    prompt = [int(i) for i in torch.randint(0, 256, (250,), generator=torch.Generator().manual_seed(1))]
+    cfg = GenerationConfig(max_new_tokens=12)
+    out = generate_ids(stepper, prompt, cfg)  # crosses 256 while decoding
+    assert stepper.cache.max_len == 512
+    assert out == generate_ids(FullForwardStepper(model), prompt, cfg)
+    generate_ids(stepper, prompt * 2, GenerationConfig(max_new_tokens=20))  # 520 positions: 1024, capped at 600
+    assert stepper.cache.max_len == 600
 
 
 def test_torch_stepper_is_a_stepper():
