@@ -22,7 +22,7 @@ from sparsert.runtime.int4 import fake_quantize_int4
 from sparsert.runtime.model import DecoderLM, ModelConfig, sparse_linear_names
 from sparsert.runtime.nm_mask import nm_mask
 from sparsert.train.checkpoint import save_checkpoint
-from sparsert.train.compress import compress_checkpoint
+from sparsert.train.compress import CompressionNote, compress_checkpoint
 from sparsert.train.sparse_linear import SparsityConfig
 from sparsert.train.sparsify import sparse_modules, sparsify_model
 
@@ -119,8 +119,60 @@ def test_dense_checkpoint_is_pruned_by_magnitude(tmp_path: Path, dense_run) -> N
 
 
 def test_quantization_can_be_switched_off(tmp_path: Path, qat_run) -> None:
-    art = load_artifact(compress_checkpoint(qat_run[0], tmp_path / "art", quantize=False))
+    with pytest.warns(CompressionNote, match=r"trained with INT4 QAT \(group size 128\); --no-int4 stores its kept "
+                      r"values unquantized"):
+        art = load_artifact(compress_checkpoint(qat_run[0], tmp_path / "art", quantize=False))
     assert art.quantization is None and art.sparsity is not None
+
+
+def test_a_group_size_other_than_the_qat_one_is_refused_unless_forced(tmp_path: Path, qat_run) -> None:
+    """QAT trained the codes of groups of 128; re-quantizing in groups of 64 silently changes them."""
+    for quantize in (None, True):
+        with pytest.raises(ConfigError, match=r"trained with INT4 QAT in groups of 128; --group-size 64 would "
+                           r"re-quantize .* omit --group-size to keep 128, or add --force-group-size"):
+            compress_checkpoint(qat_run[0], tmp_path / "out", int4_group_size=64, quantize=quantize)
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(ConfigError, match=r"--force-group-size applies only together with --group-size"):
+        compress_checkpoint(qat_run[0], tmp_path / "out", force_group_size=True)
+    same = load_artifact(compress_checkpoint(qat_run[0], tmp_path / "same", int4_group_size=128))
+    assert same.quantization.group_size == 128
+    forced = load_artifact(compress_checkpoint(qat_run[0], tmp_path / "forced", int4_group_size=64,
+                                               force_group_size=True))
+    assert forced.quantization.group_size == 64
+
+
+def test_compress_refuses_empty_paths_and_an_artifact(tmp_path: Path, qat_run, dense_run,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    art = compress_checkpoint(qat_run[0], tmp_path / "art")
+    monkeypatch.chdir(qat_run[0])  # "" must not be read as the current directory, a valid run
+    with pytest.raises(ConfigError, match=r"^CHECKPOINT: expected the path of a training run .*, got ''$"):
+        compress_checkpoint("", tmp_path / "out")
+    with pytest.raises(ConfigError, match=r"^-o: expected the path of the artifact directory to write, got ''$"):
+        compress_checkpoint(qat_run[0], "")
+    with pytest.raises(ConfigError, match=r"^--calib-data: expected the path of a text file, folder or \.jsonl, "
+                       r"got ''$"):
+        compress_checkpoint(dense_run[0], tmp_path / "out", prune="wanda", calib_data="")
+    with pytest.raises(ConfigError, match=rf"^{art} is a sparsert artifact \(already compressed\); compress takes "
+                       r"a training run directory"):
+        compress_checkpoint(art, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_non_finite_weights_name_the_checkpoint_file(tmp_path: Path) -> None:
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    make_checkpoint(tmp_path / "run", sparse=True)
+    model_file = tmp_path / "run" / "checkpoints" / "step_00000007" / "model.safetensors"
+    with safe_open(str(model_file), framework="pt") as f:
+        metadata = f.metadata()
+    tensors = load_file(str(model_file))
+    tensors["blocks.0.attn.q_proj.weight"][0, 0] = float("nan")
+    save_file(tensors, str(model_file), metadata=metadata)
+    with pytest.raises(ArtifactError, match=rf"^checkpoint {model_file}: blocks\.0\.attn\.q_proj\.weight holds "
+                       r"non-finite values"):
+        compress_checkpoint(tmp_path / "run", tmp_path / "art")
+    assert not (tmp_path / "art").exists()
 
 
 def test_compress_bad_inputs_write_nothing(tmp_path: Path, qat_run, dense_run) -> None:
@@ -132,7 +184,7 @@ def test_compress_bad_inputs_write_nothing(tmp_path: Path, qat_run, dense_run) -
     with pytest.raises(ConfigError, match=r"carries trained 2:4 masks; --prune applies only to dense checkpoints"):
         compress_checkpoint(qat_run[0], out, prune="magnitude")
     with pytest.raises(ConfigError, match=r"INT4 group size 96 does not divide K=128 of layer 'blocks\.0\.attn"):
-        compress_checkpoint(qat_run[0], out, int4_group_size=96)
+        compress_checkpoint(qat_run[0], out, int4_group_size=96, force_group_size=True)
     with pytest.raises(ConfigError, match=r"--group-size: the INT4 group size must be a positive multiple of 4, got 6"):
         compress_checkpoint(qat_run[0], out, int4_group_size=6)
     with pytest.raises(ConfigError, match=r"--group-size 64 applies only to INT4, but .* not trained with INT4 QAT"):
@@ -177,10 +229,13 @@ def test_int4_artifact_meets_the_compression_targets(tmp_path: Path, qat_run) ->
 
 
 def test_stats_of_fp16_and_dense_artifacts(tmp_path: Path, qat_run) -> None:
-    fp16 = artifact_stats(compress_checkpoint(qat_run[0], tmp_path / "fp16", quantize=False))
+    with pytest.warns(CompressionNote):  # --no-int4 on a QAT checkpoint
+        fp16 = artifact_stats(compress_checkpoint(qat_run[0], tmp_path / "fp16", quantize=False))
     assert fp16.linear_bits_per_weight == pytest.approx(9.0)  # 2 x (16 + 2) bits per 4 weights
     assert fp16.linear_sparsity == pytest.approx(0.5, abs=1e-3)
-    fp32 = artifact_stats(compress_checkpoint(qat_run[0], tmp_path / "fp32", quantize=False, dense_dtype="float32"))
+    with pytest.warns(CompressionNote):
+        fp32 = artifact_stats(compress_checkpoint(qat_run[0], tmp_path / "fp32", quantize=False,
+                                                  dense_dtype="float32"))
     assert fp32.linear_bits_per_weight == pytest.approx(17.0)
     assert fp32.linear_ratio_vs_fp32 == pytest.approx(32 / 17)
 
@@ -197,7 +252,11 @@ def sparsert(*args: str) -> subprocess.CompletedProcess:
 
 def test_cli_compress_then_inspect(tmp_path: Path, qat_run) -> None:
     out = tmp_path / "art"
-    done = sparsert("compress", qat_run[0], "-o", out, "--group-size", "64")
+    refused = sparsert("compress", qat_run[0], "-o", out, "--group-size", "64")
+    assert refused.returncode == 2 and not out.exists()
+    assert refused.stderr.startswith("error: ") and len(refused.stderr.strip().splitlines()) == 1
+    assert "groups of 128; --group-size 64" in refused.stderr and "--force-group-size" in refused.stderr
+    done = sparsert("compress", qat_run[0], "-o", out, "--group-size", "64", "--force-group-size")
     assert done.returncode == 0, done.stderr
     assert f"wrote {out}" in done.stdout and "bits/weight" in done.stdout
     shown = sparsert("inspect", out, "--json")
@@ -206,6 +265,9 @@ def test_cli_compress_then_inspect(tmp_path: Path, qat_run) -> None:
     assert stats["quantization"]["group_size"] == 64
     assert stats["linear_bits_per_weight"] == pytest.approx(3.25)  # 16-bit scale per 64 weights
     assert len(stats["layers"]) == 7 and stats["layers"][0]["storage"] == "2:4+int4 g64"
+    fp16 = sparsert("compress", qat_run[0], "-o", tmp_path / "fp16", "--no-int4")
+    assert fp16.returncode == 0, fp16.stderr
+    assert fp16.stderr.startswith("note: ") and "trained with INT4 QAT (group size 128); --no-int4" in fp16.stderr
 
 
 def test_cli_bad_checkpoint_path_exits_2_with_one_line(tmp_path: Path) -> None:
@@ -225,3 +287,21 @@ def test_inspect_broken_artifact_exits_2_with_one_line(tmp_path: Path, capsys: p
     assert exit_info.value.code == 2
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and "config.json is not valid JSON" in lines[0]
+
+
+def test_inspect_refuses_an_empty_path_and_points_a_run_to_its_artifact(
+        tmp_path: Path, qat_run, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    from sparsert.cli import main
+
+    run = tmp_path / "run"
+    art = compress_checkpoint(qat_run[0], run / "artifact")
+    monkeypatch.chdir(art)  # "" must not be read as the current directory, a valid artifact
+    for args, message in ((["inspect", ""], "error: artifact: expected the path of an artifact directory, got ''"),
+                          (["inspect", str(run)], f"error: {run} is not an artifact ({run / 'config.json'} is "
+                                                  f"missing); it looks like a training run directory: its artifact "
+                                                  f"is {art}")):
+        (run / "checkpoints").mkdir(exist_ok=True)
+        with pytest.raises(SystemExit) as exit_info:
+            main(args)
+        assert exit_info.value.code == 2
+        assert capsys.readouterr().err.strip().splitlines() == [message]

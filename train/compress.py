@@ -22,7 +22,8 @@ was trained with quantization-aware training (``state["quantization"]``), unless
 group size, so the artifact stores exactly the codes the QAT forward pass saw. ``awq=True`` runs the
 activation-aware scale search of :mod:`sparsert.train.awq` on the pruned model before quantizing (it implies
 INT4); it is refused for a QAT checkpoint unless ``force_awq=True``, because it would change the codes QAT
-trained with.
+trained with; so is an ``int4_group_size`` other than the QAT one unless ``force_group_size=True``. Switching
+INT4 off for a QAT checkpoint stores the unquantized latent weights, with a :class:`CompressionNote` warning.
 
 SLoRB (AST, :mod:`sparsert.train.slorb`): a checkpoint whose state holds ``<layer>.slorb.S`` [out, K/k] tensors
 is compressed with those terms carried over unchanged: the artifact lists them under ``config.json["slorb"]``
@@ -32,18 +33,26 @@ would have to be folded into the group sums, which they do not commute with).
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 
-from sparsert.runtime.artifact import QuantizationInfo, SLoRBInfo, SparsityInfo, model_state_shapes, save_artifact
-from sparsert.runtime.errors import ArtifactError, ConfigError, DataError
+from sparsert.runtime.artifact import (
+    QuantizationInfo,
+    SLoRBInfo,
+    SparsityInfo,
+    is_artifact_dir,
+    model_state_shapes,
+    save_artifact,
+)
+from sparsert.runtime.errors import ArtifactError, ConfigError, DataError, FormatError
 from sparsert.runtime.model import DecoderLM, add_slorb, sparse_linear_names
 from sparsert.runtime.nm_mask import is_nm_sparse
 from sparsert.runtime.packed_linear import PackedLinear, pack_linear
 from sparsert.runtime.tokenizer import ByteTokenizer, Tokenizer, tokenizer_from_dict
-from sparsert.train.checkpoint import Checkpoint, load_checkpoint
+from sparsert.train.checkpoint import MODEL_FILE, Checkpoint, load_checkpoint
 from sparsert.train.oneshot_prune import ONESHOT_METHODS, prune_model_oneshot
 from sparsert.train.slorb import slorb_from_state
 
@@ -87,6 +96,17 @@ def _trained_sparse_layers(sparsity: dict, names: list[str], where: str) -> list
         raise ArtifactError(f"{where}: sparsity.layers names '{unknown[0]}', which is not a block linear of this "
                             f"model (expected names like '{names[0]}')")
     return [n for n in names if n in listed]
+
+
+class CompressionNote(UserWarning):
+    """Something about a compression the user should know that is not an error (``sparsert compress`` prints
+    it as one ``note: ...`` line): e.g. ``--no-int4`` on an INT4-QAT checkpoint."""
+
+
+def _require_path(value: object, flag: str, expected: str) -> None:
+    """ConfigError for an empty path (``Path("")`` would silently be the current directory)."""
+    if isinstance(value, (str, Path)) and not str(value).strip():
+        raise ConfigError(f"{flag}: expected {expected}, got {str(value)!r}")
 
 
 MAX_SEED = 2**63 - 1  # torch.Generator.manual_seed's range
@@ -158,6 +178,7 @@ def compress_checkpoint(
     seed: int | None = None,
     awq: bool = False,
     force_awq: bool = False,
+    force_group_size: bool = False,
 ) -> Path:
     """Compress a training checkpoint into an artifact directory at ``output``; returns its path.
 
@@ -165,7 +186,8 @@ def compress_checkpoint(
         checkpoint: a run dir, its checkpoints dir or one step dir (see :func:`load_checkpoint`), or a
             :class:`Checkpoint` already loaded.
         int4_group_size: INT4 group size along K (default: the QAT group size, else 128); giving one without
-            INT4 is a ConfigError. A size other than the QAT one gives codes QAT did not see.
+            INT4 is a ConfigError, and so is one other than a QAT checkpoint's own unless ``force_group_size``
+            (it gives codes QAT did not see).
         quantize: INT4 on/off (default: on iff the checkpoint was trained with QAT, or ``awq`` is set).
         prune: one-shot method of ``ONESHOT_METHODS`` for a dense checkpoint (default "magnitude"); a sparse
             checkpoint's trained masks are used as they are, and asking to prune it is a ConfigError.
@@ -177,11 +199,16 @@ def compress_checkpoint(
         awq: search AWQ INT4 scales (:mod:`sparsert.train.awq`) on the pruned model and fold them in; implies
             INT4 (``quantize=False`` with it is a ConfigError).
         force_awq: allow ``awq`` on a QAT checkpoint (refused by default: it changes the codes QAT saw).
+        force_group_size: allow an ``int4_group_size`` other than a QAT checkpoint's own (refused by default:
+            the kept values would be re-quantized in groups QAT never trained with).
     Raises:
         ArtifactError for a missing/corrupt checkpoint or bad masks; ConfigError for bad options (unknown
         pruner, a group size that does not divide a layer's K, ...); DataError for unusable calibration
         data. Nothing is written on failure.
     """
+    _require_path(checkpoint, "CHECKPOINT", "the path of a training run (or its checkpoints/ or a step directory)")
+    _require_path(output, "-o", "the path of the artifact directory to write")
+    _require_path(calib_data, "--calib-data", "the path of a text file, folder or .jsonl")
     if prune is not None and prune not in ONESHOT_METHODS:
         raise ConfigError(f"unknown pruning method '{prune}' (choose from {', '.join(ONESHOT_METHODS)})")
     if int4_group_size is not None and (
@@ -201,9 +228,16 @@ def compress_checkpoint(
         raise ConfigError("give calibration batches or --calib-data, not both")
     if force_awq and not awq:
         raise ConfigError("--force-awq applies only together with --awq")
+    if force_group_size and int4_group_size is None:
+        raise ConfigError("--force-group-size applies only together with --group-size")
     if awq and quantize is False:
         raise ConfigError("--awq searches INT4 scales; it cannot be combined with --no-int4")
 
+    if not isinstance(checkpoint, Checkpoint) and is_artifact_dir(checkpoint):
+        run = Path(checkpoint).resolve().parent
+        hint = f" such as {run}" if (run / "checkpoints").is_dir() else ""
+        raise ConfigError(f"{checkpoint} is a sparsert artifact (already compressed); compress takes a training "
+                          f"run directory{hint} (or its checkpoints/ or a step directory)")
     ckpt = checkpoint if isinstance(checkpoint, Checkpoint) else load_checkpoint(checkpoint, load_optimizer=False)
     config, state, where = ckpt.model_config, ckpt.model_state, f"checkpoint {ckpt.path}"
     if ckpt.state.get("hf_model") is not None:  # H11: runs of `sparsert train --model PATH`
@@ -254,7 +288,19 @@ def compress_checkpoint(
     if not quantize and int4_group_size is not None:
         reason = "INT4 is switched off" if qat is not None else f"{where} was not trained with INT4 QAT"
         raise ConfigError(f"--group-size {int4_group_size} applies only to INT4, but {reason}; add --int4 to quantize")
-    group = int4_group_size or (qat or {}).get("group_size") or DEFAULT_GROUP_SIZE
+    qat_group = (qat or {}).get("group_size") if isinstance(qat, dict) else None
+    if (quantize and qat_group is not None and int4_group_size is not None and int4_group_size != qat_group
+            and not force_group_size):
+        raise ConfigError(
+            f"{where} was trained with INT4 QAT in groups of {qat_group}; --group-size {int4_group_size} would "
+            f"re-quantize its weights in groups QAT never trained with (usually worse): omit --group-size to "
+            f"keep {qat_group}, or add --force-group-size to do it anyway"
+        )
+    if not quantize and qat is not None:
+        warnings.warn(f"{where} was trained with INT4 QAT (group size {qat_group}); --no-int4 stores its kept "
+                      "values unquantized (the latent weights, not the INT4 codes QAT trained with)",
+                      CompressionNote, stacklevel=2)
+    group = int4_group_size or qat_group or DEFAULT_GROUP_SIZE
     layers = names if method is not None else [n for n in names if n in masks]
     if quantize:
         for n in layers:
@@ -311,14 +357,17 @@ def compress_checkpoint(
     model_state = model.state_dict()
     packed: dict[str, PackedLinear] = {}
     for n in layers:
-        packed[n] = pack_linear(
-            model_state[f"{n}.weight"],
-            mask=masks[n],
-            int4_group_size=group if quantize else None,
-            bias=model_state.get(f"{n}.bias"),
-            values_dtype=torch.float16 if dense_dtype == "float16" else torch.float32,
-            name=f"{n}.weight",
-        )
+        try:
+            packed[n] = pack_linear(
+                model_state[f"{n}.weight"],
+                mask=masks[n],
+                int4_group_size=group if quantize else None,
+                bias=model_state.get(f"{n}.bias"),
+                values_dtype=torch.float16 if dense_dtype == "float16" else torch.float32,
+                name=f"{n}.weight",
+            )
+        except FormatError as exc:  # e.g. NaN weights: say which checkpoint holds them
+            raise ArtifactError(f"checkpoint {ckpt.path / MODEL_FILE}: {exc}") from None
     dense = {k: model_state[k] for k in shapes if k.rpartition(".")[0] not in packed}
     return save_artifact(
         output,

@@ -14,14 +14,18 @@ from sparsert.train.oneshot_prune import ONESHOT_METHODS
     "--int4/--no-int4",
     "int4",
     default=None,
-    help="Quantize the kept values to INT4 (default: only if the checkpoint was trained with INT4 QAT, or --awq).",
+    help="Quantize the kept values to INT4 (default: only if the checkpoint was trained with INT4 QAT, or --awq). "
+    "--no-int4 on an INT4-QAT checkpoint stores the unquantized latent weights (with a note).",
 )
 @click.option(
     "--group-size",
     type=int,
     default=None,
-    help="INT4 group size along K, a multiple of 4 dividing every K (default: the QAT group size, else 128).",
+    help="INT4 group size along K, a multiple of 4 dividing every K (default: the QAT group size, else 128). "
+    "Refused for INT4-QAT checkpoints when it differs from the QAT group size, unless --force-group-size.",
 )
+@click.option("--force-group-size", is_flag=True, default=False,
+              help="Allow a --group-size other than an INT4-QAT checkpoint's (re-quantizes in untrained groups).")
 @click.option(
     "--prune",
     type=click.Choice(list(ONESHOT_METHODS)),
@@ -67,6 +71,7 @@ def command(
     output: str,
     int4: bool | None,
     group_size: int | None,
+    force_group_size: bool,
     prune: str | None,
     awq: bool,
     force_awq: bool,
@@ -78,24 +83,34 @@ def command(
     dense_dtype: str,
 ) -> None:
     """Compress CHECKPOINT (a run dir, its checkpoints/ dir or a step dir) into an artifact directory."""
-    from sparsert.runtime.artifact_stats import artifact_stats
-    from sparsert.train.compress import compress_checkpoint
+    import warnings
 
-    path = compress_checkpoint(
-        checkpoint,
-        output,
-        int4_group_size=group_size,
-        quantize=int4,
-        prune=prune,
-        dense_dtype=dense_dtype,
-        calib_data=calib_data,
-        calib_batches=calib_batches,
-        calib_seq_len=calib_seq_len,
-        calib_batch_size=calib_batch_size,
-        seed=seed,
-        awq=awq,
-        force_awq=force_awq,
-    )
+    from sparsert.runtime.artifact_stats import artifact_stats
+    from sparsert.train.compress import CompressionNote, compress_checkpoint
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", CompressionNote)
+        path = compress_checkpoint(
+            checkpoint,
+            output,
+            int4_group_size=group_size,
+            force_group_size=force_group_size,
+            quantize=int4,
+            prune=prune,
+            dense_dtype=dense_dtype,
+            calib_data=calib_data,
+            calib_batches=calib_batches,
+            calib_seq_len=calib_seq_len,
+            calib_batch_size=calib_batch_size,
+            seed=seed,
+            awq=awq,
+            force_awq=force_awq,
+        )
+    for w in caught:  # sparsert's notes as one line each; anything else as Python would have shown it
+        if issubclass(w.category, CompressionNote):
+            click.echo(f"note: {w.message}", err=True)
+        else:
+            warnings.showwarning(w.message, w.category, w.filename, w.lineno)
     stats = artifact_stats(path)
     click.echo(
         f"wrote {path}: linear weights {stats.linear_bits_per_weight:.3f} bits/weight "
