@@ -69,8 +69,11 @@ class ExportResult:
         else:
             p = self.parity
             level = "ORT default" if p.accuracy_level is None else p.accuracy_level
+            # the accuracy level only acts on the fused INT4 MatMulNBits nodes: not worth a word without INT4
+            where = (f"ONNX Runtime CPU, MatMulNBits accuracy level {level}" if sparse_int4 or dense_int4
+                     else "ONNX Runtime CPU")
             lines.append(
-                f"  parity vs PyTorch (ONNX Runtime CPU, MatMulNBits accuracy level {level}): "
+                f"  parity vs PyTorch ({where}): "
                 f"max abs error {p.max_abs_err:.3g}, max rel error {p.max_rel_err:.3g} over {len(p.checks)} "
                 f"checks; tolerance {p.tolerance}: passed"
             )
@@ -80,17 +83,27 @@ class ExportResult:
 def check_output(out: Path, artifact_path: str | Path) -> None:
     """Refuse (ExportError naming ``-o OUT``) an output path whose writing could destroy something else.
 
-    Checked, in order: ``out`` is not an existing directory; it does not lie inside the artifact directory
-    ``artifact_path`` (symlinks resolved, so the artifact's own ``model.safetensors`` or ``config.json`` can
-    never be replaced); if it exists, it is an ONNX model (:func:`is_onnx_model`: a previous export, which is
-    replaced); its name ends in ``.onnx``. The external data file ``<out>.data`` that models over 2 GiB get
-    beside ``out`` follows the same rules: it may not be a directory or lie inside the artifact, and if it
-    exists it must be the external data of the ONNX model at ``out`` (one of its initializers names it).
+    Checked, in order: ``artifact_path`` is not empty; ``out`` is not an existing directory; it has a file
+    name (not just ``.onnx``); its nearest existing ancestor is a directory (not a file); it does not lie
+    inside the artifact directory ``artifact_path`` (symlinks resolved, so the artifact's own
+    ``model.safetensors`` or ``config.json`` can never be replaced); if it exists, it is an ONNX model
+    (:func:`is_onnx_model`: a previous export, which is replaced); its name ends in ``.onnx``. The external
+    data file ``<out>.data`` that models over 2 GiB get beside ``out`` follows the same rules: it may not be a
+    directory or lie inside the artifact, and if it exists it must be the external data of the ONNX model at
+    ``out`` (one of its initializers names it).
     """
+    if not str(artifact_path).strip():  # Path("") is the current directory
+        raise ExportError(f"ARTIFACT: expected the path of an artifact directory, got {str(artifact_path)!r}")
     artifact_dir = Path(artifact_path).resolve()
-    data = out.with_name(f"{out.name}.data")
     if out.is_dir():
         raise ExportError(f"-o {out} is a directory, expected an .onnx file path")
+    if not out.name or out.name.lower() == ".onnx":
+        raise ExportError(f"-o {out}: expected a file name such as model.onnx ('{out.name}' is only the suffix)"
+                          if out.name else f"-o {out}: expected the path of an .onnx file")
+    blocked = next((p for p in out.parents if p.exists() or p.is_symlink()), None)
+    if blocked is not None and not blocked.is_dir():
+        raise ExportError(f"-o {out}: {blocked} is not a directory, so nothing can be written under it")
+    data = out.with_name(f"{out.name}.data")
     for path in (out, data):
         if path.resolve().is_relative_to(artifact_dir):
             raise ExportError(
@@ -102,7 +115,7 @@ def check_output(out: Path, artifact_path: str | Path) -> None:
             f"-o {out} exists and is not an ONNX model: refusing to overwrite it (remove it or choose another "
             "path)"
         )
-    if not out.name.lower().endswith(".onnx") or out.name.lower() == ".onnx":
+    if not out.name.lower().endswith(".onnx"):
         raise ExportError(f"-o {out}: expected a file name ending in .onnx")
     if data.is_dir():
         raise ExportError(f"-o {out}: {data} (where its external data would go) is a directory")
@@ -190,6 +203,8 @@ def export_artifact(
     ArtifactError (bad artifact) or ExportError (refused output path, checker, annotation or parity failure,
     unwritable output), each with a one-line message.
     """
+    if not str(output).strip():  # Path("") is the current directory
+        raise ExportError(f"-o: expected the path of an .onnx file, got {str(output)!r}")
     out = Path(output)
     check_output(out, artifact_path)
     artifact = load_artifact(artifact_path)

@@ -149,8 +149,15 @@ class OnnxStepper:
         accuracy_level: int | None = DEFAULT_ACCURACY_LEVEL,
         threads: int | None = None,
     ) -> None:
+        from sparsert.export.onnx_export import is_onnx_model  # noqa: PLC0415 - onnx_export imports this module
+
         path = Path(onnx_path)
         _check_model_file(path)
+        if path.stat().st_size == 0:
+            raise ExportError(f"ONNX model {path} is an empty file (0 bytes), not an ONNX model")
+        if not is_onnx_model(path):
+            raise ExportError(f"ONNX model {path} is not a valid ONNX model file (expected an export written by "
+                              "sparsert export)")
         try:
             header = onnx.load(str(path), load_external_data=False)
         except Exception as exc:  # protobuf DecodeError and friends
@@ -214,6 +221,8 @@ def onnx_stepper(artifact: Artifact, onnx_path: str | Path | None = None) -> Ite
     the digest was recorded (no ``sparsert.weights_sha256``) is used with an :class:`UnverifiedExportWarning`.
     """
     if onnx_path is not None:
+        if not str(onnx_path).strip():  # Path("") is the current directory
+            raise ExportError(f"--onnx: expected the path of an .onnx file, got {str(onnx_path)!r}")
         stepper = OnnxStepper(onnx_path)
         if stepper.model_config != artifact.model_config.to_dict():
             raise ExportError(f"--onnx {onnx_path} was exported from a different model than {artifact.path} "

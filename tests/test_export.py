@@ -338,6 +338,20 @@ def test_onnx_stepper_greedy_equals_torch_stepper(tmp_path, artifacts, arch):
         stepper.step(list(range(49)))
 
 
+@pytest.mark.parametrize("mode", ["fp32", "int4"])
+def test_export_summary_names_the_accuracy_level_only_with_int4(tmp_path, mode):
+    """The MatMulNBits accuracy level acts on fused INT4 weights only; a float export's parity line omits it."""
+    from sparsert.export.onnx_export import export_artifact
+
+    art = make_artifact(tmp_path / "a", "llama", mode)
+    summary = export_artifact(art, tmp_path / "m.onnx").summary()
+    parity = next(line for line in summary.splitlines() if "parity vs PyTorch" in line)
+    if mode == "int4":
+        assert "(ONNX Runtime CPU, MatMulNBits accuracy level 1)" in parity
+    else:
+        assert "(ONNX Runtime CPU):" in parity and "MatMulNBits" not in summary
+
+
 def test_onnx_stepper_bad_files(tmp_path, artifacts):
     with pytest.raises(ExportError, match="does not exist"):
         OnnxStepper(tmp_path / "missing.onnx")
@@ -350,6 +364,12 @@ def test_onnx_stepper_bad_files(tmp_path, artifacts):
         OnnxStepper(tmp_path / "junk.onnx")
     with pytest.raises(ExportError, match="junk.onnx"):
         make_session(tmp_path / "junk.onnx")
+    (tmp_path / "empty.onnx").write_bytes(b"")
+    with pytest.raises(ExportError, match=r"ONNX model .*empty\.onnx is an empty file \(0 bytes\), not an ONNX model"):
+        OnnxStepper(tmp_path / "empty.onnx")
+    (tmp_path / "text.onnx").write_text("hello\n")  # onnx.load reads it as a model without metadata
+    with pytest.raises(ExportError, match=r"ONNX model .*text\.onnx is not a valid ONNX model file"):
+        OnnxStepper(tmp_path / "text.onnx")
 
 
 def test_save_is_atomic_and_supports_external_data(tmp_path, artifacts, models):

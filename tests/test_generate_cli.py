@@ -177,6 +177,9 @@ def test_missing_artifact(capsys, tmp_path):
         (["--prompt", "hi", "--top-k", "5", "--seed", "3"], "--top-k, --seed only act when sampling"),
         (["--prompt", "hi", "--backend", "onnx", "--onnx", "missing.onnx"], "ONNX model missing.onnx does not exist"),
         (["--prompt", "x" * 48], "prompt is 48 tokens; the model's context is 48 tokens"),
+        (["--prompt", "hi", "--backend", "onnx", "--onnx", ""], "--onnx: expected the path of an .onnx file, got ''"),
+        (["--prompt", "hi", "--temperature", "1", "--seed", "99999999999999999999999"],
+         "--seed must be an integer in [0, 2**63 - 1], got 99999999999999999999999"),
     ],
 )
 def test_generate_bad_input(capsys, artifact, extra, message):
@@ -199,6 +202,53 @@ def test_runtime_backend_without_gpu_is_a_one_line_error(capsys, artifact):
         pytest.skip("a GPU is present: --backend runtime may succeed here")
     code, _, err = run_main(capsys, "generate", str(artifact), "--prompt", "hi", "--backend", "runtime")
     assert code == 2 and len(err.strip().splitlines()) == 1 and err.startswith("error: ")
+
+
+def test_runtime_backend_without_gpu_names_the_flag_and_the_cpu_backends(capsys, monkeypatch, artifact):
+    from sparsert.runtime import device
+
+    reason = ('no NVIDIA GPU/driver available (needs sm_80+): DynamicLibNotFoundError: "cuda" is an NVIDIA driver '
+              "library and can only be found via system search. Ensure the NVIDIA display driver is installed.")
+    monkeypatch.setattr(device, "probe_gpu", lambda: (False, reason))
+    code, out, err = run_main(capsys, "generate", str(artifact), "--prompt", "hi", "--backend", "runtime")
+    assert_one_line_error(code, err, "--backend runtime needs an NVIDIA GPU (sm_80 or newer) and its driver: the "
+                                     "NVIDIA driver library (libcuda) was not found; use --backend torch or "
+                                     "--backend onnx (CPU)")
+    assert "DynamicLibNotFoundError" not in err and out == ""
+    monkeypatch.setattr(device, "probe_gpu", lambda: (False, "GPU sm_75 is not supported (needs sm_80 or newer)"))
+    code, _, err = run_main(capsys, "generate", str(artifact), "--prompt", "hi", "--backend", "runtime")
+    assert_one_line_error(code, err, "its driver: GPU sm_75 is not supported (needs sm_80 or newer); use --backend")
+
+
+def test_empty_paths_are_refused_not_read_as_the_current_directory(capsys, monkeypatch, tmp_path, artifact):
+    monkeypatch.chdir(artifact)  # the current directory is a valid artifact: "" must still be refused
+    code, _, err = run_main(capsys, "generate", "", "--prompt", "hi")
+    assert_one_line_error(code, err, "artifact: expected the path of an artifact directory, got ''")
+    code, _, err = run_main(capsys, "export", "", "-o", str(tmp_path / "e.onnx"), "--skip-parity")
+    assert_one_line_error(code, err, "ARTIFACT: expected the path of an artifact directory, got ''")
+    code, _, err = run_main(capsys, "export", str(artifact), "-o", "", "--skip-parity")
+    assert_one_line_error(code, err, "-o: expected the path of an .onnx file, got ''")
+    (tmp_path / "empty.onnx").write_bytes(b"")
+    code, _, err = run_main(capsys, "generate", str(artifact), "--prompt", "hi", "--backend", "onnx", "--onnx",
+                            str(tmp_path / "empty.onnx"))
+    assert_one_line_error(code, err, f"ONNX model {tmp_path / 'empty.onnx'} is an empty file (0 bytes)")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty.onnx"]
+
+
+def test_export_output_needs_a_file_name_under_a_directory(capsys, tmp_path, artifact):
+    (tmp_path / "t.sh").write_text("#!/bin/sh\n")
+    before = snapshot(tmp_path)
+    cases = [
+        (tmp_path / ".onnx", f"-o {tmp_path / '.onnx'}: expected a file name such as model.onnx ('.onnx' is only "
+                             "the suffix)"),
+        (tmp_path / "t.sh" / "x.onnx", f"-o {tmp_path / 't.sh' / 'x.onnx'}: {tmp_path / 't.sh'} is not a directory"),
+        (tmp_path / "t.sh" / "a" / "x.onnx", f"{tmp_path / 't.sh'} is not a directory"),
+    ]
+    for out, message in cases:
+        code, stdout, err = run_main(capsys, "export", str(artifact), "-o", str(out), "--skip-parity")
+        assert_one_line_error(code, err, message)
+        assert stdout == ""
+    assert snapshot(tmp_path) == before
 
 
 def test_export_failures_leave_no_output(capsys, monkeypatch, tmp_path, artifact):
