@@ -14,6 +14,7 @@ import pytest
 from sparsert.cli import main
 from sparsert.runtime.errors import ArtifactError, ConfigError
 from sparsert.train.report import (
+    COLUMNS,
     TensorBoardWriter,
     build_report,
     load_run,
@@ -301,3 +302,77 @@ def test_run_ending_dense_is_compared_by_its_2to4_model(tmp_path: Path) -> None:
     report = build_report([dense, hu], tmp_path / "out", dense=dense)
     text = (tmp_path / "out" / "summary.md").read_text()
     assert "hu: ends with dense fine-tuning" in text and "val_loss_sparse" in text, report
+
+
+def _edit_state(run: Path, **changes) -> None:
+    """Update the run's checkpoint state.json (top-level keys; ``train_config`` is merged)."""
+    path = run / "checkpoints" / f"step_{STEPS:08d}" / "state.json"
+    state = json.loads(path.read_text())
+    state["train_config"].update(changes.pop("train_config", {}))
+    state.update(changes)
+    path.write_text(json.dumps(state))
+
+
+def test_dense_ratio_only_for_runs_trained_and_validated_alike(two_runs: tuple[Path, Path], tmp_path: Path,
+                                                                capsys: pytest.CaptureFixture) -> None:
+    """Another corpus or validation set: no ratio, and a note naming what differs; other token counts: the ratio
+    with a note."""
+    dense, sparse = two_runs
+    _edit_state(dense, data_digest="aa" * 32, train_config={"data": None, "eval_batches": 4})
+    _edit_state(sparse, data_digest="bb" * 32, train_config={"data": "data/mixed", "eval_batches": 4})
+    report = build_report([sparse], tmp_path / "r1", dense=dense, plots=False)
+    row = report.summaries[1]
+    assert row.val_loss is not None and row.val_loss_vs_dense is None and row.ppl_ratio_to_dense is None
+    note = ("sparse24: not compared with the dense baseline dense: trained and validated on different data "
+            "(data/mixed vs the default corpus).")
+    assert note in report.notes and note in (tmp_path / "r1" / "summary.md").read_text()
+
+    _edit_state(sparse, data_digest="aa" * 32, train_config={"data": None, "seq_len": 64})
+    report = build_report([sparse], tmp_path / "r2", dense=dense, plots=False)
+    assert report.summaries[1].val_loss_vs_dense is None
+    assert any("a different validation set (windows of seq_len 64 vs 32 tokens)" in n for n in report.notes)
+
+    _edit_state(sparse, train_config={"seq_len": 32, "eval_batches": 8})
+    report = build_report([sparse], tmp_path / "r3", dense=dense, plots=False)
+    assert any("a different validation set (32 vs 16 validation windows" in n for n in report.notes)
+
+    # the same 32 validation windows (batch_size x eval_batches = 8 x 4 and 4 x 8), twice the training tokens
+    _edit_state(sparse, train_config={"eval_batches": 4, "batch_size": 8})
+    _edit_state(dense, train_config={"eval_batches": 8})
+    main(["report", str(sparse), "--dense", str(dense), "-o", str(tmp_path / "r4"), "--no-plots"])
+    out = capsys.readouterr().out
+    row = next(line for line in out.splitlines() if line.startswith("| sparse24 |")).split("|")
+    assert row[COLUMNS.index("val loss vs dense") + 1].strip().endswith("%")  # the ratio is given
+    assert ("note: sparse24: trained on 30.7k tokens (120 steps), the dense baseline on 15.4k (120 steps): the val "
+            "loss gap to dense also reflects that.") in out
+
+
+def test_run_labels_duplicates_and_output_paths(two_runs: tuple[Path, Path], tmp_path: Path,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    dense, _ = two_runs
+    other = tmp_path / "other"
+    other.mkdir()
+    _write_run(other, "dense", sparse=False, final_val=2.0)
+    monkeypatch.chdir(tmp_path)
+    report = build_report(["dense", "other/dense"], "rep", plots=False)
+    assert [s.name for s in report.summaries] == ["dense", "other/dense"]  # not "/dense"
+    with pytest.raises(ConfigError, match=r"^RUN_DIR dense is given twice: give each run once$"):
+        build_report(["dense", "dense"], "rep2", plots=False)
+    with pytest.raises(ConfigError, match=rf"^RUN_DIR {tmp_path / 'dense'} is the same run as dense: give each"):
+        build_report(["dense", str(tmp_path / "dense")], "rep2", plots=False)
+    artifact = dense / "artifact"
+    artifact.mkdir()
+    (artifact / "config.json").write_text(json.dumps({"format": "sparsert-artifact", "format_version": 1}))
+    for out in (artifact, artifact / "sub"):
+        with pytest.raises(ConfigError, match=r"is inside the artifact directory .*artifact: refusing to write a "
+                           r"report into an artifact"):
+            build_report(["dense"], out, plots=False)
+    assert sorted(p.name for p in artifact.iterdir()) == ["config.json"]
+    monkeypatch.chdir(dense)  # "" would be this run, "." as the output its folder
+    with pytest.raises(ConfigError, match=r"^RUN_DIR: expected the path of a training run, got ''$"):
+        build_report([""], plots=False)
+    with pytest.raises(ConfigError, match=r"^-o: expected the path of a folder, got ''$"):
+        build_report(["."], "", plots=False)
+    with pytest.raises(ConfigError, match=r"^--dense: expected the path of a training run, got ''$"):
+        build_report(["."], "r", dense="", plots=False)
+    assert not (dense / "r").exists() and not (dense / "summary.md").exists()

@@ -287,14 +287,70 @@ def _tokens(run: RunMetrics) -> int | None:
     return int(b * t * (accum if _is_number(accum) else 1) * run.last_step)
 
 
+def _train_config(run: RunMetrics) -> dict:
+    """The run's training config: the metrics header's, updated by the latest checkpoint's."""
+    config = dict(run.meta["train_config"]) if isinstance(run.meta.get("train_config"), dict) else {}
+    state = run.state or {}
+    if isinstance(state.get("train_config"), dict):
+        config.update(state["train_config"])
+    return config
+
+
+def _data_name(config: dict) -> str:
+    data = config.get("data")
+    return "the default corpus" if data in (None, "") else str(data)
+
+
+def comparison_issues(run: RunMetrics, dense: RunMetrics) -> tuple[list[str], list[str]]:
+    """(blocking, caveats) of comparing ``run``'s validation loss with the dense baseline ``dense``.
+
+    Blocking — the two losses are not measured on the same thing, so no ratio is given: different data (the
+    checkpoints' ``data_digest``, the sha256 of the token streams; else the configured ``data`` paths),
+    different tokenizers (losses per token of different units), or a different validation set (``seq_len``,
+    or ``batch_size × eval_batches`` validation windows). Caveats — the ratio is given with a note: a
+    different number of training tokens. Only what both runs record is compared."""
+    if run is dense:
+        return [], []
+    rs, ds = run.state or {}, dense.state or {}
+    rc, dc = _train_config(run), _train_config(dense)
+    blocking: list[str] = []
+    r_digest, d_digest = rs.get("data_digest"), ds.get("data_digest")
+    if r_digest and d_digest:
+        if r_digest != d_digest:
+            what = (f"{_data_name(rc)} vs {_data_name(dc)}" if _data_name(rc) != _data_name(dc)
+                    else f"{_data_name(rc)}, but its contents differ")
+            blocking.append(f"trained and validated on different data ({what})")
+    elif "data" in rc and "data" in dc and _data_name(rc) != _data_name(dc):
+        blocking.append(f"trained and validated on different data ({_data_name(rc)} vs {_data_name(dc)})")
+    r_tok, d_tok = rs.get("tokenizer"), ds.get("tokenizer")
+    if r_tok and d_tok and r_tok != d_tok:
+        blocking.append("different tokenizers (their losses per token are in different units)")
+    if _is_number(rc.get("seq_len")) and _is_number(dc.get("seq_len")) and rc["seq_len"] != dc["seq_len"]:
+        blocking.append(f"a different validation set (windows of seq_len {rc['seq_len']} vs {dc['seq_len']} "
+                        "tokens)")
+    else:
+        windows = [c.get("batch_size") * c.get("eval_batches") if _is_number(c.get("batch_size"))
+                   and _is_number(c.get("eval_batches")) else None for c in (rc, dc)]
+        if None not in windows and windows[0] != windows[1]:
+            blocking.append(f"a different validation set ({windows[0]} vs {windows[1]} validation windows, "
+                            "batch_size x eval_batches)")
+    caveats: list[str] = []
+    r_tokens, d_tokens = _tokens(run), _tokens(dense)
+    if r_tokens is not None and d_tokens is not None and r_tokens != d_tokens:
+        caveats.append(f"trained on {_fmt_int(r_tokens)} tokens ({run.last_step} steps), the dense baseline on "
+                       f"{_fmt_int(d_tokens)} ({dense.last_step} steps)")
+    return blocking, caveats
+
+
 def summarize_run(run: RunMetrics, dense: RunMetrics | None = None) -> RunSummary:
-    """The summary row of ``run``; ratios against ``dense`` when given."""
+    """The summary row of ``run``; ratios against ``dense`` when given and comparable
+    (:func:`comparison_issues` finds nothing blocking)."""
     _, losses = run.series("loss")
     tail = losses[-TRAIN_LOSS_WINDOW:]
     train_loss = sum(tail) / len(tail) if tail else None
     val_loss, val_ppl = _final_val(run)
     vs_dense = ppl_ratio = None
-    if dense is not None and dense is not run:
+    if dense is not None and dense is not run and not comparison_issues(run, dense)[0]:
         d_loss, d_ppl = _final_val(dense)
         if val_loss is not None and d_loss:
             vs_dense = val_loss / d_loss - 1.0
@@ -389,6 +445,13 @@ def _notes(runs: list[RunMetrics], dense: RunMetrics | None) -> list[str]:
         notes.append("No dense baseline given (--dense RUN_DIR): no ratios to dense.")
     for run in runs:
         notes += [f"{run.name}: {n}" for n in run.notes]
+        if dense is not None and run is not dense:
+            blocking, caveats = comparison_issues(run, dense)
+            if blocking:
+                notes.append(f"{run.name}: not compared with the dense baseline {dense.name}: "
+                             f"{'; '.join(blocking)}.")
+            elif caveats:
+                notes.append(f"{run.name}: {'; '.join(caveats)}: the val loss gap to dense also reflects that.")
         if any(_is_number(r.get("val_loss_sparse")) for r in run.evals):
             notes.append(f"{run.name}: ends with dense fine-tuning; its val loss is the 2:4 model the artifact "
                          "holds (val_loss_sparse), not the dense fine-tuned one.")
@@ -555,15 +618,28 @@ class Report:
     runs: list[RunMetrics]
     summaries: list[RunSummary]
     markdown: str
+    notes: list[str] = field(default_factory=list)  # the summary's notes (comparability with dense among them)
+
+
+def _is_artifact_dir(path: Path) -> bool:
+    """Whether ``path`` holds a sparsert artifact's ``config.json`` (as ``runtime.artifact.is_artifact_dir``,
+    which this module does not import: it would load torch)."""
+    try:
+        config = json.loads((path / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(config, dict) and config.get("format") == "sparsert-artifact"
 
 
 def _unique_names(runs: list[RunMetrics]) -> None:
+    """Runs whose folder names collide are labelled by their paths as given (``run``, ``other/run``), which
+    differ: the same run given twice is refused before (:func:`build_report`)."""
     seen: dict[str, int] = {}
     for run in runs:
         seen[run.name] = seen.get(run.name, 0) + 1
     for run in runs:
         if seen[run.name] > 1:
-            run.name = f"{run.path.parent.name}/{run.path.name}"
+            run.name = str(run.path)
 
 
 def _trained_dense(run: RunMetrics) -> bool | None:
@@ -587,7 +663,17 @@ def build_report(run_dirs: list[str | Path], out_dir: str | Path | None = None, 
     """
     if not run_dirs:
         raise ConfigError("sparsert report: give at least one run directory")
+    for value, what in [(r, "RUN_DIR") for r in run_dirs] + [(out_dir, "-o"), (dense, "--dense")]:
+        if value is not None and not str(value).strip():  # Path("") would be the current directory
+            raise ConfigError(f"{what}: expected the path of a {'folder' if what == '-o' else 'training run'}, "
+                              f"got {str(value)!r}")
     listed = [load_run(r) for r in run_dirs]
+    first: dict[Path, RunMetrics] = {}
+    for run in listed:
+        same = first.setdefault(run.path.resolve(), run)
+        if same is not run:
+            twice = "is given twice" if str(run.path) == str(same.path) else f"is the same run as {same.path}"
+            raise ConfigError(f"RUN_DIR {run.path} {twice}: give each run once")
     runs = list(listed)
     dense_run = None
     if dense is not None:
@@ -604,6 +690,10 @@ def build_report(run_dirs: list[str | Path], out_dir: str | Path | None = None, 
     if plots:
         _figure_class()  # fail before writing anything
     out = Path(out_dir) if out_dir is not None else (listed[0].path / "report" if len(listed) == 1 else Path("report"))
+    inside = next((p for p in (out, *out.resolve().parents) if _is_artifact_dir(p)), None)
+    if inside is not None:
+        raise ConfigError(f"-o {out} is inside the artifact directory {inside}: refusing to write a report into "
+                          "an artifact (choose a folder outside it)")
     if out.exists() and not out.is_dir():
         raise ConfigError(f"{out}: report output path is a file, expected a directory")
     try:
@@ -629,7 +719,7 @@ def build_report(run_dirs: list[str | Path], out_dir: str | Path | None = None, 
     write_atomic(out / "summary.md", md.encode("utf-8"))
     write_atomic(out / "summary.html", render_html(summaries, plot_names, notes).encode("utf-8"))
     files += [out / "summary.md", out / "summary.html"]
-    return Report(out_dir=out, files=files, runs=runs, summaries=summaries, markdown=md)
+    return Report(out_dir=out, files=files, runs=runs, summaries=summaries, markdown=md, notes=notes)
 
 
 # --------------------------------------------------------------------------------------------------- TensorBoard
