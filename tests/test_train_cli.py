@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -143,6 +144,7 @@ def test_resume_without_out_names_the_runs_it_could_mean(tmp_path, monkeypatch, 
     (["--init-from", "runs/dense", "--preset", "small"],
      "error: --preset chooses a built-in model; with --init-from the model is the one in runs/dense (leave "
      "--preset out)"),
+    (["--out", ""], "error: --out: expected a run directory path, got ''"),  # not the current directory
 ])
 def test_bad_flags_are_one_line_errors(args, message, tmp_path, monkeypatch, capsys):
     from sparsert.cli import main
@@ -228,3 +230,68 @@ def test_ast_without_a_teacher_takes_distill_beta_zero(corpus, tmp_path, monkeyp
     main(["train", "--method", "ast", "--distill-beta", "0", "--data", str(corpus), "--steps", "1",
           "--eval-interval", "1", "--out", "run", *TINY])
     assert (tmp_path / "run" / "artifact").is_dir()
+
+
+def _cli_error(args: list[str], capsys) -> str:
+    """The one stderr line of ``sparsert train ARGS`` exiting 2."""
+    from sparsert.cli import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(["train", *args])
+    assert exc.value.code == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1, lines
+    return lines[0]
+
+
+def test_out_that_holds_other_files_is_refused_before_training(corpus, tmp_path, monkeypatch, capsys):
+    """A new run's --out must be new, empty or a run stopped before its first checkpoint: a folder with other
+    files (a metrics.jsonl that is not a sparsert log, an artifact/ folder that is not an artifact) is refused
+    up front, and left as it was."""
+    monkeypatch.chdir(tmp_path)
+    mine = tmp_path / "mine"
+    (mine / "artifact").mkdir(parents=True)
+    files = {"notes.txt": "keep me", "metrics.jsonl": '{"epoch": 1}\n', "artifact/weights.bin": "x"}
+    for name, text in files.items():
+        (mine / name).write_text(text)
+    args = ["--data", str(corpus), "--steps", "1", *TINY]
+    assert _cli_error([*args, "--out", "mine"], capsys) == (
+        "error: --out mine: the directory is not empty (artifact, metrics.jsonl, notes.txt) and is not a sparsert "
+        "training run; a new run writes metrics.jsonl, checkpoints/ and artifact/ there: choose another --out (a new "
+        "or empty directory)")
+    assert {str(p.relative_to(mine)): p.read_text() for p in mine.rglob("*") if p.is_file()} == files
+
+    (tmp_path / "only" / "artifact").mkdir(parents=True)  # the artifact folder is the only thing in the way
+    assert _cli_error([*args, "--out", "only"], capsys) == (
+        f"error: --out only: {Path('only/artifact')} exists but only holds no training run (no checkpoint); a new "
+        "run writes its artifact there: choose another --out, or move artifact/ out of only")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mine", "only"]
+    assert list((tmp_path / "only").iterdir()) == [tmp_path / "only" / "artifact"]
+
+
+def test_default_out_and_resume_of_a_run_still_work(corpus, tmp_path, monkeypatch, capsys):
+    """The quickstart (no --out) twice makes two runs; --resume of a genuine run rewrites its artifact, and is
+    refused before training when something that is not an artifact sits in <run>/artifact."""
+    from sparsert.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    for _ in range(2):
+        main(["train", "--data", str(corpus), "--steps", "1", "--eval-interval", "1", *TINY])
+    runs = sorted((tmp_path / "runs").iterdir())
+    assert len(runs) == 2 and all((r / "artifact" / "config.json").is_file() for r in runs)
+    capsys.readouterr()
+    run = runs[0]
+    assert _cli_error(["--data", str(corpus), "--steps", "1", *TINY, "--out", str(run)], capsys) == (
+        f"error: {run} already holds a training run; continue it with --resume or choose another --out")
+    main(["train", "--resume", "--out", str(run), "--threads", "1", "--no-progress"])  # finished: re-evaluates
+    assert (run / "artifact" / "config.json").is_file()
+    capsys.readouterr()
+
+    shutil.rmtree(run / "artifact")
+    (run / "artifact").mkdir()
+    (run / "artifact" / "mine.txt").write_text("keep me")
+    log = (run / "metrics.jsonl").read_text()
+    assert _cli_error(["--resume", "--out", str(run), "--threads", "1", "--no-progress"], capsys) == (
+        f"error: cannot resume {run}: {run / 'artifact'} is not a sparsert artifact, and the run ends by writing its "
+        f"artifact there; move it out of {run} to resume")
+    assert (run / "artifact" / "mine.txt").read_text() == "keep me" and (run / "metrics.jsonl").read_text() == log

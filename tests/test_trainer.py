@@ -116,13 +116,35 @@ def test_non_finite_loss_stops_naming_the_step_and_keeps_the_last_checkpoint(cor
     assert last["step"] == ck.step  # nothing logged or saved for the failed step
 
 
+LEFTOVER_LOG = '{"step": 1, "loss": 9.0, "lr": 0.003, "tokens_per_s": 1000.0, "sparsity": 0.5}\n'
+
+
 def test_a_run_stopped_before_its_first_checkpoint_can_start_again(corpus, tmp_path):
     run = tmp_path / "run"
-    run.mkdir()
-    (run / "metrics.jsonl").write_text('{"step": 1, "loss": 9.0}\n')  # left by a run interrupted at step 1
+    (run / "checkpoints" / "step_00000002.tmp").mkdir(parents=True)  # the first checkpoint, half written
+    (run / "metrics.jsonl").write_text(LEFTOVER_LOG)  # left by a run interrupted at step 1
     train(small(corpus, run, steps=2, eval_interval=2, ckpt_interval=2))
     assert [r["step"] for r in read_metrics(run) if "loss" in r] == [1, 2]
     assert read_metrics(run)[0]["loss"] != 9.0
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["latest.json", "step_00000002"]
+
+
+@pytest.mark.parametrize(("files", "foreign"), [
+    ({"notes.txt": "mine"}, "notes.txt"),
+    ({"metrics.jsonl": '{"epoch": 1, "acc": 0.5}\n'}, "metrics.jsonl"),  # someone else's metrics log
+    ({"metrics.jsonl": LEFTOVER_LOG, "notes.txt": "mine"}, "notes.txt"),  # an interrupted run's log, and more
+])
+def test_a_new_run_refuses_an_out_dir_holding_other_files_before_writing_anything(corpus, tmp_path, files, foreign):
+    run = tmp_path / "run"
+    run.mkdir()
+    for name, text in files.items():
+        (run / name).write_text(text)
+    with pytest.raises(ConfigError) as exc:
+        train(small(corpus, run, steps=2))
+    assert str(exc.value) == (
+        f"--out {run}: the directory is not empty ({foreign}) and is not a sparsert training run; a new run writes "
+        "metrics.jsonl, checkpoints/ and artifact/ there: choose another --out (a new or empty directory)")
+    assert {p.name: p.read_text() for p in run.iterdir()} == files  # nothing written, nothing truncated
 
 
 def test_qat_forward_weights_are_the_artifact_weights(corpus, tmp_path):

@@ -41,8 +41,10 @@ from __future__ import annotations
 import base64
 import contextlib
 import dataclasses
+import json
 import math
 import os
+import re
 import sys
 import time
 from dataclasses import asdict, dataclass, field, fields
@@ -54,11 +56,15 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
+from sparsert.runtime.artifact import CONFIG_NAME as ARTIFACT_CONFIG
+from sparsert.runtime.artifact import FORMAT as ARTIFACT_FORMAT
 from sparsert.runtime.errors import ArtifactError, ConfigError, DataError, SparsertError
 from sparsert.runtime.model import DecoderLM, ModelConfig, model_config_from_preset, sparse_linear_names
 from sparsert.runtime.tokenizer import ByteTokenizer, tokenizer_from_dict
 from sparsert.train.ast_distill import ASTConfig, Teacher, annealed_decay, check_same_tokenizer, distillation_loss
 from sparsert.train.checkpoint import (
+    CHECKPOINTS,
+    LATEST,
     Checkpoint,
     list_checkpoints,
     load_checkpoint,
@@ -231,6 +237,11 @@ class TrainConfig:
             self.data = os.fspath(self.data)
         if self.data is not None and (not isinstance(self.data, str) or not self.data):
             raise ConfigError(f"train config 'data': expected a path to a text file or directory, got {self.data!r}")
+        if isinstance(self.out_dir, os.PathLike):
+            self.out_dir = os.fspath(self.out_dir)
+        if self.out_dir is not None and (not isinstance(self.out_dir, str) or not self.out_dir):
+            # "" would be the current directory: the run's files would land among whatever is there
+            raise ConfigError(f"train config 'out_dir': expected a run directory path, got {self.out_dir!r}")
         self._resolve_method_defaults()
         positive = ("steps", "batch_size", "seq_len", "n", "m", "mask_refresh_interval", "group_size",
                     "eval_interval", "eval_batches", "ckpt_interval", "keep_checkpoints", "max_data_bytes")
@@ -764,12 +775,11 @@ def find_resume_dir(cfg: TrainConfig) -> Path:
 
 
 def _new_run_dir(cfg: TrainConfig) -> Path:
+    """The directory of a new run: ``cfg.out_dir`` once :func:`check_new_run_dir` accepts it, else a new
+    ``runs/<preset>-<variant>-<timestamp>`` (with a ``-N`` suffix when that name is taken)."""
     if cfg.out_dir is not None:
         run_dir = Path(cfg.out_dir)
-        if (run_dir / "checkpoints" / "latest.json").exists():
-            raise ConfigError(
-                f"{run_dir} already holds a training run; continue it with --resume or choose another --out"
-            )
+        check_new_run_dir(run_dir)
         return run_dir
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
     base = Path(RUNS_DIR) / f"{run_prefix(cfg)}-{cfg.variant}-{stamp}"
@@ -777,6 +787,87 @@ def _new_run_dir(cfg: TrainConfig) -> Path:
     while run_dir.exists():
         run_dir, i = base.with_name(f"{base.name}-{i}"), i + 1
     return run_dir
+
+
+# What a run interrupted before its first complete checkpoint leaves in its directory: the metrics log, and in
+# checkpoints/ the step directories being written (step_N.tmp, or step_N whose latest.json was not published yet)
+# and latest.json's temporary file. A new run may start there (it restarts the log and rewrites the checkpoints).
+_LEFTOVER_CHECKPOINT_FILES = re.compile(r"^(step_\d+(\.tmp|\.old)?|\.latest\.json\..*\.tmp)$")
+# Keys of the first line of a sparsert metrics log: a step record, or the --data header (sparsert.train.metrics).
+_METRICS_STEP_KEYS = {"step", "loss", "lr", "tokens_per_s", "sparsity"}
+
+
+def _is_metrics_log(path: Path) -> bool:
+    """True when ``path`` is empty or starts with a line of a sparsert metrics log."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            first = f.readline(1 << 22)
+        if not first.strip():
+            return first == ""
+        record = json.loads(first)
+    except (OSError, UnicodeDecodeError, ValueError):
+        return False
+    return isinstance(record, dict) and (_METRICS_STEP_KEYS <= set(record) or set(record) == {"data_skipped"})
+
+
+def _is_run_leftover(path: Path) -> bool:
+    if path.name == METRICS_FILE:
+        return path.is_file() and not path.is_symlink() and _is_metrics_log(path)
+    if path.name == CHECKPOINTS:
+        return path.is_dir() and not path.is_symlink() and \
+            all(_LEFTOVER_CHECKPOINT_FILES.match(p.name) for p in path.iterdir())
+    return False
+
+
+def check_new_run_dir(run_dir: Path) -> None:
+    """ConfigError unless a new run may start in ``run_dir`` (``--out``): it does not exist, is empty, or holds
+    only what a sparsert run stopped before its first checkpoint leaves (its ``metrics.jsonl``, ``checkpoints/``
+    without a complete checkpoint). A run with a checkpoint is refused (it is continued with ``--resume``), and so
+    is a directory holding anything else: the run would write its ``metrics.jsonl``, ``checkpoints/`` and
+    ``artifact/`` among, or over, files that are not its own. Checked before anything is loaded or written."""
+    if not (run_dir.exists() or run_dir.is_symlink()):
+        return
+    if not run_dir.is_dir():
+        what = "a file" if run_dir.is_file() else "something that is not a directory"
+        raise ConfigError(f"--out {run_dir}: expected a run directory, got {what}")
+    if (run_dir / CHECKPOINTS / LATEST).exists():
+        raise ConfigError(
+            f"{run_dir} already holds a training run; continue it with --resume or choose another --out"
+        )
+    foreign = sorted(p.name for p in run_dir.iterdir() if not _is_run_leftover(p))
+    if not foreign:
+        return
+    if foreign in (["artifact"], [HF_DIR]):
+        raise ConfigError(
+            f"--out {run_dir}: {run_dir / foreign[0]} exists but {run_dir} holds no training run (no checkpoint); "
+            f"a new run writes its {'artifact' if foreign == ['artifact'] else 'Hugging Face model'} there: choose "
+            f"another --out, or move {foreign[0]}/ out of {run_dir}"
+        )
+    shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+    raise ConfigError(
+        f"--out {run_dir}: the directory is not empty ({shown}) and is not a sparsert training run; a new run "
+        "writes metrics.jsonl, checkpoints/ and artifact/ there: choose another --out (a new or empty directory)"
+    )
+
+
+def _check_artifact_target(run_dir: Path, cfg: TrainConfig, model_config: ModelConfig) -> None:
+    """A resumed run ends by writing ``<run_dir>/artifact``, which compression refuses to do over anything but a
+    sparsert artifact: ConfigError now, before training, rather than after it."""
+    if is_hf_config(model_config) or not (cfg.dense or (cfg.n, cfg.m) == (2, 4)):
+        return  # an HF run writes <run>/hf; an N:M run other than 2:4 writes no artifact
+    target = run_dir / "artifact"
+    if not (target.exists() or target.is_symlink()):
+        return
+    if target.is_dir() and not target.is_symlink():
+        if not any(target.iterdir()):
+            return
+        try:
+            if json.loads((target / ARTIFACT_CONFIG).read_text()).get("format") == ARTIFACT_FORMAT:
+                return
+        except (OSError, ValueError, AttributeError):
+            pass
+    raise ConfigError(f"cannot resume {run_dir}: {target} is not a sparsert artifact, and the run ends by writing "
+                      f"its artifact there; move it out of {run_dir} to resume")
 
 
 def _rng_to_str(state: torch.Tensor) -> str:
@@ -826,14 +917,15 @@ def train(cfg: TrainConfig) -> TrainResult:
                 "resume without those options, or start a new run"
             )
         model_config = ckpt.model_config
+        _check_artifact_target(run_dir, cfg, model_config)
     else:
+        run_dir = _new_run_dir(cfg)  # a bad --out is refused now, before anything is loaded or written
         if cfg.init_from is not None:  # the architecture comes from the checkpoint the run starts from
             init_ckpt = load_checkpoint(cfg.init_from, load_optimizer=False)
             model_config = init_ckpt.model_config
         else:
             model_config = (hf_model_config(cfg.hf_model) if cfg.hf_model is not None  # H11: --model PATH
                             else model_config_from_preset(cfg.preset, cfg.arch))
-        run_dir = None
     if cfg.seq_len > model_config.max_seq_len:
         raise ConfigError(f"--seq-len {cfg.seq_len} exceeds the model's max_seq_len {model_config.max_seq_len}")
 
@@ -913,7 +1005,6 @@ def train(cfg: TrainConfig) -> TrainResult:
     else:
         if init_ckpt is not None and "data_rng" in init_ckpt.state:  # continue the pre-training's data order
             _restore_rng(gen.set_state, init_ckpt.state["data_rng"], f"{init_ckpt.path}/state.json")
-        run_dir = _new_run_dir(cfg)
     run_dir = dctx.broadcast(run_dir)  # H11: rank 0's run directory (its timestamp) on every rank
     if run_dir.exists() and not run_dir.is_dir():
         raise ConfigError(f"--out {run_dir}: expected a run directory, got a file")
