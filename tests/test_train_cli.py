@@ -145,6 +145,9 @@ def test_resume_without_out_names_the_runs_it_could_mean(tmp_path, monkeypatch, 
      "error: --preset chooses a built-in model; with --init-from the model is the one in runs/dense (leave "
      "--preset out)"),
     (["--out", ""], "error: --out: expected a run directory path, got ''"),  # not the current directory
+    (["--schedule", "spdf", "--dense-finetune", "0"],
+     "error: --schedule spdf is sparse training followed by dense fine-tuning; --dense-finetune 0 leaves none, "
+     "which is --schedule from-scratch: use that, or a fraction above 0"),
 ])
 def test_bad_flags_are_one_line_errors(args, message, tmp_path, monkeypatch, capsys):
     from sparsert.cli import main
@@ -295,3 +298,26 @@ def test_default_out_and_resume_of_a_run_still_work(corpus, tmp_path, monkeypatc
         f"error: cannot resume {run}: {run / 'artifact'} is not a sparsert artifact, and the run ends by writing its "
         f"artifact there; move it out of {run} to resume")
     assert (run / "artifact" / "mine.txt").read_text() == "keep me" and (run / "metrics.jsonl").read_text() == log
+
+
+@pytest.mark.parametrize(("args", "noted"), [
+    (["--method", "hu", "--steps", "5"], True),  # 1/6 of 5 steps rounds down to 0
+    (["--schedule", "spdf", "--steps", "5"], True),
+    (["--method", "hu", "--dense-finetune", "0.5", "--steps", "1"], True),
+    (["--method", "hu", "--steps", "6"], False),  # 1 step dense
+])
+def test_a_dense_finetune_that_rounds_to_no_step_is_noted(corpus, tmp_path, monkeypatch, capsys, args, noted):
+    from sparsert.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    main(["train", "--data", str(corpus), "--eval-interval", "100", "--mask-refresh", "2", *TINY, "--out", "run",
+          *args])
+    err = capsys.readouterr().err
+    steps = int(args[-1])
+    fraction = "0.5" if "0.5" in args else "0.1667"
+    need = 2 if "0.5" in args else 6
+    note = (f"note: dense fine-tuning for the last {fraction} of {steps} steps (--dense-finetune) rounds down to 0 "
+            f"steps: this run trains no step dense (that takes --steps {need} or more)")
+    assert (note in err) is noted, err
+    phases = [r["phase"] for r in read_metrics(tmp_path / "run") if "loss" in r]
+    assert ("dense_finetune" in phases) is not noted

@@ -96,6 +96,8 @@ def test_methods_fill_in_their_paper_defaults():
     (dict(method="fancy"), r"'method': expected one of sr-ste, hu, ast, got 'fancy'"),
     (dict(schedule="gradual", prune_start=0.8, prune_end=0.5), r"prune_start \(0.8\) must be before prune_end"),
     (dict(schedule="gradual", dense_finetune=0.5), r"pruning ends at 0.75 but dense fine-tuning starts at 0.5"),
+    (dict(schedule="spdf", dense_finetune=0.0), r"--schedule spdf is sparse training followed by dense fine-tuning; "
+                                                r"train config 'dense_finetune' 0 leaves none"),
     (dict(out_dir=""), r"^train config 'out_dir': expected a run directory path, got ''$"),
     (dict(dense_finetune=1.0), r"'dense_finetune': expected a fraction below 1"),
     (dict(distill_temperature=0.0), r"'distill_temperature': expected a number > 0"),

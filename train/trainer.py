@@ -365,6 +365,10 @@ class TrainConfig:
         self._check_sparse_gemm()
         if self.dense_finetune >= 1:
             raise ConfigError("train config 'dense_finetune': expected a fraction below 1 (no sparse phase is left)")
+        if self.schedule == "spdf" and self.dense_finetune == 0:
+            raise ConfigError("--schedule spdf is sparse training followed by dense fine-tuning; train config "
+                              "'dense_finetune' 0 leaves none, which is --schedule from-scratch: use that, or a "
+                              "fraction above 0")
         if self.method == "ast" and self.masked_decay > 0:
             raise ConfigError("--masked-decay is the Hu recipe's constant decay; AST decays with the annealed "
                               "--decay-max/--decay-warmup")
@@ -1071,6 +1075,11 @@ def train(cfg: TrainConfig) -> TrainResult:
         if scfg is not None and (cfg.n, cfg.m) != (2, 4):
             _say(f"note: the compressed artifact stores 2:4 sparsity only; this {cfg.n}:{cfg.m} run will end with "
                  "a checkpoint and no artifact")
+        if scfg is not None and cfg.dense_finetune > 0 and cfg.sparsity_schedule().finetune_start(cfg.steps) \
+                >= cfg.steps:  # e.g. --method hu's 1/6 of a short run
+            _say(f"note: dense fine-tuning for the last {cfg.dense_finetune:.4g} of {cfg.steps} steps "
+                 "(--dense-finetune) rounds down to 0 steps: this run trains no step dense (that takes --steps "
+                 f"{math.ceil(1 / cfg.dense_finetune - 1e-9)} or more)")
         model.train()
         for step in range(start_step + 1, cfg.steps + 1):
             t0 = time.perf_counter()
