@@ -148,6 +148,12 @@ def test_resume_without_out_names_the_runs_it_could_mean(tmp_path, monkeypatch, 
     (["--schedule", "spdf", "--dense-finetune", "0"],
      "error: --schedule spdf is sparse training followed by dense fine-tuning; --dense-finetune 0 leaves none, "
      "which is --schedule from-scratch: use that, or a fraction above 0"),
+    (["--schedule", "gradual", "--prune-start", "0.8", "--prune-end", "0.2"],
+     "error: --prune-start 0.8 must be before --prune-end 0.2 (the fractions of the steps where pruning starts "
+     "and ends)"),
+    (["--method", "hu", "--schedule", "gradual", "--prune-end", "0.9"],
+     "error: --prune-end 0.9: pruning must end by the start of dense fine-tuning, at 0.8333 of the steps "
+     "(--dense-finetune 0.1667)"),
 ])
 def test_bad_flags_are_one_line_errors(args, message, tmp_path, monkeypatch, capsys):
     from sparsert.cli import main
@@ -298,6 +304,41 @@ def test_default_out_and_resume_of_a_run_still_work(corpus, tmp_path, monkeypatc
         f"error: cannot resume {run}: {run / 'artifact'} is not a sparsert artifact, and the run ends by writing its "
         f"artifact there; move it out of {run} to resume")
     assert (run / "artifact" / "mine.txt").read_text() == "keep me" and (run / "metrics.jsonl").read_text() == log
+
+
+def test_errors_name_the_flag_the_user_gave(corpus, tmp_path, monkeypatch, capsys):
+    """--init-from as AST's default teacher, --teacher with any method, a missing path, and a K that --sparsity or
+    --group-size does not divide: each message starts with the flag given; nothing is written."""
+    from sparsert.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    base = ["--data", str(corpus), "--steps", "1", "--eval-interval", "1", *TINY]
+    main(["train", *base, "--out", "sparse"])
+    capsys.readouterr()
+    step = Path("sparse") / "checkpoints" / "step_00000001"
+    for args, message in (
+        (["--method", "ast", "--init-from", "sparse"],
+         f"error: --init-from {step}: a sparse checkpoint cannot be the distillation teacher, and --method ast "
+         "distils from --init-from unless --teacher is given: give --teacher with a dense run (trained with "
+         "--dense) or a Hugging Face model directory, or --distill-beta 0"),
+        (["--teacher", "sparse"],  # any method distils from a --teacher
+         f"error: --teacher {step}: a sparse checkpoint; the distillation teacher must be dense (a run trained with "
+         "--dense, or a Hugging Face model directory)"),
+        (["--teacher", "/nonexistent"],
+         "error: --teacher /nonexistent: path does not exist (expected a dense sparsert run or checkpoint, or a "
+         "Hugging Face model directory)"),
+        (["--init-from", "/nonexistent"],
+         "error: --init-from /nonexistent: checkpoint path does not exist (expected a sparsert run, its "
+         "checkpoints/ or a step directory)"),
+        (["--sparsity", "2:3"],
+         "error: --sparsity 2:3: layer blocks.0.attn.q_proj has K=128 input features, not a multiple of M=3; M must "
+         "divide every block linear's K (their greatest common divisor is 128)"),
+        (["--qat", "--group-size", "100"],
+         "error: --group-size 100: layer blocks.0.attn.q_proj has K=128 input features, not a multiple of the INT4 "
+         "group size; it must divide every block linear's K (their greatest common divisor is 128)"),
+    ):
+        assert _cli_error([*base, *args, "--out", "new"], capsys) == message, args
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["sparse"]
 
 
 @pytest.mark.parametrize(("args", "noted"), [

@@ -210,7 +210,7 @@ def test_a_dense_hf_run_is_an_ast_teacher_for_a_student_with_its_tokenizer(hf: d
     # A student with another tokenizer: refused before anything is written, naming both tokenizers.
     step_dir = ckpt.path
     message = (rf"--teacher {step_dir}: its tokenizer, 'hf' tokenizer of {hf['llama'].resolve()} \(300 tokens\), "
-               r"differs from the student's, 'byte' tokenizer \(256 tokens\) \(AST teacher tokenizer is of type "
+               r"differs from the student's, 'byte' tokenizer \(256 tokens\) \(its tokenizer is of type "
                r"'hf', the student's 'byte'\)")
     with pytest.raises(ConfigError, match=message):
         train(TrainConfig(data=str(hf["corpus"]), out_dir=str(tmp_path / "byte"), method="ast",

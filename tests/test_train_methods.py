@@ -94,8 +94,11 @@ def test_methods_fill_in_their_paper_defaults():
     (dict(dense=True, schedule="gradual"), r"'schedule' applies to sparse training"),
     (dict(transposable=True, n=1, m=4), r"--transposable masks are 2:4 only, got --sparsity 1:4"),
     (dict(method="fancy"), r"'method': expected one of sr-ste, hu, ast, got 'fancy'"),
-    (dict(schedule="gradual", prune_start=0.8, prune_end=0.5), r"prune_start \(0.8\) must be before prune_end"),
-    (dict(schedule="gradual", dense_finetune=0.5), r"pruning ends at 0.75 but dense fine-tuning starts at 0.5"),
+    (dict(schedule="gradual", prune_start=0.8, prune_end=0.5),
+     r"^train config 'prune_start' 0.8 must be before train config 'prune_end' 0.5 \(the fractions of the steps"),
+    (dict(schedule="gradual", dense_finetune=0.5), r"^train config 'prune_end' 0.75: pruning must end by the start of "
+                                                   r"dense fine-tuning, at 0.5 of the steps \(train config "
+                                                   r"'dense_finetune' 0.5\)"),
     (dict(schedule="spdf", dense_finetune=0.0), r"--schedule spdf is sparse training followed by dense fine-tuning; "
                                                 r"train config 'dense_finetune' 0 leaves none"),
     (dict(out_dir=""), r"^train config 'out_dir': expected a run directory path, got ''$"),
@@ -292,7 +295,8 @@ def _checkpoint_with_vocab(path, vocab_size: int):
 
 def test_teacher_with_another_vocabulary_is_refused_before_anything_is_written(corpus, tmp_path):
     _checkpoint_with_vocab(tmp_path / "teacher", 300)
-    with pytest.raises(ConfigError, match=r"AST teacher vocabulary has 300 tokens but the student's has 256"):
+    with pytest.raises(ConfigError, match=rf"^--teacher {tmp_path / 'teacher'}: teacher vocabulary has 300 tokens "
+                                          r"but the student's has 256"):
         load_teacher(tmp_path / "teacher", 256, trainer_mod.ByteTokenizer())
     with pytest.raises(ConfigError, match=r"vocabulary has 300 tokens"):
         train(small(corpus, tmp_path / "run", method="ast", teacher=str(tmp_path / "teacher")))
@@ -303,7 +307,7 @@ def test_teacher_with_another_vocabulary_is_refused_before_anything_is_written(c
 
 def test_a_sparse_teacher_or_a_foreign_tokenizer_is_refused(corpus, tmp_path, dense_run):
     train(small(corpus, tmp_path / "sparse", steps=2, eval_interval=2, ckpt_interval=2))
-    with pytest.raises(ConfigError, match=r"a sparse checkpoint; AST distils from the dense model"):
+    with pytest.raises(ConfigError, match=r"a sparse checkpoint; the distillation teacher must be dense"):
         load_teacher(tmp_path / "sparse", 256, trainer_mod.ByteTokenizer())
 
     class OtherTokenizer:
@@ -313,7 +317,7 @@ def test_a_sparse_teacher_or_a_foreign_tokenizer_is_refused(corpus, tmp_path, de
             return [b ^ 1 for b in text.encode()]
 
     with pytest.raises(ConfigError, match=r"its tokenizer, 'byte' tokenizer \(256 tokens\), differs from the "
-                                          r"student's, OtherTokenizer \(256 tokens\) \(AST teacher tokenizer is of "
+                                          r"student's, OtherTokenizer \(256 tokens\) \(its tokenizer is of "
                                           r"type 'byte', the student's 'OtherTokenizer'\)"):
         load_teacher(dense_run, 256, OtherTokenizer())
     assert isinstance(load_teacher(dense_run, 256, trainer_mod.ByteTokenizer()), Teacher)

@@ -163,13 +163,13 @@ class Teacher:
 
     def __init__(self, module: nn.Module, student_vocab_size: int) -> None:
         if not isinstance(module, nn.Module):
-            raise ConfigError(f"AST teacher: expected a torch nn.Module returning logits, got {type(module).__name__}")
+            raise ConfigError(f"teacher: expected a torch nn.Module returning logits, got {type(module).__name__}")
         self.module = module.eval().requires_grad_(False)
         self.vocab_size = student_vocab_size
         declared = teacher_vocab_size(module)
         if declared is not None and declared != student_vocab_size:
             raise ConfigError(
-                f"AST teacher vocabulary has {declared} tokens but the student's has {student_vocab_size};"
+                f"teacher vocabulary has {declared} tokens but the student's has {student_vocab_size};"
                 " distillation needs the same tokenizer"
             )
 
@@ -183,11 +183,11 @@ class Teacher:
         if not isinstance(logits, torch.Tensor) or logits.shape[:-1] != input_ids.shape:
             shape = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
             raise ConfigError(
-                f"AST teacher returned {shape}, expected logits [B, T, V] for input {tuple(input_ids.shape)}"
+                f"teacher returned {shape}, expected logits [B, T, V] for input {tuple(input_ids.shape)}"
             )
         if logits.shape[-1] != self.vocab_size:
             raise ConfigError(
-                f"AST teacher produces {logits.shape[-1]} logits per token but the student's vocabulary has"
+                f"teacher produces {logits.shape[-1]} logits per token but the student's vocabulary has"
                 f" {self.vocab_size}; distillation needs the same tokenizer"
             )
         return logits.float()
@@ -211,25 +211,26 @@ def _hf_vocabulary(tokenizer: Any) -> dict[str, int] | None:
     return dict(get_vocab()) if callable(get_vocab) else None
 
 
-def check_tokenizers_match(teacher_tokenizer: Any, student_tokenizer: Any) -> None:
+def check_tokenizers_match(teacher_tokenizer: Any, student_tokenizer: Any, *, name: str = "teacher") -> None:
     """ConfigError unless both tokenizers are the same: same type (``to_dict()["type"]``, else the class), same
     ``vocab_size``, for Hugging Face tokenizers the same vocabulary (every token with the same id; where each
-    was loaded from does not matter), and the same ids for a probe text."""
+    was loaded from does not matter), and the same ids for a probe text. ``name``: how the message calls the
+    first tokenizer's owner (``"teacher tokenizer is of type ..."``)."""
     tk, sk = _tokenizer_kind(teacher_tokenizer), _tokenizer_kind(student_tokenizer)
     if tk != sk:
-        raise ConfigError(f"AST teacher tokenizer is of type {tk!r}, the student's {sk!r}")
+        raise ConfigError(f"{name} tokenizer is of type {tk!r}, the student's {sk!r}")
     tv, sv = getattr(teacher_tokenizer, "vocab_size", None), getattr(student_tokenizer, "vocab_size", None)
     if tv != sv:
-        raise ConfigError(f"AST teacher tokenizer has vocab_size {tv}, the student's {sv}")
+        raise ConfigError(f"{name} tokenizer has vocab_size {tv}, the student's {sv}")
     t_vocab, s_vocab = _hf_vocabulary(teacher_tokenizer), _hf_vocabulary(student_tokenizer)
     if t_vocab != s_vocab:
         if t_vocab is None or s_vocab is None:
-            raise ConfigError("AST teacher and student tokenizers differ (only one exposes a Hugging Face vocabulary)")
+            raise ConfigError("the tokenizers differ (only one exposes a Hugging Face vocabulary)")
         token = min(set(t_vocab) ^ set(s_vocab) or {t for t in t_vocab if t_vocab[t] != s_vocab[t]})
-        raise ConfigError(f"AST teacher and student tokenizers have different vocabularies (token {token!r}:"
+        raise ConfigError(f"the tokenizers have different vocabularies (token {token!r}:"
                           f" id {t_vocab.get(token)} vs {s_vocab.get(token)})")
     if list(teacher_tokenizer.encode(_PROBE_TEXT)) != list(student_tokenizer.encode(_PROBE_TEXT)):
-        raise ConfigError("AST teacher and student tokenizers encode the same text differently")
+        raise ConfigError("the tokenizers encode the same text differently")
 
 
 def describe_tokenizer(tokenizer: Any) -> str:
@@ -245,7 +246,7 @@ def check_same_tokenizer(other: Any, student_tokenizer: Any, where: str) -> None
     """:func:`check_tokenizers_match` for the tokenizer of another model (``--teacher``, ``--init-from``): its
     ConfigError says ``where`` and names both tokenizers (:func:`describe_tokenizer`), then the difference."""
     try:
-        check_tokenizers_match(other, student_tokenizer)
+        check_tokenizers_match(other, student_tokenizer, name="its")
     except ConfigError as exc:
         raise ConfigError(f"{where}: its tokenizer, {describe_tokenizer(other)}, differs from the student's, "
                           f"{describe_tokenizer(student_tokenizer)} ({exc})") from None

@@ -390,6 +390,15 @@ class TrainConfig:
             raise ConfigError("--method ast distils from a dense teacher: give --teacher PATH (a dense sparsert run or "
                               "checkpoint, or a Hugging Face model directory) or --init-from (then used as the "
                               "teacher), or --distill-beta 0")
+        # the schedule's own checks, worded with the fields (the CLI shows them as --prune-start, ...)
+        if self.prune_start >= self.prune_end:
+            raise ConfigError(f"train config 'prune_start' {self.prune_start:g} must be before train config "
+                              f"'prune_end' {self.prune_end:g} (the fractions of the steps where pruning starts "
+                              "and ends)")
+        if self.schedule == "gradual" and self.prune_end > 1 - self.dense_finetune:
+            raise ConfigError(f"train config 'prune_end' {self.prune_end:g}: pruning must end by the start of dense "
+                              f"fine-tuning, at {1 - self.dense_finetune:.4g} of the steps (train config "
+                              f"'dense_finetune' {self.dense_finetune:.4g})")
         try:
             self.sparsity_schedule()
         except ConfigError as exc:
@@ -496,19 +505,42 @@ def build_model(model_config: ModelConfig, cfg: TrainConfig) -> nn.Module:
     """A fresh DecoderLM (seeded by ``cfg.seed``), its block linears sparsified unless ``cfg.dense``.
 
     With ``sparse_layers="ffn"`` only the feed-forward linears train sparse; the attention linears become
-    SparseLinears in dense mode (they carry a mask so a checkpoint says what compression keeps).
+    SparseLinears in dense mode (they carry a mask so a checkpoint says what compression keeps). ConfigError
+    naming --sparsity / --group-size when a block linear's K is not a multiple of M / the QAT group size.
     """
     torch.manual_seed(cfg.seed)
     model = build_hf_model(model_config) if is_hf_config(model_config) else DecoderLM(model_config)  # H11
     scfg = sparsity_config(cfg)
     if scfg is not None:
         names = model.sparse_linear_names() if is_hf_config(model_config) else sparse_linear_names(model)  # H11
+        _check_layer_k(model, names, cfg)
         sparse = select_sparse_layers(names, cfg.sparse_layers)
         sparsify_model(model, scfg, sparse)
         sparsify_model(model, scfg, [n for n in names if n not in sparse], dense=True)
         if cfg.sparse_gemm != "masked":
             use_sparse_gemms(model, sparse, cfg.sparse_gemm)
     return model
+
+
+def _check_layer_k(model: nn.Module, names: list[str], cfg: TrainConfig) -> None:
+    """ConfigError naming --sparsity or --group-size when a block linear's K (input features; every one carries a
+    mask, the dense-trained ones too) is not a multiple of M or of the INT4 group size."""
+    ks = {}
+    for name in names:
+        k = getattr(model.get_submodule(name), "in_features", None)
+        if isinstance(k, int):  # else not an nn.Linear: sparsify_model says so
+            ks[name] = k
+    common = math.gcd(*ks.values()) if ks else 0
+    for name, k in ks.items():
+        if k % cfg.m:
+            raise ConfigError(f"--sparsity {cfg.n}:{cfg.m}: layer {name} has K={k} input features, not a multiple "
+                              f"of M={cfg.m}; M must divide every block linear's K (their greatest common divisor "
+                              f"is {common})")
+    for name, k in ks.items():
+        if cfg.qat and k % cfg.group_size:
+            raise ConfigError(f"--group-size {cfg.group_size}: layer {name} has K={k} input features, not a "
+                              "multiple of the INT4 group size; it must divide every block linear's K (their "
+                              f"greatest common divisor is {common})")
 
 
 def check_sparse_gemm_device(gemm: str, device: torch.device) -> None:
@@ -582,15 +614,19 @@ def _check_tokenizer(state: dict, tokenizer: object, flag: str, where: Path) -> 
     check_same_tokenizer(other, tokenizer, f"{flag} {where}")
 
 
-def load_teacher(path: str | Path, vocab_size: int, tokenizer: object) -> Teacher:
-    """AST's frozen dense teacher from ``path``: a dense sparsert run/checkpoint directory (a built-in model, or
-    a run of ``sparsert train --model HF_DIR``), or a Hugging Face causal-LM directory (through
-    :func:`sparsert.train.hf_model.load_hf_causal_lm`).
+def load_teacher(path: str | Path, vocab_size: int, tokenizer: object, *, flag: str = "--teacher") -> Teacher:
+    """The frozen dense distillation teacher (``--teacher``; AST's default one is ``--init-from``) from ``path``: a
+    dense sparsert run/checkpoint directory (a built-in model, or a run of ``sparsert train --model HF_DIR``), or a
+    Hugging Face causal-LM directory (through :func:`sparsert.train.hf_model.load_hf_causal_lm`).
 
     ConfigError when the teacher is 2:4 sparse, or its tokenizer or vocabulary differs from the student's
-    (``vocab_size``, ``tokenizer``); ArtifactError for a missing or corrupt checkpoint.
+    (``vocab_size``, ``tokenizer``); ArtifactError for a missing or corrupt checkpoint. Messages start with
+    ``flag`` and the path: ``"--init-from"`` when the teacher is the run's ``--init-from`` (AST's default).
     """
     p = Path(path)
+    if not p.exists():
+        raise ArtifactError(f"{flag} {p}: path does not exist (expected a dense sparsert run or checkpoint, or a "
+                            "Hugging Face model directory)")
     is_hf = p.is_dir() and (p / "config.json").is_file() and not (p / "checkpoints").exists() \
         and not (p / "state.json").exists()
     if is_hf:
@@ -598,18 +634,26 @@ def load_teacher(path: str | Path, vocab_size: int, tokenizer: object) -> Teache
 
         bundle = load_hf_causal_lm(p)
         if bundle.tokenizer is not None:
-            check_same_tokenizer(bundle.tokenizer, tokenizer, f"--teacher {p}")
-        return Teacher(bundle.model, vocab_size)
-    ckpt = load_checkpoint(p, load_optimizer=False)
-    if ckpt.state.get("sparsity") is not None:
-        raise ConfigError(f"--teacher {ckpt.path}: a sparse checkpoint; AST distils from the dense model "
-                          "(train it with --dense)")
-    _check_tokenizer(ckpt.state, tokenizer, "--teacher", ckpt.path)
-    mc = ckpt.model_config
-    module = build_hf_model(mc) if is_hf_config(mc) else DecoderLM(mc)  # an HF run: rebuilt from its directory
-    module.load_state_dict({k: v.float() for k, v in ckpt.model_state.items()})
-    return Teacher(module, vocab_size)
-
+            check_same_tokenizer(bundle.tokenizer, tokenizer, f"{flag} {p}")
+        module = bundle.model
+    else:
+        ckpt = load_checkpoint(p, load_optimizer=False)
+        if ckpt.state.get("sparsity") is not None:
+            if flag == "--init-from":
+                raise ConfigError(f"--init-from {ckpt.path}: a sparse checkpoint cannot be the distillation "
+                                  "teacher, and --method ast distils from --init-from unless --teacher is given: "
+                                  "give --teacher with a dense run (trained with --dense) or a Hugging Face model "
+                                  "directory, or --distill-beta 0")
+            raise ConfigError(f"--teacher {ckpt.path}: a sparse checkpoint; the distillation teacher must be dense "
+                              "(a run trained with --dense, or a Hugging Face model directory)")
+        _check_tokenizer(ckpt.state, tokenizer, flag, ckpt.path)
+        mc = ckpt.model_config
+        module = build_hf_model(mc) if is_hf_config(mc) else DecoderLM(mc)  # an HF run: rebuilt from its directory
+        module.load_state_dict({k: v.float() for k, v in ckpt.model_state.items()})
+    try:
+        return Teacher(module, vocab_size)
+    except ConfigError as exc:  # its vocabulary differs from the student's
+        raise ConfigError(f"{flag} {p}: {exc}") from None
 
 
 def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
@@ -925,6 +969,9 @@ def train(cfg: TrainConfig) -> TrainResult:
     else:
         run_dir = _new_run_dir(cfg)  # a bad --out is refused now, before anything is loaded or written
         if cfg.init_from is not None:  # the architecture comes from the checkpoint the run starts from
+            if not Path(cfg.init_from).exists():
+                raise ArtifactError(f"--init-from {cfg.init_from}: checkpoint path does not exist (expected a "
+                                    "sparsert run, its checkpoints/ or a step directory)")
             init_ckpt = load_checkpoint(cfg.init_from, load_optimizer=False)
             model_config = init_ckpt.model_config
         else:
@@ -953,10 +1000,12 @@ def train(cfg: TrainConfig) -> TrainResult:
     data = dctx.shard_data(data, cfg.batch_size)  # H11: this rank's share of every global batch
     distill = None
     if cfg.distills:  # ConfigError here for a teacher whose vocabulary/tokenizer differs
-        distill = Distill(load_teacher(cfg.teacher, model_config.vocab_size, tokenizer), cfg.distill_alpha,
-                          cfg.distill_beta, cfg.distill_temperature)
+        # AST's default teacher is --init-from: errors name the flag the user gave
+        flag = "--init-from" if cfg.init_from is not None and cfg.teacher == cfg.init_from else "--teacher"
+        distill = Distill(load_teacher(cfg.teacher, model_config.vocab_size, tokenizer, flag=flag),
+                          cfg.distill_alpha, cfg.distill_beta, cfg.distill_temperature)
 
-    model = build_model(model_config, cfg)  # FormatError here for a K the sparsity/group size does not fit
+    model = build_model(model_config, cfg)  # ConfigError here for a K the sparsity/group size does not fit
     dctx.prepare(model)  # H11: to cuda:LOCAL_RANK under torchrun with GPUs; FSDP2's shard check
     check_sparse_gemm_device(cfg.sparse_gemm, dctx.device)
     if distill is not None:
