@@ -22,12 +22,12 @@ import json
 import os
 import re
 import shutil
-import struct
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import sparsert
@@ -586,27 +586,17 @@ def read_config(path: str | Path) -> dict:
     return config
 
 
-_SAFETENSORS_MAX_HEADER = 100_000_000  # bytes; the safetensors library refuses larger headers too
 _BLOCK_KEY = re.compile(r"blocks\.(\d+)\.")
 
 
 def _safetensors_shapes(weights: Path) -> dict[str, list]:
-    """Tensor name -> shape, from the JSON header of a safetensors file (its first 8 bytes give the header's
-    length); reads no tensor data. ArtifactError when the header is unreadable."""
+    """Tensor name -> shape from a safetensors file's header (``safe_open`` maps the file and parses the header
+    only; no tensor is read). ArtifactError when the header is unreadable."""
     try:
-        size = weights.stat().st_size
-        with open(weights, "rb") as f:
-            head = f.read(8)
-            n = struct.unpack("<Q", head)[0] if len(head) == 8 else -1
-            if not 0 < n <= min(size - 8, _SAFETENSORS_MAX_HEADER):
-                raise ValueError(f"header length {n} does not fit the file of {size} bytes")
-            header = json.loads(f.read(n))
-    except (OSError, ValueError, UnicodeDecodeError) as exc:
+        with safe_open(str(weights), framework="pt") as f:
+            return {name: list(f.get_slice(name).get_shape()) for name in f.keys()}
+    except Exception as exc:  # safetensors' SafetensorError, or OSError
         raise ArtifactError(f"{weights} is corrupt or truncated: {exc}") from None
-    if not isinstance(header, dict):
-        raise ArtifactError(f"{weights} is corrupt: its header is not a JSON object")
-    return {name: info.get("shape") if isinstance(info, dict) else None
-            for name, info in header.items() if name != "__metadata__"}
 
 
 def _blocks_text(blocks: set[int]) -> str:
@@ -619,16 +609,20 @@ def _blocks_text(blocks: set[int]) -> str:
     return f"blocks {shown} (not numbered 0..{len(blocks) - 1})"
 
 
-def _check_sizes(config: ModelConfig, shapes: dict[str, list], file: Path, weights: Path) -> None:
+def check_model_sizes(config: ModelConfig, shapes: dict[str, list], file: Path, weights: Path,
+                      prefix: str = "model") -> None:
     """The size fields of ``config.json``'s model against the tensors ``model.safetensors`` holds (names and
     shapes from its header), before anything proportional to them is built: ``n_layers`` against the
     ``blocks.<i>.`` tensors, ``vocab_size`` and ``d_model`` against ``tok_emb.weight``, ``ffn_dim`` against the
     first block's ``mlp.up_proj`` (output rows, however it is stored), gpt2's ``max_seq_len`` against
-    ``pos_emb.weight``. Everything else is checked tensor by tensor afterwards (:func:`_check_tensors`)."""
+    ``pos_emb.weight``. Everything else is checked tensor by tensor afterwards (:func:`_check_tensors`).
+    ``file`` (the config's file, whose model object is ``prefix``) and ``weights`` are named in the
+    ArtifactError. Training checkpoints, which use the same tensor names, are checked with it too
+    (``sparsert.train.checkpoint``)."""
     blocks = {int(m.group(1)) for name in shapes if (m := _BLOCK_KEY.match(name))}
     n = config.n_layers
     if len(blocks) != n or max(blocks, default=-1) != n - 1:
-        raise ArtifactError(f"{file}: model.n_layers={n} but {weights} holds {_blocks_text(blocks)}")
+        raise ArtifactError(f"{file}: {prefix}.n_layers={n} but {weights} holds {_blocks_text(blocks)}")
 
     def rows(name: str) -> int | None:
         shape = shapes.get(name)
@@ -639,15 +633,15 @@ def _check_sizes(config: ModelConfig, shapes: dict[str, list], file: Path, weigh
         for field_name, want, got in (("vocab_size", config.vocab_size, emb[0]),
                                       ("d_model", config.d_model, emb[1])):
             if got != want:
-                raise ArtifactError(f"{file}: model.{field_name}={want} but {weights} holds tok_emb.weight {emb}")
+                raise ArtifactError(f"{file}: {prefix}.{field_name}={want} but {weights} holds tok_emb.weight {emb}")
     up = next((r for leaf in ("weight", "values", "qweight", "indices")
                if (r := rows(f"blocks.0.mlp.up_proj.{leaf}")) is not None), None)
     if up is not None and up != config.ffn_dim:
-        raise ArtifactError(f"{file}: model.ffn_dim={config.ffn_dim} but {weights} holds blocks.0.mlp.up_proj "
+        raise ArtifactError(f"{file}: {prefix}.ffn_dim={config.ffn_dim} but {weights} holds blocks.0.mlp.up_proj "
                             f"with {up} output rows")
     pos = rows("pos_emb.weight")
     if config.arch == "gpt2" and pos is not None and pos != config.max_seq_len:
-        raise ArtifactError(f"{file}: model.max_seq_len={config.max_seq_len} but {weights} holds pos_emb.weight "
+        raise ArtifactError(f"{file}: {prefix}.max_seq_len={config.max_seq_len} but {weights} holds pos_emb.weight "
                             f"with {pos} rows")
 
 
@@ -697,7 +691,7 @@ def load_artifact(path: str | Path) -> Artifact:
     if not weights.is_file():
         raise ArtifactError(f"{weights} is missing")
     # Before anything of the config's sizes is built (layer lists, shapes): n_layers=400000 must fail here, fast
-    _check_sizes(model_config, _safetensors_shapes(weights), file, weights)
+    check_model_sizes(model_config, _safetensors_shapes(weights), file, weights)
     try:
         model_state_shapes(model_config)
     except ConfigError as exc:

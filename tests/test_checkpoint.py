@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import time
 
 import pytest
 import torch
@@ -160,8 +161,14 @@ def test_shape_mismatch_with_the_model_config(run):
     state = json.loads(state_path.read_text())
     state["model_config"]["ffn_dim"] = 128
     state_path.write_text(json.dumps(state))
-    with pytest.raises(ArtifactError, match=r"tensor 'blocks.0.mlp.gate_proj.weight' has shape \[64, 32\], "
-                                            r"expected \[128, 32\] for the model config"):
+    with pytest.raises(ArtifactError, match=r"state\.json: model_config\.ffn_dim=128 but .*model\.safetensors holds "
+                                            r"blocks\.0\.mlp\.up_proj with 64 output rows"):
+        load_checkpoint(run[0])
+    state["model_config"]["ffn_dim"] = 64
+    state_path.write_text(json.dumps(state))
+    _rewrite_model(run[0], lambda t: t.update({"blocks.0.mlp.gate_proj.weight": torch.zeros(64, 16)}))
+    with pytest.raises(ArtifactError, match=r"tensor 'blocks.0.mlp.gate_proj.weight' has shape \[64, 16\], "
+                                            r"expected \[64, 32\] for the model config"):
         load_checkpoint(run[0])
 
 
@@ -187,6 +194,29 @@ def test_bad_state_json(run):
     state_path.write_text(json.dumps(dict(json.loads(text), version=99)))
     with pytest.raises(ArtifactError, match=r"unsupported checkpoint version 99"):
         load_checkpoint(run[0])
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("n_layers", 400000, r"state\.json: model_config\.n_layers=400000 but .*model\.safetensors holds blocks 0\.\.0 "
+                         r"\(1 layer\)$"),
+    ("ffn_dim", 10**9, r"state\.json: model_config\.ffn_dim=1000000000 but .*holds blocks\.0\.mlp\.up_proj"),
+])
+def test_huge_sizes_in_state_json_fail_before_anything_of_their_size_is_built(run, field, value, message,
+                                                                             monkeypatch):
+    """``sparsert compress`` (and --resume) load checkpoints: a state.json whose model sizes disagree with its
+    weights fails at once, naming both files, instead of building a model description of those sizes."""
+    def too_early(*args, **kwargs):
+        raise AssertionError("built the expected shapes before checking the sizes against the weights")
+
+    monkeypatch.setattr(ckpt_mod, "expected_model_shapes", too_early)
+    state_path = run[0] / "checkpoints" / "step_00000005" / "state.json"
+    state = json.loads(state_path.read_text())
+    state["model_config"][field] = value
+    state_path.write_text(json.dumps(state))
+    t0 = time.perf_counter()
+    with pytest.raises(ArtifactError, match=message):
+        load_checkpoint(run[0])
+    assert time.perf_counter() - t0 < 10
 
 
 def test_optimizer_state_for_another_model_is_refused(run):

@@ -33,7 +33,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from sparsert.runtime.artifact import model_state_shapes
+from sparsert.runtime.artifact import check_model_sizes, model_state_shapes
 from sparsert.runtime.errors import ArtifactError, ConfigError, SparsertError
 from sparsert.runtime.fileio import fsync_dir, replace_dir, write_atomic
 from sparsert.runtime.model import ModelConfig, sparse_linear_names
@@ -397,6 +397,9 @@ def load_checkpoint(path: str | Path, *, load_optimizer: bool = True) -> Checkpo
     if hf:
         _validate_hf_model_state(model_path, model_state, sparsity)
     else:
+        # Before the expected shapes are built from the config: n_layers=400000 in state.json must fail here, fast
+        check_model_sizes(model_config, {n: list(t.shape) for n, t in model_state.items()}, state_path, model_path,
+                          "model_config")
         _validate_model_state(model_path, model_state, model_config, sparsity)
 
     optimizer_state, names = None, []
