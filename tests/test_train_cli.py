@@ -362,3 +362,15 @@ def test_a_dense_finetune_that_rounds_to_no_step_is_noted(corpus, tmp_path, monk
     assert (note in err) is noted, err
     phases = [r["phase"] for r in read_metrics(tmp_path / "run") if "loss" in r]
     assert ("dense_finetune" in phases) is not noted
+
+
+def test_progress_bar_into_a_pipe_redraws_rarely(corpus, tmp_path):
+    """stderr captured (not a terminal, as in a log file): the bar is kept but redrawn every 30 s, not ~10 times a
+    second, so a log does not fill with carriage-return frames."""
+    args = [a for a in TINY if a != "--no-progress"]
+    r = sparsert("train", "--data", str(corpus), "--steps", "120", "--eval-interval", "1000", "--out", "run", *args,
+                 cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    frames = [f for f in r.stderr.replace("\r", "\n").splitlines() if f.startswith("train sparse24:")]
+    assert 1 <= len(frames) <= 6, frames
+    assert "120/120" in frames[-1]
