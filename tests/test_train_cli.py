@@ -254,9 +254,8 @@ def _cli_error(args: list[str], capsys) -> str:
 
 
 def test_out_that_holds_other_files_is_refused_before_training(corpus, tmp_path, monkeypatch, capsys):
-    """A new run's --out must be new, empty or a run stopped before its first checkpoint: a folder with other
-    files (a metrics.jsonl that is not a sparsert log, an artifact/ folder that is not an artifact) is refused
-    up front, and left as it was."""
+    """A new run's --out must not hold run files that are not its own (a metrics.jsonl that is not a sparsert
+    log, a non-empty artifact/ folder): refused up front, and left as it was."""
     monkeypatch.chdir(tmp_path)
     mine = tmp_path / "mine"
     (mine / "artifact").mkdir(parents=True)
@@ -265,17 +264,18 @@ def test_out_that_holds_other_files_is_refused_before_training(corpus, tmp_path,
         (mine / name).write_text(text)
     args = ["--data", str(corpus), "--steps", "1", *TINY]
     assert _cli_error([*args, "--out", "mine"], capsys) == (
-        "error: --out mine: the directory is not empty (artifact, metrics.jsonl, notes.txt) and is not a sparsert "
-        "training run; a new run writes metrics.jsonl, checkpoints/ and artifact/ there: choose another --out (a new "
-        "or empty directory)")
+        "error: --out mine: it already holds metrics.jsonl, artifact, not from an interrupted sparsert run, and a "
+        "new run writes metrics.jsonl, checkpoints/, artifact/ (or hf/) there: choose another --out, or move "
+        "metrics.jsonl and artifact out of mine")
     assert {str(p.relative_to(mine)): p.read_text() for p in mine.rglob("*") if p.is_file()} == files
 
     (tmp_path / "only" / "artifact").mkdir(parents=True)  # the artifact folder is the only thing in the way
+    (tmp_path / "only" / "artifact" / "x.bin").write_text("x")
     assert _cli_error([*args, "--out", "only"], capsys) == (
-        f"error: --out only: {Path('only/artifact')} exists but only holds no training run (no checkpoint); a new "
-        "run writes its artifact there: choose another --out, or move artifact/ out of only")
+        "error: --out only: it already holds artifact, not from an interrupted sparsert run, and a new run writes "
+        "metrics.jsonl, checkpoints/, artifact/ (or hf/) there: choose another --out, or move artifact out of only")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["mine", "only"]
-    assert list((tmp_path / "only").iterdir()) == [tmp_path / "only" / "artifact"]
+    assert [p.name for p in (tmp_path / "only").rglob("*")] == ["artifact", "x.bin"]
 
 
 def test_default_out_and_resume_of_a_run_still_work(corpus, tmp_path, monkeypatch, capsys):
@@ -322,6 +322,12 @@ def test_errors_name_the_flag_the_user_gave(corpus, tmp_path, monkeypatch, capsy
          "distils from --init-from unless --teacher is given: give --teacher with a dense run (trained with "
          "--dense) or a Hugging Face model directory, or --distill-beta 0"),
         (["--teacher", "sparse"],  # any method distils from a --teacher
+         f"error: --teacher {step}: a sparse checkpoint; the distillation teacher must be dense (a run trained with "
+         "--dense, or a Hugging Face model directory)"),
+        (["--method", "ast", "--init-from", "sparse", "--teacher", "sparse"],  # both given: the teacher's flag
+         f"error: --teacher {step}: a sparse checkpoint; the distillation teacher must be dense (a run trained with "
+         "--dense, or a Hugging Face model directory)"),
+        (["--init-from", "sparse", "--teacher", "sparse"],
          f"error: --teacher {step}: a sparse checkpoint; the distillation teacher must be dense (a run trained with "
          "--dense, or a Hugging Face model directory)"),
         (["--teacher", "/nonexistent"],

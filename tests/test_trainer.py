@@ -129,22 +129,40 @@ def test_a_run_stopped_before_its_first_checkpoint_can_start_again(corpus, tmp_p
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["latest.json", "step_00000002"]
 
 
-@pytest.mark.parametrize(("files", "foreign"), [
-    ({"notes.txt": "mine"}, "notes.txt"),
+@pytest.mark.parametrize(("files", "clashes"), [
     ({"metrics.jsonl": '{"epoch": 1, "acc": 0.5}\n'}, "metrics.jsonl"),  # someone else's metrics log
-    ({"metrics.jsonl": LEFTOVER_LOG, "notes.txt": "mine"}, "notes.txt"),  # an interrupted run's log, and more
+    ({"metrics.jsonl": '{"epoch": 1}\n', "artifact/weights.bin": "x", "notes.txt": "mine"},
+     "metrics.jsonl, artifact"),
+    ({"checkpoints/model.pt": "x"}, "checkpoints"),  # not a sparsert run's leftover
+    ({"hf": "a file named hf"}, "hf"),
 ])
-def test_a_new_run_refuses_an_out_dir_holding_other_files_before_writing_anything(corpus, tmp_path, files, foreign):
+def test_a_new_run_refuses_an_out_dir_whose_run_files_are_not_its_own(corpus, tmp_path, files, clashes):
     run = tmp_path / "run"
-    run.mkdir()
     for name, text in files.items():
+        (run / name).parent.mkdir(parents=True, exist_ok=True)
         (run / name).write_text(text)
     with pytest.raises(ConfigError) as exc:
         train(small(corpus, run, steps=2))
+    moved = " and ".join(clashes.split(", "))
     assert str(exc.value) == (
-        f"--out {run}: the directory is not empty ({foreign}) and is not a sparsert training run; a new run writes "
-        "metrics.jsonl, checkpoints/ and artifact/ there: choose another --out (a new or empty directory)")
-    assert {p.name: p.read_text() for p in run.iterdir()} == files  # nothing written, nothing truncated
+        f"--out {run}: it already holds {clashes}, not from an interrupted sparsert run, and a new run writes "
+        f"metrics.jsonl, checkpoints/, artifact/ (or hf/) there: choose another --out, or move {moved} out of {run}")
+    assert {str(p.relative_to(run)): p.read_text() for p in run.rglob("*") if p.is_file()} == files  # untouched
+
+
+def test_a_new_run_leaves_other_files_in_its_out_dir_alone(corpus, tmp_path):
+    """A log `tee` opened before the run, a .gitkeep, a report/ of an interrupted run, an empty artifact/ and
+    the leftovers of a run stopped while its first checkpoint's directory was being swapped in."""
+    run = tmp_path / "run"
+    files = {"train.log": "tee", ".gitkeep": "", "report/summary.md": "# old", "metrics.jsonl": LEFTOVER_LOG}
+    for name, text in files.items():
+        (run / name).parent.mkdir(parents=True, exist_ok=True)
+        (run / name).write_text(text)
+    (run / "artifact").mkdir()
+    (run / "checkpoints" / ".step_00000002.0123456789ab.old").mkdir(parents=True)
+    train(small(corpus, run, steps=2, eval_interval=2, ckpt_interval=2))
+    assert all((run / name).read_text() == text for name, text in files.items() if name != "metrics.jsonl")
+    assert (run / "artifact" / "config.json").is_file() and load_checkpoint(run).step == 2
 
 
 def test_qat_forward_weights_are_the_artifact_weights(corpus, tmp_path):

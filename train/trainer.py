@@ -297,6 +297,8 @@ class TrainConfig:
             self.decay = SRSTE_DECAY if self.method == "sr-ste" and not self.masked_decay else 0.0
         if self.teacher is None and self.method == "ast" and not self.dense:
             self.teacher = self.init_from
+            # not a field (asdict and the resume comparison skip it): only for errors naming the flag given
+            self._teacher_from_init = self.init_from is not None
         if self.decay_warmup is None and isinstance(self.steps, int):
             self.decay_warmup = max(self.steps // 4, 0)
         if self.prune_interval is None and isinstance(self.steps, int) and _is_fraction(self.prune_start) \
@@ -840,7 +842,8 @@ def _new_run_dir(cfg: TrainConfig) -> Path:
 # What a run interrupted before its first complete checkpoint leaves in its directory: the metrics log, and in
 # checkpoints/ the step directories being written (step_N.tmp, or step_N whose latest.json was not published yet)
 # and latest.json's temporary file. A new run may start there (it restarts the log and rewrites the checkpoints).
-_LEFTOVER_CHECKPOINT_FILES = re.compile(r"^(step_\d+(\.tmp|\.old)?|\.latest\.json\..*\.tmp)$")
+_LEFTOVER_CHECKPOINT_FILES = re.compile(
+    r"^(step_\d+(\.tmp|\.old)?|\.step_\d+\.[0-9a-f]+\.old|\.latest\.json\..*\.tmp)$")  # .old: fileio.replace_dir
 # Keys of the first line of a sparsert metrics log: a step record, or the --data header (sparsert.train.metrics).
 _METRICS_STEP_KEYS = {"step", "loss", "lr", "tokens_per_s", "sparsity"}
 
@@ -868,11 +871,12 @@ def _is_run_leftover(path: Path) -> bool:
 
 
 def check_new_run_dir(run_dir: Path) -> None:
-    """ConfigError unless a new run may start in ``run_dir`` (``--out``): it does not exist, is empty, or holds
-    only what a sparsert run stopped before its first checkpoint leaves (its ``metrics.jsonl``, ``checkpoints/``
-    without a complete checkpoint). A run with a checkpoint is refused (it is continued with ``--resume``), and so
-    is a directory holding anything else: the run would write its ``metrics.jsonl``, ``checkpoints/`` and
-    ``artifact/`` among, or over, files that are not its own. Checked before anything is loaded or written."""
+    """ConfigError unless a new run may start in ``run_dir`` (``--out``): the names a run writes there
+    (``metrics.jsonl``, ``checkpoints/``, ``artifact/``, ``hf/``) must be absent, empty, or what a sparsert run
+    stopped before its first checkpoint leaves (its metrics log, ``checkpoints/`` without a complete
+    checkpoint). A run with a checkpoint is refused (it is continued with ``--resume``). Anything else in the
+    directory (a log ``tee`` writes, ``.gitkeep``, a ``report/``) is left alone. Checked before anything is
+    loaded or written."""
     if not (run_dir.exists() or run_dir.is_symlink()):
         return
     if not run_dir.is_dir():
@@ -882,19 +886,24 @@ def check_new_run_dir(run_dir: Path) -> None:
         raise ConfigError(
             f"{run_dir} already holds a training run; continue it with --resume or choose another --out"
         )
-    foreign = sorted(p.name for p in run_dir.iterdir() if not _is_run_leftover(p))
-    if not foreign:
+    try:
+        clashes = []
+        for name in (METRICS_FILE, CHECKPOINTS):
+            path = run_dir / name
+            if (path.exists() or path.is_symlink()) and not _is_run_leftover(path):
+                clashes.append(name)
+        for name in ("artifact", HF_DIR):
+            path = run_dir / name
+            if path.is_symlink() or path.is_file() or (path.is_dir() and any(path.iterdir())):
+                clashes.append(name)
+    except OSError as exc:
+        raise ConfigError(f"--out {run_dir}: cannot be read ({exc})") from None
+    if not clashes:
         return
-    if foreign in (["artifact"], [HF_DIR]):
-        raise ConfigError(
-            f"--out {run_dir}: {run_dir / foreign[0]} exists but {run_dir} holds no training run (no checkpoint); "
-            f"a new run writes its {'artifact' if foreign == ['artifact'] else 'Hugging Face model'} there: choose "
-            f"another --out, or move {foreign[0]}/ out of {run_dir}"
-        )
-    shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
     raise ConfigError(
-        f"--out {run_dir}: the directory is not empty ({shown}) and is not a sparsert training run; a new run "
-        "writes metrics.jsonl, checkpoints/ and artifact/ there: choose another --out (a new or empty directory)"
+        f"--out {run_dir}: it already holds {', '.join(clashes)}, not from an interrupted sparsert run, and a new "
+        f"run writes {METRICS_FILE}, {CHECKPOINTS}/, artifact/ (or {HF_DIR}/) there: choose another --out, or move "
+        f"{' and '.join(clashes)} out of {run_dir}"
     )
 
 
@@ -1001,7 +1010,7 @@ def train(cfg: TrainConfig) -> TrainResult:
     distill = None
     if cfg.distills:  # ConfigError here for a teacher whose vocabulary/tokenizer differs
         # AST's default teacher is --init-from: errors name the flag the user gave
-        flag = "--init-from" if cfg.init_from is not None and cfg.teacher == cfg.init_from else "--teacher"
+        flag = "--init-from" if getattr(cfg, "_teacher_from_init", False) else "--teacher"
         distill = Distill(load_teacher(cfg.teacher, model_config.vocab_size, tokenizer, flag=flag),
                           cfg.distill_alpha, cfg.distill_beta, cfg.distill_temperature)
 
@@ -1112,9 +1121,9 @@ def train(cfg: TrainConfig) -> TrainResult:
     # A fresh run starts a new log (a run interrupted before its first checkpoint may have left one).
     metrics = dctx.metrics_log(run_dir / METRICS_FILE, truncate_to=0 if ckpt is None else metrics_offset)  # H11
     # Into a log file or pipe (stderr not a terminal) every redraw is kept: one frame per 30 s instead of ~10/s.
-    interval = 0.1 if sys.stderr.isatty() else 30.0
+    interval = {} if sys.stderr.isatty() else {"mininterval": 30.0, "maxinterval": 30.0}
     bar = tqdm(total=cfg.steps, initial=start_step, disable=not cfg.progress or not dctx.is_main,  # H11
-               unit="step", dynamic_ncols=True, desc=f"train {cfg.variant}", file=sys.stderr, mininterval=interval)
+               unit="step", dynamic_ncols=True, desc=f"train {cfg.variant}", file=sys.stderr, **interval)
     try:
         _say(f"run: {run_dir}" + (f" (resumed at step {start_step})" if ckpt is not None else ""))
         if corpus.skipped and dctx.is_main:

@@ -115,8 +115,8 @@ def _config_error(exc: ConfigError) -> ConfigError:
               help="Text file, folder of text files or JSONL file with a 'text' field "
                    "(default: the Python standard library's sources).")
 @click.option("--out", metavar="DIR", type=str, default=None,
-              help="Run directory, new or empty (or left by a run stopped before its first checkpoint); a run "
-                   "with a checkpoint is continued with --resume "
+              help="Run directory; its metrics.jsonl, checkpoints/, artifact/ and hf/ must be absent (or left by a "
+                   "run stopped before its first checkpoint); a run with a checkpoint is continued with --resume "
                    "(default: runs/<preset>-<sparse24[-hu|-ast][-int4]|dense>-<timestamp>).")
 @click.option("--steps", type=int, default=_D.steps, show_default=True, help="Optimizer steps.")
 @click.option("--batch-size", type=int, default=_D.batch_size, show_default=True, help="Sequences per step.")
