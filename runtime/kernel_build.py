@@ -291,6 +291,12 @@ def _cubin_resources(cubin: bytes) -> dict | None:
     return kernel_resources(cubin)
 
 
+def _by_expression(resources: dict, lowered: dict[str, str]) -> tuple[dict[str, int], dict[str, int]]:
+    """(registers, stack frame bytes) by name expression from :func:`_cubin_resources`' per-symbol values."""
+    regs = {e: resources[s].registers for e, s in lowered.items() if s in resources}
+    return regs, {e: resources[s].frame_bytes for e, s in lowered.items() if s in resources}
+
+
 def _compile_nvrtc(spec: KernelSpec, arch: str, text: str, kdir: Path, want_cubin: bool) -> CompiledKernel:
     nvrtc = _nvrtc()
     err, prog = nvrtc.nvrtcCreateProgram(text.encode(), spec.source.encode(), 0, [], [])
@@ -338,9 +344,8 @@ def _compile_nvrtc(spec: KernelSpec, arch: str, text: str, kdir: Path, want_cubi
     regs, stack = log_regs, log_stack
     resources = _cubin_resources(cubin) if cubin else None
     if resources is not None:
-        regs = {e: resources[s].registers for e, s in lowered.items() if s in resources}
-        stack = {e: resources[s].frame_bytes for e, s in lowered.items() if s in resources}
-    missing = tuple(e for e in spec.name_expressions if e not in log_regs) if resources is not None else ()
+        regs, stack = _by_expression(resources, lowered)
+    missing = tuple(e for e in spec.name_expressions if e not in log_regs)
     return CompiledKernel(arch=arch, ptx=ptx, cubin=cubin, log=log, spill_stores=stores, spill_loads=loads,
                           registers=regs, lowered_names=lowered, stack_frame=stack, log_missing=missing)
 
@@ -383,6 +388,9 @@ def compile_kernel(
             entry = None
         if entry is not None and ("cubin" not in want or entry.cubin):
             entry.cache_path = path
+            resources = _cubin_resources(entry.cubin) if entry.cubin else None
+            if resources is not None:  # the cubin's values, whichever process (with or without pyelftools) wrote it
+                entry.registers, entry.stack_frame = _by_expression(resources, entry.lowered_names)
             return entry
         path.unlink(missing_ok=True)  # corrupt, truncated or without the wanted cubin: rebuild
     compiled = _compile_nvrtc(spec, arch, text, kdir, want_cubin=True)

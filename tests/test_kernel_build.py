@@ -14,7 +14,6 @@ from pathlib import Path
 
 import pytest
 
-from sparsert.runtime.cubin_info import KernelResources, kernel_resources, nv_info_records
 from sparsert.runtime.errors import DeviceError
 from sparsert.runtime.kernel_build import (
     KERNEL_ARCHS,
@@ -389,9 +388,19 @@ LOCAL_ARRAY = textwrap.dedent("""
 """)
 
 
+def _cubin_info():
+    """sparsert.runtime.cubin_info, or a skip where pyelftools is not installed (the builder then takes the
+    registers from ptxas' log, as the other tests here check)."""
+    pytest.importorskip("elftools", reason="pyelftools (the cuda extra) reads registers from the cubin")
+    from sparsert.runtime import cubin_info
+
+    return cubin_info
+
+
 def test_registers_and_frame_come_from_the_cubin(tmp_path):
     """The cubin's .nv.info attributes (what the driver loads) agree with ptxas' -v report, for a kernel with
     no local memory and one whose dynamically indexed array lives in a 256-byte stack frame."""
+    cubin_info = _cubin_info()
     kdir = tmp_path / "kernels"
     kdir.mkdir()
     (kdir / "two.cu").write_text(TINY + LOCAL_ARRAY)
@@ -400,11 +409,14 @@ def test_registers_and_frame_come_from_the_cubin(tmp_path):
     _, _, log_regs, log_stack = parse_ptxas_log(ck.log, ck.lowered_names)
     assert ck.registers == log_regs and ck.stack_frame == log_stack and not ck.log_missing
     assert ck.stack_frame == {"tiny_scale": 0, "local_array": 256}
-    resources = kernel_resources(ck.cubin)
-    assert resources["local_array"] == KernelResources(registers=ck.registers["local_array"], frame_bytes=256)
+    resources = cubin_info.kernel_resources(ck.cubin)
+    assert resources["local_array"] == cubin_info.KernelResources(registers=ck.registers["local_array"],
+                                                                  frame_bytes=256)
 
 
 def test_nv_info_records_and_bad_cubins():
+    cubin_info = _cubin_info()
+    nv_info_records, kernel_resources = cubin_info.nv_info_records, cubin_info.kernel_resources
     data = (bytes([0x04, 0x2F]) + struct.pack("<HII", 8, 3, 40)  # SVAL: size 8, symbol 3, 40 registers
             + bytes([0x03, 0x1B, 0x05, 0x00])  # HVAL: the value in the header's last two bytes
             + bytes([0x01, 0x0A, 0x00, 0x00]))  # NVAL
@@ -450,6 +462,7 @@ def test_incomplete_ptxas_log_is_rebuilt_once(tiny_kernel, monkeypatch):
 
 
 def test_registers_survive_a_log_without_reports(tiny_kernel, monkeypatch, tmp_path):
+    _cubin_info()
     spec, kdir = tiny_kernel
     expected = compile_kernel(spec, "sm_80", use_cache=False, kernel_dir_override=kdir).registers
     seen = _corrupt_ptxas_reports(monkeypatch, calls=None)
@@ -458,3 +471,22 @@ def test_registers_survive_a_log_without_reports(tiny_kernel, monkeypatch, tmp_p
     assert ck.registers == expected and ck.stack_frame == {"tiny_scale": 0}
     cached = compile_kernel(spec, "sm_80", cache=tmp_path / "c", kernel_dir_override=kdir)
     assert cached.from_cache and cached.log_missing == ("tiny_scale",) and cached.registers == expected
+
+
+def test_without_pyelftools_the_log_is_used_and_a_cached_entry_is_read_again_later(tiny_kernel, monkeypatch,
+                                                                                   tmp_path):
+    """Without pyelftools the registers come from ptxas' log; an incomplete log is still detected (and rebuilt
+    once). A cache entry written that way gets the cubin's values when a process with pyelftools reads it."""
+    _cubin_info()
+    spec, kdir = tiny_kernel
+    expected = compile_kernel(spec, "sm_80", use_cache=False, kernel_dir_override=kdir).registers
+    with monkeypatch.context() as m:
+        m.setitem(sys.modules, "elftools", None)  # import elftools -> ImportError
+        m.setitem(sys.modules, "sparsert.runtime.cubin_info", None)
+        seen = _corrupt_ptxas_reports(m, calls=2)  # the build and its rebuild
+        ck = compile_kernel(spec, "sm_80", cache=tmp_path / "c", kernel_dir_override=kdir)
+        assert len(seen) == 2 and ck.log_missing == ("tiny_scale",) and ck.registers == {}
+        clean = compile_kernel(spec, "sm_80", use_cache=False, kernel_dir_override=kdir)
+        assert len(seen) == 3 and clean.registers == expected and not clean.log_missing  # from the log
+    cached = compile_kernel(spec, "sm_80", cache=tmp_path / "c", kernel_dir_override=kdir)
+    assert cached.from_cache and cached.registers == expected and cached.stack_frame == {"tiny_scale": 0}
