@@ -347,6 +347,23 @@ def test_dense_ratio_only_for_runs_trained_and_validated_alike(two_runs: tuple[P
             "loss gap to dense also reflects that.") in out
 
 
+def test_hf_runs_tokenized_alike_are_compared_wherever_the_model_folder_was(two_runs: tuple[Path, Path],
+                                                                            tmp_path: Path) -> None:
+    """A Hugging Face tokenizer is recorded with its folder's path: the same tokenizer read from another copy
+    (another machine) is not "different tokenizers"; another vocabulary is."""
+    dense, sparse = two_runs
+    _edit_state(dense, data_digest="aa" * 32, tokenizer={"type": "hf", "path": "/models/llama", "vocab_size": 99})
+    _edit_state(sparse, data_digest="aa" * 32, tokenizer={"type": "hf", "path": "/scratch/llama", "vocab_size": 99})
+    assert build_report([sparse], tmp_path / "r1", dense=dense, plots=False).summaries[1].val_loss_vs_dense \
+        is not None
+    _edit_state(sparse, data_digest="bb" * 32, tokenizer={"type": "hf", "path": "/scratch/llama", "vocab_size": 99})
+    report = build_report([sparse], tmp_path / "r2", dense=dense, plots=False)
+    assert not any("different tokenizers" in n for n in report.notes)  # only the data differs
+    _edit_state(sparse, tokenizer={"type": "hf", "path": "/models/llama", "vocab_size": 98})
+    report = build_report([sparse], tmp_path / "r3", dense=dense, plots=False)
+    assert any("different tokenizers" in n for n in report.notes)
+
+
 def test_run_labels_duplicates_and_output_paths(two_runs: tuple[Path, Path], tmp_path: Path,
                                                 monkeypatch: pytest.MonkeyPatch) -> None:
     dense, _ = two_runs

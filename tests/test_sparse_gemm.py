@@ -1176,6 +1176,7 @@ def test_bench_runs_the_target_sizes_on_every_layer_first():
     seeds = {(c[0], c[1]): c[5] for c in order}
     assert all(seeds[(c[0], c[1])] == c[5] for c in order) and sorted(seeds.values()) == list(range(1, 7))
     assert [c[4] for c in bench.case_order(["7b"], [16, 1])] == [1, 1, 1, 16, 16, 16]
+    assert [c[4] for c in bench.case_order(["7b"], [512, 1, 512, 1])] == [1, 1, 1, 512, 512, 512]
 
 
 def test_bench_report_targets_and_table():

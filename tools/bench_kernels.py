@@ -312,7 +312,7 @@ def case_order(models: list[str], tokens: list[int]) -> list[tuple[str, str, int
     covers every shape for the targets measured first. ``seed`` numbers the layer (1, 2, ...) and seeds its
     weights; the table lists rows by layer, then M."""
     passes = [[t for t in p if t in tokens] for p in TOKEN_PASSES]
-    passes.append([t for t in tokens if all(t not in p for p in TOKEN_PASSES)])
+    passes.append([t for t in dict.fromkeys(tokens) if all(t not in p for p in TOKEN_PASSES)])  # once each
     layers = [(model, layer, n, k) for model in models for layer, n, k in MODELS[model]]
     return [(model, layer, n, k, m, seed) for p in passes for m in p
             for seed, (model, layer, n, k) in enumerate(layers, 1)]

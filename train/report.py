@@ -301,6 +301,12 @@ def _data_name(config: dict) -> str:
     return "the default corpus" if data in (None, "") else str(data)
 
 
+def _tokenizer_identity(tok):
+    """A recorded tokenizer without where it was read from (a Hugging Face tokenizer's ``path`` differs between
+    machines and copies of one model directory)."""
+    return {k: v for k, v in tok.items() if k != "path"} if isinstance(tok, dict) else tok
+
+
 def comparison_issues(run: RunMetrics, dense: RunMetrics) -> tuple[list[str], list[str]]:
     """(blocking, caveats) of comparing ``run``'s validation loss with the dense baseline ``dense``.
 
@@ -323,7 +329,8 @@ def comparison_issues(run: RunMetrics, dense: RunMetrics) -> tuple[list[str], li
     elif "data" in rc and "data" in dc and _data_name(rc) != _data_name(dc):
         blocking.append(f"trained and validated on different data ({_data_name(rc)} vs {_data_name(dc)})")
     r_tok, d_tok = rs.get("tokenizer"), ds.get("tokenizer")
-    if r_tok and d_tok and r_tok != d_tok:
+    same_tokens = bool(r_digest) and r_digest == d_digest  # the same token streams: the same tokenization
+    if r_tok and d_tok and not same_tokens and _tokenizer_identity(r_tok) != _tokenizer_identity(d_tok):
         blocking.append("different tokenizers (their losses per token are in different units)")
     if _is_number(rc.get("seq_len")) and _is_number(dc.get("seq_len")) and rc["seq_len"] != dc["seq_len"]:
         blocking.append(f"a different validation set (windows of seq_len {rc['seq_len']} vs {dc['seq_len']} "
