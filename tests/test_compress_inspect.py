@@ -136,6 +136,15 @@ def test_a_group_size_other_than_the_qat_one_is_refused_unless_forced(tmp_path: 
         compress_checkpoint(qat_run[0], tmp_path / "out", force_group_size=True)
     same = load_artifact(compress_checkpoint(qat_run[0], tmp_path / "same", int4_group_size=128))
     assert same.quantization.group_size == 128
+    with pytest.raises(ConfigError, match=r"^--force-group-size has no effect here: --group-size 128 is the QAT "
+                       r"run's own; leave it out$"):
+        compress_checkpoint(qat_run[0], tmp_path / "out", int4_group_size=128, force_group_size=True)
+    plain = tmp_path / "plain"
+    make_checkpoint(plain, sparse=True)
+    with pytest.raises(ConfigError, match=r"^--force-group-size has no effect here: .* was not trained with INT4 "
+                       r"QAT; leave it out$"):
+        compress_checkpoint(plain, tmp_path / "out", quantize=True, int4_group_size=64, force_group_size=True)
+    assert not (tmp_path / "out").exists()
     forced = load_artifact(compress_checkpoint(qat_run[0], tmp_path / "forced", int4_group_size=64,
                                                force_group_size=True))
     assert forced.quantization.group_size == 64

@@ -296,6 +296,10 @@ def compress_checkpoint(
             f"re-quantize its weights in groups QAT never trained with (usually worse): omit --group-size to "
             f"keep {qat_group}, or add --force-group-size to do it anyway"
         )
+    if force_group_size and (qat_group is None or int4_group_size == qat_group):
+        why = (f"{where} was not trained with INT4 QAT" if qat_group is None
+               else f"--group-size {int4_group_size} is the QAT run's own")
+        raise ConfigError(f"--force-group-size has no effect here: {why}; leave it out")
     if not quantize and qat is not None:
         warnings.warn(f"{where} was trained with INT4 QAT (group size {qat_group}); --no-int4 stores its kept "
                       "values unquantized (the latent weights, not the INT4 codes QAT trained with)",
