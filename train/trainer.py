@@ -1120,8 +1120,9 @@ def train(cfg: TrainConfig) -> TrainResult:
 
     # A fresh run starts a new log (a run interrupted before its first checkpoint may have left one).
     metrics = dctx.metrics_log(run_dir / METRICS_FILE, truncate_to=0 if ckpt is None else metrics_offset)  # H11
-    # Into a log file or pipe (stderr not a terminal) every redraw is kept: one frame per 30 s instead of ~10/s.
-    interval = {} if sys.stderr.isatty() else {"mininterval": 30.0, "maxinterval": 30.0}
+    # Into a log file or pipe every redraw is kept: one frame per 30 s instead of ~10/s.
+    live = sys.stderr.isatty() or "ipykernel" in sys.modules  # a terminal, or a notebook cell (not a tty)
+    interval = {} if live else {"mininterval": 30.0, "maxinterval": 30.0}
     bar = tqdm(total=cfg.steps, initial=start_step, disable=not cfg.progress or not dctx.is_main,  # H11
                unit="step", dynamic_ncols=True, desc=f"train {cfg.variant}", file=sys.stderr, **interval)
     try:
