@@ -96,6 +96,15 @@ if compgen -G ".whl/*.whl" > /dev/null; then
   fi
 fi
 
+# pyelftools (pure Python; kernel registers read from the cubin) is usable whatever became of the CUDA wheels.
+if compgen -G ".whl/pyelftools-*.whl" > /dev/null && ! (cd /tmp && $PY -c "import elftools" 2> /dev/null); then
+  if timeout 30 $PY -m pip install -q --no-index --no-deps --no-compile --target /tmp/site-elf .whl/pyelftools-*.whl \
+       >> "$OUT/env.txt" 2>&1; then
+    export PYTHONPATH=/tmp/site-elf${PYTHONPATH:+:$PYTHONPATH}
+    summary "pyelftools: carried wheel in use"
+  fi
+fi
+
 # 2. sparsert itself: editable, offline, no build isolation (setuptools comes from the image).
 if timeout 60 $PY -m pip install -q --no-index --no-deps --no-build-isolation -e . >> "$OUT/env.txt" 2>&1; then
   summary "install: ok"
