@@ -194,6 +194,9 @@ def test_bad_state_json(run):
     state_path.write_text(json.dumps(dict(json.loads(text), version=99)))
     with pytest.raises(ArtifactError, match=r"unsupported checkpoint version 99"):
         load_checkpoint(run[0])
+    state_path.write_text(json.dumps(dict(json.loads(text), step=99)))
+    with pytest.raises(ArtifactError, match=r"state.json: 'step' is 99 but its directory is step_00000005"):
+        load_checkpoint(run[0])
 
 
 @pytest.mark.parametrize("field,value,message", [

@@ -377,6 +377,10 @@ def load_checkpoint(path: str | Path, *, load_optimizer: bool = True) -> Checkpo
     step = state.get("step")
     if isinstance(step, bool) or not isinstance(step, int) or step < 0:
         raise ArtifactError(f"{state_path}: 'step' must be a non-negative integer, got {step!r}")
+    named = re.fullmatch(r"step_(\d+)", step_dir.name)
+    if named and int(named.group(1)) != step:
+        raise ArtifactError(f"{state_path}: 'step' is {step} but its directory is {step_dir.name} (a state.json "
+                            "copied from another checkpoint?)")
     hf = state.get("hf_model") is not None  # a Hugging Face model's run (sparsert.train.hf_train)
     if hf:
         from sparsert.train.hf_train import hf_model_config_from_state
