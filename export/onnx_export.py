@@ -24,7 +24,7 @@ from sparsert.export.annotations import verify_sparsity_annotations
 from sparsert.export.onnx_graph import IR_VERSION, OPSET, build_onnx_model, save_onnx_model
 from sparsert.export.parity import ParityReport, check_parity
 from sparsert.runtime.artifact import load_artifact
-from sparsert.runtime.errors import ExportError
+from sparsert.runtime.errors import ExportError, require_path
 
 
 @dataclass
@@ -92,8 +92,7 @@ def check_output(out: Path, artifact_path: str | Path) -> None:
     directory or lie inside the artifact, and if it exists it must be the external data of the ONNX model at
     ``out`` (one of its initializers names it).
     """
-    if not str(artifact_path).strip():  # Path("") is the current directory
-        raise ExportError(f"ARTIFACT: expected the path of an artifact directory, got {str(artifact_path)!r}")
+    require_path(artifact_path, "ARTIFACT", "the path of an artifact directory", ExportError)
     artifact_dir = Path(artifact_path).resolve()
     if out.is_dir():
         raise ExportError(f"-o {out} is a directory, expected an .onnx file path")
@@ -203,8 +202,7 @@ def export_artifact(
     ArtifactError (bad artifact) or ExportError (refused output path, checker, annotation or parity failure,
     unwritable output), each with a one-line message.
     """
-    if not str(output).strip():  # Path("") is the current directory
-        raise ExportError(f"-o: expected the path of an .onnx file, got {str(output)!r}")
+    require_path(output, "-o", "the path of an .onnx file", ExportError)
     out = Path(output)
     check_output(out, artifact_path)
     artifact = load_artifact(artifact_path)

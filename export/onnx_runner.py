@@ -25,7 +25,7 @@ import numpy as np
 import onnx
 
 from sparsert.export.annotations import KEY_MODEL_CONFIG, KEY_WEIGHTS_SHA256, artifact_weights_sha256, get_metadata
-from sparsert.runtime.errors import ConfigError, ExportError
+from sparsert.runtime.errors import ConfigError, ExportError, require_path
 
 if TYPE_CHECKING:
     from sparsert.runtime.artifact import Artifact
@@ -221,8 +221,7 @@ def onnx_stepper(artifact: Artifact, onnx_path: str | Path | None = None) -> Ite
     the digest was recorded (no ``sparsert.weights_sha256``) is used with an :class:`UnverifiedExportWarning`.
     """
     if onnx_path is not None:
-        if not str(onnx_path).strip():  # Path("") is the current directory
-            raise ExportError(f"--onnx: expected the path of an .onnx file, got {str(onnx_path)!r}")
+        require_path(onnx_path, "--onnx", "the path of an .onnx file", ExportError)
         stepper = OnnxStepper(onnx_path)
         if stepper.model_config != artifact.model_config.to_dict():
             raise ExportError(f"--onnx {onnx_path} was exported from a different model than {artifact.path} "

@@ -31,7 +31,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import sparsert
-from sparsert.runtime.errors import ArtifactError, ConfigError, SparsertError
+from sparsert.runtime.errors import ArtifactError, ConfigError, SparsertError, require_path
 from sparsert.runtime.fileio import replace_dir
 from sparsert.runtime.model import DecoderLM, ModelConfig, add_slorb, sparse_linear_names
 from sparsert.runtime.packed_linear import PackedLinear
@@ -543,8 +543,7 @@ def save_artifact(
 
 def read_config(path: str | Path) -> dict:
     """Read and validate ``<path>/config.json`` of an artifact; returns the parsed JSON object."""
-    if not str(path).strip():  # Path("") would be the current directory
-        raise ArtifactError(f"artifact: expected the path of an artifact directory, got {str(path)!r}")
+    require_path(path, "artifact", "the path of an artifact directory", ArtifactError)
     root = Path(path)
     if not root.exists():
         raise ArtifactError(f"artifact {root} does not exist")

@@ -44,3 +44,10 @@ class DistributedError(SparsertError):
 def dtype_name(dtype) -> str:
     """``torch.bfloat16`` -> ``"bfloat16"``: a dtype as error messages name it."""
     return str(dtype).replace("torch.", "")
+
+
+def require_path(value: object, what: str, expected: str, error: type[SparsertError] = ConfigError) -> None:
+    """Raise ``error`` ("WHAT: expected EXPECTED, got ''") for an empty or blank path given by the user: it would
+    otherwise become ``Path("")``, the current directory, and be read or written there silently. None passes."""
+    if value is not None and not str(value).strip():
+        raise error(f"{what}: expected {expected}, got {str(value)!r}")

@@ -47,7 +47,7 @@ from sparsert.runtime.artifact import (
     model_state_shapes,
     save_artifact,
 )
-from sparsert.runtime.errors import ArtifactError, ConfigError, DataError, FormatError
+from sparsert.runtime.errors import ArtifactError, ConfigError, DataError, FormatError, require_path
 from sparsert.runtime.model import DecoderLM, add_slorb, sparse_linear_names
 from sparsert.runtime.nm_mask import is_nm_sparse
 from sparsert.runtime.packed_linear import PackedLinear, pack_linear
@@ -101,12 +101,6 @@ def _trained_sparse_layers(sparsity: dict, names: list[str], where: str) -> list
 class CompressionNote(UserWarning):
     """Something about a compression the user should know that is not an error (``sparsert compress`` prints
     it as one ``note: ...`` line): e.g. ``--no-int4`` on an INT4-QAT checkpoint."""
-
-
-def _require_path(value: object, flag: str, expected: str) -> None:
-    """ConfigError for an empty path (``Path("")`` would silently be the current directory)."""
-    if isinstance(value, (str, Path)) and not str(value).strip():
-        raise ConfigError(f"{flag}: expected {expected}, got {str(value)!r}")
 
 
 MAX_SEED = 2**63 - 1  # torch.Generator.manual_seed's range
@@ -206,9 +200,9 @@ def compress_checkpoint(
         pruner, a group size that does not divide a layer's K, ...); DataError for unusable calibration
         data. Nothing is written on failure.
     """
-    _require_path(checkpoint, "CHECKPOINT", "the path of a training run (or its checkpoints/ or a step directory)")
-    _require_path(output, "-o", "the path of the artifact directory to write")
-    _require_path(calib_data, "--calib-data", "the path of a text file, folder or .jsonl")
+    require_path(checkpoint, "CHECKPOINT", "the path of a training run (or its checkpoints/ or a step directory)")
+    require_path(output, "-o", "the path of the artifact directory to write")
+    require_path(calib_data, "--calib-data", "the path of a text file, folder or .jsonl")
     if prune is not None and prune not in ONESHOT_METHODS:
         raise ConfigError(f"unknown pruning method '{prune}' (choose from {', '.join(ONESHOT_METHODS)})")
     if int4_group_size is not None and (

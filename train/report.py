@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sparsert.runtime.errors import ArtifactError, ConfigError
+from sparsert.runtime.errors import ArtifactError, ConfigError, require_path
 from sparsert.runtime.fileio import write_atomic
 from sparsert.train.metrics import METRICS_FILE
 
@@ -671,9 +671,7 @@ def build_report(run_dirs: list[str | Path], out_dir: str | Path | None = None, 
     if not run_dirs:
         raise ConfigError("sparsert report: give at least one run directory")
     for value, what in [(r, "RUN_DIR") for r in run_dirs] + [(out_dir, "-o"), (dense, "--dense")]:
-        if value is not None and not str(value).strip():  # Path("") would be the current directory
-            raise ConfigError(f"{what}: expected the path of a {'folder' if what == '-o' else 'training run'}, "
-                              f"got {str(value)!r}")
+        require_path(value, what, f"the path of a {'folder' if what == '-o' else 'training run'}")
     listed = [load_run(r) for r in run_dirs]
     first: dict[Path, RunMetrics] = {}
     for run in listed:

@@ -44,7 +44,7 @@ def command(artifact: str, prompt: str, max_new_tokens: int, temperature: float,
             backend: str, onnx_path: str | None, cuda_graph: bool, as_json: bool) -> None:
     """Generate a continuation of --prompt from ARTIFACT (greedy by default)."""
     from sparsert.runtime.artifact import load_artifact
-    from sparsert.runtime.errors import ConfigError
+    from sparsert.runtime.errors import ConfigError, require_path
     from sparsert.runtime.generate import GenerationConfig, generate_ids
 
     if not prompt:
@@ -52,8 +52,7 @@ def command(artifact: str, prompt: str, max_new_tokens: int, temperature: float,
     cfg = GenerationConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, seed=seed)
     if onnx_path is not None and backend != "onnx":
         raise ConfigError(f"--onnx applies only to --backend onnx (got --backend {backend})")
-    if onnx_path is not None and not onnx_path.strip():  # Path("") would be the current directory
-        raise ConfigError(f"--onnx: expected the path of an .onnx file, got {onnx_path!r}")
+    require_path(onnx_path, "--onnx", "the path of an .onnx file")
     if temperature == 0:
         ctx = click.get_current_context()
         sampling = [f for f, name in (("--top-k", "top_k"), ("--seed", "seed")) if option_given(ctx, name)]

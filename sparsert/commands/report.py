@@ -23,12 +23,11 @@ def command(run_dirs: tuple[str, ...], out_dir: str | None, dense: str | None, n
             tb_dir: str | None) -> None:
     """Render loss (dense vs sparse), flip-rate and sparsity plots (PNG) and a summary table (summary.md,
     summary.html) of the training runs RUN_DIR... from their metrics.jsonl and checkpoint state.json."""
-    from sparsert.runtime.errors import ConfigError
+    from sparsert.runtime.errors import require_path
     from sparsert.train.report import build_report, export_tensorboard, markdown_table, require_tensorboard
 
     if tb_dir is not None:
-        if not tb_dir.strip():  # Path("") would be the current directory
-            raise ConfigError(f"--tensorboard: expected the path of a folder, got {tb_dir!r}")
+        require_path(tb_dir, "--tensorboard", "the path of a folder")
         require_tensorboard()  # fail before writing anything
     report = build_report(list(run_dirs), out_dir, dense=dense, plots=not no_plots)
     click.echo(markdown_table(report.summaries))
