@@ -157,6 +157,8 @@ def _probe() -> tuple[bool, str]:
     except DeviceError as exc:
         return False, f"{NO_GPU_MESSAGE}: {exc}"
     except Exception as exc:  # e.g. cuda.pathfinder cannot find libcuda.so
+        if type(exc).__name__ == "DynamicLibNotFoundError":  # its text is a paragraph of install advice
+            return False, f"{NO_GPU_MESSAGE}: the NVIDIA driver library (libcuda) was not found"
         return False, f"{NO_GPU_MESSAGE}: {type(exc).__name__}: {exc}"
     if cc < MIN_COMPUTE_CAPABILITY:
         return False, unsupported_arch_message(cc)

@@ -45,12 +45,13 @@ def make_stepper(artifact: Artifact, backend: str, onnx_path: str | Path | None 
         with onnx_stepper(artifact, onnx_path) as stepper:
             yield stepper
     elif backend == "runtime":
-        from sparsert.runtime.device import probe_gpu  # noqa: PLC0415 - no CUDA import until a GPU is found
+        from sparsert.runtime.device import NO_GPU_MESSAGE, probe_gpu  # noqa: PLC0415
 
         usable, reason = probe_gpu()
         if not usable:
+            detail = reason.removeprefix(NO_GPU_MESSAGE).lstrip(": ")  # probe_gpu's preamble says what this does
             raise DeviceError(f"--backend runtime needs an NVIDIA GPU (sm_80 or newer) and its driver: "
-                              f"{_short_gpu_reason(reason)}; use --backend torch or --backend onnx (CPU)")
+                              f"{detail}; use --backend torch or --backend onnx (CPU)")
         try:
             from sparsert.runtime.gpu_backend import GpuStepper  # noqa: PLC0415
         except ImportError as exc:
@@ -61,17 +62,3 @@ def make_stepper(artifact: Artifact, backend: str, onnx_path: str | Path | None 
         yield stepper
     else:
         raise ConfigError(f"--backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
-
-
-def _short_gpu_reason(reason: str) -> str:
-    """The gist of :func:`sparsert.runtime.device.probe_gpu`'s reason, for a one-line error: without its
-    ``no NVIDIA GPU/driver available`` preamble and the library lookup's advice (its first sentence only)."""
-    from sparsert.runtime.device import NO_GPU_MESSAGE  # noqa: PLC0415
-
-    detail = reason.removeprefix(NO_GPU_MESSAGE).lstrip(": ").strip()
-    if "DynamicLibNotFoundError" in detail or "libcuda" in detail or "driver library" in detail:
-        return "the NVIDIA driver library (libcuda) was not found"
-    if detail.startswith("GPU sm_"):
-        return detail
-    detail = detail.split(". ")[0].rstrip(".")
-    return (detail[:117] + "...") if len(detail) > 120 else (detail or "no usable GPU")

@@ -207,9 +207,17 @@ def test_runtime_backend_without_gpu_is_a_one_line_error(capsys, artifact):
 def test_runtime_backend_without_gpu_names_the_flag_and_the_cpu_backends(capsys, monkeypatch, artifact):
     from sparsert.runtime import device
 
-    reason = ('no NVIDIA GPU/driver available (needs sm_80+): DynamicLibNotFoundError: "cuda" is an NVIDIA driver '
-              "library and can only be found via system search. Ensure the NVIDIA display driver is installed.")
-    monkeypatch.setattr(device, "probe_gpu", lambda: (False, reason))
+    class DynamicLibNotFoundError(RuntimeError):  # what cuda.pathfinder raises when libcuda.so is not found
+        pass
+
+    class NoDriver:
+        def cuInit(self, flags):
+            raise DynamicLibNotFoundError('"cuda" is an NVIDIA driver library and can only be found via system '
+                                          "search. Ensure the NVIDIA display driver is installed.")
+
+    monkeypatch.delenv("SPARSERT_DISABLE_GPU", raising=False)
+    monkeypatch.setattr(device, "driver", NoDriver)
+    monkeypatch.setattr(device, "_PROBE", None)  # probe afresh, with the driver above
     code, out, err = run_main(capsys, "generate", str(artifact), "--prompt", "hi", "--backend", "runtime")
     assert_one_line_error(code, err, "--backend runtime needs an NVIDIA GPU (sm_80 or newer) and its driver: the "
                                      "NVIDIA driver library (libcuda) was not found; use --backend torch or "
