@@ -389,7 +389,7 @@ def test_schedule_validation():
         SparsitySchedule(kind="cosine")
     with pytest.raises(ConfigError, match="must be before"):
         SparsitySchedule.gradual(start=0.8, end=0.5)
-    with pytest.raises(ConfigError, match="dense fine-tuning starts"):
+    with pytest.raises(ConfigError, match="pruning must end by the start of dense fine-tuning"):
         SparsitySchedule.gradual(end=0.9, dense_finetune_fraction=0.2)
     with pytest.raises(ConfigError, match="prune_interval"):
         SparsitySchedule.gradual(interval=0)

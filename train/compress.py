@@ -282,7 +282,7 @@ def compress_checkpoint(
     if not quantize and int4_group_size is not None:
         reason = "INT4 is switched off" if qat is not None else f"{where} was not trained with INT4 QAT"
         raise ConfigError(f"--group-size {int4_group_size} applies only to INT4, but {reason}; add --int4 to quantize")
-    qat_group = (qat or {}).get("group_size") if isinstance(qat, dict) else None
+    qat_group = qat.get("group_size") if isinstance(qat, dict) else None
     if (quantize and qat_group is not None and int4_group_size is not None and int4_group_size != qat_group
             and not force_group_size):
         raise ConfigError(

@@ -80,7 +80,8 @@ class SparsitySchedule:
         self.prune_end = _fraction(self.prune_end, "prune_end")
         if self.prune_start >= self.prune_end:
             raise ConfigError(
-                f"sparsity schedule: prune_start ({self.prune_start}) must be before prune_end ({self.prune_end})"
+                f"sparsity schedule 'prune_start' {self.prune_start:g} must be before sparsity schedule 'prune_end' "
+                f"{self.prune_end:g} (the fractions of the steps where pruning starts and ends)"
             )
         iv = self.prune_interval
         if isinstance(iv, bool) or not isinstance(iv, int) or iv <= 0:
@@ -92,7 +93,8 @@ class SparsitySchedule:
             raise ConfigError("sparsity schedule 'dense_finetune_fraction': must be below 1 (no sparse phase left)")
         if self.kind == "gradual" and self.prune_end > 1.0 - f:
             raise ConfigError(
-                f"sparsity schedule: pruning ends at {self.prune_end} but dense fine-tuning starts at {1.0 - f:.4g}"
+                f"sparsity schedule 'prune_end' {self.prune_end:g}: pruning must end by the start of dense "
+                f"fine-tuning, at {1.0 - f:.4g} of the steps (sparsity schedule 'dense_finetune_fraction' {f:.4g})"
             )
         self.dense_finetune_fraction = f
 

@@ -56,8 +56,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from sparsert.runtime.artifact import CONFIG_NAME as ARTIFACT_CONFIG
-from sparsert.runtime.artifact import FORMAT as ARTIFACT_FORMAT
+from sparsert.runtime.artifact import is_artifact_dir
 from sparsert.runtime.errors import ArtifactError, ConfigError, DataError, SparsertError
 from sparsert.runtime.model import DecoderLM, ModelConfig, model_config_from_preset, sparse_linear_names
 from sparsert.runtime.tokenizer import ByteTokenizer, tokenizer_from_dict
@@ -392,19 +391,12 @@ class TrainConfig:
             raise ConfigError("--method ast distils from a dense teacher: give --teacher PATH (a dense sparsert run or "
                               "checkpoint, or a Hugging Face model directory) or --init-from (then used as the "
                               "teacher), or --distill-beta 0")
-        # the schedule's own checks, worded with the fields (the CLI shows them as --prune-start, ...)
-        if self.prune_start >= self.prune_end:
-            raise ConfigError(f"train config 'prune_start' {self.prune_start:g} must be before train config "
-                              f"'prune_end' {self.prune_end:g} (the fractions of the steps where pruning starts "
-                              "and ends)")
-        if self.schedule == "gradual" and self.prune_end > 1 - self.dense_finetune:
-            raise ConfigError(f"train config 'prune_end' {self.prune_end:g}: pruning must end by the start of dense "
-                              f"fine-tuning, at {1 - self.dense_finetune:.4g} of the steps (train config "
-                              f"'dense_finetune' {self.dense_finetune:.4g})")
         try:
             self.sparsity_schedule()
-        except ConfigError as exc:
-            raise ConfigError(str(exc).replace("sparsity schedule", "train config schedule")) from None
+        except ConfigError as exc:  # worded with this config's fields (the CLI shows them as --prune-start, ...)
+            text = str(exc).replace("sparsity schedule '", "train config '")  # a field: named as ours
+            text = text.replace("sparsity schedule", "train config schedule")
+            raise ConfigError(text.replace("'dense_finetune_fraction'", "'dense_finetune'")) from None
 
     def sparsity_schedule(self) -> SparsitySchedule:
         """The :class:`SparsitySchedule` of this run (``from_scratch`` with optional dense fine-tuning, ``spdf``
@@ -915,14 +907,8 @@ def _check_artifact_target(run_dir: Path, cfg: TrainConfig, model_config: ModelC
     target = run_dir / "artifact"
     if not (target.exists() or target.is_symlink()):
         return
-    if target.is_dir() and not target.is_symlink():
-        if not any(target.iterdir()):
-            return
-        try:
-            if json.loads((target / ARTIFACT_CONFIG).read_text()).get("format") == ARTIFACT_FORMAT:
-                return
-        except (OSError, ValueError, AttributeError):
-            pass
+    if target.is_dir() and not target.is_symlink() and (not any(target.iterdir()) or is_artifact_dir(target)):
+        return
     raise ConfigError(f"cannot resume {run_dir}: {target} is not a sparsert artifact, and the run ends by writing "
                       f"its artifact there; move it out of {run_dir} to resume")
 
