@@ -192,9 +192,24 @@ def list_checkpoints(ckpt_root: Path) -> list[tuple[int, Path]]:
     return sorted(out)
 
 
+def _is_scratch(name: str) -> bool:
+    """A name :func:`save_checkpoint` writes on the way to a checkpoint: ``step_N.tmp`` being filled, a step
+    directory moved aside (``.step_N.<hex>.old``, :func:`~sparsert.runtime.fileio.replace_dir`), latest.json's
+    temporary file (``.latest.json.<hex>.tmp``)."""
+    return name.endswith((".tmp", ".old"))
+
+
+def holds_no_checkpoint(ckpt_root: Path) -> bool:
+    """Whether the directory ``ckpt_root`` holds only what a run leaves before its first checkpoint is published
+    (no ``latest.json``; step directories and :func:`save_checkpoint`'s scratch names), so a new run may
+    start over it."""
+    return all(p.name != LATEST and (_is_scratch(p.name) or (_STEP_DIR.match(p.name) and p.is_dir()))
+               for p in ckpt_root.iterdir())
+
+
 def _prune(ckpt_root: Path, *, keep: int, current: str) -> None:
     for p in ckpt_root.iterdir():
-        if p.is_dir() and (p.name.endswith(".tmp") or p.name.endswith(".old")):
+        if p.is_dir() and _is_scratch(p.name):
             shutil.rmtree(p, ignore_errors=True)
     complete = list_checkpoints(ckpt_root)
     for _, p in complete[: max(0, len(complete) - max(keep, 1))]:

@@ -44,7 +44,6 @@ import dataclasses
 import json
 import math
 import os
-import re
 import sys
 import time
 from dataclasses import asdict, dataclass, field, fields
@@ -65,6 +64,7 @@ from sparsert.train.checkpoint import (
     CHECKPOINTS,
     LATEST,
     Checkpoint,
+    holds_no_checkpoint,
     list_checkpoints,
     load_checkpoint,
     restore_optimizer,
@@ -831,11 +831,6 @@ def _new_run_dir(cfg: TrainConfig) -> Path:
     return run_dir
 
 
-# What a run interrupted before its first complete checkpoint leaves in its directory: the metrics log, and in
-# checkpoints/ the step directories being written (step_N.tmp, or step_N whose latest.json was not published yet)
-# and latest.json's temporary file. A new run may start there (it restarts the log and rewrites the checkpoints).
-_LEFTOVER_CHECKPOINT_FILES = re.compile(
-    r"^(step_\d+(\.tmp|\.old)?|\.step_\d+\.[0-9a-f]+\.old|\.latest\.json\..*\.tmp)$")  # .old: fileio.replace_dir
 # Keys of the first line of a sparsert metrics log: a step record, or the --data header (sparsert.train.metrics).
 _METRICS_STEP_KEYS = {"step", "loss", "lr", "tokens_per_s", "sparsity"}
 
@@ -856,9 +851,8 @@ def _is_metrics_log(path: Path) -> bool:
 def _is_run_leftover(path: Path) -> bool:
     if path.name == METRICS_FILE:
         return path.is_file() and not path.is_symlink() and _is_metrics_log(path)
-    if path.name == CHECKPOINTS:
-        return path.is_dir() and not path.is_symlink() and \
-            all(_LEFTOVER_CHECKPOINT_FILES.match(p.name) for p in path.iterdir())
+    if path.name == CHECKPOINTS:  # a run stopped before its first checkpoint was published
+        return path.is_dir() and not path.is_symlink() and holds_no_checkpoint(path)
     return False
 
 
