@@ -22,6 +22,22 @@ from sparsert.runtime.errors import ArtifactError
 
 METRICS_FILE = "metrics.jsonl"
 TIMING_KEYS = ("tokens_per_s", "elapsed_s", "mask_refresh_share")
+STEP_KEYS = frozenset({"step", "loss", "lr", "tokens_per_s", "sparsity"})  # in every step line
+HEADER_KEYS = frozenset({"data_skipped"})
+
+
+def is_metrics_log(path: Path) -> bool:
+    """Whether ``path`` is empty or starts with a line this module writes (a step line or a header line): a
+    metrics log of sparsert's, not someone else's file of the same name."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            first = f.readline(1 << 22)
+        if not first.strip():
+            return first == ""
+        record = json.loads(first)
+    except (OSError, UnicodeDecodeError, ValueError):
+        return False
+    return isinstance(record, dict) and (STEP_KEYS <= set(record) or set(record) == HEADER_KEYS)
 
 
 def _clean(value: object) -> object:

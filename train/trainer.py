@@ -41,7 +41,6 @@ from __future__ import annotations
 import base64
 import contextlib
 import dataclasses
-import json
 import math
 import os
 import sys
@@ -94,7 +93,7 @@ from sparsert.train.hf_train import (  # H11: sparsert train --model PATH (Huggi
     save_hf_run,
 )
 from sparsert.train.masked_decay import DEFAULT_MASKED_DECAY, apply_masked_decay
-from sparsert.train.metrics import METRICS_FILE
+from sparsert.train.metrics import METRICS_FILE, is_metrics_log
 from sparsert.train.schedules import DEFAULT_DENSE_FINETUNE_FRACTION, SparsitySchedule
 from sparsert.train.sparse_linear import SparsityConfig
 from sparsert.train.sparsify import (
@@ -831,26 +830,9 @@ def _new_run_dir(cfg: TrainConfig) -> Path:
     return run_dir
 
 
-# Keys of the first line of a sparsert metrics log: a step record, or the --data header (sparsert.train.metrics).
-_METRICS_STEP_KEYS = {"step", "loss", "lr", "tokens_per_s", "sparsity"}
-
-
-def _is_metrics_log(path: Path) -> bool:
-    """True when ``path`` is empty or starts with a line of a sparsert metrics log."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            first = f.readline(1 << 22)
-        if not first.strip():
-            return first == ""
-        record = json.loads(first)
-    except (OSError, UnicodeDecodeError, ValueError):
-        return False
-    return isinstance(record, dict) and (_METRICS_STEP_KEYS <= set(record) or set(record) == {"data_skipped"})
-
-
 def _is_run_leftover(path: Path) -> bool:
     if path.name == METRICS_FILE:
-        return path.is_file() and not path.is_symlink() and _is_metrics_log(path)
+        return path.is_file() and not path.is_symlink() and is_metrics_log(path)
     if path.name == CHECKPOINTS:  # a run stopped before its first checkpoint was published
         return path.is_dir() and not path.is_symlink() and holds_no_checkpoint(path)
     return False
