@@ -435,7 +435,7 @@ class SparseLinearGPU(nn.Module):
         return problem_key(self.kind, self.dtype, self.out_features, self.in_features, m)
 
     def _reference(self, x: torch.Tensor) -> torch.Tensor:
-        if self._ref_weight is None:  # kept only while deciding (freed by drop_unused)
+        if self._ref_weight is None:  # kept only while deciding (:meth:`tune`; a later single bucket frees it)
             self._ref_weight = dense_weight(self.packed, self.device, torch.float32)
         y = x.float() @ self._ref_weight.t()
         return y if self.bias is None else y + self.bias
@@ -444,7 +444,7 @@ class SparseLinearGPU(nn.Module):
         backend = self.backends[name]
         return backend.run(self.states[backend.state_key], x, self.bias)
 
-    def _choose(self, m: int) -> str:
+    def _choose(self, m: int, *, keep_reference: bool = False) -> str:
         bucket = m_bucket(m)
         if bucket in self.chosen:
             return self.chosen[bucket]
@@ -468,11 +468,14 @@ class SparseLinearGPU(nn.Module):
                 self.backends[fallback.name] = fallback
                 name = fallback.name
         self.chosen[bucket] = name
+        if not keep_reference:  # a bucket first seen at run time must not leave an fp32 copy of the weight behind
+            self._ref_weight = None
         return name
 
     def tune(self, token_counts) -> dict[int, str]:
-        """Decide the backend for each token count's bucket now; returns {bucket: backend}."""
-        return {m_bucket(m): self._choose(m) for m in token_counts}
+        """Decide the backend for each token count's bucket now; returns {bucket: backend}. The fp32 reference
+        weight the decisions compare against is kept for :meth:`drop_unused` to free."""
+        return {m_bucket(m): self._choose(m, keep_reference=True) for m in token_counts}
 
     def drop_unused(self) -> None:
         """Free every prepared state that no decided bucket's backend uses (and the backends on it)."""

@@ -1,0 +1,217 @@
+"""swap_sparse_linears: any torch model's 2:4 linears on sparsert's formats and kernels (CPU: the kernels' torch
+fallbacks on the same packed formats; GPU: the dispatcher's measured choice, marked ``gpu``)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from sparsert.runtime.dispatch import SparseLinearGPU
+from sparsert.runtime.errors import ConfigError
+from sparsert.runtime.linear_swap import swap_sparse_linears
+from sparsert.runtime.nm_mask import nm_mask
+from sparsert.runtime.packed_linear import pack_linear
+
+gpu = pytest.mark.gpu
+
+
+def _mlp(seed: int = 0, *, sparse: bool = True, head: bool = True) -> nn.Module:
+    torch.manual_seed(seed)
+    layers = [nn.Linear(256, 128), nn.ReLU(), nn.Linear(128, 128, bias=False)]
+    model = nn.Sequential(*layers)
+    if head:
+        model.lm_head = nn.Linear(128, 32)
+    if sparse:
+        for layer in (model[0], model[2]):
+            layer.weight.data *= nm_mask(layer.weight.data, 2, 4)
+    return model
+
+
+def _expected(model: nn.Module, x: torch.Tensor, dtype=torch.bfloat16, int4_group: int | None = None) -> torch.Tensor:
+    """The swapped model's math in float32: x rounded to ``dtype`` before each packed layer, which computes with
+    the packed (2:4, optionally INT4) weight rounded to ``dtype``."""
+    y = x
+    for layer in (model[0], model[2]):
+        w = pack_linear(layer.weight.detach(), int4_group_size=int4_group).to_dense().to(dtype).float()
+        y = y.to(dtype).float() @ w.t()
+        if layer.bias is not None:
+            y = y + layer.bias.detach()
+        y = y.to(dtype).float()
+        if layer is model[0]:
+            y = torch.relu(y)
+    return model.lm_head(y)
+
+
+@pytest.mark.parametrize("int4", [False, True])
+def test_swaps_the_2_4_linears_and_keeps_the_head_dense(int4: bool) -> None:
+    model = _mlp()
+    x = torch.randn(3, 5, 256)
+    expected = _expected(model, x, int4_group=128 if int4 else None)
+    report = swap_sparse_linears(model, int4=int4, group_size=128, token_counts=[1, 16])
+    assert list(report.swapped) == ["0", "2"] and isinstance(model[0], SparseLinearGPU)
+    assert report.swapped["0"] == ("2:4+int4 g128" if int4 else "2:4")
+    assert report.left_dense == {"lm_head": "the output head stays dense"} and type(model.lm_head) is nn.Linear
+    kind = "ours_w4a16" if int4 else "ours_sparse24"
+    assert all(b.startswith(kind) for per in report.backends.values() for b in per.values())
+    assert set(report.backends["0"]) == {1, 16} and not report.dense_fallback
+    # 128-row layers (no row padding): INT4 codes 2 + metadata 1 + fp16 scales 0.125 bits; or bf16 values 8 + 1
+    assert report.weights == 256 * 128 + 128 * 128
+    assert report.bits_per_weight == (3.125 if int4 else 9.0)
+    y = model(x)
+    assert y.shape == (3, 5, 32) and y.dtype == torch.float32
+    assert float((y - expected).detach().norm() / expected.detach().norm()) < 1e-2
+    assert "2 linear layers swapped" in report.summary()
+
+
+def test_layers_not_2_4_are_left_dense_or_pruned() -> None:
+    model = _mlp()
+    model[2].weight.data = torch.randn(128, 128)  # dense again
+    report = swap_sparse_linears(model, token_counts=None)
+    assert list(report.swapped) == ["0"] and "not 2:4 along K" in report.left_dense["2"]
+    assert report.backends == {}
+
+    pruned = _mlp(1, sparse=False)
+    reference = _mlp(1, sparse=True)  # the same weights pruned by magnitude
+    x = torch.randn(4, 256)
+    report = swap_sparse_linears(pruned, prune=True)
+    assert list(report.swapped) == ["0", "2"]
+    torch.testing.assert_close(pruned(x), _expected(reference, x), rtol=0, atol=0)
+
+
+def test_tied_output_layer_and_conv1d() -> None:
+    class Conv1D(nn.Module):  # transformers.pytorch_utils.Conv1D's interface: y = x @ W + b, W [in, out]
+        def __init__(self, nf: int, nx: int) -> None:
+            super().__init__()
+            self.nf = nf
+            self.weight = nn.Parameter(torch.randn(nx, nf))
+            self.bias = nn.Parameter(torch.randn(nf))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x @ self.weight + self.bias
+
+    torch.manual_seed(2)
+    model = nn.Module()
+    model.wte = nn.Embedding(50, 64)
+    model.c_fc = Conv1D(128, 64)
+    model.c_fc.weight.data *= nm_mask(model.c_fc.weight.data.t(), 2, 4).t()  # 2:4 along the input dimension
+    model.head = nn.Linear(64, 50, bias=False)
+    model.head.weight = model.wte.weight
+    report = swap_sparse_linears(model)
+    assert list(report.swapped) == ["c_fc"] and report.left_dense == {"head": "its weight is an embedding's (tied)"}
+    x = torch.randn(7, 64)
+    w = model.c_fc.packed.to_dense()
+    torch.testing.assert_close(model.c_fc(x), (x.bfloat16().float() @ w.bfloat16().float().t() + model.c_fc.packed.bias)
+                               .bfloat16().float(), rtol=0, atol=0)
+
+
+def test_bad_input_is_named() -> None:
+    with pytest.raises(ConfigError, match="must be a torch nn.Module"):
+        swap_sparse_linears("model")
+    with pytest.raises(ConfigError, match="has no layer 'fc9'"):
+        swap_sparse_linears(_mlp(), ["fc9"])
+    with pytest.raises(ConfigError, match="layer '1' is a ReLU, not a linear layer"):
+        swap_sparse_linears(_mlp(), ["1"])
+    with pytest.raises(ConfigError, match="names must be a list of layer names"):
+        swap_sparse_linears(_mlp(), "0")
+    dense = _mlp(sparse=False)
+    with pytest.raises(ConfigError, match=r"layer '0' \[128, 256\]: its weight is not 2:4 along K \(pass prune=True"):
+        swap_sparse_linears(dense, ["0"])
+    with pytest.raises(ConfigError, match="no linear layer of the model can be swapped .*0: its weight is not 2:4"):
+        swap_sparse_linears(dense)
+    with pytest.raises(ConfigError, match="has no linear layer"):
+        swap_sparse_linears(nn.Sequential(nn.ReLU()))
+    odd = nn.Sequential(nn.Linear(6, 8))
+    with pytest.raises(ConfigError, match=r"layer '0' \[8, 6\]: K=6 .* not divisible by 4"):
+        swap_sparse_linears(odd, ["0"], prune=True)
+    with pytest.raises(ConfigError, match=r"K=128 is not divisible by the INT4 group size 96"):
+        swap_sparse_linears(_mlp(), ["2"], int4=True, group_size=96)
+    for bad, match in ((dict(group_size=6, int4=True), "group_size must be a positive multiple of 4"),
+                       (dict(dtype=torch.float32), "dtype must be torch.bfloat16 or torch.float16"),
+                       (dict(token_counts=[0]), "token_counts must be a list of positive ints"),
+                       (dict(token_counts=16), "token_counts must be a list of positive ints"),
+                       (dict(int4="yes"), "int4 must be True or False")):
+        with pytest.raises(ConfigError, match=match):
+            swap_sparse_linears(_mlp(), **bad)
+    nan = _mlp()
+    nan[0].weight.data[0, 0] = float("nan")
+    with pytest.raises(ConfigError, match=r"layer '0' \[128, 256\]: its weight is not a finite float tensor"):
+        swap_sparse_linears(nan)
+    model = _mlp()
+    before = [type(m) for m in model]
+    with pytest.raises(ConfigError):
+        swap_sparse_linears(model, ["0", "2"], int4=True, group_size=256)
+    assert [type(m) for m in model] == before  # checked before any layer is replaced
+
+
+def test_a_bucket_first_seen_at_run_time_leaves_no_reference_copy() -> None:
+    """A token count outside the tuned buckets is decided at its first call; the fp32 weight the decision
+    compares against must not stay behind (it is 32 bits per weight)."""
+    model = _mlp()
+    swap_sparse_linears(model, token_counts=[1])
+    layer = model[0]
+    assert layer._ref_weight is None and set(layer.chosen) == {1}
+    layer(torch.randn(40, 256))
+    assert set(layer.chosen) == {1, 64} and layer._ref_weight is None
+
+
+def _hf_model(transformers, arch: str, seed: int) -> nn.Module:
+    """A tiny random transformers causal LM whose linears the W4A16 kernel takes (K a multiple of 128)."""
+    torch.manual_seed(seed)
+    if arch == "llama":
+        config = transformers.LlamaConfig(vocab_size=320, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                                          num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=64)
+    else:
+        config = transformers.GPT2Config(vocab_size=320, n_embd=128, n_layer=2, n_head=4, n_positions=64)
+    return transformers.AutoModelForCausalLM.from_config(config).eval()
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_hugging_face_causal_lm(arch: str) -> None:
+    """A transformers Llama and GPT-2 (Conv1D layers, tied head) pruned, INT4-quantized and swapped on the CPU
+    give the logits of the same model with its weights replaced by the packed ones."""
+    transformers = pytest.importorskip("transformers")
+    model, reference = _hf_model(transformers, arch, 0), _hf_model(transformers, arch, 0)
+    report = swap_sparse_linears(model, prune=True, int4=True, group_size=128, token_counts=[1, 8])
+    assert len(report.swapped) == 2 * (7 if arch == "llama" else 4) and not report.dense_fallback
+    assert "lm_head" in report.left_dense and report.bits_per_weight == 3.125
+    modules = dict(reference.named_modules())
+    with torch.no_grad():
+        for name in report.swapped:
+            dense = model.get_submodule(name).packed.to_dense()
+            modules[name].weight.copy_(dense.t() if arch == "gpt2" else dense)
+        ids = torch.tensor([[5, 17, 99, 3, 250, 42, 7, 8]])
+        got, want = model(ids).logits, reference(ids).logits
+    assert float((got - want).norm() / want.norm()) < 2e-2
+
+
+def test_layers_no_sparse_kernel_takes_are_reported(hf_model_dirs: dict[str, Path]) -> None:
+    """The fixture's hidden size 64 is below the W4A16 kernel's k tile (128): those layers are swapped but run
+    the decompressed weight, and the report and a warning say so."""
+    transformers = pytest.importorskip("transformers")
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(hf_model_dirs["llama"])).eval()
+    with pytest.warns(UserWarning, match=r"swap_sparse_linears: 12 of 14 swapped layers run the dense fallback"):
+        report = swap_sparse_linears(model, prune=True, int4=True, group_size=64, token_counts=[1])
+    assert "K=64 must be a positive multiple of 128" in report.dense_fallback["model.layers.0.mlp.up_proj"]
+    assert "model.layers.0.mlp.down_proj" not in report.dense_fallback  # K = 128
+    assert "12 on the dense fallback" in report.summary()
+
+
+@gpu
+def test_gpu_hugging_face_causal_lm_on_our_kernels() -> None:
+    transformers = pytest.importorskip("transformers")
+    model, reference = _hf_model(transformers, "llama", 0), _hf_model(transformers, "llama", 0)
+    model.to("cuda", torch.bfloat16)
+    report = swap_sparse_linears(model, prune=True, int4=True, group_size=128, token_counts=[1, 8])
+    assert len(report.swapped) == 14 and not report.dense_fallback and report.bits_per_weight == 3.125
+    assert all(b.startswith("ours_w4a16") for per in report.backends.values() for b in per.values())
+    with torch.no_grad():
+        modules = dict(reference.named_modules())
+        for name in report.swapped:
+            modules[name].weight.copy_(model.get_submodule(name).packed.to_dense())
+        ids = torch.tensor([[5, 17, 99, 3, 250, 42, 7, 8]])
+        want = reference(ids).logits
+        got = model(ids.cuda()).logits.float().cpu()
+    assert float((got - want).norm() / want.norm()) < 3e-2
