@@ -83,11 +83,6 @@ def _weight_nk(module: nn.Module) -> torch.Tensor:
     return module.weight.t() if _is_conv1d(module) else module.weight
 
 
-def _tied_to_embedding(model: nn.Module, module: nn.Module) -> bool:
-    ptr = module.weight.data_ptr()
-    return any(isinstance(m, nn.Embedding) and m.weight.data_ptr() == ptr for m in model.modules())
-
-
 def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
     parent, _, attr = name.rpartition(".")
     setattr(model.get_submodule(parent) if parent else model, attr, module)
@@ -98,12 +93,13 @@ def _choose_layers(model: nn.Module, names: Sequence[str] | None) -> tuple[list[
     modules = dict(model.named_modules())
     if names is None:
         chosen, left = [], {}
+        embeddings = {m.weight.data_ptr() for m in modules.values() if isinstance(m, nn.Embedding)} - {0}  # 0: meta
         for name, module in modules.items():
             if not _is_linear(module) or isinstance(module, SparseLinearGPU):
                 continue
             if name.rpartition(".")[2] in HEAD_NAMES:
                 left[name] = "the output head stays dense"
-            elif _tied_to_embedding(model, module):
+            elif module.weight.data_ptr() in embeddings:
                 left[name] = "its weight is an embedding's (tied)"
             else:
                 chosen.append(name)
