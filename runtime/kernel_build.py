@@ -24,6 +24,7 @@ content, so a truncated or corrupt entry is detected, removed and rebuilt.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib
 import json
@@ -98,7 +99,47 @@ class CompiledKernel:
 
 _REGISTRY: dict[str, KernelSpec] = {}
 _LOCK = threading.Lock()
-_SERIAL_BUILD = threading.Lock()
+
+
+class BuildGate:
+    """Builds run side by side (:meth:`shared`) except a rebuild after an incomplete log (:meth:`exclusive`),
+    which waits for the running builds to finish and holds new ones back until it is done (writers first, so a
+    stream of builds cannot starve it)."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._running = 0
+        self._exclusive = False
+        self._waiting = 0
+
+    @contextlib.contextmanager
+    def shared(self):
+        with self._cond:
+            self._cond.wait_for(lambda: not self._exclusive and not self._waiting)
+            self._running += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._running -= 1
+                self._cond.notify_all()
+
+    @contextlib.contextmanager
+    def exclusive(self):
+        with self._cond:
+            self._waiting += 1
+            self._cond.wait_for(lambda: not self._exclusive and not self._running)
+            self._waiting -= 1
+            self._exclusive = True
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._exclusive = False
+                self._cond.notify_all()
+
+
+_BUILD_GATE = BuildGate()
 _LOADED: dict[tuple, LaunchableKernel] = {}
 
 
@@ -393,12 +434,13 @@ def compile_kernel(
                 entry.registers, entry.stack_frame = _by_expression(resources, entry.lowered_names)
             return entry
         path.unlink(missing_ok=True)  # corrupt, truncated or without the wanted cubin: rebuild
-    compiled = _compile_nvrtc(spec, arch, text, kdir, want_cubin=True)
+    with _BUILD_GATE.shared():
+        compiled = _compile_nvrtc(spec, arch, text, kdir, want_cubin=True)
     if compiled.log_missing:
         # NVRTC 13.0 on the H200 machine once returned a log lacking one kernel's ptxas report while 16 builds
-        # ran in parallel; the same unit built alone reported it. One rebuild (rebuilds one at a time) for a
-        # complete log; the registers and frames are the cubin's either way.
-        with _SERIAL_BUILD:
+        # ran in parallel; the same unit built alone reported it. One rebuild, with no other build running, for
+        # a complete log; the registers and frames are the cubin's either way.
+        with _BUILD_GATE.exclusive():
             again = _compile_nvrtc(spec, arch, text, kdir, want_cubin=True)
         if len(again.log_missing) < len(compiled.log_missing):
             compiled = again

@@ -490,3 +490,69 @@ def test_without_pyelftools_the_log_is_used_and_a_cached_entry_is_read_again_lat
         assert len(seen) == 3 and clean.registers == expected and not clean.log_missing  # from the log
     cached = compile_kernel(spec, "sm_80", cache=tmp_path / "c", kernel_dir_override=kdir)
     assert cached.from_cache and cached.registers == expected and cached.stack_frame == {"tiny_scale": 0}
+
+
+def test_build_gate_runs_an_exclusive_rebuild_alone():
+    """Builds share the gate; a rebuild waits for the running builds, and builds that arrive while it waits or
+    runs start only after it (so a stream of builds cannot starve it)."""
+    import threading
+    import time
+
+    from sparsert.runtime.kernel_build import BuildGate
+
+    gate, events, lock = BuildGate(), [], threading.Lock()
+    release = threading.Event()
+
+    def note(what):
+        with lock:
+            events.append(what)
+
+    def build(i, hold):
+        with gate.shared():
+            note(f"start {i}")
+            if hold:
+                release.wait(5)
+            note(f"end {i}")
+
+    def rebuild():
+        with gate.exclusive():
+            note("rebuild start")
+            time.sleep(0.05)
+            note("rebuild end")
+
+    first = [threading.Thread(target=build, args=(i, True)) for i in range(3)]
+    for t in first:
+        t.start()
+    while sum(e.startswith("start") for e in events) < 3:
+        time.sleep(0.001)
+    writer = threading.Thread(target=rebuild)
+    writer.start()
+    while not gate._waiting:
+        time.sleep(0.001)
+    late = threading.Thread(target=build, args=(9, False))
+    late.start()
+    time.sleep(0.05)
+    assert "rebuild start" not in events and "start 9" not in events  # the rebuild waits; so does the late build
+    release.set()
+    for t in [*first, writer, late]:
+        t.join(5)
+    assert all(events.index(f"end {i}") < events.index("rebuild start") for i in range(3))
+    assert events.index("rebuild end") < events.index("start 9")
+
+
+def test_incomplete_log_rebuild_runs_with_no_other_build(tiny_kernel, monkeypatch):
+    """The rebuild after an incomplete log holds the gate exclusively (NVRTC 13.0's suspected parallel-build
+    problem): no other compile_kernel build runs while it does."""
+    from sparsert.runtime import kernel_build
+
+    spec, kdir = tiny_kernel
+    _corrupt_ptxas_reports(monkeypatch, calls=1)
+    real, states = kernel_build._compile_nvrtc, []
+
+    def observed(*args, **kwargs):
+        states.append((kernel_build._BUILD_GATE._exclusive, kernel_build._BUILD_GATE._running))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(kernel_build, "_compile_nvrtc", observed)
+    compile_kernel(spec, "sm_80", use_cache=False, kernel_dir_override=kdir)
+    assert states == [(False, 1), (True, 0)]
