@@ -442,7 +442,8 @@ class SparseLinearGPU(nn.Module):
 
     def _run(self, name: str, x: torch.Tensor) -> torch.Tensor:
         backend = self.backends[name]
-        return backend.run(self.states[backend.state_key], x, self.bias)
+        bias = self.bias if self.bias is None or self.bias.dtype == torch.float32 else self.bias.float()  # after .to()
+        return backend.run(self.states[backend.state_key], x, bias)
 
     def _choose(self, m: int, *, keep_reference: bool = False) -> str:
         bucket = m_bucket(m)
@@ -499,12 +500,22 @@ class SparseLinearGPU(nn.Module):
             raise FormatError(f"{self.name}: input must be a floating tensor [..., {self.in_features}], got {what}")
         if x.shape[-1] != self.in_features:
             raise FormatError(f"{self.name}: input has {x.shape[-1]} features, expected {self.in_features}")
+        if x.device.type != self.device.type or self.device.index not in (None, x.device.index):
+            # the prepared formats stay where they were built (.to() does not move them)
+            raise FormatError(f"{self.name}: input is on {x.device}, the layer's weights on {self.device}; build "
+                              "(or swap) the layer where it will run")
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features).to(self.dtype).contiguous()
         if x2.shape[0] == 0:  # no tokens: nothing to dispatch
             return x.new_empty(*lead, self.out_features)
         y = self._run(self._choose(x2.shape[0]), x2)
         return y.reshape(*lead, self.out_features).to(x.dtype)
+
+    def __getattr__(self, name: str):
+        if name == "weight":  # code written for nn.Linear that reads the weight itself cannot run this layer
+            raise AttributeError(f"{self.name}: a SparseLinearGPU holds its weight packed and has no .weight; the "
+                                 "code around it reads one, so leave this layer dense (swap_sparse_linears(names=...))")
+        return super().__getattr__(name)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, kind={self.kind}, "

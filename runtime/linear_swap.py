@@ -1,8 +1,8 @@
 """Serve any torch model's 2:4 linears on sparsert's kernels: :func:`swap_sparse_linears`.
 
 The job torchao's ``to_sparse_semi_structured`` / ``sparsify_`` did before torchao dropped its sparsity module:
-take a model whose linear weights carry the 2:4 pattern (a Hugging Face checkpoint that ``sparsert train
---model ... --save-hf`` wrote, or any ``nn.Module``), pack each weight (2:4, optionally INT4 on the kept values,
+take a model whose linear weights carry the 2:4 pattern (the Hugging Face directory ``sparsert train --model``
+writes, or any ``nn.Module``), pack each weight (2:4, optionally INT4 on the kept values,
 :func:`~sparsert.runtime.packed_linear.pack_linear`) and put a
 :class:`~sparsert.runtime.dispatch.SparseLinearGPU` in the layer's place:
 
@@ -14,11 +14,18 @@ take a model whose linear weights carry the 2:4 pattern (a Hugging Face checkpoi
   accumulation): the correct, compact CPU path for checking a model before it is deployed, not a fast one.
 
 Layers: every ``nn.Linear`` (and transformers' ``Conv1D``, GPT-2's ``[in, out]`` linear, packed transposed),
-except an output head called ``lm_head`` and any layer whose weight is an embedding's (tied), as in Hu et al.
-(ICML 2024) and the AST paper (Huang et al., AAAI 2025), which keep embeddings and the head dense. By default
-the layers already 2:4 along K (the input dimension) are swapped and the rest are listed as left dense;
-``prune=True`` prunes every chosen layer to 2:4 by magnitude first (one-shot, no calibration: for models not
-trained sparse, train or prune them with ``sparsert train`` / ``sparsert compress --prune`` instead).
+except the output head (the model's ``get_output_embeddings()``, or a layer named ``lm_head`` / ``embed_out``),
+layers whose weight is an embedding's (tied), and ``nn.MultiheadAttention``'s ``out_proj`` (whose weight the
+attention reads directly), as in Hu et al. (ICML 2024) and the AST paper (Huang et al., AAAI 2025), which keep
+embeddings and the head dense. By default the layers already 2:4 along K (the input dimension) are swapped and
+the rest are listed as left dense; ``prune=True`` prunes every chosen layer to 2:4 by magnitude first (one-shot,
+no calibration: for models not trained sparse, train or prune them with ``sparsert train`` / ``sparsert
+compress --prune`` instead).
+
+Swap last: after moving and casting the model (a swapped layer stays on its device and formats), and for
+serving only (a swapped layer's packed weight is not in ``state_dict()``; save the model before swapping).
+A model whose own code reads a linear's ``.weight`` in its forward (T5's ``wo``) needs that layer left out
+through ``names``.
 """
 
 from __future__ import annotations
@@ -31,12 +38,13 @@ import torch
 from torch import nn
 
 from sparsert.runtime.dispatch import Dispatcher, GemmBackend, OursSparse24, OursW4A16, SparseLinearGPU
-from sparsert.runtime.errors import ConfigError
+from sparsert.runtime.errors import ConfigError, SparsertError
 from sparsert.runtime.nm_mask import is_nm_sparse
 from sparsert.runtime.packed_linear import pack_linear
 
 GEMM_DTYPES = (torch.bfloat16, torch.float16)
-HEAD_NAMES = ("lm_head",)
+HEAD_NAMES = ("lm_head", "embed_out")
+DENSE_BACKEND = "dense_cublas"
 
 
 @dataclass
@@ -45,9 +53,10 @@ class SwapReport:
 
     ``swapped``: layer -> the format it holds (``"2:4"`` or ``"2:4+int4 g<group>"``); ``left_dense``: layer ->
     why it was not swapped; ``backends``: layer -> {token bucket: chosen backend} for the tuned buckets;
-    ``dense_fallback``: swapped layers that no sparse backend could prepare (they run the decompressed weight,
-    16 bits per weight) -> the backends' reasons; ``weight_bytes`` / ``weights``: memory of the swapped layers'
-    weight formats as held now (bias excluded) and their original weight count.
+    ``dense_fallback``: swapped layers that run their decompressed weight (16 bits per weight) because no sparse
+    backend could prepare or run them -> the backends' reasons; ``weight_bytes`` / ``weights``: device (or host)
+    memory of the swapped layers' weight formats as held now (bias excluded; rows padded to the kernels' 128-row
+    tiles included) and their original weight count.
     """
 
     swapped: dict[str, str] = field(default_factory=dict)
@@ -83,50 +92,99 @@ def _weight_nk(module: nn.Module) -> torch.Tensor:
     return module.weight.t() if _is_conv1d(module) else module.weight
 
 
-def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent, _, attr = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, attr, module)
+def _aliases(model: nn.Module) -> dict[int, list[str]]:
+    """id(module) -> every name it is registered under (a module may sit at several places)."""
+    names: dict[int, list[str]] = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        names.setdefault(id(module), []).append(name)
+    return names
+
+
+def _output_head(model: nn.Module) -> nn.Module | None:
+    get = getattr(model, "get_output_embeddings", None)
+    try:
+        return get() if callable(get) else None
+    except (NotImplementedError, AttributeError, TypeError):
+        return None
+
+
+def _why_dense(model: nn.Module, name: str, module: nn.Module, head: nn.Module | None, embeddings: set[int],
+               attention_outputs: set[int]) -> str | None:
+    """Why the default choice leaves a linear layer dense (None: it is a candidate)."""
+    if module is head or name.rpartition(".")[2] in HEAD_NAMES:
+        return "the output head stays dense"
+    if id(module) in attention_outputs:
+        return "nn.MultiheadAttention reads its weight directly"
+    weight = module.weight
+    if not isinstance(weight, nn.parameter.UninitializedParameter) and weight.data_ptr() in embeddings:
+        return "its weight is an embedding's (tied)"
+    return None
 
 
 def _choose_layers(model: nn.Module, names: Sequence[str] | None) -> tuple[list[str], dict[str, str]]:
-    """(layers to swap, layers left dense with the reason) before the 2:4 check."""
-    modules = dict(model.named_modules())
+    """(layers to swap, layers left dense with the reason) before the 2:4 check; one name per module."""
+    aliases = _aliases(model)
+    modules = dict(model.named_modules(remove_duplicate=False))
+    if "" in modules and _is_linear(modules[""]):
+        raise ConfigError("swap_sparse_linears: the model is itself a linear layer; the swap replaces layers inside "
+                          "a model, so wrap it first (e.g. nn.Sequential(layer))")
     if names is None:
         chosen, left = [], {}
         embeddings = {m.weight.data_ptr() for m in modules.values() if isinstance(m, nn.Embedding)} - {0}  # 0: meta
+        attention_outputs = {id(m.out_proj) for m in modules.values() if isinstance(m, nn.MultiheadAttention)}
+        head = _output_head(model)
         for name, module in modules.items():
-            if not _is_linear(module) or isinstance(module, SparseLinearGPU):
+            if not _is_linear(module) or aliases[id(module)][0] != name:
                 continue
-            if name.rpartition(".")[2] in HEAD_NAMES:
-                left[name] = "the output head stays dense"
-            elif module.weight.data_ptr() in embeddings:
-                left[name] = "its weight is an embedding's (tied)"
-            else:
+            why = _why_dense(model, name, module, head, embeddings, attention_outputs)
+            if why is None:
                 chosen.append(name)
+            else:
+                left[name] = why
         return chosen, left
-    if isinstance(names, str) or not all(isinstance(n, str) for n in names):
+    if isinstance(names, (str, bytes)) or not isinstance(names, Sequence) or not all(isinstance(n, str) for n in names):
         raise ConfigError(f"swap_sparse_linears: names must be a list of layer names, got {names!r}")
+    if not names:
+        raise ConfigError("swap_sparse_linears: names is empty (leave it out to swap every 2:4 linear layer)")
+    chosen = []
     for name in names:
         if name not in modules:
             raise ConfigError(f"swap_sparse_linears: the model has no layer {name!r}")
         if not _is_linear(modules[name]):
             raise ConfigError(f"swap_sparse_linears: layer {name!r} is a {type(modules[name]).__name__}, not a "
                               "linear layer (nn.Linear or transformers Conv1D)")
-    return list(dict.fromkeys(names)), {}
+        first = aliases[id(modules[name])][0]
+        if first not in chosen:
+            chosen.append(first)
+    return chosen, {}
 
 
-def _check_options(int4: bool, group_size: int, dtype: torch.dtype | None, token_counts) -> None:
-    if not isinstance(int4, bool):
-        raise ConfigError(f"swap_sparse_linears: int4 must be True or False, got {int4!r}")
+def _check_flag(value: object, name: str) -> None:
+    if not isinstance(value, bool):
+        raise ConfigError(f"swap_sparse_linears: {name} must be True or False, got {value!r}")
+
+
+def _check_options(int4: bool, group_size: int, prune: bool, allow_dense: bool, dtype: torch.dtype | None,
+                   token_counts, dispatcher) -> list[int] | None:
+    """Checked options; returns ``token_counts`` as a list."""
+    for value, name in ((int4, "int4"), (prune, "prune"), (allow_dense, "allow_dense")):
+        _check_flag(value, name)
     if int4 and (isinstance(group_size, bool) or not isinstance(group_size, int) or group_size <= 0
                  or group_size % 4):
         raise ConfigError(f"swap_sparse_linears: group_size must be a positive multiple of 4, got {group_size!r}")
     if dtype is not None and dtype not in GEMM_DTYPES:
         raise ConfigError(f"swap_sparse_linears: dtype must be torch.bfloat16 or torch.float16 (the GEMMs' "
                           f"activation dtype), got {dtype!r}")
-    if token_counts is not None and (isinstance(token_counts, (str, int)) or not all(
-            isinstance(m, int) and not isinstance(m, bool) and m > 0 for m in token_counts)):
-        raise ConfigError(f"swap_sparse_linears: token_counts must be a list of positive ints, got {token_counts!r}")
+    if dispatcher is not None and not isinstance(dispatcher, Dispatcher):
+        raise ConfigError(f"swap_sparse_linears: dispatcher must be a sparsert.runtime.dispatch.Dispatcher, got "
+                          f"{type(dispatcher).__name__}")
+    if token_counts is None:
+        return None
+    counts = list(token_counts) if not isinstance(token_counts, (str, bytes, int)) else None
+    if not counts or not all(isinstance(m, int) and not isinstance(m, bool) and m > 0 for m in counts):
+        raise ConfigError(f"swap_sparse_linears: token_counts must be a non-empty list of positive ints (or None), "
+                          f"got {token_counts!r}")
+    return counts
 
 
 def _cpu_backends() -> list[GemmBackend]:
@@ -142,6 +200,63 @@ def _default_dispatcher(device: torch.device) -> Dispatcher:
     return Dispatcher("cpu", persist=False, warmup=0, reps=1)  # one candidate per format: nothing to time
 
 
+def _described(name: str, module: nn.Module) -> str:
+    """``'name' [out, K]`` (the name alone for a lazy layer)."""
+    if isinstance(module.weight, nn.parameter.UninitializedParameter):
+        return repr(name)
+    out, k = _weight_nk(module).shape
+    return f"{name!r} [{out}, {k}]"
+
+
+def _layer_problem(module: nn.Module, int4: bool, group_size: int, prune: bool) -> str | None:
+    """Why the layer cannot be swapped as asked (None: it can)."""
+    if isinstance(module.weight, nn.parameter.UninitializedParameter):
+        return "its weight is not initialised yet (a lazy layer: run the model once first)"
+    w = _weight_nk(module)
+    out, k = w.shape
+    if w.device.type not in ("cuda", "cpu"):
+        return f"it is on {w.device}; sparsert runs layers on cuda or cpu"
+    if out == 0 or k == 0:
+        return "it has no weights"
+    if k % 4:
+        return f"K={k} (its input features) is not divisible by 4 (2:4 groups run along K)"
+    if int4 and k % group_size:
+        return f"K={k} is not divisible by the INT4 group size {group_size}"
+    if not w.is_floating_point() or not bool(torch.isfinite(w).all()):
+        return f"its weight is not a finite float tensor ({w.dtype})"
+    if not prune and not is_nm_sparse(w, 2, 4):
+        return "its weight is not 2:4 along K (pass prune=True to prune it by magnitude)"
+    return None
+
+
+def _build_layer(name: str, module: nn.Module, *, int4: bool, group_size: int, dtype: torch.dtype | None,
+                 token_counts: list[int] | None, allow_dense: bool, dispatcher: Dispatcher) -> SparseLinearGPU:
+    """The packed, prepared (and tuned) replacement of one layer; ConfigError naming the layer if it cannot be."""
+    w = _weight_nk(module)
+    gemm_dtype = dtype or (w.dtype if w.dtype in GEMM_DTYPES else torch.bfloat16)
+    bias = None if module.bias is None else module.bias.detach().float().cpu()
+    try:
+        packed = pack_linear(w.detach().float().cpu(), int4_group_size=group_size if int4 else None, bias=bias,
+                             name=name)
+        layer = SparseLinearGPU(packed, device=w.device, dtype=gemm_dtype, dispatcher=dispatcher, name=name,
+                                backends=None if w.device.type == "cuda" else _cpu_backends(), allow_dense=allow_dense)
+        if token_counts is not None:
+            layer.tune(token_counts)
+            layer.drop_unused()
+    except SparsertError as exc:
+        raise ConfigError(f"swap_sparse_linears: layer {_described(name, module)}: {exc}") from exc
+    return layer
+
+
+def _dense_fallback(layer: SparseLinearGPU, allow_dense: bool) -> str | None:
+    """Why the layer runs its decompressed weight though it was not chosen for speed (None: it does not)."""
+    if set(layer.backends) == {DENSE_BACKEND}:
+        return "; ".join(f"{k}: {v}" for k, v in layer.prepare_errors.items()) or "no sparse backend prepared it"
+    if not allow_dense and DENSE_BACKEND in layer.chosen.values():
+        return "every sparse backend was rejected for a tuned token count (see warnings)"
+    return None
+
+
 @torch.no_grad()
 def swap_sparse_linears(model: nn.Module, names: Sequence[str] | None = None, *, int4: bool = False,
                         group_size: int = 128, prune: bool = False, dtype: torch.dtype | None = None,
@@ -149,13 +264,18 @@ def swap_sparse_linears(model: nn.Module, names: Sequence[str] | None = None, *,
                         dispatcher: Dispatcher | None = None) -> SwapReport:
     """Replace ``model``'s 2:4 linear layers, in place, by :class:`SparseLinearGPU` layers on sparsert's kernels.
 
+    Every replacement is built (packed, prepared and tuned) before the first one is put in place, so an error
+    leaves the model as it was; meanwhile the dense weights and the new formats are both held.
+
     Args:
         model: any ``nn.Module``; each layer stays on its weight's device (``cuda``: our kernels / cuSPARSELt by
-            measured time; ``cpu``: the kernels' torch fallbacks).
-        names: the layers to swap (module names); default: every linear but the output head and tied layers,
-            of which those whose weight is 2:4 along K (or all of them with ``prune``).
+            measured time; ``cpu``: the kernels' torch fallbacks). A layer registered under several names is
+            replaced at each.
+        names: the layers to swap (module names); default: every linear but the output head, tied and
+            ``nn.MultiheadAttention`` output layers, of which those whose weight is 2:4 along K (or all of them
+            with ``prune``).
         int4: quantize the kept values to INT4 with ``group_size`` columns per scale (W4A16 kernel; the GPU
-            kernel takes group 64 or a multiple of 128, other groups run the dense fallback).
+            kernel takes K % 128 == 0 and group 64 or a multiple of 128; other layers run the dense fallback).
         prune: prune each chosen layer to 2:4 by magnitude (top 2 |w| of every 4 along K) first; without it a
             named layer that is not 2:4 is an error.
         dtype: the GEMMs' activation dtype (bf16 or fp16; default: the weight's if 16-bit, else bf16). Inputs
@@ -165,68 +285,57 @@ def swap_sparse_linears(model: nn.Module, names: Sequence[str] | None = None, *,
         allow_dense: let the dispatcher also choose dense cuBLAS (16 bits per weight) where it is faster.
         dispatcher: share one :class:`Dispatcher` (default: one per device, cached on disk for GPUs).
     Returns:
-        :class:`SwapReport`.
+        :class:`SwapReport`; a warning when layers run the dense fallback.
     Raises:
         ConfigError naming the layer or option: an unknown or non-linear layer in ``names``, a layer that is
-        not 2:4 along K without ``prune``, K not divisible by 4 or by ``group_size``, no 2:4 layer at all.
+        not 2:4 along K without ``prune``, K not divisible by 4 or by ``group_size``, a weight INT4 cannot hold,
+        no 2:4 layer at all.
     """
     if not isinstance(model, nn.Module):
         raise ConfigError(f"swap_sparse_linears: model must be a torch nn.Module, got {type(model).__name__}")
-    _check_options(int4, group_size, dtype, token_counts)
+    counts = _check_options(int4, group_size, prune, allow_dense, dtype, token_counts, dispatcher)
     chosen, left = _choose_layers(model, names)
-    modules = dict(model.named_modules())
+    modules = dict(model.named_modules(remove_duplicate=False))
     plans = []
     for name in chosen:
-        module = modules[name]
-        w = _weight_nk(module)
-        out, k = w.shape
-        if w.device.type not in ("cuda", "cpu"):
-            raise ConfigError(f"swap_sparse_linears: layer {name!r} is on {w.device}; sparsert runs layers on "
-                              "cuda or cpu")
-        if k % 4:
-            problem = f"K={k} (its input features) is not divisible by 4 (2:4 groups run along K)"
-        elif int4 and k % group_size:
-            problem = f"K={k} is not divisible by the INT4 group size {group_size}"
-        elif not w.is_floating_point() or not bool(torch.isfinite(w).all()):
-            problem = f"its weight is not a finite float tensor ({w.dtype})"
-        elif not prune and not is_nm_sparse(w, 2, 4):
-            problem = "its weight is not 2:4 along K (pass prune=True to prune it by magnitude)"
+        problem = _layer_problem(modules[name], int4, group_size, prune)
+        if problem is None:
+            plans.append(name)
+        elif names is not None or problem.startswith(("its weight is not a finite", "its weight is not initialised")):
+            raise ConfigError(f"swap_sparse_linears: layer {_described(name, modules[name])}: {problem}")
         else:
-            plans.append((name, module))
-            continue
-        if names is not None or problem.startswith("its weight is not a finite"):
-            raise ConfigError(f"swap_sparse_linears: layer {name!r} [{out}, {k}]: {problem}")
-        left[name] = problem
+            left[name] = problem
     if not plans:
         if not left:
-            raise ConfigError("swap_sparse_linears: the model has no linear layer (nn.Linear or transformers Conv1D)")
+            done = any(isinstance(m, SparseLinearGPU) for m in modules.values())
+            raise ConfigError("swap_sparse_linears: " + ("every linear layer of the model is swapped already" if done
+                              else "the model has no linear layer (nn.Linear or transformers Conv1D)"))
         reasons = "; ".join(f"{n}: {r}" for n, r in list(left.items())[:5])
         raise ConfigError(f"swap_sparse_linears: no linear layer of the model can be swapped ({reasons})")
 
-    report = SwapReport(left_dense=left)
     dispatchers: dict[torch.device, Dispatcher] = {}
-    for name, module in plans:
-        w = _weight_nk(module)
-        device = w.device
-        gemm_dtype = dtype or (w.dtype if w.dtype in GEMM_DTYPES else torch.bfloat16)
-        bias = None if module.bias is None else module.bias.detach().float().cpu()
-        packed = pack_linear(w.detach().float().cpu(), int4_group_size=group_size if int4 else None, bias=bias,
-                             name=name)
+    built: dict[str, SparseLinearGPU] = {}
+    for name in plans:
+        device = modules[name].weight.device
         if device not in dispatchers:
             dispatchers[device] = dispatcher or _default_dispatcher(device)
-        backends = None if device.type == "cuda" else _cpu_backends()
-        layer = SparseLinearGPU(packed, device=device, dtype=gemm_dtype, dispatcher=dispatchers[device],
-                                backends=backends, allow_dense=allow_dense, name=name)
-        if set(layer.backends) == {"dense_cublas"} and not allow_dense:
-            report.dense_fallback[name] = "; ".join(f"{k}: {v}" for k, v in layer.prepare_errors.items())
-        if token_counts is not None:
-            report.backends[name] = layer.tune(list(token_counts))
-            layer.drop_unused()
-        _set_submodule(model, name, layer)
+        built[name] = _build_layer(name, modules[name], int4=int4, group_size=group_size, dtype=dtype,
+                                   token_counts=counts, allow_dense=allow_dense, dispatcher=dispatchers[device])
+
+    report = SwapReport(left_dense=left)
+    aliases = _aliases(model)
+    for name, layer in built.items():
+        for alias in aliases[id(modules[name])]:
+            parent, _, attr = alias.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, attr, layer)
         report.swapped[name] = f"2:4+int4 g{group_size}" if int4 else "2:4"
-        report.weights += packed.out_features * packed.in_features
-    for name, _ in plans:
-        report.weight_bytes += model.get_submodule(name).weight_nbytes()
+        report.weights += layer.in_features * layer.out_features
+        report.weight_bytes += layer.weight_nbytes()
+        if counts is not None:
+            report.backends[name] = dict(layer.chosen)
+        why = _dense_fallback(layer, allow_dense)
+        if why is not None:
+            report.dense_fallback[name] = why
     if any(d.type == "cuda" for d in dispatchers):
         torch.cuda.empty_cache()
     if report.dense_fallback:
@@ -235,4 +344,3 @@ def swap_sparse_linears(model: nn.Module, names: Sequence[str] | None = None, *,
                       f"run the dense fallback (16 bits per weight; no sparse kernel takes them), e.g. {first}: "
                       f"{why}", stacklevel=2)
     return report
-

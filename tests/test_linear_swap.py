@@ -3,6 +3,7 @@ fallbacks on the same packed formats; GPU: the dispatcher's measured choice, mar
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import pytest
@@ -130,9 +131,13 @@ def test_bad_input_is_named() -> None:
         swap_sparse_linears(_mlp(), ["2"], int4=True, group_size=96)
     for bad, match in ((dict(group_size=6, int4=True), "group_size must be a positive multiple of 4"),
                        (dict(dtype=torch.float32), "dtype must be torch.bfloat16 or torch.float16"),
-                       (dict(token_counts=[0]), "token_counts must be a list of positive ints"),
-                       (dict(token_counts=16), "token_counts must be a list of positive ints"),
-                       (dict(int4="yes"), "int4 must be True or False")):
+                       (dict(token_counts=[0]), "token_counts must be a non-empty list of positive ints"),
+                       (dict(token_counts=16), "token_counts must be a non-empty list of positive ints"),
+                       (dict(token_counts=[]), "token_counts must be a non-empty list of positive ints"),
+                       (dict(int4="yes"), "int4 must be True or False"),
+                       (dict(prune="no"), "prune must be True or False"),
+                       (dict(allow_dense=1), "allow_dense must be True or False"),
+                       (dict(dispatcher="x"), "dispatcher must be a sparsert.runtime.dispatch.Dispatcher, got str")):
         with pytest.raises(ConfigError, match=match):
             swap_sparse_linears(_mlp(), **bad)
     nan = _mlp()
@@ -144,6 +149,86 @@ def test_bad_input_is_named() -> None:
     with pytest.raises(ConfigError):
         swap_sparse_linears(model, ["0", "2"], int4=True, group_size=256)
     assert [type(m) for m in model] == before  # checked before any layer is replaced
+    with pytest.raises(ConfigError, match="names is empty"):
+        swap_sparse_linears(model, [])
+    with pytest.raises(ConfigError, match="the model is itself a linear layer; .* wrap it first"):
+        swap_sparse_linears(nn.Linear(8, 8))
+    with pytest.raises(ConfigError, match=r"layer '0' \[0, 8\]: it has no weights"):
+        with warnings.catch_warnings():  # torch: "Initializing zero-element tensors is a no-op"
+            warnings.simplefilter("ignore")
+            empty = nn.Sequential(nn.Linear(8, 0))
+        swap_sparse_linears(empty, ["0"])
+    with pytest.raises(ConfigError, match="layer '0': its weight is not initialised yet"):
+        swap_sparse_linears(nn.Sequential(nn.LazyLinear(8)))
+
+
+def test_a_failure_while_packing_leaves_the_model_as_it_was() -> None:
+    """INT4 scales are fp16: a kept value beyond its range fails in the last layer packed, after the first
+    layer's replacement was built; nothing is replaced and the error names the layer."""
+    model = _mlp()
+    with torch.no_grad():
+        kept = model[2].weight[0].nonzero()[0, 0]
+        model[2].weight[0, kept] = 1e6
+    with pytest.raises(ConfigError, match=r"layer '2' \[128, 128\]: .*float16"):
+        swap_sparse_linears(model, int4=True)
+    assert type(model[0]) is nn.Linear and type(model[2]) is nn.Linear
+
+
+def test_aliases_attention_outputs_and_named_heads() -> None:
+    swapped = _mlp(head=False)
+    swap_sparse_linears(swapped, ["0", "2"], token_counts=None)
+    with pytest.raises(ConfigError, match="every linear layer of the model is swapped already"):
+        swap_sparse_linears(swapped, prune=True)
+    model = _mlp()
+    model.again = model[0]  # one module under two names: both places get the one replacement
+    report = swap_sparse_linears(model, ["again"], token_counts=None)
+    assert list(report.swapped) == ["0"] and model.again is model[0] and isinstance(model[0], SparseLinearGPU)
+
+    attention = nn.TransformerEncoderLayer(128, 4, 256, dropout=0.0, batch_first=True)
+    for module in attention.modules():
+        if isinstance(module, nn.Linear):
+            module.weight.data *= nm_mask(module.weight.data, 2, 4)
+    x = torch.randn(2, 5, 128)
+    report = swap_sparse_linears(attention)
+    assert report.left_dense == {"self_attn.out_proj": "nn.MultiheadAttention reads its weight directly"}
+    assert set(report.swapped) == {"linear1", "linear2"} and attention(x).shape == (2, 5, 128)
+    with pytest.raises(AttributeError, match="linear1: a SparseLinearGPU holds its weight packed and has no "
+                                             r"\.weight; .* leave this layer dense"):
+        attention.eval()(x)  # torch's inference fast path reads linear1.weight itself
+
+    class Classifier(nn.Module):  # transformers' get_output_embeddings names the head, whatever it is called
+        def __init__(self) -> None:
+            super().__init__()
+            self.body, self.score = nn.Linear(64, 64), nn.Linear(64, 4)
+            for layer in (self.body, self.score):
+                layer.weight.data *= nm_mask(layer.weight.data, 2, 4)
+
+        def get_output_embeddings(self) -> nn.Module:
+            return self.score
+
+    report = swap_sparse_linears(Classifier())
+    assert list(report.swapped) == ["body"] and report.left_dense == {"score": "the output head stays dense"}
+
+
+def test_dense_fallback_is_reported_with_allow_dense_too() -> None:
+    model = nn.Sequential(nn.Linear(96, 128), nn.ReLU())  # K = 96: no sparse kernel tile fits
+    model[0].weight.data *= nm_mask(model[0].weight.data, 2, 4)
+    with pytest.warns(UserWarning, match="1 of 1 swapped layers run the dense fallback"):
+        report = swap_sparse_linears(model, allow_dense=True)
+    assert "K=96" in report.dense_fallback["0"] and report.bits_per_weight == 16.0
+
+
+def test_cast_or_moved_after_the_swap() -> None:
+    model = _mlp()
+    x = torch.randn(3, 256)
+    swap_sparse_linears(model, token_counts=[1, 4])
+    expected = model(x)
+    model.to(torch.bfloat16)  # casts the fp32 bias buffer: the kernels still get fp32
+    torch.testing.assert_close(model(x.bfloat16()).float(), expected, rtol=2e-2, atol=2e-2)
+    layer = model[0]
+    layer.device = torch.device("cuda", 0)  # what a layer built on a GPU says when given a CPU input
+    with pytest.raises(Exception, match="input is on cpu, the layer's weights on cuda:0; build .*where it will run"):
+        layer(x)
 
 
 def test_a_bucket_first_seen_at_run_time_leaves_no_reference_copy() -> None:
