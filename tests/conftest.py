@@ -37,13 +37,16 @@ def _train_on_the_cpu_unless_a_gpu_test(request, monkeypatch):
 
 @pytest.fixture(scope="session")
 def corpus(tmp_path_factory):
-    """~40 KB of real text for training runs: this repository's trainer source, repeated."""
+    """~200 KB of real text for training runs: this repository's trainer sources, repeated."""
     import inspect
 
+    import sparsert.train.run_dir as run_dir_mod
+    import sparsert.train.train_config as train_config_mod
     import sparsert.train.trainer as trainer_mod
 
     path = tmp_path_factory.mktemp("data") / "corpus.txt"
-    path.write_text(inspect.getsource(trainer_mod) * 3, encoding="utf-8")
+    text = "".join(inspect.getsource(m) for m in (trainer_mod, train_config_mod, run_dir_mod))
+    path.write_text(text * 3, encoding="utf-8")
     return path
 
 

@@ -56,17 +56,11 @@ from sparsert.train.distributed import (
     torchrun_env,
 )
 from sparsert.train.metrics import read_metrics
+from sparsert.train.run_dir import load_train_config
 from sparsert.train.sparse_linear import SparseLinear, SparsityConfig
 from sparsert.train.sparsify import sparse_modules
-from sparsert.train.trainer import (
-    TrainConfig,
-    build_model,
-    build_optimizer,
-    load_train_config,
-    lr_at,
-    train,
-    train_step,
-)
+from sparsert.train.train_config import TrainConfig, lr_at
+from sparsert.train.trainer import build_model, build_optimizer, train, train_step
 
 pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
                                 reason="torch.distributed with the gloo backend is not available")

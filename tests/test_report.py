@@ -263,7 +263,7 @@ def test_reads_what_the_trainer_writes(tmp_path: Path) -> None:
 def test_method_label_shows_only_the_settings_that_shaped_the_run(tmp_path: Path) -> None:
     from dataclasses import asdict
 
-    from sparsert.train.trainer import TrainConfig
+    from sparsert.train.train_config import TrainConfig
 
     def label(sparsity: dict | None, **config) -> str:
         run = tmp_path / f"run{len(list(tmp_path.iterdir()))}"

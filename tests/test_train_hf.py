@@ -24,9 +24,11 @@ from sparsert.train.compress import compress_checkpoint  # noqa: E402
 from sparsert.train.distributed import decoder_blocks  # noqa: E402
 from sparsert.train.hf_train import HFCausalLM, HFModelConfig, build_hf_model  # noqa: E402
 from sparsert.train.metrics import read_metrics  # noqa: E402
+from sparsert.train.run_dir import load_train_config  # noqa: E402
 from sparsert.train.sparse_linear import SparsityConfig  # noqa: E402
 from sparsert.train.sparsify import sparsify_model  # noqa: E402
-from sparsert.train.trainer import TrainConfig, load_teacher, load_train_config, train  # noqa: E402
+from sparsert.train.train_config import TrainConfig  # noqa: E402
+from sparsert.train.trainer import load_teacher, train  # noqa: E402
 
 TEXT = ("The quick brown fox jumps over the lazy dog. Sparse models keep two of every four weights. "
         "Zwei von vier Gewichten bleiben übrig, the rest are zero. ")

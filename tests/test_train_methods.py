@@ -20,16 +20,16 @@ from sparsert.train.ast_distill import Teacher
 from sparsert.train.checkpoint import load_checkpoint, save_checkpoint, write_json_atomic
 from sparsert.train.masked_decay import DEFAULT_MASKED_DECAY
 from sparsert.train.metrics import TIMING_KEYS, read_metrics
+from sparsert.train.run_dir import load_train_config
 from sparsert.train.sparsify import sparse_modules
+from sparsert.train.train_config import TrainConfig
 from sparsert.train.trainer import (
     Distill,
-    TrainConfig,
     TrainingDivergedError,
     build_mask_controller,
     build_model,
     build_optimizer,
     load_teacher,
-    load_train_config,
     train,
     train_step,
 )

@@ -19,7 +19,8 @@ from sparsert.runtime.model import ModelConfig, model_config_from_preset
 from sparsert.train.metrics import read_metrics
 from sparsert.train.sparse_linear import SparseLinear, SparsityConfig
 from sparsert.train.sparsify import sparse_modules
-from sparsert.train.trainer import TrainConfig, build_model, config_differences, train, use_sparse_gemms
+from sparsert.train.train_config import TrainConfig, config_differences
+from sparsert.train.trainer import build_model, train, use_sparse_gemms
 
 gpu = pytest.mark.gpu
 

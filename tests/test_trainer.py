@@ -13,7 +13,9 @@ from sparsert.runtime.artifact import load_artifact
 from sparsert.runtime.errors import ConfigError, DataError
 from sparsert.train.checkpoint import load_checkpoint, write_json_atomic
 from sparsert.train.metrics import TIMING_KEYS, read_metrics
-from sparsert.train.trainer import TrainConfig, TrainingDivergedError, build_model, load_train_config, lr_at, train
+from sparsert.train.run_dir import load_train_config
+from sparsert.train.train_config import TrainConfig, lr_at
+from sparsert.train.trainer import TrainingDivergedError, build_model, train
 
 
 def small(corpus, out, **kw) -> TrainConfig:

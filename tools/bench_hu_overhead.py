@@ -31,7 +31,7 @@ import statistics
 import torch
 from bench_train_overhead import print_table, time_variants  # tools/ is on sys.path when run as a script
 
-from sparsert.train.trainer import TrainConfig
+from sparsert.train.train_config import TrainConfig
 
 TARGET = 1.3
 

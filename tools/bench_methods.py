@@ -53,8 +53,10 @@ from sparsert.train.compress import compress_checkpoint
 from sparsert.train.data import TokenData, load_corpus
 from sparsert.train.masked_decay import DEFAULT_MASKED_DECAY
 from sparsert.train.report import load_run, plot_flip_rate, summarize_run
+from sparsert.train.run_dir import load_train_config
 from sparsert.train.sparsify import sparse_modules
-from sparsert.train.trainer import TrainConfig, build_model, evaluate, load_train_config, sparse_layer_names, train
+from sparsert.train.train_config import TrainConfig
+from sparsert.train.trainer import build_model, evaluate, sparse_layer_names, train
 
 TARGETS = {"ast": 1.02, "ast-int4": 1.03}
 FLIP_TARGET = 10.0

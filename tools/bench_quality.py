@@ -37,7 +37,9 @@ from sparsert.runtime.artifact import load_artifact
 from sparsert.runtime.fileio import write_atomic
 from sparsert.runtime.tokenizer import ByteTokenizer
 from sparsert.train.data import TokenData, load_corpus
-from sparsert.train.trainer import TrainConfig, evaluate, load_train_config, train
+from sparsert.train.run_dir import load_train_config
+from sparsert.train.train_config import TrainConfig
+from sparsert.train.trainer import evaluate, train
 
 TARGETS = {"sr-ste 2:4": 1.05, "sr-ste 2:4 + int4 qat": 1.07}
 REUSE_KEYS = {"dense": "dense", "sr-ste 2:4": "sr-ste", "sr-ste 2:4 + int4 qat": "qat"}

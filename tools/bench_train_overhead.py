@@ -19,7 +19,8 @@ import time
 import torch
 
 from sparsert.runtime.model import model_config_from_preset
-from sparsert.train.trainer import TrainConfig, build_mask_controller, build_model, build_optimizer, train_step
+from sparsert.train.train_config import TrainConfig
+from sparsert.train.trainer import build_mask_controller, build_model, build_optimizer, train_step
 
 TARGET = 1.2
 

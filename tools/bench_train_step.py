@@ -60,7 +60,8 @@ def variants(device: str) -> dict[str, dict]:
 def make_step(cfg: BenchConfig, overrides: dict, autocast):
     """A zero-argument callable running one ``train_step`` of a fresh model of ``cfg`` (same seed for all)."""
     from sparsert.train.sparsify import sparse_modules
-    from sparsert.train.trainer import TrainConfig, build_model, build_optimizer, train_step
+    from sparsert.train.train_config import TrainConfig
+    from sparsert.train.trainer import build_model, build_optimizer, train_step
 
     mc = cfg.model
     tc = TrainConfig(seq_len=mc.max_seq_len, batch_size=cfg.batch_size, threads=None, progress=False, **overrides)

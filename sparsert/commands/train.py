@@ -2,7 +2,7 @@
 dense baseline.
 
 A thin click layer over :func:`sparsert.train.trainer.train`: each flag maps to a
-:class:`~sparsert.train.trainer.TrainConfig` field and shows that field's default (for the fields a
+:class:`~sparsert.train.train_config.TrainConfig` field and shows that field's default (for the fields a
 ``--method`` sets, the default of each method). With ``--resume`` the run's saved config is used and only the
 flags given on the command line override it (a real difference is refused by the trainer, listing it).
 """
@@ -17,16 +17,9 @@ import click
 from sparsert.commands import option_given
 from sparsert.runtime.errors import ConfigError
 from sparsert.train.distributed import close_distributed, torchrun_env  # H11
-from sparsert.train.trainer import (
-    METHOD_DEFAULTS,
-    METHODS,
-    SCHEDULES,
-    SPARSE_GEMMS,
-    TrainConfig,
-    find_resume_dir,
-    load_train_config,
-    train,
-)
+from sparsert.train.run_dir import find_resume_dir, load_train_config
+from sparsert.train.train_config import METHOD_DEFAULTS, METHODS, SCHEDULES, SPARSE_GEMMS, TrainConfig
+from sparsert.train.trainer import train
 
 _D = TrainConfig  # the defaults shown in --help are TrainConfig's own
 
