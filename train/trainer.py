@@ -54,14 +54,14 @@ from tqdm import tqdm
 
 from sparsert.runtime.errors import ArtifactError, ConfigError, DataError, SparsertError
 from sparsert.runtime.model import DecoderLM, ModelConfig, model_config_from_preset, sparse_linear_names
-from sparsert.runtime.tokenizer import ByteTokenizer, tokenizer_from_dict
+from sparsert.runtime.tokenizer import ByteTokenizer, Tokenizer, tokenizer_from_dict
 from sparsert.train.ast_distill import Teacher, check_same_tokenizer, distillation_loss
 from sparsert.train.checkpoint import (
     Checkpoint,
     load_checkpoint,
     restore_optimizer,
 )
-from sparsert.train.data import TokenData, load_corpus
+from sparsert.train.data import Corpus, TokenData, load_corpus
 from sparsert.train.distributed import (  # H11: multi-process training (DDP / FSDP2 under torchrun)
     entered_on_ranks,
     global_mean,
@@ -408,18 +408,10 @@ def _say(msg: str) -> None:
         tqdm.write(msg, file=sys.stderr)
 
 
-def train(cfg: TrainConfig) -> TrainResult:
-    """Run (or resume) training as ``cfg`` says; see the module docstring. Returns the run's results.
-
-    Raises ConfigError/DataError before anything is written for bad configs or data; ArtifactError for a
-    corrupt checkpoint on resume; TrainingDivergedError (naming the step) when the loss turns non-finite.
-    KeyboardInterrupt propagates after saying where the last complete checkpoint is and how to resume.
-    """
-    t_start = time.perf_counter()
-    if cfg.threads is not None:
-        torch.set_num_threads(cfg.threads)
-    dctx = init_distributed(cfg.distributed, device=cfg.device)  # H11: DDP / FSDP2 under torchrun
-
+def _open_run(cfg: TrainConfig) -> tuple[Path, Checkpoint | None, Checkpoint | None, ModelConfig]:
+    """(run directory, the checkpoint a resume continues, the one ``--init-from`` starts from, model config):
+    a resumed run's saved config must equal ``cfg`` (ConfigError listing the differences); a new run's
+    ``--out`` is checked before anything is loaded or written."""
     ckpt: Checkpoint | None = None
     init_ckpt: Checkpoint | None = None
     if cfg.resume:
@@ -451,14 +443,13 @@ def train(cfg: TrainConfig) -> TrainResult:
         else:
             model_config = (hf_model_config(cfg.hf_model) if cfg.hf_model is not None  # H11: --model PATH
                             else model_config_from_preset(cfg.preset, cfg.arch))
-    if cfg.seq_len > model_config.max_seq_len:
-        raise ConfigError(f"--seq-len {cfg.seq_len} exceeds the model's max_seq_len {model_config.max_seq_len}")
+    return run_dir, ckpt, init_ckpt, model_config
 
-    tokenizer = hf_tokenizer(model_config) if is_hf_config(model_config) else ByteTokenizer()  # H11
-    if ckpt is None and init_ckpt is not None:
-        _check_tokenizer(init_ckpt.state, tokenizer, "--init-from", init_ckpt.path)
-    if not isinstance(tokenizer, ByteTokenizer):  # a BPE tokenizer takes a while on a large corpus: say why
-        _say(f"tokenizing {cfg.data or 'the default corpus'} with the model's tokenizer ...")
+
+def _load_data(cfg: TrainConfig, tokenizer: Tokenizer, ckpt: Checkpoint | None,
+               run_dir: Path) -> tuple[Corpus, TokenData, str]:
+    """(corpus, its token data, the tokens' digest): DataError now, before anything is written, if the corpus
+    cannot split or a split is too short for ``seq_len``; ConfigError when a resumed run's data changed."""
     corpus = load_corpus(cfg.data, max_bytes=cfg.max_data_bytes)
     try:  # fail now, before anything is written, if the corpus cannot split or a split is too short for seq_len
         data = TokenData.from_corpus(corpus, tokenizer)
@@ -471,6 +462,31 @@ def train(cfg: TrainConfig) -> TrainResult:
         raise ConfigError(f"cannot resume {run_dir}: its training data changed since the checkpoint (the tokens "
                           f"of {cfg.data or 'the default corpus'} differ from those it trained on); restore "
                           "the data, or start a new run")
+    return corpus, data, data_digest
+
+
+def train(cfg: TrainConfig) -> TrainResult:
+    """Run (or resume) training as ``cfg`` says; see the module docstring. Returns the run's results.
+
+    Raises ConfigError/DataError before anything is written for bad configs or data; ArtifactError for a
+    corrupt checkpoint on resume; TrainingDivergedError (naming the step) when the loss turns non-finite.
+    KeyboardInterrupt propagates after saying where the last complete checkpoint is and how to resume.
+    """
+    t_start = time.perf_counter()
+    if cfg.threads is not None:
+        torch.set_num_threads(cfg.threads)
+    dctx = init_distributed(cfg.distributed, device=cfg.device)  # H11: DDP / FSDP2 under torchrun
+
+    run_dir, ckpt, init_ckpt, model_config = _open_run(cfg)
+    if cfg.seq_len > model_config.max_seq_len:
+        raise ConfigError(f"--seq-len {cfg.seq_len} exceeds the model's max_seq_len {model_config.max_seq_len}")
+
+    tokenizer = hf_tokenizer(model_config) if is_hf_config(model_config) else ByteTokenizer()  # H11
+    if ckpt is None and init_ckpt is not None:
+        _check_tokenizer(init_ckpt.state, tokenizer, "--init-from", init_ckpt.path)
+    if not isinstance(tokenizer, ByteTokenizer):  # a BPE tokenizer takes a while on a large corpus: say why
+        _say(f"tokenizing {cfg.data or 'the default corpus'} with the model's tokenizer ...")
+    corpus, data, data_digest = _load_data(cfg, tokenizer, ckpt, run_dir)
     data = dctx.shard_data(data, cfg.batch_size)  # H11: this rank's share of every global batch
     distill = None
     if cfg.distills:  # ConfigError here for a teacher whose vocabulary/tokenizer differs
@@ -680,6 +696,24 @@ def train(cfg: TrainConfig) -> TrainResult:
     if not dctx.is_main:  # H11: rank 0 alone writes the artifact and reports
         return TrainResult(run_dir, cfg.steps, val_loss, _ppl(val_loss), last_ckpt, None,
                            time.perf_counter() - t_start, val_sparse)
+    artifact, note = _write_artifact(cfg, model_config, masks, last_ckpt, run_dir)
+    elapsed = time.perf_counter() - t_start
+    print(f"final val loss {val_loss:.4f} (ppl {_ppl(val_loss):.2f}) after {cfg.steps} steps, {elapsed:.0f} s")
+    if val_sparse is not None:
+        print(f"final val loss of the 2:4 model (what the artifact holds) {val_sparse:.4f} "
+              f"(ppl {_ppl(val_sparse):.2f})")
+    print(f"checkpoint: {last_ckpt}")
+    if artifact is not None:
+        print(f"artifact{note}: {artifact}")
+    else:
+        print(f"no artifact: the compressed format stores 2:4 sparsity, this run trained {cfg.n}:{cfg.m}")
+    return TrainResult(run_dir, cfg.steps, val_loss, _ppl(val_loss), last_ckpt, artifact, elapsed, val_sparse)
+
+
+def _write_artifact(cfg: TrainConfig, model_config: ModelConfig, masks: MaskController | None, last_ckpt: Path,
+                    run_dir: Path) -> tuple[Path | None, str]:
+    """The run's end product from its last checkpoint: ``<run>/artifact`` (2:4 or dense runs), ``<run>/hf``
+    (Hugging Face models) or nothing (other N:M patterns); with a note on what it holds."""
     artifact: Path | None = None
     note = ""
     if is_hf_config(model_config):  # H11: a Hugging Face directory in place of the sparsert artifact
@@ -694,17 +728,7 @@ def train(cfg: TrainConfig) -> TrainResult:
             note = " (dense fine-tuned weights with the last sparse masks re-applied)"
         if masks is not None and cfg.sparse_layers == "ffn":
             note += " (2:4 feed-forward linears; the attention linears, trained dense, stay dense)"
-    elapsed = time.perf_counter() - t_start
-    print(f"final val loss {val_loss:.4f} (ppl {_ppl(val_loss):.2f}) after {cfg.steps} steps, {elapsed:.0f} s")
-    if val_sparse is not None:
-        print(f"final val loss of the 2:4 model (what the artifact holds) {val_sparse:.4f} "
-              f"(ppl {_ppl(val_sparse):.2f})")
-    print(f"checkpoint: {last_ckpt}")
-    if artifact is not None:
-        print(f"artifact{note}: {artifact}")
-    else:
-        print(f"no artifact: the compressed format stores 2:4 sparsity, this run trained {cfg.n}:{cfg.m}")
-    return TrainResult(run_dir, cfg.steps, val_loss, _ppl(val_loss), last_ckpt, artifact, elapsed, val_sparse)
+    return artifact, note
 
 
 def _evaluate_sparse(model: nn.Module, masks: MaskController, data: TokenData, cfg: TrainConfig) -> float:
