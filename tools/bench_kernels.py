@@ -14,7 +14,7 @@ x tokens M in {1, 16, 128, 2048, 8192}. Per case, in the same run and on the sam
 * ``w4a16``   — :func:`sparsert.runtime.sparse_gemm.w4a16_linear` (2:4 + INT4, group 128).
 
 Timing: CUDA events around each call, a GPU sleep before the start event so host-side launch overhead is not
-timed, L2 flushed (a buffer of twice the L2 size rewritten) before every repetition, warm-up first, median of
+timed, L2 flushed (a buffer of twice the L2 size read) before every repetition, warm-up first, median of
 the repetitions. The table and JSON are rewritten after every case, so a run cut short (SIGINT, a kernel
 fault) keeps what it measured and says where it stopped. Reported: median microseconds, TFLOP/s
 (dense-equivalent 2MNK), GB/s of the bytes each method must move, speedup over dense; for W4A16 at
@@ -107,7 +107,7 @@ class Timer:
         self.warmup = warmup
         self.last_host_us = 0.0
         l2 = torch.cuda.get_device_properties(0).L2_cache_size or (50 << 20)
-        self.flush_buf = torch.empty(2 * l2 // 4 + 1024, dtype=torch.float32, device="cuda")
+        self.flush_buf = torch.zeros(2 * l2 // 4 + 1024, dtype=torch.float32, device="cuda")
 
     def __call__(self, fn) -> float:
         torch = self.torch
@@ -121,7 +121,9 @@ class Timer:
         sleep_cycles = max(200_000, int(3 * statistics.median(host) * 1e6 * 2000))
         times = []
         for _ in range(self.reps):
-            self.flush_buf.zero_()
+            # Read, not written: a written buffer leaves the L2 full of dirty lines, and the timed call would pay
+            # their write-back to HBM (up to its own read volume) on top of its reads.
+            self.flush_buf.amax()
             torch.cuda._sleep(sleep_cycles)
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
