@@ -5,9 +5,10 @@ backends (:class:`GemmBackend`): our kernels (``runtime/sparse_gemm.py``: mma.sp
 cuSPARSELt through torch (``torch._cslt_compress`` / ``torch._cslt_sparse_mm``, when torch has it) and dense
 cuBLAS (``F.linear`` on the decompressed weight, only when dense copies are allowed: it costs 16 bits per
 weight). :class:`Dispatcher` times every candidate that prepared successfully on fresh random input of the
-problem's shape (CUDA events, warm-up, median of repeats), first rejects any whose output differs from an
-fp32 reference by more than the dtype's tolerance (a wrong kernel is never chosen), and remembers the winner
-per problem key in memory and in a JSON file per device (atomic writes).
+problem's shape (CUDA events, warm-up, median of repeats, the L2 emptied before each: a model's layer reads its
+weight from HBM), first rejects any whose output differs from an fp32 reference by more than the dtype's
+tolerance (a wrong kernel is never chosen), and remembers the winner per problem key in memory and in a JSON
+file per device (atomic writes).
 
 The problem key is ``"{kind}|{dtype}|N={n}|K={k}|M={bucket}"``: M is rounded up to a power of two
 (:func:`m_bucket`), so a 7B model's 224 linears share 7 shapes and a handful of buckets.
@@ -37,7 +38,7 @@ from sparsert.runtime.errors import DeviceError, FormatError, dtype_name
 from sparsert.runtime.fileio import user_cache_file, write_atomic
 from sparsert.runtime.packed_linear import PackedLinear
 
-DISPATCH_FORMAT = 1
+DISPATCH_FORMAT = 2  # 2: timed with the L2 emptied before each call (format 1 files are measured again)
 # Relative error (||y - ref|| / ||ref||) a candidate may show against the fp32 reference on the same input.
 TOLERANCE = {torch.bfloat16: 1e-2, torch.float16: 2e-3, torch.float32: 1e-4}
 
@@ -71,14 +72,25 @@ def kernel_sources_digest() -> str:
     return h.hexdigest()[:16]
 
 
-def time_ms(fn: Callable[[], object], warmup: int = 3, reps: int = 10, *, cuda: bool = True) -> float:
+def l2_flush_buffer(device: torch.device) -> torch.Tensor:
+    """A float32 buffer of twice the device's L2 size: reading it before a timed call evicts what earlier calls
+    left in the L2 (with clean lines, so the call pays no write-backs), as a model's decode step finds it."""
+    l2 = torch.cuda.get_device_properties(device).L2_cache_size or (64 << 20)
+    return torch.zeros(2 * l2 // 4 + 1024, dtype=torch.float32, device=device)
+
+
+def time_ms(fn: Callable[[], object], warmup: int = 3, reps: int = 10, *, cuda: bool = True,
+            flush: torch.Tensor | None = None) -> float:
     """Median time of ``fn()`` in milliseconds after warm-up: CUDA events on the current stream, or the host
-    clock for CPU work (``cuda=False``)."""
+    clock for CPU work (``cuda=False``). ``flush`` (CUDA): a buffer read before each timed call
+    (:func:`l2_flush_buffer`), so the weights come from HBM as in a model, not from the previous call's L2."""
     for _ in range(warmup):
         fn()
     times = []
     for _ in range(reps):
         if cuda:
+            if flush is not None:
+                flush.amax()
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
             fn()
@@ -104,7 +116,7 @@ class Choice:
 class Dispatcher:
     """Measured choice among callables per problem key, cached in memory and in ``path`` (JSON).
 
-    The file holds ``{"format": 1, "device": name, "torch": version, "kernels": digest, "choices": {key:
+    The file holds ``{"format": 2, "device": name, "torch": version, "kernels": digest, "choices": {key:
     Choice}}``; a file for another device, torch version, kernel sources (digest of ``cuda/*.cu*``) or format
     is ignored (and replaced on the next save), so a changed kernel is validated and measured again.
     """
@@ -171,6 +183,7 @@ class Dispatcher:
                 return cached
         times: dict[str, float] = {}
         rejected: dict[str, str] = {}
+        flush: torch.Tensor | None = None
         for name, fn in candidates.items():
             try:
                 out = fn()
@@ -182,7 +195,9 @@ class Dispatcher:
                     if not err <= tolerance:  # also catches NaN
                         rejected[name] = f"relative error {err:.3g} > {tolerance:g}"
                         continue
-                times[name] = time_ms(fn, self.warmup, self.reps, cuda=on_gpu)
+                if on_gpu and flush is None:
+                    flush = l2_flush_buffer(out.device)
+                times[name] = time_ms(fn, self.warmup, self.reps, cuda=on_gpu, flush=flush if on_gpu else None)
             except Exception as exc:  # a backend that cannot run this shape is not a candidate for it
                 if is_sticky_cuda_error(exc):  # a kernel fault: every later CUDA call would fail too
                     raise DeviceError(f"{name} faulted while being measured for {key}: {exc}") from exc

@@ -8,6 +8,8 @@ TorchStepper.
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -262,6 +264,9 @@ def test_dispatcher_rejects_wrong_candidates_and_caches(tmp_path):
     again = Dispatcher("Test GPU", path)
     assert again.lookup("k").name == "right"  # from the JSON file
     assert Dispatcher("Other GPU", path).lookup("k") is None  # another device's file is not used
+    data = json.loads(path.read_text())
+    path.write_text(json.dumps({**data, "format": 1}))  # timed before the L2 was emptied between calls
+    assert Dispatcher("Test GPU", path).lookup("k") is None
     path.write_text("{not json")
     assert Dispatcher("Test GPU", path).lookup("k") is None
     with pytest.raises(DeviceError, match="no GEMM backend could run k2: wrong: relative error"):
