@@ -11,6 +11,11 @@ tokens/s and the speed-up over the eager runtime, and for how many tokens the ru
 equals its eager one. A graph step attends over the whole context (masked), an eager one over the tokens so
 far: at this context that costs the graph rows a little.
 
+Two more rows (unless ``--no-hf``) time the same shapes as a ``transformers`` Llama (random weights, bf16, eager,
+its own KV cache), dense and after :func:`sparsert.runtime.linear_swap.swap_sparse_linears` (pruned to 2:4,
+INT4 g128): the path a user serving a Hugging Face model takes. Each row is printed when measured, and the
+table is rewritten after each, so a time limit loses only the rows not yet run.
+
 Without a GPU it prints ``no GPU: nothing measured`` and exits 0.
 
     python tools/bench_generate.py --out bench/generate.md [--new-tokens 128]
@@ -38,6 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prompt-len", type=int, default=32)
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--max-seq-len", type=int, default=512, help="the model's context (>= prompt + new)")
+    parser.add_argument("--no-hf", action="store_true", help="leave out the transformers rows")
     args = parser.parse_args(argv)
     from bench_kernels import cuda_torch
 
@@ -89,6 +95,43 @@ class GraphedTorchStepper:
         return self.eager.step(ids)
 
 
+class HFStepper:
+    """A ``transformers`` causal LM as a Stepper: its own KV cache (``past_key_values``), logits of the last
+    position."""
+
+    def __init__(self, model, max_seq_len: int) -> None:
+        import inspect
+
+        self.model, self.max_seq_len, self.past = model, max_seq_len, None
+        # transformers 5.x calls the KV cache `cache`; before, `past_key_values`
+        self.key = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+    def reset(self) -> None:
+        self.past = None
+
+    def step(self, ids: list[int]):
+        import torch
+
+        with torch.inference_mode():
+            x = torch.tensor([ids], device=self.model.device)
+            out = self.model(input_ids=x, use_cache=True, **{self.key: self.past})
+        self.past = out[self.key]
+        return out.logits[0, -1].float()
+
+
+def hf_model(torch, args, max_seq_len: int):
+    """A random transformers Llama with the benchmark's shapes, bf16 on the GPU (None without transformers)."""
+    try:
+        import transformers
+    except ImportError:
+        return None
+    config = transformers.LlamaConfig(vocab_size=256, hidden_size=args.d_model, intermediate_size=args.ffn,
+                                      num_hidden_layers=args.layers, num_attention_heads=args.heads,
+                                      num_key_value_heads=args.heads, max_position_embeddings=max_seq_len)
+    torch.manual_seed(0)
+    return transformers.AutoModelForCausalLM.from_config(config).to("cuda", torch.bfloat16).eval()
+
+
 def time_decode(torch, stepper, prompt: list[int], new_tokens: int, runs: int = 2) -> tuple[float, list[int]]:
     """Milliseconds per generated token after the prompt (greedy; best of ``runs``), and the tokens."""
     from sparsert.runtime.generate import GenerationConfig, generate_ids
@@ -113,7 +156,6 @@ def time_decode(torch, stepper, prompt: list[int], new_tokens: int, runs: int = 
 
 def bench(torch, args) -> int:
     from sparsert.runtime.device import get_device
-    from sparsert.runtime.fileio import write_atomic
     from sparsert.runtime.generate import TorchStepper
     from sparsert.runtime.gpu_backend import GpuStepper
 
@@ -125,38 +167,61 @@ def bench(torch, args) -> int:
         print(f"artifact built in {time.time() - t0:.1f}s", flush=True)
         rows = []
         tokens = {}
+        meta = {"device": dev.name, "arch": dev.arch, "d_model": args.d_model, "layers": args.layers,
+                "ffn": args.ffn, "max_seq_len": art.model_config.max_seq_len, "prompt_len": args.prompt_len,
+                "new_tokens": args.new_tokens, "graph_tokens_equal_eager": None,
+                "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+
+        def record(mode: str, ms: float) -> None:
+            rows.append({"mode": mode, "ms_per_token": ms})
+            eager = rows[0]["ms_per_token"]
+            for r in rows:
+                r["tokens_per_s"] = 1e3 / r["ms_per_token"]
+                r["vs_runtime_eager"] = eager / r["ms_per_token"]
+            print(f"{mode}: {ms:.3f} ms/token", flush=True)
+            write_tables(args.out, meta, rows)
         for mode, graph in (("sparsert runtime (eager)", False), ("sparsert runtime (CUDA graph)", True)):
             stepper = GpuStepper(art, tune=False, cuda_graph=graph, dense_dtype=torch.bfloat16)
             stepper.tune([1, args.prompt_len])
             if graph:
                 stepper.capture_decode_graph()
             ms, tokens[graph] = time_decode(torch, stepper, prompt, args.new_tokens)
-            rows.append({"mode": mode, "ms_per_token": ms})
+            if graph:
+                meta["graph_tokens_equal_eager"] = next(
+                    (i for i, (a, b) in enumerate(zip(tokens[True], tokens[False], strict=True)) if a != b),
+                    args.new_tokens)
+            record(mode, ms)
             stepper = None
             torch.cuda.empty_cache()
         dense = art.build_model().to(device="cuda", dtype=torch.bfloat16)
         for mode, stepper in (("torch dense bf16 (eager)", TorchStepper(dense)),
                               ("torch dense bf16 (CUDA graph)", GraphedTorchStepper(dense, torch.device("cuda")))):
             ms, _ = time_decode(torch, stepper, prompt, args.new_tokens)
-            rows.append({"mode": mode, "ms_per_token": ms})
+            record(mode, ms)
         dense = stepper = None
         torch.cuda.empty_cache()
-    eager = rows[0]["ms_per_token"]
-    for r in rows:
-        r["tokens_per_s"] = 1e3 / r["ms_per_token"]
-        r["vs_runtime_eager"] = eager / r["ms_per_token"]
-    agree = next((i for i, (a, b) in enumerate(zip(tokens[True], tokens[False], strict=True)) if a != b),
-                 args.new_tokens)
-    meta = {"device": dev.name, "arch": dev.arch, "d_model": args.d_model, "layers": args.layers,
-            "ffn": args.ffn, "max_seq_len": art.model_config.max_seq_len, "prompt_len": args.prompt_len,
-            "new_tokens": args.new_tokens,
-            "graph_tokens_equal_eager": agree, "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-    md = to_markdown(meta, rows)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    write_atomic(args.out, md)
-    write_atomic(args.out.with_suffix(".json"), json.dumps({"meta": meta, "rows": rows}, indent=1))
-    print(md)
+        model = None if args.no_hf else hf_model(torch, args, art.model_config.max_seq_len)
+        if model is not None:
+            from sparsert.runtime.linear_swap import swap_sparse_linears
+
+            ms, _ = time_decode(torch, HFStepper(model, art.model_config.max_seq_len), prompt, args.new_tokens)
+            record("transformers dense bf16 (eager)", ms)
+            report = swap_sparse_linears(model, prune=True, int4=True, token_counts=[1, args.prompt_len])
+            meta["hf_swap"] = report.summary()
+            ms, _ = time_decode(torch, HFStepper(model, art.model_config.max_seq_len), prompt, args.new_tokens)
+            record("transformers + swap_sparse_linears 2:4+INT4 (eager)", ms)
+            model = None
+            torch.cuda.empty_cache()
+    print(to_markdown(meta, rows))
     return 0
+
+
+def write_tables(out: Path, meta: dict, rows: list[dict]) -> None:
+    from sparsert.runtime.fileio import write_atomic
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(out, to_markdown(meta, rows))
+    write_atomic(out.with_suffix(".json"), json.dumps({"meta": meta, "rows": rows}, indent=1))
 
 
 def to_markdown(meta: dict, rows: list[dict]) -> str:
@@ -170,6 +235,8 @@ def to_markdown(meta: dict, rows: list[dict]) -> str:
         f"- CUDA-graph tokens equal to the eager runtime's: the first {meta['graph_tokens_equal_eager']} of "
         f"{meta['new_tokens']} (the graph's attention sums over the masked whole cache: rounding-level logit "
         "differences can flip a near-tie of a random model)",
+        f"- transformers rows: a random Llama of the same shapes (its own attention and KV cache, bf16); swap: "
+        f"{meta.get('hf_swap', 'not run')}",
         "", "| mode | ms / token | tokens/s | vs runtime eager |", "|---|---|---|---|",
     ]
     for r in rows:

@@ -14,8 +14,8 @@
 # `tests`, `bench`, `ffn` or `diag` runs only that part (the benchmarks both run under `bench`). `diag` is
 # tools/diagnose_sm90.py (Hopper only: why the wgmma kernels are slow); its table goes into logs.txt. `all`
 # runs it after the benchmarks, in whatever time is left (at most DIAG_TIMEOUT=120 s), then `gen`
-# (tools/bench_generate.py: decode tokens/s of the GPU runtime, eager vs CUDA graph; at most GEN_TIMEOUT=60 s,
-# table in logs.txt). `train` (tools/bench_train_step.py: a whole-model training step, dense vs the Hu recipe on
+# (tools/bench_generate.py: decode tokens/s of the GPU runtime, eager vs CUDA graph, then a transformers Llama
+# dense vs swap_sparse_linears; at most GEN_TIMEOUT=60 s, rows printed as measured into logs.txt). `train` (tools/bench_train_step.py: a whole-model training step, dense vs the Hu recipe on
 # each --sparse-gemm; at most TRAIN_TIMEOUT=90 s, table in logs.txt) runs only when asked for (not in `all`).
 #
 # Time budget: one device call must end within 600 s. Set-up steps have fixed caps (carried wheels 60 s,
