@@ -408,6 +408,20 @@ def _is_artifact_dir(path: Path) -> bool:
     return isinstance(config, dict) and config.get("format") == FORMAT
 
 
+def is_hf_model_dir(path: str | Path) -> bool:
+    """Whether ``path`` is a directory whose ``config.json`` is a Hugging Face model config (a ``model_type`` or
+    ``architectures`` key and no sparsert ``format``; cheap: nothing else is read)."""
+    try:
+        config = json.loads((Path(path) / CONFIG_NAME).read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(config, dict) and _is_hf_config(config)
+
+
+def _is_hf_config(config: dict) -> bool:
+    return config.get("format") is None and ("model_type" in config or "architectures" in config)
+
+
 def _check_target(path: Path) -> None:
     if not (path.exists() or path.is_symlink()):
         return
@@ -562,12 +576,13 @@ def read_config(path: str | Path) -> dict:
     except (OSError, UnicodeDecodeError) as exc:
         raise ArtifactError(f"{file} cannot be read: {exc}") from None
     config = _object(config, str(file))
-    if config.get("format") is None and ("model_type" in config or "architectures" in config):
+    if _is_hf_config(config):
         kind = config.get("model_type") or config.get("architectures")
         raise ArtifactError(
             f"{root} is a Hugging Face model directory ({CONFIG_NAME} has model_type/architectures {kind!r}), not "
-            "a sparsert artifact: load it with transformers (AutoModelForCausalLM.from_pretrained); sparsert "
-            "artifacts are the <run>/artifact directories of runs of the built-in models"
+            "a sparsert artifact: load it with transformers (AutoModelForCausalLM.from_pretrained) and serve its 2:4 "
+            "linears with sparsert.runtime.linear_swap.swap_sparse_linears, or run it with sparsert generate; "
+            "sparsert artifacts are the <run>/artifact directories of runs of the built-in models"
         )
     if config.get("format") != FORMAT:
         raise ArtifactError(f"{file}: unknown format {config.get('format')!r}, expected '{FORMAT}'")

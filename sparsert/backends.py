@@ -1,4 +1,5 @@
-"""Generation backends by name: ``make_stepper(artifact, "torch" | "onnx" | "runtime")`` -> a Stepper.
+"""Generation backends by name: ``make_stepper(artifact, "torch" | "onnx" | "runtime")`` -> a Stepper, and
+``make_hf_stepper(path, "torch" | "runtime")`` for a Hugging Face model directory.
 
 Each backend's stepper lives with its backend — :class:`sparsert.runtime.generate.TorchStepper` (PyTorch
 reference, CPU), :class:`sparsert.runtime.gpu_backend.GpuStepper` (sparsert's GPU runtime) and
@@ -45,13 +46,7 @@ def make_stepper(artifact: Artifact, backend: str, onnx_path: str | Path | None 
         with onnx_stepper(artifact, onnx_path) as stepper:
             yield stepper
     elif backend == "runtime":
-        from sparsert.runtime.device import NO_GPU_MESSAGE, probe_gpu  # noqa: PLC0415
-
-        usable, reason = probe_gpu()
-        if not usable:
-            detail = reason.removeprefix(NO_GPU_MESSAGE).lstrip(": ")  # probe_gpu's preamble says what this does
-            raise DeviceError(f"--backend runtime needs an NVIDIA GPU (sm_80 or newer) and its driver: "
-                              f"{detail}; use --backend torch or --backend onnx (CPU)")
+        _require_runtime_gpu()
         try:
             from sparsert.runtime.gpu_backend import GpuStepper  # noqa: PLC0415
         except ImportError as exc:
@@ -62,3 +57,51 @@ def make_stepper(artifact: Artifact, backend: str, onnx_path: str | Path | None 
         yield stepper
     else:
         raise ConfigError(f"--backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+
+
+def _require_runtime_gpu(cpu_backends: str = "--backend torch or --backend onnx") -> None:
+    from sparsert.runtime.device import NO_GPU_MESSAGE, probe_gpu  # noqa: PLC0415
+    from sparsert.runtime.errors import DeviceError  # noqa: PLC0415
+
+    usable, reason = probe_gpu()
+    if not usable:
+        detail = reason.removeprefix(NO_GPU_MESSAGE).lstrip(": ")  # probe_gpu's preamble says what this does
+        raise DeviceError(f"--backend runtime needs an NVIDIA GPU (sm_80 or newer) and its driver: "
+                          f"{detail}; use {cpu_backends} (CPU)")
+
+
+@contextmanager
+def make_hf_stepper(path: str | Path, backend: str, *, cuda_graph: bool = False) -> Iterator[tuple[Stepper, object]]:
+    """Yield ``(stepper, tokenizer)`` for the local Hugging Face causal-LM directory ``path`` (e.g. the ``<run>/hf``
+    of ``sparsert train --model``): ``"torch"`` runs it with transformers on the CPU in float32 (the reference);
+    ``"runtime"`` loads it in bf16 on the GPU and swaps its 2:4 linears (those its ``sparsert.json`` records, INT4
+    where they trained with QAT) for sparsert's kernels
+    (:func:`sparsert.train.hf_model.swap_saved_sparse_layers`). ConfigError for ``"onnx"`` (the ONNX export
+    covers sparsert artifacts), ``cuda_graph`` (a transformers model decodes eagerly) or a directory without a
+    tokenizer; DeviceError when the GPU runtime cannot run."""
+    from sparsert.runtime.errors import ConfigError  # noqa: PLC0415
+
+    if backend not in ("torch", "runtime"):
+        raise ConfigError(f"--backend {backend}: {path} is a Hugging Face model directory; it runs with --backend "
+                          "torch (transformers, CPU) or --backend runtime (sparsert's GPU kernels); the ONNX export "
+                          "covers sparsert artifacts")
+    if cuda_graph:
+        raise ConfigError(f"--cuda-graph: {path} is a Hugging Face model directory, which decodes eagerly (the CUDA "
+                          "graph runs sparsert artifacts' decode step)")
+    if backend == "runtime":
+        _require_runtime_gpu("--backend torch")
+    import torch  # noqa: PLC0415
+
+    from sparsert.runtime.hf_stepper import HFStepper  # noqa: PLC0415
+    from sparsert.train.hf_model import load_hf_causal_lm, swap_saved_sparse_layers  # noqa: PLC0415
+    from sparsert.train.hf_train import hf_model_config  # noqa: PLC0415
+
+    limit = hf_model_config(path).max_seq_len
+    bundle = load_hf_causal_lm(path, dtype=torch.float32 if backend == "torch" else torch.bfloat16)
+    if bundle.tokenizer is None:
+        raise ConfigError(f"{path}: no tokenizer files in the model directory, so the prompt cannot be encoded")
+    model = bundle.model
+    if backend == "runtime":
+        model = model.to("cuda")
+        swap_saved_sparse_layers(model, path)
+    yield HFStepper(model, limit), bundle.tokenizer

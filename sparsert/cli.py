@@ -18,7 +18,7 @@ COMMANDS = {
     "compress": "Turn a training checkpoint into a compressed 2:4(+INT4) artifact.",
     "inspect": "Report sparsity, bits per weight and compression ratios of an artifact.",
     "export": "Export an artifact to ONNX and check parity against PyTorch.",
-    "generate": "Generate text from an artifact (PyTorch, ONNX Runtime or GPU runtime).",
+    "generate": "Generate text from an artifact or HF directory (PyTorch, ONNX Runtime or GPU runtime).",
     "report": "Render plots and a summary of one or more training runs.",
 }
 

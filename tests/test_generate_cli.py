@@ -18,6 +18,7 @@ import torch
 from sparsert.cli import main
 from sparsert.export import parity as parity_mod
 from sparsert.runtime.artifact import QuantizationInfo, SparsityInfo, save_artifact
+from sparsert.runtime.errors import ArtifactError
 from sparsert.runtime.model import DecoderLM, ModelConfig, sparse_linear_names
 from sparsert.runtime.packed_linear import pack_linear
 from sparsert.runtime.tokenizer import ByteTokenizer
@@ -427,3 +428,102 @@ def test_bench_generate_without_gpu_and_its_table(tmp_path):
                           "graph_tokens_equal_eager": 128}, rows)
     table = [line for line in md.splitlines() if line.startswith("| torch") or line.startswith("| sparsert")]
     assert len(table) == 3 and "| 1.000 | 1000 | 4.00x |" in table[2] and "the first 128 of 128" in md
+
+
+# ----------------------------------------------------------------------------------------------------------
+# A Hugging Face model directory (the <run>/hf of `sparsert train --model`)
+# ----------------------------------------------------------------------------------------------------------
+
+def test_generate_from_a_hugging_face_directory(capsys, hf_model_dirs):
+    """--backend torch runs the directory with transformers: the same greedy tokens as transformers' own
+    generate. The ONNX backend and --cuda-graph are refused by name; so is --backend runtime without a GPU."""
+    transformers = pytest.importorskip("transformers")
+    from sparsert.runtime.hf_tokenizer import HFTokenizer
+
+    path = hf_model_dirs["llama"]
+    code, out, err = run_main(capsys, "generate", str(path), "--prompt", "The quick", "--max-new-tokens", "8",
+                              "--json")
+    assert code == 0, err
+    got = json.loads(out)
+    tok = HFTokenizer(path)
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(path)).eval()
+    prompt = torch.tensor([tok.encode("The quick")])
+    want = model.generate(prompt, max_new_tokens=8, min_new_tokens=8, do_sample=False)[0, prompt.shape[1]:]
+    assert got["ids"] == want.tolist() and got["text"] == tok.decode(want.tolist())
+    capsys.readouterr()  # transformers' own loading output
+    code, _, err = run_main(capsys, "generate", str(path), "--prompt", "hi", "--backend", "onnx")
+    assert_one_line_error(code, err, "is a Hugging Face model directory; it runs with --backend torch")
+    code, _, err = run_main(capsys, "generate", str(path), "--prompt", "hi", "--backend", "runtime", "--cuda-graph")
+    assert_one_line_error(code, err, "--cuda-graph: ")
+    if not torch.cuda.is_available():
+        code, _, err = run_main(capsys, "generate", str(path), "--prompt", "hi", "--backend", "runtime")
+        assert_one_line_error(code, err, "needs an NVIDIA GPU")
+        assert err.rstrip().endswith("use --backend torch (CPU)")
+
+
+def _trained_hf_dir(tmp_path, transformers, qat_group: int | None):
+    """What `sparsert train --model` leaves in <run>/hf: a Llama (K = 128, 256: the W4A16 kernel's tiles) whose
+    FFN linears trained 2:4 (INT4 QAT with ``qat_group``) and whose attention linears trained dense."""
+    from sparsert.train.hf_model import save_hf_checkpoint, sparsify_hf_model
+    from sparsert.train.sparse_linear import SparsityConfig
+
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=320, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=64)
+    model = transformers.AutoModelForCausalLM.from_config(config).eval()
+    names = sparsify_hf_model(model, SparsityConfig(qat_group_size=qat_group), include_attention=False)
+    return save_hf_checkpoint(model, None, tmp_path / "hf"), names
+
+
+@pytest.mark.parametrize("qat_group", [None, 128])
+def test_swap_saved_sparse_layers_follows_sparsert_json(tmp_path, qat_group):
+    transformers = pytest.importorskip("transformers")
+    from sparsert.runtime.dispatch import SparseLinearGPU
+    from sparsert.train.hf_model import load_hf_causal_lm, saved_sparse_layers, swap_saved_sparse_layers
+
+    path, names = _trained_hf_dir(tmp_path, transformers, qat_group)
+    assert set(saved_sparse_layers(path)) == set(names)
+    model, reference = load_hf_causal_lm(path).model, load_hf_causal_lm(path).model
+    report = swap_saved_sparse_layers(model, path, token_counts=[1])
+    assert set(report.swapped) == set(names) and len(names) == 6 and not report.left_dense
+    assert set(report.swapped.values()) == {f"2:4+int4 g{qat_group}" if qat_group else "2:4"}
+    assert not isinstance(model.model.layers[0].self_attn.q_proj, SparseLinearGPU)  # trained dense: left alone
+    ids = torch.tensor([[5, 17, 99, 3, 250, 42]])
+    with torch.no_grad():
+        got, want = model(ids).logits, reference(ids).logits
+    # the saved weights are the QAT's dequantized codes: quantizing them again gives them back (bf16 GEMMs)
+    assert float((got - want).norm() / want.norm()) < 1e-2
+    (path / "sparsert.json").write_text('{"format": "sparsert-hf-checkpoint", "sparse_layers": {"x": {"n": 2}}}')
+    with pytest.raises(ArtifactError, match=r"sparsert.json: not a valid sparsert layer record"):
+        swap_saved_sparse_layers(model, path)
+
+
+@pytest.mark.gpu
+def test_gpu_generate_from_a_trained_hf_directory(capsys, tmp_path):
+    """--backend runtime on a <run>/hf directory: its 2:4 INT4-QAT layers on sparsert's kernels give the logits of
+    the CPU reference (bf16 tolerance), and the command generates."""
+    transformers = pytest.importorskip("transformers")
+    from sparsert.backends import make_hf_stepper
+
+    path, _ = _trained_hf_dir(tmp_path, transformers, 128)
+    prompt = [5, 17, 99, 3, 250, 42]
+    with make_hf_stepper(path, "torch") as (stepper, _tok):
+        want = stepper.step(prompt).cpu()
+    with make_hf_stepper(path, "runtime") as (stepper, _tok):
+        got = stepper.step(prompt).cpu()
+    assert float((got - want).norm() / want.norm()) < 3e-2
+    shutil.copytree(hf_tokenizer_source(tmp_path), path, dirs_exist_ok=True)
+    code, out, err = run_main(capsys, "generate", str(path), "--prompt", "The quick", "--max-new-tokens", "8",
+                              "--backend", "runtime", "--json")
+    assert code == 0, err
+    assert len(json.loads(out)["ids"]) == 8
+
+
+def hf_tokenizer_source(tmp_path):
+    """A directory with only a byte-level BPE tokenizer (tests/conftest.py's), to copy beside a model."""
+    transformers = pytest.importorskip("transformers")
+    from conftest import _save_bpe_tokenizer
+
+    out = tmp_path / "tokenizer"
+    _save_bpe_tokenizer(transformers, out)
+    return out

@@ -332,6 +332,56 @@ def _save_kwargs(model: nn.Module) -> dict:
     return {"safe_serialization": True} if "safe_serialization" in params else {}
 
 
+def saved_sparse_layers(path: str | Path) -> dict[str, dict] | None:
+    """The sparse layers the ``sparsert.json`` of a directory :func:`save_hf_checkpoint` wrote records: layer name
+    -> ``{"n", "m", "dense", "qat_group_size", "transposed"}``; None when the directory has no such file.
+    ArtifactError naming the file when it is malformed."""
+    file = Path(path) / SPARSERT_FILE
+    if not file.is_file():
+        return None
+    try:
+        meta = json.loads(file.read_text(encoding="utf-8"))
+        layers = meta["sparse_layers"]
+        if meta.get("format") != "sparsert-hf-checkpoint" or not isinstance(layers, dict):
+            raise ValueError("not a sparsert-hf-checkpoint file")
+        for name, info in layers.items():
+            n, m, group = info["n"], info["m"], info["qat_group_size"]
+            if not (isinstance(n, int) and isinstance(m, int) and isinstance(info["dense"], bool)
+                    and (group is None or isinstance(group, int))):
+                raise ValueError(f"layer {name!r}: n, m, dense or qat_group_size of the wrong type")
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as exc:
+        raise ArtifactError(f"{file}: not a valid sparsert layer record ({_first_line(exc)})") from None
+    return layers
+
+
+def swap_saved_sparse_layers(model: nn.Module, path: str | Path, **swap_options: Any):
+    """:func:`sparsert.runtime.linear_swap.swap_sparse_linears` on a model loaded from ``path``: the layers its
+    ``sparsert.json`` records as trained 2:4 (not the ones trained dense), INT4 with their QAT group where they
+    trained with QAT (the saved weights are the dequantized codes, so quantizing them again gives the same
+    codes); without the file, every linear whose weight is 2:4. Returns the (merged) SwapReport."""
+    from sparsert.runtime.linear_swap import SwapReport, swap_sparse_linears
+
+    layers = saved_sparse_layers(path)
+    if layers is None:
+        return swap_sparse_linears(model, **swap_options)
+    groups: dict[int | None, list[str]] = {}
+    for name, info in layers.items():
+        if not info["dense"] and info["m"] == 4 and info["n"] <= 2:
+            groups.setdefault(info["qat_group_size"], []).append(name)
+    if not groups:
+        raise ConfigError(f"{Path(path) / SPARSERT_FILE}: no layer was trained 2:4 (nothing for sparsert's 2:4 "
+                          "kernels to run)")
+    merged = SwapReport()
+    for group, names in groups.items():
+        int4 = {"int4": True, "group_size": group} if group is not None else {}
+        report = swap_sparse_linears(model, names, **int4, **swap_options)
+        for field in ("swapped", "left_dense", "backends", "dense_fallback"):
+            getattr(merged, field).update(getattr(report, field))
+        merged.weight_bytes += report.weight_bytes
+        merged.weights += report.weights
+    return merged
+
+
 def save_hf_checkpoint(model: nn.Module, tokenizer: HFTokenizer | Any | None, out_dir: str | Path, *,
                        overwrite: bool = False) -> Path:
     """Write ``model`` (and ``tokenizer``) as a Hugging Face directory that ``transformers`` loads as is.

@@ -10,19 +10,24 @@ tokens wherever the logits agree):
               ``model.safetensors`` must match (an export without the digest runs with a ``warning:`` line);
 - ``runtime`` sparsert's GPU runtime (``sparsert.runtime.gpu_backend.GpuStepper``); needs an NVIDIA GPU.
 
+ARTIFACT may also be a Hugging Face model directory (the ``<run>/hf`` of ``sparsert train --model``): ``torch``
+runs it with transformers on the CPU, ``runtime`` on the GPU with its 2:4 linears swapped for sparsert's kernels
+(:func:`sparsert.backends.make_hf_stepper`).
+
 :func:`sparsert.backends.make_stepper` opens the chosen one. The prompt and its continuation go to stdout;
 token count and speed to stderr.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 import warnings
 
 import click
 
-from sparsert.backends import BACKENDS, make_stepper
+from sparsert.backends import BACKENDS, make_hf_stepper, make_stepper
 from sparsert.commands import option_given
 
 
@@ -42,8 +47,8 @@ from sparsert.commands import option_given
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object (text, token ids, timing).")
 def command(artifact: str, prompt: str, max_new_tokens: int, temperature: float, top_k: int | None, seed: int,
             backend: str, onnx_path: str | None, cuda_graph: bool, as_json: bool) -> None:
-    """Generate a continuation of --prompt from ARTIFACT (greedy by default)."""
-    from sparsert.runtime.artifact import load_artifact
+    """Generate a continuation of --prompt from ARTIFACT (greedy by default): a sparsert artifact, or a Hugging Face
+    model directory such as the <run>/hf of `sparsert train --model` (--backend torch or runtime)."""
     from sparsert.runtime.errors import ConfigError, require_path
     from sparsert.runtime.generate import GenerationConfig, generate_ids
 
@@ -59,16 +64,15 @@ def command(artifact: str, prompt: str, max_new_tokens: int, temperature: float,
         if sampling:
             raise ConfigError(f"{', '.join(sampling)} only {'acts' if len(sampling) == 1 else 'act'} when sampling; "
                               "add --temperature > 0 (the default, 0, decodes greedily)")
-    art = load_artifact(artifact)
-    prompt_ids = art.tokenizer.encode(prompt)
     with warnings.catch_warnings():  # restores showwarning on exit
         warnings.showwarning = _one_line_warnings(warnings.showwarning)
-        with make_stepper(art, backend, onnx_path, cuda_graph=cuda_graph) as stepper:
+        with _open(artifact, backend, onnx_path, cuda_graph) as (stepper, tokenizer):
+            prompt_ids = tokenizer.encode(prompt)
             start = time.perf_counter()
             ids = generate_ids(stepper, prompt_ids, cfg)
             seconds = time.perf_counter() - start
             context = stepper.max_seq_len
-    text = art.tokenizer.decode(ids)
+    text = tokenizer.decode(ids)
     # generate_ids stops early when prompt + generated tokens fill the model's context
     stop = "max_new_tokens" if len(ids) == max_new_tokens else "context"
     if as_json:
@@ -82,6 +86,20 @@ def command(artifact: str, prompt: str, max_new_tokens: int, temperature: float,
     click.echo(prompt + text)
     click.echo(f"[{backend}] {len(ids)} tokens in {seconds:.2f} s ({len(ids) / max(seconds, 1e-9):.1f} tokens/s)",
                err=True)
+
+
+@contextlib.contextmanager
+def _open(path: str, backend: str, onnx_path: str | None, cuda_graph: bool):
+    """(stepper, tokenizer) of a sparsert artifact, or of a Hugging Face model directory (``<run>/hf``)."""
+    from sparsert.runtime.artifact import is_hf_model_dir, load_artifact
+
+    if is_hf_model_dir(path):
+        with make_hf_stepper(path, backend, cuda_graph=cuda_graph) as opened:
+            yield opened
+        return
+    art = load_artifact(path)
+    with make_stepper(art, backend, onnx_path, cuda_graph=cuda_graph) as stepper:
+        yield stepper, art.tokenizer
 
 
 def _one_line_warnings(show):  # noqa: ANN001, ANN202 - warnings.showwarning's signature
