@@ -95,30 +95,6 @@ class GraphedTorchStepper:
         return self.eager.step(ids)
 
 
-class HFStepper:
-    """A ``transformers`` causal LM as a Stepper: its own KV cache (``past_key_values``), logits of the last
-    position."""
-
-    def __init__(self, model, max_seq_len: int) -> None:
-        import inspect
-
-        self.model, self.max_seq_len, self.past = model, max_seq_len, None
-        # transformers 5.x calls the KV cache `cache`; before, `past_key_values`
-        self.key = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-
-    def reset(self) -> None:
-        self.past = None
-
-    def step(self, ids: list[int]):
-        import torch
-
-        with torch.inference_mode():
-            x = torch.tensor([ids], device=self.model.device)
-            out = self.model(input_ids=x, use_cache=True, **{self.key: self.past})
-        self.past = out[self.key]
-        return out.logits[0, -1].float()
-
-
 def hf_model(torch, args, max_seq_len: int):
     """A random transformers Llama with the benchmark's shapes, bf16 on the GPU (None without transformers)."""
     try:
@@ -202,6 +178,7 @@ def bench(torch, args) -> int:
         torch.cuda.empty_cache()
         model = None if args.no_hf else hf_model(torch, args, art.model_config.max_seq_len)
         if model is not None:
+            from sparsert.runtime.hf_stepper import HFStepper
             from sparsert.runtime.linear_swap import swap_sparse_linears
 
             ms, _ = time_decode(torch, HFStepper(model, art.model_config.max_seq_len), prompt, args.new_tokens)
