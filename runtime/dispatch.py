@@ -79,6 +79,15 @@ def l2_flush_buffer(device: torch.device) -> torch.Tensor:
     return torch.zeros(2 * l2 // 4 + 1024, dtype=torch.float32, device=device)
 
 
+def _try_l2_flush_buffer(device: torch.device) -> torch.Tensor | bool:
+    """:func:`l2_flush_buffer`, or False when the device has no room for it (then calls are timed without it:
+    an out-of-memory here must not reject every candidate and leave a layer on the dense fallback)."""
+    try:
+        return l2_flush_buffer(device)
+    except torch.cuda.OutOfMemoryError:
+        return False
+
+
 def time_ms(fn: Callable[[], object], warmup: int = 3, reps: int = 10, *, cuda: bool = True,
             flush: torch.Tensor | None = None) -> float:
     """Median time of ``fn()`` in milliseconds after warm-up: CUDA events on the current stream, or the host
@@ -183,7 +192,7 @@ class Dispatcher:
                 return cached
         times: dict[str, float] = {}
         rejected: dict[str, str] = {}
-        flush: torch.Tensor | None = None
+        flush: torch.Tensor | bool | None = None  # None: not made yet; False: no room for it
         for name, fn in candidates.items():
             try:
                 out = fn()
@@ -196,8 +205,9 @@ class Dispatcher:
                         rejected[name] = f"relative error {err:.3g} > {tolerance:g}"
                         continue
                 if on_gpu and flush is None:
-                    flush = l2_flush_buffer(out.device)
-                times[name] = time_ms(fn, self.warmup, self.reps, cuda=on_gpu, flush=flush if on_gpu else None)
+                    flush = _try_l2_flush_buffer(out.device)
+                use = flush if on_gpu and isinstance(flush, torch.Tensor) else None
+                times[name] = time_ms(fn, self.warmup, self.reps, cuda=on_gpu, flush=use)
             except Exception as exc:  # a backend that cannot run this shape is not a candidate for it
                 if is_sticky_cuda_error(exc):  # a kernel fault: every later CUDA call would fail too
                     raise DeviceError(f"{name} faulted while being measured for {key}: {exc}") from exc

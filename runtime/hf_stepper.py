@@ -24,7 +24,9 @@ class HFStepper:
     Args:
         model: the causal LM, in eval mode, on the device it runs on.
         max_seq_len: the most positions it takes (``max_position_embeddings``).
-        vocab_size: token ids must be below it (default: the input embedding's rows).
+        vocab_size: the tokenizer's size: token ids must be below it, and the logits are cut to it (an embedding
+            padded past the tokenizer must not produce ids the tokenizer cannot decode). Default: the input
+            embedding's rows.
     """
 
     def __init__(self, model: nn.Module, max_seq_len: int, vocab_size: int | None = None) -> None:
@@ -62,4 +64,4 @@ class HFStepper:
         out = self.model(input_ids=x, use_cache=True, **{self._cache_key: self._cache})
         self._cache = out[self._cache_key]
         self._length += len(ids)
-        return out.logits[0, -1].float()
+        return out.logits[0, -1, : self.vocab_size].float()

@@ -104,4 +104,4 @@ def make_hf_stepper(path: str | Path, backend: str, *, cuda_graph: bool = False)
     if backend == "runtime":
         model = model.to("cuda")
         swap_saved_sparse_layers(model, path)
-    yield HFStepper(model, limit), bundle.tokenizer
+    yield HFStepper(model, limit, bundle.tokenizer.vocab_size), bundle.tokenizer

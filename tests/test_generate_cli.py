@@ -506,13 +506,13 @@ def test_gpu_generate_from_a_trained_hf_directory(capsys, tmp_path):
     from sparsert.backends import make_hf_stepper
 
     path, _ = _trained_hf_dir(tmp_path, transformers, 128)
+    shutil.copytree(hf_tokenizer_source(tmp_path), path, dirs_exist_ok=True)
     prompt = [5, 17, 99, 3, 250, 42]
     with make_hf_stepper(path, "torch") as (stepper, _tok):
         want = stepper.step(prompt).cpu()
     with make_hf_stepper(path, "runtime") as (stepper, _tok):
         got = stepper.step(prompt).cpu()
     assert float((got - want).norm() / want.norm()) < 3e-2
-    shutil.copytree(hf_tokenizer_source(tmp_path), path, dirs_exist_ok=True)
     code, out, err = run_main(capsys, "generate", str(path), "--prompt", "The quick", "--max-new-tokens", "8",
                               "--backend", "runtime", "--json")
     assert code == 0, err
@@ -527,3 +527,23 @@ def hf_tokenizer_source(tmp_path):
     out = tmp_path / "tokenizer"
     _save_bpe_tokenizer(transformers, out)
     return out
+
+
+def test_hf_stepper_cuts_the_logits_to_the_tokenizer(hf_model_dirs):
+    """An embedding padded past the tokenizer (320 rows, 300 tokens) must not produce ids the tokenizer cannot
+    decode; ids the model cannot take are refused by name."""
+    transformers = pytest.importorskip("transformers")
+    from sparsert.runtime.errors import ConfigError
+    from sparsert.runtime.hf_stepper import HFStepper
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(hf_model_dirs["llama"])).eval()
+    stepper = HFStepper(model, 128, vocab_size=300)
+    full = model(torch.tensor([[1, 2, 3]])).logits[0, -1]
+    assert full.shape == (320,)
+    torch.testing.assert_close(stepper.step([1, 2, 3]), full[:300].detach())
+    with pytest.raises(ConfigError, match=r"token ids must be in 0..299, got 1..300"):
+        stepper.step([1, 300])
+    with pytest.raises(ConfigError, match="positions exceed the model's 128"):
+        stepper.step([1] * 126)
+    with pytest.raises(ConfigError, match="takes no KV cache"):
+        HFStepper(torch.nn.Linear(2, 2), 8)
