@@ -82,6 +82,7 @@ log_phase() {
 : > "$OUT/summary.txt"
 : > "$OUT/logs.txt"
 : > "$OUT/env.txt"
+rm -f /tmp/bench.log /tmp/ffn.log  # the closing tails must not show an earlier call's logs
 
 # 1. Optional carried wheels (checked from /tmp: the repo's cuda/ folder would shadow NVIDIA's cuda package).
 if compgen -G ".whl/*.whl" > /dev/null; then
