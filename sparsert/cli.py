@@ -9,6 +9,7 @@ one-line ``error: ...`` message and exit code 2; Ctrl-C exits with 130.
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 
 import click
@@ -51,6 +52,10 @@ def cli() -> None:
 
 def main(argv: list[str] | None = None) -> None:
     from sparsert.runtime.errors import SparsertError
+
+    # transformers' bars for loading and saving local model files are noise around sparsert's own lines (an error
+    # must stay one line); set HF_HUB_DISABLE_PROGRESS_BARS=0 to keep them.
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
     try:
         cli.main(args=argv, prog_name="sparsert", standalone_mode=False)

@@ -383,14 +383,15 @@ def swap_saved_sparse_layers(model: nn.Module, path: str | Path, **swap_options:
 
 
 def save_hf_checkpoint(model: nn.Module, tokenizer: HFTokenizer | Any | None, out_dir: str | Path, *,
-                       overwrite: bool = False) -> Path:
+                       overwrite: bool = False, dtype: torch.dtype | None = None) -> Path:
     """Write ``model`` (and ``tokenizer``) as a Hugging Face directory that ``transformers`` loads as is.
 
     The weights are :func:`folded_state_dict` (dense tensors carrying the 2:4 zeros, masks folded in,
     GPT-2's Conv1D layout restored) saved by ``save_pretrained`` as safetensors; ``sparsert.json`` records
     the sparse layers and their N:M pattern. ``tokenizer`` may be an :class:`HFTokenizer`, a transformers
     tokenizer or None. The directory is written under a temporary name beside ``out_dir`` and renamed into
-    place, so a failure leaves no half-written checkpoint. ConfigError when ``out_dir`` exists and
+    place, so a failure leaves no half-written checkpoint. ``dtype``: the saved floating tensors' dtype (default:
+    the model's), folded in the model's own precision first. ConfigError when ``out_dir`` exists and
     ``overwrite`` is False; ArtifactError when writing fails. Returns ``out_dir``.
     """
     out = Path(out_dir)
@@ -405,6 +406,9 @@ def save_hf_checkpoint(model: nn.Module, tokenizer: HFTokenizer | Any | None, ou
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
         state = folded_state_dict(model)
+        if dtype is not None:
+            state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
+            setattr(model.config, _dtype_kwarg(import_transformers()), dtype)  # config.json says what is stored
         model.save_pretrained(str(tmp), state_dict=state, **_save_kwargs(model))
         if hf_tok is not None:
             hf_tok.save_pretrained(str(tmp))

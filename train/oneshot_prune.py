@@ -160,12 +160,22 @@ ONESHOT_METHODS: dict[str, LayerPruner] = {
 """Registry of one-shot pruning methods by name (``sparsert compress --prune NAME``)."""
 
 
+def _block_prefix(name: str) -> str:
+    """The transformer block a layer belongs to: its name up to the first numeric component (``blocks.3``,
+    ``model.layers.3``, ``transformer.h.3``); the name itself when it has none."""
+    parts = name.split(".")
+    for i, part in enumerate(parts):
+        if part.isdigit():
+            return ".".join(parts[: i + 1])
+    return name
+
+
 def _layer_groups(names: list[str]) -> list[list[str]]:
-    """Consecutive names sharing their transformer block prefix (``blocks.{i}``) form one group."""
+    """Consecutive names sharing their transformer block (:func:`_block_prefix`) form one group."""
     groups: list[list[str]] = []
     last = None
     for nm in names:
-        prefix = ".".join(nm.split(".")[:2]) if nm.startswith("blocks.") else nm
+        prefix = _block_prefix(nm)
         if groups and prefix == last:
             groups[-1].append(nm)
         else:

@@ -1,4 +1,5 @@
-"""``sparsert compress CHECKPOINT -o OUT``: a training checkpoint -> a compressed 2:4(+INT4) artifact."""
+"""``sparsert compress CHECKPOINT -o OUT``: a training checkpoint -> a compressed 2:4(+INT4) artifact; a Hugging Face
+model directory -> the same model pruned one-shot to 2:4 (+INT4), again a Hugging Face directory."""
 
 from __future__ import annotations
 
@@ -9,7 +10,9 @@ from sparsert.train.oneshot_prune import ONESHOT_METHODS
 
 @click.command("compress")
 @click.argument("checkpoint", type=str)
-@click.option("-o", "--output", required=True, type=str, help="Artifact directory to write (replaced if it is one).")
+@click.option("-o", "--output", required=True, type=str,
+              help="Artifact directory to write (replaced if it is one); for a Hugging Face CHECKPOINT, the Hugging "
+              "Face directory to write.")
 @click.option(
     "--int4/--no-int4",
     "int4",
@@ -64,7 +67,8 @@ from sparsert.train.oneshot_prune import ONESHOT_METHODS
     type=click.Choice(["float16", "float32"]),
     default="float16",
     show_default=True,
-    help="dtype of the unquantized 2:4 values and of the dense tensors (embeddings, norms, lm_head).",
+    help="dtype of the unquantized 2:4 values and of the dense tensors (embeddings, norms, lm_head); a Hugging Face "
+    "directory is written in float32 unless --dtype is given.",
 )
 def command(
     checkpoint: str,
@@ -82,11 +86,18 @@ def command(
     seed: int | None,
     dense_dtype: str,
 ) -> None:
-    """Compress CHECKPOINT (a run dir, its checkpoints/ dir or a step dir) into an artifact directory."""
+    """Compress CHECKPOINT (a run dir, its checkpoints/ dir or a step dir) into an artifact directory; or prune a
+    Hugging Face model directory to 2:4 (+INT4) one-shot into another one."""
     import warnings
 
+    from sparsert.runtime.artifact import is_hf_model_dir
     from sparsert.runtime.artifact_stats import artifact_stats
     from sparsert.train.compress import CompressionNote, compress_checkpoint
+
+    if is_hf_model_dir(checkpoint):
+        _compress_hf(click.get_current_context(), checkpoint, output, int4, group_size, force_group_size, prune, awq,
+                     calib_data, calib_batches, calib_seq_len, calib_batch_size, seed, dense_dtype)
+        return
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", CompressionNote)
@@ -117,3 +128,35 @@ def command(
         f"({stats.linear_ratio_vs_fp32:.2f}x vs FP32), model.safetensors {stats.file_bytes:,} bytes "
         f"({stats.model_ratio_vs_fp32:.2f}x vs FP32)"
     )
+
+
+def _compress_hf(ctx: click.Context, path: str, output: str, int4: bool | None, group_size: int | None,
+                 force_group_size: bool, prune: str | None, awq: bool, calib_data: str | None,
+                 calib_batches: int | None, calib_seq_len: int | None, calib_batch_size: int | None, seed: int | None,
+                 dense_dtype: str) -> None:
+    """``compress`` of a Hugging Face model directory (:func:`sparsert.train.hf_compress.compress_hf_model`)."""
+    from sparsert.commands import option_given
+    from sparsert.runtime.errors import ConfigError
+    from sparsert.train.hf_compress import compress_hf_model
+    from sparsert.train.hf_model import SPARSERT_FILE, saved_sparse_layers
+
+    if awq:
+        raise ConfigError(f"--awq folds scales into sparsert checkpoints' norms; {path} is a Hugging Face model "
+                          "directory (use --int4 for plain group-wise INT4)")
+    if force_group_size and group_size is None:
+        raise ConfigError("--force-group-size applies only together with --group-size")
+    trained = saved_sparse_layers(path) or {}
+    qat = sorted({info["qat_group_size"] for info in trained.values() if info["qat_group_size"] is not None})
+    if qat and group_size is not None and group_size != qat[0] and int4 is not False and not force_group_size:
+        raise ConfigError(f"--group-size {group_size}: {path} holds INT4 values in groups of {qat[0]} (its "
+                          f"{SPARSERT_FILE}); omit --group-size to keep them, or add --force-group-size to re-quantize")
+    if force_group_size and not qat:
+        raise ConfigError(f"--force-group-size: {path} holds no INT4 groups, so --group-size needs no force")
+    quantize = bool(qat) if int4 is None else int4
+    out, names = compress_hf_model(
+        path, output, prune=prune, int4=quantize, group_size=group_size or (qat[0] if qat else 128),
+        dtype=dense_dtype if option_given(ctx, "dense_dtype") else "float32", calib_data=calib_data,
+        calib_batches=calib_batches, calib_seq_len=calib_seq_len, calib_batch_size=calib_batch_size, seed=seed)
+    what = f"2:4 + INT4 (group {group_size or (qat[0] if qat else 128)})" if quantize else "2:4"
+    click.echo(f"wrote {out}: a Hugging Face directory whose {len(names)} block linears are {what}; run it on "
+               f"sparsert's kernels with: sparsert generate {out} --backend runtime --prompt ...")

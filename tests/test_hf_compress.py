@@ -1,0 +1,157 @@
+"""`sparsert compress HF_DIR -o OUT`: one-shot 2:4 (+INT4) pruning of a Hugging Face causal LM into another
+Hugging Face directory that transformers loads and `sparsert generate --backend runtime` serves. Models and
+tokenizers are built here from configs (nothing is downloaded)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+pytest.importorskip("tokenizers")
+
+from conftest import _save_bpe_tokenizer  # noqa: E402
+
+from sparsert.cli import main  # noqa: E402
+from sparsert.runtime.errors import ConfigError  # noqa: E402
+from sparsert.runtime.nm_mask import is_nm_sparse  # noqa: E402
+from sparsert.runtime.packed_linear import pack_linear  # noqa: E402
+from sparsert.train.hf_compress import compress_hf_model  # noqa: E402
+from sparsert.train.hf_model import hf_sparse_linear_names, saved_sparse_layers  # noqa: E402
+
+
+def _model_dir(root: Path, arch: str) -> Path:
+    """A random Llama or GPT-2 (hidden 128: the W4A16 kernel's k tile) with a byte-level BPE tokenizer."""
+    torch.manual_seed(0)
+    if arch == "llama":
+        config = transformers.LlamaConfig(vocab_size=320, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                                          num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=64)
+    else:
+        config = transformers.GPT2Config(vocab_size=320, n_embd=128, n_layer=2, n_head=4, n_positions=64)
+    path = root / arch
+    transformers.AutoModelForCausalLM.from_config(config).save_pretrained(str(path))
+    _save_bpe_tokenizer(transformers, path)
+    return path
+
+
+def _run(capsys, *args: str) -> tuple[int, str, str]:
+    try:
+        main(list(args))
+        code = 0
+    except SystemExit as exc:
+        code = exc.code
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def _block_weights(path: Path) -> dict[str, torch.Tensor]:
+    """Every block linear's weight as [out, K] (GPT-2's Conv1D transposed), from the saved directory."""
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(path))
+    out = {}
+    for name in hf_sparse_linear_names(model):
+        module = model.get_submodule(name)
+        out[name] = module.weight.detach().t() if type(module).__name__ == "Conv1D" else module.weight.detach()
+    return out
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_sparsegpt_int4_output_is_2_4_and_requantizes_to_itself(tmp_path, capsys, arch):
+    src = _model_dir(tmp_path, arch)
+    out = tmp_path / "out"
+    code, stdout, err = _run(capsys, "compress", str(src), "-o", str(out), "--prune", "sparsegpt", "--int4",
+                             "--calib-batches", "2", "--calib-seq-len", "32")
+    assert code == 0, err
+    assert f"wrote {out}: a Hugging Face directory whose" in stdout and "2:4 + INT4 (group 128)" in stdout
+    layers = saved_sparse_layers(out)
+    weights = _block_weights(out)
+    assert set(layers) == set(weights) and len(weights) == 2 * (7 if arch == "llama" else 4)
+    for name, w in weights.items():
+        assert layers[name]["qat_group_size"] == 128 and layers[name]["transposed"] == (arch == "gpt2")
+        assert is_nm_sparse(w, 2, 4), name
+        # the stored kept values are INT4 codes times fp16 scales: quantizing them again gives them back
+        torch.testing.assert_close(pack_linear(w, int4_group_size=128).to_dense(), w, rtol=0, atol=0)
+    original = transformers.AutoModelForCausalLM.from_pretrained(str(src))
+    pruned = transformers.AutoModelForCausalLM.from_pretrained(str(out))
+    head = "lm_head" if arch == "llama" else "transformer.wte"
+    assert torch.equal(original.get_submodule(head).weight, pruned.get_submodule(head).weight)  # stays dense
+    code, stdout, err = _run(capsys, "generate", str(out), "--prompt", "The quick", "--max-new-tokens", "4")
+    assert code == 0 and stdout.startswith("The quick"), err
+
+
+def test_sparsegpt_reconstructs_better_than_magnitude(tmp_path):
+    """On the calibration text, SparseGPT's layer-wise reconstruction keeps the model closer to the dense one
+    than magnitude pruning does (KL of the next-token distributions on held-out windows)."""
+    src = _model_dir(tmp_path, "llama")
+    with torch.no_grad():  # a dense model with some structure: scale its weights so its outputs are peaked
+        model = transformers.AutoModelForCausalLM.from_pretrained(str(src))
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.mul_(3.0)
+        model.save_pretrained(str(src))
+    text = tmp_path / "calib.txt"
+    text.write_text("The quick brown fox jumps over the lazy dog. Sparse models keep two of every four. " * 40)
+    kl = {}
+    from sparsert.runtime.hf_tokenizer import HFTokenizer
+
+    ids = torch.tensor([HFTokenizer(src).encode("The lazy dog jumps over the quick brown fox. Models keep two.")])
+    dense = model.eval()(ids).logits.log_softmax(-1).detach()
+    for method in ("magnitude", "sparsegpt"):
+        extra = {} if method == "magnitude" else {"calib_data": text, "calib_batches": 4, "calib_seq_len": 32}
+        out, _ = compress_hf_model(src, tmp_path / method, prune=method, **extra)
+        got = transformers.AutoModelForCausalLM.from_pretrained(str(out)).eval()(ids).logits.log_softmax(-1)
+        kl[method] = float((dense.exp() * (dense - got.detach())).sum(-1).mean())
+    assert kl["sparsegpt"] < kl["magnitude"], kl
+
+
+def test_a_trained_directory_keeps_its_masks(tmp_path, capsys):
+    """A `train --model` run's hf/ (FFN linears trained 2:4, attention dense): --prune is refused, --int4
+    quantizes the recorded 2:4 layers only and keeps their masks."""
+    from sparsert.train.hf_model import load_hf_causal_lm, save_hf_checkpoint, sparsify_hf_model
+    from sparsert.train.sparse_linear import SparsityConfig
+
+    src = _model_dir(tmp_path, "llama")
+    bundle = load_hf_causal_lm(src)
+    names = sparsify_hf_model(bundle.model, SparsityConfig(), include_attention=False)
+    trained = save_hf_checkpoint(bundle.model, bundle.tokenizer, tmp_path / "run-hf")
+    code, _, err = _run(capsys, "compress", str(trained), "-o", str(tmp_path / "x"), "--prune", "wanda")
+    assert code == 2 and "already records 2:4 layers (sparsert.json); they keep their trained masks" in err
+    out, swapped = compress_hf_model(trained, tmp_path / "int4", int4=True)
+    assert sorted(swapped) == sorted(names)
+    before, after = _block_weights(trained), _block_weights(out)
+    for name in names:
+        assert torch.equal(before[name] != 0, after[name] != 0) or is_nm_sparse(after[name], 2, 4)
+        assert torch.equal((after[name] != 0) & (before[name] == 0), torch.zeros_like(after[name], dtype=torch.bool))
+    attention = "model.layers.0.self_attn.q_proj"
+    assert torch.equal(before[attention], after[attention])  # trained dense: untouched
+
+
+def test_bad_input_is_named(tmp_path, capsys):
+    src = _model_dir(tmp_path, "llama")
+    junk = tmp_path / "junk"
+    junk.mkdir()
+    (junk / "a.txt").write_text("x")
+    capsys.readouterr()  # transformers' saving output
+    cases = [
+        (["-o", str(junk)], "already exists and is not a Hugging Face directory sparsert wrote"),
+        (["-o", str(src)], "already exists and is not a Hugging Face directory sparsert wrote"),
+        (["-o", str(tmp_path / "o"), "--awq"], "--awq folds scales into sparsert checkpoints' norms"),
+        (["-o", str(tmp_path / "o"), "--calib-data", str(junk / "a.txt")],
+         "--calib-data applies only to --prune wanda/sparsegpt"),
+        (["-o", str(tmp_path / "o"), "--force-group-size"],
+         "--force-group-size applies only together with --group-size"),
+        (["-o", str(tmp_path / "o"), "--int4", "--group-size", "96"], "K=128 (its input features) is not divisible by "
+                                                                      "the INT4 group size 96"),
+        (["-o", str(tmp_path / "o"), "--prune", "wanda", "--calib-seq-len", "65"],
+         "--calib-seq-len 65 exceeds the model's context of 64"),
+    ]
+    for extra, message in cases:
+        code, _, err = _run(capsys, "compress", str(src), *extra)
+        last = err.strip().splitlines()[-1]  # in-process, transformers (imported by the test) may draw its bar first
+        assert code == 2 and last.startswith("error: ") and message in last, (extra, err)
+    assert not (tmp_path / "o").exists()
+    (src / "sparsert.json").write_text(json.dumps({"format": "sparsert-hf-checkpoint", "sparse_layers": {}}))
+    with pytest.raises(ConfigError, match="the same directory as the model"):
+        compress_hf_model(src, tmp_path / "llama" / ".." / "llama")
