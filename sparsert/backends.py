@@ -74,8 +74,9 @@ def _require_runtime_gpu(cpu_backends: str = "--backend torch or --backend onnx"
 def make_hf_stepper(path: str | Path, backend: str, *, cuda_graph: bool = False) -> Iterator[tuple[Stepper, object]]:
     """Yield ``(stepper, tokenizer)`` for the local Hugging Face causal-LM directory ``path`` (e.g. the ``<run>/hf``
     of ``sparsert train --model``): ``"torch"`` runs it with transformers on the CPU in float32 (the reference);
-    ``"runtime"`` loads it in bf16 on the GPU and swaps its 2:4 linears (those its ``sparsert.json`` records, INT4
-    where they trained with QAT) for sparsert's kernels
+    ``"runtime"`` loads it on the GPU, swaps its 2:4 linears (those its ``sparsert.json`` records, INT4 where they
+    trained with QAT; packed from the float32 weights, bf16 activations) for sparsert's kernels and runs the rest
+    in bf16
     (:func:`sparsert.train.hf_model.swap_saved_sparse_layers`). ConfigError for ``"onnx"`` (the ONNX export
     covers sparsert artifacts), ``cuda_graph`` (a transformers model decodes eagerly) or a directory without a
     tokenizer; DeviceError when the GPU runtime cannot run."""
@@ -97,11 +98,12 @@ def make_hf_stepper(path: str | Path, backend: str, *, cuda_graph: bool = False)
     from sparsert.train.hf_train import hf_model_config  # noqa: PLC0415
 
     limit = hf_model_config(path).max_seq_len
-    bundle = load_hf_causal_lm(path, dtype=torch.float32 if backend == "torch" else torch.bfloat16)
+    bundle = load_hf_causal_lm(path)  # float32: the 2:4 layers are packed from the weights as stored
     if bundle.tokenizer is None:
         raise ConfigError(f"{path}: no tokenizer files in the model directory, so the prompt cannot be encoded")
     model = bundle.model
     if backend == "runtime":
         model = model.to("cuda")
-        swap_saved_sparse_layers(model, path)
+        swap_saved_sparse_layers(model, path, dtype=torch.bfloat16)
+        model = model.to(torch.bfloat16)  # the rest of the model (the swapped layers keep their formats)
     yield HFStepper(model, limit, bundle.tokenizer.vocab_size), bundle.tokenizer

@@ -136,8 +136,8 @@ def test_bad_input_is_named(tmp_path, capsys):
     capsys.readouterr()  # transformers' saving output
     cases = [
         (["-o", str(junk)], "already exists and is not a Hugging Face directory sparsert wrote"),
-        (["-o", str(src)], "already exists and is not a Hugging Face directory sparsert wrote"),
-        (["-o", str(tmp_path / "o"), "--awq"], "--awq folds scales into sparsert checkpoints' norms"),
+        (["-o", str(src)], "the same directory as the model"),
+        (["-o", str(tmp_path / "o"), "--awq"], "--awq (and --force-awq) fold scales into sparsert checkpoints' norms"),
         (["-o", str(tmp_path / "o"), "--calib-data", str(junk / "a.txt")],
          "--calib-data applies only to --prune wanda/sparsegpt"),
         (["-o", str(tmp_path / "o"), "--force-group-size"],
@@ -146,12 +146,40 @@ def test_bad_input_is_named(tmp_path, capsys):
                                                                       "the INT4 group size 96"),
         (["-o", str(tmp_path / "o"), "--prune", "wanda", "--calib-seq-len", "65"],
          "--calib-seq-len 65 exceeds the model's context of 64"),
+        (["-o", str(src / "sub")], "a directory inside the model directory"),
+        (["-o", str(tmp_path)], "a directory above the model directory"),
+        (["-o", str(tmp_path / "o"), "--force-awq"], "--awq (and --force-awq) fold scales"),
+        (["-o", str(tmp_path / "o"), "--group-size", "64"], "--group-size sets the INT4 groups; this compression "
+                                                            "stores no INT4 (add --int4)"),
+        (["-o", str(tmp_path / "o"), "--int4", "--group-size", "0"], "group size must be a positive multiple of 4"),
+        (["-o", str(tmp_path / "o"), "--prune", "wanda", "--calib-batches", "0"],
+         "--calib-batches must be a positive integer, got 0"),
+        (["-o", str(tmp_path / "o"), "--prune", "wanda", "--seed", "-1"],
+         "--seed must be an integer in [0, 2**63 - 1]"),
     ]
     for extra, message in cases:
         code, _, err = _run(capsys, "compress", str(src), *extra)
         last = err.strip().splitlines()[-1]  # in-process, transformers (imported by the test) may draw its bar first
         assert code == 2 and last.startswith("error: ") and message in last, (extra, err)
-    assert not (tmp_path / "o").exists()
+    assert not (tmp_path / "o").exists() and not (src / "sub").exists()
     (src / "sparsert.json").write_text(json.dumps({"format": "sparsert-hf-checkpoint", "sparse_layers": {}}))
     with pytest.raises(ConfigError, match="the same directory as the model"):
         compress_hf_model(src, tmp_path / "llama" / ".." / "llama")
+
+
+def test_dtype_and_a_record_without_2_4_layers(tmp_path, capsys):
+    src = _model_dir(tmp_path, "llama")
+    for dtype in ("float16", "bfloat16"):
+        code, _, err = _run(capsys, "compress", str(src), "-o", str(tmp_path / dtype), "--dtype", dtype)
+        assert code == 0, err
+        config = json.loads((tmp_path / dtype / "config.json").read_text())
+        assert config.get("dtype", config.get("torch_dtype")) == dtype
+        model = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / dtype))
+        assert model.model.layers[0].mlp.up_proj.weight.dtype == getattr(torch, dtype)
+    record = tmp_path / "float16" / "sparsert.json"
+    meta = json.loads(record.read_text())
+    for info in meta["sparse_layers"].values():
+        info.update(n=4, m=8)  # what a 4:8 run records
+    record.write_text(json.dumps(meta))
+    with pytest.raises(ConfigError, match=r"records no 2:4 layer \(its sparse layers are 4:8\)"):
+        compress_hf_model(tmp_path / "float16", tmp_path / "x", int4=True)

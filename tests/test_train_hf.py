@@ -218,3 +218,20 @@ def test_a_dense_hf_run_is_an_ast_teacher_for_a_student_with_its_tokenizer(hf: d
         train(TrainConfig(data=str(hf["corpus"]), out_dir=str(tmp_path / "byte"), method="ast",
                           teacher=str(teacher_run), steps=2, batch_size=4, seq_len=32, threads=1, progress=False))
     assert not (tmp_path / "byte").exists()
+
+
+def test_ffn_only_run_saves_its_dense_trained_attention_as_trained(hf: dict[str, Path], tmp_path: Path) -> None:
+    """--sparse-layers ffn: the attention linears train dense, so hf/ holds them as trained (no 2:4 zeros) and
+    sparsert.json records them as dense, as the artifact of a built-in model keeps them; the FFN linears are 2:4."""
+    run = tmp_path / "run"
+    train(small(hf, "llama", run, sparse_layers="ffn"))
+    layers = json.loads((run / "hf" / "sparsert.json").read_text())["sparse_layers"]
+    tensors = load_file(str(run / "hf" / "model.safetensors"))
+    ckpt = load_checkpoint(run)
+    for name, info in layers.items():
+        w = tensors[f"{name}.weight"]
+        if ".mlp." in name:
+            assert not info["dense"] and is_nm_sparse(w, 2, 4), name
+        else:
+            assert info["dense"] and (w == 0).float().mean().item() < 0.01, name
+            torch.testing.assert_close(w, ckpt.model_state[f"hf.{name}.weight"])

@@ -107,7 +107,8 @@ MAX_SEED = 2**63 - 1  # torch.Generator.manual_seed's range
 MAX_CALIB_TOKENS = 1 << 24  # calibration windows are drawn up front; this bounds their memory (128 MiB of ids)
 
 
-def _positive_int(value: object, flag: str) -> None:
+def check_positive_int(value: object, flag: str) -> None:
+    """ConfigError naming ``flag`` unless ``value`` is None or a positive int."""
     if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
         raise ConfigError(f"{flag} must be a positive integer, got {value!r}")
 
@@ -130,7 +131,7 @@ def calibration_batches(
     from sparsert.train.data import TokenData, load_corpus  # noqa: PLC0415 - only needed with calibration
 
     for value, flag in ((batches, "--calib-batches"), (batch_size, "--calib-batch-size"), (seq_len, "--calib-seq-len")):
-        _positive_int(value, flag)
+        check_positive_int(value, flag)
     if batches * batch_size * seq_len > MAX_CALIB_TOKENS:
         total = batches * batch_size * seq_len
         raise ConfigError(f"calibration of --calib-batches {batches} x --calib-batch-size {batch_size} x "
@@ -212,10 +213,10 @@ def compress_checkpoint(
         raise ConfigError(f"--group-size: the INT4 group size must be a positive multiple of 4, got "
                           f"{int4_group_size!r}")
     if dense_dtype not in ("float16", "float32"):
-        raise ConfigError(f"dense dtype must be float16 or float32, got {dense_dtype!r}")
+        raise ConfigError(f"--dtype of an artifact must be float16 or float32, got {dense_dtype!r}")
     for value, flag in ((calib_batches, "--calib-batches"), (calib_seq_len, "--calib-seq-len"),
                         (calib_batch_size, "--calib-batch-size")):
-        _positive_int(value, flag)
+        check_positive_int(value, flag)
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED):
         raise ConfigError(f"--seed must be an integer in [0, 2**63 - 1], got {seed!r}")
     if calibration is not None and calib_data is not None:

@@ -28,11 +28,14 @@ from sparsert.train.compress import (
     DEFAULT_CALIB_BATCHES,
     DEFAULT_SEED,
     MAX_DEFAULT_CALIB_SEQ_LEN,
+    MAX_SEED,
     calibration_batches,
+    check_positive_int,
 )
 from sparsert.train.hf_model import (
     SPARSERT_FILE,
     conv1d_to_linear,
+    has_tokenizer_files,
     hf_sparse_linear_names,
     load_hf_causal_lm,
     save_hf_checkpoint,
@@ -47,8 +50,16 @@ from sparsert.train.sparsify import sparse_modules
 HF_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
-def _check_output(output: Path) -> None:
-    """The output may be new, or a directory this module (or ``sparsert train --model``) wrote, which is replaced."""
+def _check_output(source: Path, output: Path) -> None:
+    """The output may be new, or a directory this module (or ``sparsert train --model``) wrote, which is replaced;
+    never the model directory itself, a folder inside it or one that holds it (replacing that would delete it)."""
+    src, out = source.resolve(), output.resolve()
+    if out == src:
+        raise ConfigError(f"-o {output}: the same directory as the model; write the compressed model elsewhere")
+    if src in out.parents or out in src.parents:
+        where = "inside" if src in out.parents else "above"
+        raise ConfigError(f"-o {output}: a directory {where} the model directory {source}; write the compressed "
+                          "model elsewhere")
     if not (output.exists() or output.is_symlink()):
         return
     if output.is_dir() and not output.is_symlink() and (output / SPARSERT_FILE).is_file():
@@ -84,10 +95,13 @@ def compress_hf_model(path: str | Path, output: str | Path, *, prune: str | None
         raise ConfigError(f"--group-size: the INT4 group size must be a positive multiple of 4, got {group_size!r}")
     if dtype not in HF_DTYPES:
         raise ConfigError(f"--dtype for a Hugging Face model must be one of {', '.join(HF_DTYPES)}, got {dtype!r}")
+    for value, flag in ((calib_batches, "--calib-batches"), (calib_seq_len, "--calib-seq-len"),
+                        (calib_batch_size, "--calib-batch-size")):
+        check_positive_int(value, flag)
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED):
+        raise ConfigError(f"--seed must be an integer in [0, 2**63 - 1], got {seed!r}")
     out = Path(output)
-    _check_output(out)
-    if Path(path).resolve() == out.resolve():
-        raise ConfigError(f"-o {out}: the same directory as the model; write the compressed model elsewhere")
+    _check_output(Path(path), out)
 
     trained = saved_sparse_layers(path)
     if trained is not None and prune is not None:
@@ -102,6 +116,18 @@ def compress_hf_model(path: str | Path, output: str | Path, *, prune: str | None
         raise ConfigError(f"{given[0]} applies only to --prune wanda/sparsegpt; this compression uses no "
                           "calibration data")
 
+    if trained is not None and not any(not i["dense"] and i["m"] == 4 and i["n"] <= 2 for i in trained.values()):
+        patterns = sorted({"{}:{}".format(i["n"], i["m"]) for i in trained.values() if not i["dense"]}) or ["none"]
+        raise ConfigError(f"{Path(path) / SPARSERT_FILE} records no 2:4 layer (its sparse layers are "
+                          f"{', '.join(patterns)}); sparsert's formats and kernels hold 2:4")
+    context = None
+    if needs_calibration:  # checked before the model is loaded
+        if not has_tokenizer_files(path):
+            raise ConfigError(f"--prune {method} calibrates on text, but {path} has no tokenizer files")
+        context = hf_model_config(path).max_seq_len
+        if calib_seq_len is not None and calib_seq_len > context:
+            raise ConfigError(f"--calib-seq-len {calib_seq_len} exceeds the model's context of {context}")
+
     bundle = load_hf_causal_lm(path)
     model, tokenizer = bundle.model, bundle.tokenizer
     if trained is not None:
@@ -112,7 +138,7 @@ def compress_hf_model(path: str | Path, output: str | Path, *, prune: str | None
     for name in names:
         k = model.get_submodule(name).weight.shape[1]
         if k % 4 or (int4 and k % group_size):
-            what = "4 (2:4 groups run along K)" if k % 4 else f"the INT4 group size {group_size}"
+            what = "4 (2:4 groups run along K)" if k % 4 else f"the INT4 group size {group_size} (--group-size)"
             raise ConfigError(f"{name}: K={k} (its input features) is not divisible by {what}")
     masks: dict[str, torch.Tensor]
     if method is None:
@@ -123,15 +149,10 @@ def compress_hf_model(path: str | Path, output: str | Path, *, prune: str | None
     else:
         calibration = None
         if needs_calibration:
-            if tokenizer is None:
-                raise ConfigError(f"--prune {method} calibrates on text, but {path} has no tokenizer files")
-            context = hf_model_config(path).max_seq_len
-            seq_len = calib_seq_len or min(context, MAX_DEFAULT_CALIB_SEQ_LEN)
-            if seq_len > context:
-                raise ConfigError(f"--calib-seq-len {seq_len} exceeds the model's context of {context}")
+            seq_len = calib_seq_len if calib_seq_len is not None else min(context, MAX_DEFAULT_CALIB_SEQ_LEN)
             calibration = calibration_batches(
-                tokenizer, calib_data, batches=calib_batches or DEFAULT_CALIB_BATCHES,
-                batch_size=calib_batch_size or DEFAULT_CALIB_BATCH_SIZE, seq_len=seq_len,
+                tokenizer, calib_data, batches=DEFAULT_CALIB_BATCHES if calib_batches is None else calib_batches,
+                batch_size=DEFAULT_CALIB_BATCH_SIZE if calib_batch_size is None else calib_batch_size, seq_len=seq_len,
                 seed=DEFAULT_SEED if seed is None else seed)
         masks = prune_model_oneshot(model, method, calibration, names=names)
     sparsify_hf_model(model, SparsityConfig(qat_group_size=group_size if int4 else None), names)

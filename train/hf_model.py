@@ -408,8 +408,13 @@ def save_hf_checkpoint(model: nn.Module, tokenizer: HFTokenizer | Any | None, ou
         state = folded_state_dict(model)
         if dtype is not None:
             state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
-            setattr(model.config, _dtype_kwarg(import_transformers()), dtype)  # config.json says what is stored
         model.save_pretrained(str(tmp), state_dict=state, **_save_kwargs(model))
+        if dtype is not None:  # save_pretrained writes the model's own dtype: config.json must name the stored one
+            config_file = tmp / "config.json"
+            config = json.loads(config_file.read_text(encoding="utf-8"))
+            keys = [k for k in ("dtype", "torch_dtype") if k in config] or [_dtype_kwarg(import_transformers())]
+            config.update({k: str(dtype).removeprefix("torch.") for k in keys})
+            config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
         if hf_tok is not None:
             hf_tok.save_pretrained(str(tmp))
         layers = {}

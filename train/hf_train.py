@@ -238,6 +238,9 @@ def save_hf_run(checkpoint: Any, out_dir: str | Path) -> Path:
     run), INT4 and transposable settings, loaded with the checkpoint's weights and masks (a layer without a
     mask — a ``--dense`` run — gets the magnitude mask of its trained weights), and saved as ``W ⊙ mask``
     (fake-quantized to INT4 with QAT): dense weights carrying the N:M zeros, in the layout ``transformers``
+    loads. Layers the run trained dense (not in the checkpoint's ``sparsity.layers``: the attention linears of
+    ``--sparse-layers ffn``) are saved as trained and recorded as dense in ``sparsert.json``, as the artifact of
+    a built-in model keeps them; the rest in the layout ``transformers``
     loads (:func:`sparsert.train.hf_model.save_hf_checkpoint`, through a temporary directory). The tokenizer
     is the model directory's. Returns ``out_dir``.
     """
@@ -263,8 +266,11 @@ def save_hf_run(checkpoint: Any, out_dir: str | Path) -> Path:
         what = f"lacks '{missing[0]}'" if missing else f"has '{unexpected[0]}', which the model does not"
         raise ArtifactError(f"{ckpt.path}: the checkpoint {what} (model {mc.path})")
     model.load_state_dict({k: state[k].to(v.dtype) if k in state else v for k, v in own.items()})
+    listed = sparsity.get("layers")
     for name, module in sparse_modules(model).items():
-        if f"{name}.mask" not in state:
+        if isinstance(listed, list) and name not in listed:
+            module.dense = True  # trained dense (--sparse-layers ffn: the attention linears): saved as trained
+        elif f"{name}.mask" not in state:
             module.refresh_mask()  # one-shot magnitude N:M of the trained weights
     with _no_progress_bars():
         return save_hf_checkpoint(model.hf, hf_tokenizer(mc), out_dir, overwrite=True)

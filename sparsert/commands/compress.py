@@ -64,11 +64,11 @@ from sparsert.train.oneshot_prune import ONESHOT_METHODS
 @click.option(
     "--dtype",
     "dense_dtype",
-    type=click.Choice(["float16", "float32"]),
+    type=click.Choice(["float16", "float32", "bfloat16"]),
     default="float16",
     show_default=True,
-    help="dtype of the unquantized 2:4 values and of the dense tensors (embeddings, norms, lm_head); a Hugging Face "
-    "directory is written in float32 unless --dtype is given.",
+    help="dtype of the unquantized 2:4 values and of the dense tensors (embeddings, norms, lm_head): float16 or "
+    "float32 for an artifact; a Hugging Face directory is written in float32 unless --dtype is given.",
 )
 def command(
     checkpoint: str,
@@ -95,8 +95,8 @@ def command(
     from sparsert.train.compress import CompressionNote, compress_checkpoint
 
     if is_hf_model_dir(checkpoint):
-        _compress_hf(click.get_current_context(), checkpoint, output, int4, group_size, force_group_size, prune, awq,
-                     calib_data, calib_batches, calib_seq_len, calib_batch_size, seed, dense_dtype)
+        _compress_hf(click.get_current_context(), checkpoint, output, int4, group_size, force_group_size, prune,
+                     awq or force_awq, calib_data, calib_batches, calib_seq_len, calib_batch_size, seed, dense_dtype)
         return
 
     with warnings.catch_warnings(record=True) as caught:
@@ -141,22 +141,26 @@ def _compress_hf(ctx: click.Context, path: str, output: str, int4: bool | None, 
     from sparsert.train.hf_model import SPARSERT_FILE, saved_sparse_layers
 
     if awq:
-        raise ConfigError(f"--awq folds scales into sparsert checkpoints' norms; {path} is a Hugging Face model "
-                          "directory (use --int4 for plain group-wise INT4)")
+        raise ConfigError(f"--awq (and --force-awq) fold scales into sparsert checkpoints' norms; {path} is a Hugging "
+                          "Face model directory (use --int4 for plain group-wise INT4)")
     if force_group_size and group_size is None:
         raise ConfigError("--force-group-size applies only together with --group-size")
     trained = saved_sparse_layers(path) or {}
     qat = sorted({info["qat_group_size"] for info in trained.values() if info["qat_group_size"] is not None})
-    if qat and group_size is not None and group_size != qat[0] and int4 is not False and not force_group_size:
+    quantize = bool(qat) if int4 is None else int4
+    if group_size is not None and not quantize:
+        raise ConfigError("--group-size sets the INT4 groups; this compression stores no INT4 (add --int4)")
+    if qat and group_size is not None and group_size != qat[0] and not force_group_size:
         raise ConfigError(f"--group-size {group_size}: {path} holds INT4 values in groups of {qat[0]} (its "
                           f"{SPARSERT_FILE}); omit --group-size to keep them, or add --force-group-size to re-quantize")
-    if force_group_size and not qat:
-        raise ConfigError(f"--force-group-size: {path} holds no INT4 groups, so --group-size needs no force")
-    quantize = bool(qat) if int4 is None else int4
+    if force_group_size and (not qat or group_size == qat[0]):
+        why = "holds no INT4 groups" if not qat else f"already holds INT4 groups of {qat[0]}"
+        raise ConfigError(f"--force-group-size: {path} {why}, so --group-size {group_size} needs no force")
+    group = group_size if group_size is not None else (qat[0] if qat else 128)
     out, names = compress_hf_model(
-        path, output, prune=prune, int4=quantize, group_size=group_size or (qat[0] if qat else 128),
+        path, output, prune=prune, int4=quantize, group_size=group,
         dtype=dense_dtype if option_given(ctx, "dense_dtype") else "float32", calib_data=calib_data,
         calib_batches=calib_batches, calib_seq_len=calib_seq_len, calib_batch_size=calib_batch_size, seed=seed)
-    what = f"2:4 + INT4 (group {group_size or (qat[0] if qat else 128)})" if quantize else "2:4"
+    what = f"2:4 + INT4 (group {group})" if quantize else "2:4"
     click.echo(f"wrote {out}: a Hugging Face directory whose {len(names)} block linears are {what}; run it on "
                f"sparsert's kernels with: sparsert generate {out} --backend runtime --prompt ...")
