@@ -14,8 +14,8 @@ transformers = pytest.importorskip("transformers")
 pytest.importorskip("tokenizers")
 
 from conftest import _save_bpe_tokenizer  # noqa: E402
+from test_generate_cli import run_main  # noqa: E402
 
-from sparsert.cli import main  # noqa: E402
 from sparsert.runtime.errors import ConfigError  # noqa: E402
 from sparsert.runtime.nm_mask import is_nm_sparse  # noqa: E402
 from sparsert.runtime.packed_linear import pack_linear  # noqa: E402
@@ -37,16 +37,6 @@ def _model_dir(root: Path, arch: str) -> Path:
     return path
 
 
-def _run(capsys, *args: str) -> tuple[int, str, str]:
-    try:
-        main(list(args))
-        code = 0
-    except SystemExit as exc:
-        code = exc.code
-    out = capsys.readouterr()
-    return code, out.out, out.err
-
-
 def _block_weights(path: Path) -> dict[str, torch.Tensor]:
     """Every block linear's weight as [out, K] (GPT-2's Conv1D transposed), from the saved directory."""
     model = transformers.AutoModelForCausalLM.from_pretrained(str(path))
@@ -61,7 +51,7 @@ def _block_weights(path: Path) -> dict[str, torch.Tensor]:
 def test_sparsegpt_int4_output_is_2_4_and_requantizes_to_itself(tmp_path, capsys, arch):
     src = _model_dir(tmp_path, arch)
     out = tmp_path / "out"
-    code, stdout, err = _run(capsys, "compress", str(src), "-o", str(out), "--prune", "sparsegpt", "--int4",
+    code, stdout, err = run_main(capsys, "compress", str(src), "-o", str(out), "--prune", "sparsegpt", "--int4",
                              "--calib-batches", "2", "--calib-seq-len", "32")
     assert code == 0, err
     assert f"wrote {out}: a Hugging Face directory whose" in stdout and "2:4 + INT4 (group 128)" in stdout
@@ -77,7 +67,7 @@ def test_sparsegpt_int4_output_is_2_4_and_requantizes_to_itself(tmp_path, capsys
     pruned = transformers.AutoModelForCausalLM.from_pretrained(str(out))
     head = "lm_head" if arch == "llama" else "transformer.wte"
     assert torch.equal(original.get_submodule(head).weight, pruned.get_submodule(head).weight)  # stays dense
-    code, stdout, err = _run(capsys, "generate", str(out), "--prompt", "The quick", "--max-new-tokens", "4")
+    code, stdout, err = run_main(capsys, "generate", str(out), "--prompt", "The quick", "--max-new-tokens", "4")
     assert code == 0 and stdout.startswith("The quick"), err
 
 
@@ -116,7 +106,7 @@ def test_a_trained_directory_keeps_its_masks(tmp_path, capsys):
     bundle = load_hf_causal_lm(src)
     names = sparsify_hf_model(bundle.model, SparsityConfig(), include_attention=False)
     trained = save_hf_checkpoint(bundle.model, bundle.tokenizer, tmp_path / "run-hf")
-    code, _, err = _run(capsys, "compress", str(trained), "-o", str(tmp_path / "x"), "--prune", "wanda")
+    code, _, err = run_main(capsys, "compress", str(trained), "-o", str(tmp_path / "x"), "--prune", "wanda")
     assert code == 2 and "already records 2:4 layers (sparsert.json); they keep their trained masks" in err
     out, swapped = compress_hf_model(trained, tmp_path / "int4", int4=True)
     assert sorted(swapped) == sorted(names)
@@ -158,7 +148,7 @@ def test_bad_input_is_named(tmp_path, capsys):
          "--seed must be an integer in [0, 2**63 - 1]"),
     ]
     for extra, message in cases:
-        code, _, err = _run(capsys, "compress", str(src), *extra)
+        code, _, err = run_main(capsys, "compress", str(src), *extra)
         last = err.strip().splitlines()[-1]  # in-process, transformers (imported by the test) may draw its bar first
         assert code == 2 and last.startswith("error: ") and message in last, (extra, err)
     assert not (tmp_path / "o").exists() and not (src / "sub").exists()
@@ -170,7 +160,7 @@ def test_bad_input_is_named(tmp_path, capsys):
 def test_dtype_and_a_record_without_2_4_layers(tmp_path, capsys):
     src = _model_dir(tmp_path, "llama")
     for dtype in ("float16", "bfloat16"):
-        code, _, err = _run(capsys, "compress", str(src), "-o", str(tmp_path / dtype), "--dtype", dtype)
+        code, _, err = run_main(capsys, "compress", str(src), "-o", str(tmp_path / dtype), "--dtype", dtype)
         assert code == 0, err
         config = json.loads((tmp_path / dtype / "config.json").read_text())
         assert config.get("dtype", config.get("torch_dtype")) == dtype

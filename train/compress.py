@@ -113,6 +113,15 @@ def check_positive_int(value: object, flag: str) -> None:
         raise ConfigError(f"{flag} must be a positive integer, got {value!r}")
 
 
+def check_calibration_options(batches: object, seq_len: object, batch_size: object, seed: object) -> None:
+    """ConfigError naming the flag: ``--calib-batches``, ``--calib-seq-len`` and ``--calib-batch-size`` must be None
+    or positive ints, ``--seed`` None or an int in [0, 2**63 - 1]."""
+    for value, flag in ((batches, "--calib-batches"), (seq_len, "--calib-seq-len"), (batch_size, "--calib-batch-size")):
+        check_positive_int(value, flag)
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED):
+        raise ConfigError(f"--seed must be an integer in [0, 2**63 - 1], got {seed!r}")
+
+
 def calibration_batches(
     tokenizer: Tokenizer,
     data: str | Path | None = None,
@@ -214,11 +223,7 @@ def compress_checkpoint(
                           f"{int4_group_size!r}")
     if dense_dtype not in ("float16", "float32"):
         raise ConfigError(f"--dtype of an artifact must be float16 or float32, got {dense_dtype!r}")
-    for value, flag in ((calib_batches, "--calib-batches"), (calib_seq_len, "--calib-seq-len"),
-                        (calib_batch_size, "--calib-batch-size")):
-        check_positive_int(value, flag)
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED):
-        raise ConfigError(f"--seed must be an integer in [0, 2**63 - 1], got {seed!r}")
+    check_calibration_options(calib_batches, calib_seq_len, calib_batch_size, seed)
     if calibration is not None and calib_data is not None:
         raise ConfigError("give calibration batches or --calib-data, not both")
     if force_awq and not awq:

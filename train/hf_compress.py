@@ -28,9 +28,8 @@ from sparsert.train.compress import (
     DEFAULT_CALIB_BATCHES,
     DEFAULT_SEED,
     MAX_DEFAULT_CALIB_SEQ_LEN,
-    MAX_SEED,
     calibration_batches,
-    check_positive_int,
+    check_calibration_options,
 )
 from sparsert.train.hf_model import (
     SPARSERT_FILE,
@@ -95,11 +94,7 @@ def compress_hf_model(path: str | Path, output: str | Path, *, prune: str | None
         raise ConfigError(f"--group-size: the INT4 group size must be a positive multiple of 4, got {group_size!r}")
     if dtype not in HF_DTYPES:
         raise ConfigError(f"--dtype for a Hugging Face model must be one of {', '.join(HF_DTYPES)}, got {dtype!r}")
-    for value, flag in ((calib_batches, "--calib-batches"), (calib_seq_len, "--calib-seq-len"),
-                        (calib_batch_size, "--calib-batch-size")):
-        check_positive_int(value, flag)
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED):
-        raise ConfigError(f"--seed must be an integer in [0, 2**63 - 1], got {seed!r}")
+    check_calibration_options(calib_batches, calib_seq_len, calib_batch_size, seed)
     out = Path(output)
     _check_output(Path(path), out)
 
