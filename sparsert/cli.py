@@ -16,7 +16,7 @@ import click
 
 COMMANDS = {
     "train": "Train a 2:4 sparse (optionally INT4-QAT) model, or a dense baseline.",
-    "compress": "Turn a training checkpoint into a compressed 2:4(+INT4) artifact.",
+    "compress": "Turn a training checkpoint into a compressed 2:4(+INT4) artifact, or prune an HF model to 2:4.",
     "inspect": "Report sparsity, bits per weight and compression ratios of an artifact.",
     "export": "Export an artifact to ONNX and check parity against PyTorch.",
     "generate": "Generate text from an artifact or HF directory (PyTorch, ONNX Runtime or GPU runtime).",
