@@ -536,6 +536,14 @@ class SparseLinearGPU(nn.Module):
         y = self._run(self._choose(x2.shape[0]), x2)
         return y.reshape(*lead, self.out_features).to(x.dtype)
 
+    def _apply(self, fn, recurse: bool = True):  # noqa: ANN001, ANN202 - nn.Module's signature
+        """``.to()``/``.half()``/...: a cast of the model must not round the fp32 bias the kernels take; it is
+        restored from the packed weight (the prepared formats are not module state and stay as built)."""
+        super()._apply(fn, recurse)
+        if self.bias is not None and self.bias.dtype != torch.float32 and self.packed.bias is not None:
+            self.bias = self.packed.bias.to(device=self.bias.device, dtype=torch.float32)
+        return self
+
     def __getattr__(self, name: str):
         if name == "weight":  # code written for nn.Linear that reads the weight itself cannot run this layer
             raise AttributeError(f"{self.name}: a SparseLinearGPU holds its weight packed and has no .weight; the "

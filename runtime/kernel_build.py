@@ -128,8 +128,11 @@ class BuildGate:
     def exclusive(self):
         with self._cond:
             self._waiting += 1
-            self._cond.wait_for(lambda: not self._exclusive and not self._running)
-            self._waiting -= 1
+            try:
+                self._cond.wait_for(lambda: not self._exclusive and not self._running)
+            finally:  # also when the wait is interrupted (Ctrl-C): held-back builds must not wait for ever
+                self._waiting -= 1
+                self._cond.notify_all()
             self._exclusive = True
         try:
             yield

@@ -8,10 +8,15 @@ the reason (``no NVIDIA GPU/driver available (needs sm_80+)`` and the detail).
 from __future__ import annotations
 
 import functools
+import os
 from pathlib import Path
 
 import pytest
 import torch
+
+# What `sparsert` (sparsert.cli.main) sets before transformers is imported: set for the whole session, so tests
+# that run the CLI in-process see the same transformers whatever ran first.
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 # The sentences the fixture tokenizers are trained on.
 HF_TOKENIZER_TEXT = ("The quick brown fox jumps over the lazy dog. Sparse models keep two of every four weights. "

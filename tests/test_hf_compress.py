@@ -111,9 +111,9 @@ def test_a_trained_directory_keeps_its_masks(tmp_path, capsys):
     out, swapped = compress_hf_model(trained, tmp_path / "int4", int4=True)
     assert sorted(swapped) == sorted(names)
     before, after = _block_weights(trained), _block_weights(out)
-    for name in names:
-        assert torch.equal(before[name] != 0, after[name] != 0) or is_nm_sparse(after[name], 2, 4)
-        assert torch.equal((after[name] != 0) & (before[name] == 0), torch.zeros_like(after[name], dtype=torch.bool))
+    for name in names:  # the trained masks are kept: INT4 can only zero a kept value, never revive a pruned one
+        assert is_nm_sparse(after[name], 2, 4)
+        assert not ((after[name] != 0) & (before[name] == 0)).any(), name
     attention = "model.layers.0.self_attn.q_proj"
     assert torch.equal(before[attention], after[attention])  # trained dense: untouched
 

@@ -520,22 +520,27 @@ def test_build_gate_runs_an_exclusive_rebuild_alone():
             time.sleep(0.05)
             note("rebuild end")
 
-    first = [threading.Thread(target=build, args=(i, True)) for i in range(3)]
+    first = [threading.Thread(target=build, args=(i, True), daemon=True) for i in range(3)]
     for t in first:
         t.start()
-    while sum(e.startswith("start") for e in events) < 3:
-        time.sleep(0.001)
-    writer = threading.Thread(target=rebuild)
+    def wait_until(condition, what):
+        deadline = time.monotonic() + 5
+        while not condition():
+            assert time.monotonic() < deadline, f"gate broken: {what} never happened ({events})"
+            time.sleep(0.001)
+
+    wait_until(lambda: sum(e.startswith("start") for e in events) == 3, "three builds running side by side")
+    writer = threading.Thread(target=rebuild, daemon=True)
     writer.start()
-    while not gate._waiting:
-        time.sleep(0.001)
-    late = threading.Thread(target=build, args=(9, False))
+    wait_until(lambda: gate._waiting or "rebuild start" in events, "the rebuild asking for the gate")
+    late = threading.Thread(target=build, args=(9, False), daemon=True)
     late.start()
     time.sleep(0.05)
     assert "rebuild start" not in events and "start 9" not in events  # the rebuild waits; so does the late build
     release.set()
     for t in [*first, writer, late]:
         t.join(5)
+    assert not any(t.is_alive() for t in [*first, writer, late]), f"gate broken: a thread never finished ({events})"
     assert all(events.index(f"end {i}") < events.index("rebuild start") for i in range(3))
     assert events.index("rebuild end") < events.index("start 9")
 
@@ -556,3 +561,46 @@ def test_incomplete_log_rebuild_runs_with_no_other_build(tiny_kernel, monkeypatc
     monkeypatch.setattr(kernel_build, "_compile_nvrtc", observed)
     compile_kernel(spec, "sm_80", use_cache=False, kernel_dir_override=kdir)
     assert states == [(False, 1), (True, 0)]
+
+
+
+def test_an_interrupted_rebuild_wait_does_not_hold_later_builds():
+    """Ctrl-C while a rebuild waits for running builds: later builds must still run."""
+    import threading
+    import time
+
+    from sparsert.runtime.kernel_build import BuildGate
+
+    gate, release = BuildGate(), threading.Event()
+
+    def build():
+        with gate.shared():
+            release.wait(5)
+
+    holder = threading.Thread(target=build, daemon=True)
+    holder.start()
+    deadline = time.monotonic() + 5
+    while not gate._running:
+        assert time.monotonic() < deadline, "the build never entered the gate"
+        time.sleep(0.001)
+    original = gate._cond.wait_for
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    gate._cond.wait_for = interrupted
+    with pytest.raises(KeyboardInterrupt):
+        with gate.exclusive():
+            pass
+    gate._cond.wait_for = original
+    release.set()
+    holder.join(5)
+    assert gate._waiting == 0 and not gate._exclusive
+    done = threading.Event()
+
+    def later():
+        with gate.shared():
+            done.set()
+
+    threading.Thread(target=later, daemon=True).start()
+    assert done.wait(5), "a build after the interrupted rebuild never ran"

@@ -223,7 +223,8 @@ def test_cast_or_moved_after_the_swap() -> None:
     x = torch.randn(3, 256)
     swap_sparse_linears(model, token_counts=[1, 4])
     expected = model(x)
-    model.to(torch.bfloat16)  # casts the fp32 bias buffer: the kernels still get fp32
+    model.to(torch.bfloat16)  # the rest of the model is cast; the swapped layers keep their fp32 bias
+    assert model[0].bias.dtype == torch.float32 and torch.equal(model[0].bias, model[0].packed.bias)
     torch.testing.assert_close(model(x.bfloat16()).float(), expected, rtol=2e-2, atol=2e-2)
     layer = model[0]
     layer.device = torch.device("cuda", 0)  # what a layer built on a GPU says when given a CPU input

@@ -228,6 +228,7 @@ def test_ffn_only_run_saves_its_dense_trained_attention_as_trained(hf: dict[str,
     layers = json.loads((run / "hf" / "sparsert.json").read_text())["sparse_layers"]
     tensors = load_file(str(run / "hf" / "model.safetensors"))
     ckpt = load_checkpoint(run)
+    assert sum(".mlp." in n for n in layers) == 6 and sum(".self_attn." in n for n in layers) == 8
     for name, info in layers.items():
         w = tensors[f"{name}.weight"]
         if ".mlp." in name:

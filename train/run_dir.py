@@ -32,7 +32,7 @@ RUNS_DIR = "runs"
 
 def load_train_config(run_dir: str | Path) -> TrainConfig:
     """The TrainConfig a run was started with (from its latest checkpoint), with ``resume=True`` and
-    ``out_dir`` set to ``run_dir`` — ready to pass to :func:`train` to continue it."""
+    ``out_dir`` set to ``run_dir`` — ready to pass to :func:`sparsert.train.trainer.train` to continue it."""
     ckpt = load_checkpoint(run_dir, load_optimizer=False)
     return saved_config(ckpt, run_dir)
 
