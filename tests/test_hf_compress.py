@@ -173,3 +173,25 @@ def test_dtype_and_a_record_without_2_4_layers(tmp_path, capsys):
     record.write_text(json.dumps(meta))
     with pytest.raises(ConfigError, match=r"records no 2:4 layer \(its sparse layers are 4:8\)"):
         compress_hf_model(tmp_path / "float16", tmp_path / "x", int4=True)
+
+
+def test_inspect_a_compressed_directory(tmp_path, capsys):
+    """`sparsert inspect` on a directory `compress` wrote: every recorded layer 2:4 with half its weights zero and
+    the served bits per weight (3 + 16/g with INT4); a plain transformers directory is refused by name."""
+    from sparsert.train.hf_inspect import hf_dir_stats
+
+    src = _model_dir(tmp_path, "gpt2")
+    out = tmp_path / "out"
+    assert run_main(capsys, "compress", str(src), "-o", str(out), "--int4", "--group-size", "64")[0] == 0
+    stats = hf_dir_stats(out)
+    assert len(stats.layers) == 8 and stats.served_bits_per_weight == 3.25
+    for layer in stats.layers:
+        assert layer.is_2_4 and layer.recorded == "2:4+int4 g64" and 0.5 <= layer.zeros < 0.6
+    c_fc = next(layer for layer in stats.layers if layer.name.endswith("mlp.c_fc"))
+    assert (c_fc.out_features, c_fc.in_features) == (512, 128)  # Conv1D stored [K, out]: reported [out, K]
+    code, stdout, err = run_main(capsys, "inspect", str(out))
+    assert code == 0 and "recorded layers served at 3.250 bits/weight (4.92x smaller than 16-bit dense)" in stdout
+    code, stdout, _ = run_main(capsys, "inspect", str(out), "--json")
+    assert code == 0 and json.loads(stdout)["served_bits_per_weight"] == 3.25
+    code, _, err = run_main(capsys, "inspect", str(src))
+    assert code == 2 and "without sparsert.json: it records no 2:4 layers to inspect; prune it with" in err

@@ -1,0 +1,129 @@
+"""``sparsert inspect HF_DIR``: what a Hugging Face directory written by sparsert (``train --model``'s ``hf/``,
+``compress HF_DIR -o OUT``) holds, and what its 2:4 layers take when sparsert serves them.
+
+The layers come from the directory's ``sparsert.json`` (:func:`sparsert.train.hf_model.saved_sparse_layers`);
+their weights are read from its safetensors files (``model.safetensors`` or a sharded index), one tensor at a
+time, without building the model. For each recorded layer: shape ``[out, K]`` (a GPT-2 ``Conv1D`` weight is
+stored ``[K, out]``), the fraction of zeros, whether it is 2:4 along K, and the bits per weight of the format
+:func:`sparsert.runtime.linear_swap.swap_sparse_linears` packs it into: 2:4 values in 16 bits + 2-bit indices =
+9 bits per original weight, or with INT4 (group ``g``) 4-bit codes + 2-bit indices + a 16-bit scale per ``g``
+columns = 3 + 16/g bits (rows padded to the kernels' 128-row tiles not counted).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from sparsert.runtime.errors import ArtifactError, ConfigError
+from sparsert.runtime.nm_mask import is_nm_sparse
+from sparsert.train.hf_model import SPARSERT_FILE, saved_sparse_layers
+
+
+@dataclass
+class HFLayerStats:
+    name: str
+    out_features: int
+    in_features: int
+    recorded: str  # "2:4", "2:4+int4 g128", "dense" (trained dense), or another N:M
+    zeros: float  # fraction of zero weights
+    is_2_4: bool
+    served_bits: float  # bits per weight when served (16 for a layer that stays dense)
+
+
+@dataclass
+class HFDirStats:
+    path: str
+    layers: list[HFLayerStats] = field(default_factory=list)
+
+    @property
+    def served_bits_per_weight(self) -> float:
+        """Over the recorded layers, bits per weight as sparsert serves them (dense layers at 16)."""
+        weights = sum(layer.out_features * layer.in_features for layer in self.layers)
+        bits = sum(layer.served_bits * layer.out_features * layer.in_features for layer in self.layers)
+        return bits / weights if weights else 0.0
+
+
+def served_bits(recorded_group: int | None) -> float:
+    """Bits per original weight of a 2:4 layer as served: 9, or 3 + 16/g with INT4 group ``g``."""
+    return 9.0 if recorded_group is None else 3.0 + 16.0 / recorded_group
+
+
+def _weight_files(path: Path) -> dict[str, Path]:
+    """Tensor name -> the safetensors file holding it."""
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+            return {name: path / file for name, file in weight_map.items()}
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise ArtifactError(f"{index}: not a valid safetensors index ({exc})") from None
+    single = path / "model.safetensors"
+    if not single.is_file():
+        raise ArtifactError(f"{path}: no model.safetensors (or sharded index); sparsert inspects safetensors weights")
+    try:
+        with safe_open(str(single), framework="pt") as f:
+            return {name: single for name in f.keys()}  # noqa: SIM118 - safe_open has keys(), not iteration
+    except Exception as exc:  # noqa: BLE001 - safetensors raises its own error types
+        raise ArtifactError(f"{single}: cannot be read as safetensors ({exc})") from None
+
+
+def _tensor(files: dict[str, Path], name: str) -> torch.Tensor:
+    if name not in files:
+        raise ArtifactError(f"{SPARSERT_FILE} records layer '{name[: -len('.weight')]}', but the weights have no "
+                            f"tensor '{name}'")
+    with safe_open(str(files[name]), framework="pt") as f:
+        return f.get_tensor(name)
+
+
+def hf_dir_stats(path: str | Path) -> HFDirStats:
+    """The statistics of a Hugging Face directory sparsert wrote; ConfigError when it has no ``sparsert.json``
+    (a plain transformers directory: compress it first), ArtifactError for unreadable weights."""
+    p = Path(path)
+    layers = saved_sparse_layers(p)
+    if layers is None:
+        raise ConfigError(f"{p} is a Hugging Face model directory without {SPARSERT_FILE}: it records no 2:4 layers "
+                          f"to inspect; prune it with: sparsert compress {p} -o OUT")
+    files = _weight_files(p)
+    stats = HFDirStats(str(p))
+    for name, info in layers.items():
+        w = _tensor(files, f"{name}.weight")
+        if w.dim() != 2:
+            raise ArtifactError(f"{p}: the weight of {name} is {w.dim()}-D, expected a linear layer's [out, K]")
+        w = w.t() if info.get("transposed") else w
+        out, k = w.shape
+        two_four = is_nm_sparse(w, 2, 4)
+        if info["dense"]:
+            recorded, bits = "dense", 16.0
+        elif (info["n"], info["m"]) == (2, 4):
+            group = info["qat_group_size"]
+            recorded = "2:4" if group is None else f"2:4+int4 g{group}"
+            bits = served_bits(group)
+        else:
+            recorded, bits = f"{info['n']}:{info['m']}", 16.0
+        zeros = float((w == 0).float().mean()) if w.numel() else 0.0
+        stats.layers.append(HFLayerStats(name, out, k, recorded, zeros, two_four, bits))
+    return stats
+
+
+def format_hf_stats(stats: HFDirStats) -> str:
+    lines = [f"{stats.path}: a Hugging Face directory written by sparsert ({len(stats.layers)} recorded layers)", "",
+             f"{'layer':<48} {'shape':>14} {'recorded':>14} {'zeros':>7} {'2:4':>4} {'bits/w served':>14}"]
+    for layer in stats.layers:
+        shape = f"{layer.out_features}x{layer.in_features}"
+        lines.append(f"{layer.name:<48} {shape:>14} {layer.recorded:>14} {layer.zeros:>7.1%} "
+                     f"{'yes' if layer.is_2_4 else 'no':>4} {layer.served_bits:>14.3f}")
+    broken = [layer.name for layer in stats.layers if layer.recorded.startswith("2:4") and not layer.is_2_4]
+    lines += ["", f"recorded layers served at {stats.served_bits_per_weight:.3f} bits/weight "
+                  f"({16 / max(stats.served_bits_per_weight, 1e-9):.2f}x smaller than 16-bit dense)"]
+    if broken:
+        lines.append(f"warning: {len(broken)} layer(s) recorded as 2:4 are not 2:4 along K, e.g. {broken[0]}")
+    return "\n".join(lines)
+
+
+def hf_stats_json(stats: HFDirStats) -> str:
+    return json.dumps({**asdict(stats), "served_bits_per_weight": stats.served_bits_per_weight}, indent=1)
