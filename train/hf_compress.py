@@ -39,6 +39,7 @@ from sparsert.train.hf_model import (
     load_hf_causal_lm,
     save_hf_checkpoint,
     saved_sparse_layers,
+    served_as_2_4,
     sparsify_hf_model,
 )
 from sparsert.train.hf_train import hf_model_config
@@ -111,7 +112,7 @@ def compress_hf_model(path: str | Path, output: str | Path, *, prune: str | None
         raise ConfigError(f"{given[0]} applies only to --prune wanda/sparsegpt; this compression uses no "
                           "calibration data")
 
-    if trained is not None and not any(not i["dense"] and i["m"] == 4 and i["n"] <= 2 for i in trained.values()):
+    if trained is not None and not any(served_as_2_4(info) for info in trained.values()):
         patterns = sorted({"{}:{}".format(i["n"], i["m"]) for i in trained.values() if not i["dense"]}) or ["none"]
         raise ConfigError(f"{Path(path) / SPARSERT_FILE} records no 2:4 layer (its sparse layers are "
                           f"{', '.join(patterns)}); sparsert's formats and kernels hold 2:4")
@@ -126,7 +127,7 @@ def compress_hf_model(path: str | Path, output: str | Path, *, prune: str | None
     bundle = load_hf_causal_lm(path)
     model, tokenizer = bundle.model, bundle.tokenizer
     if trained is not None:
-        names = [n for n, info in trained.items() if not info["dense"] and info["m"] == 4 and info["n"] <= 2]
+        names = [n for n, info in trained.items() if served_as_2_4(info)]
     else:
         names = hf_sparse_linear_names(model)
     conv1d_to_linear(model, names)

@@ -21,7 +21,7 @@ from safetensors import safe_open
 
 from sparsert.runtime.errors import ArtifactError, ConfigError
 from sparsert.runtime.nm_mask import is_nm_sparse
-from sparsert.train.hf_model import SPARSERT_FILE, saved_sparse_layers
+from sparsert.train.hf_model import SPARSERT_FILE, saved_sparse_layers, served_as_2_4
 
 
 @dataclass
@@ -97,14 +97,12 @@ def hf_dir_stats(path: str | Path) -> HFDirStats:
         w = w.t() if info.get("transposed") else w
         out, k = w.shape
         two_four = is_nm_sparse(w, 2, 4)
-        if info["dense"]:
-            recorded, bits = "dense", 16.0
-        elif (info["n"], info["m"]) == (2, 4):
-            group = info["qat_group_size"]
-            recorded = "2:4" if group is None else f"2:4+int4 g{group}"
-            bits = served_bits(group)
+        pattern = "dense" if info["dense"] else f"{info['n']}:{info['m']}"
+        group = info["qat_group_size"]
+        if served_as_2_4(info):
+            recorded, bits = pattern if group is None else f"{pattern}+int4 g{group}", served_bits(group)
         else:
-            recorded, bits = f"{info['n']}:{info['m']}", 16.0
+            recorded, bits = pattern, 16.0
         zeros = float((w == 0).float().mean()) if w.numel() else 0.0
         stats.layers.append(HFLayerStats(name, out, k, recorded, zeros, two_four, bits))
     return stats
@@ -117,7 +115,7 @@ def format_hf_stats(stats: HFDirStats) -> str:
         shape = f"{layer.out_features}x{layer.in_features}"
         lines.append(f"{layer.name:<48} {shape:>14} {layer.recorded:>14} {layer.zeros:>7.1%} "
                      f"{'yes' if layer.is_2_4 else 'no':>4} {layer.served_bits:>14.3f}")
-    broken = [layer.name for layer in stats.layers if layer.recorded.startswith("2:4") and not layer.is_2_4]
+    broken = [layer.name for layer in stats.layers if layer.served_bits < 16 and not layer.is_2_4]  # served as 2:4
     lines += ["", f"recorded layers served at {stats.served_bits_per_weight:.3f} bits/weight "
                   f"({16 / max(stats.served_bits_per_weight, 1e-9):.2f}x smaller than 16-bit dense)"]
     if broken:

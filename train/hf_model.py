@@ -354,6 +354,12 @@ def saved_sparse_layers(path: str | Path) -> dict[str, dict] | None:
     return layers
 
 
+def served_as_2_4(info: dict) -> bool:
+    """Whether a layer :func:`saved_sparse_layers` records is one sparsert serves as 2:4: trained sparse (not
+    dense) with at most 2 of every 4 weights kept."""
+    return not info["dense"] and info["m"] == 4 and info["n"] <= 2
+
+
 def swap_saved_sparse_layers(model: nn.Module, path: str | Path, **swap_options: Any):
     """:func:`sparsert.runtime.linear_swap.swap_sparse_linears` on a model loaded from ``path``: the layers its
     ``sparsert.json`` records as trained 2:4 (not the ones trained dense), INT4 with their QAT group where they
@@ -366,7 +372,7 @@ def swap_saved_sparse_layers(model: nn.Module, path: str | Path, **swap_options:
         return swap_sparse_linears(model, **swap_options)
     groups: dict[int | None, list[str]] = {}
     for name, info in layers.items():
-        if not info["dense"] and info["m"] == 4 and info["n"] <= 2:
+        if served_as_2_4(info):
             groups.setdefault(info["qat_group_size"], []).append(name)
     if not groups:
         raise ConfigError(f"{Path(path) / SPARSERT_FILE}: no layer was trained 2:4 (nothing for sparsert's 2:4 "
