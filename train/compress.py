@@ -122,6 +122,15 @@ def check_calibration_options(batches: object, seq_len: object, batch_size: obje
         raise ConfigError(f"--seed must be an integer in [0, 2**63 - 1], got {seed!r}")
 
 
+def calibration_flags_given(data: object, batches: object, seq_len: object, batch_size: object,
+                            seed: object) -> list[str]:
+    """The calibration flags set (not None), named as on the command line, for refusing them where a
+    compression uses no calibration data."""
+    flags = (("--calib-data", data), ("--calib-batches", batches), ("--calib-seq-len", seq_len),
+             ("--calib-batch-size", batch_size), ("--seed", seed))
+    return [flag for flag, value in flags if value is not None]
+
+
 def calibration_batches(
     tokenizer: Tokenizer,
     data: str | Path | None = None,
@@ -314,10 +323,8 @@ def compress_checkpoint(
 
     tokenizer = ByteTokenizer() if "tokenizer" not in ckpt.state else tokenizer_from_dict(ckpt.state["tokenizer"])
     needs_calibration = awq or (method is not None and ONESHOT_METHODS[method].needs is not None)
-    given = [flag for flag, value in (("calibration batches", calibration), ("--calib-data", calib_data),
-                                      ("--calib-batches", calib_batches), ("--calib-seq-len", calib_seq_len),
-                                      ("--calib-batch-size", calib_batch_size), ("--seed", seed))
-             if value is not None]
+    given = (["calibration batches"] if calibration is not None else []) + calibration_flags_given(
+        calib_data, calib_batches, calib_seq_len, calib_batch_size, seed)
     calib_info = None
     if not needs_calibration and given:
         raise ConfigError(

@@ -24,11 +24,9 @@ import torch
 from sparsert.runtime.errors import ConfigError, require_path
 from sparsert.runtime.nm_mask import is_nm_sparse
 from sparsert.train.compress import (
-    DEFAULT_CALIB_BATCH_SIZE,
-    DEFAULT_CALIB_BATCHES,
-    DEFAULT_SEED,
     MAX_DEFAULT_CALIB_SEQ_LEN,
     calibration_batches,
+    calibration_flags_given,
     check_calibration_options,
 )
 from sparsert.train.hf_model import (
@@ -105,9 +103,7 @@ def compress_hf_model(path: str | Path, output: str | Path, *, prune: str | None
                           "trained masks (leave --prune out)")
     method = prune or ("magnitude" if trained is None else None)
     needs_calibration = method is not None and ONESHOT_METHODS[method].needs is not None
-    given = [flag for flag, value in (("--calib-data", calib_data), ("--calib-batches", calib_batches),
-                                      ("--calib-seq-len", calib_seq_len), ("--calib-batch-size", calib_batch_size),
-                                      ("--seed", seed)) if value is not None]
+    given = calibration_flags_given(calib_data, calib_batches, calib_seq_len, calib_batch_size, seed)
     if given and not needs_calibration:
         raise ConfigError(f"{given[0]} applies only to --prune wanda/sparsegpt; this compression uses no "
                           "calibration data")
@@ -146,10 +142,9 @@ def compress_hf_model(path: str | Path, output: str | Path, *, prune: str | None
         calibration = None
         if needs_calibration:
             seq_len = calib_seq_len if calib_seq_len is not None else min(context, MAX_DEFAULT_CALIB_SEQ_LEN)
-            calibration = calibration_batches(
-                tokenizer, calib_data, batches=DEFAULT_CALIB_BATCHES if calib_batches is None else calib_batches,
-                batch_size=DEFAULT_CALIB_BATCH_SIZE if calib_batch_size is None else calib_batch_size, seq_len=seq_len,
-                seed=DEFAULT_SEED if seed is None else seed)
+            given_sizes = {"batches": calib_batches, "batch_size": calib_batch_size, "seed": seed}
+            calibration = calibration_batches(tokenizer, calib_data, seq_len=seq_len,  # defaults for the rest
+                                              **{k: v for k, v in given_sizes.items() if v is not None})
         masks = prune_model_oneshot(model, method, calibration, names=names)
     sparsify_hf_model(model, SparsityConfig(qat_group_size=group_size if int4 else None), names)
     with torch.no_grad():
