@@ -79,13 +79,13 @@ def l2_flush_buffer(device: torch.device) -> torch.Tensor:
     return torch.zeros(2 * l2 // 4 + 1024, dtype=torch.float32, device=device)
 
 
-def _try_l2_flush_buffer(device: torch.device) -> torch.Tensor | bool:
-    """:func:`l2_flush_buffer`, or False when the device has no room for it (then calls are timed without it:
+def _l2_flush_buffer_if_room(device: torch.device) -> torch.Tensor | None:
+    """:func:`l2_flush_buffer`, or None when the device has no room for it (then calls are timed without it:
     an out-of-memory here must not reject every candidate and leave a layer on the dense fallback)."""
     try:
         return l2_flush_buffer(device)
     except torch.cuda.OutOfMemoryError:
-        return False
+        return None
 
 
 def time_ms(fn: Callable[[], object], warmup: int = 3, reps: int = 10, *, cuda: bool = True,
@@ -192,7 +192,7 @@ class Dispatcher:
                 return cached
         times: dict[str, float] = {}
         rejected: dict[str, str] = {}
-        flush: torch.Tensor | bool | None = None  # None: not made yet; False: no room for it
+        flush_for = functools.cache(_l2_flush_buffer_if_room)  # one buffer per device, made at its first use
         for name, fn in candidates.items():
             try:
                 out = fn()
@@ -204,10 +204,8 @@ class Dispatcher:
                     if not err <= tolerance:  # also catches NaN
                         rejected[name] = f"relative error {err:.3g} > {tolerance:g}"
                         continue
-                if on_gpu and flush is None:
-                    flush = _try_l2_flush_buffer(out.device)
-                use = flush if on_gpu and isinstance(flush, torch.Tensor) else None
-                times[name] = time_ms(fn, self.warmup, self.reps, cuda=on_gpu, flush=use)
+                flush = flush_for(out.device) if on_gpu else None
+                times[name] = time_ms(fn, self.warmup, self.reps, cuda=on_gpu, flush=flush)
             except Exception as exc:  # a backend that cannot run this shape is not a candidate for it
                 if is_sticky_cuda_error(exc):  # a kernel fault: every later CUDA call would fail too
                     raise DeviceError(f"{name} faulted while being measured for {key}: {exc}") from exc
@@ -467,8 +465,7 @@ class SparseLinearGPU(nn.Module):
 
     def _run(self, name: str, x: torch.Tensor) -> torch.Tensor:
         backend = self.backends[name]
-        bias = self.bias if self.bias is None or self.bias.dtype == torch.float32 else self.bias.float()  # after .to()
-        return backend.run(self.states[backend.state_key], x, bias)
+        return backend.run(self.states[backend.state_key], x, self.bias)  # fp32 bias, also after .to() (_apply)
 
     def _choose(self, m: int, *, keep_reference: bool = False) -> str:
         bucket = m_bucket(m)

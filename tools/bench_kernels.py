@@ -106,8 +106,9 @@ class Timer:
         self.reps = reps
         self.warmup = warmup
         self.last_host_us = 0.0
-        l2 = torch.cuda.get_device_properties(0).L2_cache_size or (50 << 20)
-        self.flush_buf = torch.zeros(2 * l2 // 4 + 1024, dtype=torch.float32, device="cuda")
+        from sparsert.runtime.dispatch import l2_flush_buffer
+
+        self.flush_buf = l2_flush_buffer(torch.device("cuda", 0))
 
     def __call__(self, fn) -> float:
         torch = self.torch
