@@ -108,7 +108,7 @@ def _output_head(model: nn.Module) -> nn.Module | None:
         return None
 
 
-def _why_dense(model: nn.Module, name: str, module: nn.Module, head: nn.Module | None, embeddings: set[int],
+def _why_dense(name: str, module: nn.Module, head: nn.Module | None, embeddings: set[int],
                attention_outputs: set[int]) -> str | None:
     """Why the default choice leaves a linear layer dense (None: it is a candidate)."""
     if module is head or name.rpartition(".")[2] in HEAD_NAMES:
@@ -136,7 +136,7 @@ def _choose_layers(model: nn.Module, names: Sequence[str] | None) -> tuple[list[
         for name, module in modules.items():
             if not _is_linear(module) or aliases[id(module)][0] != name:
                 continue
-            why = _why_dense(model, name, module, head, embeddings, attention_outputs)
+            why = _why_dense(name, module, head, embeddings, attention_outputs)
             if why is None:
                 chosen.append(name)
             else:
