@@ -75,11 +75,10 @@ def make_hf_stepper(path: str | Path, backend: str, *, cuda_graph: bool = False)
     """Yield ``(stepper, tokenizer)`` for the local Hugging Face causal-LM directory ``path`` (e.g. the ``<run>/hf``
     of ``sparsert train --model``): ``"torch"`` runs it with transformers on the CPU in float32 (the reference);
     ``"runtime"`` loads it on the GPU, swaps its 2:4 linears (those its ``sparsert.json`` records, INT4 where they
-    trained with QAT; packed from the float32 weights, bf16 activations) for sparsert's kernels and runs the rest
-    in bf16
-    (:func:`sparsert.train.hf_model.swap_saved_sparse_layers`). ConfigError for ``"onnx"`` (the ONNX export
-    covers sparsert artifacts), ``cuda_graph`` (a transformers model decodes eagerly) or a directory without a
-    tokenizer; DeviceError when the GPU runtime cannot run."""
+    trained with QAT; packed from the float32 weights, bf16 activations) for sparsert's kernels
+    (:func:`sparsert.train.hf_model.swap_saved_sparse_layers`) and runs the rest in bf16. ConfigError for
+    ``"onnx"`` (the ONNX export covers sparsert artifacts), ``cuda_graph`` (a transformers model decodes eagerly)
+    or a directory without a tokenizer; DeviceError when the GPU runtime cannot run."""
     from sparsert.runtime.errors import ConfigError  # noqa: PLC0415
 
     if backend not in ("torch", "runtime"):
@@ -94,13 +93,17 @@ def make_hf_stepper(path: str | Path, backend: str, *, cuda_graph: bool = False)
     import torch  # noqa: PLC0415
 
     from sparsert.runtime.hf_stepper import HFStepper  # noqa: PLC0415
-    from sparsert.train.hf_model import load_hf_causal_lm, swap_saved_sparse_layers  # noqa: PLC0415
+    from sparsert.train.hf_model import (  # noqa: PLC0415
+        has_tokenizer_files,
+        load_hf_causal_lm,
+        swap_saved_sparse_layers,
+    )
     from sparsert.train.hf_train import hf_model_config  # noqa: PLC0415
 
+    if not has_tokenizer_files(path):  # before the model is loaded
+        raise ConfigError(f"{path}: no tokenizer files in the model directory, so the prompt cannot be encoded")
     limit = hf_model_config(path).max_seq_len
     bundle = load_hf_causal_lm(path)  # float32: the 2:4 layers are packed from the weights as stored
-    if bundle.tokenizer is None:
-        raise ConfigError(f"{path}: no tokenizer files in the model directory, so the prompt cannot be encoded")
     model = bundle.model
     if backend == "runtime":
         model = model.to("cuda")
