@@ -70,6 +70,13 @@ class SwapReport:
     def bits_per_weight(self) -> float:
         return 8.0 * self.weight_bytes / self.weights if self.weights else 0.0
 
+    def add(self, other: SwapReport) -> None:
+        """Fold in the report of another swap on the same model (other layers)."""
+        for name in ("swapped", "left_dense", "backends", "dense_fallback"):
+            getattr(self, name).update(getattr(other, name))
+        self.weight_bytes += other.weight_bytes
+        self.weights += other.weights
+
     def summary(self) -> str:
         text = (f"{len(self.swapped)} linear layers swapped ({self.bits_per_weight:.3f} bits/weight held), "
                 f"{len(self.left_dense)} left dense")

@@ -380,11 +380,7 @@ def swap_saved_sparse_layers(model: nn.Module, path: str | Path, **swap_options:
     merged = SwapReport()
     for group, names in groups.items():
         int4 = {"int4": True, "group_size": group} if group is not None else {}
-        report = swap_sparse_linears(model, names, **int4, **swap_options)
-        for field in ("swapped", "left_dense", "backends", "dense_fallback"):
-            getattr(merged, field).update(getattr(report, field))
-        merged.weight_bytes += report.weight_bytes
-        merged.weights += report.weights
+        merged.add(swap_sparse_linears(model, names, **int4, **swap_options))
     return merged
 
 
