@@ -30,6 +30,7 @@ through ``names``.
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -56,7 +57,8 @@ class SwapReport:
     ``dense_fallback``: swapped layers that run their decompressed weight (16 bits per weight) because no sparse
     backend could prepare or run them -> the backends' reasons; ``weight_bytes`` / ``weights``: device (or host)
     memory of the swapped layers' weight formats as held now (bias excluded; rows padded to the kernels' 128-row
-    tiles included) and their original weight count.
+    tiles included) and their original weight count; ``outside_linears``: parameter -> shape of the weights no
+    linear swap reaches (:func:`weights_outside_linears`: fused MoE experts, convolutions), which stay dense.
     """
 
     swapped: dict[str, str] = field(default_factory=dict)
@@ -65,6 +67,7 @@ class SwapReport:
     dense_fallback: dict[str, str] = field(default_factory=dict)
     weight_bytes: int = 0
     weights: int = 0
+    outside_linears: dict[str, tuple[int, ...]] = field(default_factory=dict)
 
     @property
     def bits_per_weight(self) -> float:
@@ -72,7 +75,7 @@ class SwapReport:
 
     def add(self, other: SwapReport) -> None:
         """Fold in the report of another swap on the same model (other layers)."""
-        for name in ("swapped", "left_dense", "backends", "dense_fallback"):
+        for name in ("swapped", "left_dense", "backends", "dense_fallback", "outside_linears"):
             getattr(self, name).update(getattr(other, name))
         self.weight_bytes += other.weight_bytes
         self.weights += other.weights
@@ -82,7 +85,33 @@ class SwapReport:
                 f"{len(self.left_dense)} left dense")
         if self.dense_fallback:
             text += f", {len(self.dense_fallback)} on the dense fallback"
+        if self.outside_linears:
+            text += f", {len(self.outside_linears)} weights outside linear layers left dense"
         return text
+
+
+def _uninitialized(p: torch.Tensor) -> bool:
+    return isinstance(p, nn.parameter.UninitializedParameter)  # a Lazy module's: no shape yet
+
+
+def weights_outside_linears(model: nn.Module) -> dict[str, tuple[int, ...]]:
+    """The parameters of 3 or more dimensions, name -> shape in module order: fused MoE experts (transformers 5's
+    ``experts.gate_up_proj`` ``[experts, 2·ffn, d]``), convolutions. They are not linear layers, so neither
+    :func:`swap_sparse_linears` nor ``sparsert train --model`` / ``compress`` makes them 2:4; they stay dense."""
+    return {name: tuple(p.shape) for name, p in model.named_parameters() if not _uninitialized(p) and p.dim() >= 3}
+
+
+def outside_linears_note(model: nn.Module, min_share: float = 0.01) -> str | None:
+    """One sentence on the model's :func:`weights_outside_linears` when they hold at least ``min_share`` of its
+    parameters (None otherwise): how many, their share, the largest."""
+    outside = weights_outside_linears(model)
+    total = sum(p.numel() for p in model.parameters() if not _uninitialized(p))
+    held = sum(math.prod(shape) for shape in outside.values())
+    if not outside or not total or held < min_share * total:
+        return None
+    name, shape = max(outside.items(), key=lambda item: math.prod(item[1]))
+    return (f"{len(outside)} weights of 3 or more dimensions ({held / total:.0%} of the model's parameters, e.g. "
+            f"{name} {list(shape)}) are not linear layers (fused MoE experts, convolutions) and stay dense")
 
 
 def _is_conv1d(module: nn.Module) -> bool:
@@ -123,7 +152,7 @@ def _why_dense(name: str, module: nn.Module, head: nn.Module | None, embeddings:
     if id(module) in attention_outputs:
         return "nn.MultiheadAttention reads its weight directly"
     weight = module.weight
-    if not isinstance(weight, nn.parameter.UninitializedParameter) and weight.data_ptr() in embeddings:
+    if not _uninitialized(weight) and weight.data_ptr() in embeddings:
         return "its weight is an embedding's (tied)"
     return None
 
@@ -292,7 +321,8 @@ def swap_sparse_linears(model: nn.Module, names: Sequence[str] | None = None, *,
         allow_dense: let the dispatcher also choose dense cuBLAS (16 bits per weight) where it is faster.
         dispatcher: share one :class:`Dispatcher` (default: one per device, cached on disk for GPUs).
     Returns:
-        :class:`SwapReport`; a warning when layers run the dense fallback.
+        :class:`SwapReport`; a warning when layers run the dense fallback, and (without ``names``) when weights
+        outside linear layers (fused MoE experts) hold at least 1% of the parameters.
     Raises:
         ConfigError naming the layer or option: an unknown or non-linear layer in ``names``, a layer that is
         not 2:4 along K without ``prune``, K not divisible by 4 or by ``group_size``, a weight INT4 cannot hold,
@@ -302,6 +332,8 @@ def swap_sparse_linears(model: nn.Module, names: Sequence[str] | None = None, *,
         raise ConfigError(f"swap_sparse_linears: model must be a torch nn.Module, got {type(model).__name__}")
     counts = _check_options(int4, group_size, prune, allow_dense, dtype, token_counts, dispatcher)
     chosen, left = _choose_layers(model, names)
+    outside = weights_outside_linears(model)
+    outside_note = outside_linears_note(model) if names is None else None  # before the swap changes the count
     modules = dict(model.named_modules(remove_duplicate=False))
     plans = []
     for name in chosen:
@@ -329,7 +361,7 @@ def swap_sparse_linears(model: nn.Module, names: Sequence[str] | None = None, *,
         built[name] = _build_layer(name, modules[name], int4=int4, group_size=group_size, dtype=dtype,
                                    token_counts=counts, allow_dense=allow_dense, dispatcher=dispatchers[device])
 
-    report = SwapReport(left_dense=left)
+    report = SwapReport(left_dense=left, outside_linears=outside)
     aliases = _aliases(model)
     for name, layer in built.items():
         for alias in aliases[id(modules[name])]:
@@ -350,4 +382,6 @@ def swap_sparse_linears(model: nn.Module, names: Sequence[str] | None = None, *,
         warnings.warn(f"swap_sparse_linears: {len(report.dense_fallback)} of {len(report.swapped)} swapped layers "
                       f"run the dense fallback (16 bits per weight; no sparse kernel takes them), e.g. {first}: "
                       f"{why}", stacklevel=2)
+    if outside_note is not None:
+        warnings.warn(f"swap_sparse_linears: {outside_note}", stacklevel=2)
     return report

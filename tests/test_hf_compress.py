@@ -14,6 +14,7 @@ transformers = pytest.importorskip("transformers")
 pytest.importorskip("tokenizers")
 
 from conftest import _save_bpe_tokenizer  # noqa: E402
+from safetensors.torch import load_file  # noqa: E402
 from test_generate_cli import run_main  # noqa: E402
 
 from sparsert.runtime.errors import ConfigError  # noqa: E402
@@ -189,9 +190,42 @@ def test_inspect_a_compressed_directory(tmp_path, capsys):
         assert layer.is_2_4 and layer.recorded == "2:4+int4 g64" and 0.5 <= layer.zeros < 0.6
     c_fc = next(layer for layer in stats.layers if layer.name.endswith("mlp.c_fc"))
     assert (c_fc.out_features, c_fc.in_features) == (512, 128)  # Conv1D stored [K, out]: reported [out, K]
+    stored = load_file(str(out / "model.safetensors"))
+    assert stats.total_weights == sum(t.numel() for t in stored.values())
+    assert stats.recorded_share == pytest.approx(sum(stored[f"{layer.name}.weight"].numel() for layer in stats.layers)
+                                                 / stats.total_weights)
     code, stdout, err = run_main(capsys, "inspect", str(out))
     assert code == 0 and "recorded layers served at 3.250 bits/weight (4.92x smaller than 16-bit dense)" in stdout
+    assert f"they hold {stats.recorded_share:.1%} of the directory's {stats.total_weights:,} weights" in stdout
     code, stdout, _ = run_main(capsys, "inspect", str(out), "--json")
     assert code == 0 and json.loads(stdout)["served_bits_per_weight"] == 3.25
     code, _, err = run_main(capsys, "inspect", str(src))
     assert code == 2 and "without sparsert.json: it records no 2:4 layers to inspect; prune it with" in err
+
+
+def test_fused_moe_experts_get_a_note(tmp_path, capsys):
+    """transformers 5's Qwen2-MoE keeps its experts in 3-D parameters, not linear layers: compress prunes the
+    attention and shared-expert linears, says in a note that the experts stay dense, and inspect gives the
+    recorded layers' share of the weights."""
+    config_class = getattr(transformers, "Qwen2MoeConfig", None)
+    if config_class is None:
+        pytest.skip("this transformers has no Qwen2-MoE")
+    torch.manual_seed(0)
+    config = config_class(vocab_size=320, hidden_size=64, intermediate_size=128, moe_intermediate_size=64,
+                          shared_expert_intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+                          num_key_value_heads=2, num_experts=4, num_experts_per_tok=2, max_position_embeddings=64)
+    model = transformers.AutoModelForCausalLM.from_config(config)
+    if not any(p.dim() == 3 for p in model.parameters()):
+        pytest.skip("this transformers holds Qwen2-MoE experts as nn.Linear layers")
+    src, out = tmp_path / "moe", tmp_path / "out"
+    model.save_pretrained(str(src))
+    _save_bpe_tokenizer(transformers, src)
+    code, stdout, err = run_main(capsys, "compress", str(src), "-o", str(out))
+    assert code == 0 and "wrote" in stdout
+    assert (f"note: {src}: 2 weights of 3 or more dimensions (" in err and
+            "model.layers.0.mlp.experts.gate_up_proj [4, 128, 64]) are not linear layers (fused MoE experts, "
+            "convolutions) and stay dense" in err)
+    recorded = saved_sparse_layers(out)
+    assert "model.layers.0.mlp.shared_expert.up_proj" in recorded and not any(".experts." in n for n in recorded)
+    code, stdout, _ = run_main(capsys, "inspect", str(out))
+    assert code == 0 and "layers not recorded such as fused MoE experts" in stdout

@@ -17,14 +17,17 @@ quantizing the stored values again gives back exactly their codes. A directory t
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import torch
 
 from sparsert.runtime.errors import ConfigError, require_path
+from sparsert.runtime.linear_swap import outside_linears_note
 from sparsert.runtime.nm_mask import is_nm_sparse
 from sparsert.train.compress import (
     MAX_DEFAULT_CALIB_SEQ_LEN,
+    CompressionNote,
     calibration_batches,
     calibration_flags_given,
     check_calibration_options,
@@ -82,7 +85,9 @@ def compress_hf_model(path: str | Path, output: str | Path, *, prune: str | None
             calibration windows of wanda and sparsegpt (:func:`sparsert.train.compress.calibration_batches`).
     Raises:
         ConfigError naming the option or path; ArtifactError for unreadable weights; DataError for unusable
-        calibration data. The output is written under a temporary name and renamed: nothing is left on failure.
+        calibration data. A :class:`~sparsert.train.compress.CompressionNote` warning names weights that are not
+        linear layers (fused MoE experts), which stay dense. The output is written under a temporary name and
+        renamed: nothing is left on failure.
     """
     require_path(path, "CHECKPOINT", "the path of a Hugging Face model directory")
     require_path(output, "-o", "the path of the directory to write")
@@ -122,6 +127,9 @@ def compress_hf_model(path: str | Path, output: str | Path, *, prune: str | None
 
     bundle = load_hf_causal_lm(path)
     model, tokenizer = bundle.model, bundle.tokenizer
+    outside = outside_linears_note(model)
+    if outside is not None:
+        warnings.warn(f"{path}: {outside}", CompressionNote, stacklevel=2)
     if trained is not None:
         names = [n for n, info in trained.items() if served_as_2_4(info)]
     else:

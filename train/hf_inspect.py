@@ -13,6 +13,7 @@ columns = 3 + 16/g bits (rows padded to the kernels' 128-row tiles not counted).
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -37,8 +38,17 @@ class HFLayerStats:
 
 @dataclass
 class HFDirStats:
+    """``total_weights``: elements of every tensor in the weights files (recorded layers included)."""
+
     path: str
     layers: list[HFLayerStats] = field(default_factory=list)
+    total_weights: int = 0
+
+    @property
+    def recorded_share(self) -> float:
+        """The recorded layers' share of all the weights."""
+        weights = sum(layer.out_features * layer.in_features for layer in self.layers)
+        return weights / self.total_weights if self.total_weights else 0.0
 
     @property
     def served_bits_per_weight(self) -> float:
@@ -72,6 +82,18 @@ def _weight_files(path: Path) -> dict[str, Path]:
         raise ArtifactError(f"{single}: cannot be read as safetensors ({exc})") from None
 
 
+def _tensor_shapes(files: dict[str, Path]) -> dict[str, list[int]]:
+    """Tensor name -> shape, from the safetensors headers (no tensor is read)."""
+    shapes: dict[str, list[int]] = {}
+    for file in sorted(set(files.values())):
+        try:
+            with safe_open(str(file), framework="pt") as f:
+                shapes.update({name: list(f.get_slice(name).get_shape()) for name in f.keys()})  # noqa: SIM118
+        except Exception as exc:  # noqa: BLE001 - safetensors raises its own error types
+            raise ArtifactError(f"{file}: cannot be read as safetensors ({exc})") from None
+    return shapes
+
+
 def _tensor(files: dict[str, Path], name: str) -> torch.Tensor:
     if name not in files:
         raise ArtifactError(f"{SPARSERT_FILE} records layer '{name[: -len('.weight')]}', but the weights have no "
@@ -89,7 +111,8 @@ def hf_dir_stats(path: str | Path) -> HFDirStats:
         raise ConfigError(f"{p} is a Hugging Face model directory without {SPARSERT_FILE}: it records no 2:4 layers "
                           f"to inspect; prune it with: sparsert compress {p} -o OUT")
     files = _weight_files(p)
-    stats = HFDirStats(str(p))
+    shapes = _tensor_shapes(files)
+    stats = HFDirStats(str(p), total_weights=sum(math.prod(shape) for shape in shapes.values()))
     for name, info in layers.items():
         w = _tensor(files, f"{name}.weight")
         if w.dim() != 2:
@@ -118,10 +141,15 @@ def format_hf_stats(stats: HFDirStats) -> str:
     broken = [layer.name for layer in stats.layers if layer.served_bits < 16 and not layer.is_2_4]  # served as 2:4
     lines += ["", f"recorded layers served at {stats.served_bits_per_weight:.3f} bits/weight "
                   f"({16 / max(stats.served_bits_per_weight, 1e-9):.2f}x smaller than 16-bit dense)"]
+    if stats.total_weights:
+        lines.append(f"they hold {stats.recorded_share:.1%} of the directory's {stats.total_weights:,} weights; the "
+                     "rest (embeddings, norms, the head, layers not recorded such as fused MoE experts) stays as "
+                     "stored")
     if broken:
         lines.append(f"warning: {len(broken)} layer(s) recorded as 2:4 are not 2:4 along K, e.g. {broken[0]}")
     return "\n".join(lines)
 
 
 def hf_stats_json(stats: HFDirStats) -> str:
-    return json.dumps({**asdict(stats), "served_bits_per_weight": stats.served_bits_per_weight}, indent=1)
+    return json.dumps({**asdict(stats), "served_bits_per_weight": stats.served_bits_per_weight,
+                       "recorded_share": stats.recorded_share}, indent=1)

@@ -53,6 +53,7 @@ from torch import nn
 from tqdm import tqdm
 
 from sparsert.runtime.errors import ArtifactError, ConfigError, DataError, SparsertError
+from sparsert.runtime.linear_swap import outside_linears_note
 from sparsert.runtime.model import DecoderLM, ModelConfig, model_config_from_preset, sparse_linear_names
 from sparsert.runtime.tokenizer import ByteTokenizer, Tokenizer, tokenizer_from_dict
 from sparsert.train.ast_distill import Teacher, check_same_tokenizer, distillation_loss
@@ -572,6 +573,7 @@ def train(cfg: TrainConfig) -> TrainResult:
         "data_digest": data_digest,  # sha256 of the token streams: a resume on changed data is refused
         **hf_state(model_config),  # H11: {"hf_model": path} for a Hugging Face model
     }
+    outside_note = outside_linears_note(getattr(model, "hf", model))  # HFCausalLM.hf; before FSDP2 shards them
     model, optimizer = dctx.wrap(model, optimizer, lambda m: build_optimizer(m, cfg))  # H11: DDP / FSDP2
     tokens_per_step = cfg.batch_size * cfg.seq_len
     last_ckpt: Path | None = ckpt.path if ckpt is not None else None
@@ -614,6 +616,8 @@ def train(cfg: TrainConfig) -> TrainResult:
             _say(f"note: --data {cfg.data}: left out {len(corpus.skipped)} file(s) that are not UTF-8 text: {shown}")
             if ckpt is None:
                 metrics.write({"data_skipped": list(corpus.skipped)})
+        if outside_note is not None and scfg is not None:
+            _say(f"note: --model {cfg.hf_model}: {outside_note}")
         if scfg is not None and (cfg.n, cfg.m) != (2, 4):
             _say(f"note: the compressed artifact stores 2:4 sparsity only; this {cfg.n}:{cfg.m} run will end with "
                  "a checkpoint and no artifact")

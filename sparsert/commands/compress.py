@@ -3,6 +3,9 @@ model directory -> the same model pruned one-shot to 2:4 (+INT4), again a Huggin
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import click
 
 from sparsert.train.oneshot_prune import ONESHOT_METHODS
@@ -88,19 +91,16 @@ def command(
 ) -> None:
     """Compress CHECKPOINT (a run dir, its checkpoints/ dir or a step dir) into an artifact directory; or prune a
     Hugging Face model directory to 2:4 (+INT4) one-shot into another one."""
-    import warnings
-
     from sparsert.runtime.artifact import is_hf_model_dir
     from sparsert.runtime.artifact_stats import artifact_stats
-    from sparsert.train.compress import CompressionNote, compress_checkpoint
+    from sparsert.train.compress import compress_checkpoint
 
     if is_hf_model_dir(checkpoint):
         _compress_hf(click.get_current_context(), checkpoint, output, int4, group_size, force_group_size, prune,
                      awq or force_awq, calib_data, calib_batches, calib_seq_len, calib_batch_size, seed, dense_dtype)
         return
 
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always", CompressionNote)
+    with _notes_as_lines():
         path = compress_checkpoint(
             checkpoint,
             output,
@@ -117,17 +117,32 @@ def command(
             awq=awq,
             force_awq=force_awq,
         )
-    for w in caught:  # sparsert's notes as one line each; anything else as Python would have shown it
-        if issubclass(w.category, CompressionNote):
-            click.echo(f"note: {w.message}", err=True)
-        else:
-            warnings.showwarning(w.message, w.category, w.filename, w.lineno)
     stats = artifact_stats(path)
     click.echo(
         f"wrote {path}: linear weights {stats.linear_bits_per_weight:.3f} bits/weight "
         f"({stats.linear_ratio_vs_fp32:.2f}x vs FP32), model.safetensors {stats.file_bytes:,} bytes "
         f"({stats.model_ratio_vs_fp32:.2f}x vs FP32)"
     )
+
+
+@contextlib.contextmanager
+def _notes_as_lines() -> Iterator[None]:
+    """Print the compression's :class:`~sparsert.train.compress.CompressionNote` warnings as one ``note: ...``
+    line each on stderr (after it, also when it fails); any other warning as Python would have shown it."""
+    import warnings
+
+    from sparsert.train.compress import CompressionNote
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", CompressionNote)
+        try:
+            yield
+        finally:
+            for w in caught:
+                if issubclass(w.category, CompressionNote):
+                    click.echo(f"note: {w.message}", err=True)
+                else:
+                    warnings.showwarning(w.message, w.category, w.filename, w.lineno)
 
 
 def _compress_hf(ctx: click.Context, path: str, output: str, int4: bool | None, group_size: int | None,
@@ -157,10 +172,11 @@ def _compress_hf(ctx: click.Context, path: str, output: str, int4: bool | None, 
         why = "holds no INT4 groups" if not qat else f"already holds INT4 groups of {qat[0]}"
         raise ConfigError(f"--force-group-size: {path} {why}, so --group-size {group_size} needs no force")
     group = group_size if group_size is not None else (qat[0] if qat else 128)
-    out, names = compress_hf_model(
-        path, output, prune=prune, int4=quantize, group_size=group,
-        dtype=dense_dtype if option_given(ctx, "dense_dtype") else "float32", calib_data=calib_data,
-        calib_batches=calib_batches, calib_seq_len=calib_seq_len, calib_batch_size=calib_batch_size, seed=seed)
+    with _notes_as_lines():
+        out, names = compress_hf_model(
+            path, output, prune=prune, int4=quantize, group_size=group,
+            dtype=dense_dtype if option_given(ctx, "dense_dtype") else "float32", calib_data=calib_data,
+            calib_batches=calib_batches, calib_seq_len=calib_seq_len, calib_batch_size=calib_batch_size, seed=seed)
     what = f"2:4 + INT4 (group {group})" if quantize else "2:4"
     click.echo(f"wrote {out}: a Hugging Face directory whose {len(names)} block linears are {what}; run it on "
                f"sparsert's kernels with: sparsert generate {out} --backend runtime --prompt ...")
