@@ -3,7 +3,8 @@
 Each command lives in ``sparsert/commands/<name>.py`` as a click command called ``command``; it is imported
 only when used, so ``sparsert --help`` stays fast. A :class:`SparsertError`, a bad flag or value, and a
 filesystem error on a named path (an existing file where a folder is needed, no permission, ...) become a
-one-line ``error: ...`` message and exit code 2; Ctrl-C exits with 130.
+one-line ``error: ...`` message and exit code 2; Ctrl-C exits with 130. Under ``torchrun`` a configuration
+error or bad flag, which every rank meets alike, is printed by rank 0 only; other errors carry ``[rank N]``.
 """
 
 from __future__ import annotations
@@ -50,6 +51,16 @@ def cli() -> None:
     """sparsert: 2:4 sparse + INT4 transformer models — train, compress, export, serve."""
 
 
+def _launcher_rank() -> int:
+    """This process's rank under ``torchrun`` (``RANK`` within ``WORLD_SIZE``); 0 otherwise, also for a broken
+    environment, whose error every rank must show."""
+    try:
+        rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    except ValueError:
+        return 0
+    return rank if 0 <= rank < world else 0
+
+
 def main(argv: list[str] | None = None) -> None:
     from sparsert.runtime.errors import SparsertError
 
@@ -57,17 +68,22 @@ def main(argv: list[str] | None = None) -> None:
     # must stay one line); set HF_HUB_DISABLE_PROGRESS_BARS=0 to keep them.
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
+    from sparsert.runtime.errors import ConfigError
+
+    rank = _launcher_rank()
     try:
         cli.main(args=argv, prog_name="sparsert", standalone_mode=False)
     except SparsertError as exc:
-        click.echo(f"error: {exc}", err=True)
+        if rank == 0 or not isinstance(exc, ConfigError):  # every rank finds the same config error: rank 0 says it
+            click.echo(f"error: {'' if rank == 0 else f'[rank {rank}] '}{exc}", err=True)
         sys.exit(2)
     except (click.exceptions.Abort, KeyboardInterrupt):
         click.echo("interrupted", err=True)
         sys.exit(130)
     except click.UsageError as exc:  # a bad flag or value: one line, like every other error
         command = exc.ctx.command_path if exc.ctx is not None else "sparsert"
-        click.echo(f"error: {exc.format_message()} (see '{command} --help')", err=True)
+        if rank == 0:
+            click.echo(f"error: {exc.format_message()} (see '{command} --help')", err=True)
         sys.exit(2)
     except click.ClickException as exc:
         exc.show()

@@ -185,6 +185,33 @@ def test_filesystem_errors_and_bad_values_are_one_line(tmp_path, monkeypatch, ca
     assert sorted(p.name for p in tmp_path.iterdir()) == ["afile"]
 
 
+def test_under_torchrun_rank_0_alone_prints_config_errors(tmp_path, monkeypatch, capsys):
+    """Every rank meets a bad flag or config alike: rank 0 prints it, the others exit 2 silently. Errors a rank
+    may meet alone (files) carry its rank; an environment whose RANK is outside WORLD_SIZE is no torchrun's, so
+    its errors are printed as usual."""
+    from sparsert.cli import main
+
+    (tmp_path / "art").mkdir()
+    (tmp_path / "art" / "config.json").write_text("{}", encoding="utf-8")
+    monkeypatch.chdir(tmp_path)
+    bad_config = ["train", "--schedule", "gradual", "--prune-start", "0.8", "--prune-end", "0.2"]
+    cases = [("1", ["train", "--method", "foo"], []),
+             ("1", bad_config, []),
+             ("0", bad_config, ["error: --prune-start 0.8"]),
+             ("2", bad_config, ["error: --prune-start 0.8"]),
+             ("1", ["inspect", "art"], ["error: [rank 1] art/config.json: unknown format"]),
+             ("0", ["inspect", "art"], ["error: art/config.json: unknown format"])]
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    for rank, args, starts in cases:
+        monkeypatch.setenv("RANK", rank)
+        monkeypatch.setenv("LOCAL_RANK", rank)
+        with pytest.raises(SystemExit) as exc:
+            main(args)
+        err = capsys.readouterr().err.strip().splitlines()
+        assert exc.value.code == 2 and len(err) == len(starts), (rank, args, err)
+        assert all(line.startswith(start) for line, start in zip(err, starts, strict=True)), (rank, args, err)
+
+
 def test_device_cuda_without_a_gpu_is_a_one_line_error(tmp_path, monkeypatch, capsys):
     import torch
 
