@@ -92,11 +92,7 @@ def _np(t: torch.Tensor) -> np.ndarray:
 
 
 def linear_weight(artifact: Artifact, layer: str) -> LinearWeight:
-    """Graph form of ``layer``'s weight: its ``W [N, K]`` transposed to ``B [K, N]`` (see module docstring).
-
-    INT4 layers keep their codes: the dense code matrix is the kept codes scattered to their 2:4 positions
-    (0 elsewhere), so ``codes * repeat(scales, g, axis=0)`` equals ``PackedLinear.to_dense().T`` exactly.
-    """
+    """Graph form of ``layer``'s weight: its ``W [N, K]`` transposed to ``B [K, N]`` (see module docstring)."""
     packed: PackedLinear | None = artifact.packed.get(layer)
     if packed is None:
         weight = artifact.dense.get(f"{layer}.weight")
@@ -105,6 +101,16 @@ def linear_weight(artifact: Artifact, layer: str) -> LinearWeight:
         bias = artifact.dense.get(f"{layer}.bias")
         return LinearWeight(layer, "float", _np(weight).T.copy(), None if bias is None else _np(bias), False)
     bias = packed.bias if packed.bias is not None else artifact.dense.get(f"{layer}.bias")
+    return packed_linear_weight(layer, packed, bias)
+
+
+def packed_linear_weight(layer: str, packed: PackedLinear, bias: torch.Tensor | None = None) -> LinearWeight:
+    """Graph form of a packed linear: ``B [K, N]`` float32 (2:4 zeros in place), or for INT4 the int8 codes
+    ``[K, N]`` and float32 scales ``[K/g, N]``.
+
+    INT4 layers keep their codes: the dense code matrix is the kept codes scattered to their 2:4 positions
+    (0 elsewhere), so ``codes * repeat(scales, g, axis=0)`` equals ``PackedLinear.to_dense().T`` exactly.
+    """
     bias_np = None if bias is None else _np(bias)
     if not packed.quantized:
         return LinearWeight(layer, "float", _np(packed.to_dense()).T.copy(), bias_np, packed.sparse)

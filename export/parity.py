@@ -31,7 +31,7 @@ Tolerances (:func:`default_tolerance`):
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -169,11 +169,34 @@ def check_parity(
     """
     if isinstance(prompts, (str, bytes)) or not prompts:
         raise ExportError(f"parity check: prompts must be a non-empty sequence of bytes, got {prompts!r:.60}")
-    quantized = artifact.quantization is not None
+    model = artifact.build_model()
+
+    def reference(ids: list[list[int]]) -> np.ndarray:
+        with torch.inference_mode():
+            return model(torch.tensor(ids, dtype=torch.int64)).double().numpy()  # (B, T, V)
+
+    return compare_logits(onnx_model, reference, {p: _prompt_ids(p, artifact) for p in prompts},
+                          quantized=artifact.quantization is not None, accuracy_level=accuracy_level,
+                          tolerance=tolerance, threads=threads, raise_on_failure=raise_on_failure)
+
+
+def compare_logits(
+    onnx_model: str | Path | onnx.ModelProto,
+    reference: Callable[[list[list[int]]], np.ndarray],
+    prompt_ids: Mapping[bytes, list[int]],
+    *,
+    quantized: bool,
+    accuracy_level: int | None = DEFAULT_ACCURACY_LEVEL,
+    tolerance: Tolerance | None = None,
+    threads: int | None = None,
+    raise_on_failure: bool = True,
+) -> ParityReport:
+    """The checks of :func:`check_parity` for any PyTorch reference: ``reference(ids)`` maps token ids
+    ``[B][T]`` to float64 logits ``[B, T, V]``; ``prompt_ids``: prompt -> its token ids (non-empty, each at
+    most the model's context). The KV-cache check runs when the graph has ``past_*`` inputs."""
     tolerance = tolerance or default_tolerance(quantized, accuracy_level)
     session = make_session(onnx_model, accuracy_level=accuracy_level, threads=threads)
     kv = any(i.name.startswith("past_") for i in session.get_inputs())
-    model = artifact.build_model()
     report = ParityReport(tolerance=tolerance, accuracy_level=accuracy_level)
 
     def compare(mode: str, prompt: bytes, got: np.ndarray, ref: np.ndarray) -> None:
@@ -187,15 +210,11 @@ def check_parity(
         err = err if np.isfinite(got).all() else float("nan")
         report.checks.append(ParityCheck(mode, prompt, err, scale, tolerance.bound(scale)))
 
-    def reference(ids: list[list[int]]) -> np.ndarray:
-        with torch.inference_mode():
-            return model(torch.tensor(ids, dtype=torch.int64)).double().numpy()  # (B, T, V)
-
     def run(ids, past=None):
         ids = np.asarray(ids, np.int64)
         return run_logits(session, ids, past if past is not None else (empty_past(session, len(ids)) if kv else None))
 
-    all_ids = [_prompt_ids(p, artifact) for p in prompts]
+    prompts, all_ids = list(prompt_ids), list(prompt_ids.values())
     for prompt, ids in zip(prompts, all_ids, strict=True):
         compare("full", prompt, run([ids])[0], reference([ids]))
     if len(all_ids) >= 2:

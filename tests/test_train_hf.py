@@ -4,6 +4,7 @@ and saved back as a directory transformers loads."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import shutil
 from pathlib import Path
@@ -236,6 +237,14 @@ def test_ffn_only_run_saves_its_dense_trained_attention_as_trained(hf: dict[str,
         else:
             assert info["dense"] and (w == 0).float().mean().item() < 0.01, name
             torch.testing.assert_close(w, ckpt.model_state[f"hf.{name}.weight"])
+    if importlib.util.find_spec("onnxscript") is not None:  # the ONNX export keeps the dense layers dense
+        from sparsert.export.hf_export import export_hf_model
+
+        result, notes = export_hf_model(run / "hf", tmp_path / "model.onnx")
+        assert not notes and result.parity.passed and set(result.layers) == set(layers)
+        for name, info in result.layers.items():
+            assert info["pattern"] == (None if ".self_attn." in name else "2:4"), name
+        assert "6 2:4 float32 (zeros stored in the MatMul weight); 8 dense float32" in result.summary()
 
 
 def test_fused_moe_experts_get_a_note(hf: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

@@ -33,9 +33,13 @@ from sparsert.commands import option_given
 )
 def command(artifact: str, output: str, no_kv_cache: bool, skip_parity: bool, accuracy_level: str) -> None:
     """Export ARTIFACT to ONNX (2:4 weights along axis 0 of MatMul B; INT4 as blocked DequantizeLinear),
-    run onnx.checker (full check) and the parity check, and print a summary."""
+    run onnx.checker (full check) and the parity check, and print a summary. ARTIFACT may also be a Hugging Face
+    directory sparsert wrote (train --model's <run>/hf, compress HF_DIR -o OUT): traced by torch.onnx, logits
+    only, checked against transformers' logits."""
     from sparsert.export.onnx_export import export_artifact
+    from sparsert.runtime.artifact import is_hf_model_dir
 
+    hf = is_hf_model_dir(artifact)
     if option_given(click.get_current_context(), "accuracy_level"):
         from sparsert.runtime.artifact import read_config
         from sparsert.runtime.errors import ConfigError
@@ -43,14 +47,34 @@ def command(artifact: str, output: str, no_kv_cache: bool, skip_parity: bool, ac
         if skip_parity:
             raise ConfigError("--accuracy-level sets ONNX Runtime's MatMulNBits accuracy for the parity run; it has "
                               "no effect with --skip-parity")
-        if read_config(artifact).get("quantization") is None:
+        if not (_hf_int4(artifact) if hf else read_config(artifact).get("quantization") is not None):
             raise ConfigError(f"--accuracy-level applies to INT4 artifacts (MatMulNBits); {artifact} is not "
                               "INT4-quantized")
+    level = None if accuracy_level == "default" else int(accuracy_level)
+    if hf:
+        from sparsert.export.hf_export import export_hf_model
+
+        result, notes = export_hf_model(artifact, output, parity=not skip_parity, accuracy_level=level)
+        for note in notes:
+            click.echo(f"note: {note}", err=True)
+        click.echo(result.summary())
+        if not no_kv_cache:
+            click.echo("  a Hugging Face model is exported without a KV cache (input_ids -> logits); the ONNX graphs "
+                       "with past_*/present_* tensors are those of sparsert artifacts")
+        return
     result = export_artifact(
         artifact,
         output,
         with_kv_cache=not no_kv_cache,
         parity=not skip_parity,
-        accuracy_level=None if accuracy_level == "default" else int(accuracy_level),
+        accuracy_level=level,
     )
     click.echo(result.summary())
+
+
+def _hf_int4(path: str) -> bool:
+    """Whether the Hugging Face directory's sparsert.json records INT4 layers."""
+    from sparsert.train.hf_model import saved_sparse_layers
+
+    layers = saved_sparse_layers(path) or {}
+    return any(info.get("qat_group_size") is not None for info in layers.values())

@@ -1,0 +1,314 @@
+"""``sparsert export HF_DIR``: the checked ONNX export of a Hugging Face directory sparsert wrote.
+
+The directories of ``sparsert train --model`` (``<run>/hf``) and ``sparsert compress HF_DIR -o OUT`` hold dense
+weights carrying the 2:4 zeros, and a ``sparsert.json`` naming the 2:4 layers (with their INT4 group when they
+were trained or compressed with INT4). :func:`export_hf_model` exports such a model for TensorRT and ONNX Runtime:
+
+- the graph is traced by ``torch.onnx.export`` (the dynamo exporter, onnxscript; opset 21) from the transformers
+  model in float32 on the CPU, as a logits-only graph (``input_ids`` int64 ``[batch, seq]`` -> ``logits``
+  float32 ``[batch, seq, vocab]``, both axes dynamic; no KV cache: transformers' cache objects are not graph
+  inputs);
+- each recorded layer's weight is found in the graph by its values (the exporter folds ``W.T`` into a
+  constant of its own naming), stored as ``B [K, N]`` feeding the ``MatMul`` / ``Gemm`` directly — the
+  ``Transpose`` a ``Gemm(transB=1)`` or ``MatMul(Transpose(W))`` would need is folded in, so the 2:4 groups
+  run along axis 0 of the initializer TensorRT inspects — and annotated with the convention of
+  :mod:`sparsert.export.annotations` (``sparsert.layer`` = the transformers module name);
+- INT4 layers (a ``qat_group_size`` in ``sparsert.json``) become INT4 codes + float32 scales feeding a blocked
+  ``DequantizeLinear(axis=0, block_size=g)``, as :mod:`sparsert.export.onnx_graph` writes artifacts; a layer
+  whose stored values are not exactly INT4 codes times scales of its group (saved in bf16/fp16) stays float32
+  2:4 and the result notes it;
+- checks, before the file is renamed into place: ``onnx.checker`` full check, the annotations against the
+  weight values, every recorded layer found, and ONNX Runtime logits against transformers' own (fp32
+  tolerance; :func:`sparsert.export.parity.compare_logits`) on the parity prompts tokenized with the
+  directory's tokenizer (fixed token ids without one).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import logging
+import os
+import re
+import shutil
+import tempfile
+import warnings
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+from onnx import helper, numpy_helper
+from torch import nn
+
+from sparsert.export import annotations as ann
+from sparsert.export.onnx_export import ExportResult, check_output
+from sparsert.export.onnx_graph import OPSET, LinearWeight, int4_initializer, packed_linear_weight, save_onnx_model
+from sparsert.export.onnx_runner import DEFAULT_ACCURACY_LEVEL
+from sparsert.export.parity import DEFAULT_PROMPTS, compare_logits
+from sparsert.runtime.errors import ConfigError, ExportError, require_path
+from sparsert.runtime.nm_mask import is_nm_sparse
+from sparsert.runtime.packed_linear import pack_linear
+
+KEY_HF_MODEL_TYPE = "sparsert.hf_model_type"
+SAMPLE_TOKENS = 8  # sequence length of the example input the exporter traces with (both axes stay dynamic)
+
+
+class _Logits(nn.Module):
+    """``input_ids [B, T] -> logits [B, T, V]`` of a transformers causal LM, without a cache."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.model(input_ids=input_ids, use_cache=False).logits
+
+
+def _weight_nk(module: nn.Module) -> torch.Tensor:
+    """A linear layer's weight as ``[N, K]`` float32 (transformers' ``Conv1D`` stores ``[K, N]``)."""
+    w = module.weight.detach().float()
+    return w.t() if type(module).__name__ == "Conv1D" else w
+
+
+def layer_weight(model: nn.Module, name: str, info: dict) -> tuple[LinearWeight, str | None]:
+    """The graph form of the recorded layer ``name`` (``info``: its ``sparsert.json`` entry) and a note when
+    its INT4 values could not be kept (None otherwise). ExportError when a layer recorded as 2:4 is not."""
+    from sparsert.train.hf_model import served_as_2_4
+
+    module = model.get_submodule(name)
+    w = _weight_nk(module)
+    bias = None if getattr(module, "bias", None) is None else module.bias.detach().float()
+    bias_np = None if bias is None else bias.numpy()
+    if not served_as_2_4(info):
+        return LinearWeight(name, "float", w.t().contiguous().numpy(), bias_np, False), None
+    if w.shape[1] % 4 or not is_nm_sparse(w, 2, 4):
+        raise ExportError(f"layer {name}: sparsert.json records it as 2:4, but its weight is not 2:4 along K")
+    float_form = LinearWeight(name, "float", w.t().contiguous().numpy(), bias_np, True)
+    group = info.get("qat_group_size")
+    if group is None:
+        return float_form, None
+    if w.shape[1] % group:
+        return float_form, f"{name}: K={w.shape[1]} is not a multiple of its INT4 group {group}; kept as float32"
+    packed = packed_linear_weight(name, pack_linear(w, int4_group_size=group, mask=w != 0), bias)
+    dequant = packed.array.astype(np.float32) * np.repeat(packed.scales, group, axis=0)
+    if not np.array_equal(dequant, float_form.array):
+        return float_form, (f"{name}: its values are not exact INT4 codes of group {group} (saved in reduced "
+                            "precision?); kept as float32 2:4")
+    return packed, None
+
+
+def _array_key(array: np.ndarray) -> tuple[tuple[int, ...], str]:
+    return array.shape, hashlib.sha256(np.ascontiguousarray(array, dtype=np.float32).tobytes()).hexdigest()
+
+
+def _trace(model: nn.Module, context: int) -> onnx.ModelProto:
+    """The transformers model as an ONNX logits graph (opset 21), traced by the dynamo exporter."""
+    try:
+        import onnxscript  # noqa: F401 - the dynamo exporter's dependency, checked here for a clear message
+    except ImportError:
+        raise ExportError("exporting a Hugging Face model traces it with torch.onnx's dynamo exporter, which needs "
+                          "onnxscript (pip install onnxscript)") from None
+    example = torch.zeros(2, min(SAMPLE_TOKENS, context), dtype=torch.int64)
+    quiet = logging.getLogger("torch.onnx")
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)  # "torchvision is not installed" and similar registration chatter
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")
+            dynamic = torch.export.Dim.DYNAMIC
+            program = torch.onnx.export(_Logits(model), (example,), dynamo=True, opset_version=OPSET,
+                                        input_names=["input_ids"], output_names=["logits"],
+                                        dynamic_shapes=({0: dynamic, 1: dynamic},))
+    except Exception as exc:  # noqa: BLE001 - torch.export and onnxscript raise many types
+        raise ExportError(f"torch.onnx could not export the {type(model).__name__}: {_cause(exc)}") from None
+    finally:
+        quiet.setLevel(level)
+    return program.model_proto
+
+
+def _cause(exc: BaseException) -> str:
+    """The line of a torch.onnx error that says what failed: the first of its "Exception summary" (``<class
+    ...>: message``), else its first line; ANSI colours removed."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc)).strip()
+    for line in text.splitlines():
+        match = re.match(r"<class '[\w.]+'>: (.+)", line.strip())
+        if match:
+            return match.group(1)[:400]
+    return text.splitlines()[0][:400] if text else type(exc).__name__
+
+
+def _b_source(node: onnx.NodeProto, inits: dict[str, onnx.TensorProto],
+              producers: dict[str, onnx.NodeProto]) -> np.ndarray | None:
+    """The constant ``B [K, N]`` a MatMul / Gemm multiplies by (a transposed initializer included); None when B
+    is not a 2-D constant."""
+    b = node.input[1]
+    if b in inits:
+        array = numpy_helper.to_array(inits[b])
+    elif b in producers and producers[b].op_type == "Transpose" and producers[b].input[0] in inits:
+        perm = next((list(a.ints) for a in producers[b].attribute if a.name == "perm"), [1, 0])
+        array = numpy_helper.to_array(inits[producers[b].input[0]])
+        if array.ndim != 2 or perm != [1, 0]:
+            return None
+        array = array.T
+    else:
+        return None
+    if array.ndim != 2 or array.dtype != np.float32:
+        return None
+    if node.op_type == "Gemm" and any(a.name == "transB" and a.i for a in node.attribute):
+        array = array.T
+    return array
+
+
+def place_weights(proto: onnx.ModelProto, weights: dict[str, LinearWeight]) -> None:
+    """Store each layer's weight as the ``B`` of the MatMul / Gemm whose constant equals it, annotated (see the
+    module docstring); ExportError naming a recorded layer the graph does not multiply by."""
+    graph = proto.graph
+    inits = {t.name: t for t in graph.initializer}
+    producers = {out: node for node in graph.node for out in node.output}
+    wanted: dict[tuple, list[str]] = {}
+    for name, w in weights.items():
+        dense = w.array if w.kind == "float" else w.array.astype(np.float32) * np.repeat(w.scales, w.group_size, 0)
+        wanted.setdefault(_array_key(dense), []).append(name)
+    placed: dict[str, str] = {}
+    new_nodes: list[onnx.NodeProto] = []
+    for node in graph.node:
+        b = _b_source(node, inits, producers) if node.op_type in ("MatMul", "Gemm") else None
+        names = wanted.get(_array_key(b)) if b is not None else None
+        if names:
+            layer = names.pop(0)
+            w = weights[layer]
+            int4 = w.kind == "int4"
+            props = ann.weight_annotations(layer, pattern="2:4" if w.sparse else None,
+                                           group_size=w.group_size if int4 else None,
+                                           scale=f"{layer}.weight_scale" if int4 else None)
+            if int4:
+                init = int4_initializer(f"{layer}.weight_q", w.array)
+                scale = numpy_helper.from_array(np.ascontiguousarray(w.scales), f"{layer}.weight_scale")
+                dq = helper.make_node("DequantizeLinear", [init.name, scale.name], [f"{layer}.weight_dq"],
+                                      name=f"{layer}/DequantizeLinear", axis=0, block_size=w.group_size)
+                new_nodes.append(dq)
+                node.input[1] = dq.output[0]
+                ann.annotate_weight(node, init, props)
+                graph.initializer.extend([init, scale])  # copies: annotated first
+            else:
+                init = numpy_helper.from_array(np.ascontiguousarray(w.array), f"{layer}.weight_t")
+                node.input[1] = init.name
+                ann.annotate_weight(node, init, props)
+                graph.initializer.append(init)
+            if node.op_type == "Gemm":
+                for attr in node.attribute:
+                    if attr.name == "transB":
+                        attr.i = 0
+            placed[layer] = node.name
+        new_nodes.append(node)
+    missing = [name for name in weights if name not in placed]
+    if missing:
+        raise ExportError(f"layer {missing[0]}: no MatMul/Gemm of the exported graph multiplies by its weight "
+                          f"({len(missing)} of {len(weights)} recorded layers not found)")
+    del graph.node[:]
+    graph.node.extend(new_nodes)
+    _drop_unused(graph)
+
+
+def _drop_unused(graph: onnx.GraphProto) -> None:
+    """Remove the nodes and initializers nothing consumes any more (the replaced weights and their Transposes)."""
+    outputs = {o.name for o in graph.output}
+    while True:
+        used = outputs | {name for node in graph.node for name in node.input}
+        dead = [node for node in graph.node if not any(out in used for out in node.output)]
+        if not dead:
+            break
+        for node in dead:
+            graph.node.remove(node)
+    used = {name for node in graph.node for name in node.input} | outputs
+    keep = [t for t in graph.initializer if t.name in used]
+    del graph.initializer[:]
+    graph.initializer.extend(keep)
+
+
+def _prompt_ids(tokenizer, vocab: int, context: int) -> dict[bytes, list[int]]:  # noqa: ANN001 - HFTokenizer
+    if tokenizer is None:
+        return {f"token ids {i}".encode(): [(7 * j + 3 * i + 1) % vocab for j in range(min(12 + 5 * i, context))]
+                for i in range(3)}
+    prompts = {}
+    for prompt in DEFAULT_PROMPTS:
+        ids = tokenizer.encode(prompt.decode("utf-8"))[:context]
+        if ids:
+            prompts[prompt] = ids
+    return prompts
+
+
+def export_hf_model(path: str | Path, output: str | Path, *, parity: bool = True,
+                    accuracy_level: int | None = DEFAULT_ACCURACY_LEVEL) -> tuple[ExportResult, list[str]]:
+    """Export the Hugging Face directory ``path`` (one sparsert wrote: it has ``sparsert.json``) to the ONNX file
+    ``output`` with every check (see the module docstring); nothing is left at ``output`` on failure.
+
+    Returns the :class:`ExportResult` and notes (INT4 layers kept as float32). Raises ConfigError for a plain
+    transformers directory (prune it with ``sparsert compress`` first), ArtifactError for unreadable weights,
+    ExportError for a refused output path, a model the exporter cannot trace, or a failed check.
+    """
+    from sparsert.train.hf_model import SPARSERT_FILE, has_tokenizer_files, load_hf_causal_lm, saved_sparse_layers
+    from sparsert.train.hf_train import hf_model_config
+
+    require_path(output, "-o", "the path of an .onnx file", ExportError)
+    out = Path(output)
+    check_output(out, path)
+    layers = saved_sparse_layers(path)
+    if layers is None:
+        raise ConfigError(f"{path} is a Hugging Face model directory without {SPARSERT_FILE}: it records no 2:4 "
+                          f"layers; prune it first with: sparsert compress {path} -o OUT")
+    context = hf_model_config(path).max_seq_len
+    bundle = load_hf_causal_lm(path, load_tokenizer=has_tokenizer_files(path))
+    model = bundle.model.float().eval()
+    weights, notes = {}, []
+    for name, info in layers.items():
+        weights[name], note = layer_weight(model, name, info)
+        if note is not None:
+            notes.append(note)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    except OSError as exc:
+        raise ExportError(f"cannot write {out}: {exc}") from None
+    try:
+        proto = _trace(model, context)
+        place_weights(proto, weights)
+        groups = sorted({w.group_size for w in weights.values() if w.kind == "int4"})
+        props = ann.model_annotations(pattern="2:4" if any(w.sparse for w in weights.values()) else None,
+                                      quantization="int4" if groups else None,
+                                      group_size=groups[0] if len(groups) == 1 else None,
+                                      model_config=None, kv_cache=False)
+        ann.annotate_model(proto, {**props, KEY_HF_MODEL_TYPE: str(model.config.model_type)})
+        staged = save_onnx_model(proto, tmp / out.name)
+        try:
+            onnx.checker.check_model(str(staged), full_check=True)
+        except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
+            first = str(exc).strip().splitlines()[0]
+            raise ExportError(f"onnx.checker rejected the exported model: {first}") from None
+        annotated = ann.verify_sparsity_annotations(proto)
+        report = None
+        if parity:
+            vocab = model.get_output_embeddings().weight.shape[0]
+
+            def reference(ids: list[list[int]]) -> np.ndarray:
+                with torch.inference_mode():
+                    return model(input_ids=torch.tensor(ids), use_cache=False).logits.double().numpy()
+
+            report = compare_logits(staged, reference, _prompt_ids(bundle.tokenizer, vocab, context),
+                                    quantized=bool(groups), accuracy_level=accuracy_level)
+        data = tmp / f"{out.name}.data"
+        if data.exists():  # external data (models over 2 GiB): data first, so the .onnx never dangles
+            os.replace(data, out.parent / data.name)
+        os.replace(staged, out)
+    except OSError as exc:
+        raise ExportError(f"cannot write {out}: {exc}") from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    result = ExportResult(path=out, file_bytes=out.stat().st_size, n_nodes=len(proto.graph.node),
+                          n_initializers=len(proto.graph.initializer),
+                          op_counts=dict(Counter(n.op_type for n in proto.graph.node)), kv_cache=False,
+                          layers=annotated, parity=report)
+    return result, notes

@@ -1,0 +1,132 @@
+"""`sparsert export HF_DIR`: a Hugging Face directory sparsert wrote, traced by torch.onnx into a logits graph
+whose 2:4 (and 2:4+INT4) weights are stored and annotated as in artifact exports, checked against transformers.
+Models and tokenizers are built here from configs (nothing is downloaded)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+pytest.importorskip("tokenizers")
+pytest.importorskip("onnxscript")
+
+import onnx  # noqa: E402
+from onnx import numpy_helper  # noqa: E402
+from test_generate_cli import run_main  # noqa: E402
+from test_hf_compress import _model_dir  # noqa: E402
+
+from sparsert.export.annotations import get_metadata, is_nm_along_axis, read_sparsity_annotations  # noqa: E402
+from sparsert.export.hf_export import export_hf_model  # noqa: E402
+from sparsert.export.onnx_runner import make_session  # noqa: E402
+from sparsert.runtime.errors import ConfigError, ExportError  # noqa: E402
+from sparsert.train.hf_compress import compress_hf_model  # noqa: E402
+from sparsert.train.hf_model import saved_sparse_layers  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def compressed(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Llama and GPT-2 (Conv1D) directories and their `compress` outputs: 2:4, and 2:4 + INT4 group 64."""
+    root = tmp_path_factory.mktemp("hf_export")
+    dirs = {}
+    for arch in ("llama", "gpt2"):
+        dirs[arch] = _model_dir(root, arch)
+        for tag, int4 in (("24", False), ("int4", True)):
+            dirs[f"{arch}-{tag}"], _ = compress_hf_model(dirs[arch], root / f"{arch}-{tag}", int4=int4, group_size=64)
+    return dirs
+
+
+def _reference(path: Path, ids: np.ndarray) -> np.ndarray:
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(path)).eval()
+    with torch.no_grad():
+        return model(input_ids=torch.from_numpy(ids), use_cache=False).logits.numpy()
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+@pytest.mark.parametrize("int4", [False, True])
+def test_export_stores_and_annotates_every_recorded_layer(compressed, tmp_path, capsys, arch, int4):
+    src = compressed[f"{arch}-{'int4' if int4 else '24'}"]
+    out = tmp_path / "model.onnx"
+    code, stdout, err = run_main(capsys, "export", str(src), "-o", str(out))
+    assert code == 0, err
+    kind = "2:4+INT4 (INT4 initializer -> DequantizeLinear block [64]" if int4 else "2:4 float32"
+    n_layers = 14 if arch == "llama" else 8
+    assert f"linear weights: {n_layers} {kind}" in stdout and "KV cache no" in stdout
+    assert "parity vs PyTorch" in stdout and ": passed" in stdout
+    assert "exported without a KV cache" in stdout
+
+    model = onnx.load(str(out))
+    meta = get_metadata(model)
+    assert meta["sparsert.sparsity.pattern"] == "2:4" and meta["sparsert.kv_cache"] == "0"
+    assert meta["sparsert.quantization"] == ("int4" if int4 else "none")
+    assert meta["sparsert.hf_model_type"] == arch
+    layers = read_sparsity_annotations(model)["layers"]
+    assert set(layers) == set(saved_sparse_layers(src))
+    inits = {t.name: t for t in model.graph.initializer}
+    consumers = {name: n for n in model.graph.node for name in n.input}
+    stored = transformers.AutoModelForCausalLM.from_pretrained(str(src))
+    for name, info in layers.items():
+        assert info["pattern"] == "2:4" and info["axis"] == 0
+        tensor = inits[info["initializer"]]
+        module = stored.get_submodule(name)
+        w_kn = module.weight.detach().numpy() if arch == "gpt2" else module.weight.detach().numpy().T
+        if int4:
+            assert tensor.data_type == onnx.TensorProto.INT4 and info["bits"] == 4 and info["group_size"] == 64
+            dq = consumers[tensor.name]
+            assert dq.op_type == "DequantizeLinear" and consumers[dq.output[0]].name == info["node"]
+            codes = numpy_helper.to_array(tensor).astype(np.float32)
+            scales = numpy_helper.to_array(inits[info["scale"]])
+            np.testing.assert_array_equal(codes * np.repeat(scales, 64, axis=0), w_kn)
+        else:
+            array = numpy_helper.to_array(tensor)
+            np.testing.assert_array_equal(array, w_kn)  # B [K, N]: the groups of four run along axis 0
+            assert is_nm_along_axis(array, 2, 4, axis=0)
+    # dynamic batch and length: ONNX Runtime on fresh ids against transformers (INT4 through MatMulNBits in fp32)
+    ids = np.random.default_rng(1).integers(0, 320, size=(3, 13)).astype(np.int64)
+    got = make_session(out, accuracy_level=1).run(["logits"], {"input_ids": ids})[0]
+    want = _reference(src, ids)
+    assert np.abs(got - want).max() <= 1e-4 * np.abs(want).max()
+
+
+def test_bad_input_is_named(compressed, tmp_path, capsys):
+    # a plain transformers directory records no 2:4 layers
+    with pytest.raises(ConfigError, match=r"without sparsert.json: it records no 2:4 layers; prune it first with: "
+                                          r"sparsert compress"):
+        export_hf_model(compressed["llama"], tmp_path / "a.onnx")
+    # the output may not go inside the directory
+    code, _, err = run_main(capsys, "export", str(compressed["llama-24"]), "-o",
+                            str(compressed["llama-24"] / "m.onnx"))
+    assert code == 2 and "is inside the artifact directory" in err
+    # a layer sparsert.json calls 2:4 whose weight is not: named, nothing written
+    broken = tmp_path / "broken"
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(compressed["llama-24"]))
+    with torch.no_grad():
+        model.model.layers[1].mlp.up_proj.weight.add_(1.0)
+    model.save_pretrained(str(broken))
+    (broken / "sparsert.json").write_text((compressed["llama-24"] / "sparsert.json").read_text())
+    with pytest.raises(ExportError, match=r"layer model\.layers\.1\.mlp\.up_proj: sparsert\.json records it as 2:4, "
+                                          r"but its weight is not 2:4 along K"):
+        export_hf_model(broken, tmp_path / "b.onnx")
+    assert not (tmp_path / "b.onnx").exists() and not list(tmp_path.glob(".b.onnx*"))
+    # --accuracy-level applies to INT4 only
+    code, _, err = run_main(capsys, "export", str(compressed["llama-24"]), "-o", str(tmp_path / "c.onnx"),
+                            "--accuracy-level", "4")
+    assert code == 2 and "applies to INT4 artifacts" in err
+
+
+def test_int4_values_saved_in_bf16_stay_float_with_a_note(compressed, tmp_path, capsys):
+    """A directory saved in bfloat16 no longer holds exact INT4 codes times fp16 scales: those layers are
+    exported as float32 2:4 (still checked against transformers), and the export says so."""
+    src = tmp_path / "bf16"
+    code, _, err = run_main(capsys, "compress", str(compressed["llama-int4"]), "-o", str(src), "--dtype", "bfloat16")
+    assert code == 0, err
+    assert all(info["qat_group_size"] == 64 for info in json.loads((src / "sparsert.json").read_text())
+               ["sparse_layers"].values())
+    code, stdout, err = run_main(capsys, "export", str(src), "-o", str(tmp_path / "m.onnx"))
+    assert code == 0, err
+    assert "are not exact INT4 codes of group 64 (saved in reduced precision?); kept as float32 2:4" in err
+    assert "2:4 float32" in stdout and ": passed" in stdout
