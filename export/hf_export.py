@@ -29,12 +29,8 @@ import contextlib
 import hashlib
 import io
 import logging
-import os
 import re
-import shutil
-import tempfile
 import warnings
-from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -44,10 +40,10 @@ from onnx import helper, numpy_helper
 from torch import nn
 
 from sparsert.export import annotations as ann
-from sparsert.export.onnx_export import ExportResult, check_output
-from sparsert.export.onnx_graph import OPSET, LinearWeight, int4_initializer, packed_linear_weight, save_onnx_model
+from sparsert.export.onnx_export import ExportResult, check_output, checked_export
+from sparsert.export.onnx_graph import OPSET, LinearWeight, int4_initializer, packed_linear_weight
 from sparsert.export.onnx_runner import DEFAULT_ACCURACY_LEVEL
-from sparsert.export.parity import DEFAULT_PROMPTS, compare_logits
+from sparsert.export.parity import DEFAULT_PROMPTS, ParityReport, compare_logits
 from sparsert.runtime.errors import ConfigError, ExportError, require_path
 from sparsert.runtime.nm_mask import is_nm_sparse
 from sparsert.runtime.packed_linear import pack_linear
@@ -268,47 +264,28 @@ def export_hf_model(path: str | Path, output: str | Path, *, parity: bool = True
         weights[name], note = layer_weight(model, name, info)
         if note is not None:
             notes.append(note)
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
-    except OSError as exc:
-        raise ExportError(f"cannot write {out}: {exc}") from None
-    try:
+    groups = sorted({w.group_size for w in weights.values() if w.kind == "int4"})
+
+    def build() -> onnx.ModelProto:
         proto = _trace(model, context)
         place_weights(proto, weights)
-        groups = sorted({w.group_size for w in weights.values() if w.kind == "int4"})
         props = ann.model_annotations(pattern="2:4" if any(w.sparse for w in weights.values()) else None,
                                       quantization="int4" if groups else None,
                                       group_size=groups[0] if len(groups) == 1 else None,
                                       model_config=None, kv_cache=False)
         ann.annotate_model(proto, {**props, KEY_HF_MODEL_TYPE: str(model.config.model_type)})
-        staged = save_onnx_model(proto, tmp / out.name)
-        try:
-            onnx.checker.check_model(str(staged), full_check=True)
-        except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
-            first = str(exc).strip().splitlines()[0]
-            raise ExportError(f"onnx.checker rejected the exported model: {first}") from None
-        annotated = ann.verify_sparsity_annotations(proto)
-        report = None
-        if parity:
-            vocab = model.get_output_embeddings().weight.shape[0]
+        return proto
 
-            def reference(ids: list[list[int]]) -> np.ndarray:
-                with torch.inference_mode():
-                    return model(input_ids=torch.tensor(ids), use_cache=False).logits.double().numpy()
+    def reference(ids: list[list[int]]) -> np.ndarray:
+        with torch.inference_mode():
+            return model(input_ids=torch.tensor(ids), use_cache=False).logits.double().numpy()
 
-            report = compare_logits(staged, reference, _prompt_ids(bundle.tokenizer, vocab, context),
-                                    quantized=bool(groups), accuracy_level=accuracy_level)
-        data = tmp / f"{out.name}.data"
-        if data.exists():  # external data (models over 2 GiB): data first, so the .onnx never dangles
-            os.replace(data, out.parent / data.name)
-        os.replace(staged, out)
-    except OSError as exc:
-        raise ExportError(f"cannot write {out}: {exc}") from None
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    result = ExportResult(path=out, file_bytes=out.stat().st_size, n_nodes=len(proto.graph.node),
-                          n_initializers=len(proto.graph.initializer),
-                          op_counts=dict(Counter(n.op_type for n in proto.graph.node)), kv_cache=False,
-                          layers=annotated, parity=report)
-    return result, notes
+    def check(proto: onnx.ModelProto, staged: Path) -> tuple[dict[str, dict], ParityReport | None]:
+        layers = ann.verify_sparsity_annotations(proto)
+        if not parity:
+            return layers, None
+        vocab = model.get_output_embeddings().weight.shape[0]
+        return layers, compare_logits(staged, reference, _prompt_ids(bundle.tokenizer, vocab, context),
+                                      quantized=bool(groups), accuracy_level=accuracy_level)
+
+    return checked_export(out, build, check, kv_cache=False), notes

@@ -15,6 +15,7 @@ import os
 import shutil
 import tempfile
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -206,26 +207,40 @@ def export_artifact(
     out = Path(output)
     check_output(out, artifact_path)
     artifact = load_artifact(artifact_path)
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
-    except OSError as exc:
-        raise ExportError(f"cannot write {out}: {exc}") from None
-    try:
-        model = build_onnx_model(artifact, with_kv_cache=with_kv_cache)
-        staged = save_onnx_model(model, tmp / out.name)
-        try:
-            onnx.checker.check_model(str(staged), full_check=True)
-        except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
-            first = str(exc).strip().splitlines()[0]
-            raise ExportError(f"onnx.checker rejected the exported model: {first}") from None
+
+    def check(model: onnx.ModelProto, staged: Path) -> tuple[dict[str, dict], ParityReport | None]:
         layers = verify_sparsity_annotations(model)
         expected = set(artifact.sparsity.layers) if artifact.sparsity else set()
         annotated = {name for name, info in layers.items() if info["pattern"]}
         if annotated != expected:
             odd = sorted(annotated ^ expected)[0]
             raise ExportError(f"layer '{odd}': 2:4 annotation does not match the artifact's sparsity.layers")
-        report = check_parity(staged, artifact, accuracy_level=accuracy_level) if parity else None
+        return layers, check_parity(staged, artifact, accuracy_level=accuracy_level) if parity else None
+
+    return checked_export(out, lambda: build_onnx_model(artifact, with_kv_cache=with_kv_cache), check,
+                          kv_cache=with_kv_cache)
+
+
+def checked_export(out: Path, build: Callable[[], onnx.ModelProto],
+                   check: Callable[[onnx.ModelProto, Path], tuple[dict[str, dict], ParityReport | None]], *,
+                   kv_cache: bool) -> ExportResult:
+    """Build the model in a temporary directory beside ``out``, write it, run ``onnx.checker`` (full check) and
+    ``check(model, written_path)`` (annotations, parity: returns the annotated layers and the parity report),
+    then rename it (and its external data, if any) to ``out``; nothing is left at ``out`` on failure."""
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    except OSError as exc:
+        raise ExportError(f"cannot write {out}: {exc}") from None
+    try:
+        model = build()
+        staged = save_onnx_model(model, tmp / out.name)
+        try:
+            onnx.checker.check_model(str(staged), full_check=True)
+        except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
+            first = str(exc).strip().splitlines()[0]
+            raise ExportError(f"onnx.checker rejected the exported model: {first}") from None
+        layers, report = check(model, staged)
         data = tmp / f"{out.name}.data"
         if data.exists():  # external data (models over 2 GiB): data first, so the .onnx never dangles
             os.replace(data, out.parent / data.name)
@@ -240,7 +255,7 @@ def export_artifact(
         n_nodes=len(model.graph.node),
         n_initializers=len(model.graph.initializer),
         op_counts=dict(Counter(n.op_type for n in model.graph.node)),
-        kv_cache=with_kv_cache,
+        kv_cache=kv_cache,
         layers=layers,
         parity=report,
     )

@@ -128,6 +128,25 @@ def _save_bpe_tokenizer(transformers, out: Path) -> None:
     transformers.PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>").save_pretrained(str(out))
 
 
+def tiny_qwen2_moe(hidden: int = 64, vocab: int = 320):
+    """A random 1-layer transformers Qwen2-MoE (4 experts of ``hidden`` features, 2 per token, a shared expert)
+    whose experts are fused 3-D parameters, as transformers 5 holds them; skips the test when this
+    transformers has no Qwen2-MoE or keeps the experts as nn.Linear layers."""
+    transformers = pytest.importorskip("transformers")
+    config_class = getattr(transformers, "Qwen2MoeConfig", None)
+    if config_class is None:
+        pytest.skip("this transformers has no Qwen2-MoE")
+    torch.manual_seed(0)
+    config = config_class(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden,
+                          moe_intermediate_size=hidden, shared_expert_intermediate_size=hidden, num_hidden_layers=1,
+                          num_attention_heads=4, num_key_value_heads=2, num_experts=4, num_experts_per_tok=2,
+                          max_position_embeddings=128)
+    model = transformers.AutoModelForCausalLM.from_config(config).eval()
+    if not any(p.dim() == 3 for p in model.parameters()):
+        pytest.skip("this transformers holds Qwen2-MoE experts as nn.Linear layers")
+    return model
+
+
 @pytest.fixture(scope="session")
 def hf_model_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """Local Hugging Face model directories built from configs (random weights; nothing is downloaded):

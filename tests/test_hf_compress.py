@@ -13,7 +13,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("tokenizers")
 
-from conftest import _save_bpe_tokenizer  # noqa: E402
+from conftest import _save_bpe_tokenizer, tiny_qwen2_moe  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 from test_generate_cli import run_main  # noqa: E402
 
@@ -207,16 +207,7 @@ def test_fused_moe_experts_get_a_note(tmp_path, capsys):
     """transformers 5's Qwen2-MoE keeps its experts in 3-D parameters, not linear layers: compress prunes the
     attention and shared-expert linears, says in a note that the experts stay dense, and inspect gives the
     recorded layers' share of the weights."""
-    config_class = getattr(transformers, "Qwen2MoeConfig", None)
-    if config_class is None:
-        pytest.skip("this transformers has no Qwen2-MoE")
-    torch.manual_seed(0)
-    config = config_class(vocab_size=320, hidden_size=64, intermediate_size=128, moe_intermediate_size=64,
-                          shared_expert_intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
-                          num_key_value_heads=2, num_experts=4, num_experts_per_tok=2, max_position_embeddings=64)
-    model = transformers.AutoModelForCausalLM.from_config(config)
-    if not any(p.dim() == 3 for p in model.parameters()):
-        pytest.skip("this transformers holds Qwen2-MoE experts as nn.Linear layers")
+    model = tiny_qwen2_moe()
     src, out = tmp_path / "moe", tmp_path / "out"
     model.save_pretrained(str(src))
     _save_bpe_tokenizer(transformers, src)

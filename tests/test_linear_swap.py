@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import tiny_qwen2_moe
 from torch import nn
 
 from sparsert.runtime.dispatch import SparseLinearGPU
@@ -289,18 +290,8 @@ def test_layers_no_sparse_kernel_takes_are_reported(hf_model_dirs: dict[str, Pat
 def test_fused_moe_experts_are_reported_as_left_dense() -> None:
     """transformers 5's Qwen2-MoE holds its experts as 3-D parameters, not nn.Linear layers: the swap takes the
     attention and shared-expert linears, and the report and a warning name the experts, which stay dense."""
-    transformers = pytest.importorskip("transformers")
-    config_class = getattr(transformers, "Qwen2MoeConfig", None)
-    if config_class is None:
-        pytest.skip("this transformers has no Qwen2-MoE")
-    torch.manual_seed(0)
-    config = config_class(vocab_size=64, hidden_size=128, intermediate_size=256, moe_intermediate_size=128,
-                          shared_expert_intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
-                          num_key_value_heads=2, num_experts=4, num_experts_per_tok=2)
-    model = transformers.AutoModelForCausalLM.from_config(config).eval()
+    model = tiny_qwen2_moe(hidden=128, vocab=64)
     fused = {n: tuple(p.shape) for n, p in model.named_parameters() if p.dim() == 3}
-    if not fused:
-        pytest.skip("this transformers holds Qwen2-MoE experts as nn.Linear layers")
     with pytest.warns(UserWarning, match=r"weights of 3 or more dimensions \(\d+% of the model's parameters, e\.g\. "
                       r"model\.layers\.0\.mlp\.experts\.\w+ .*stay dense"):
         report = swap_sparse_linears(model, prune=True, token_counts=[1])

@@ -15,6 +15,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 tokenizers = pytest.importorskip("tokenizers")
 
+from conftest import tiny_qwen2_moe  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 
 from sparsert.runtime.errors import ArtifactError, ConfigError  # noqa: E402
@@ -250,16 +251,7 @@ def test_ffn_only_run_saves_its_dense_trained_attention_as_trained(hf: dict[str,
 def test_fused_moe_experts_get_a_note(hf: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     """A Qwen2-MoE whose experts are 3-D parameters (transformers 5) trains its linear layers 2:4; the run says
     that the experts, not linear layers, train and stay dense."""
-    config_class = getattr(transformers, "Qwen2MoeConfig", None)
-    if config_class is None:
-        pytest.skip("this transformers has no Qwen2-MoE")
-    torch.manual_seed(0)
-    config = config_class(vocab_size=320, hidden_size=64, intermediate_size=128, moe_intermediate_size=64,
-                          shared_expert_intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
-                          num_key_value_heads=2, num_experts=4, num_experts_per_tok=2, max_position_embeddings=128)
-    model = transformers.AutoModelForCausalLM.from_config(config)
-    if not any(p.dim() == 3 for p in model.parameters()):
-        pytest.skip("this transformers holds Qwen2-MoE experts as nn.Linear layers")
+    model = tiny_qwen2_moe()
     src = tmp_path / "moe"
     model.save_pretrained(str(src))
     shutil.copy(hf["llama"] / "tokenizer.json", src)
