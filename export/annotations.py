@@ -19,6 +19,10 @@ key                                    value
                                        ``model.safetensors`` the graph was exported from; ``generate --onnx``
                                        refuses a graph whose digest differs from the artifact's (exports made
                                        before this key existed lack it and run with a warning)
+``sparsert.hf_model_type``            the transformers ``model_type`` of a Hugging Face directory's export
+                                       (:mod:`sparsert.export.hf_export`), which has no
+                                       ``sparsert.model_config``; its ``sparsert.weights_sha256`` hashes the
+                                       directory's weights files
 =====================================  =======================================================================
 
 On every MatMul node whose B input is a linear weight of a transformer block, and on that weight's initializer
@@ -57,7 +61,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -83,6 +87,7 @@ KEY_KV_CACHE = "sparsert.kv_cache"
 KEY_WEIGHTS_SHA256 = "sparsert.weights_sha256"
 KEY_SLORB_LAYER = "sparsert.slorb.layer"
 KEY_SLORB_K = "sparsert.slorb.k"
+KEY_HF_MODEL_TYPE = "sparsert.hf_model_type"
 
 
 def set_metadata(proto: onnx.ModelProto | onnx.NodeProto | onnx.TensorProto, props: Mapping[str, str]) -> None:
@@ -144,14 +149,20 @@ def artifact_weights_sha256(artifact_dir: str | Path) -> str:
     """
     from sparsert.runtime.artifact import WEIGHTS_NAME  # noqa: PLC0415 - keeps this module free of torch
 
-    file = Path(artifact_dir) / WEIGHTS_NAME
+    return files_sha256([Path(artifact_dir) / WEIGHTS_NAME])
+
+
+def files_sha256(files: Sequence[str | Path]) -> str:
+    """sha256 (lowercase hex) of the bytes of ``files`` one after the other, read in 1 MiB chunks (one file:
+    that file's sha256). ExportError naming the file that cannot be read."""
     digest = hashlib.sha256()
-    try:
-        with open(file, "rb") as f:
-            while chunk := f.read(1 << 20):
-                digest.update(chunk)
-    except OSError as exc:
-        raise ExportError(f"cannot read {file} to compute its sha256: {exc.strerror or exc}") from None
+    for file in files:
+        try:
+            with open(file, "rb") as f:
+                while chunk := f.read(1 << 20):
+                    digest.update(chunk)
+        except OSError as exc:
+            raise ExportError(f"cannot read {file} to compute its sha256: {exc.strerror or exc}") from None
     return digest.hexdigest()
 
 

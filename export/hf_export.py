@@ -28,9 +28,13 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import io
+import json
 import logging
 import re
+import shutil
+import tempfile
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -42,13 +46,12 @@ from torch import nn
 from sparsert.export import annotations as ann
 from sparsert.export.onnx_export import ExportResult, check_output, checked_export
 from sparsert.export.onnx_graph import OPSET, LinearWeight, int4_initializer, packed_linear_weight
-from sparsert.export.onnx_runner import DEFAULT_ACCURACY_LEVEL
+from sparsert.export.onnx_runner import DEFAULT_ACCURACY_LEVEL, OnnxStepper
 from sparsert.export.parity import DEFAULT_PROMPTS, ParityReport, compare_logits
 from sparsert.runtime.errors import ConfigError, ExportError, require_path
 from sparsert.runtime.nm_mask import is_nm_sparse
 from sparsert.runtime.packed_linear import pack_linear
 
-KEY_HF_MODEL_TYPE = "sparsert.hf_model_type"
 SAMPLE_TOKENS = 8  # sequence length of the example input the exporter traces with (both axes stay dynamic)
 
 
@@ -225,6 +228,24 @@ def _drop_unused(graph: onnx.GraphProto) -> None:
     graph.initializer.extend(keep)
 
 
+def hf_weights_sha256(path: str | Path) -> str:
+    """sha256 of a Hugging Face directory's weights: its ``model.safetensors``, or the shards its
+    ``model.safetensors.index.json`` names in sorted order (``pytorch_model.bin`` likewise). ExportError when
+    there are none."""
+    p = Path(path)
+    for single, index in (("model.safetensors", "model.safetensors.index.json"),
+                          ("pytorch_model.bin", "pytorch_model.bin.index.json")):
+        if (p / single).is_file():
+            return ann.files_sha256([p / single])
+        if (p / index).is_file():
+            try:
+                shards = sorted(set(json.loads((p / index).read_text(encoding="utf-8"))["weight_map"].values()))
+            except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+                raise ExportError(f"{p / index}: not a valid weights index ({exc})") from None
+            return ann.files_sha256([p / shard for shard in shards])
+    raise ExportError(f"{p}: no model weights to hash (model.safetensors or pytorch_model.bin)")
+
+
 def _prompt_ids(tokenizer, vocab: int, context: int) -> dict[bytes, list[int]]:  # noqa: ANN001 - HFTokenizer
     if tokenizer is None:
         return {f"token ids {i}".encode(): [(7 * j + 3 * i + 1) % vocab for j in range(min(12 + 5 * i, context))]
@@ -273,7 +294,8 @@ def export_hf_model(path: str | Path, output: str | Path, *, parity: bool = True
                                       quantization="int4" if groups else None,
                                       group_size=groups[0] if len(groups) == 1 else None,
                                       model_config=None, kv_cache=False)
-        ann.annotate_model(proto, {**props, KEY_HF_MODEL_TYPE: str(model.config.model_type)})
+        ann.annotate_model(proto, {**props, ann.KEY_HF_MODEL_TYPE: str(model.config.model_type),
+                                   ann.KEY_WEIGHTS_SHA256: hf_weights_sha256(path)})
         return proto
 
     def reference(ids: list[list[int]]) -> np.ndarray:
@@ -289,3 +311,33 @@ def export_hf_model(path: str | Path, output: str | Path, *, parity: bool = True
                                       quantized=bool(groups), accuracy_level=accuracy_level)
 
     return checked_export(out, build, check, kv_cache=False), notes
+
+
+@contextlib.contextmanager
+def hf_onnx_stepper(path: str | Path, onnx_path: str | Path | None = None, *, max_seq_len: int,
+                    vocab_size: int) -> Iterator[OnnxStepper]:
+    """An :class:`~sparsert.export.onnx_runner.OnnxStepper` for the Hugging Face directory ``path``: on
+    ``onnx_path``, which must be ``sparsert export``'s graph of this very directory (its ``sparsert.hf_model_type``
+    and ``sparsert.weights_sha256`` = :func:`hf_weights_sha256`; ExportError naming both paths otherwise), or
+    without it on one exported to a temporary directory (no parity check), removed on exit. The graph has no KV
+    cache: each step runs the whole sequence. ``max_seq_len``: the model's context; ``vocab_size``: the
+    tokenizer's size."""
+    if onnx_path is not None:
+        require_path(onnx_path, "--onnx", "the path of an .onnx file", ExportError)
+        stepper = OnnxStepper(onnx_path, max_seq_len=max_seq_len, vocab_size=vocab_size)
+        if ann.KEY_HF_MODEL_TYPE not in stepper.metadata:
+            raise ExportError(f"--onnx {onnx_path} is the export of a sparsert artifact, not of the Hugging Face "
+                              f"directory {path}: export that with `sparsert export {path} -o FILE`")
+        recorded, actual = stepper.metadata.get(ann.KEY_WEIGHTS_SHA256), hf_weights_sha256(path)
+        if recorded != actual:
+            was = "has no weights digest" if recorded is None else f"holds other weights (digest {recorded[:16]})"
+            raise ExportError(f"--onnx {onnx_path} {was}, not those of {path} (digest {actual[:16]}): re-export it "
+                              f"with `sparsert export {path} -o {onnx_path}`")
+        yield stepper
+        return
+    tmp = Path(tempfile.mkdtemp(prefix="sparsert-generate-"))
+    try:
+        export_hf_model(path, tmp / "model.onnx", parity=False)
+        yield OnnxStepper(tmp / "model.onnx", max_seq_len=max_seq_len, vocab_size=vocab_size)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

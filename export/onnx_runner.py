@@ -24,7 +24,13 @@ from typing import TYPE_CHECKING
 import numpy as np
 import onnx
 
-from sparsert.export.annotations import KEY_MODEL_CONFIG, KEY_WEIGHTS_SHA256, artifact_weights_sha256, get_metadata
+from sparsert.export.annotations import (
+    KEY_HF_MODEL_TYPE,
+    KEY_MODEL_CONFIG,
+    KEY_WEIGHTS_SHA256,
+    artifact_weights_sha256,
+    get_metadata,
+)
 from sparsert.runtime.errors import ConfigError, ExportError, require_path
 
 if TYPE_CHECKING:
@@ -139,7 +145,9 @@ class OnnxStepper:
     (float32 [1, n_heads, past_seq, head_dim]) of the previous step as ``past_*``. A graph exported with
     ``--no-kv-cache`` is run on the whole sequence each step (correct, slower).
     ``max_seq_len`` comes from the model's ``sparsert.model_config`` metadata; ``metadata`` holds all of the
-    model-level metadata (``sparsert.weights_sha256`` among it, for :func:`onnx_stepper`'s check).
+    model-level metadata (``sparsert.weights_sha256`` among it, for :func:`onnx_stepper`'s check). The export
+    of a Hugging Face directory (``sparsert.hf_model_type``, no model config) takes ``max_seq_len`` and
+    ``vocab_size`` (the tokenizer's size: ids must be below it and the logits are cut to it) from the caller.
     """
 
     def __init__(
@@ -148,6 +156,8 @@ class OnnxStepper:
         *,
         accuracy_level: int | None = DEFAULT_ACCURACY_LEVEL,
         threads: int | None = None,
+        max_seq_len: int | None = None,
+        vocab_size: int | None = None,
     ) -> None:
         from sparsert.export.onnx_export import is_onnx_model  # noqa: PLC0415 - onnx_export imports this module
 
@@ -164,14 +174,21 @@ class OnnxStepper:
             raise ExportError(f"{path} is not a readable ONNX model: {exc}") from None
         self.metadata = get_metadata(header)
         config = self.metadata.get(KEY_MODEL_CONFIG)
-        if config is None:
+        self.model_config: dict | None = None
+        if config is None and KEY_HF_MODEL_TYPE in self.metadata:  # a Hugging Face export: the caller knows
+            if max_seq_len is None or vocab_size is None:
+                raise ExportError(f"{path} is the export of a Hugging Face model directory; run it with that "
+                                  "directory (sparsert generate HF_DIR --backend onnx --onnx FILE)")
+            self.max_seq_len, self.vocab_size = max_seq_len, vocab_size
+        elif config is None:
             raise ExportError(f"{path} has no '{KEY_MODEL_CONFIG}' metadata (not exported by sparsert export)")
-        try:
-            self.model_config = json.loads(config)
-            self.max_seq_len = int(self.model_config["max_seq_len"])
-            self.vocab_size = int(self.model_config["vocab_size"])
-        except (ValueError, TypeError, KeyError):
-            raise ExportError(f"{path}: '{KEY_MODEL_CONFIG}' metadata is not a valid model config") from None
+        else:
+            try:
+                self.model_config = json.loads(config)
+                self.max_seq_len = int(self.model_config["max_seq_len"])
+                self.vocab_size = int(self.model_config["vocab_size"])
+            except (ValueError, TypeError, KeyError):
+                raise ExportError(f"{path}: '{KEY_MODEL_CONFIG}' metadata is not a valid model config") from None
         self.path = path
         self.session = make_session(path, accuracy_level=accuracy_level, threads=threads)
         check_graph_io(self.session, path)
@@ -205,7 +222,7 @@ class OnnxStepper:
             logits, self._past = run_logits(self.session, np.array([ids], np.int64), self._past)
         else:
             logits, _ = run_logits(self.session, np.array([self._ids], np.int64))
-        return logits[0, -1]
+        return logits[0, -1, : self.vocab_size]  # a Hugging Face embedding may have rows beyond the tokenizer
 
 
 @contextmanager

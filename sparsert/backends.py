@@ -1,5 +1,5 @@
 """Generation backends by name: ``make_stepper(artifact, "torch" | "onnx" | "runtime")`` -> a Stepper, and
-``make_hf_stepper(path, "torch" | "runtime")`` for a Hugging Face model directory.
+``make_hf_stepper(path, "torch" | "onnx" | "runtime")`` for a Hugging Face model directory.
 
 Each backend's stepper lives with its backend — :class:`sparsert.runtime.generate.TorchStepper` (PyTorch
 reference, CPU), :class:`sparsert.runtime.gpu_backend.GpuStepper` (sparsert's GPU runtime) and
@@ -71,25 +71,26 @@ def _require_runtime_gpu(cpu_backends: str = "--backend torch or --backend onnx"
 
 
 @contextmanager
-def make_hf_stepper(path: str | Path, backend: str, *, cuda_graph: bool = False) -> Iterator[tuple[Stepper, object]]:
+def make_hf_stepper(path: str | Path, backend: str, onnx_path: str | Path | None = None, *,
+                    cuda_graph: bool = False) -> Iterator[tuple[Stepper, object]]:
     """Yield ``(stepper, tokenizer)`` for the local Hugging Face causal-LM directory ``path`` (e.g. the ``<run>/hf``
     of ``sparsert train --model``): ``"torch"`` runs it with transformers on the CPU in float32 (the reference);
-    ``"runtime"`` loads it on the GPU, swaps its 2:4 linears (those its ``sparsert.json`` records, INT4 where they
-    trained with QAT; packed from the float32 weights, bf16 activations) for sparsert's kernels
+    ``"onnx"`` runs ``sparsert export``'s logits graph of it with ONNX Runtime (``onnx_path``, or exported to a
+    temporary file; :func:`sparsert.export.hf_export.hf_onnx_stepper`); ``"runtime"`` loads it on the GPU, swaps
+    its 2:4 linears (those its ``sparsert.json`` records, INT4 where they trained with QAT; packed from the
+    float32 weights, bf16 activations) for sparsert's kernels
     (:func:`sparsert.train.hf_model.swap_saved_sparse_layers`) and runs the rest in bf16. ConfigError for
-    ``"onnx"`` (the ONNX export covers sparsert artifacts), ``cuda_graph`` (a transformers model decodes eagerly)
-    or a directory without a tokenizer; DeviceError when the GPU runtime cannot run."""
+    ``cuda_graph`` (a transformers model decodes eagerly) or a directory without a tokenizer; DeviceError when
+    the GPU runtime cannot run."""
     from sparsert.runtime.errors import ConfigError  # noqa: PLC0415
 
-    if backend not in ("torch", "runtime"):
-        raise ConfigError(f"--backend {backend}: {path} is a Hugging Face model directory; it runs with --backend "
-                          "torch (transformers, CPU) or --backend runtime (sparsert's GPU kernels); the ONNX export "
-                          "covers sparsert artifacts")
+    if backend not in BACKENDS:
+        raise ConfigError(f"--backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
     if cuda_graph:
         raise ConfigError(f"--cuda-graph: {path} is a Hugging Face model directory, which decodes eagerly (the CUDA "
                           "graph runs sparsert artifacts' decode step)")
     if backend == "runtime":
-        _require_runtime_gpu("--backend torch")
+        _require_runtime_gpu()
     import torch  # noqa: PLC0415
 
     from sparsert.runtime.hf_stepper import HFStepper  # noqa: PLC0415
@@ -103,6 +104,14 @@ def make_hf_stepper(path: str | Path, backend: str, *, cuda_graph: bool = False)
     if not has_tokenizer_files(path):  # before the model is loaded
         raise ConfigError(f"{path}: no tokenizer files in the model directory, so the prompt cannot be encoded")
     limit = hf_model_config(path).max_seq_len
+    if backend == "onnx":
+        from sparsert.export.hf_export import hf_onnx_stepper  # noqa: PLC0415
+        from sparsert.runtime.hf_tokenizer import HFTokenizer  # noqa: PLC0415
+
+        tokenizer = HFTokenizer(path)
+        with hf_onnx_stepper(path, onnx_path, max_seq_len=limit, vocab_size=tokenizer.vocab_size) as stepper:
+            yield stepper, tokenizer
+        return
     bundle = load_hf_causal_lm(path)  # float32: the 2:4 layers are packed from the weights as stored
     model = bundle.model
     if backend == "runtime":

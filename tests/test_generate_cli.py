@@ -436,7 +436,8 @@ def test_bench_generate_without_gpu_and_its_table(tmp_path):
 
 def test_generate_from_a_hugging_face_directory(capsys, hf_model_dirs):
     """--backend torch runs the directory with transformers: the same greedy tokens as transformers' own
-    generate. The ONNX backend and --cuda-graph are refused by name; so is --backend runtime without a GPU."""
+    generate. The ONNX backend wants a directory with 2:4 layers (compress it first); --cuda-graph is refused by
+    name; so is --backend runtime without a GPU."""
     transformers = pytest.importorskip("transformers")
     from sparsert.runtime.hf_tokenizer import HFTokenizer
 
@@ -452,13 +453,14 @@ def test_generate_from_a_hugging_face_directory(capsys, hf_model_dirs):
     assert got["ids"] == want.tolist() and got["text"] == tok.decode(want.tolist())
     capsys.readouterr()  # transformers' own loading output
     code, _, err = run_main(capsys, "generate", str(path), "--prompt", "hi", "--backend", "onnx")
-    assert_one_line_error(code, err, "is a Hugging Face model directory; it runs with --backend torch")
+    assert_one_line_error(code, err, "without sparsert.json: it records no 2:4 layers; prune it first with: "
+                                     "sparsert compress")
     code, _, err = run_main(capsys, "generate", str(path), "--prompt", "hi", "--backend", "runtime", "--cuda-graph")
     assert_one_line_error(code, err, "--cuda-graph: ")
     if not torch.cuda.is_available():
         code, _, err = run_main(capsys, "generate", str(path), "--prompt", "hi", "--backend", "runtime")
         assert_one_line_error(code, err, "needs an NVIDIA GPU")
-        assert err.rstrip().endswith("use --backend torch (CPU)")
+        assert err.rstrip().endswith("use --backend torch or --backend onnx (CPU)")
 
 
 def _trained_hf_dir(tmp_path, transformers, qat_group: int | None):

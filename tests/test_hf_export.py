@@ -17,7 +17,7 @@ pytest.importorskip("onnxscript")
 
 import onnx  # noqa: E402
 from onnx import numpy_helper  # noqa: E402
-from test_generate_cli import run_main  # noqa: E402
+from test_generate_cli import make_artifact, run_main  # noqa: E402
 from test_hf_compress import _model_dir  # noqa: E402
 
 from sparsert.export.annotations import get_metadata, is_nm_along_axis, read_sparsity_annotations  # noqa: E402
@@ -130,3 +130,40 @@ def test_int4_values_saved_in_bf16_stay_float_with_a_note(compressed, tmp_path, 
     assert code == 0, err
     assert "are not exact INT4 codes of group 64 (saved in reduced precision?); kept as float32 2:4" in err
     assert "2:4 float32" in stdout and ": passed" in stdout
+
+
+def test_generate_through_onnx_runtime(compressed, tmp_path, capsys):
+    """`generate HF_DIR --backend onnx` gives transformers' greedy tokens, on a graph exported for the run or on
+    `--onnx FILE`; an export of other weights, or of a sparsert artifact, is refused by name, and the artifact
+    path refuses a Hugging Face export."""
+    src = compressed["llama-int4"]
+    args = ["generate", str(src), "--prompt", "The quick", "--max-new-tokens", "6", "--json"]
+    code, out, err = run_main(capsys, *args)
+    assert code == 0, err
+    want = json.loads(out)["ids"]
+    code, out, err = run_main(capsys, *args, "--backend", "onnx")
+    assert code == 0, err
+    assert json.loads(out)["ids"] == want
+    onnx_file = tmp_path / "m.onnx"
+    export_hf_model(src, onnx_file, parity=False)
+    code, out, err = run_main(capsys, *args, "--backend", "onnx", "--onnx", str(onnx_file))
+    assert code == 0, err
+    assert json.loads(out)["ids"] == want
+    code, _, err = run_main(capsys, "generate", str(compressed["llama-24"]), "--prompt", "hi", "--backend", "onnx",
+                            "--onnx", str(onnx_file))
+    assert code == 2 and "holds other weights (digest " in err and f"not those of {compressed['llama-24']}" in err
+    assert f"re-export it with `sparsert export {compressed['llama-24']} -o {onnx_file}`" in err
+
+
+def test_artifact_and_hf_exports_are_not_mixed_up(compressed, tmp_path, capsys):
+    tiny_artifact = make_artifact(tmp_path / "art")
+    hf_onnx, art_onnx = tmp_path / "hf.onnx", tmp_path / "art.onnx"
+    export_hf_model(compressed["llama-24"], hf_onnx, parity=False)
+    code, _, err = run_main(capsys, "export", str(tiny_artifact), "-o", str(art_onnx), "--skip-parity")
+    assert code == 0, err
+    code, _, err = run_main(capsys, "generate", str(compressed["llama-24"]), "--prompt", "hi", "--backend", "onnx",
+                            "--onnx", str(art_onnx))
+    assert code == 2 and "is the export of a sparsert artifact, not of the Hugging Face directory" in err
+    code, _, err = run_main(capsys, "generate", str(tiny_artifact), "--prompt", "hi", "--backend", "onnx",
+                            "--onnx", str(hf_onnx))
+    assert code == 2 and "is the export of a Hugging Face model directory; run it with that directory" in err

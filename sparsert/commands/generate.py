@@ -48,7 +48,7 @@ from sparsert.commands import option_given
 def command(artifact: str, prompt: str, max_new_tokens: int, temperature: float, top_k: int | None, seed: int,
             backend: str, onnx_path: str | None, cuda_graph: bool, as_json: bool) -> None:
     """Generate a continuation of --prompt from ARTIFACT (greedy by default): a sparsert artifact, or a Hugging Face
-    model directory such as the <run>/hf of `sparsert train --model` (--backend torch or runtime)."""
+    model directory such as the <run>/hf of `sparsert train --model`."""
     from sparsert.runtime.errors import ConfigError, require_path
     from sparsert.runtime.generate import GenerationConfig, generate_ids
 
@@ -94,7 +94,7 @@ def _open(path: str, backend: str, onnx_path: str | None, cuda_graph: bool):
     from sparsert.runtime.artifact import is_hf_model_dir, load_artifact
 
     if is_hf_model_dir(path):
-        with make_hf_stepper(path, backend, cuda_graph=cuda_graph) as opened:
+        with make_hf_stepper(path, backend, onnx_path, cuda_graph=cuda_graph) as opened:
             yield opened
         return
     art = load_artifact(path)
