@@ -52,8 +52,11 @@ def cli() -> None:
 
 
 def _launcher_rank() -> int:
-    """This process's rank under ``torchrun`` (``RANK`` within ``WORLD_SIZE``); 0 otherwise, also for a broken
-    environment, whose error every rank must show."""
+    """This process's rank under ``torchrun`` (which sets ``TORCHELASTIC_RUN_ID``; ``RANK`` within ``WORLD_SIZE``);
+    0 otherwise: for ``RANK`` inherited outside torchrun (a job pod, a worker's subprocess) and for a broken
+    environment, whose error every process must show."""
+    if not os.environ.get("TORCHELASTIC_RUN_ID"):
+        return 0
     try:
         rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
     except ValueError:

@@ -187,8 +187,8 @@ def test_filesystem_errors_and_bad_values_are_one_line(tmp_path, monkeypatch, ca
 
 def test_under_torchrun_rank_0_alone_prints_config_errors(tmp_path, monkeypatch, capsys):
     """Every rank meets a bad flag or config alike: rank 0 prints it, the others exit 2 silently. Errors a rank
-    may meet alone (files) carry its rank; an environment whose RANK is outside WORLD_SIZE is no torchrun's, so
-    its errors are printed as usual."""
+    may meet alone (files) carry its rank; without torchrun's TORCHELASTIC_RUN_ID, or with a RANK outside
+    WORLD_SIZE, errors are printed as usual."""
     from sparsert.cli import main
 
     (tmp_path / "art").mkdir()
@@ -202,6 +202,7 @@ def test_under_torchrun_rank_0_alone_prints_config_errors(tmp_path, monkeypatch,
              ("1", ["inspect", "art"], ["error: [rank 1] art/config.json: unknown format"]),
              ("0", ["inspect", "art"], ["error: art/config.json: unknown format"])]
     monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "test")
     for rank, args, starts in cases:
         monkeypatch.setenv("RANK", rank)
         monkeypatch.setenv("LOCAL_RANK", rank)
@@ -210,6 +211,11 @@ def test_under_torchrun_rank_0_alone_prints_config_errors(tmp_path, monkeypatch,
         err = capsys.readouterr().err.strip().splitlines()
         assert exc.value.code == 2 and len(err) == len(starts), (rank, args, err)
         assert all(line.startswith(start) for line, start in zip(err, starts, strict=True)), (rank, args, err)
+    monkeypatch.delenv("TORCHELASTIC_RUN_ID")  # RANK inherited outside torchrun: every error is shown as usual
+    monkeypatch.setenv("RANK", "1")
+    with pytest.raises(SystemExit):
+        main(bad_config)
+    assert capsys.readouterr().err.startswith("error: --prune-start 0.8")
 
 
 def test_device_cuda_without_a_gpu_is_a_one_line_error(tmp_path, monkeypatch, capsys):

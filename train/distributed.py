@@ -61,7 +61,7 @@ import torch.distributed as dist
 from torch import nn
 
 from sparsert.runtime import errors
-from sparsert.runtime.errors import ConfigError, DistributedError, FormatError, SparsertError
+from sparsert.runtime.errors import ConfigError, DeviceError, DistributedError, FormatError, SparsertError
 from sparsert.train.checkpoint import CHECKPOINTS, save_checkpoint, step_dir_name
 from sparsert.train.metrics import MetricsLog
 from sparsert.train.sparse_linear import SparseLinear
@@ -302,7 +302,7 @@ DEVICES = ("auto", "cpu", "cuda")
 
 def resolve_device(device: str, local_rank: int = 0) -> torch.device:
     """``--device``: ``auto`` (this rank's GPU when torch sees one, else the CPU), ``cpu`` or ``cuda``
-    (ConfigError without a usable GPU)."""
+    (ConfigError without a usable GPU; DeviceError for a LOCAL_RANK beyond the visible GPUs)."""
     if device not in DEVICES:
         raise ConfigError(f"--device: expected one of {', '.join(DEVICES)}, got {device!r}")
     cuda = torch.cuda.is_available()
@@ -312,7 +312,7 @@ def resolve_device(device: str, local_rank: int = 0) -> torch.device:
         return torch.device("cpu")
     count = torch.cuda.device_count()
     if local_rank >= count:
-        raise ConfigError(f"--device {device}: LOCAL_RANK {local_rank} has no GPU of its own ({count} visible); "
+        raise DeviceError(f"--device {device}: LOCAL_RANK {local_rank} has no GPU of its own ({count} visible); "
                           "start at most one process per GPU, or use --device cpu")
     return torch.device("cuda", local_rank)
 
