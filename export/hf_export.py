@@ -48,7 +48,7 @@ from sparsert.export.onnx_export import ExportResult, check_output, checked_expo
 from sparsert.export.onnx_graph import OPSET, LinearWeight, int4_initializer, packed_linear_weight
 from sparsert.export.onnx_runner import DEFAULT_ACCURACY_LEVEL, OnnxStepper
 from sparsert.export.parity import DEFAULT_PROMPTS, ParityReport, compare_logits
-from sparsert.runtime.errors import ConfigError, ExportError, require_path
+from sparsert.runtime.errors import ArtifactError, ConfigError, ExportError, require_path
 from sparsert.runtime.nm_mask import is_nm_sparse
 from sparsert.runtime.packed_linear import pack_linear
 
@@ -77,7 +77,14 @@ def layer_weight(model: nn.Module, name: str, info: dict) -> tuple[LinearWeight,
     its INT4 values could not be kept (None otherwise). ExportError when a layer recorded as 2:4 is not."""
     from sparsert.train.hf_model import served_as_2_4
 
-    module = model.get_submodule(name)
+    try:
+        module = model.get_submodule(name)
+    except AttributeError:
+        raise ArtifactError(f"sparsert.json records layer '{name}', which the model does not have") from None
+    weight = getattr(module, "weight", None)
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
+        raise ArtifactError(f"sparsert.json records layer '{name}', a {type(module).__name__} without a 2-D weight "
+                            "(not a linear layer)")
     w = _weight_nk(module)
     bias = None if getattr(module, "bias", None) is None else module.bias.detach().float()
     bias_np = None if bias is None else bias.numpy()
@@ -285,6 +292,8 @@ def export_hf_model(path: str | Path, output: str | Path, *, parity: bool = True
         weights[name], note = layer_weight(model, name, info)
         if note is not None:
             notes.append(note)
+    if not any(w.sparse for w in weights.values()):
+        notes.append(f"{path}: {SPARSERT_FILE} records no 2:4 layer; the graph holds dense weights only")
     groups = sorted({w.group_size for w in weights.values() if w.kind == "int4"})
 
     def build() -> onnx.ModelProto:

@@ -391,11 +391,23 @@ def build_onnx_model(artifact: Artifact, *, with_kv_cache: bool = True) -> onnx.
     return _Builder(artifact, with_kv_cache).build()
 
 
+def too_big_for_protobuf(model: onnx.ModelProto) -> bool:
+    """Whether ``model`` would serialise to protobuf's 2 GiB limit or more. The initializers' bytes are summed
+    first: protobuf (upb) refuses even to size a message over 2 GiB (``ByteSize`` raises ``EncodeError``)."""
+    if sum(len(t.raw_data) for t in model.graph.initializer) >= _PROTOBUF_LIMIT:
+        return True
+    try:
+        return model.ByteSize() >= _PROTOBUF_LIMIT
+    except Exception:  # noqa: BLE001 - google.protobuf.message.EncodeError: over 2 GiB
+        return True
+
+
 def save_onnx_model(model: onnx.ModelProto, path: str | Path, *, external_data: bool | None = None) -> Path:
     """Write ``model`` to ``path`` atomically (temporary directory beside it, then rename).
 
     ``external_data``: store initializers in ``<name>.data`` beside the model (ONNX external data). ``None``
-    (default) does so only when the model would exceed protobuf's 2 GiB limit. With external data the data
+    (default) does so only when the model would exceed protobuf's 2 GiB limit (:func:`too_big_for_protobuf`).
+    ``model`` keeps its initializers' bytes in memory either way. With external data the data
     file is moved into place before the model file, so a present ``.onnx`` always has its data.
     """
     path = Path(path)
@@ -403,16 +415,17 @@ def save_onnx_model(model: onnx.ModelProto, path: str | Path, *, external_data: 
         raise ExportError(f"output {path} is a directory, expected an .onnx file path")
     path.parent.mkdir(parents=True, exist_ok=True)
     if external_data is None:
-        external_data = model.ByteSize() >= _PROTOBUF_LIMIT
+        external_data = too_big_for_protobuf(model)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     try:
         staged = tmp / path.name
         if external_data:
             location = f"{path.name}.data"
-            copy = onnx.ModelProto()
-            copy.CopyFrom(model)  # save_model(save_as_external_data=True) rewrites the initializers in place
-            onnx.save_model(copy, staged, save_as_external_data=True, all_tensors_to_one_file=True,
+            # save_model(save_as_external_data=True) moves the initializers' bytes out of ``model``; they are read
+            # back from the file just written rather than saved from a copy (which would double the memory)
+            onnx.save_model(model, staged, save_as_external_data=True, all_tensors_to_one_file=True,
                             location=location, size_threshold=1024)
+            onnx.load_external_data_for_model(model, str(tmp))
             os.replace(tmp / location, path.parent / location)
         else:
             onnx.save_model(model, staged)

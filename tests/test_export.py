@@ -382,6 +382,24 @@ def test_save_is_atomic_and_supports_external_data(tmp_path, artifacts, models):
     assert check_parity(path, artifacts["llama", "fp32"], threads=1).passed
 
 
+def test_a_model_over_the_protobuf_limit_gets_external_data_and_keeps_its_bytes(tmp_path, artifacts, models,
+                                                                                  monkeypatch):
+    """The automatic choice (the limit lowered to 4 KiB here): initializers summed before ByteSize, which protobuf
+    refuses past 2 GiB; the model in memory still holds every initializer's bytes after the save."""
+    import sparsert.export.onnx_graph as onnx_graph_mod
+
+    model = models["llama", "fp32"]
+    before = {t.name: numpy_helper.to_array(t).copy() for t in model.graph.initializer}
+    monkeypatch.setattr(onnx_graph_mod, "_PROTOBUF_LIMIT", 4096)
+    assert onnx_graph_mod.too_big_for_protobuf(model)
+    path = save_onnx_model(model, tmp_path / "auto" / "m.onnx")
+    assert sorted(p.name for p in path.parent.iterdir()) == ["m.onnx", "m.onnx.data"]
+    for t in model.graph.initializer:
+        assert t.data_location == onnx.TensorProto.DEFAULT
+        np.testing.assert_array_equal(numpy_helper.to_array(t), before[t.name])
+    assert check_parity(path, artifacts["llama", "fp32"], threads=1).passed
+
+
 def test_strict_tolerance_makes_parity_fail(monkeypatch, artifacts, models):
     """The bound is applied: a zero tolerance fails on honest float rounding."""
     monkeypatch.setattr(parity_mod, "FP32_TOLERANCE", parity_mod.Tolerance(rtol=0.0, atol=0.0))

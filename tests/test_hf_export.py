@@ -23,7 +23,7 @@ from test_hf_compress import _model_dir  # noqa: E402
 from sparsert.export.annotations import get_metadata, is_nm_along_axis, read_sparsity_annotations  # noqa: E402
 from sparsert.export.hf_export import export_hf_model  # noqa: E402
 from sparsert.export.onnx_runner import make_session  # noqa: E402
-from sparsert.runtime.errors import ConfigError, ExportError  # noqa: E402
+from sparsert.runtime.errors import ArtifactError, ConfigError, ExportError  # noqa: E402
 from sparsert.train.hf_compress import compress_hf_model  # noqa: E402
 from sparsert.train.hf_model import saved_sparse_layers  # noqa: E402
 
@@ -112,6 +112,18 @@ def test_bad_input_is_named(compressed, tmp_path, capsys):
                                           r"but its weight is not 2:4 along K"):
         export_hf_model(broken, tmp_path / "b.onnx")
     assert not (tmp_path / "b.onnx").exists() and not list(tmp_path.glob(".b.onnx*"))
+    # a malformed sparsert.json: a layer the model lacks, a norm, a group of 0
+    record = json.loads((compressed["llama-24"] / "sparsert.json").read_text())
+    entry = next(iter(record["sparse_layers"].values()))
+    for layer, group, message in (
+        ("model.layers.0.nope", None, r"records layer 'model\.layers\.0\.nope', which the model does not have"),
+        ("model.layers.0.input_layernorm", None, r"a LlamaRMSNorm without a 2-D weight"),
+        ("model.layers.0.mlp.up_proj", 0, r"not a valid sparsert layer record .*not positive"),
+    ):
+        (broken / "sparsert.json").write_text(json.dumps({**record, "sparse_layers": {
+            layer: {**entry, "qat_group_size": group}}}))
+        with pytest.raises(ArtifactError, match=message):
+            export_hf_model(broken, tmp_path / "b.onnx")
     # --accuracy-level applies to INT4 only
     code, _, err = run_main(capsys, "export", str(compressed["llama-24"]), "-o", str(tmp_path / "c.onnx"),
                             "--accuracy-level", "4")

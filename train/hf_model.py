@@ -332,6 +332,10 @@ def _save_kwargs(model: nn.Module) -> dict:
     return {"safe_serialization": True} if "safe_serialization" in params else {}
 
 
+def _positive_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
 def saved_sparse_layers(path: str | Path) -> dict[str, dict] | None:
     """The sparse layers the ``sparsert.json`` of a directory :func:`save_hf_checkpoint` wrote records: layer name
     -> ``{"n", "m", "dense", "qat_group_size", "transposed"}``; None when the directory has no such file.
@@ -346,9 +350,9 @@ def saved_sparse_layers(path: str | Path) -> dict[str, dict] | None:
             raise ValueError("not a sparsert-hf-checkpoint file")
         for name, info in layers.items():
             n, m, group = info["n"], info["m"], info["qat_group_size"]
-            if not (isinstance(n, int) and isinstance(m, int) and isinstance(info["dense"], bool)
-                    and (group is None or isinstance(group, int))):
-                raise ValueError(f"layer {name!r}: n, m, dense or qat_group_size of the wrong type")
+            if not (_positive_int(n) and _positive_int(m) and isinstance(info["dense"], bool)
+                    and (group is None or _positive_int(group))):
+                raise ValueError(f"layer {name!r}: n, m, dense or qat_group_size of the wrong type or not positive")
     except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as exc:
         raise ArtifactError(f"{file}: not a valid sparsert layer record ({_first_line(exc)})") from None
     return layers
