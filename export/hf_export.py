@@ -25,6 +25,7 @@ were trained or compressed with INT4). :func:`export_hf_model` exports such a mo
 
 from __future__ import annotations
 
+import ast
 import contextlib
 import hashlib
 import io
@@ -168,68 +169,123 @@ def _b_source(node: onnx.NodeProto, inits: dict[str, onnx.TensorProto],
     return array
 
 
-def place_weights(proto: onnx.ModelProto, weights: dict[str, LinearWeight]) -> None:
-    """Store each layer's weight as the ``B`` of the MatMul / Gemm whose constant equals it, annotated (see the
-    module docstring); ExportError naming a recorded layer the graph does not multiply by."""
+def _name_scopes(node: onnx.NodeProto) -> set[str]:
+    """The module paths torch.onnx records on a node (``pkg.torch.onnx.name_scopes``, a Python list literal)."""
+    text = next((e.value for e in node.metadata_props if e.key == "pkg.torch.onnx.name_scopes"), None)
+    try:
+        scopes = ast.literal_eval(text) if text else []
+    except (ValueError, SyntaxError):
+        return set()
+    return {s for s in scopes if isinstance(s, str)} if isinstance(scopes, list) else set()
+
+
+def _store(graph: onnx.GraphProto, node: onnx.NodeProto, w: LinearWeight) -> onnx.NodeProto | None:
+    """Make ``w`` the annotated ``B`` of ``node``; returns the DequantizeLinear to put before it (INT4)."""
+    layer, int4 = w.layer, w.kind == "int4"
+    props = ann.weight_annotations(layer, pattern="2:4" if w.sparse else None,
+                                   group_size=w.group_size if int4 else None,
+                                   scale=f"{layer}.weight_scale" if int4 else None)
+    dq = None
+    if int4:
+        init = int4_initializer(f"{layer}.weight_q", w.array)
+        scale = numpy_helper.from_array(np.ascontiguousarray(w.scales), f"{layer}.weight_scale")
+        dq = helper.make_node("DequantizeLinear", [init.name, scale.name], [f"{layer}.weight_dq"],
+                              name=f"{layer}/DequantizeLinear", axis=0, block_size=w.group_size)
+        node.input[1] = dq.output[0]
+        ann.annotate_weight(node, init, props)
+        graph.initializer.extend([init, scale])  # copies: annotated first
+    else:
+        init = numpy_helper.from_array(np.ascontiguousarray(w.array), f"{layer}.weight_t")
+        node.input[1] = init.name
+        ann.annotate_weight(node, init, props)
+        graph.initializer.append(init)
+    for attr in node.attribute:
+        if node.op_type == "Gemm" and attr.name == "transB":
+            attr.i = 0
+    return dq
+
+
+def place_weights(proto: onnx.ModelProto, weights: dict[str, LinearWeight]) -> list[str]:
+    """Store each layer's weight as the ``B`` of the MatMul / Gemm that multiplies by it, annotated (see the module
+    docstring). The node is the one torch.onnx recorded inside the layer's module (its name scopes) whose
+    constant equals the weight, else (no scope) the first node with that constant, so layers with equal weights
+    keep their own names. Returns notes: a weight also multiplied by other nodes, which keep it dense and
+    unannotated. ExportError naming a recorded layer the graph does not multiply by."""
     graph = proto.graph
     inits = {t.name: t for t in graph.initializer}
     producers = {out: node for node in graph.node for out in node.output}
-    wanted: dict[tuple, list[str]] = {}
+    keys = {}
     for name, w in weights.items():
         dense = w.array if w.kind == "float" else w.array.astype(np.float32) * np.repeat(w.scales, w.group_size, 0)
-        wanted.setdefault(_array_key(dense), []).append(name)
-    placed: dict[str, str] = {}
-    new_nodes: list[onnx.NodeProto] = []
+        keys[name] = _array_key(dense)
+    candidates = []  # (node, key of its constant B) in graph order
     for node in graph.node:
-        b = _b_source(node, inits, producers) if node.op_type in ("MatMul", "Gemm") else None
-        names = wanted.get(_array_key(b)) if b is not None else None
-        if names:
-            layer = names.pop(0)
-            w = weights[layer]
-            int4 = w.kind == "int4"
-            props = ann.weight_annotations(layer, pattern="2:4" if w.sparse else None,
-                                           group_size=w.group_size if int4 else None,
-                                           scale=f"{layer}.weight_scale" if int4 else None)
-            if int4:
-                init = int4_initializer(f"{layer}.weight_q", w.array)
-                scale = numpy_helper.from_array(np.ascontiguousarray(w.scales), f"{layer}.weight_scale")
-                dq = helper.make_node("DequantizeLinear", [init.name, scale.name], [f"{layer}.weight_dq"],
-                                      name=f"{layer}/DequantizeLinear", axis=0, block_size=w.group_size)
-                new_nodes.append(dq)
-                node.input[1] = dq.output[0]
-                ann.annotate_weight(node, init, props)
-                graph.initializer.extend([init, scale])  # copies: annotated first
-            else:
-                init = numpy_helper.from_array(np.ascontiguousarray(w.array), f"{layer}.weight_t")
-                node.input[1] = init.name
-                ann.annotate_weight(node, init, props)
-                graph.initializer.append(init)
-            if node.op_type == "Gemm":
-                for attr in node.attribute:
-                    if attr.name == "transB":
-                        attr.i = 0
-            placed[layer] = node.name
-        new_nodes.append(node)
+        if node.op_type in ("MatMul", "Gemm"):
+            b = _b_source(node, inits, producers)
+            if b is not None:
+                candidates.append((node, _array_key(b)))
+    placed: dict[str, onnx.NodeProto] = {}
+    for node, key in candidates:  # pass 1: the layer's own module
+        scopes = _name_scopes(node)
+        own = [n for n in weights if n not in placed and f"model.{n}" in scopes and keys[n] == key]
+        if len(own) == 1:
+            placed[own[0]] = node
+    taken = {id(node) for node in placed.values()}
+    for node, key in candidates:  # pass 2: by value alone
+        if id(node) in taken:
+            continue
+        match = next((n for n in weights if n not in placed and keys[n] == key), None)
+        if match is not None:
+            placed[match] = node
+            taken.add(id(node))
     missing = [name for name in weights if name not in placed]
     if missing:
         raise ExportError(f"layer {missing[0]}: no MatMul/Gemm of the exported graph multiplies by its weight "
                           f"({len(missing)} of {len(weights)} recorded layers not found)")
+    notes = []
+    placed_keys = {keys[n]: n for n in placed}
+    for node, key in candidates:
+        if id(node) not in taken and key in placed_keys:
+            notes.append(f"{placed_keys[key]}: its weight also feeds {node.op_type} node {node.name!r}, which keeps "
+                         "it as a dense float32 constant without annotations")
+    before = {}
+    for name, node in placed.items():
+        dq = _store(graph, node, weights[name])
+        if dq is not None:
+            before[id(node)] = dq
+    nodes = []
+    for node in graph.node:
+        if id(node) in before:
+            nodes.append(before[id(node)])
+        nodes.append(node)
     del graph.node[:]
-    graph.node.extend(new_nodes)
+    graph.node.extend(nodes)
     _drop_unused(graph)
+    return notes
+
+
+def _names_used(graph: onnx.GraphProto) -> set[str]:
+    """Every value a node of ``graph`` reads, its subgraphs' (If/Loop/Scan bodies) included."""
+    used = set()
+    for node in graph.node:
+        used.update(node.input)
+        for attr in node.attribute:
+            for sub in [attr.g] if attr.HasField("g") else list(attr.graphs):
+                used |= _names_used(sub)
+    return used
 
 
 def _drop_unused(graph: onnx.GraphProto) -> None:
     """Remove the nodes and initializers nothing consumes any more (the replaced weights and their Transposes)."""
     outputs = {o.name for o in graph.output}
     while True:
-        used = outputs | {name for node in graph.node for name in node.input}
+        used = outputs | _names_used(graph)
         dead = [node for node in graph.node if not any(out in used for out in node.output)]
         if not dead:
             break
         for node in dead:
             graph.node.remove(node)
-    used = {name for node in graph.node for name in node.input} | outputs
+    used = outputs | _names_used(graph)
     keep = [t for t in graph.initializer if t.name in used]
     del graph.initializer[:]
     graph.initializer.extend(keep)
@@ -292,14 +348,16 @@ def export_hf_model(path: str | Path, output: str | Path, *, parity: bool = True
         weights[name], note = layer_weight(model, name, info)
         if note is not None:
             notes.append(note)
-    if not any(w.sparse for w in weights.values()):
+    sparse = any(w.sparse for w in weights.values())
+    if not sparse:
         notes.append(f"{path}: {SPARSERT_FILE} records no 2:4 layer; the graph holds dense weights only")
     groups = sorted({w.group_size for w in weights.values() if w.kind == "int4"})
 
     def build() -> onnx.ModelProto:
         proto = _trace(model, context)
-        place_weights(proto, weights)
-        props = ann.model_annotations(pattern="2:4" if any(w.sparse for w in weights.values()) else None,
+        notes.extend(place_weights(proto, weights))
+        weights.clear()  # the graph holds them now
+        props = ann.model_annotations(pattern="2:4" if sparse else None,
                                       quantization="int4" if groups else None,
                                       group_size=groups[0] if len(groups) == 1 else None,
                                       model_config=None, kv_cache=False)

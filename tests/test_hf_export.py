@@ -179,3 +179,27 @@ def test_artifact_and_hf_exports_are_not_mixed_up(compressed, tmp_path, capsys):
     code, _, err = run_main(capsys, "generate", str(tiny_artifact), "--prompt", "hi", "--backend", "onnx",
                             "--onnx", str(hf_onnx))
     assert code == 2 and "is the export of a Hugging Face model directory; run it with that directory" in err
+
+
+def test_layers_with_equal_weights_keep_their_own_names(tmp_path):
+    """OPT registers k_proj before q_proj but runs q_proj first: with equal weights, each annotation still names
+    the layer whose module the node was traced in."""
+    config_class = getattr(transformers, "OPTConfig", None)
+    if config_class is None:
+        pytest.skip("this transformers has no OPT")
+    torch.manual_seed(0)
+    config = config_class(vocab_size=320, hidden_size=64, ffn_dim=128, num_hidden_layers=1, num_attention_heads=4,
+                          max_position_embeddings=64, word_embed_proj_dim=64)
+    model = transformers.AutoModelForCausalLM.from_config(config)
+    attn = model.model.decoder.layers[0].self_attn
+    with torch.no_grad():
+        attn.q_proj.weight.copy_(attn.k_proj.weight)
+    src = tmp_path / "opt"
+    model.save_pretrained(str(src))
+    out, _ = compress_hf_model(src, tmp_path / "opt-24")
+    result, _ = export_hf_model(out, tmp_path / "m.onnx")
+    proto = onnx.load(str(tmp_path / "m.onnx"))
+    nodes = {n.name: n for n in proto.graph.node}
+    for layer in ("model.decoder.layers.0.self_attn.q_proj", "model.decoder.layers.0.self_attn.k_proj"):
+        scopes = get_metadata(nodes[result.layers[layer]["node"]])["pkg.torch.onnx.name_scopes"]
+        assert f"'model.{layer}'" in scopes
