@@ -47,6 +47,7 @@ from torch import nn
 from sparsert.export import annotations as ann
 from sparsert.export.onnx_export import ExportResult, check_output, checked_export
 from sparsert.export.onnx_graph import OPSET, LinearWeight, int4_initializer, packed_linear_weight
+from sparsert.export.onnx_inspect import constant_b
 from sparsert.export.onnx_runner import DEFAULT_ACCURACY_LEVEL, OnnxStepper
 from sparsert.export.parity import DEFAULT_PROMPTS, ParityReport, compare_logits
 from sparsert.runtime.errors import ArtifactError, ConfigError, ExportError, require_path
@@ -147,28 +148,6 @@ def _cause(exc: BaseException) -> str:
     return text.splitlines()[0][:400] if text else type(exc).__name__
 
 
-def _b_source(node: onnx.NodeProto, inits: dict[str, onnx.TensorProto],
-              producers: dict[str, onnx.NodeProto]) -> np.ndarray | None:
-    """The constant ``B [K, N]`` a MatMul / Gemm multiplies by (a transposed initializer included); None when B
-    is not a 2-D constant."""
-    b = node.input[1]
-    if b in inits:
-        array = numpy_helper.to_array(inits[b])
-    elif b in producers and producers[b].op_type == "Transpose" and producers[b].input[0] in inits:
-        perm = next((list(a.ints) for a in producers[b].attribute if a.name == "perm"), [1, 0])
-        array = numpy_helper.to_array(inits[producers[b].input[0]])
-        if array.ndim != 2 or perm != [1, 0]:
-            return None
-        array = array.T
-    else:
-        return None
-    if array.ndim != 2 or array.dtype != np.float32:
-        return None
-    if node.op_type == "Gemm" and any(a.name == "transB" and a.i for a in node.attribute):
-        array = array.T
-    return array
-
-
 def _name_scopes(node: onnx.NodeProto) -> set[str]:
     """The module paths torch.onnx records on a node (``pkg.torch.onnx.name_scopes``, a Python list literal)."""
     text = next((e.value for e in node.metadata_props if e.key == "pkg.torch.onnx.name_scopes"), None)
@@ -220,10 +199,10 @@ def place_weights(proto: onnx.ModelProto, weights: dict[str, LinearWeight]) -> l
         keys[name] = _array_key(dense)
     candidates = []  # (node, key of its constant B) in graph order
     for node in graph.node:
-        if node.op_type in ("MatMul", "Gemm"):
-            b = _b_source(node, inits, producers)
-            if b is not None:
-                candidates.append((node, _array_key(b)))
+        found = constant_b(node, inits, producers, through_dequantize=False) if node.op_type in ("MatMul", "Gemm") \
+            else None
+        if found is not None and found[0].dtype == np.float32:
+            candidates.append((node, _array_key(found[0])))
     placed: dict[str, onnx.NodeProto] = {}
     for node, key in candidates:  # pass 1: the layer's own module
         scopes = _name_scopes(node)

@@ -55,8 +55,9 @@ PREFIX = "hf."  # state-dict prefix of the transformers model inside HFCausalLM
 NO_POSITION_LIMIT = 2**31 - 1
 # What the trainer prints about <run_dir>/hf (it takes the place of the sparsert artifact).
 HF_NOTE = (" (a Hugging Face model directory for transformers: dense weights carrying the 2:4 zeros; the sparsert "
-           "artifact format describes the built-in architectures only; sparsert.runtime.linear_swap."
-           "swap_sparse_linears runs its 2:4 linears on sparsert's formats and kernels)")
+           "artifact format describes the built-in architectures only; sparsert generate, export and inspect take "
+           "this directory, and sparsert.runtime.linear_swap.swap_sparse_linears runs its 2:4 linears on sparsert's "
+           "formats and kernels)")
 # config.json keys that change with the transformers version or the save, not with the architecture.
 _VOLATILE_KEYS = ("_name_or_path", "transformers_version", "torch_dtype", "dtype", "architectures", "use_cache",
                   "_attn_implementation_autoset")
