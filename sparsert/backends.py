@@ -103,12 +103,16 @@ def make_hf_stepper(path: str | Path, backend: str, onnx_path: str | Path | None
 
     if not has_tokenizer_files(path):  # before the model is loaded
         raise ConfigError(f"{path}: no tokenizer files in the model directory, so the prompt cannot be encoded")
-    limit = hf_model_config(path).max_seq_len
+    config = hf_model_config(path)
+    limit = config.max_seq_len
     if backend == "onnx":
         from sparsert.export.hf_export import hf_onnx_stepper  # noqa: PLC0415
         from sparsert.runtime.hf_tokenizer import HFTokenizer  # noqa: PLC0415
 
         tokenizer = HFTokenizer(path)
+        if tokenizer.vocab_size > config.vocab_size:
+            raise ConfigError(f"{path}: the tokenizer has {tokenizer.vocab_size} tokens but the model's embedding has "
+                              f"only {config.vocab_size} rows")
         with hf_onnx_stepper(path, onnx_path, max_seq_len=limit, vocab_size=tokenizer.vocab_size) as stepper:
             yield stepper, tokenizer
         return
