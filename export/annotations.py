@@ -232,6 +232,15 @@ def _annotated_initializer(node: onnx.NodeProto, props: Mapping[str, str], inits
     return weight
 
 
+def _int_property(props: Mapping[str, str], key: str, where: str) -> int | None:
+    if key not in props:
+        return None
+    try:
+        return int(props[key])
+    except ValueError:
+        raise ExportError(f"{where}: annotation {key}={props[key]!r} is not an integer") from None
+
+
 def read_sparsity_annotations(model: onnx.ModelProto) -> dict:
     """Read the convention back.
 
@@ -266,9 +275,9 @@ def read_sparsity_annotations(model: onnx.ModelProto) -> dict:
             "node": node.name,
             "initializer": weight,
             "pattern": props.get(KEY_PATTERN),
-            "axis": int(props[KEY_AXIS]) if KEY_AXIS in props else None,
-            "bits": int(props[KEY_BITS]) if KEY_BITS in props else None,
-            "group_size": int(props[KEY_GROUP_SIZE]) if KEY_GROUP_SIZE in props else None,
+            "axis": _int_property(props, KEY_AXIS, where),
+            "bits": _int_property(props, KEY_BITS, where),
+            "group_size": _int_property(props, KEY_GROUP_SIZE, where),
             "scale": props.get(KEY_SCALE),
         }
     return {"model": model_props, "layers": layers}

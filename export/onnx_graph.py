@@ -42,6 +42,7 @@ attends to keys ``0 .. past_seq + t``. The first call passes empty pasts (``past
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import shutil
@@ -402,6 +403,22 @@ def too_big_for_protobuf(model: onnx.ModelProto) -> bool:
         return True
 
 
+def _inline_again(model: onnx.ModelProto, base_dir: Path) -> None:
+    """Undo an external-data save on the in-memory ``model``: read back the bytes written to ``base_dir`` and mark
+    every tensor inline again. After a save that failed half-way, tensors not yet written still hold their bytes;
+    one whose bytes were cleared but cannot be read back is left empty (the error being raised says why)."""
+    from onnx import external_data_helper  # noqa: PLC0415
+
+    for tensor in external_data_helper._get_all_tensors(model):  # noqa: SLF001 - onnx's own walk over every tensor
+        if not external_data_helper.uses_external_data(tensor):
+            continue
+        if not tensor.raw_data:
+            with contextlib.suppress(Exception):
+                external_data_helper.load_external_data_for_tensor(tensor, str(base_dir))
+        tensor.data_location = onnx.TensorProto.DEFAULT
+        del tensor.external_data[:]
+
+
 def save_onnx_model(model: onnx.ModelProto, path: str | Path, *, external_data: bool | None = None) -> Path:
     """Write ``model`` to ``path`` atomically (temporary directory beside it, then rename).
 
@@ -423,10 +440,13 @@ def save_onnx_model(model: onnx.ModelProto, path: str | Path, *, external_data: 
             location = f"{path.name}.data"
             # save_model(save_as_external_data=True) moves the initializers' bytes out of ``model``; they are read
             # back from the file just written rather than saved from a copy (which would double the memory)
-            onnx.save_model(model, staged, save_as_external_data=True, all_tensors_to_one_file=True,
-                            location=location, size_threshold=1024)
-            onnx.load_external_data_for_model(model, str(tmp))
-            os.replace(tmp / location, path.parent / location)
+            try:
+                onnx.save_model(model, staged, save_as_external_data=True, all_tensors_to_one_file=True,
+                                location=location, size_threshold=1024)
+            finally:
+                _inline_again(model, tmp)
+            if (tmp / location).exists():  # absent when every tensor is under the 1 KiB threshold
+                os.replace(tmp / location, path.parent / location)
         else:
             onnx.save_model(model, staged)
         os.chmod(staged, 0o644)

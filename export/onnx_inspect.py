@@ -6,9 +6,10 @@ TensorRT (``BuilderFlag.SPARSE_WEIGHTS``) looks at the values of constant weight
 eligible. :func:`onnx_weight_stats` lists every such constant ``B`` of any ONNX model (sparsert's exports or
 another tool's), in graph order:
 
-- ``B`` read from an initializer directly, through a 2-D ``Transpose`` (``MatMul(x, Transpose(W))``), with
-  ``Gemm(transB=1)`` taken into account, or through a ``DequantizeLinear`` of an INT4/INT8 initializer (the
-  pattern is checked on the integer codes, as zero codes dequantize to 0 with a zero point of 0);
+- ``B`` read from an initializer or ``Constant`` node directly, through a 2-D ``Transpose``
+  (``MatMul(x, Transpose(W))``), with ``Gemm(transB=1)`` taken into account, or through a ``DequantizeLinear``
+  of integer codes (per tensor, per axis or blocked): the pattern is checked on the codes minus their zero
+  point, the entries that dequantize to 0; a ``MatMul`` inside an ``If`` / ``Loop`` body is not listed;
 - its shape ``[K, N]``, fraction of zeros, whether it is 2:4 along K, its storage (``float32``, ``int4`` ...),
   and the ``sparsert.layer`` / ``sparsert.sparsity.pattern`` annotations when the graph has them.
 
@@ -66,31 +67,80 @@ def _attr(node: onnx.NodeProto, name: str, default: int) -> int:
     return next((a.i for a in node.attribute if a.name == name), default)
 
 
+def _to_array(tensor: onnx.TensorProto) -> np.ndarray:
+    try:
+        return numpy_helper.to_array(tensor)
+    except (ValueError, TypeError) as exc:  # raw_data that does not fit dims and dtype
+        raise ExportError(f"initializer {tensor.name!r}: its data cannot be read ({exc})") from None
+
+
+def _zero_relative_codes(node: onnx.NodeProto, codes: np.ndarray, inits: dict[str, onnx.TensorProto]
+                         ) -> np.ndarray | None:
+    """A ``DequantizeLinear``'s integer codes minus its zero point (broadcast per tensor, per axis or per block),
+    so that exactly the entries that dequantize to 0 are 0; None when the zero point is not a constant."""
+    codes = codes.astype(np.int32)
+    if len(node.input) < 3 or not node.input[2]:
+        return codes
+    if node.input[2] not in inits:
+        return None
+    zp = _to_array(inits[node.input[2]]).astype(np.int32)
+    axis = _attr(node, "axis", 1) % codes.ndim
+    if zp.size == 1:
+        return codes - zp.reshape(())
+    if zp.ndim == 1 and zp.shape[0] == codes.shape[axis]:
+        return codes - np.expand_dims(zp, 1 - axis)
+    if zp.ndim == codes.ndim:
+        block = _attr(node, "block_size", 0)
+        if block > 0:
+            full = np.repeat(zp, block, axis=axis)
+            if full.shape[axis] >= codes.shape[axis]:
+                return codes - np.take(full, range(codes.shape[axis]), axis=axis)
+    return None
+
+
+def _constant(name: str, inits: dict[str, onnx.TensorProto], producers: dict[str, onnx.NodeProto],
+              through_dequantize: bool, depth: int = 0) -> tuple[np.ndarray, onnx.TensorProto] | None:
+    """The value of ``name`` and the tensor it comes from, when it is a constant: an initializer, a ``Constant``
+    node's tensor, a 2-D ``Transpose`` of a constant, or (``through_dequantize``) a ``DequantizeLinear`` of
+    constant codes, given as codes minus zero point. None otherwise."""
+    if name in inits:
+        tensor = inits[name]
+        if tensor.data_location == onnx.TensorProto.EXTERNAL and not tensor.raw_data:
+            return None
+        return _to_array(tensor), tensor
+    node = producers.get(name)
+    if node is None or depth > 3:
+        return None
+    if node.op_type == "Constant":
+        tensor = next((a.t for a in node.attribute if a.name == "value" and a.HasField("t")), None)
+        return (_to_array(tensor), tensor) if tensor is not None else None
+    if node.op_type == "Transpose":
+        inner = _constant(node.input[0], inits, producers, through_dequantize, depth + 1)
+        perm = next((list(a.ints) for a in node.attribute if a.name == "perm"), [1, 0])
+        if inner is None or inner[0].ndim != 2 or perm != [1, 0]:
+            return None
+        return inner[0].T, inner[1]
+    if node.op_type == "DequantizeLinear" and through_dequantize:
+        inner = _constant(node.input[0], inits, producers, through_dequantize, depth + 1)
+        if inner is None:
+            return None
+        relative = _zero_relative_codes(node, inner[0], inits)
+        return (relative, inner[1]) if relative is not None else None
+    return None
+
+
 def constant_b(node: onnx.NodeProto, inits: dict[str, onnx.TensorProto], producers: dict[str, onnx.NodeProto],
                *, through_dequantize: bool = True) -> tuple[np.ndarray, onnx.TensorProto] | None:
-    """The constant ``B [K, N]`` a ``MatMul`` / ``Gemm`` node multiplies by and the initializer holding it (None when
-    ``B`` is not a 2-D constant): an initializer, a 2-D ``Transpose`` of one, or (``through_dequantize``) the
-    integer codes of a ``DequantizeLinear``'s initializer; ``Gemm(transB=1)`` is undone."""
-    b = node.input[1] if len(node.input) > 1 else ""
-    transposed = False
-    source = producers.get(b)
-    if b not in inits and source is not None and source.op_type == "Transpose" and source.input[0] in inits:
-        perm = next((list(a.ints) for a in source.attribute if a.name == "perm"), [1, 0])
-        if perm != [1, 0]:
-            return None
-        b, transposed = source.input[0], True
-    elif b not in inits and through_dequantize and source is not None and source.op_type == "DequantizeLinear":
-        if source.input[0] not in inits or _attr(source, "axis", 1) not in (0, -2):
-            return None
-        b = source.input[0]
-    if b not in inits:
+    """The constant ``B [K, N]`` a ``MatMul`` / ``Gemm`` node multiplies by and the tensor holding it (None when
+    ``B`` is not a 2-D constant): see :func:`_constant` (a ``DequantizeLinear``'s codes come back minus their zero
+    point, so the zeros are the entries that dequantize to 0); ``Gemm(transB=1)`` is undone. ExportError naming
+    an initializer whose data cannot be read."""
+    if len(node.input) < 2:
         return None
-    tensor = inits[b]
-    if len(tensor.dims) != 2 or tensor.data_location == onnx.TensorProto.EXTERNAL and not tensor.raw_data:
+    found = _constant(node.input[1], inits, producers, through_dequantize)
+    if found is None or found[0].ndim != 2:
         return None
-    array = numpy_helper.to_array(tensor)
-    if transposed:
-        array = array.T
+    array, tensor = found
     if node.op_type == "Gemm" and _attr(node, "transB", 0):
         array = array.T
     return array, tensor
@@ -116,7 +166,10 @@ def onnx_weight_stats(path: str | Path) -> OnnxStats:
     for node in graph.node:
         if node.op_type not in ("MatMul", "Gemm"):
             continue
-        found = constant_b(node, inits, producers)
+        try:
+            found = constant_b(node, inits, producers)
+        except ExportError as exc:
+            raise ExportError(f"{p}: {exc}") from None
         if found is None:
             continue
         array, tensor = found
@@ -136,12 +189,13 @@ def onnx_weight_stats(path: str | Path) -> OnnxStats:
 
 
 def format_onnx_stats(stats: OnnxStats) -> str:
-    width = max([len(w.layer or w.node) for w in stats.weights] + [6])
+    width = max([len(w.layer or w.node or w.initializer) for w in stats.weights] + [15])
     lines = [f"{stats.path}: {len(stats.weights)} MatMul/Gemm weights are constants", "",
              f"{'layer (or node)':<{width}} {'op':>6} {'B [K, N]':>14} {'storage':>8} {'zeros':>7} {'2:4':>4} "
              f"{'annotated':>9}"]
     for w in stats.weights:
-        lines.append(f"{w.layer or w.node:<{width}} {w.op:>6} {f'{w.k}x{w.n}':>14} {w.storage:>8} {w.zeros:>7.1%} "
+        name = w.layer or w.node or w.initializer
+        lines.append(f"{name:<{width}} {w.op:>6} {f'{w.k}x{w.n}':>14} {w.storage:>8} {w.zeros:>7.1%} "
                      f"{'yes' if w.is_2_4 else 'no':>4} {w.annotated or '-':>9}")
     eligible = sum(w.is_2_4 for w in stats.weights)
     lines += ["", f"{eligible} of {len(stats.weights)} weights are 2:4 along K (axis 0 of B: what TensorRT's "

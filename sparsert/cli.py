@@ -53,8 +53,9 @@ def cli() -> None:
 
 def _launcher_rank() -> int:
     """This process's rank under ``torchrun`` (which sets ``TORCHELASTIC_RUN_ID``; ``RANK`` within ``WORLD_SIZE``);
-    0 otherwise: for ``RANK`` inherited outside torchrun (a job pod, a worker's subprocess) and for a broken
-    environment, whose error every process must show."""
+    0 otherwise: for ``RANK`` inherited outside torchrun (a job pod's environment) and for a broken environment,
+    whose error every process must show. A subprocess of a torchrun worker inherits the variables and counts as
+    that rank."""
     if not os.environ.get("TORCHELASTIC_RUN_ID"):
         return 0
     try:

@@ -400,6 +400,38 @@ def test_a_model_over_the_protobuf_limit_gets_external_data_and_keeps_its_bytes(
     assert check_parity(path, artifacts["llama", "fp32"], threads=1).passed
 
 
+def test_a_failed_external_data_save_leaves_the_model_whole(tmp_path, models, monkeypatch):
+    """The disk fills after the first tensor is written: an ExportError, nothing at the path, and the model in
+    memory still holds every initializer inline. Tiny tensors (no data file at all) save with external_data too."""
+    from onnx import external_data_helper
+
+    model = models["gpt2", "fp32"]
+    before = {t.name: numpy_helper.to_array(t).copy() for t in model.graph.initializer}
+    write, calls = external_data_helper.save_external_data, []
+
+    def disk_full_after_one(tensor, base_path):
+        calls.append(tensor.name)
+        if len(calls) == 2:
+            raise OSError(28, "No space left on device")
+        write(tensor, base_path)
+
+    monkeypatch.setattr(external_data_helper, "save_external_data", disk_full_after_one)
+    with pytest.raises(ExportError, match="No space left on device"):
+        save_onnx_model(model, tmp_path / "full" / "m.onnx", external_data=True)
+    monkeypatch.undo()
+    assert len(calls) == 2 and list((tmp_path / "full").iterdir()) == []
+    for t in model.graph.initializer:
+        assert t.data_location == onnx.TensorProto.DEFAULT and not t.external_data
+        np.testing.assert_array_equal(numpy_helper.to_array(t), before[t.name])
+    w = numpy_helper.from_array(np.ones((2, 2), np.float32), "w")
+    tiny = onnx.helper.make_model(onnx.helper.make_graph(
+        [onnx.helper.make_node("MatMul", ["x", "w"], ["y"])], "g",
+        [onnx.helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 2])],
+        [onnx.helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 2])], [w]))
+    path = save_onnx_model(tiny, tmp_path / "tiny" / "t.onnx", external_data=True)
+    assert [p.name for p in path.parent.iterdir()] == ["t.onnx"]
+
+
 def test_strict_tolerance_makes_parity_fail(monkeypatch, artifacts, models):
     """The bound is applied: a zero tolerance fails on honest float rounding."""
     monkeypatch.setattr(parity_mod, "FP32_TOLERANCE", parity_mod.Tolerance(rtol=0.0, atol=0.0))

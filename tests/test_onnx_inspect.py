@@ -12,7 +12,7 @@ from onnx import TensorProto, helper, numpy_helper
 from test_generate_cli import make_artifact, run_main
 
 from sparsert.export.annotations import get_metadata, set_metadata
-from sparsert.export.onnx_inspect import onnx_weight_stats
+from sparsert.export.onnx_inspect import format_onnx_stats, onnx_weight_stats
 from sparsert.runtime.errors import ExportError
 
 
@@ -79,3 +79,63 @@ def test_not_an_onnx_file(tmp_path, capsys):
         onnx_weight_stats(tmp_path / "x.onnx")
     code, _, err = run_main(capsys, "inspect", str(tmp_path / "x.onnx"))
     assert code == 2 and "not an ONNX model file" in err
+
+
+def _save(tmp_path, name, nodes, inits, out="y"):
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8])],
+                              [helper.make_tensor_value_info(out, TensorProto.FLOAT, None)], inits)
+    path = tmp_path / name
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)], ir_version=10), str(path))
+    return path
+
+
+def test_dequantized_weights_are_judged_by_what_they_dequantize_to(tmp_path):
+    """Codes minus zero point: uint8 codes all 0 with zero point 128 are a dense weight; uint4 codes of 8 with
+    zero point 8 are zeros (blocked along K of a Gemm transB=1 weight); a per-tensor scale has no axis; a Transpose
+    after the DequantizeLinear and a Constant node are followed; an unnamed node is shown by its initializer."""
+    rng = np.random.default_rng(0)
+    dense_u8 = numpy_helper.from_array(np.zeros((8, 4), np.uint8), "codes_u8")
+    u4 = rng.integers(9, 16, size=(4, 8)).astype(np.uint8)  # [N, K] for Gemm transB=1; none dequantizes to 0
+    u4[:, 0::4] = u4[:, 1::4] = 8  # zero point 8: these dequantize to 0
+    u4_init = helper.make_tensor("codes_u4", TensorProto.UINT4, [4, 8], u4.flatten().tolist())
+    zp_u4 = helper.make_tensor("zp_u4", TensorProto.UINT4, [4, 1], [8] * 4)
+    w_kn = rng.standard_normal((8, 4)).astype(np.float32)
+    w_kn[2::4] = w_kn[3::4] = 0
+    nodes = [
+        helper.make_node("DequantizeLinear", ["codes_u8", "s", "zp_u8"], ["w1"]),  # per tensor: no axis
+        helper.make_node("MatMul", ["x", "w1"], ["h1"], name="dense_u8"),
+        helper.make_node("DequantizeLinear", ["codes_u4", "s_u4", "zp_u4"], ["w2"], axis=1, block_size=8),
+        helper.make_node("Gemm", ["x", "w2"], ["h2"], name="sparse_u4", transB=1),
+        helper.make_node("DequantizeLinear", ["codes_u4", "s_u4", "zp_u4"], ["w3"], axis=1, block_size=8),
+        helper.make_node("Transpose", ["w3"], ["w3t"], perm=[1, 0]),
+        helper.make_node("MatMul", ["x", "w3t"], ["h3"], name="dq_then_transpose"),
+        helper.make_node("Constant", [], ["w4"], value=numpy_helper.from_array(w_kn, "const_w")),
+        helper.make_node("MatMul", ["x", "w4"], ["h4"]),
+        helper.make_node("Sum", ["h1", "h2", "h3", "h4"], ["y"]),
+    ]
+    inits = [dense_u8, numpy_helper.from_array(np.float32(0.1), "s"), numpy_helper.from_array(np.uint8(128), "zp_u8"),
+             u4_init, numpy_helper.from_array(np.full((4, 1), 0.1, np.float32), "s_u4"), zp_u4]
+    stats = onnx_weight_stats(_save(tmp_path, "q.onnx", nodes, inits))
+    got = {w.node or w.initializer: (w.k, w.n, w.storage, w.is_2_4, round(w.zeros, 2)) for w in stats.weights}
+    assert got == {"dense_u8": (8, 4, "uint8", False, 0.0), "sparse_u4": (8, 4, "uint4", True, 0.5),
+                   "dq_then_transpose": (8, 4, "uint4", True, 0.5), "const_w": (8, 4, "float32", True, 0.5)}
+    assert "const_w " in format_onnx_stats(stats)
+
+
+def test_broken_files_are_named(tmp_path, capsys):
+    art = make_artifact(tmp_path / "art")
+    assert run_main(capsys, "export", str(art), "-o", str(tmp_path / "m.onnx"), "--skip-parity")[0] == 0
+    model = onnx.load(str(tmp_path / "m.onnx"))
+    node = next(n for n in model.graph.node if get_metadata(n).get("sparsert.layer"))
+    set_metadata(node, {"sparsert.sparsity.axis": "zero"})
+    weight = get_metadata(node)["sparsert.weight"]
+    set_metadata(next(t for t in model.graph.initializer if t.name == weight), {"sparsert.sparsity.axis": "zero"})
+    onnx.save(model, str(tmp_path / "badaxis.onnx"))
+    code, out, _ = run_main(capsys, "inspect", str(tmp_path / "badaxis.onnx"))  # reported, not a traceback
+    assert code == 0 and "warning: the sparsity annotations disagree with the values" in out
+    assert "annotation sparsert.sparsity.axis='zero' is not an integer" in out
+    w = numpy_helper.from_array(np.ones((8, 8), np.float32), "w")
+    w.raw_data = w.raw_data[:10]
+    path = _save(tmp_path, "trunc.onnx", [helper.make_node("MatMul", ["x", "w"], ["y"])], [w])
+    code, _, err = run_main(capsys, "inspect", str(path))
+    assert code == 2 and "trunc.onnx: initializer 'w': its data cannot be read" in err
