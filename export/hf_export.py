@@ -5,9 +5,9 @@ weights carrying the 2:4 zeros, and a ``sparsert.json`` naming the 2:4 layers (w
 were trained or compressed with INT4). :func:`export_hf_model` exports such a model for TensorRT and ONNX Runtime:
 
 - the graph is traced by ``torch.onnx.export`` (the dynamo exporter, onnxscript; opset 21) from the transformers
-  model in float32 on the CPU, as a logits-only graph (``input_ids`` int64 ``[batch, seq]`` -> ``logits``
-  float32 ``[batch, seq, vocab]``, both axes dynamic; no KV cache: transformers' cache objects are not graph
-  inputs);
+  model in float32 on the CPU, with the inputs and outputs of artifact graphs (``input_ids`` and
+  ``past_key_<i>`` / ``past_value_<i>`` -> ``logits`` and ``present_*``; :class:`_CachedLogits` loads the pasts into
+  a transformers ``DynamicCache``), or logits only (``with_kv_cache=False``; every traceable model);
 - each recorded layer's weight is found in the graph by its values (the exporter folds ``W.T`` into a
   constant of its own naming), stored as ``B [K, N]`` feeding the ``MatMul`` / ``Gemm`` directly — the
   ``Transpose`` a ``Gemm(transB=1)`` or ``MatMul(Transpose(W))`` would need is folded in, so the 2:4 groups
@@ -28,6 +28,7 @@ from __future__ import annotations
 import ast
 import contextlib
 import hashlib
+import inspect
 import io
 import json
 import logging
@@ -51,6 +52,7 @@ from sparsert.export.onnx_inspect import constant_b
 from sparsert.export.onnx_runner import DEFAULT_ACCURACY_LEVEL, OnnxStepper
 from sparsert.export.parity import DEFAULT_PROMPTS, ParityReport, compare_logits
 from sparsert.runtime.errors import ArtifactError, ConfigError, ExportError, require_path
+from sparsert.runtime.hf_stepper import cache_keyword
 from sparsert.runtime.nm_mask import is_nm_sparse
 from sparsert.runtime.packed_linear import pack_linear
 
@@ -66,6 +68,58 @@ class _Logits(nn.Module):
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.model(input_ids=input_ids, use_cache=False).logits
+
+
+class _CachedLogits(nn.Module):
+    """``(input_ids [B, T], past_key_0, past_value_0, ...) -> (logits [B, T, V], present_key_0, present_value_0,
+    ...)`` of a transformers causal LM whose cache is a ``DynamicCache`` of ``n_layers`` layers: the past tensors
+    ``[B, kv_heads, P, head_dim]`` are loaded into a fresh cache, the new tokens take positions ``P .. P + T - 1``,
+    and the cache's tensors after the step come back as the presents."""
+
+    def __init__(self, model: nn.Module, n_layers: int, positions: bool, cache_key: str) -> None:
+        super().__init__()
+        self.model = model  # the same attribute as _Logits: layers are found by the name scopes "model.<layer>"
+        self.n_layers, self.positions, self.cache_key = n_layers, positions, cache_key
+
+    def forward(self, input_ids: torch.Tensor, past: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+        from transformers import DynamicCache
+
+        cache = DynamicCache(config=self.model.config)
+        for i in range(self.n_layers):
+            cache.update(past[2 * i], past[2 * i + 1], i)
+        kwargs = {}
+        if self.positions:
+            start = past[0].shape[2]
+            kwargs["position_ids"] = torch.arange(input_ids.shape[1], dtype=torch.int64).unsqueeze(0) + start
+        out = self.model(input_ids=input_ids, use_cache=True, **{self.cache_key: cache}, **kwargs)
+        presents = []
+        for layer in out[self.cache_key].layers:
+            presents += [layer.keys, layer.values]
+        return (out.logits, *presents)
+
+
+def _cache_shapes(model: nn.Module) -> list[tuple[int, int]] | None:
+    """(kv_heads, head_dim) of each layer of the model's cache after a 2-token step, when the cache is a
+    transformers ``DynamicCache`` with full (not sliding-window) layers holding both tensors; None otherwise."""
+    try:
+        from transformers import DynamicCache
+    except ImportError:
+        return None
+    key = cache_keyword(model)
+    if key is None:
+        return None
+    with torch.no_grad():
+        out = model(input_ids=torch.zeros(1, 2, dtype=torch.int64), use_cache=True)
+    cache = out.get(key) if hasattr(out, "get") else None
+    if type(cache) is not DynamicCache or not getattr(cache, "layers", None):
+        return None
+    shapes = []
+    for layer in cache.layers:
+        keys, values = getattr(layer, "keys", None), getattr(layer, "values", None)
+        if type(layer).__name__ != "DynamicLayer" or keys is None or values is None or keys.shape != values.shape:
+            return None
+        shapes.append((keys.shape[1], keys.shape[3]))
+    return shapes
 
 
 def _weight_nk(module: nn.Module) -> torch.Tensor:
@@ -112,24 +166,41 @@ def _array_key(array: np.ndarray) -> tuple[tuple[int, ...], str]:
     return array.shape, hashlib.sha256(np.ascontiguousarray(array, dtype=np.float32).tobytes()).hexdigest()
 
 
-def _trace(model: nn.Module, context: int) -> onnx.ModelProto:
-    """The transformers model as an ONNX logits graph (opset 21), traced by the dynamo exporter."""
+def _trace(model: nn.Module, context: int, kv_cache: bool) -> onnx.ModelProto:
+    """The transformers model as an ONNX graph (opset 21), traced by the dynamo exporter: ``input_ids`` ->
+    ``logits``, and with ``kv_cache`` the ``past_key_<i>`` / ``past_value_<i>`` inputs and ``present_*`` outputs of
+    sparsert's artifact graphs (ExportError when the model's cache is not a plain ``DynamicCache``)."""
     try:
         import onnxscript  # noqa: F401 - the dynamo exporter's dependency, checked here for a clear message
     except ImportError:
         raise ExportError("exporting a Hugging Face model traces it with torch.onnx's dynamo exporter, which needs "
                           "onnxscript (pip install onnxscript)") from None
-    example = torch.zeros(2, min(SAMPLE_TOKENS, context), dtype=torch.int64)
+    tokens = min(SAMPLE_TOKENS, context)
+    example = torch.zeros(2, tokens, dtype=torch.int64)
+    dynamic = torch.export.Dim.DYNAMIC
+    if kv_cache:
+        shapes = _cache_shapes(model)
+        if shapes is None:
+            raise ExportError(f"the {type(model).__name__}'s KV cache is not a plain transformers DynamicCache of full "
+                              "layers, which the KV-cache graph holds; export it with --no-kv-cache")
+        past_len = max(1, min(3, context - tokens))
+        past = tuple(torch.zeros(2, heads, past_len, dim) for heads, dim in shapes for _ in (0, 1))
+        takes_positions = "position_ids" in inspect.signature(model.forward).parameters
+        module, args = _CachedLogits(model, len(shapes), takes_positions, cache_keyword(model)), (example, past)
+        names = [f"{kv}_{i}" for i in range(len(shapes)) for kv in ("key", "value")]
+        inputs, outputs = ["input_ids"] + [f"past_{n}" for n in names], ["logits"] + [f"present_{n}" for n in names]
+        shapes_spec = ({0: dynamic, 1: dynamic}, tuple({0: dynamic, 2: dynamic} for _ in past))
+    else:
+        module, args = _Logits(model), (example,)
+        inputs, outputs, shapes_spec = ["input_ids"], ["logits"], ({0: dynamic, 1: dynamic},)
     quiet = logging.getLogger("torch.onnx")
     level = quiet.level
     quiet.setLevel(logging.ERROR)  # "torchvision is not installed" and similar registration chatter
     try:
         with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
             warnings.simplefilter("ignore")
-            dynamic = torch.export.Dim.DYNAMIC
-            program = torch.onnx.export(_Logits(model), (example,), dynamo=True, opset_version=OPSET,
-                                        input_names=["input_ids"], output_names=["logits"],
-                                        dynamic_shapes=({0: dynamic, 1: dynamic},))
+            program = torch.onnx.export(module, args, dynamo=True, opset_version=OPSET, input_names=inputs,
+                                        output_names=outputs, dynamic_shapes=shapes_spec)
     except Exception as exc:  # noqa: BLE001 - torch.export and onnxscript raise many types
         raise ExportError(f"torch.onnx could not export the {type(model).__name__}: {_cause(exc)}") from None
     finally:
@@ -300,12 +371,14 @@ def _prompt_ids(tokenizer, vocab: int, context: int) -> dict[bytes, list[int]]: 
     return prompts
 
 
-def export_hf_model(path: str | Path, output: str | Path, *, parity: bool = True,
+def export_hf_model(path: str | Path, output: str | Path, *, with_kv_cache: bool | None = True, parity: bool = True,
                     accuracy_level: int | None = DEFAULT_ACCURACY_LEVEL) -> tuple[ExportResult, list[str]]:
     """Export the Hugging Face directory ``path`` (one sparsert wrote: it has ``sparsert.json``) to the ONNX file
     ``output`` with every check (see the module docstring); nothing is left at ``output`` on failure.
 
-    Returns the :class:`ExportResult` and notes (INT4 layers kept as float32). Raises ConfigError for a plain
+    ``with_kv_cache``: the graph with ``past_*`` / ``present_*`` tensors (ExportError for a model whose cache it
+    cannot hold), logits only (False), or whichever the model allows (None). Returns the :class:`ExportResult`
+    and notes (INT4 layers kept as float32). Raises ConfigError for a plain
     transformers directory (prune it with ``sparsert compress`` first), ArtifactError for unreadable weights,
     ExportError for a refused output path, a model the exporter cannot trace, or a failed check.
     """
@@ -331,15 +404,17 @@ def export_hf_model(path: str | Path, output: str | Path, *, parity: bool = True
     if not sparse:
         notes.append(f"{path}: {SPARSERT_FILE} records no 2:4 layer; the graph holds dense weights only")
     groups = sorted({w.group_size for w in weights.values() if w.kind == "int4"})
+    if with_kv_cache is None:
+        with_kv_cache = _cache_shapes(model) is not None
 
     def build() -> onnx.ModelProto:
-        proto = _trace(model, context)
+        proto = _trace(model, context, with_kv_cache)
         notes.extend(place_weights(proto, weights))
         weights.clear()  # the graph holds them now
         props = ann.model_annotations(pattern="2:4" if sparse else None,
                                       quantization="int4" if groups else None,
                                       group_size=groups[0] if len(groups) == 1 else None,
-                                      model_config=None, kv_cache=False)
+                                      model_config=None, kv_cache=with_kv_cache)
         ann.annotate_model(proto, {**props, ann.KEY_HF_MODEL_TYPE: str(model.config.model_type),
                                    ann.KEY_WEIGHTS_SHA256: hf_weights_sha256(path)})
         return proto
@@ -356,7 +431,7 @@ def export_hf_model(path: str | Path, output: str | Path, *, parity: bool = True
         return layers, compare_logits(staged, reference, _prompt_ids(bundle.tokenizer, vocab, context),
                                       quantized=bool(groups), accuracy_level=accuracy_level)
 
-    return checked_export(out, build, check, kv_cache=False), notes
+    return checked_export(out, build, check, kv_cache=with_kv_cache), notes
 
 
 @contextlib.contextmanager
@@ -365,9 +440,9 @@ def hf_onnx_stepper(path: str | Path, onnx_path: str | Path | None = None, *, ma
     """An :class:`~sparsert.export.onnx_runner.OnnxStepper` for the Hugging Face directory ``path``: on
     ``onnx_path``, which must be ``sparsert export``'s graph of this very directory (its ``sparsert.hf_model_type``
     and ``sparsert.weights_sha256`` = :func:`hf_weights_sha256`; ExportError naming both paths otherwise), or
-    without it on one exported to a temporary directory (no parity check), removed on exit. The graph has no KV
-    cache: each step runs the whole sequence. ``max_seq_len``: the model's context; ``vocab_size``: the
-    tokenizer's size."""
+    without it on one exported to a temporary directory (no parity check; with the KV cache when the model's cache
+    allows, else logits only, rerun on the whole sequence each step), removed on exit. ``max_seq_len``: the
+    model's context; ``vocab_size``: the tokenizer's size."""
     if onnx_path is not None:
         require_path(onnx_path, "--onnx", "the path of an .onnx file", ExportError)
         stepper = OnnxStepper(onnx_path, max_seq_len=max_seq_len, vocab_size=vocab_size)
@@ -383,7 +458,7 @@ def hf_onnx_stepper(path: str | Path, onnx_path: str | Path | None = None, *, ma
         return
     tmp = Path(tempfile.mkdtemp(prefix="sparsert-generate-"))
     try:
-        export_hf_model(path, tmp / "model.onnx", parity=False)
+        export_hf_model(path, tmp / "model.onnx", with_kv_cache=None, parity=False)
         yield OnnxStepper(tmp / "model.onnx", max_seq_len=max_seq_len, vocab_size=vocab_size)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

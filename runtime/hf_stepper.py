@@ -18,6 +18,13 @@ from torch import nn
 from sparsert.runtime.errors import ConfigError
 
 
+def cache_keyword(model: nn.Module) -> str | None:
+    """The keyword a transformers causal LM's forward takes its KV cache by: ``cache`` (transformers 5) or
+    ``past_key_values`` (before); None when it takes neither."""
+    params = inspect.signature(model.forward).parameters
+    return next((key for key in ("cache", "past_key_values") if key in params), None)
+
+
 class HFStepper:
     """Stepper over a ``transformers`` causal LM (batch 1).
 
@@ -30,11 +37,9 @@ class HFStepper:
     """
 
     def __init__(self, model: nn.Module, max_seq_len: int, vocab_size: int | None = None) -> None:
-        params = inspect.signature(model.forward).parameters
-        if "cache" in params:
-            self._cache_key = "cache"
-        elif "past_key_values" in params:
-            self._cache_key = "past_key_values"
+        key = cache_keyword(model)
+        if key is not None:
+            self._cache_key = key
         else:
             raise ConfigError(f"HFStepper: {type(model).__name__}.forward takes no KV cache (neither 'cache' nor "
                               "'past_key_values'); it is not a transformers causal LM")

@@ -22,7 +22,7 @@ from test_hf_compress import _model_dir  # noqa: E402
 
 from sparsert.export.annotations import get_metadata, is_nm_along_axis, read_sparsity_annotations  # noqa: E402
 from sparsert.export.hf_export import export_hf_model  # noqa: E402
-from sparsert.export.onnx_runner import make_session  # noqa: E402
+from sparsert.export.onnx_runner import empty_past, make_session, run_logits  # noqa: E402
 from sparsert.runtime.errors import ArtifactError, ConfigError, ExportError  # noqa: E402
 from sparsert.train.hf_compress import compress_hf_model  # noqa: E402
 from sparsert.train.hf_model import saved_sparse_layers  # noqa: E402
@@ -49,19 +49,21 @@ def _reference(path: Path, ids: np.ndarray) -> np.ndarray:
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
 @pytest.mark.parametrize("int4", [False, True])
 def test_export_stores_and_annotates_every_recorded_layer(compressed, tmp_path, capsys, arch, int4):
+    """The INT4 directories are exported with the KV cache (the default), the others with --no-kv-cache."""
     src = compressed[f"{arch}-{'int4' if int4 else '24'}"]
     out = tmp_path / "model.onnx"
-    code, stdout, err = run_main(capsys, "export", str(src), "-o", str(out))
+    kv = int4
+    code, stdout, err = run_main(capsys, "export", str(src), "-o", str(out), *([] if kv else ["--no-kv-cache"]))
     assert code == 0, err
     kind = "2:4+INT4 (INT4 initializer -> DequantizeLinear block [64]" if int4 else "2:4 float32"
     n_layers = 14 if arch == "llama" else 8
-    assert f"linear weights: {n_layers} {kind}" in stdout and "KV cache no" in stdout
+    assert f"linear weights: {n_layers} {kind}" in stdout and f"KV cache {'yes' if kv else 'no'}" in stdout
     assert "parity vs PyTorch" in stdout and ": passed" in stdout
-    assert "exported without a KV cache" in stdout
+    assert f"over {7 if kv else 4} checks" in stdout  # 3 prompts, a batch of 2, and 3 cached steps
 
     model = onnx.load(str(out))
     meta = get_metadata(model)
-    assert meta["sparsert.sparsity.pattern"] == "2:4" and meta["sparsert.kv_cache"] == "0"
+    assert meta["sparsert.sparsity.pattern"] == "2:4" and meta["sparsert.kv_cache"] == ("1" if kv else "0")
     assert meta["sparsert.quantization"] == ("int4" if int4 else "none")
     assert meta["sparsert.hf_model_type"] == arch
     layers = read_sparsity_annotations(model)["layers"]
@@ -85,9 +87,16 @@ def test_export_stores_and_annotates_every_recorded_layer(compressed, tmp_path, 
             array = numpy_helper.to_array(tensor)
             np.testing.assert_array_equal(array, w_kn)  # B [K, N]: the groups of four run along axis 0
             assert is_nm_along_axis(array, 2, 4, axis=0)
-    # dynamic batch and length: ONNX Runtime on fresh ids against transformers (INT4 through MatMulNBits in fp32)
+    # dynamic batch and length: ONNX Runtime on fresh ids against transformers (INT4 through MatMulNBits in fp32),
+    # with the KV cache as a 9-token prefix and then 4 tokens after it
     ids = np.random.default_rng(1).integers(0, 320, size=(3, 13)).astype(np.int64)
-    got = make_session(out, accuracy_level=1).run(["logits"], {"input_ids": ids})[0]
+    session = make_session(out, accuracy_level=1)
+    if kv:
+        first, past = run_logits(session, ids[:, :9], empty_past(session, 3))
+        assert past["past_key_0"].shape[2] == 9
+        got = np.concatenate([first, run_logits(session, ids[:, 9:], past)[0]], axis=1)
+    else:
+        got = run_logits(session, ids)[0]
     want = _reference(src, ids)
     assert np.abs(got - want).max() <= 1e-4 * np.abs(want).max()
 
@@ -203,3 +212,23 @@ def test_layers_with_equal_weights_keep_their_own_names(tmp_path):
     for layer in ("model.decoder.layers.0.self_attn.q_proj", "model.decoder.layers.0.self_attn.k_proj"):
         scopes = get_metadata(nodes[result.layers[layer]["node"]])["pkg.torch.onnx.name_scopes"]
         assert f"'model.{layer}'" in scopes
+
+
+def test_a_sliding_window_cache_is_refused_for_the_kv_graph(tmp_path):
+    """Mistral with a sliding window keeps a cache the KV graph does not hold: refused by name, with the way out;
+    the logits-only graph exports."""
+    torch.manual_seed(0)
+    config = transformers.MistralConfig(vocab_size=320, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                        sliding_window=16)
+    src = tmp_path / "mistral"
+    transformers.AutoModelForCausalLM.from_config(config).save_pretrained(str(src))
+    out, _ = compress_hf_model(src, tmp_path / "mistral-24")
+    with pytest.raises(ExportError, match=r"MistralForCausalLM's KV cache is not a plain transformers DynamicCache "
+                                          r"of full layers.*export it with --no-kv-cache"):
+        export_hf_model(out, tmp_path / "m.onnx")
+    assert not (tmp_path / "m.onnx").exists()
+    result, _ = export_hf_model(out, tmp_path / "m.onnx", with_kv_cache=False)
+    assert result.parity.passed and not result.kv_cache
+    result, _ = export_hf_model(out, tmp_path / "auto.onnx", with_kv_cache=None)  # what generate's temp export asks
+    assert not result.kv_cache

@@ -34,8 +34,8 @@ from sparsert.commands import option_given
 def command(artifact: str, output: str, no_kv_cache: bool, skip_parity: bool, accuracy_level: str) -> None:
     """Export ARTIFACT to ONNX (2:4 weights along axis 0 of MatMul B; INT4 as blocked DequantizeLinear),
     run onnx.checker (full check) and the parity check, and print a summary. ARTIFACT may also be a Hugging Face
-    directory sparsert wrote (train --model's <run>/hf, compress HF_DIR -o OUT): traced by torch.onnx, logits
-    only, checked against transformers' logits."""
+    directory sparsert wrote (train --model's <run>/hf, compress HF_DIR -o OUT): traced by torch.onnx with the
+    same inputs and outputs, checked against transformers' logits."""
     from sparsert.export.onnx_export import export_artifact
     from sparsert.runtime.artifact import is_hf_model_dir
 
@@ -54,13 +54,11 @@ def command(artifact: str, output: str, no_kv_cache: bool, skip_parity: bool, ac
     if hf:
         from sparsert.export.hf_export import export_hf_model
 
-        result, notes = export_hf_model(artifact, output, parity=not skip_parity, accuracy_level=level)
+        result, notes = export_hf_model(artifact, output, with_kv_cache=not no_kv_cache, parity=not skip_parity,
+                                        accuracy_level=level)
         for note in notes:
             click.echo(f"note: {note}", err=True)
         click.echo(result.summary())
-        if not no_kv_cache:
-            click.echo("  a Hugging Face model is exported without a KV cache (input_ids -> logits); the ONNX graphs "
-                       "with past_*/present_* tensors are those of sparsert artifacts")
         return
     result = export_artifact(
         artifact,
