@@ -108,8 +108,11 @@ def _cache_shapes(model: nn.Module) -> list[tuple[int, int]] | None:
     key = cache_keyword(model)
     if key is None:
         return None
-    with torch.no_grad():
-        out = model(input_ids=torch.zeros(1, 2, dtype=torch.int64), use_cache=True)
+    try:
+        with torch.no_grad():
+            out = model(input_ids=torch.zeros(1, 2, dtype=torch.int64), use_cache=True)
+    except Exception:  # noqa: BLE001 - a model that cannot run a cached step has no cache the graph can hold
+        return None
     cache = out.get(key) if hasattr(out, "get") else None
     if type(cache) is not DynamicCache or not getattr(cache, "layers", None):
         return None
