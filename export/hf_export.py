@@ -59,6 +59,10 @@ from sparsert.runtime.packed_linear import pack_linear
 SAMPLE_TOKENS = 8  # sequence length of the example input the exporter traces with (both axes stay dynamic)
 
 
+class ExportNote(UserWarning):
+    """Something about an export made for a run (``generate --backend onnx`` without ``--onnx``) worth a line."""
+
+
 class _Logits(nn.Module):
     """``input_ids [B, T] -> logits [B, T, V]`` of a transformers causal LM, without a cache."""
 
@@ -98,31 +102,36 @@ class _CachedLogits(nn.Module):
         return (out.logits, *presents)
 
 
-def _cache_shapes(model: nn.Module) -> list[tuple[int, int]] | None:
-    """(kv_heads, head_dim) of each layer of the model's cache after a 2-token step, when the cache is a
-    transformers ``DynamicCache`` with full (not sliding-window) layers holding both tensors; None otherwise."""
+CacheShapes = list[tuple[tuple[int, int], tuple[int, int]]]  # per layer: (kv_heads, head_dim) of keys, of values
+
+
+def _cache_shapes(model: nn.Module) -> tuple[CacheShapes | None, str]:
+    """The shapes of each layer's cached keys and values after a 2-token step, when the model's cache is one the
+    KV-cache graph can hold (a transformers ``DynamicCache`` of full, not sliding-window, layers); else None and
+    why not."""
     try:
         from transformers import DynamicCache
     except ImportError:
-        return None
+        return None, "transformers has no DynamicCache"
     key = cache_keyword(model)
     if key is None:
-        return None
+        return None, "its forward takes no KV cache (neither 'cache' nor 'past_key_values')"
     try:
         with torch.no_grad():
             out = model(input_ids=torch.zeros(1, 2, dtype=torch.int64), use_cache=True)
-    except Exception:  # noqa: BLE001 - a model that cannot run a cached step has no cache the graph can hold
-        return None
+    except Exception as exc:  # noqa: BLE001 - any failure means no cache the graph can hold; its text is kept
+        return None, f"a cached step fails ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})"
     cache = out.get(key) if hasattr(out, "get") else None
     if type(cache) is not DynamicCache or not getattr(cache, "layers", None):
-        return None
+        return None, f"its cache is a {type(cache).__name__}, not a plain transformers DynamicCache"
     shapes = []
-    for layer in cache.layers:
+    for i, layer in enumerate(cache.layers):
         keys, values = getattr(layer, "keys", None), getattr(layer, "values", None)
-        if type(layer).__name__ != "DynamicLayer" or keys is None or values is None or keys.shape != values.shape:
-            return None
-        shapes.append((keys.shape[1], keys.shape[3]))
-    return shapes
+        if type(layer).__name__ != "DynamicLayer" or keys is None or values is None:
+            return None, (f"layer {i} of its cache is a {type(layer).__name__} (sliding-window or hybrid cache), not "
+                          "a full DynamicLayer")
+        shapes.append(((keys.shape[1], keys.shape[3]), (values.shape[1], values.shape[3])))
+    return shapes, ""
 
 
 def _weight_nk(module: nn.Module) -> torch.Tensor:
@@ -182,12 +191,12 @@ def _trace(model: nn.Module, context: int, kv_cache: bool) -> onnx.ModelProto:
     example = torch.zeros(2, tokens, dtype=torch.int64)
     dynamic = torch.export.Dim.DYNAMIC
     if kv_cache:
-        shapes = _cache_shapes(model)
+        shapes, why = _cache_shapes(model)
         if shapes is None:
-            raise ExportError(f"the {type(model).__name__}'s KV cache is not a plain transformers DynamicCache of full "
-                              "layers, which the KV-cache graph holds; export it with --no-kv-cache")
+            raise ExportError(f"the {type(model).__name__} has no KV cache the KV-cache graph can hold: {why}; export "
+                              "it with --no-kv-cache")
         past_len = max(1, min(3, context - tokens))
-        past = tuple(torch.zeros(2, heads, past_len, dim) for heads, dim in shapes for _ in (0, 1))
+        past = tuple(torch.zeros(2, heads, past_len, dim) for pair in shapes for heads, dim in pair)
         takes_positions = "position_ids" in inspect.signature(model.forward).parameters
         module, args = _CachedLogits(model, len(shapes), takes_positions, cache_keyword(model)), (example, past)
         names = [f"{kv}_{i}" for i in range(len(shapes)) for kv in ("key", "value")]
@@ -202,6 +211,8 @@ def _trace(model: nn.Module, context: int, kv_cache: bool) -> onnx.ModelProto:
     try:
         with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
             warnings.simplefilter("ignore")
+            with torch.no_grad():  # an eager step first: lazily cached buffers (longrope's frequencies) then hold
+                model(input_ids=example, use_cache=False)  # real tensors, not fake ones left by the trace
             program = torch.onnx.export(module, args, dynamo=True, opset_version=OPSET, input_names=inputs,
                                         output_names=outputs, dynamic_shapes=shapes_spec)
     except Exception as exc:  # noqa: BLE001 - torch.export and onnxscript raise many types
@@ -408,7 +419,10 @@ def export_hf_model(path: str | Path, output: str | Path, *, with_kv_cache: bool
         notes.append(f"{path}: {SPARSERT_FILE} records no 2:4 layer; the graph holds dense weights only")
     groups = sorted({w.group_size for w in weights.values() if w.kind == "int4"})
     if with_kv_cache is None:
-        with_kv_cache = _cache_shapes(model) is not None
+        shapes, why = _cache_shapes(model)
+        with_kv_cache = shapes is not None
+        if not with_kv_cache:
+            notes.append(f"the graph has no KV cache ({why}): each generated token reruns the whole sequence")
 
     def build() -> onnx.ModelProto:
         proto = _trace(model, context, with_kv_cache)
@@ -461,7 +475,9 @@ def hf_onnx_stepper(path: str | Path, onnx_path: str | Path | None = None, *, ma
         return
     tmp = Path(tempfile.mkdtemp(prefix="sparsert-generate-"))
     try:
-        export_hf_model(path, tmp / "model.onnx", with_kv_cache=None, parity=False)
+        _, notes = export_hf_model(path, tmp / "model.onnx", with_kv_cache=None, parity=False)
+        for note in notes:
+            warnings.warn(ExportNote(note), stacklevel=3)
         yield OnnxStepper(tmp / "model.onnx", max_seq_len=max_seq_len, vocab_size=vocab_size)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

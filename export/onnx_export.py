@@ -240,7 +240,10 @@ def checked_export(out: Path, build: Callable[[], onnx.ModelProto],
         except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
             first = str(exc).strip().splitlines()[0]
             raise ExportError(f"onnx.checker rejected the exported model: {first}") from None
-        layers, report = check(model, staged)
+        try:
+            layers, report = check(model, staged)
+        except ExportError as exc:  # name the output the user gave, not the staging file
+            raise ExportError(str(exc).replace(str(staged), str(out))) from None
         data = tmp / f"{out.name}.data"
         if data.exists():  # external data (models over 2 GiB): data first, so the .onnx never dangles
             os.replace(data, out.parent / data.name)

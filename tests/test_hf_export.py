@@ -224,11 +224,28 @@ def test_a_sliding_window_cache_is_refused_for_the_kv_graph(tmp_path):
     src = tmp_path / "mistral"
     transformers.AutoModelForCausalLM.from_config(config).save_pretrained(str(src))
     out, _ = compress_hf_model(src, tmp_path / "mistral-24")
-    with pytest.raises(ExportError, match=r"MistralForCausalLM's KV cache is not a plain transformers DynamicCache "
-                                          r"of full layers.*export it with --no-kv-cache"):
+    with pytest.raises(ExportError, match=r"the MistralForCausalLM has no KV cache the KV-cache graph can hold: layer "
+                                          r"0 of its cache is a \w+ \(sliding-window or hybrid cache\).*export it "
+                                          r"with --no-kv-cache"):
         export_hf_model(out, tmp_path / "m.onnx")
     assert not (tmp_path / "m.onnx").exists()
     result, _ = export_hf_model(out, tmp_path / "m.onnx", with_kv_cache=False)
     assert result.parity.passed and not result.kv_cache
-    result, _ = export_hf_model(out, tmp_path / "auto.onnx", with_kv_cache=None)  # what generate's temp export asks
-    assert not result.kv_cache
+    result, notes = export_hf_model(out, tmp_path / "auto.onnx", with_kv_cache=None)  # generate's temp export
+    assert not result.kv_cache and any(n.startswith("the graph has no KV cache (layer 0 of its cache") for n in notes)
+
+
+def test_longrope_parity_runs_on_real_frequencies(tmp_path):
+    """Phi-3 with longrope caches its long frequencies on the module at the first call; traced first, that cache
+    would hold the exporter's fake tensors and the parity reference would be wrong. The export passes."""
+    torch.manual_seed(0)
+    config = transformers.Phi3Config(vocab_size=320, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                                     num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                     original_max_position_embeddings=16, pad_token_id=0,
+                                     rope_scaling={"rope_type": "longrope", "short_factor": [1.0] * 8,
+                                                   "long_factor": [8.0] * 8})
+    src = tmp_path / "phi3"
+    transformers.AutoModelForCausalLM.from_config(config).save_pretrained(str(src))
+    out, _ = compress_hf_model(src, tmp_path / "phi3-24")
+    result, _ = export_hf_model(out, tmp_path / "m.onnx", with_kv_cache=False)
+    assert result.parity.passed
