@@ -53,6 +53,7 @@ from sparsert.export.onnx_runner import DEFAULT_ACCURACY_LEVEL, OnnxStepper
 from sparsert.export.parity import DEFAULT_PROMPTS, ParityReport, compare_logits
 from sparsert.runtime.errors import ArtifactError, ConfigError, ExportError, require_path
 from sparsert.runtime.hf_stepper import cache_keyword
+from sparsert.runtime.linear_swap import outside_linears_note, weights_outside_linears
 from sparsert.runtime.nm_mask import is_nm_sparse
 from sparsert.runtime.packed_linear import pack_linear
 
@@ -410,6 +411,11 @@ def export_hf_model(path: str | Path, output: str | Path, *, with_kv_cache: bool
     bundle = load_hf_causal_lm(path, load_tokenizer=has_tokenizer_files(path))
     model = bundle.model.float().eval()
     weights, notes = {}, []
+    if weights_outside_linears(model) and callable(getattr(model, "set_experts_implementation", None)):
+        # transformers 5's default fused-expert kernel (grouped_mm) has no ONNX function; batched matmuls trace
+        with contextlib.suppress(Exception):
+            model.set_experts_implementation("batched_mm")
+        notes.append(f"{outside_linears_note(model, min_share=0.0)}; exported through batched matmuls")
     for name, info in layers.items():
         weights[name], note = layer_weight(model, name, info)
         if note is not None:

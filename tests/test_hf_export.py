@@ -16,6 +16,7 @@ pytest.importorskip("tokenizers")
 pytest.importorskip("onnxscript")
 
 import onnx  # noqa: E402
+from conftest import tiny_qwen2_moe  # noqa: E402
 from onnx import numpy_helper  # noqa: E402
 from test_generate_cli import make_artifact, run_main  # noqa: E402
 from test_hf_compress import _model_dir  # noqa: E402
@@ -249,3 +250,18 @@ def test_longrope_parity_runs_on_real_frequencies(tmp_path):
     out, _ = compress_hf_model(src, tmp_path / "phi3-24")
     result, _ = export_hf_model(out, tmp_path / "m.onnx", with_kv_cache=False)
     assert result.parity.passed
+
+
+def test_fused_moe_experts_export_dense_through_batched_matmuls(tmp_path):
+    """transformers 5's Qwen2-MoE (fused 3-D experts, whose default grouped_mm kernel has no ONNX function) exports
+    with its experts switched to batched matmuls: its linear layers 2:4, the experts dense, and a note says so."""
+    model = tiny_qwen2_moe()
+    src = tmp_path / "moe"
+    model.save_pretrained(str(src))
+    with pytest.warns(UserWarning, match="fused MoE experts"):
+        out, names = compress_hf_model(src, tmp_path / "moe-24")
+    result, notes = export_hf_model(out, tmp_path / "m.onnx")
+    assert result.parity.passed and result.kv_cache
+    assert {n for n, info in result.layers.items() if info["pattern"] == "2:4"} == set(names)
+    assert any("are not linear layers (fused MoE experts, convolutions) and stay dense; exported through batched "
+               "matmuls" in n for n in notes)
