@@ -53,7 +53,7 @@ from sparsert.export.onnx_runner import DEFAULT_ACCURACY_LEVEL, OnnxStepper
 from sparsert.export.parity import DEFAULT_PROMPTS, ParityReport, compare_logits
 from sparsert.runtime.errors import ArtifactError, ConfigError, ExportError, require_path
 from sparsert.runtime.hf_stepper import cache_keyword
-from sparsert.runtime.linear_swap import outside_linears_note, weights_outside_linears
+from sparsert.runtime.linear_swap import outside_linears_note, weight_nk, weights_outside_linears
 from sparsert.runtime.nm_mask import is_nm_sparse
 from sparsert.runtime.packed_linear import pack_linear
 
@@ -135,12 +135,6 @@ def _cache_shapes(model: nn.Module) -> tuple[CacheShapes | None, str]:
     return shapes, ""
 
 
-def _weight_nk(module: nn.Module) -> torch.Tensor:
-    """A linear layer's weight as ``[N, K]`` float32 (transformers' ``Conv1D`` stores ``[K, N]``)."""
-    w = module.weight.detach().float()
-    return w.t() if type(module).__name__ == "Conv1D" else w
-
-
 def layer_weight(model: nn.Module, name: str, info: dict) -> tuple[LinearWeight, str | None]:
     """The graph form of the recorded layer ``name`` (``info``: its ``sparsert.json`` entry) and a note when
     its INT4 values could not be kept (None otherwise). ExportError when a layer recorded as 2:4 is not."""
@@ -154,7 +148,7 @@ def layer_weight(model: nn.Module, name: str, info: dict) -> tuple[LinearWeight,
     if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
         raise ArtifactError(f"sparsert.json records layer '{name}', a {type(module).__name__} without a 2-D weight "
                             "(not a linear layer)")
-    w = _weight_nk(module)
+    w = weight_nk(module).detach().float()  # [N, K]
     bias = None if getattr(module, "bias", None) is None else module.bias.detach().float()
     bias_np = None if bias is None else bias.numpy()
     if not served_as_2_4(info):
@@ -179,10 +173,10 @@ def _array_key(array: np.ndarray) -> tuple[tuple[int, ...], str]:
     return array.shape, hashlib.sha256(np.ascontiguousarray(array, dtype=np.float32).tobytes()).hexdigest()
 
 
-def _trace(model: nn.Module, context: int, kv_cache: bool) -> onnx.ModelProto:
+def _trace(model: nn.Module, context: int, cache: CacheShapes | None) -> onnx.ModelProto:
     """The transformers model as an ONNX graph (opset 21), traced by the dynamo exporter: ``input_ids`` ->
-    ``logits``, and with ``kv_cache`` the ``past_key_<i>`` / ``past_value_<i>`` inputs and ``present_*`` outputs of
-    sparsert's artifact graphs (ExportError when the model's cache is not a plain ``DynamicCache``)."""
+    ``logits``, and with ``cache`` (:func:`_cache_shapes`) the ``past_key_<i>`` / ``past_value_<i>`` inputs and
+    ``present_*`` outputs of sparsert's artifact graphs."""
     try:
         import onnxscript  # noqa: F401 - the dynamo exporter's dependency, checked here for a clear message
     except ImportError:
@@ -191,16 +185,12 @@ def _trace(model: nn.Module, context: int, kv_cache: bool) -> onnx.ModelProto:
     tokens = min(SAMPLE_TOKENS, context)
     example = torch.zeros(2, tokens, dtype=torch.int64)
     dynamic = torch.export.Dim.DYNAMIC
-    if kv_cache:
-        shapes, why = _cache_shapes(model)
-        if shapes is None:
-            raise ExportError(f"the {type(model).__name__} has no KV cache the KV-cache graph can hold: {why}; export "
-                              "it with --no-kv-cache")
+    if cache is not None:
         past_len = max(1, min(3, context - tokens))
-        past = tuple(torch.zeros(2, heads, past_len, dim) for pair in shapes for heads, dim in pair)
+        past = tuple(torch.zeros(2, heads, past_len, dim) for pair in cache for heads, dim in pair)
         takes_positions = "position_ids" in inspect.signature(model.forward).parameters
-        module, args = _CachedLogits(model, len(shapes), takes_positions, cache_keyword(model)), (example, past)
-        names = [f"{kv}_{i}" for i in range(len(shapes)) for kv in ("key", "value")]
+        module, args = _CachedLogits(model, len(cache), takes_positions, cache_keyword(model)), (example, past)
+        names = [f"{kv}_{i}" for i in range(len(cache)) for kv in ("key", "value")]
         inputs, outputs = ["input_ids"] + [f"past_{n}" for n in names], ["logits"] + [f"present_{n}" for n in names]
         shapes_spec = ({0: dynamic, 1: dynamic}, tuple({0: dynamic, 2: dynamic} for _ in past))
     else:
@@ -424,14 +414,18 @@ def export_hf_model(path: str | Path, output: str | Path, *, with_kv_cache: bool
     if not sparse:
         notes.append(f"{path}: {SPARSERT_FILE} records no 2:4 layer; the graph holds dense weights only")
     groups = sorted({w.group_size for w in weights.values() if w.kind == "int4"})
-    if with_kv_cache is None:
-        shapes, why = _cache_shapes(model)
-        with_kv_cache = shapes is not None
-        if not with_kv_cache:
+    cache = None
+    if with_kv_cache is not False:
+        cache, why = _cache_shapes(model)
+        if cache is None and with_kv_cache:
+            raise ExportError(f"the {type(model).__name__} has no KV cache the KV-cache graph can hold: {why}; export "
+                              "it with --no-kv-cache")
+        if cache is None:
             notes.append(f"the graph has no KV cache ({why}): each generated token reruns the whole sequence")
+    with_kv_cache = cache is not None
 
     def build() -> onnx.ModelProto:
-        proto = _trace(model, context, with_kv_cache)
+        proto = _trace(model, context, cache)
         notes.extend(place_weights(proto, weights))
         weights.clear()  # the graph holds them now
         props = ann.model_annotations(pattern="2:4" if sparse else None,

@@ -123,8 +123,8 @@ def _is_linear(module: nn.Module) -> bool:
     return isinstance(module, nn.Linear) or _is_conv1d(module)
 
 
-def _weight_nk(module: nn.Module) -> torch.Tensor:
-    """The layer's weight as ``[out, K]`` (a Conv1D's transposed view)."""
+def weight_nk(module: nn.Module) -> torch.Tensor:
+    """A linear layer's weight as ``[out, K]`` (a transformers Conv1D's ``[K, out]`` weight as a transposed view)."""
     return module.weight.t() if _is_conv1d(module) else module.weight
 
 
@@ -240,7 +240,7 @@ def _described(name: str, module: nn.Module) -> str:
     """``'name' [out, K]`` (the name alone for a lazy layer)."""
     if isinstance(module.weight, nn.parameter.UninitializedParameter):
         return repr(name)
-    out, k = _weight_nk(module).shape
+    out, k = weight_nk(module).shape
     return f"{name!r} [{out}, {k}]"
 
 
@@ -248,7 +248,7 @@ def _layer_problem(module: nn.Module, int4: bool, group_size: int, prune: bool) 
     """Why the layer cannot be swapped as asked (None: it can)."""
     if isinstance(module.weight, nn.parameter.UninitializedParameter):
         return "its weight is not initialised yet (a lazy layer: run the model once first)"
-    w = _weight_nk(module)
+    w = weight_nk(module)
     out, k = w.shape
     if w.device.type not in ("cuda", "cpu"):
         return f"it is on {w.device}; sparsert runs layers on cuda or cpu"
@@ -268,7 +268,7 @@ def _layer_problem(module: nn.Module, int4: bool, group_size: int, prune: bool) 
 def _build_layer(name: str, module: nn.Module, *, int4: bool, group_size: int, dtype: torch.dtype | None,
                  token_counts: list[int] | None, allow_dense: bool, dispatcher: Dispatcher) -> SparseLinearGPU:
     """The packed, prepared (and tuned) replacement of one layer; ConfigError naming the layer if it cannot be."""
-    w = _weight_nk(module)
+    w = weight_nk(module)
     gemm_dtype = dtype or (w.dtype if w.dtype in GEMM_DTYPES else torch.bfloat16)
     bias = None if module.bias is None else module.bias.detach().float().cpu()
     try:
