@@ -238,7 +238,7 @@ def _default_dispatcher(device: torch.device) -> Dispatcher:
 
 def _described(name: str, module: nn.Module) -> str:
     """``'name' [out, K]`` (the name alone for a lazy layer)."""
-    if isinstance(module.weight, nn.parameter.UninitializedParameter):
+    if _uninitialized(module.weight):
         return repr(name)
     out, k = weight_nk(module).shape
     return f"{name!r} [{out}, {k}]"
@@ -246,7 +246,7 @@ def _described(name: str, module: nn.Module) -> str:
 
 def _layer_problem(module: nn.Module, int4: bool, group_size: int, prune: bool) -> str | None:
     """Why the layer cannot be swapped as asked (None: it can)."""
-    if isinstance(module.weight, nn.parameter.UninitializedParameter):
+    if _uninitialized(module.weight):
         return "its weight is not initialised yet (a lazy layer: run the model once first)"
     w = weight_nk(module)
     out, k = w.shape
