@@ -364,7 +364,9 @@ def hf_weights_sha256(path: str | Path) -> str:
     raise ExportError(f"{p}: no model weights to hash (model.safetensors or pytorch_model.bin)")
 
 
-def _prompt_ids(tokenizer, vocab: int, context: int) -> dict[bytes, list[int]]:  # noqa: ANN001 - HFTokenizer
+def parity_prompt_ids(tokenizer, vocab: int, context: int) -> dict[bytes, list[int]]:  # noqa: ANN001 - HFTokenizer
+    """The parity prompts (:data:`~sparsert.export.parity.DEFAULT_PROMPTS`) as token ids of ``tokenizer`` cut to
+    ``context``; without a tokenizer, three fixed id sequences below ``vocab``."""
     if tokenizer is None:
         return {f"token ids {i}".encode(): [(7 * j + 3 * i + 1) % vocab for j in range(min(12 + 5 * i, context))]
                 for i in range(3)}
@@ -445,7 +447,7 @@ def export_hf_model(path: str | Path, output: str | Path, *, with_kv_cache: bool
         if not parity:
             return layers, None
         vocab = model.get_output_embeddings().weight.shape[0]
-        return layers, compare_logits(staged, reference, _prompt_ids(bundle.tokenizer, vocab, context),
+        return layers, compare_logits(staged, reference, parity_prompt_ids(bundle.tokenizer, vocab, context),
                                       quantized=bool(groups), accuracy_level=accuracy_level)
 
     return checked_export(out, build, check, kv_cache=with_kv_cache), notes
