@@ -1,0 +1,204 @@
+"""Fused mixture-of-experts weights as per-expert linear layers, so 2:4 reaches the experts.
+
+transformers 5 holds the experts of Mixtral, Qwen2/3-MoE, OLMoE, ... as 3-D parameters of one module decorated
+with ``use_experts_implementation`` (``gate_up_proj`` ``[experts, 2·ffn, d]`` or ``up_proj``, and
+``down_proj`` ``[experts, d, ffn]``; ``[experts, K, out]`` when the class sets ``is_transposed``). No linear
+layer holds them, so training, pruning and serving, which all work on linear layers, would leave most of an MoE
+model's weights dense.
+
+:func:`unfuse_experts` replaces each such module by :class:`UnfusedExperts`: the same computation (routing is
+the caller's; each expert's tokens go through ``gate_up_proj`` -> the class's own gate -> ``down_proj``, scaled
+by their routing weight and summed, as transformers' eager path does) with every expert's matrices as
+``nn.Linear`` layers named ``<module>.<expert>.<param>`` (``model.layers.0.mlp.experts.3.down_proj``). Each
+``weight`` is ``[out, K]``, K the input features, so the N:M groups of sparsert's masks, pruners and kernels
+run along K for experts as for any layer. The unfused modules are recorded on the model
+(:data:`UNFUSED_ATTR`); :func:`fused_expert_state` stacks such a state dict back into the fused parameters
+transformers loads.
+
+Only the layouts transformers documents are unfused (concatenated or interleaved gate/up, transposed or not,
+with or without biases); an experts module with anything else (a post-expert norm, expert parallelism, other
+parameters or buffers) is left fused and stays dense, as :func:`~sparsert.runtime.linear_swap.
+weights_outside_linears` reports.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+UNFUSED_ATTR = "sparsert_unfused_experts"
+"""Model attribute: fused experts module name -> :class:`FusedLayout` of the modules :func:`unfuse_experts`
+replaced."""
+
+EXPERT_PARAMS = ("gate_up_proj", "up_proj", "down_proj")
+
+
+@dataclass(frozen=True)
+class FusedLayout:
+    """How a fused experts module held its weights: ``params`` (``("gate_up_proj", "down_proj")`` or
+    ``("up_proj", "down_proj")``), ``num_experts``, ``transposed`` (stored ``[experts, K, out]``) and ``bias``
+    (``<param>_bias`` ``[experts, out]`` beside each)."""
+
+    params: tuple[str, ...]
+    num_experts: int
+    transposed: bool
+    bias: bool
+
+
+def _fused_layout(module: nn.Module) -> FusedLayout | None:
+    """The layout of a transformers fused experts module, or None when it is not one this module can unfuse."""
+    if not isinstance(getattr(module, "is_transposed", None), bool) or getattr(module, "_is_expert_parallel", False):
+        return None
+    if getattr(module, "has_post_expert_norm", False):
+        return None
+    has_gate = getattr(module, "has_gate", True)
+    params = ("gate_up_proj" if has_gate else "up_proj", "down_proj")
+    bias = bool(getattr(module, "has_bias", False))
+    own = dict(module.named_parameters(recurse=False))
+    expected = set(params) | ({f"{p}_bias" for p in params} if bias else set())
+    if set(own) != expected or any(b.numel() for b in module.buffers()):
+        return None
+    if any(p.numel() for sub in module.children() for p in sub.parameters()):
+        return None  # a norm or other weights beside the experts: not a layout we rebuild
+    first = own[params[0]]
+    if first.dim() != 3 or own[params[1]].dim() != 3 or first.shape[0] != own[params[1]].shape[0]:
+        return None
+    return FusedLayout(params, int(first.shape[0]), module.is_transposed, bias)
+
+
+def fused_experts_modules(model: nn.Module) -> dict[str, FusedLayout]:
+    """The model's fused experts modules :func:`unfuse_experts` can unfuse: name -> layout, in module order."""
+    found = {}
+    for name, module in model.named_modules():
+        layout = _fused_layout(module)
+        if layout is not None:
+            found[name] = layout
+    return found
+
+
+class ExpertLinears(nn.Module):
+    """One expert's matrices as ``nn.Linear`` layers named like the fused parameters (``gate_up_proj`` or
+    ``up_proj``, and ``down_proj``), weights ``[out, K]``."""
+
+    def __init__(self, linears: dict[str, nn.Linear]) -> None:
+        super().__init__()
+        for name, linear in linears.items():
+            self.add_module(name, linear)
+
+
+class UnfusedExperts(nn.Module):
+    """A fused experts module's computation over per-expert linear layers (children ``"0"``, ``"1"``, ...).
+
+    ``forward(hidden_states [tokens, d], top_k_index int [tokens, k], top_k_weights [tokens, k]) -> [tokens, d]``,
+    the signature of transformers' experts modules; tokens routed to an index outside ``[0, experts)`` are
+    dropped, as transformers drops them.
+    """
+
+    def __init__(self, experts: list[ExpertLinears], layout: FusedLayout, gate: Callable[[torch.Tensor], torch.Tensor]):
+        super().__init__()
+        for e, expert in enumerate(experts):
+            self.add_module(str(e), expert)
+        self.layout = layout
+        self._gate = gate  # the fused class's own gate (or activation), bound to the emptied fused module
+
+    def expert(self, e: int) -> ExpertLinears:
+        return self.get_submodule(str(e))
+
+    def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
+                top_k_weights: torch.Tensor) -> torch.Tensor:
+        first, down = self.layout.params
+        out = torch.zeros_like(hidden_states)
+        for e in range(self.layout.num_experts):
+            token_idx, slot = torch.where(top_k_index == e)
+            if token_idx.numel() == 0:
+                continue
+            expert = self.expert(e)
+            h = self._gate(getattr(expert, first)(hidden_states[token_idx]))
+            h = getattr(expert, down)(h) * top_k_weights[token_idx, slot, None]
+            out.index_add_(0, token_idx, h.to(out.dtype))
+        return out
+
+
+def _gate_of(module: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+    if getattr(module, "has_gate", True):
+        return functools.partial(type(module)._apply_gate, module)
+    return module.act_fn
+
+
+def _unfuse(module: nn.Module, layout: FusedLayout) -> UnfusedExperts:
+    experts = []
+    params = {p: getattr(module, p) for p in layout.params}
+    biases = {p: getattr(module, f"{p}_bias") for p in layout.params} if layout.bias else {}
+    for e in range(layout.num_experts):
+        linears = {}
+        for p, fused in params.items():
+            w = fused.detach()[e]
+            w = (w.t() if layout.transposed else w).contiguous().clone()  # its own storage: safetensors refuses views
+            linear = nn.Linear(w.shape[1], w.shape[0], bias=layout.bias, device="meta")
+            linear.weight = nn.Parameter(w, requires_grad=fused.requires_grad)
+            if layout.bias:
+                linear.bias = nn.Parameter(biases[p].detach()[e], requires_grad=biases[p].requires_grad)
+            linears[p] = linear
+        experts.append(ExpertLinears(linears))
+    for p in list(params) + [f"{p}_bias" for p in biases]:
+        delattr(module, p)  # the experts' linears hold the values now; the emptied module keeps only its gate
+    return UnfusedExperts(experts, layout, _gate_of(module))
+
+
+def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, attr = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, attr, module)
+
+
+def unfuse_experts(model: nn.Module) -> list[str]:
+    """Replace every fused experts module of ``model`` (:func:`fused_experts_modules`) by :class:`UnfusedExperts`
+    in place, same outputs up to the order of float additions; each expert's matrices are copied out of the fused
+    parameters, which are then dropped. Records them on the model (:data:`UNFUSED_ATTR`); returns the names of the expert linear layers
+    created (``<module>.<expert>.<param>``)."""
+    created = []
+    record = dict(getattr(model, UNFUSED_ATTR, {}))
+    for name, layout in fused_experts_modules(model).items():
+        _set_submodule(model, name, _unfuse(model.get_submodule(name), layout))
+        record[name] = layout
+        created += [f"{name}.{e}.{p}" for e in range(layout.num_experts) for p in layout.params]
+    if record:
+        setattr(model, UNFUSED_ATTR, record)
+    return created
+
+
+def unfused_experts_of(model: nn.Module) -> dict[str, FusedLayout]:
+    """The experts modules :func:`unfuse_experts` replaced in ``model``: name -> layout."""
+    return dict(getattr(model, UNFUSED_ATTR, {}))
+
+
+def expert_layer_names(model: nn.Module) -> list[str]:
+    """The per-expert linear layer names of the unfused experts of ``model``."""
+    return [f"{name}.{e}.{p}" for name, layout in unfused_experts_of(model).items()
+            for e in range(layout.num_experts) for p in layout.params]
+
+
+def fused_expert_state(state: dict[str, torch.Tensor], unfused: dict[str, FusedLayout]) -> dict[str, torch.Tensor]:
+    """A state dict of a model with unfused experts -> the fused layout transformers loads (new dict).
+
+    Each ``<module>.<e>.<param>.weight [out, K]`` is stacked into ``<module>.<param>`` ``[experts, out, K]``
+    (``[experts, K, out]`` for a transposed layout), each ``.bias`` into ``<module>.<param>_bias``; other
+    entries pass through. KeyError naming the tensor when an expert's entry is missing."""
+    fused = dict(state)
+    for name, layout in unfused.items():
+        for p in layout.params:
+            kinds = (("weight", p),) + ((("bias", f"{p}_bias"),) if layout.bias else ())
+            for kind, target in kinds:
+                keys = [f"{name}.{e}.{p}.{kind}" for e in range(layout.num_experts)]
+                missing = [k for k in keys if k not in fused]
+                if missing:
+                    raise KeyError(f"the state dict lacks '{missing[0]}' to fuse {name}.{target}")
+                parts = [fused.pop(k) for k in keys]
+                if kind == "weight" and layout.transposed:
+                    parts = [w.t() for w in parts]
+                fused[f"{name}.{target}"] = torch.stack(parts)
+    return fused
