@@ -54,6 +54,7 @@ from sparsert.export.parity import DEFAULT_PROMPTS, ParityReport, compare_logits
 from sparsert.runtime.errors import ArtifactError, ConfigError, ExportError, require_path
 from sparsert.runtime.hf_stepper import cache_keyword
 from sparsert.runtime.linear_swap import outside_linears_note, weight_nk, weights_outside_linears
+from sparsert.runtime.moe_experts import fused_experts_modules
 from sparsert.runtime.nm_mask import is_nm_sparse
 from sparsert.runtime.packed_linear import pack_linear
 
@@ -167,6 +168,29 @@ def layer_weight(model: nn.Module, name: str, info: dict) -> tuple[LinearWeight,
         return float_form, (f"{name}: its values are not exact INT4 codes of group {group} (saved in reduced "
                             "precision?); kept as float32 2:4")
     return packed, None
+
+
+def expert_layers(model: nn.Module, layers: dict[str, dict]) -> dict[str, torch.Tensor]:
+    """The recorded layers that are experts of the model's fused experts modules
+    (:mod:`sparsert.runtime.moe_experts`: ``<module>.<expert>.<param>``) -> their weight ``[out, K]`` (a view of the
+    fused parameter). ExportError when one recorded as 2:4 is not 2:4 along K."""
+    from sparsert.train.hf_model import served_as_2_4
+
+    found = {}
+    for module_name, layout in fused_experts_modules(model).items():
+        fused = model.get_submodule(module_name)
+        for e in range(layout.num_experts):
+            for param in layout.params:
+                name = f"{module_name}.{e}.{param}"
+                if name not in layers:
+                    continue
+                w = getattr(fused, param).detach()[e]
+                w = w.t() if layout.transposed else w
+                if served_as_2_4(layers[name]) and (w.shape[1] % 4 or not is_nm_sparse(w, 2, 4)):
+                    raise ExportError(f"layer {name}: sparsert.json records it as 2:4, but its weight is not 2:4 "
+                                      "along K")
+                found[name] = w
+    return found
 
 
 def _array_key(array: np.ndarray) -> tuple[tuple[int, ...], str]:
@@ -403,12 +427,20 @@ def export_hf_model(path: str | Path, output: str | Path, *, with_kv_cache: bool
     bundle = load_hf_causal_lm(path, load_tokenizer=has_tokenizer_files(path))
     model = bundle.model.float().eval()
     weights, notes = {}, []
+    experts = expert_layers(model, layers)
     if weights_outside_linears(model) and callable(getattr(model, "set_experts_implementation", None)):
         # transformers 5's default fused-expert kernel (grouped_mm) has no ONNX function; batched matmuls trace
         with contextlib.suppress(Exception):
             model.set_experts_implementation("batched_mm")
-        notes.append(f"{outside_linears_note(model, min_share=0.0)}; exported through batched matmuls")
+        if experts:
+            notes.append(f"{len(experts)} MoE expert layers stay in the fused expert tensors the graph gathers per "
+                         "token, with their 2:4 zeros (INT4 ones as their float32 values), unannotated: TensorRT and "
+                         "ONNX Runtime run them as dense batched matmuls")
+        else:
+            notes.append(f"{outside_linears_note(model, min_share=0.0)}; exported through batched matmuls")
     for name, info in layers.items():
+        if name in experts:
+            continue
         weights[name], note = layer_weight(model, name, info)
         if note is not None:
             notes.append(note)

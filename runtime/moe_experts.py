@@ -158,8 +158,8 @@ def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
 def unfuse_experts(model: nn.Module) -> list[str]:
     """Replace every fused experts module of ``model`` (:func:`fused_experts_modules`) by :class:`UnfusedExperts`
     in place, same outputs up to the order of float additions; each expert's matrices are copied out of the fused
-    parameters, which are then dropped. Records them on the model (:data:`UNFUSED_ATTR`); returns the names of the expert linear layers
-    created (``<module>.<expert>.<param>``)."""
+    parameters, which are then dropped. Records them on the model (:data:`UNFUSED_ATTR`); returns the names of
+    the expert linear layers created (``<module>.<expert>.<param>``)."""
     created = []
     record = dict(getattr(model, UNFUSED_ATTR, {}))
     for name, layout in fused_experts_modules(model).items():

@@ -12,7 +12,7 @@ float64 on the CPU.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -89,11 +89,12 @@ def calibration_input_ids(batch: object) -> torch.Tensor:
 
 
 def collect_input_stats(model: nn.Module, taps: Mapping[str, nn.Module], batches: Iterable[torch.Tensor], *,
-                        with_gram: bool, what: str) -> dict[str, InputStats]:
+                        with_gram: bool, what: str, may_skip: Collection[str] = ()) -> dict[str, InputStats]:
     """Run ``batches`` (input_ids int64 [B, T]) through ``model`` and return the :class:`InputStats` of the
     input of every module in ``taps`` (``{label: linear}``, each with a ``weight`` [out, K]), under the same
     labels. Each pass stops once every tapped module has run in it. ``what`` (e.g. ``"one-shot pruning"``)
-    starts the ConfigError raised when a tapped module never ran or received non-finite values.
+    starts the ConfigError raised when a tapped module never ran or received non-finite values; the labels in
+    ``may_skip`` (MoE experts, which see only the tokens routed to them) may see no token (``tokens == 0``).
     """
     stats = {label: InputStats(module.weight.shape[1], with_gram) for label, module in taps.items()}
     seen: set[str] = set()
@@ -115,7 +116,7 @@ def collect_input_stats(model: nn.Module, taps: Mapping[str, nn.Module], batches
         for h in hooks:
             h.remove()
     for label, st in stats.items():
-        if st.tokens == 0:
+        if st.tokens == 0 and label not in may_skip:
             raise ConfigError(f"{what}: layer '{label}' never ran during the calibration forward passes")
         if not (math.isfinite(float(st.abs_sum.sum())) and math.isfinite(float(st.sumsq.sum()))):
             raise ConfigError(f"{what}: non-finite inputs to layer '{label}' in the calibration pass")

@@ -53,6 +53,7 @@ from sparsert.runtime.nm_mask import is_nm_sparse
 from sparsert.runtime.packed_linear import PackedLinear, pack_linear
 from sparsert.runtime.tokenizer import ByteTokenizer, Tokenizer, tokenizer_from_dict
 from sparsert.train.checkpoint import MODEL_FILE, Checkpoint, load_checkpoint
+from sparsert.train.notes import CompressionNote
 from sparsert.train.oneshot_prune import ONESHOT_METHODS, prune_model_oneshot
 from sparsert.train.slorb import slorb_from_state
 
@@ -96,11 +97,6 @@ def _trained_sparse_layers(sparsity: dict, names: list[str], where: str) -> list
         raise ArtifactError(f"{where}: sparsity.layers names '{unknown[0]}', which is not a block linear of this "
                             f"model (expected names like '{names[0]}')")
     return [n for n in names if n in listed]
-
-
-class CompressionNote(UserWarning):
-    """Something about a compression the user should know that is not an error (``sparsert compress`` prints
-    it as one ``note: ...`` line): e.g. ``--no-int4`` on an INT4-QAT checkpoint."""
 
 
 MAX_SEED = 2**63 - 1  # torch.Generator.manual_seed's range

@@ -1,9 +1,10 @@
 """One-shot 2:4 (+INT4) compression of a Hugging Face causal LM directory: ``sparsert compress HF_DIR -o OUT``.
 
 For users without a training budget (issue 3, item 5) whose model is a transformers checkpoint: the block
-linears (:func:`sparsert.train.hf_model.hf_sparse_linear_names`; embeddings, norms and ``lm_head`` stay dense)
-are pruned to 2:4 in one shot by magnitude, Wanda (Sun et al., ICLR 2024) or SparseGPT (Frantar & Alistarh,
-ICML 2023) with :func:`sparsert.train.oneshot_prune.prune_model_oneshot`, block by block on calibration windows
+linears (:func:`sparsert.train.hf_model.hf_sparse_linear_names`, fused MoE experts included once unfused into
+per-expert linears; embeddings, norms, routers and ``lm_head`` stay dense) are pruned to 2:4 in one shot by
+magnitude, Wanda (Sun et al., ICLR 2024) or SparseGPT (Frantar & Alistarh, ICML 2023) with
+:func:`sparsert.train.oneshot_prune.prune_model_oneshot`, block by block on calibration windows
 of the train split of ``calib_data`` tokenized with the model's own tokenizer. With ``int4`` the kept values are
 quantized to INT4 (symmetric, ``group_size`` columns per fp16 scale) and stored dequantized.
 
@@ -24,6 +25,7 @@ import torch
 
 from sparsert.runtime.errors import ConfigError, require_path
 from sparsert.runtime.linear_swap import outside_linears_note
+from sparsert.runtime.moe_experts import unfuse_experts
 from sparsert.runtime.nm_mask import is_nm_sparse
 from sparsert.train.compress import (
     MAX_DEFAULT_CALIB_SEQ_LEN,
@@ -86,7 +88,8 @@ def compress_hf_model(path: str | Path, output: str | Path, *, prune: str | None
     Raises:
         ConfigError naming the option or path; ArtifactError for unreadable weights; DataError for unusable
         calibration data. A :class:`~sparsert.train.compress.CompressionNote` warning names weights that are not
-        linear layers (fused MoE experts), which stay dense. The output is written under a temporary name and
+        linear layers even after unfusing MoE experts (an experts layout transformers does not document,
+        convolutions), which stay dense. The output is written under a temporary name and
         renamed: nothing is left on failure.
     """
     require_path(path, "CHECKPOINT", "the path of a Hugging Face model directory")
@@ -127,6 +130,7 @@ def compress_hf_model(path: str | Path, output: str | Path, *, prune: str | None
 
     bundle = load_hf_causal_lm(path)
     model, tokenizer = bundle.model, bundle.tokenizer
+    unfuse_experts(model)  # fused MoE experts -> per-expert linears, pruned like the other MLP layers
     outside = outside_linears_note(model)
     if outside is not None:
         warnings.warn(f"{path}: {outside}", CompressionNote, stacklevel=2)

@@ -8,6 +8,11 @@ stored ``[K, out]``), the fraction of zeros, whether it is 2:4 along K, and the 
 :func:`sparsert.runtime.linear_swap.swap_sparse_linears` packs it into: 2:4 values in 16 bits + 2-bit indices =
 9 bits per original weight, or with INT4 (group ``g``) 4-bit codes + 2-bit indices + a 16-bit scale per ``g``
 columns = 3 + 16/g bits (rows padded to the kernels' 128-row tiles not counted).
+
+A mixture-of-experts directory records its experts as per-expert layers (``mlp.experts.3.gate_up_proj``,
+:mod:`sparsert.runtime.moe_experts`), which transformers stores in its own checkpoint layout (split or renamed
+per architecture); when a recorded layer has no tensor of its own name, the model is loaded through transformers
+and unfused once, and the recorded layers' weights are taken from it.
 """
 
 from __future__ import annotations
@@ -21,8 +26,10 @@ import torch
 from safetensors import safe_open
 
 from sparsert.runtime.errors import ArtifactError, ConfigError
+from sparsert.runtime.linear_swap import weight_nk
+from sparsert.runtime.moe_experts import unfuse_experts
 from sparsert.runtime.nm_mask import is_nm_sparse
-from sparsert.train.hf_model import SPARSERT_FILE, saved_sparse_layers, served_as_2_4
+from sparsert.train.hf_model import SPARSERT_FILE, load_hf_causal_lm, saved_sparse_layers, served_as_2_4
 
 
 @dataclass
@@ -102,6 +109,20 @@ def _tensor(files: dict[str, Path], name: str) -> torch.Tensor:
         return f.get_tensor(name)
 
 
+def _weights_from_model(path: Path, names: list[str]) -> dict[str, torch.Tensor]:
+    """The recorded layers' weights ``[out, K]`` from the model transformers loads (experts unfused)."""
+    model = load_hf_causal_lm(path, load_tokenizer=False).model
+    unfuse_experts(model)
+    weights = {}
+    for name in names:
+        try:
+            weights[name] = weight_nk(model.get_submodule(name)).detach()
+        except AttributeError:
+            raise ArtifactError(f"{path / SPARSERT_FILE} records layer '{name}', which the model does not "
+                                "have") from None
+    return weights
+
+
 def hf_dir_stats(path: str | Path) -> HFDirStats:
     """The statistics of a Hugging Face directory sparsert wrote; ConfigError when it has no ``sparsert.json``
     (a plain transformers directory: compress it first), ArtifactError for unreadable weights."""
@@ -113,11 +134,17 @@ def hf_dir_stats(path: str | Path) -> HFDirStats:
     files = _weight_files(p)
     shapes = _tensor_shapes(files)
     stats = HFDirStats(str(p), total_weights=sum(math.prod(shape) for shape in shapes.values()))
+    loaded = None
+    if any(f"{name}.weight" not in files for name in layers):  # experts in transformers' own layout
+        loaded = _weights_from_model(p, list(layers))
     for name, info in layers.items():
-        w = _tensor(files, f"{name}.weight")
-        if w.dim() != 2:
-            raise ArtifactError(f"{p}: the weight of {name} is {w.dim()}-D, expected a linear layer's [out, K]")
-        w = w.t() if info.get("transposed") else w
+        if loaded is not None:
+            w = loaded[name]
+        else:
+            w = _tensor(files, f"{name}.weight")
+            if w.dim() != 2:
+                raise ArtifactError(f"{p}: the weight of {name} is {w.dim()}-D, expected a linear layer's [out, K]")
+            w = w.t() if info.get("transposed") else w
         out, k = w.shape
         two_four = is_nm_sparse(w, 2, 4)
         pattern = "dense" if info["dense"] else f"{info['n']}:{info['m']}"

@@ -20,6 +20,14 @@ run along the input dimension K like every other sparse linear in sparsert; :fun
 transposes them back, so the saved Conv1D weights ``[in, out]`` have 2 non-zeros in every 4 consecutive
 *rows* (the input dimension).
 
+Mixture-of-experts models (Mixtral, Qwen2/3-MoE, OLMoE, GPT-OSS, ... in transformers 5) hold their experts as
+fused 3-D parameters, which no linear layer reaches. :func:`sparsify_hf_model` (and the callers that load a
+model to train, prune or serve it) first turns them into per-expert ``nn.Linear`` layers
+(:func:`sparsert.runtime.moe_experts.unfuse_experts`, ``model.layers.0.mlp.experts.3.gate_up_proj``), so the
+experts are sparsified like any other MLP linear; :func:`folded_state_dict` stacks them back into the fused
+layout transformers loads. The routers and the scalar gates beside the experts (``mlp.gate``,
+``shared_expert_gate``) stay dense: they are a few weights that decide where every token goes.
+
 ``transformers`` is optional (the ``hf`` extra) and imported lazily.
 """
 
@@ -39,6 +47,7 @@ from torch import nn
 from sparsert.runtime.errors import ArtifactError, ConfigError
 from sparsert.runtime.fileio import replace_dir
 from sparsert.runtime.hf_tokenizer import HFTokenizer, import_transformers
+from sparsert.runtime.moe_experts import fused_expert_state, unfuse_experts, unfused_experts_of
 from sparsert.train.sparse_linear import SparseLinear, SparsityConfig
 from sparsert.train.sparsify import sparsify_model
 
@@ -46,6 +55,7 @@ from sparsert.train.sparsify import sparsify_model
 _BLOCK_LISTS = ("model.layers", "transformer.h", "model.decoder.layers", "gpt_neox.layers", "transformer.blocks",
                 "transformer.layers")
 _ATTENTION_WORDS = ("attn", "attention")
+_ROUTER_NAMES = ("gate", "router")  # a linear named so (or "..._gate") routes tokens: kept dense
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model", "spiece.model",
                     "vocab.txt")
 _WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
@@ -222,13 +232,26 @@ def _is_block_linear(module: nn.Module) -> bool:
     return isinstance(module, (nn.Linear, SparseLinear)) or _is_conv1d(module)
 
 
+def _is_router(rel_name: str, module: nn.Module) -> bool:
+    """A MoE router or scalar gate: named ``gate``/``router``/``*_gate`` and narrower than its input (a gated
+    MLP's ``gate`` projection, wider than its input, is not one)."""
+    last = rel_name.rsplit(".", 1)[-1].lower()
+    if not (last in _ROUTER_NAMES or last.endswith("_gate")):
+        return False
+    out, k = module.weight.shape if not _is_conv1d(module) else module.weight.shape[::-1]
+    return out < k
+
+
 def hf_sparse_linear_names(model: nn.Module, include_attention: bool = True, include_mlp: bool = True) -> list[str]:
     """Qualified names of the linear layers inside the decoder blocks, block by block in module order.
 
     A layer is an attention layer when a module on its path inside the block has "attn" or "attention" in
     its name (``self_attn.q_proj``, ``attn.c_attn``); every other block linear counts as MLP
-    (``mlp.gate_proj``, ``mlp.c_fc``). ``nn.Linear``, transformers ``Conv1D`` and already-swapped
-    ``SparseLinear`` layers are listed; embeddings, norms and ``lm_head`` never are.
+    (``mlp.gate_proj``, ``mlp.c_fc``, an unfused expert's ``mlp.experts.3.down_proj``). ``nn.Linear``,
+    transformers ``Conv1D`` and already-swapped ``SparseLinear`` layers are listed; embeddings, norms,
+    ``lm_head`` and MoE routers (a linear named ``gate``, ``router`` or ``*_gate`` with fewer outputs than
+    inputs, such as Qwen2-MoE's ``shared_expert_gate``) never are. Fused experts are listed only once unfused
+    (:func:`unfuse_experts`).
     """
     if not (include_attention or include_mlp):
         raise ConfigError("hf sparse linears: include_attention and include_mlp are both off, nothing to sparsify")
@@ -236,7 +259,7 @@ def hf_sparse_linear_names(model: nn.Module, include_attention: bool = True, inc
     names = []
     for i, block in enumerate(blocks):
         for rel, module in block.named_modules():
-            if not rel or not _is_block_linear(module):
+            if not rel or not _is_block_linear(module) or _is_router(rel, module):
                 continue
             path = rel.split(".")[:-1]
             is_attention = any(w in part.lower() for part in path for w in _ATTENTION_WORDS)
@@ -288,11 +311,13 @@ def sparsify_hf_model(
     """Swap the block linears of a transformers causal LM for :class:`SparseLinear` (SR-STE, Zhou et al.,
     ICLR 2021) in place, through :func:`sparsert.train.sparsify.sparsify_model`.
 
-    ``names`` defaults to :func:`hf_sparse_linear_names` (with the include flags). GPT-2 Conv1D layers are
-    converted to ``nn.Linear`` first (:func:`conv1d_to_linear`), so every mask is ``[out, K]`` with its N:M
-    groups along the input dimension K. Returns the names swapped. FormatError (naming the layer) when a
+    ``names`` defaults to :func:`hf_sparse_linear_names` (with the include flags). Fused MoE experts are unfused
+    (:func:`unfuse_experts`) and GPT-2 Conv1D layers converted to ``nn.Linear`` first (:func:`conv1d_to_linear`),
+    so every mask is ``[out, K]`` with its N:M groups along the input dimension K. Returns the names swapped.
+    FormatError (naming the layer) when a
     layer's input dimension is not divisible by M.
     """
+    unfuse_experts(model)
     if names is None:
         names = hf_sparse_linear_names(model, include_attention, include_mlp)
     names = list(names)
@@ -310,8 +335,9 @@ def folded_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 
     Each SparseLinear contributes ``<name>.weight`` = the weight its forward pass uses (``W ⊙ mask``,
     INT4 fake-quantized when trained with QAT; plain ``W`` for a layer in dense mode), float ``[out, K]``,
-    and no ``.mask``; layers converted from Conv1D are transposed back to ``[K, out]``. Other tensors are
-    the model's own (shared tensors, e.g. tied embeddings, stay shared).
+    and no ``.mask``; layers converted from Conv1D are transposed back to ``[K, out]``, and unfused experts
+    stacked back into their fused parameters (:func:`~sparsert.runtime.moe_experts.fused_expert_state`). Other
+    tensors are the model's own (shared tensors, e.g. tied embeddings, stay shared).
     """
     state = model.state_dict()
     transposed = set(getattr(model, TRANSPOSED_ATTR, ()))
@@ -324,7 +350,7 @@ def folded_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
         else:
             continue
         state[f"{name}.weight"] = w.t().contiguous() if name in transposed else w
-    return state
+    return fused_expert_state(state, unfused_experts_of(model))
 
 
 def _save_kwargs(model: nn.Module) -> dict:
@@ -368,10 +394,13 @@ def swap_saved_sparse_layers(model: nn.Module, path: str | Path, **swap_options:
     """:func:`sparsert.runtime.linear_swap.swap_sparse_linears` on a model loaded from ``path``: the layers its
     ``sparsert.json`` records as trained 2:4 (not the ones trained dense), INT4 with their QAT group where they
     trained with QAT (the saved weights are the dequantized codes, so quantizing them again gives the same
-    codes); without the file, every linear whose weight is 2:4. Returns the (merged) SwapReport."""
+    codes); without the file, every linear whose weight is 2:4. Fused MoE experts are unfused first
+    (:func:`~sparsert.runtime.moe_experts.unfuse_experts`), so 2:4 experts are served as 2:4 too. Returns the
+    (merged) SwapReport."""
     from sparsert.runtime.linear_swap import SwapReport, swap_sparse_linears
 
     layers = saved_sparse_layers(path)
+    unfuse_experts(model)  # 2:4 experts become linear layers the swap reaches; dense ones run as before
     if layers is None:
         return swap_sparse_linears(model, **swap_options)
     groups: dict[int | None, list[str]] = {}

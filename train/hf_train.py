@@ -36,6 +36,7 @@ from torch import nn
 
 from sparsert.runtime.errors import ArtifactError, ConfigError
 from sparsert.runtime.hf_tokenizer import HFTokenizer
+from sparsert.runtime.moe_experts import unfuse_experts
 from sparsert.train.hf_model import (
     TOKENIZER_FILES,
     conv1d_to_linear,
@@ -200,9 +201,10 @@ def _no_progress_bars() -> Iterator[None]:
 
 
 def build_hf_model(model_config: HFModelConfig) -> HFCausalLM:
-    """Load the model of ``model_config.path`` (float32, train mode) as an :class:`HFCausalLM`, its GPT-2
-    ``Conv1D`` block layers turned into ``nn.Linear``. The directory's config must still be the recorded one
-    (ConfigError listing the keys that changed); ArtifactError for missing or unreadable weights."""
+    """Load the model of ``model_config.path`` (float32, train mode) as an :class:`HFCausalLM`, its fused MoE
+    experts unfused into per-expert linears and its GPT-2 ``Conv1D`` block layers turned into ``nn.Linear``. The
+    directory's config must still be the recorded one (ConfigError listing the keys that changed); ArtifactError for
+    missing or unreadable weights."""
     with _no_progress_bars():
         bundle = load_hf_causal_lm(model_config.path, load_tokenizer=False)
     current = HFModelConfig.from_directory(model_config.path)
@@ -211,6 +213,7 @@ def build_hf_model(model_config: HFModelConfig) -> HFCausalLM:
         raise ConfigError(f"{model_config.path}: config.json differs from the one this run was started with "
                           f"({'; '.join(diffs[:5])}); restore it or start a new run")
     hf = bundle.model
+    unfuse_experts(hf)
     conv1d_to_linear(hf, hf_sparse_linear_names(hf))
     hf.train()
     return HFCausalLM(hf, model_config)

@@ -23,6 +23,7 @@ get the new mask copied in. :data:`ONESHOT_METHODS` names the methods for ``spar
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
@@ -30,8 +31,10 @@ import torch
 from torch import nn
 
 from sparsert.runtime.errors import ConfigError, FormatError
+from sparsert.runtime.moe_experts import expert_layer_names
 from sparsert.runtime.nm_mask import check_groups, check_nm, nm_mask
 from sparsert.train.calibration import InputStats, calibration_input_ids, collect_input_stats
+from sparsert.train.notes import CompressionNote
 
 __all__ = ["magnitude_prune", "wanda_prune", "sparsegpt_prune", "PruneResult", "LayerPruner", "ONESHOT_METHODS",
            "prune_model_oneshot"]
@@ -197,6 +200,10 @@ def prune_model_oneshot(model: nn.Module, method: str, calib_batches: Iterable[o
         calib_batches: calibration ``input_ids`` int64 [B, T] (or ``(x, y)`` pairs); required except for
             magnitude. Materialised once (it is iterated once per transformer block).
         names: layers to prune (default :func:`sparsert.runtime.model.sparse_linear_names`), in data-flow order.
+
+    An unfused MoE expert (:func:`sparsert.runtime.moe_experts.expert_layer_names`) sees only the calibration
+    tokens routed to it; one that sees none is pruned by magnitude instead, with a
+    :class:`~sparsert.train.notes.CompressionNote` naming how many did.
     """
     if method not in ONESHOT_METHODS:
         raise ConfigError(f"unknown one-shot pruning method '{method}' (choose from {', '.join(ONESHOT_METHODS)})")
@@ -222,15 +229,22 @@ def prune_model_oneshot(model: nn.Module, method: str, calib_batches: Iterable[o
     was_training = model.training
     model.eval()
     masks: dict[str, torch.Tensor] = {}
+    experts = set(expert_layer_names(model))
+    unrouted: list[str] = []
     try:
         for group in _layer_groups(list(names)):
             stats = {nm: None for nm in group}
             if pruner.needs is not None:
                 stats = collect_input_stats(model, {nm: modules[nm] for nm in group}, batches,
-                                            with_gram=pruner.needs == "gram", what="one-shot pruning")
+                                            with_gram=pruner.needs == "gram", what="one-shot pruning",
+                                            may_skip=experts)
             for nm in group:
                 module = modules[nm]
-                result = pruner.prune(module.weight.detach(), stats[nm], n, m)
+                layer_pruner = pruner
+                if stats[nm] is not None and stats[nm].tokens == 0:
+                    layer_pruner = ONESHOT_METHODS["magnitude"]
+                    unrouted.append(nm)
+                result = layer_pruner.prune(module.weight.detach(), stats[nm], n, m)
                 mask = result.mask.to(module.weight.device)
                 new_w = result.weight if result.weight is not None else module.weight.detach() * mask
                 module.weight.copy_(new_w.to(module.weight.dtype))
@@ -239,4 +253,8 @@ def prune_model_oneshot(model: nn.Module, method: str, calib_batches: Iterable[o
                 masks[nm] = mask
     finally:
         model.train(was_training)
+    if unrouted:
+        warnings.warn(f"{len(unrouted)} MoE expert layer(s) received no calibration token (e.g. {unrouted[0]}) and "
+                      f"were pruned by magnitude instead of {method}; more calibration data (--calib-batches) "
+                      "reaches more experts", CompressionNote, stacklevel=2)
     return masks

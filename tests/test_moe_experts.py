@@ -1,0 +1,131 @@
+"""runtime.moe_experts: transformers 5's fused MoE experts as per-expert linear layers (same logits, the fused
+state dict back exactly), and the 2:4 swap reaching them. Models are built from configs (nothing is downloaded)."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from conftest import tiny_qwen2_moe
+from torch import nn
+
+from sparsert.runtime.dispatch import SparseLinearGPU
+from sparsert.runtime.linear_swap import swap_sparse_linears, weights_outside_linears
+from sparsert.runtime.moe_experts import (
+    FusedLayout,
+    UnfusedExperts,
+    expert_layer_names,
+    fused_expert_state,
+    fused_experts_modules,
+    unfuse_experts,
+    unfused_experts_of,
+)
+from sparsert.runtime.nm_mask import is_nm_sparse
+
+transformers = pytest.importorskip("transformers")
+
+COMMON = dict(vocab_size=96, hidden_size=64, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+              num_key_value_heads=2, max_position_embeddings=64, head_dim=16)
+
+
+def _moe(config_name: str, **extra: object) -> nn.Module:
+    config_class = getattr(transformers, config_name, None)
+    if config_class is None:
+        pytest.skip(f"this transformers has no {config_name}")
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = transformers.AutoModelForCausalLM.from_config(config_class(**{**COMMON, **extra})).eval()
+    if not fused_experts_modules(model):
+        pytest.skip(f"this transformers holds the {config_name} experts as nn.Linear layers")
+    return model
+
+
+ARCHS = {
+    "qwen2-moe": ("Qwen2MoeConfig", dict(moe_intermediate_size=32, shared_expert_intermediate_size=32, num_experts=4,
+                                         num_experts_per_tok=2)),
+    "mixtral": ("MixtralConfig", dict(num_local_experts=4, num_experts_per_tok=2)),
+    # transposed [experts, K, out] weights, biases and a clamped gate of its own
+    "gpt-oss": ("GptOssConfig", dict(num_local_experts=4, num_experts_per_tok=2,
+                                     layer_types=["full_attention", "full_attention"])),
+}
+
+
+@pytest.mark.parametrize("arch", list(ARCHS))
+def test_unfused_experts_compute_the_same_logits_and_fuse_back_exactly(arch: str) -> None:
+    config_name, extra = ARCHS[arch]
+    model = _moe(config_name, **extra)
+    fused_state = {k: v.clone() for k, v in model.state_dict().items()}
+    layouts = fused_experts_modules(model)
+    assert len(layouts) == 2 and all(lay.num_experts == 4 for lay in layouts.values())
+    ids = torch.randint(0, 96, (2, 11), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want = model(ids).logits
+    created = unfuse_experts(model)
+    assert created == expert_layer_names(model) and len(created) == 2 * 4 * 2
+    assert not weights_outside_linears(model) and unfused_experts_of(model) == layouts
+    for name in created:
+        linear = model.get_submodule(name)
+        assert isinstance(linear, nn.Linear) and isinstance(model.get_submodule(name.rsplit(".", 2)[0]),
+                                                            UnfusedExperts)
+    module, layout = next(iter(layouts.items()))
+    expert = model.get_submodule(f"{module}.2.down_proj").weight
+    stored = fused_state[f"{module}.down_proj"][2]
+    assert torch.equal(expert, stored.t() if layout.transposed else stored)  # [out, K]: K = the input features
+    with torch.no_grad():
+        got = model(ids).logits
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    back = fused_expert_state(model.state_dict(), unfused_experts_of(model))
+    assert back.keys() == fused_state.keys() and all(torch.equal(back[k], fused_state[k]) for k in fused_state)
+    assert unfuse_experts(model) == []  # nothing fused is left
+
+
+def test_gpt_oss_layout_is_transposed_with_biases() -> None:
+    model = _moe(*ARCHS["gpt-oss"][:1], **ARCHS["gpt-oss"][1])
+    assert set(fused_experts_modules(model).values()) == {FusedLayout(("gate_up_proj", "down_proj"), 4, True, True)}
+
+
+def test_a_layout_it_does_not_know_stays_fused() -> None:
+    """An experts module with weights beside the experts (here a norm) is left fused: it stays outside the linears,
+    reported by weights_outside_linears."""
+    model = tiny_qwen2_moe()
+    experts = model.model.layers[0].mlp.experts
+    experts.extra_norm = nn.LayerNorm(8)
+    assert list(fused_experts_modules(model)) == []
+    assert unfuse_experts(model) == [] and len(weights_outside_linears(model)) == 2
+    experts.has_post_expert_norm = True
+    del experts.extra_norm
+    assert list(fused_experts_modules(model)) == []
+
+
+def test_fusing_a_state_without_an_expert_names_the_tensor() -> None:
+    model = tiny_qwen2_moe()
+    unfuse_experts(model)
+    state = model.state_dict()
+    del state["model.layers.0.mlp.experts.3.down_proj.weight"]
+    with pytest.raises(KeyError, match=r"lacks 'model\.layers\.0\.mlp\.experts\.3\.down_proj\.weight' to fuse "
+                       r"model\.layers\.0\.mlp\.experts\.down_proj"):
+        fused_expert_state(state, unfused_experts_of(model))
+
+
+def test_unfused_experts_are_swapped_like_any_linear() -> None:
+    """Once unfused, swap_sparse_linears packs every expert 2:4 (the CPU path of the kernels' formats) and the model
+    still gives the logits of the same 2:4 weights run dense; no weight is left outside the linears."""
+    model = tiny_qwen2_moe(hidden=128, vocab=64)
+    reference = tiny_qwen2_moe(hidden=128, vocab=64)
+    names = unfuse_experts(model)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        report = swap_sparse_linears(model, prune=True, token_counts=[1])
+    assert not [w for w in caught if "3 or more dimensions" in str(w.message)]
+    assert set(names) <= set(report.swapped) and not report.outside_linears
+    assert all(isinstance(model.get_submodule(n), SparseLinearGPU) for n in names)
+    unfuse_experts(reference)
+    with torch.no_grad():
+        for name in report.swapped:
+            dense = model.get_submodule(name).packed.to_dense()
+            assert is_nm_sparse(dense, 2, 4)
+            reference.get_submodule(name).weight.copy_(dense)
+        ids = torch.tensor([[5, 17, 9, 3, 50, 42, 7, 8]])
+        torch.testing.assert_close(model(ids).logits.float(), reference(ids).logits, rtol=2e-2, atol=2e-2)
