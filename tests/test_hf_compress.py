@@ -203,20 +203,60 @@ def test_inspect_a_compressed_directory(tmp_path, capsys):
     assert code == 2 and "without sparsert.json: it records no 2:4 layers to inspect; prune it with" in err
 
 
-def test_fused_moe_experts_get_a_note(tmp_path, capsys):
-    """transformers 5's Qwen2-MoE keeps its experts in 3-D parameters, not linear layers: compress prunes the
-    attention and shared-expert linears, says in a note that the experts stay dense, and inspect gives the
-    recorded layers' share of the weights."""
-    model = tiny_qwen2_moe()
-    src, out = tmp_path / "moe", tmp_path / "out"
-    model.save_pretrained(str(src))
+def _moe_dir(root: Path, **kwargs: int) -> Path:
+    src = root / "moe"
+    tiny_qwen2_moe(**kwargs).save_pretrained(str(src))
     _save_bpe_tokenizer(transformers, src)
-    code, stdout, err = run_main(capsys, "compress", str(src), "-o", str(out))
-    assert code == 0 and "wrote" in stdout
-    assert (f"note: {src}: 2 weights of 3 or more dimensions (" in err and
-            "model.layers.0.mlp.experts.gate_up_proj [4, 128, 64]) are not linear layers (fused MoE experts, "
-            "convolutions) and stay dense" in err)
+    return src
+
+
+def test_fused_moe_experts_are_pruned_2_4_and_load_back_fused(tmp_path, capsys):
+    """transformers 5's Qwen2-MoE keeps its experts in 3-D parameters: compress unfuses them into per-expert
+    linears and prunes each 2:4 with the other block linears (the routers stay dense), and writes them back
+    fused: transformers loads the directory, every expert matrix is 2:4 along K, INT4 values are exact codes of
+    their group, and inspect lists the experts."""
+    src = _moe_dir(tmp_path)
+    out = tmp_path / "out"
+    code, stdout, err = run_main(capsys, "compress", str(src), "-o", str(out), "--int4", "--group-size", "32")
+    assert code == 0 and "wrote" in stdout and "note:" not in err
     recorded = saved_sparse_layers(out)
-    assert "model.layers.0.mlp.shared_expert.up_proj" in recorded and not any(".experts." in n for n in recorded)
+    experts = [f"model.layers.0.mlp.experts.{e}.{p}" for e in range(4) for p in ("gate_up_proj", "down_proj")]
+    assert set(experts) <= set(recorded) and "model.layers.0.mlp.shared_expert.up_proj" in recorded
+    assert "model.layers.0.mlp.shared_expert_gate" not in recorded  # a router: 1 output, kept dense
+    assert all(recorded[n]["qat_group_size"] == 32 for n in experts)
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(out)).eval()
+    moe = model.model.layers[0].mlp.experts
+    for fused in (moe.gate_up_proj, moe.down_proj):  # [experts, out, K]
+        for w in fused.detach():
+            assert is_nm_sparse(w, 2, 4)
+            packed = pack_linear(w, int4_group_size=32, mask=w != 0)
+            assert torch.equal(packed.to_dense().float(), w)
     code, stdout, _ = run_main(capsys, "inspect", str(out))
-    assert code == 0 and "layers not recorded such as fused MoE experts" in stdout
+    assert code == 0 and "model.layers.0.mlp.experts.3.down_proj" in stdout and "MoE routers" in stdout
+    code, stdout, _ = run_main(capsys, "inspect", str(out), "--json")
+    held = sum(model.get_parameter(p).numel() for p in ("model.layers.0.mlp.experts.gate_up_proj",
+                                                         "model.layers.0.mlp.experts.down_proj"))
+    held += sum(model.get_submodule(n).weight.numel() for n in recorded if ".experts." not in n)
+    assert json.loads(stdout)["recorded_share"] == pytest.approx(held / sum(p.numel() for p in model.parameters()))
+
+
+def test_experts_without_calibration_tokens_fall_back_to_magnitude(tmp_path, capsys):
+    """Wanda on experts: each expert sees only the tokens routed to it; with 16 experts and 4 calibration tokens
+    most see none, are pruned by magnitude instead, and a note says how many."""
+    torch.manual_seed(0)
+    config = transformers.MixtralConfig(vocab_size=320, hidden_size=64, intermediate_size=64, num_hidden_layers=1,
+                                        num_attention_heads=4, num_key_value_heads=2, num_local_experts=16,
+                                        num_experts_per_tok=1, max_position_embeddings=64)
+    src, out = tmp_path / "mixtral", tmp_path / "out"
+    transformers.AutoModelForCausalLM.from_config(config).save_pretrained(str(src))
+    _save_bpe_tokenizer(transformers, src)
+    code, _, err = run_main(capsys, "compress", str(src), "-o", str(out), "--prune", "wanda", "--calib-batches", "1",
+                            "--calib-batch-size", "1", "--calib-seq-len", "4")
+    assert code == 0, err
+    notes = [line for line in err.splitlines() if line.startswith("note: ")]
+    assert len(notes) == 1 and "MoE expert layer(s) received no calibration token" in notes[0]
+    assert "pruned by magnitude instead of wanda" in notes[0] and "--calib-batches" in notes[0]
+    unrouted = int(notes[0].split()[1])
+    assert 2 * 12 <= unrouted < 2 * 16  # at most 4 experts are reached, each with its two layers
+    recorded = saved_sparse_layers(out)
+    assert sum(".experts." in n for n in recorded) == 32

@@ -25,6 +25,7 @@ from sparsert.export.annotations import get_metadata, is_nm_along_axis, read_spa
 from sparsert.export.hf_export import export_hf_model  # noqa: E402
 from sparsert.export.onnx_runner import empty_past, make_session, run_logits  # noqa: E402
 from sparsert.runtime.errors import ArtifactError, ConfigError, ExportError  # noqa: E402
+from sparsert.runtime.nm_mask import is_nm_sparse  # noqa: E402
 from sparsert.train.hf_compress import compress_hf_model  # noqa: E402
 from sparsert.train.hf_model import saved_sparse_layers  # noqa: E402
 
@@ -252,16 +253,21 @@ def test_longrope_parity_runs_on_real_frequencies(tmp_path):
     assert result.parity.passed
 
 
-def test_fused_moe_experts_export_dense_through_batched_matmuls(tmp_path):
+def test_moe_experts_stay_in_the_fused_tensors_with_their_2_4_zeros(tmp_path):
     """transformers 5's Qwen2-MoE (fused 3-D experts, whose default grouped_mm kernel has no ONNX function) exports
-    with its experts switched to batched matmuls: its linear layers 2:4, the experts dense, and a note says so."""
+    with its experts switched to batched matmuls: the linear layers are placed and annotated 2:4, the recorded
+    expert layers stay in the fused tensors the graph gathers (2:4 zeros kept), and a note says they run dense."""
     model = tiny_qwen2_moe()
     src = tmp_path / "moe"
     model.save_pretrained(str(src))
-    with pytest.warns(UserWarning, match="fused MoE experts"):
-        out, names = compress_hf_model(src, tmp_path / "moe-24")
+    out, names = compress_hf_model(src, tmp_path / "moe-24")
+    experts = [n for n in names if ".experts." in n]
+    assert len(experts) == 8
     result, notes = export_hf_model(out, tmp_path / "m.onnx")
     assert result.parity.passed and result.kv_cache
-    assert {n for n, info in result.layers.items() if info["pattern"] == "2:4"} == set(names)
-    assert any("are not linear layers (fused MoE experts, convolutions) and stay dense; exported through batched "
+    assert {n for n, info in result.layers.items() if info["pattern"] == "2:4"} == set(names) - set(experts)
+    assert any(n.startswith("8 MoE expert layers stay in the fused expert tensors") and "run them as dense batched "
                "matmuls" in n for n in notes)
+    graph = onnx.load(str(tmp_path / "m.onnx"))
+    fused = [numpy_helper.to_array(t) for t in graph.graph.initializer if len(t.dims) == 3 and t.dims[0] == 4]
+    assert len(fused) == 2 and all(is_nm_sparse(torch.from_numpy(w[e].copy()), 2, 4) for w in fused for e in range(4))

@@ -24,7 +24,7 @@ from sparsert.runtime.nm_mask import is_nm_sparse  # noqa: E402
 from sparsert.train.checkpoint import load_checkpoint, write_json_atomic  # noqa: E402
 from sparsert.train.compress import compress_checkpoint  # noqa: E402
 from sparsert.train.distributed import decoder_blocks  # noqa: E402
-from sparsert.train.hf_train import HFCausalLM, HFModelConfig, build_hf_model  # noqa: E402
+from sparsert.train.hf_train import HFCausalLM, HFModelConfig, build_hf_model, save_hf_run  # noqa: E402
 from sparsert.train.metrics import read_metrics  # noqa: E402
 from sparsert.train.run_dir import load_train_config  # noqa: E402
 from sparsert.train.sparse_linear import SparsityConfig  # noqa: E402
@@ -248,17 +248,30 @@ def test_ffn_only_run_saves_its_dense_trained_attention_as_trained(hf: dict[str,
         assert "6 2:4 float32 (zeros stored in the MatMul weight); 8 dense float32" in result.summary()
 
 
-def test_fused_moe_experts_get_a_note(hf: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    """A Qwen2-MoE whose experts are 3-D parameters (transformers 5) trains its linear layers 2:4; the run says
-    that the experts, not linear layers, train and stay dense."""
+def test_fused_moe_experts_train_2_4(hf: dict[str, Path], tmp_path: Path,
+                                                 capsys: pytest.CaptureFixture) -> None:
+    """A Qwen2-MoE whose experts are 3-D parameters (transformers 5) trains every expert 2:4 (unfused into
+    per-expert linears, Hu et al. recipe with INT4 QAT) and saves them back fused, also when rebuilt from its
+    checkpoint:
+    transformers loads hf/ and every expert matrix is 2:4; the run prints no "stay dense" note."""
     model = tiny_qwen2_moe()
     src = tmp_path / "moe"
     model.save_pretrained(str(src))
     shutil.copy(hf["llama"] / "tokenizer.json", src)
     shutil.copy(hf["llama"] / "tokenizer_config.json", src)
-    train(small({**hf, "moe": src}, "moe", tmp_path / "run", steps=2, eval_interval=2, ckpt_interval=2))
-    err = capsys.readouterr().err
-    assert (f"note: --model {src}: 2 weights of 3 or more dimensions (" in err and
-            "model.layers.0.mlp.experts.gate_up_proj [4, 128, 64]) are not linear layers" in err)
-    layers = json.loads((tmp_path / "run" / "hf" / "sparsert.json").read_text())["sparse_layers"]
-    assert "model.layers.0.mlp.shared_expert.up_proj" in layers and not any(".experts." in n for n in layers)
+    run = tmp_path / "run"
+    cfg = small({**hf, "moe": src}, "moe", run, steps=2, eval_interval=2, ckpt_interval=2, method="hu",
+                qat=True, group_size=32)
+    train(cfg)
+    assert "stay dense" not in capsys.readouterr().err
+    state = load_checkpoint(run).model_state
+    assert "hf.model.layers.0.mlp.experts.3.down_proj.mask" in state
+    again = save_hf_run(run, tmp_path / "again")  # the model rebuilt from the checkpoint: same keys, same weights
+    saved, rebuilt = load_file(run / "hf" / "model.safetensors"), load_file(again / "model.safetensors")
+    assert saved.keys() == rebuilt.keys() and all(torch.equal(saved[k], rebuilt[k]) for k in saved)
+    layers = json.loads((run / "hf" / "sparsert.json").read_text())["sparse_layers"]
+    assert {f"model.layers.0.mlp.experts.{e}.down_proj" for e in range(4)} <= set(layers)
+    assert "model.layers.0.mlp.shared_expert_gate" not in layers
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(str(run / "hf")).eval()
+    experts = loaded.model.layers[0].mlp.experts
+    assert all(is_nm_sparse(w, 2, 4) for fused in (experts.gate_up_proj, experts.down_proj) for w in fused.detach())

@@ -170,8 +170,7 @@ def format_hf_stats(stats: HFDirStats) -> str:
                   f"({16 / max(stats.served_bits_per_weight, 1e-9):.2f}x smaller than 16-bit dense)"]
     if stats.total_weights:
         lines.append(f"they hold {stats.recorded_share:.1%} of the directory's {stats.total_weights:,} weights; the "
-                     "rest (embeddings, norms, the head, layers not recorded such as fused MoE experts) stays as "
-                     "stored")
+                     "rest (embeddings, norms, the head, MoE routers, layers not recorded) stays as stored")
     if broken:
         lines.append(f"warning: {len(broken)} layer(s) recorded as 2:4 are not 2:4 along K, e.g. {broken[0]}")
     return "\n".join(lines)
