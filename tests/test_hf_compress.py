@@ -260,3 +260,23 @@ def test_experts_without_calibration_tokens_fall_back_to_magnitude(tmp_path, cap
     assert 2 * 12 <= unrouted < 2 * 16  # at most 4 experts are reached, each with its two layers
     recorded = saved_sparse_layers(out)
     assert sum(".experts." in n for n in recorded) == 32
+
+
+@pytest.mark.filterwarnings("ignore:.*falling back to dense")  # the tiny attention shapes on the CPU path
+def test_compressed_moe_experts_are_served_2_4(tmp_path):
+    """swap_saved_sparse_layers on a compressed MoE directory (as generate --backend runtime loads it): the experts
+    are unfused, packed 2:4 + INT4 like the other recorded layers, and the logits stay transformers' own."""
+    from sparsert.runtime.dispatch import SparseLinearGPU
+    from sparsert.train.hf_model import load_hf_causal_lm, swap_saved_sparse_layers
+
+    src = _moe_dir(tmp_path, hidden=128)
+    out, names = compress_hf_model(src, tmp_path / "out", int4=True, group_size=64)
+    model, reference = load_hf_causal_lm(out).model, load_hf_causal_lm(out).model
+    report = swap_saved_sparse_layers(model, out, token_counts=[1])
+    assert set(report.swapped) == set(names) and not report.outside_linears
+    assert isinstance(model.get_submodule("model.layers.0.mlp.experts.2.gate_up_proj"), SparseLinearGPU)
+    assert report.swapped["model.layers.0.mlp.experts.2.gate_up_proj"] == "2:4+int4 g64"
+    ids = torch.tensor([[5, 17, 9, 3, 50, 42]])
+    with torch.no_grad():
+        got, want = model(ids).logits.float(), reference(ids).logits
+    assert float((got - want).norm() / want.norm()) < 1e-2
