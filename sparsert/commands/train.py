@@ -92,8 +92,9 @@ def _config_error(exc: ConfigError) -> ConfigError:
 # --- H11: Hugging Face models and multi-process training ---
 @click.option("--model", "hf_model", metavar="PATH", type=str, default=None,
               help="Train a local Hugging Face causal LM directory (Llama, Mistral, Qwen2, GPT-2, ...) instead of a "
-                   "preset: its tokenizer tokenises --data, its decoder-block linears train sparse (embeddings and "
-                   "lm_head stay dense), --seq-len may not exceed its max_position_embeddings, and the run ends "
+                   "preset: its tokenizer tokenises --data, its decoder-block linears train sparse, MoE experts "
+                   "(Mixtral, Qwen2-MoE, ...) as per-expert linears (embeddings, lm_head and routers stay dense), "
+                   "--seq-len may not exceed its max_position_embeddings, and the run ends "
                    "with <run>/hf, a directory transformers loads (dense weights carrying the 2:4 zeros), in "
                    "place of the sparsert artifact (whose format describes the built-in architectures only).")
 @click.option("--distributed", type=click.Choice(["ddp", "fsdp"]), default=None,
