@@ -23,6 +23,7 @@ import onnx
 
 from sparsert.export.annotations import verify_sparsity_annotations
 from sparsert.export.onnx_graph import IR_VERSION, OPSET, build_onnx_model, save_onnx_model
+from sparsert.export.onnx_runner import make_session
 from sparsert.export.parity import ParityReport, check_parity
 from sparsert.runtime.artifact import load_artifact
 from sparsert.runtime.errors import ExportError, require_path
@@ -66,7 +67,7 @@ class ExportResult:
             "  2:4 along axis 0 of each MatMul B verified against the annotations; onnx.checker full check passed",
         ]
         if self.parity is None:
-            lines.append("  parity vs PyTorch: skipped (--skip-parity)")
+            lines.append("  parity vs PyTorch: skipped (--skip-parity); ONNX Runtime (CPU) loads the graph")
         else:
             p = self.parity
             level = "ORT default" if p.accuracy_level is None else p.accuracy_level
@@ -225,8 +226,9 @@ def checked_export(out: Path, build: Callable[[], onnx.ModelProto],
                    check: Callable[[onnx.ModelProto, Path], tuple[dict[str, dict], ParityReport | None]], *,
                    kv_cache: bool) -> ExportResult:
     """Build the model in a temporary directory beside ``out``, write it, run ``onnx.checker`` (full check) and
-    ``check(model, written_path)`` (annotations, parity: returns the annotated layers and the parity report),
-    then rename it (and its external data, if any) to ``out``; nothing is left at ``out`` on failure."""
+    ``check(model, written_path)`` (annotations, parity: returns the annotated layers and the parity report; with
+    no parity report, ONNX Runtime must still load the graph), then rename it (and its external data, if any) to
+    ``out``; nothing is left at ``out`` on failure."""
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
@@ -242,6 +244,8 @@ def checked_export(out: Path, build: Callable[[], onnx.ModelProto],
             raise ExportError(f"onnx.checker rejected the exported model: {first}") from None
         try:
             layers, report = check(model, staged)
+            if report is None:  # parity skipped: a graph onnx.checker accepts may still use a kernel ORT lacks
+                make_session(staged)
         except ExportError as exc:  # name the output the user gave, not the staging file
             raise ExportError(str(exc).replace(str(staged), str(out))) from None
         data = tmp / f"{out.name}.data"

@@ -15,8 +15,15 @@ from onnx import TensorProto, numpy_helper
 
 from sparsert.export import annotations as ann
 from sparsert.export import parity as parity_mod
-from sparsert.export.onnx_export import is_onnx_model
-from sparsert.export.onnx_graph import build_onnx_model, export_onnx, int4_initializer, save_onnx_model
+from sparsert.export.onnx_export import checked_export, is_onnx_model
+from sparsert.export.onnx_graph import (
+    IR_VERSION,
+    OPSET,
+    build_onnx_model,
+    export_onnx,
+    int4_initializer,
+    save_onnx_model,
+)
 from sparsert.export.onnx_runner import OnnxStepper, UnverifiedExportWarning, make_session, onnx_stepper
 from sparsert.export.parity import FP32_TOLERANCE, INT4_INT8_TOLERANCE, check_parity
 from sparsert.runtime.artifact import QuantizationInfo, SparsityInfo, load_artifact, save_artifact
@@ -479,3 +486,19 @@ def test_is_onnx_model(tmp_path, models):
         (tmp_path / name).write_bytes(data)
         assert not is_onnx_model(tmp_path / name), name
     assert not is_onnx_model(tmp_path) and not is_onnx_model(tmp_path / "missing.onnx")
+
+
+def test_a_graph_onnx_runtime_cannot_load_is_not_written_even_without_parity(tmp_path: Path) -> None:
+    """--skip-parity skips the logits, not the load: a graph onnx.checker accepts but ONNX Runtime has no kernel
+    for (a bfloat16 Mul, as Falcon's ALiBi traces) is refused naming the output, and nothing is written."""
+    def build() -> onnx.ModelProto:
+        x = onnx.helper.make_tensor_value_info("x", TensorProto.BFLOAT16, [2])
+        y = onnx.helper.make_tensor_value_info("y", TensorProto.BFLOAT16, [2])
+        graph = onnx.helper.make_graph([onnx.helper.make_node("Mul", ["x", "x"], ["y"])], "g", [x], [y])
+        return onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", OPSET)],
+                                      ir_version=IR_VERSION)
+
+    out = tmp_path / "m.onnx"
+    with pytest.raises(ExportError, match=rf"ONNX Runtime cannot load {out}: .*Mul"):
+        checked_export(out, build, lambda model, staged: ({}, None), kv_cache=False)
+    assert list(tmp_path.iterdir()) == []
