@@ -22,7 +22,8 @@ from sparsert.commands import option_given
               help="ONNX file to write, ending in .onnx and outside ARTIFACT; an existing ONNX model there is "
               "replaced, any other existing file (or a directory) is refused.")
 @click.option("--no-kv-cache", is_flag=True, help="Export without past_*/present_* tensors (logits only).")
-@click.option("--skip-parity", is_flag=True, help="Skip the ONNX Runtime vs PyTorch logits check.")
+@click.option("--skip-parity", is_flag=True,
+              help="Skip the ONNX Runtime vs PyTorch logits check (ONNX Runtime must still load the graph).")
 @click.option(
     "--accuracy-level",
     type=click.Choice(["0", "1", "2", "3", "4", "default"]),
