@@ -1,0 +1,182 @@
+"""Quality of 2:4 mixture-of-experts models, experts included, at equal tokens on the default corpus.
+
+transformers 5 holds MoE experts as fused 3-D parameters; sparsert unfuses them into per-expert linears
+(``sparsert.runtime.moe_experts``) so training and one-shot pruning make them 2:4 like every other block linear.
+This measures what that costs in quality on a small Mixtral-style model (random init, built here from a config,
+with a byte-level BPE tokenizer trained on the corpus's train split; nothing is downloaded):
+
+1. dense pre-training for ``--pretrain-steps`` (``sparsert train --model DIR --dense``), once;
+2. from that checkpoint (``--init-from``), every method for ``--steps`` more steps with the same settings:
+   dense (the reference), SR-STE 2:4 (Zhou et al. 2021), AST 2:4 and AST 2:4 + INT4 QAT (Huang et al. 2025,
+   distilled from the dense reference);
+3. one-shot magnitude / Wanda (Sun et al. 2024) / SparseGPT (Frantar & Alistarh 2023) 2:4 of the dense reference
+   (``sparsert compress HF_DIR --prune``; Wanda and SparseGPT calibrate each expert on the tokens routed to it).
+
+Every number is the validation cross-entropy of the deployable Hugging Face directory (the run's ``hf/``, or the
+compressed directory: dense weights carrying the 2:4 zeros, INT4 values where quantized), loaded by transformers,
+on the same fixed validation batches; the ratio is over the dense reference. Also prints the share of the
+model's weights that are 2:4 (the experts hold most of them).
+
+    python tools/bench_moe_quality.py                      # the full comparison
+    python tools/bench_moe_quality.py --pretrain-steps 4 --steps 4 --batch-size 2 --seq-len 32 --eval-batches 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import time
+from datetime import datetime
+from pathlib import Path
+
+import torch
+
+from sparsert.runtime.fileio import write_atomic
+from sparsert.runtime.hf_tokenizer import HFTokenizer
+from sparsert.runtime.moe_experts import fused_expert_state, unfused_experts_of
+from sparsert.train.checkpoint import load_checkpoint
+from sparsert.train.data import TokenData, load_corpus
+from sparsert.train.hf_compress import compress_hf_model
+from sparsert.train.hf_inspect import hf_dir_stats
+from sparsert.train.hf_model import load_hf_causal_lm
+from sparsert.train.hf_train import HFCausalLM, HFModelConfig, build_hf_model
+from sparsert.train.train_config import TrainConfig
+from sparsert.train.trainer import evaluate, train
+
+LABELS = {
+    "dense": "dense (continued)", "srste": "SR-STE 2:4", "ast": "AST 2:4", "ast-int4": "AST 2:4 + INT4 (g32)",
+    "magnitude": "one-shot magnitude 2:4", "wanda": "one-shot Wanda 2:4", "sparsegpt": "one-shot SparseGPT 2:4",
+}
+ONESHOT = ("magnitude", "wanda", "sparsegpt")
+
+
+def make_model_dir(out: Path, corpus_text: str, *, hidden: int, layers: int, experts: int, top_k: int,
+                   ffn: int, vocab: int, context: int, seed: int) -> Path:
+    """A random Mixtral-style causal LM directory with a byte-level BPE tokenizer trained on ``corpus_text``."""
+    import transformers
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  special_tokens=["<eos>"], show_progress=False)
+    tok.train_from_iterator(corpus_text.splitlines(), trainer)
+    torch.manual_seed(seed)
+    config = transformers.MixtralConfig(vocab_size=tok.get_vocab_size(), hidden_size=hidden, intermediate_size=ffn,
+                                        num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+                                        num_local_experts=experts, num_experts_per_tok=top_k,
+                                        max_position_embeddings=context, eos_token_id=0, pad_token_id=0)
+    transformers.AutoModelForCausalLM.from_config(config).save_pretrained(str(out))
+    transformers.PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>").save_pretrained(str(out))
+    return out
+
+
+def save_dense_hf(run_dir: Path, source: Path, out: Path) -> Path:
+    """The dense model of a run's last checkpoint as a plain Hugging Face directory (experts fused back, the
+    source directory's tokenizer), for one-shot pruning."""
+    ckpt = load_checkpoint(run_dir, load_optimizer=False)
+    model = build_hf_model(ckpt.model_config)
+    model.load_state_dict(ckpt.model_state)
+    state = fused_expert_state(model.hf.state_dict(), unfused_experts_of(model.hf))
+    model.hf.save_pretrained(str(out), state_dict=state)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(source / name, out / name)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--pretrain-steps", type=int, default=600)
+    ap.add_argument("--steps", type=int, default=300, help="steps of every method after pre-training (default 300)")
+    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--seq-len", type=int, default=128)
+    ap.add_argument("--pretrain-lr", type=float, default=3e-3)
+    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--hidden", type=int, default=128)
+    ap.add_argument("--layers", type=int, default=2)
+    ap.add_argument("--experts", type=int, default=8)
+    ap.add_argument("--top-k", type=int, default=2)
+    ap.add_argument("--ffn", type=int, default=256, help="each expert's intermediate size (default 256)")
+    ap.add_argument("--vocab", type=int, default=512)
+    ap.add_argument("--eval-batches", type=int, default=32)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--out", default=None, help="folder for all runs (default runs/bench-moe-<time>)")
+    ap.add_argument("--no-progress", action="store_true")
+    args = ap.parse_args()
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    out = Path(args.out or f"runs/bench-moe-{datetime.now().strftime('%Y%m%d-%H%M%S')}")
+    out.mkdir(parents=True, exist_ok=True)
+
+    corpus = load_corpus(None)
+    source = make_model_dir(out / "model", corpus.text(), hidden=args.hidden, layers=args.layers,
+                            experts=args.experts, top_k=args.top_k, ffn=args.ffn, vocab=args.vocab,
+                            context=max(args.seq_len, 128), seed=args.seed)
+    data = TokenData.from_corpus(corpus, HFTokenizer(source))
+
+    def val(hf_dir: Path) -> float:
+        model = HFCausalLM(load_hf_causal_lm(hf_dir, load_tokenizer=False).model, HFModelConfig.from_directory(hf_dir))
+        with torch.no_grad():
+            return evaluate(model, data, args.batch_size, args.seq_len, args.eval_batches)
+
+    common = dict(hf_model=str(source), batch_size=args.batch_size, seq_len=args.seq_len, seed=args.seed,
+                  threads=args.threads, eval_batches=args.eval_batches, progress=not args.no_progress)
+    t0 = time.perf_counter()
+    pre = train(TrainConfig(**common, dense=True, steps=args.pretrain_steps, lr=args.pretrain_lr,
+                            eval_interval=args.pretrain_steps, ckpt_interval=args.pretrain_steps,
+                            out_dir=str(out / "pretrain")))
+    pre_s = time.perf_counter() - t0
+    after = dict({k: v for k, v in common.items() if k != "hf_model"}, steps=args.steps, lr=args.lr, init_from=str(pre.run_dir), eval_interval=args.steps,
+                 ckpt_interval=args.steps)
+    rows, results = [], {}
+    for key, extra in {"dense": dict(dense=True), "srste": {}, "ast": dict(method="ast"),
+                       "ast-int4": dict(method="ast", qat=True, group_size=32)}.items():
+        if key.startswith("ast"):
+            extra = dict(extra, teacher=str(out / "dense-hf"))
+        t1 = time.perf_counter()
+        results[key] = train(TrainConfig(**after, **extra, out_dir=str(out / key)))
+        if key == "dense":
+            save_dense_hf(results[key].run_dir, source, out / "dense-hf")
+        hf_dir = out / "dense-hf" if key == "dense" else results[key].artifact
+        rows.append({"key": key, "steps": args.steps, "hf_dir": str(hf_dir), "val_loss": val(hf_dir),
+                     "seconds": time.perf_counter() - t1})
+    for method in ONESHOT:
+        t1 = time.perf_counter()
+        compressed, _ = compress_hf_model(out / "dense-hf", out / f"oneshot-{method}", prune=method)
+        rows.append({"key": method, "steps": 0, "hf_dir": str(compressed), "val_loss": val(compressed),
+                     "seconds": time.perf_counter() - t1})
+
+    dense_loss = rows[0]["val_loss"]
+    stats = hf_dir_stats(results["srste"].artifact)
+    expert_weights = sum(lay.out_features * lay.in_features for lay in stats.layers if ".experts." in lay.name)
+    tokens = args.batch_size * args.seq_len
+    lines = [
+        f"Mixtral-style MoE: hidden {args.hidden}, {args.layers} layers, {args.experts} experts (top {args.top_k}) of "
+        f"ffn {args.ffn}, BPE vocab {args.vocab}; default corpus",
+        f"dense pre-training: {args.pretrain_steps} steps ({args.pretrain_steps * tokens:,} tokens, lr "
+        f"{args.pretrain_lr:g}, {pre_s:.0f} s), val loss {pre.final_val_loss:.4f}; then every method {args.steps} "
+        f"steps ({args.steps * tokens:,} tokens, batch {args.batch_size} x {args.seq_len}, lr {args.lr:g})",
+        f"2:4 layers hold {stats.recorded_share:.1%} of the weights; the experts alone "
+        f"{expert_weights / stats.total_weights:.1%}",
+        "",
+        "| method | steps after pre-training | val loss (2:4 HF directory) | ratio to dense | seconds |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        r["ratio_to_dense"] = r["val_loss"] / dense_loss
+        lines.append(f"| {LABELS[r['key']]} | {r['steps']} | {r['val_loss']:.4f} | {r['ratio_to_dense']:.4f} | "
+                     f"{r['seconds']:.0f} |")
+    text = "\n".join(lines)
+    print(text)
+    write_atomic(out / "results.md", (text + "\n").encode())
+    write_atomic(out / "results.json", json.dumps({"args": vars(args), "rows": rows,
+                                                   "recorded_share": stats.recorded_share,
+                                                   "expert_share": expert_weights / stats.total_weights},
+                                                  indent=1).encode())
+
+
+if __name__ == "__main__":
+    main()
