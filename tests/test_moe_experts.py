@@ -129,3 +129,25 @@ def test_unfused_experts_are_swapped_like_any_linear() -> None:
             reference.get_submodule(name).weight.copy_(dense)
         ids = torch.tensor([[5, 17, 9, 3, 50, 42, 7, 8]])
         torch.testing.assert_close(model(ids).logits.float(), reference(ids).logits, rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize(("config_name", "extra", "routers"), [
+    ("Qwen2MoeConfig", ARCHS["qwen2-moe"][1], ["mlp.shared_expert_gate"]),  # a Linear(d, 1) named *_gate
+    ("HunYuanMoEV1Config", dict(num_experts=4, moe_topk=2), ["mlp.gate.wg"]),  # a Linear inside a module "gate"
+])
+def test_routers_stay_dense_and_experts_count_as_ffn(config_name: str, extra: dict, routers: list[str]) -> None:
+    """The linears that route tokens are never listed for 2:4 (their code reads .weight, and they are few
+    weights that decide everything downstream); every expert is an FFN layer for --sparse-layers ffn, whatever its
+    parent is named (Granite's block_sparse_moe)."""
+    from sparsert.train.hf_model import hf_sparse_linear_names
+    from sparsert.train.sparsify import is_ffn_name
+
+    model = _moe(config_name, **extra)
+    assert all(isinstance(model.get_submodule(f"model.layers.0.{r}"), nn.Linear) for r in routers)
+    experts = unfuse_experts(model)
+    names = hf_sparse_linear_names(model)
+    assert set(experts) <= set(names) and not any(n.endswith(r) for n in names for r in routers)
+    assert set(experts) <= set(hf_sparse_linear_names(model, include_attention=False))
+    assert is_ffn_name("model.layers.0.block_sparse_moe.experts.3.down_proj")
+    assert is_ffn_name("model.layers.0.mlp.shared_expert.up_proj")
+    assert not is_ffn_name("model.layers.0.self_attn.q_proj")

@@ -233,10 +233,11 @@ def _is_block_linear(module: nn.Module) -> bool:
 
 
 def _is_router(rel_name: str, module: nn.Module) -> bool:
-    """A MoE router or scalar gate: named ``gate``/``router``/``*_gate`` and narrower than its input (a gated
-    MLP's ``gate`` projection, wider than its input, is not one)."""
-    last = rel_name.rsplit(".", 1)[-1].lower()
-    if not (last in _ROUTER_NAMES or last.endswith("_gate")):
+    """A MoE router or scalar gate: a linear named ``gate``/``router``/``*_gate``, or inside a module so named
+    (HunYuan's ``mlp.gate.wg``), narrower than its input (a gated MLP's ``gate`` projection, wider than its input,
+    is not one)."""
+    parts = rel_name.lower().split(".")
+    if not any(p in _ROUTER_NAMES or p.endswith("_gate") for p in parts):
         return False
     out, k = module.weight.shape if not _is_conv1d(module) else module.weight.shape[::-1]
     return out < k

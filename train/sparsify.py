@@ -63,8 +63,9 @@ def sparsify_model(
 
 def is_ffn_name(name: str) -> bool:
     """True for a feed-forward linear: a dotted module name with a component in :data:`FFN_WORDS`
-    (``blocks.0.mlp.up_proj``, ``model.layers.3.mlp.gate_proj``, ``transformer.h.1.mlp.c_fc``)."""
-    return any(part.lower() in FFN_WORDS for part in name.split("."))
+    (``blocks.0.mlp.up_proj``, ``model.layers.3.mlp.gate_proj``, ``transformer.h.1.mlp.c_fc``) or naming MoE
+    experts (``block_sparse_moe.experts.3.down_proj``, ``shared_expert.up_proj``)."""
+    return any(p in FFN_WORDS or "expert" in p or "moe" in p for p in (part.lower() for part in name.split(".")))
 
 
 def select_sparse_layers(names: list[str], which: str) -> list[str]:
