@@ -151,3 +151,25 @@ def test_routers_stay_dense_and_experts_count_as_ffn(config_name: str, extra: di
     assert is_ffn_name("model.layers.0.block_sparse_moe.experts.3.down_proj")
     assert is_ffn_name("model.layers.0.mlp.shared_expert.up_proj")
     assert not is_ffn_name("model.layers.0.self_attn.q_proj")
+
+
+@pytest.mark.gpu
+def test_gpu_moe_experts_on_our_kernels() -> None:
+    """An MoE's unfused experts on the GPU: every expert and the other block linears 2:4 + INT4 (g128) on our W4A16
+    kernel (3.125 bits per weight), the logits those weights give when run dense."""
+    from sparsert.train.hf_model import hf_sparse_linear_names
+
+    model, reference = tiny_qwen2_moe(hidden=128), tiny_qwen2_moe(hidden=128)
+    model.to("cuda", torch.bfloat16)
+    experts = unfuse_experts(model)
+    report = swap_sparse_linears(model, hf_sparse_linear_names(model), prune=True, int4=True, group_size=128,
+                                 token_counts=[1, 8])
+    assert set(experts) <= set(report.swapped) and not report.dense_fallback and report.bits_per_weight == 3.125
+    unfuse_experts(reference)
+    with torch.no_grad():
+        for name in report.swapped:
+            reference.get_submodule(name).weight.copy_(model.get_submodule(name).packed.to_dense())
+        ids = torch.tensor([[5, 17, 99, 3, 250, 42, 7, 8]])
+        want = reference(ids).logits
+        got = model(ids.cuda()).logits.float().cpu()
+    assert float((got - want).norm() / want.norm()) < 3e-2
