@@ -12,7 +12,8 @@ columns = 3 + 16/g bits (rows padded to the kernels' 128-row tiles not counted).
 A mixture-of-experts directory records its experts as per-expert layers (``mlp.experts.3.gate_up_proj``,
 :mod:`sparsert.runtime.moe_experts`), which transformers stores in its own checkpoint layout (split or renamed
 per architecture); when a recorded layer has no tensor of its own name, the model is loaded through transformers
-and unfused once, and the recorded layers' weights are taken from it.
+and unfused once (in the stored dtype: as much memory as the weights take on disk), and the recorded layers'
+weights are taken from it.
 """
 
 from __future__ import annotations
@@ -29,7 +30,13 @@ from sparsert.runtime.errors import ArtifactError, ConfigError
 from sparsert.runtime.linear_swap import weight_nk
 from sparsert.runtime.moe_experts import unfuse_experts
 from sparsert.runtime.nm_mask import is_nm_sparse
-from sparsert.train.hf_model import SPARSERT_FILE, load_hf_causal_lm, saved_sparse_layers, served_as_2_4
+from sparsert.train.hf_model import (
+    SPARSERT_FILE,
+    load_hf_causal_lm,
+    load_hf_config,
+    saved_sparse_layers,
+    served_as_2_4,
+)
 
 
 @dataclass
@@ -110,8 +117,13 @@ def _tensor(files: dict[str, Path], name: str) -> torch.Tensor:
 
 
 def _weights_from_model(path: Path, names: list[str]) -> dict[str, torch.Tensor]:
-    """The recorded layers' weights ``[out, K]`` from the model transformers loads (experts unfused)."""
-    model = load_hf_causal_lm(path, load_tokenizer=False).model
+    """The recorded layers' weights ``[out, K]`` from the model transformers loads (experts unfused), in the dtype
+    the directory stores (half the memory of float32 for a bfloat16 directory)."""
+    config = load_hf_config(path)
+    stored = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    stored = getattr(torch, stored, None) if isinstance(stored, str) else stored
+    dtype = stored if stored in (torch.float16, torch.bfloat16) else torch.float32
+    model = load_hf_causal_lm(path, dtype=dtype, load_tokenizer=False).model
     unfuse_experts(model)
     weights = {}
     for name in names:
