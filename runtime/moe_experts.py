@@ -112,10 +112,10 @@ class UnfusedExperts(nn.Module):
                 top_k_weights: torch.Tensor) -> torch.Tensor:
         first, down = self.layout.params
         out = torch.zeros_like(hidden_states)
-        for e in range(self.layout.num_experts):
+        with torch.no_grad():  # one host sync for the experts that got tokens, not one per expert
+            hit = torch.unique(top_k_index[(top_k_index >= 0) & (top_k_index < self.layout.num_experts)]).tolist()
+        for e in hit:
             token_idx, slot = torch.where(top_k_index == e)
-            if token_idx.numel() == 0:
-                continue
             expert = self.expert(e)
             h = self._gate(getattr(expert, first)(hidden_states[token_idx]))
             h = getattr(expert, down)(h) * top_k_weights[token_idx, slot, None]
