@@ -95,7 +95,9 @@ class UnfusedExperts(nn.Module):
 
     ``forward(hidden_states [tokens, d], top_k_index int [tokens, k], top_k_weights [tokens, k]) -> [tokens, d]``,
     the signature of transformers' experts modules; tokens routed to an index outside ``[0, experts)`` are
-    dropped, as transformers drops them.
+    dropped, as transformers drops them. In training (train mode with gradients) every expert runs, on zero rows
+    when no token chose it, so every expert parameter gets a gradient: the same parameter set on every
+    data-parallel rank.
     """
 
     def __init__(self, experts: list[ExpertLinears], layout: FusedLayout, gate: Callable[[torch.Tensor], torch.Tensor]):
@@ -112,8 +114,14 @@ class UnfusedExperts(nn.Module):
                 top_k_weights: torch.Tensor) -> torch.Tensor:
         first, down = self.layout.params
         out = torch.zeros_like(hidden_states)
-        with torch.no_grad():  # one host sync for the experts that got tokens, not one per expert
-            hit = torch.unique(top_k_index[(top_k_index >= 0) & (top_k_index < self.layout.num_experts)]).tolist()
+        if self.training and torch.is_grad_enabled():
+            # every expert runs (those without tokens on zero rows): each gets a gradient, zero when unused, so
+            # every data-parallel rank reduces the same parameters (DDP, FSDP2) and one process trains alike
+            hit = range(self.layout.num_experts)
+        else:
+            with torch.no_grad():  # one host sync for the experts that got tokens, not one per expert
+                routed = top_k_index[(top_k_index >= 0) & (top_k_index < self.layout.num_experts)]
+                hit = torch.unique(routed).tolist()
         for e in hit:
             token_idx, slot = torch.where(top_k_index == e)
             expert = self.expert(e)

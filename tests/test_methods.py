@@ -210,7 +210,10 @@ def test_adaptive_masks_wanda_score_uses_activation_norms():
     model = nn.Sequential(layer)
     am = AdaptiveMasks(model, interval=1, wanda=True).attach()
     with pytest.raises(ConfigError, match="no activations recorded"):
-        am.refresh()
+        am.activation_norms("0")
+    model(torch.zeros(0, 4))  # a layer no token reached (an MoE expert on zero rows): the magnitude mask
+    am.refresh()
+    assert layer.mask.tolist() == [[False, False, True, True]]
     x = torch.tensor([[10.0, 10.0, 0.1, 0.1]]).repeat(3, 1)  # channels 0, 1 far more active
     model(x)
     torch.testing.assert_close(am.activation_norms("0"), x.pow(2).sum(0).sqrt())

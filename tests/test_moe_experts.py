@@ -173,3 +173,19 @@ def test_gpu_moe_experts_on_our_kernels() -> None:
         want = reference(ids).logits
         got = model(ids.cuda()).logits.float().cpu()
     assert float((got - want).norm() / want.norm()) < 3e-2
+
+
+def test_in_training_every_expert_gets_a_gradient() -> None:
+    """Data-parallel ranks must reduce the same parameters: in training every expert runs, on zero rows when the
+    router chose it for no token, so each gets a gradient (zero when unused); in eval only chosen experts run."""
+    model = _moe("Qwen3MoeConfig", moe_intermediate_size=32, num_experts=16, num_experts_per_tok=1)
+    names = unfuse_experts(model)
+    ids = torch.tensor([[5, 17, 9]])  # 3 tokens for 16 experts: most get none
+    model.train()
+    model(ids).logits.sum().backward()
+    grads = [model.get_submodule(n).weight.grad for n in names]
+    assert all(g is not None for g in grads) and sum(bool(g.any()) for g in grads) <= 2 * 2 * 3
+    model.zero_grad(set_to_none=True)
+    model.eval()
+    model(ids).logits.sum().backward()
+    assert sum(model.get_submodule(n).weight.grad is not None for n in names) <= 2 * 2 * 3

@@ -368,13 +368,17 @@ class AdaptiveMasks:
 
     @torch.no_grad()
     def refresh(self) -> float:
-        """Recompute every mask now. Returns the flip rate (Hu et al. 2024): changed entries / all entries."""
+        """Recompute every mask now. Returns the flip rate (Hu et al. 2024): changed entries / all entries. With
+        Wanda, a layer that saw no token since the last refresh gets the magnitude mask."""
         flips = total = 0
         for name, module in self.modules.items():
             w = module.weight.detach()
             score = None
-            if self.wanda:
-                score = w.abs().float() * self.activation_norms(name).to(w.device)[None, :]
+            sumsq = self._sumsq.get(name) if self.wanda else None
+            if sumsq is not None and bool((sumsq > 0).any()):
+                score = w.abs().float() * sumsq.sqrt().to(w.device)[None, :]
+            # else (wanda): no token reached the layer since the last refresh (an MoE expert no token was routed
+            # to): its mask comes from |W| alone, as without Wanda, not from a score of zeros
             if self.pattern == "transposable":
                 new = transposable_24_mask(w, score=score, name=f"{name}.weight")
             else:
