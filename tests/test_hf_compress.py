@@ -238,6 +238,12 @@ def test_fused_moe_experts_are_pruned_2_4_and_load_back_fused(tmp_path, capsys):
                                                          "model.layers.0.mlp.experts.down_proj"))
     held += sum(model.get_submodule(n).weight.numel() for n in recorded if ".experts." not in n)
     assert json.loads(stdout)["recorded_share"] == pytest.approx(held / sum(p.numel() for p in model.parameters()))
+    meta = json.loads((out / "sparsert.json").read_text())
+    meta["sparse_layers"]["model.layers.0.mlp.experts.9.down_proj"] = recorded[experts[1]]  # 4 experts: no 9th
+    (out / "sparsert.json").write_text(json.dumps(meta))
+    code, _, err = run_main(capsys, "compress", str(out), "-o", str(tmp_path / "again"))
+    assert code == 2 and err.strip() == (f"error: {out / 'sparsert.json'} records layer "
+                                         "'model.layers.0.mlp.experts.9.down_proj', which the model does not have")
 
 
 def test_experts_without_calibration_tokens_fall_back_to_magnitude(tmp_path, capsys):
@@ -267,6 +273,7 @@ def test_compressed_moe_experts_are_served_2_4(tmp_path):
     """swap_saved_sparse_layers on a compressed MoE directory (as generate --backend runtime loads it): the experts
     are unfused, packed 2:4 + INT4 like the other recorded layers, and the logits stay transformers' own."""
     from sparsert.runtime.dispatch import SparseLinearGPU
+    from sparsert.runtime.moe_experts import fused_experts_modules
     from sparsert.train.hf_model import load_hf_causal_lm, swap_saved_sparse_layers
 
     src = _moe_dir(tmp_path, hidden=128)
@@ -280,3 +287,9 @@ def test_compressed_moe_experts_are_served_2_4(tmp_path):
     with torch.no_grad():
         got, want = model(ids).logits.float(), reference(ids).logits
     assert float((got - want).norm() / want.norm()) < 1e-2
+    meta = json.loads((out / "sparsert.json").read_text())  # a record without the experts: they stay fused
+    meta["sparse_layers"] = {n: info for n, info in meta["sparse_layers"].items() if ".experts." not in n}
+    (out / "sparsert.json").write_text(json.dumps(meta))
+    model = load_hf_causal_lm(out).model
+    swap_saved_sparse_layers(model, out, token_counts=[1])
+    assert list(fused_experts_modules(model)) == ["model.layers.0.mlp.experts"]

@@ -189,3 +189,23 @@ def test_in_training_every_expert_gets_a_gradient() -> None:
     model.eval()
     model(ids).logits.sum().backward()
     assert sum(model.get_submodule(n).weight.grad is not None for n in names) <= 2 * 2 * 3
+
+
+def test_a_checkpoint_with_fused_experts_is_named_on_load() -> None:
+    """A run of an MoE model checkpointed before experts were unfused (fused 3-D tensors in its state) is refused
+    in one line that says so, not with torch's list of every missing key."""
+    from sparsert.runtime.errors import ArtifactError
+    from sparsert.train.trainer import load_model_state
+
+    model = tiny_qwen2_moe()
+    unfuse_experts(model)
+    old = fused_expert_state(model.state_dict(), unfused_experts_of(model))
+    with pytest.raises(ArtifactError, match=r"^cannot resume RUN: the checkpoint lacks 'model\.layers\.0\.mlp\.experts"
+                       r"\.0\.gate_up_proj\.weight' \(8 tensor\(s\) of the model missing\); it holds fused MoE experts "
+                       r"\('model\.layers\.0\.mlp\.experts\.gate_up_proj'\), written before"):
+        load_model_state(model, old, "cannot resume RUN")
+    state = model.state_dict()
+    state["model.norm.weight"] = torch.ones(3)
+    with pytest.raises(ArtifactError, match=r"has 'model\.norm\.weight' of shape \[3\], not \[64\]$"):
+        load_model_state(model, state, "X")
+    load_model_state(model, model.state_dict(), "X")

@@ -129,8 +129,8 @@ def main() -> None:
                             eval_interval=args.pretrain_steps, ckpt_interval=args.pretrain_steps,
                             out_dir=str(out / "pretrain")))
     pre_s = time.perf_counter() - t0
-    after = dict({k: v for k, v in common.items() if k != "hf_model"}, steps=args.steps, lr=args.lr, init_from=str(pre.run_dir), eval_interval=args.steps,
-                 ckpt_interval=args.steps)
+    after = dict({k: v for k, v in common.items() if k != "hf_model"}, steps=args.steps, lr=args.lr,
+                 init_from=str(pre.run_dir), eval_interval=args.steps, ckpt_interval=args.steps)
     rows, results = [], {}
     for key, extra in {"dense": dict(dense=True), "srste": {}, "ast": dict(method="ast"),
                        "ast-int4": dict(method="ast", qat=True, group_size=32)}.items():

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from sparsert.runtime.errors import ConfigError, require_path
+from sparsert.runtime.errors import ArtifactError, ConfigError, require_path
 from sparsert.runtime.linear_swap import outside_linears_note
 from sparsert.runtime.moe_experts import unfuse_experts
 from sparsert.runtime.nm_mask import is_nm_sparse
@@ -138,6 +138,12 @@ def compress_hf_model(path: str | Path, output: str | Path, *, prune: str | None
         names = [n for n, info in trained.items() if served_as_2_4(info)]
     else:
         names = hf_sparse_linear_names(model)
+    for name in names:
+        try:
+            model.get_submodule(name)
+        except AttributeError:
+            raise ArtifactError(f"{Path(path) / SPARSERT_FILE} records layer '{name}', which the model does not "
+                                "have") from None
     conv1d_to_linear(model, names)
     for name in names:
         k = model.get_submodule(name).weight.shape[1]

@@ -47,7 +47,7 @@ from torch import nn
 from sparsert.runtime.errors import ArtifactError, ConfigError
 from sparsert.runtime.fileio import replace_dir
 from sparsert.runtime.hf_tokenizer import HFTokenizer, import_transformers
-from sparsert.runtime.moe_experts import fused_expert_state, unfuse_experts, unfused_experts_of
+from sparsert.runtime.moe_experts import fused_expert_state, fused_experts_modules, unfuse_experts, unfused_experts_of
 from sparsert.train.sparse_linear import SparseLinear, SparsityConfig
 from sparsert.train.sparsify import sparsify_model
 
@@ -391,17 +391,38 @@ def served_as_2_4(info: dict) -> bool:
     return not info["dense"] and info["m"] == 4 and info["n"] <= 2
 
 
+def _serves_2_4_experts(model: nn.Module, layers: dict[str, dict] | None) -> bool:
+    """Whether the record names an expert of the model's fused experts modules (without a record: whether an expert
+    matrix is 2:4 along K); dense experts are better left to transformers' fused kernels."""
+    from sparsert.runtime.nm_mask import is_nm_sparse
+
+    for name, layout in fused_experts_modules(model).items():
+        if layers is not None:
+            if any(n.startswith(f"{name}.") for n in layers):
+                return True
+            continue
+        module = model.get_submodule(name)
+        for param in layout.params:
+            for w in getattr(module, param).detach():
+                w = w.t() if layout.transposed else w
+                if w.shape[1] % 4 == 0 and is_nm_sparse(w, 2, 4):
+                    return True
+    return False
+
+
 def swap_saved_sparse_layers(model: nn.Module, path: str | Path, **swap_options: Any):
     """:func:`sparsert.runtime.linear_swap.swap_sparse_linears` on a model loaded from ``path``: the layers its
     ``sparsert.json`` records as trained 2:4 (not the ones trained dense), INT4 with their QAT group where they
     trained with QAT (the saved weights are the dequantized codes, so quantizing them again gives the same
     codes); without the file, every linear whose weight is 2:4. Fused MoE experts are unfused first
-    (:func:`~sparsert.runtime.moe_experts.unfuse_experts`), so 2:4 experts are served as 2:4 too. Returns the
+    (:func:`~sparsert.runtime.moe_experts.unfuse_experts`) when the file records them (without it: when they are
+    2:4), so 2:4 experts are served as 2:4 too; dense ones stay on transformers' fused kernels. Returns the
     (merged) SwapReport."""
     from sparsert.runtime.linear_swap import SwapReport, swap_sparse_linears
 
     layers = saved_sparse_layers(path)
-    unfuse_experts(model)  # 2:4 experts become linear layers the swap reaches; dense ones run as before
+    if _serves_2_4_experts(model, layers):
+        unfuse_experts(model)  # 2:4 experts become linear layers the swap reaches
     if layers is None:
         return swap_sparse_linears(model, **swap_options)
     groups: dict[int | None, list[str]] = {}

@@ -55,6 +55,7 @@ from tqdm import tqdm
 from sparsert.runtime.errors import ArtifactError, ConfigError, DataError, SparsertError
 from sparsert.runtime.linear_swap import outside_linears_note
 from sparsert.runtime.model import DecoderLM, ModelConfig, model_config_from_preset, sparse_linear_names
+from sparsert.runtime.moe_experts import EXPERT_PARAMS
 from sparsert.runtime.tokenizer import ByteTokenizer, Tokenizer, tokenizer_from_dict
 from sparsert.train.ast_distill import Teacher, check_same_tokenizer, distillation_loss
 from sparsert.train.checkpoint import (
@@ -219,6 +220,28 @@ def load_init_weights(model: nn.Module, source: str | Path | Checkpoint) -> Chec
     return ckpt
 
 
+def load_model_state(model: nn.Module, state: dict[str, torch.Tensor], where: str) -> None:
+    """``model.load_state_dict(state)`` (strict), with an ArtifactError naming ``where`` and the first tensor that
+    is missing, extra or of another shape instead of torch's list of every key. A checkpoint of an MoE model
+    written before sparsert unfused experts (it holds ``experts.gate_up_proj`` as one 3-D tensor) is named so."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    reshaped = [k for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
+    if missing or unexpected or reshaped:
+        if missing:
+            what = f"lacks '{missing[0]}' ({len(missing)} tensor(s) of the model missing)"
+        elif unexpected:
+            what = f"has '{unexpected[0]}', which the model does not"
+        else:
+            what = f"has '{reshaped[0]}' of shape {list(state[reshaped[0]].shape)}, not {list(own[reshaped[0]].shape)}"
+        fused = [k for k in unexpected if k.rsplit(".", 1)[-1] in EXPERT_PARAMS]
+        hint = (f"; it holds fused MoE experts ('{fused[0]}'), written before sparsert trained experts as "
+                "per-expert 2:4 layers: start a new run from the model directory") if fused else ""
+        raise ArtifactError(f"{where}: the checkpoint {what}{hint}")
+    model.load_state_dict(state)
+
+
 def _check_tokenizer(state: dict, tokenizer: object, flag: str, where: Path) -> None:
     saved = state.get("tokenizer")
     if saved is None:
@@ -265,7 +288,7 @@ def load_teacher(path: str | Path, vocab_size: int, tokenizer: object, *, flag: 
         _check_tokenizer(ckpt.state, tokenizer, flag, ckpt.path)
         mc = ckpt.model_config
         module = build_hf_model(mc) if is_hf_config(mc) else DecoderLM(mc)  # an HF run: rebuilt from its directory
-        module.load_state_dict({k: v.float() for k, v in ckpt.model_state.items()})
+        load_model_state(module, {k: v.float() for k, v in ckpt.model_state.items()}, f"{flag} {ckpt.path}")
     try:
         return Teacher(module, vocab_size)
     except ConfigError as exc:  # its vocabulary differs from the student's
@@ -525,7 +548,7 @@ def train(cfg: TrainConfig) -> TrainResult:
     start_step = 0
     metrics_offset = None
     if ckpt is not None:
-        model.load_state_dict(ckpt.model_state)
+        load_model_state(model, ckpt.model_state, f"cannot resume {ckpt.path}")
         restore_optimizer(optimizer, model, ckpt)
         where = f"{ckpt.path}/state.json"
         _restore_rng(gen.set_state, ckpt.state.get("data_rng"), where)
