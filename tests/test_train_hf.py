@@ -157,6 +157,14 @@ def test_seq_len_is_capped_at_max_position_embeddings(hf: dict[str, Path], tmp_p
     assert list(tmp_path.iterdir()) == []
 
 
+def test_slorb_is_refused_before_training(hf: dict[str, Path], tmp_path: Path) -> None:
+    """SLoRB's extra weights have no place in a transformers model's directory: refused up front, nothing written
+    (it used to fail only when the finished run wrote its hf/)."""
+    with pytest.raises(ConfigError, match=r"--slorb adds SLoRB weights .* it trains the built-in models only"):
+        train(small(hf, "llama", tmp_path / "run", method="ast", distill_beta=0.0, slorb=True))
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_cli_refuses_a_directory_that_is_not_a_causal_lm(hf: dict[str, Path], tmp_path: Path,
                                                          monkeypatch: pytest.MonkeyPatch,
                                                          capsys: pytest.CaptureFixture) -> None:

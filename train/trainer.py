@@ -504,6 +504,9 @@ def train(cfg: TrainConfig) -> TrainResult:
     run_dir, ckpt, init_ckpt, model_config = _open_run(cfg)
     if cfg.seq_len > model_config.max_seq_len:
         raise ConfigError(f"--seq-len {cfg.seq_len} exceeds the model's max_seq_len {model_config.max_seq_len}")
+    if cfg.slorb and is_hf_config(model_config):
+        raise ConfigError("--slorb adds SLoRB weights beside every 2:4 layer, which the Hugging Face directory a "
+                          "transformers model's run ends with cannot hold; it trains the built-in models only")
 
     tokenizer = hf_tokenizer(model_config) if is_hf_config(model_config) else ByteTokenizer()  # H11
     if ckpt is None and init_ckpt is not None:

@@ -185,7 +185,8 @@ def _config_error(exc: ConfigError) -> ConfigError:
               help="Score masks by Wanda's |W|*||X|| (input-channel norms collected between refreshes).")
 @click.option("--slorb", is_flag=True,
               help="AST's SLoRB extra parameters: y += S*groupsum_k(x), S initialised to the pruned weights' group "
-                   "means (adds 1/k of each layer's weights; stored dense in the artifact).")
+                   "means (adds 1/k of each layer's weights; stored dense in the artifact; built-in models only, "
+                   "not --model).")
 @click.option("--slorb-k", type=int, default=_D.slorb_k, show_default=True, help="SLoRB group size k along K.")
 @click.option("--qat", "--int4", "qat", is_flag=True,
               help="INT4 quantization-aware training of the kept values (fake quantization, STE).")
