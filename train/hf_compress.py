@@ -128,6 +128,10 @@ def compress_hf_model(path: str | Path, output: str | Path, *, prune: str | None
         if calib_seq_len is not None and calib_seq_len > context:
             raise ConfigError(f"--calib-seq-len {calib_seq_len} exceeds the model's context of {context}")
 
+    if int4 and dtype != "float32":
+        warnings.warn(f"--dtype {dtype} rounds the INT4 values (codes times fp16 scales need float32 to stay exact): "
+                      "serving and export quantize the stored values again and may get other codes; export keeps "
+                      "such layers float32 2:4", CompressionNote, stacklevel=2)
     bundle = load_hf_causal_lm(path)
     model, tokenizer = bundle.model, bundle.tokenizer
     unfuse_experts(model)  # fused MoE experts -> per-expert linears, pruned like the other MLP layers
