@@ -157,12 +157,6 @@ def _unfuse(module: nn.Module, layout: FusedLayout) -> UnfusedExperts:
     return UnfusedExperts(experts, layout, _gate_of(module))
 
 
-def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent_name, _, attr = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, attr, module)
-
-
 def unfuse_experts(model: nn.Module) -> list[str]:
     """Replace every fused experts module of ``model`` (:func:`fused_experts_modules`) by :class:`UnfusedExperts`
     in place, same outputs up to the order of float additions; each expert's matrices are copied out of the fused
@@ -171,9 +165,9 @@ def unfuse_experts(model: nn.Module) -> list[str]:
     created = []
     record = dict(getattr(model, UNFUSED_ATTR, {}))
     for name, layout in fused_experts_modules(model).items():
-        _set_submodule(model, name, _unfuse(model.get_submodule(name), layout))
+        model.set_submodule(name, _unfuse(model.get_submodule(name), layout))
         record[name] = layout
-        created += [f"{name}.{e}.{p}" for e in range(layout.num_experts) for p in layout.params]
+        created += _layer_names(name, layout)
     if record:
         setattr(model, UNFUSED_ATTR, record)
     return created
@@ -186,8 +180,11 @@ def unfused_experts_of(model: nn.Module) -> dict[str, FusedLayout]:
 
 def expert_layer_names(model: nn.Module) -> list[str]:
     """The per-expert linear layer names of the unfused experts of ``model``."""
-    return [f"{name}.{e}.{p}" for name, layout in unfused_experts_of(model).items()
-            for e in range(layout.num_experts) for p in layout.params]
+    return [n for name, layout in unfused_experts_of(model).items() for n in _layer_names(name, layout)]
+
+
+def _layer_names(module_name: str, layout: FusedLayout) -> list[str]:
+    return [f"{module_name}.{e}.{p}" for e in range(layout.num_experts) for p in layout.params]
 
 
 def fused_expert_state(state: dict[str, torch.Tensor], unfused: dict[str, FusedLayout]) -> dict[str, torch.Tensor]:

@@ -269,12 +269,6 @@ def hf_sparse_linear_names(model: nn.Module, include_attention: bool = True, inc
     return names
 
 
-def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent_name, _, attr = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, attr, module)
-
-
 def conv1d_to_linear(model: nn.Module, names: list[str]) -> list[str]:
     """Replace each named transformers ``Conv1D`` (weight ``[in, out]``) by an ``nn.Linear`` with weight
     ``Wᵀ [out, in]`` and the same bias Parameter; same outputs up to float rounding. The converted names
@@ -292,7 +286,7 @@ def conv1d_to_linear(model: nn.Module, names: list[str]) -> list[str]:
         linear.weight.requires_grad_(w.requires_grad)
         if module.bias is not None:
             linear.bias = module.bias
-        _set_submodule(model, name, linear)
+        model.set_submodule(name, linear)
         converted.append(name)
     if converted:
         known = set(getattr(model, TRANSPOSED_ATTR, ()))
