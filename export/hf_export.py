@@ -54,7 +54,7 @@ from sparsert.export.parity import DEFAULT_PROMPTS, ParityReport, compare_logits
 from sparsert.runtime.errors import ArtifactError, ConfigError, ExportError, require_path
 from sparsert.runtime.hf_stepper import cache_keyword
 from sparsert.runtime.linear_swap import outside_linears_note, weight_nk, weights_outside_linears
-from sparsert.runtime.moe_experts import fused_experts_modules
+from sparsert.runtime.moe_experts import expert_weight, fused_experts_modules
 from sparsert.runtime.nm_mask import is_nm_sparse
 from sparsert.runtime.packed_linear import pack_linear
 
@@ -184,8 +184,7 @@ def expert_layers(model: nn.Module, layers: dict[str, dict]) -> dict[str, torch.
                 name = f"{module_name}.{e}.{param}"
                 if name not in layers:
                     continue
-                w = getattr(fused, param).detach()[e]
-                w = w.t() if layout.transposed else w
+                w = expert_weight(fused, layout, param, e)
                 if served_as_2_4(layers[name]) and (w.shape[1] % 4 or not is_nm_sparse(w, 2, 4)):
                     raise ExportError(f"layer {name}: sparsert.json records it as 2:4, but its weight is not 2:4 "
                                       "along K")

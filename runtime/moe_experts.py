@@ -137,6 +137,13 @@ def _gate_of(module: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
     return module.act_fn
 
 
+def expert_weight(module: nn.Module, layout: FusedLayout, param: str, expert: int) -> torch.Tensor:
+    """Expert ``expert``'s matrix ``param`` of a fused experts module as ``[out, K]`` (K = its input features,
+    the axis of the 2:4 groups): a detached view of the fused parameter (transposed for a transposed layout)."""
+    w = getattr(module, param).detach()[expert]
+    return w.t() if layout.transposed else w
+
+
 def _unfuse(module: nn.Module, layout: FusedLayout) -> UnfusedExperts:
     experts = []
     params = {p: getattr(module, p) for p in layout.params}
@@ -144,8 +151,7 @@ def _unfuse(module: nn.Module, layout: FusedLayout) -> UnfusedExperts:
     for e in range(layout.num_experts):
         linears = {}
         for p, fused in params.items():
-            w = fused.detach()[e]
-            w = (w.t() if layout.transposed else w).contiguous().clone()  # its own storage: safetensors refuses views
+            w = expert_weight(module, layout, p, e).contiguous().clone()  # its own storage: safetensors refuses views
             linear = nn.Linear(w.shape[1], w.shape[0], bias=layout.bias, device="meta")
             linear.weight = nn.Parameter(w, requires_grad=fused.requires_grad)
             if layout.bias:

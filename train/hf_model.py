@@ -47,7 +47,13 @@ from torch import nn
 from sparsert.runtime.errors import ArtifactError, ConfigError
 from sparsert.runtime.fileio import replace_dir
 from sparsert.runtime.hf_tokenizer import HFTokenizer, import_transformers
-from sparsert.runtime.moe_experts import fused_expert_state, fused_experts_modules, unfuse_experts, unfused_experts_of
+from sparsert.runtime.moe_experts import (
+    expert_weight,
+    fused_expert_state,
+    fused_experts_modules,
+    unfuse_experts,
+    unfused_experts_of,
+)
 from sparsert.train.sparse_linear import SparseLinear, SparsityConfig
 from sparsert.train.sparsify import sparsify_model
 
@@ -397,8 +403,8 @@ def _serves_2_4_experts(model: nn.Module, layers: dict[str, dict] | None) -> boo
             continue
         module = model.get_submodule(name)
         for param in layout.params:
-            for w in getattr(module, param).detach():
-                w = w.t() if layout.transposed else w
+            for e in range(layout.num_experts):
+                w = expert_weight(module, layout, param, e)
                 if w.shape[1] % 4 == 0 and is_nm_sparse(w, 2, 4):
                     return True
     return False
