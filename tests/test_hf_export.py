@@ -271,3 +271,29 @@ def test_moe_experts_stay_in_the_fused_tensors_with_their_2_4_zeros(tmp_path):
     graph = onnx.load(str(tmp_path / "m.onnx"))
     fused = [numpy_helper.to_array(t) for t in graph.graph.initializer if len(t.dims) == 3 and t.dims[0] == 4]
     assert len(fused) == 2 and all(is_nm_sparse(torch.from_numpy(w[e].copy()), 2, 4) for w in fused for e in range(4))
+
+
+def test_deepseek_v3_mla_and_grouped_routing_export_with_a_kv_cache(tmp_path):
+    """DeepSeek-V3 (multi-head latent attention with its low-rank q/kv projections, a dense first layer, then
+    routed experts with group-limited top-k and a shared expert, YaRN RoPE) compresses and exports with its KV
+    cache: every linear outside the experts is placed and annotated 2:4 and ONNX Runtime matches PyTorch."""
+    config_class = getattr(transformers, "DeepseekV3Config", None)
+    if config_class is None:
+        pytest.skip("this transformers has no DeepSeek-V3")
+    torch.manual_seed(0)
+    config = config_class(vocab_size=320, hidden_size=64, intermediate_size=128, moe_intermediate_size=32,
+                          num_hidden_layers=2, first_k_dense_replace=1, num_attention_heads=4, num_key_value_heads=4,
+                          n_routed_experts=4, num_experts_per_tok=2, n_group=2, topk_group=1, kv_lora_rank=16,
+                          q_lora_rank=32, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16,
+                          max_position_embeddings=512,
+                          rope_parameters={"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 128,
+                                           "beta_fast": 32, "beta_slow": 1, "mscale": 1.0, "mscale_all_dim": 1.0,
+                                           "rope_theta": 10000.0})
+    src = tmp_path / "deepseek"
+    transformers.AutoModelForCausalLM.from_config(config).save_pretrained(str(src))
+    out, names = compress_hf_model(src, tmp_path / "deepseek-24")
+    experts = [n for n in names if ".experts." in n]
+    assert len(experts) == 8 and "model.layers.0.self_attn.kv_a_proj_with_mqa" in names
+    result, _ = export_hf_model(out, tmp_path / "m.onnx")
+    assert result.parity.passed and result.kv_cache
+    assert {n for n, info in result.layers.items() if info["pattern"] == "2:4"} == set(names) - set(experts)

@@ -4,6 +4,7 @@ and saved back as a directory transformers loads."""
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 import json
 import shutil
@@ -30,7 +31,7 @@ from sparsert.train.run_dir import load_train_config  # noqa: E402
 from sparsert.train.sparse_linear import SparsityConfig  # noqa: E402
 from sparsert.train.sparsify import sparsify_model  # noqa: E402
 from sparsert.train.train_config import TrainConfig  # noqa: E402
-from sparsert.train.trainer import load_teacher, train  # noqa: E402
+from sparsert.train.trainer import load_teacher, train, train_step  # noqa: E402
 
 TEXT = ("The quick brown fox jumps over the lazy dog. Sparse models keep two of every four weights. "
         "Zwei von vier Gewichten bleiben übrig, the rest are zero. ")
@@ -283,3 +284,70 @@ def test_fused_moe_experts_train_2_4(hf: dict[str, Path], tmp_path: Path,
     loaded = transformers.AutoModelForCausalLM.from_pretrained(str(run / "hf")).eval()
     experts = loaded.model.layers[0].mlp.experts
     assert all(is_nm_sparse(w, 2, 4) for fused in (experts.gate_up_proj, experts.down_proj) for w in fused.detach())
+
+
+def _moe_dir(hf: dict[str, Path], tmp_path: Path, **config) -> Path:
+    """A tiny Qwen2-MoE directory (tests/conftest.py) with the llama tokenizer and ``config`` set on its config."""
+    model = tiny_qwen2_moe()
+    for key, value in config.items():
+        setattr(model.config, key, value)
+    src = tmp_path / "moe"
+    model.save_pretrained(str(src))
+    shutil.copy(hf["llama"] / "tokenizer.json", src)
+    shutil.copy(hf["llama"] / "tokenizer_config.json", src)
+    return src
+
+
+def test_router_load_balancing_loss_is_in_the_objective(hf: dict[str, Path], tmp_path: Path) -> None:
+    """--router-aux-loss COEF: the step's gradient is that of CE + COEF·aux (transformers' aux_loss of the same
+    batch), the unweighted aux is logged, and an eval-mode forward computes none."""
+    src = _moe_dir(hf, tmp_path)
+    mc = HFModelConfig.from_directory(src)
+    model = build_hf_model(mc, 0.5)
+    assert model.router_aux_coef == 0.5
+    sparsify_model(model, SparsityConfig(), model.sparse_linear_names())
+    reference = copy.deepcopy(model)
+    torch.manual_seed(1)
+    x, y = torch.randint(0, 300, (2, 16)), torch.randint(0, 300, (2, 16))
+
+    out = reference.hf(input_ids=x, use_cache=False, output_router_logits=True)
+    ce = torch.nn.functional.cross_entropy(out.logits.float().reshape(-1, out.logits.shape[-1]), y.reshape(-1))
+    (ce + 0.5 * out.aux_loss).backward()
+    router = "hf.model.layers.0.mlp.gate.weight"
+    expected = dict(reference.named_parameters())[router].grad
+    assert expected.abs().sum() > 0
+
+    params = dict(model.named_parameters())
+    before = params[router].detach().clone()
+    optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+    result = train_step(model, optimizer, x, y, step=1, lr=1.0, grad_clip=1e9, sparse=False)
+    assert result.router_aux_loss == pytest.approx(out.aux_loss.item(), rel=1e-5)
+    assert result.loss == pytest.approx(ce.item(), rel=1e-5)  # the logged loss stays the cross-entropy
+    torch.testing.assert_close(before - params[router].detach(), expected, rtol=1e-4, atol=1e-7)
+    assert model.router_aux_loss is None  # taken by the step
+
+    model.eval()
+    model(x)
+    assert model.router_aux_loss is None
+
+
+def test_router_aux_loss_follows_the_model_config_and_is_logged(hf: dict[str, Path], tmp_path: Path) -> None:
+    """No flag: the config's output_router_logits / router_aux_loss_coef decide, as in transformers' own loss;
+    --router-aux-loss 0 turns it off; a model without routers refuses a positive weight, a preset any."""
+    src = _moe_dir(hf, tmp_path, output_router_logits=True, router_aux_loss_coef=0.02)
+    mc = HFModelConfig.from_directory(src)
+    assert build_hf_model(mc).router_aux_coef == 0.02
+    assert build_hf_model(mc, 0.0).router_aux_coef == 0.0
+    run = tmp_path / "run"
+    train(small({**hf, "moe": src}, "moe", run, steps=2, eval_interval=2, ckpt_interval=2))
+    aux = [r["router_aux_loss"] for r in read_metrics(run) if "loss" in r]
+    assert len(aux) == 2 and all(a > 0 for a in aux)
+    assert build_hf_model(HFModelConfig.from_directory(hf["llama"])).router_aux_coef == 0.0
+
+    with pytest.raises(ConfigError, match=r"--router-aux-loss 0\.1: --model .*llama \(LlamaForCausalLM\) computes "
+                                          r"no router load-balancing loss"):
+        build_hf_model(HFModelConfig.from_directory(hf["llama"]), 0.1)
+    with pytest.raises(ConfigError, match="--router-aux-loss weights .* it needs --model"):
+        TrainConfig(router_aux_loss=0.1)
+    with pytest.raises(ConfigError, match=r"--router-aux-loss: expected a number >= 0, got -1"):
+        small(hf, "llama", tmp_path / "bad", router_aux_loss=-1.0)

@@ -25,7 +25,9 @@ The sparse training itself (SR-STE, Zhou et al., ICLR 2021, and the other method
 from __future__ import annotations
 
 import contextlib
+import inspect
 import json
+import math
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -37,6 +39,7 @@ from torch import nn
 from sparsert.runtime.errors import ArtifactError, ConfigError
 from sparsert.runtime.hf_tokenizer import HFTokenizer
 from sparsert.runtime.moe_experts import unfuse_experts
+from sparsert.train.distributed import unwrap
 from sparsert.train.hf_model import (
     TOKENIZER_FILES,
     conv1d_to_linear,
@@ -144,13 +147,21 @@ def hf_model_config_from_state(state: dict, where: str) -> HFModelConfig:
 
 def check_hf_fields(cfg: Any) -> None:
     """ConfigError when a TrainConfig's ``hf_model`` (``--model``) is combined with options that choose the model
-    another way (``arch``, ``init_from``)."""
+    another way (``arch``, ``init_from``), or its ``router_aux_loss`` is given without one or is not a number
+    ``>= 0``."""
     if cfg.hf_model is None:
+        if getattr(cfg, "router_aux_loss", None) is not None:
+            raise ConfigError("--router-aux-loss weights the router load-balancing loss of a mixture-of-experts "
+                              "Hugging Face model; it needs --model (the built-in architectures have no router)")
         return
     for name, flag in (("arch", "--arch"), ("init_from", "--init-from")):
         if getattr(cfg, name, None) is not None:
             raise ConfigError(f"--model {cfg.hf_model}: {flag} chooses the model too; the architecture and weights "
                               "come from the Hugging Face directory")
+    coef = getattr(cfg, "router_aux_loss", None)
+    if coef is not None and (isinstance(coef, bool) or not isinstance(coef, (int, float)) or not math.isfinite(coef)
+                             or coef < 0):
+        raise ConfigError(f"--router-aux-loss: expected a number >= 0, got {coef!r}")
 
 
 def run_prefix(cfg: Any) -> str:
@@ -170,20 +181,76 @@ class HFCausalLM(nn.Module):
 
     ``forward(input_ids int64 [B, T]) -> logits float32 [B, T, V]`` (no KV cache; :func:`hf_forward`).
     The transformers model is the submodule ``hf``; ``config`` is the run's :class:`HFModelConfig`.
+
+    ``router_aux_coef`` > 0 (a mixture-of-experts model): in training mode the forward also asks the model for its
+    router load-balancing loss (Switch Transformer's ``N·Σᵢ fᵢ·Pᵢ`` over the layers, Fedus et al., JMLR 2022, as
+    Mixtral and the other transformers MoE models compute it) and keeps it, a float32 scalar tensor, in
+    ``router_aux_loss`` until :func:`take_router_aux_loss` takes it; the trainer adds ``router_aux_coef`` times it
+    to the objective, as transformers' own loss does when ``output_router_logits`` is set.
     """
 
-    def __init__(self, hf: nn.Module, config: HFModelConfig) -> None:
+    def __init__(self, hf: nn.Module, config: HFModelConfig, router_aux_coef: float = 0.0) -> None:
         super().__init__()
         self.hf = hf
         self.config = config
+        self.router_aux_coef = router_aux_coef
+        self.router_aux_loss: torch.Tensor | None = None
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        if self.training and self.router_aux_coef > 0:
+            out = self.hf(input_ids=input_ids, use_cache=False, output_router_logits=True)
+            self.router_aux_loss = None if out.aux_loss is None else out.aux_loss.float()
+            return out.logits.float()
+        self.router_aux_loss = None
         return hf_forward(self.hf, input_ids)
 
     def sparse_linear_names(self) -> list[str]:
         """Names (in this module) of the linear layers inside the decoder blocks, in module order:
         ``hf.model.layers.{i}.self_attn.q_proj`` ... (Llama), ``hf.transformer.h.{i}.mlp.c_fc`` ... (GPT-2)."""
         return [PREFIX + name for name in hf_sparse_linear_names(self.hf)]
+
+
+def take_router_aux_loss(model: nn.Module) -> tuple[float, torch.Tensor] | None:
+    """``(coefficient, loss)`` of the router load-balancing loss the last training forward of ``model`` (an
+    :class:`HFCausalLM`, possibly inside DDP) computed, which it then drops; None for any other model or when the
+    run has no such loss."""
+    inner = unwrap(model)
+    loss = getattr(inner, "router_aux_loss", None)
+    if loss is None:
+        return None
+    inner.router_aux_loss = None
+    return inner.router_aux_coef, loss
+
+
+def router_aux_coefficient(hf: nn.Module, requested: float | None, where: str) -> float:
+    """The weight of the router load-balancing loss in training the transformers model ``hf``: ``requested``
+    (``--router-aux-loss``), or when None the model config's ``router_aux_loss_coef`` if its
+    ``output_router_logits`` is true (what transformers' own training loss adds), else 0. ConfigError naming
+    ``where`` when a positive weight is asked of a model whose forward computes no such loss (no router)."""
+    accepts = "output_router_logits" in inspect.signature(hf.forward).parameters
+    if requested is None:
+        config = hf.config
+        if not (accepts and getattr(config, "output_router_logits", False)):
+            return 0.0
+        return float(getattr(config, "router_aux_loss_coef", 0.0) or 0.0)
+    if requested > 0 and not (accepts and _returns_router_aux_loss(hf)):
+        raise ConfigError(f"--router-aux-loss {requested:g}: {where} ({type(hf).__name__}) computes no router "
+                          "load-balancing loss (not a mixture-of-experts model, or one transformers gives none); "
+                          "leave the flag out")
+    return float(requested)
+
+
+@torch.no_grad()
+def _returns_router_aux_loss(hf: nn.Module) -> bool:
+    """Whether the model's forward gives an ``aux_loss`` when asked for its router logits (some MoE models, e.g.
+    HunYuan-MoE, return None): one forward of two tokens in eval mode."""
+    was_training = hf.training
+    hf.eval()
+    try:
+        ids = torch.zeros(1, 2, dtype=torch.long, device=next(hf.parameters()).device)
+        return getattr(hf(input_ids=ids, use_cache=False, output_router_logits=True), "aux_loss", None) is not None
+    finally:
+        hf.train(was_training)
 
 
 @contextlib.contextmanager
@@ -200,9 +267,10 @@ def _no_progress_bars() -> Iterator[None]:
             hf_logging.enable_progress_bar()
 
 
-def build_hf_model(model_config: HFModelConfig) -> HFCausalLM:
+def build_hf_model(model_config: HFModelConfig, router_aux_loss: float | None = None) -> HFCausalLM:
     """Load the model of ``model_config.path`` (float32, train mode) as an :class:`HFCausalLM`, its fused MoE
-    experts unfused into per-expert linears and its GPT-2 ``Conv1D`` block layers turned into ``nn.Linear``. The
+    experts unfused into per-expert linears and its GPT-2 ``Conv1D`` block layers turned into ``nn.Linear``;
+    ``router_aux_loss`` as in :func:`router_aux_coefficient`. The
     directory's config must still be the recorded one (ConfigError listing the keys that changed); ArtifactError for
     missing or unreadable weights."""
     with _no_progress_bars():
@@ -216,7 +284,8 @@ def build_hf_model(model_config: HFModelConfig) -> HFCausalLM:
     unfuse_experts(hf)
     conv1d_to_linear(hf, hf_sparse_linear_names(hf))
     hf.train()
-    return HFCausalLM(hf, model_config)
+    coef = router_aux_coefficient(hf, router_aux_loss, f"--model {model_config.path}")
+    return HFCausalLM(hf, model_config, coef)
 
 
 def hf_tokenizer(model_config: HFModelConfig) -> HFTokenizer:

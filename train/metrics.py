@@ -1,8 +1,9 @@
 """The training metrics log: one JSON object per line in ``<run_dir>/metrics.jsonl``.
 
 Step lines: ``{"step", "loss", "lr", "tokens_per_s", "sparsity"}`` plus, when they apply, ``phase`` (with a
-sparsity schedule), ``decay`` (masked decay in effect), ``loss_total`` and ``kl`` (distillation), ``flip_rate`` and
-``flip_rate_layers`` (on steps that refreshed the masks), ``mask_refresh_share`` (sparse runs: share of the
+sparsity schedule), ``decay`` (masked decay in effect), ``loss_total`` and ``kl`` (distillation),
+``router_aux_loss`` (a MoE model trained with its router load-balancing loss: the unweighted term), ``flip_rate``
+and ``flip_rate_layers`` (on steps that refreshed the masks), ``mask_refresh_share`` (sparse runs: share of the
 step's wall time spent on the masks after the update). Eval lines: ``{"step", "val_loss", "val_ppl"}`` (and
 ``val_loss_sparse``/``val_ppl_sparse`` at the end when the trained model is not the 2:4 one; the trainer's
 :func:`~sparsert.train.trainer.train` writes them all). Header lines have no ``step``: ``{"data_skipped": [...]}``

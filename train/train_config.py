@@ -129,6 +129,9 @@ class TrainConfig:
     # --- end of the issue-3 method fields ---
     # --- H11: a local Hugging Face model directory (--model) and multi-process training (--distributed) ---
     hf_model: str | None = None
+    # weight of a MoE model's router load-balancing loss; None = the model config's (router_aux_loss_coef when its
+    # output_router_logits is true, else 0)
+    router_aux_loss: float | None = None
     distributed: str | None = None
     # auto (the GPU when torch sees one) | cpu | cuda; the default comes from $SPARSERT_DEVICE when set
     device: str = field(default_factory=lambda: os.environ.get("SPARSERT_DEVICE") or "auto")

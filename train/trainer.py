@@ -82,6 +82,7 @@ from sparsert.train.hf_train import (  # H11: sparsert train --model PATH (Huggi
     hf_tokenizer,
     is_hf_config,
     save_hf_run,
+    take_router_aux_loss,
 )
 from sparsert.train.masked_decay import apply_masked_decay
 from sparsert.train.metrics import METRICS_FILE
@@ -126,7 +127,10 @@ def build_model(model_config: ModelConfig, cfg: TrainConfig) -> nn.Module:
     naming --sparsity / --group-size when a block linear's K is not a multiple of M / the QAT group size.
     """
     torch.manual_seed(cfg.seed)
-    model = build_hf_model(model_config) if is_hf_config(model_config) else DecoderLM(model_config)  # H11
+    if is_hf_config(model_config):  # H11
+        model = build_hf_model(model_config, cfg.router_aux_loss)
+    else:
+        model = DecoderLM(model_config)
     scfg = sparsity_config(cfg)
     if scfg is not None:
         names = model.sparse_linear_names() if is_hf_config(model_config) else sparse_linear_names(model)  # H11
@@ -323,6 +327,8 @@ class StepResult:
     # Wall seconds of the mask work after the optimizer step (refresh, flip rates, rank sync); 0 when dense. On
     # a GPU it also holds the optimizer's queued kernels the refresh waits for (no extra sync is added for it).
     mask_seconds: float = 0.0
+    # A MoE model's router load-balancing loss (unweighted; --router-aux-loss), None when the run adds none.
+    router_aux_loss: float | None = None
 
 
 @dataclass
@@ -342,12 +348,14 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tens
     """One optimizer step on a batch (x, y int64 [B, T]).
 
     Loss: cross-entropy, or with ``distill`` AST's ``α·CE + β·T²·KL(p_teacher ‖ p_student)`` (Huang et al.
-    2025). Then backward, global-norm clipping, the masked decay ``g += masked_decay·(1 − m) ⊙ W`` on the
-    sparse layers' gradients (Hu et al. 2024: after clipping, before the optimizer step), the AdamW update,
-    and the masks: ``masks.after_step(step)`` when a :class:`MaskController` is given, else (``sparse``) the
-    layers' own refresh due at ``step``. Stops before touching the weights when the loss or the gradient norm
-    is not finite (the caller decides what to do). ``autocast``: run the model's (and the teacher's) forward
-    under ``torch.autocast`` in that dtype (``--sparse-gemm ours|cusparselt``: the sparse GEMMs are bf16); the
+    2025), plus ``coef·aux`` when the model is a mixture of experts trained with its router load-balancing loss
+    (:func:`~sparsert.train.hf_train.take_router_aux_loss`). Then backward, global-norm clipping, the masked
+    decay ``g += masked_decay·(1 − m) ⊙ W`` on the sparse layers' gradients (Hu et al. 2024: after clipping,
+    before the optimizer step), the AdamW update, and the masks: ``masks.after_step(step)`` when a
+    :class:`MaskController` is given, else (``sparse``) the layers' own refresh due at ``step``. Stops before
+    touching the weights when the loss or the gradient norm is not finite (the caller decides what to do).
+    ``autocast``: run the model's (and the teacher's) forward under ``torch.autocast`` in that dtype
+    (``--sparse-gemm ours|cusparselt``: the sparse GEMMs are bf16); the
     loss is then computed in float32 from the logits.
     """
     for group in optimizer.param_groups:
@@ -360,10 +368,15 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tens
         teacher_logits = None if teacher_logits is None else teacher_logits.float()
     if distill is not None:
         parts = distillation_loss(logits, teacher_logits, y, distill.alpha, distill.beta, distill.temperature)
-        loss, watched = parts.total, (parts.ce, parts.total, parts.kl)
+        loss, watched = parts.total, [parts.ce, parts.total, parts.kl]
     else:
         loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
-        watched = (loss,)
+        watched = [loss]
+    router = take_router_aux_loss(model)  # a MoE model's load-balancing loss, weighted into the objective
+    if router is not None:
+        coef, aux = router
+        loss = loss + coef * aux.to(loss.device)
+        watched.append(aux)
     optimizer.zero_grad(set_to_none=True)
     # Backward runs even on a non-finite loss (it only writes gradients): the loss, the distillation terms and
     # the gradient norm then reach the host in one transfer, the step's only device sync before the update.
@@ -373,16 +386,19 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tens
         grad_norm_t = grad_norm_t.full_tensor()
     values = torch.stack([t.detach().float() for t in watched] + [grad_norm_t.detach().float().to(loss.device)])
     *losses, grad_norm = values.tolist()
+    aux = losses.pop() if router is not None else None
     loss_value, total, kl = losses if distill is not None else (losses[0], None, None)
     # H11: the global batch's means, reduced before the finiteness test so every rank takes the same decision
-    loss_value, total, kl = global_means(loss_value, total, kl)
+    loss_value, total, kl, aux = global_means(loss_value, total, kl, aux)
     check = total if distill is not None else loss_value
+    if aux is not None and not math.isfinite(aux):
+        check = aux
     if not math.isfinite(check):
         optimizer.zero_grad(set_to_none=True)
-        return StepResult(check, float("nan"), None, loss_total=total, kl=kl)
+        return StepResult(check, float("nan"), None, loss_total=total, kl=kl, router_aux_loss=aux)
     if not math.isfinite(grad_norm):
         optimizer.zero_grad(set_to_none=True)
-        return StepResult(loss_value, grad_norm, None, loss_total=total, kl=kl)
+        return StepResult(loss_value, grad_norm, None, loss_total=total, kl=kl, router_aux_loss=aux)
     if masked_decay:
         with local_rows(model):  # H11: under FSDP2, this rank's rows of W, its gradient and mask
             apply_masked_decay(model, masked_decay)
@@ -391,15 +407,16 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tens
     if masks is not None:
         update = sync_masks(model, lambda: masks.after_step(step))  # H11: the same masks on every rank
         return StepResult(loss_value, grad_norm, update.flip_rate, update.flip_rate_layers, total, kl,
-                          update.changed, time.perf_counter() - t0)
+                          update.changed, time.perf_counter() - t0, aux)
     if not sparse:
-        return StepResult(loss_value, grad_norm, None, loss_total=total, kl=kl)
+        return StepResult(loss_value, grad_norm, None, loss_total=total, kl=kl, router_aux_loss=aux)
     flip = sync_masks(model, lambda: refresh_masks(model, step))  # H11: the same masks on every rank
     layers = None
     if flip is not None:
         layers = {name: m.last_flip_rate for name, m in sparse_modules(model).items()
                   if not m.dense and step % m.config.mask_refresh_interval == 0}
-    return StepResult(loss_value, grad_norm, flip, layers, total, kl, flip is not None, time.perf_counter() - t0)
+    return StepResult(loss_value, grad_norm, flip, layers, total, kl, flip is not None, time.perf_counter() - t0,
+                      aux)
 
 
 @torch.no_grad()
@@ -681,6 +698,8 @@ def train(cfg: TrainConfig) -> TrainResult:
                 record["decay"] = decay_now
             if out.loss_total is not None:
                 record.update(loss_total=out.loss_total, kl=out.kl)
+            if out.router_aux_loss is not None:
+                record["router_aux_loss"] = out.router_aux_loss
             if flip is not None:
                 record["flip_rate"] = flip
                 if out.flip_rate_layers is not None:

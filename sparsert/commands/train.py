@@ -102,6 +102,11 @@ def _config_error(exc: ConfigError) -> ConfigError:
                    "--distributed ddp ...): ddp replicates the model on every rank, fsdp shards it (FSDP2, dim 0). "
                    "--batch-size is the global batch, split evenly across the ranks; nccl on GPUs, gloo on CPU. "
                    "Under torchrun without this flag: ddp.")
+@click.option("--router-aux-loss", type=float, default=None, metavar="COEF",
+              show_default="the model config's router_aux_loss_coef when its output_router_logits is true, else 0",
+              help="With --model on a mixture-of-experts model (Mixtral, Qwen2-MoE, ...): add COEF times its router "
+                   "load-balancing loss (Switch Transformer's, as transformers computes it) to the training loss, "
+                   "logged unweighted as router_aux_loss in metrics.jsonl. 0 turns it off.")
 # --- end H11 ---
 @click.option("--arch", type=click.Choice(["llama", "gpt2"]), default=None,
               help="Architecture (default: the preset's, llama).")
