@@ -348,3 +348,24 @@ def test_cli_unknown_prune_method_is_a_usage_error(tmp_path: Path, dense_run: Pa
     assert code == 2
     assert "Invalid value for '--prune': 'obs' is not one of 'magnitude', 'wanda', 'sparsegpt'" in err
     assert not (tmp_path / "art").exists()
+
+
+def test_cli_keep_dense_and_ffn_only_one_shot(tmp_path: Path, dense_run: Path, capsys) -> None:
+    """--sparse-layers ffn and --keep-dense on a dense checkpoint: the artifact packs only the chosen layers 2:4 and
+    stores the others dense; the same flags on a sparse checkpoint are refused."""
+    out = tmp_path / "art"
+    code, _, err = cli(capsys, dense_run, "-o", out, "--prune", "wanda", "--sparse-layers", "ffn", "--keep-dense",
+                       "*.gate_proj")
+    assert code == 0, err
+    art = load_artifact(out)
+    assert sorted(art.packed) == ["blocks.0.mlp.down_proj", "blocks.0.mlp.up_proj"]
+    assert "blocks.0.attn.q_proj.weight" in art.dense and "blocks.0.mlp.gate_proj.weight" in art.dense
+    code, _, err = cli(capsys, dense_run, "-o", tmp_path / "bad", "--keep-dense", "blocks.9.*")
+    assert code == 2 and "error: --keep-dense 'blocks.9.*': matches none of the 7 layers to prune" in err
+    assert not (tmp_path / "bad").exists()
+    model = outlier_model("llama")
+    sparsify_model(model, SparsityConfig())
+    run = save(tmp_path / "sparse", model, sparse=True)
+    with pytest.raises(ConfigError, match=r"--sparse-layers chooses the layers one-shot pruning makes 2:4; "
+                                          r"checkpoint .* carries trained 2:4 masks, which are kept as trained"):
+        compress_checkpoint(run, tmp_path / "bad", sparse_layers="ffn")

@@ -293,3 +293,40 @@ def test_compressed_moe_experts_are_served_2_4(tmp_path):
     model = load_hf_causal_lm(out).model
     swap_saved_sparse_layers(model, out, token_counts=[1])
     assert list(fused_experts_modules(model)) == ["model.layers.0.mlp.experts"]
+
+
+def test_sparse_layers_and_keep_dense_choose_the_pruned_layers(tmp_path, capsys):
+    """--sparse-layers ffn --keep-dense PATTERN: only the chosen MLP linears become 2:4 (recorded in sparsert.json,
+    exported and annotated as such); the others keep their stored weights. A pattern that matches nothing, one
+    that leaves nothing to prune, or the flags on a directory with trained 2:4 layers are refused in one line."""
+    from sparsert.export.hf_export import export_hf_model
+
+    src = _model_dir(tmp_path, "llama")
+    out, names = compress_hf_model(src, tmp_path / "ffn", prune="wanda", calib_batches=2, sparse_layers="ffn",
+                                   keep_dense=("*.layers.1.mlp.down_proj",))
+    expected = [f"model.layers.{i}.mlp.{p}" for i in range(2) for p in ("gate_proj", "up_proj", "down_proj")]
+    expected.remove("model.layers.1.mlp.down_proj")
+    assert names == expected and sorted(saved_sparse_layers(out)) == sorted(expected)
+    before, after = _block_weights(src), _block_weights(out)
+    for name, w in after.items():
+        if name in expected:
+            assert is_nm_sparse(w, 2, 4) and (w == 0).float().mean().item() == pytest.approx(0.5), name
+        else:
+            torch.testing.assert_close(w, before[name], rtol=0, atol=0)
+    result, _ = export_hf_model(out, tmp_path / "m.onnx", with_kv_cache=False)
+    assert result.parity.passed
+    assert sorted(n for n, info in result.layers.items() if info["pattern"] == "2:4") == sorted(expected)
+
+    for kw, message in (
+        ({"keep_dense": ("*.attn.*",)}, r"--keep-dense '\*\.attn\.\*': matches none of the 14 layers to prune "
+                                        r"\(module names such as 'model\.layers\.0\.self_attn\.q_proj'"),
+        ({"sparse_layers": "ffn", "keep_dense": ("*.mlp.*",)}, r"--keep-dense \*\.mlp\.\*: keeps every layer dense"),
+        ({"sparse_layers": "most"}, r"--sparse-layers: expected one of all, ffn, got 'most'"),
+    ):
+        with pytest.raises(ConfigError, match=message):
+            compress_hf_model(src, tmp_path / "bad", **kw)
+    assert not (tmp_path / "bad").exists()
+    code, _, err = run_main(capsys, "compress", str(out), "-o", str(tmp_path / "again"), "--keep-dense", "*q_proj")
+    assert code == 2 and err.strip().splitlines() == [
+        f"error: --keep-dense chooses the layers one-shot pruning makes 2:4; {out} already records trained 2:4 "
+        "layers (sparsert.json), which keep their masks"]

@@ -56,6 +56,7 @@ from sparsert.train.checkpoint import MODEL_FILE, Checkpoint, load_checkpoint
 from sparsert.train.notes import CompressionNote
 from sparsert.train.oneshot_prune import ONESHOT_METHODS, prune_model_oneshot
 from sparsert.train.slorb import slorb_from_state
+from sparsert.train.sparsify import pruned_layer_selection
 
 DEFAULT_GROUP_SIZE = 128
 DEFAULT_CALIB_BATCHES = 8
@@ -188,6 +189,8 @@ def compress_checkpoint(
     awq: bool = False,
     force_awq: bool = False,
     force_group_size: bool = False,
+    sparse_layers: str = "all",
+    keep_dense: Sequence[str] = (),
 ) -> Path:
     """Compress a training checkpoint into an artifact directory at ``output``; returns its path.
 
@@ -210,6 +213,10 @@ def compress_checkpoint(
         force_awq: allow ``awq`` on a QAT checkpoint (refused by default: it changes the codes QAT saw).
         force_group_size: allow an ``int4_group_size`` other than a QAT checkpoint's own (refused by default:
             the kept values would be re-quantized in groups QAT never trained with).
+        sparse_layers, keep_dense: the layers one-shot pruning makes 2:4 (``"all"`` block linears or the
+            feed-forward ones, ``"ffn"``) minus those matching a ``keep_dense`` shell pattern
+            (:func:`~sparsert.train.sparsify.pruned_layer_selection`); the others are stored dense. A ConfigError
+            for a checkpoint with trained masks.
     Raises:
         ArtifactError for a missing/corrupt checkpoint or bad masks; ConfigError for bad options (unknown
         pruner, a group size that does not divide a layer's K, ...); DataError for unusable calibration
@@ -276,6 +283,13 @@ def compress_checkpoint(
             "(a sparse checkpoint's trained masks are kept as they are; re-pruning would discard them)"
         )
     method = None if masks else prune or "magnitude"
+    selecting = [flag for flag, given in (("--sparse-layers", sparse_layers != "all"), ("--keep-dense", keep_dense))
+                 if given]
+    if method is None and selecting:
+        raise ConfigError(f"{selecting[0]} chooses the layers one-shot pruning makes 2:4; {where} carries trained 2:4 "
+                          "masks, which are kept as trained")
+    if method is not None:
+        names = pruned_layer_selection(names, sparse_layers, keep_dense)
 
     qat = ckpt.state.get("quantization")
     if awq and slorb is not None:
@@ -344,7 +358,7 @@ def compress_checkpoint(
 
     model = _build_model(ckpt, slorb)
     if method is not None:
-        masks = prune_model_oneshot(model, method, calibration)
+        masks = prune_model_oneshot(model, method, calibration, names=names)
         mask_source = f"{method} one-shot"
     else:
         with torch.no_grad():

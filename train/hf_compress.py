@@ -19,6 +19,7 @@ quantizing the stored values again gives back exactly their codes. A directory t
 from __future__ import annotations
 
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -38,6 +39,7 @@ from sparsert.train.hf_model import (
     SPARSERT_FILE,
     conv1d_to_linear,
     has_tokenizer_files,
+    hf_directory_linear_names,
     hf_sparse_linear_names,
     load_hf_causal_lm,
     save_hf_checkpoint,
@@ -48,7 +50,7 @@ from sparsert.train.hf_model import (
 from sparsert.train.hf_train import hf_model_config
 from sparsert.train.oneshot_prune import ONESHOT_METHODS, prune_model_oneshot
 from sparsert.train.sparse_linear import SparsityConfig
-from sparsert.train.sparsify import sparse_modules
+from sparsert.train.sparsify import pruned_layer_selection, sparse_modules
 
 HF_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -74,7 +76,8 @@ def _check_output(source: Path, output: Path) -> None:
 def compress_hf_model(path: str | Path, output: str | Path, *, prune: str | None = None, int4: bool = False,
                       group_size: int = 128, dtype: str = "float32", calib_data: str | Path | None = None,
                       calib_batches: int | None = None, calib_seq_len: int | None = None,
-                      calib_batch_size: int | None = None, seed: int | None = None) -> tuple[Path, list[str]]:
+                      calib_batch_size: int | None = None, seed: int | None = None, sparse_layers: str = "all",
+                      keep_dense: Sequence[str] = ()) -> tuple[Path, list[str]]:
     """Prune (and optionally INT4-quantize) the Hugging Face causal LM at ``path`` to 2:4 and write it to
     ``output``; returns ``(output, the 2:4 layer names)``.
 
@@ -85,6 +88,10 @@ def compress_hf_model(path: str | Path, output: str | Path, *, prune: str | None
         dtype: the saved weights' dtype (``float32``, ``float16`` or ``bfloat16``).
         calib_data, calib_batches (8), calib_seq_len (min(context, 256)), calib_batch_size (4), seed (0): the
             calibration windows of wanda and sparsegpt (:func:`sparsert.train.compress.calibration_batches`).
+        sparse_layers, keep_dense: which block linears are pruned (``"all"`` or the feed-forward ones, ``"ffn"``,
+            experts included) minus those matching a ``keep_dense`` shell pattern
+            (:func:`~sparsert.train.sparsify.pruned_layer_selection`); the rest stay dense as stored. Refused for a
+            directory that records trained 2:4 layers.
     Raises:
         ConfigError naming the option or path; ArtifactError for unreadable weights; DataError for unusable
         calibration data. A :class:`~sparsert.train.compress.CompressionNote` warning names weights that are not
@@ -109,6 +116,13 @@ def compress_hf_model(path: str | Path, output: str | Path, *, prune: str | None
     if trained is not None and prune is not None:
         raise ConfigError(f"--prune {prune}: {path} already records 2:4 layers ({SPARSERT_FILE}); they keep their "
                           "trained masks (leave --prune out)")
+    selecting = [flag for flag, given in (("--sparse-layers", sparse_layers != "all"), ("--keep-dense", keep_dense))
+                 if given]
+    if trained is not None and selecting:
+        raise ConfigError(f"{selecting[0]} chooses the layers one-shot pruning makes 2:4; {path} already records "
+                          f"trained 2:4 layers ({SPARSERT_FILE}), which keep their masks")
+    if selecting:  # a pattern that matches nothing is named before the weights are read
+        pruned_layer_selection(hf_directory_linear_names(path), sparse_layers, keep_dense)
     method = prune or ("magnitude" if trained is None else None)
     needs_calibration = method is not None and ONESHOT_METHODS[method].needs is not None
     given = calibration_flags_given(calib_data, calib_batches, calib_seq_len, calib_batch_size, seed)
@@ -141,7 +155,7 @@ def compress_hf_model(path: str | Path, output: str | Path, *, prune: str | None
     if trained is not None:
         names = [n for n, info in trained.items() if served_as_2_4(info)]
     else:
-        names = hf_sparse_linear_names(model)
+        names = pruned_layer_selection(hf_sparse_linear_names(model), sparse_layers, keep_dense)
     for name in names:
         try:
             model.get_submodule(name)

@@ -147,6 +147,17 @@ def load_hf_config(path: str | Path) -> Any:
     return config
 
 
+def hf_directory_linear_names(path: str | Path) -> list[str]:
+    """:func:`hf_sparse_linear_names` of the model in directory ``path``, MoE experts unfused, without reading its
+    weights: the model is built from its config on the meta device. ConfigError as :func:`load_hf_config`."""
+    config = load_hf_config(path)
+    transformers = import_transformers("loading a Hugging Face model")
+    with torch.device("meta"):
+        model = transformers.AutoModelForCausalLM.from_config(config)
+    unfuse_experts(model)
+    return hf_sparse_linear_names(model)
+
+
 def has_tokenizer_files(path: str | Path) -> bool:
     """True when the model directory ``path`` holds one of :data:`TOKENIZER_FILES`."""
     return any((Path(path) / f).is_file() for f in TOKENIZER_FILES)

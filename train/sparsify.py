@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import base64
 import contextlib
-from collections.abc import Iterator
+import fnmatch
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -77,6 +78,24 @@ def select_sparse_layers(names: list[str], which: str) -> list[str]:
     if not chosen:
         raise ConfigError(f"--sparse-layers {which}: the model has no such linear layer to make sparse")
     return chosen
+
+
+def pruned_layer_selection(names: list[str], sparse_layers: str = "all", keep_dense: Sequence[str] = ()) -> list[str]:
+    """The layers of ``names`` one-shot pruning makes 2:4: :func:`select_sparse_layers` (``--sparse-layers``)
+    minus those whose name matches a ``keep_dense`` shell pattern (``--keep-dense``, :func:`fnmatch.fnmatchcase`
+    on the module name, e.g. ``*.layers.0.*`` or ``*.down_proj``), in the order of ``names``. ConfigError for a
+    pattern that matches none of the layers (naming one of them) or when no layer is left to prune."""
+    chosen = select_sparse_layers(names, sparse_layers)
+    for pattern in keep_dense:
+        if not isinstance(pattern, str) or not pattern:
+            raise ConfigError(f"--keep-dense: expected a layer name pattern, got {pattern!r}")
+        if not any(fnmatch.fnmatchcase(n, pattern) for n in chosen):
+            raise ConfigError(f"--keep-dense {pattern!r}: matches none of the {len(chosen)} layers to prune "
+                              f"(module names such as {chosen[0]!r}; shell patterns, e.g. '*.layers.0.*')")
+    left = [n for n in chosen if not any(fnmatch.fnmatchcase(n, p) for p in keep_dense)]
+    if not left:
+        raise ConfigError(f"--keep-dense {' '.join(keep_dense)}: keeps every layer dense; nothing is left to prune")
+    return left
 
 
 def sparse_modules(model: nn.Module) -> dict[str, SparseLinear]:

@@ -41,6 +41,24 @@ from sparsert.train.oneshot_prune import ONESHOT_METHODS
     "their trained masks.",
 )
 @click.option(
+    "--sparse-layers",
+    type=click.Choice(["all", "ffn"]),
+    default="all",
+    show_default=True,
+    help="One-shot pruning only: the block linears made 2:4, all of them or the feed-forward ones (MLP and MoE "
+    "experts; attention stays dense).",
+)
+@click.option(
+    "--keep-dense",
+    "keep_dense",
+    metavar="PATTERN",
+    multiple=True,
+    help="One-shot pruning only: keep the layers whose module name matches this shell pattern dense (repeatable), "
+    "e.g. --keep-dense '*.layers.0.*' --keep-dense '*.down_proj'. Names as transformers gives them "
+    "(model.layers.0.mlp.down_proj, experts as model.layers.0.mlp.experts.3.down_proj) or, for sparsert "
+    "checkpoints, blocks.0.mlp.down_proj; a pattern matching no layer is refused.",
+)
+@click.option(
     "--awq",
     is_flag=True,
     default=False,
@@ -80,6 +98,8 @@ def command(
     group_size: int | None,
     force_group_size: bool,
     prune: str | None,
+    sparse_layers: str,
+    keep_dense: tuple[str, ...],
     awq: bool,
     force_awq: bool,
     calib_data: str | None,
@@ -97,7 +117,8 @@ def command(
 
     if is_hf_model_dir(checkpoint):
         _compress_hf(click.get_current_context(), checkpoint, output, int4, group_size, force_group_size, prune,
-                     awq or force_awq, calib_data, calib_batches, calib_seq_len, calib_batch_size, seed, dense_dtype)
+                     awq or force_awq, calib_data, calib_batches, calib_seq_len, calib_batch_size, seed, dense_dtype,
+                     sparse_layers, keep_dense)
         return
 
     with _notes_as_lines():
@@ -116,6 +137,8 @@ def command(
             seed=seed,
             awq=awq,
             force_awq=force_awq,
+            sparse_layers=sparse_layers,
+            keep_dense=keep_dense,
         )
     stats = artifact_stats(path)
     click.echo(
@@ -148,7 +171,7 @@ def _notes_as_lines() -> Iterator[None]:
 def _compress_hf(ctx: click.Context, path: str, output: str, int4: bool | None, group_size: int | None,
                  force_group_size: bool, prune: str | None, awq: bool, calib_data: str | None,
                  calib_batches: int | None, calib_seq_len: int | None, calib_batch_size: int | None, seed: int | None,
-                 dense_dtype: str) -> None:
+                 dense_dtype: str, sparse_layers: str, keep_dense: tuple[str, ...]) -> None:
     """``compress`` of a Hugging Face model directory (:func:`sparsert.train.hf_compress.compress_hf_model`)."""
     from sparsert.commands import option_given
     from sparsert.runtime.errors import ConfigError
@@ -176,7 +199,8 @@ def _compress_hf(ctx: click.Context, path: str, output: str, int4: bool | None, 
         out, names = compress_hf_model(
             path, output, prune=prune, int4=quantize, group_size=group,
             dtype=dense_dtype if option_given(ctx, "dense_dtype") else "float32", calib_data=calib_data,
-            calib_batches=calib_batches, calib_seq_len=calib_seq_len, calib_batch_size=calib_batch_size, seed=seed)
+            calib_batches=calib_batches, calib_seq_len=calib_seq_len, calib_batch_size=calib_batch_size, seed=seed,
+            sparse_layers=sparse_layers, keep_dense=keep_dense)
     what = f"2:4 + INT4 (group {group})" if quantize else "2:4"
     click.echo(f"wrote {out}: a Hugging Face directory whose {len(names)} block linears are {what}; run it on "
                f"sparsert's kernels with: sparsert generate {out} --backend runtime --prompt ...")
