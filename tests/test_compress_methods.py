@@ -361,7 +361,7 @@ def test_cli_keep_dense_and_ffn_only_one_shot(tmp_path: Path, dense_run: Path, c
     assert sorted(art.packed) == ["blocks.0.mlp.down_proj", "blocks.0.mlp.up_proj"]
     assert "blocks.0.attn.q_proj.weight" in art.dense and "blocks.0.mlp.gate_proj.weight" in art.dense
     code, _, err = cli(capsys, dense_run, "-o", tmp_path / "bad", "--keep-dense", "blocks.9.*")
-    assert code == 2 and "error: --keep-dense 'blocks.9.*': matches none of the 7 layers to prune" in err
+    assert code == 2 and "error: --keep-dense 'blocks.9.*': matches none of the 7 layers to make 2:4" in err
     assert not (tmp_path / "bad").exists()
     model = outlier_model("llama")
     sparsify_model(model, SparsityConfig())

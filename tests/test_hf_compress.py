@@ -318,7 +318,7 @@ def test_sparse_layers_and_keep_dense_choose_the_pruned_layers(tmp_path, capsys)
     assert sorted(n for n, info in result.layers.items() if info["pattern"] == "2:4") == sorted(expected)
 
     for kw, message in (
-        ({"keep_dense": ("*.attn.*",)}, r"--keep-dense '\*\.attn\.\*': matches none of the 14 layers to prune "
+        ({"keep_dense": ("*.attn.*",)}, r"--keep-dense '\*\.attn\.\*': matches none of the 14 layers to make 2:4 "
                                         r"\(module names such as 'model\.layers\.0\.self_attn\.q_proj'"),
         ({"sparse_layers": "ffn", "keep_dense": ("*.mlp.*",)}, r"--keep-dense \*\.mlp\.\*: keeps every layer dense"),
         ({"sparse_layers": "most"}, r"--sparse-layers: expected one of all, ffn, got 'most'"),

@@ -351,3 +351,15 @@ def test_router_aux_loss_follows_the_model_config_and_is_logged(hf: dict[str, Pa
         TrainConfig(router_aux_loss=0.1)
     with pytest.raises(ConfigError, match=r"--router-aux-loss: expected a number >= 0, got -1"):
         small(hf, "llama", tmp_path / "bad", router_aux_loss=-1.0)
+
+
+def test_keep_dense_matches_transformers_layer_names(hf: dict[str, Path], tmp_path: Path) -> None:
+    """--keep-dense takes the names transformers and sparsert.json use (no ``hf.`` prefix): the matching layers
+    train dense and are recorded dense, the rest are 2:4 in hf/."""
+    run = tmp_path / "run"
+    train(small(hf, "llama", run, steps=2, eval_interval=2, ckpt_interval=2, keep_dense=("model.layers.0.*",)))
+    layers = json.loads((run / "hf" / "sparsert.json").read_text())["sparse_layers"]
+    assert len(layers) == 14
+    assert all(info["dense"] == name.startswith("model.layers.0.") for name, info in layers.items())
+    tensors = load_file(str(run / "hf" / "model.safetensors"))
+    assert all(is_nm_sparse(tensors[f"{name}.weight"], 2, 4) != info["dense"] for name, info in layers.items())

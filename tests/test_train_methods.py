@@ -86,7 +86,11 @@ def test_methods_fill_in_their_paper_defaults():
 
 @pytest.mark.parametrize(("kw", "message"), [
     (dict(method="hu", qat=True, dense_finetune=0.2), r"dense fine-tuning .* cannot be combined with --qat"),
-    (dict(qat=True, sparse_layers="ffn"), r"use --sparse-layers all with --qat"),
+    (dict(qat=True, sparse_layers="ffn"), r"use --sparse-layers all and no --keep-dense with --qat"),
+    (dict(qat=True, keep_dense=["blocks.0.*"]), r"use --sparse-layers all and no --keep-dense with --qat"),
+    (dict(slorb=True, keep_dense=("blocks.0.*",)), r"--slorb .* --sparse-layers all and no --keep-dense"),
+    (dict(dense=True, keep_dense=("blocks.0.*",)), r"'keep_dense' applies to sparse training"),
+    (dict(keep_dense=("",)), r"'keep_dense': expected a list of layer name patterns"),
     (dict(method="ast"), r"--method ast distils from a dense teacher: give --teacher PATH"),
     (dict(method="ast", teacher="t", masked_decay=1e-4), r"AST decays with the annealed --decay-max"),
     (dict(decay=2e-4, masked_decay=6e-5), r"both decay the pruned weights; set one of them to 0"),
@@ -115,6 +119,27 @@ def test_methods_fill_in_their_paper_defaults():
 def test_bad_method_configs_are_refused(kw, message):
     with pytest.raises(ConfigError, match=message):
         TrainConfig(**kw)
+
+
+def test_keep_dense_layers_train_dense_and_stay_dense_in_the_artifact(corpus, tmp_path):
+    """--keep-dense 'blocks.0.*' '*.down_proj': those layers train dense (no mask refresh, full sparsity share) and
+    the artifact stores them dense; the rest train and pack 2:4. The saved config resumes as given."""
+    run = tmp_path / "run"
+    cfg = small(corpus, run, steps=4, eval_interval=4, ckpt_interval=4, mask_refresh_interval=2,
+                keep_dense=("blocks.0.*", "*.down_proj"))
+    result = train(cfg)
+    names = sparse_linear_names(model_config_from_preset("tiny"))
+    sparse = [n for n in names if not n.startswith("blocks.0.") and not n.endswith(".down_proj")]
+    art = load_artifact(result.artifact)
+    assert sorted(art.packed) == sorted(sparse) and all(f"{n}.weight" in art.dense for n in set(names) - set(sparse))
+    assert all(is_nm_sparse(layer.to_dense()) for layer in art.packed.values())
+    refreshes = [r for r in steps_of(run) if "flip_rate_layers" in r]
+    assert refreshes and all(sorted(r["flip_rate_layers"]) == sorted(sparse) for r in refreshes)
+    assert load_train_config(run).keep_dense == ("blocks.0.*", "*.down_proj")
+    with pytest.raises(ConfigError, match=r"--keep-dense 'blocks\.9\.\*': matches none of the 28 layers to make "
+                                          r"2:4 \(module names such as 'blocks\.0\.attn\.q_proj'"):
+        train(small(corpus, tmp_path / "bad", keep_dense=("blocks.9.*",)))
+    assert not (tmp_path / "bad").exists()  # refused before the run directory is made
 
 
 # ------------------------------------------------------------------------------------------- Hu et al.

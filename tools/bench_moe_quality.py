@@ -10,7 +10,11 @@ with a byte-level BPE tokenizer trained on the corpus's train split; nothing is 
    dense (the reference), SR-STE 2:4 (Zhou et al. 2021), AST 2:4 and AST 2:4 + INT4 QAT (Huang et al. 2025,
    distilled from the dense reference);
 3. one-shot magnitude / Wanda (Sun et al. 2024) / SparseGPT (Frantar & Alistarh 2023) 2:4 of the dense reference
-   (``sparsert compress HF_DIR --prune``; Wanda and SparseGPT calibrate each expert on the tokens routed to it).
+   (``sparsert compress HF_DIR --prune``; Wanda and SparseGPT calibrate each expert on the tokens routed to it),
+   and SparseGPT of the MLP layers only (``--sparse-layers ffn``: experts 2:4, attention dense).
+
+``--oneshot-from RUN`` reuses the model and dense reference of an earlier run of this tool and measures the
+one-shot rows only (minutes instead of half an hour).
 
 Every number is the validation cross-entropy of the deployable Hugging Face directory (the run's ``hf/``, or the
 compressed directory: dense weights carrying the 2:4 zeros, INT4 values where quantized), loaded by transformers,
@@ -47,8 +51,11 @@ from sparsert.train.trainer import evaluate, train
 LABELS = {
     "dense": "dense (continued)", "srste": "SR-STE 2:4", "ast": "AST 2:4", "ast-int4": "AST 2:4 + INT4 (g32)",
     "magnitude": "one-shot magnitude 2:4", "wanda": "one-shot Wanda 2:4", "sparsegpt": "one-shot SparseGPT 2:4",
+    "sparsegpt-ffn": "one-shot SparseGPT 2:4, attention dense (--sparse-layers ffn)",
 }
-ONESHOT = ("magnitude", "wanda", "sparsegpt")
+# row key -> (--prune method, --sparse-layers)
+ONESHOT = {"magnitude": ("magnitude", "all"), "wanda": ("wanda", "all"), "sparsegpt": ("sparsegpt", "all"),
+           "sparsegpt-ffn": ("sparsegpt", "ffn")}
 
 
 def make_model_dir(out: Path, corpus_text: str, *, hidden: int, layers: int, experts: int, top_k: int,
@@ -105,6 +112,9 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--out", default=None, help="folder for all runs (default runs/bench-moe-<time>)")
     ap.add_argument("--no-progress", action="store_true")
+    ap.add_argument("--oneshot-from", default=None, metavar="RUN",
+                    help="an earlier --out of this tool: reuse its model/ and dense-hf/, measure the one-shot rows "
+                         "only")
     args = ap.parse_args()
     if args.threads is not None:
         torch.set_num_threads(args.threads)
@@ -112,9 +122,18 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
 
     corpus = load_corpus(None)
-    source = make_model_dir(out / "model", corpus.text(), hidden=args.hidden, layers=args.layers,
-                            experts=args.experts, top_k=args.top_k, ffn=args.ffn, vocab=args.vocab,
-                            context=max(args.seq_len, 128), seed=args.seed)
+    reuse = Path(args.oneshot_from) if args.oneshot_from is not None else None
+    if reuse is not None:
+        source, dense_hf = reuse / "model", reuse / "dense-hf"
+        for needed in (source, dense_hf):
+            if not (needed / "config.json").is_file():
+                raise SystemExit(f"--oneshot-from {reuse}: no {needed.name}/ with a config.json (not a run of this "
+                                 "tool that got past the dense reference)")
+    else:
+        source = make_model_dir(out / "model", corpus.text(), hidden=args.hidden, layers=args.layers,
+                                experts=args.experts, top_k=args.top_k, ffn=args.ffn, vocab=args.vocab,
+                                context=max(args.seq_len, 128), seed=args.seed)
+        dense_hf = out / "dense-hf"
     data = TokenData.from_corpus(corpus, HFTokenizer(source))
 
     def val(hf_dir: Path) -> float:
@@ -122,58 +141,64 @@ def main() -> None:
         with torch.no_grad():
             return evaluate(model, data, args.batch_size, args.seq_len, args.eval_batches)
 
-    common = dict(hf_model=str(source), batch_size=args.batch_size, seq_len=args.seq_len, seed=args.seed,
-                  threads=args.threads, eval_batches=args.eval_batches, progress=not args.no_progress)
-    t0 = time.perf_counter()
-    pre = train(TrainConfig(**common, dense=True, steps=args.pretrain_steps, lr=args.pretrain_lr,
-                            eval_interval=args.pretrain_steps, ckpt_interval=args.pretrain_steps,
-                            out_dir=str(out / "pretrain")))
-    pre_s = time.perf_counter() - t0
-    after = dict({k: v for k, v in common.items() if k != "hf_model"}, steps=args.steps, lr=args.lr,
-                 init_from=str(pre.run_dir), eval_interval=args.steps, ckpt_interval=args.steps)
-    rows, results = [], {}
-    for key, extra in {"dense": dict(dense=True), "srste": {}, "ast": dict(method="ast"),
-                       "ast-int4": dict(method="ast", qat=True, group_size=32)}.items():
-        if key.startswith("ast"):
-            extra = dict(extra, teacher=str(out / "dense-hf"))
+    rows: list[dict] = []
+    header = [f"one-shot rows only, from the dense reference of {reuse}"]
+    if reuse is None:
+        common = dict(hf_model=str(source), batch_size=args.batch_size, seq_len=args.seq_len, seed=args.seed,
+                      threads=args.threads, eval_batches=args.eval_batches, progress=not args.no_progress)
+        t0 = time.perf_counter()
+        pre = train(TrainConfig(**common, dense=True, steps=args.pretrain_steps, lr=args.pretrain_lr,
+                                eval_interval=args.pretrain_steps, ckpt_interval=args.pretrain_steps,
+                                out_dir=str(out / "pretrain")))
+        pre_s = time.perf_counter() - t0
+        tokens = args.batch_size * args.seq_len
+        header = [f"dense pre-training: {args.pretrain_steps} steps ({args.pretrain_steps * tokens:,} tokens, lr "
+                  f"{args.pretrain_lr:g}, {pre_s:.0f} s), val loss {pre.final_val_loss:.4f}; then every method "
+                  f"{args.steps} steps ({args.steps * tokens:,} tokens, batch {args.batch_size} x {args.seq_len}, "
+                  f"lr {args.lr:g})"]
+        after = dict({k: v for k, v in common.items() if k != "hf_model"}, steps=args.steps, lr=args.lr,
+                     init_from=str(pre.run_dir), eval_interval=args.steps, ckpt_interval=args.steps)
+        for key, extra in {"dense": dict(dense=True), "srste": {}, "ast": dict(method="ast"),
+                           "ast-int4": dict(method="ast", qat=True, group_size=32)}.items():
+            if key.startswith("ast"):
+                extra = dict(extra, teacher=str(dense_hf))
+            t1 = time.perf_counter()
+            result = train(TrainConfig(**after, **extra, out_dir=str(out / key)))
+            if key == "dense":
+                save_dense_hf(result.run_dir, source, dense_hf)
+            hf_dir = dense_hf if key == "dense" else result.artifact
+            rows.append({"key": key, "steps": args.steps, "hf_dir": str(hf_dir), "val_loss": val(hf_dir),
+                         "seconds": time.perf_counter() - t1})
+    else:
+        rows.append({"key": "dense", "steps": 0, "hf_dir": str(dense_hf), "val_loss": val(dense_hf), "seconds": 0.0})
+    for key, (method, layers) in ONESHOT.items():
         t1 = time.perf_counter()
-        results[key] = train(TrainConfig(**after, **extra, out_dir=str(out / key)))
-        if key == "dense":
-            save_dense_hf(results[key].run_dir, source, out / "dense-hf")
-        hf_dir = out / "dense-hf" if key == "dense" else results[key].artifact
-        rows.append({"key": key, "steps": args.steps, "hf_dir": str(hf_dir), "val_loss": val(hf_dir),
-                     "seconds": time.perf_counter() - t1})
-    for method in ONESHOT:
-        t1 = time.perf_counter()
-        compressed, _ = compress_hf_model(out / "dense-hf", out / f"oneshot-{method}", prune=method)
-        rows.append({"key": method, "steps": 0, "hf_dir": str(compressed), "val_loss": val(compressed),
+        compressed, _ = compress_hf_model(dense_hf, out / f"oneshot-{key}", prune=method, sparse_layers=layers)
+        rows.append({"key": key, "steps": 0, "hf_dir": str(compressed), "val_loss": val(compressed),
                      "seconds": time.perf_counter() - t1})
 
     dense_loss = rows[0]["val_loss"]
-    stats = hf_dir_stats(results["srste"].artifact)
+    stats = hf_dir_stats(next(Path(r["hf_dir"]) for r in rows if r["key"] == "sparsegpt"))  # every block linear
     expert_weights = sum(lay.out_features * lay.in_features for lay in stats.layers if ".experts." in lay.name)
-    tokens = args.batch_size * args.seq_len
     lines = [
         f"Mixtral-style MoE: hidden {args.hidden}, {args.layers} layers, {args.experts} experts (top {args.top_k}) of "
         f"ffn {args.ffn}, BPE vocab {args.vocab}; default corpus",
-        f"dense pre-training: {args.pretrain_steps} steps ({args.pretrain_steps * tokens:,} tokens, lr "
-        f"{args.pretrain_lr:g}, {pre_s:.0f} s), val loss {pre.final_val_loss:.4f}; then every method {args.steps} "
-        f"steps ({args.steps * tokens:,} tokens, batch {args.batch_size} x {args.seq_len}, lr {args.lr:g})",
-        f"2:4 layers hold {stats.recorded_share:.1%} of the weights; the experts alone "
-        f"{expert_weights / stats.total_weights:.1%}",
+        *header,
+        f"the experts hold {expert_weights / stats.total_weights:.1%} of the weights",
         "",
-        "| method | steps after pre-training | val loss (2:4 HF directory) | ratio to dense | seconds |",
-        "|---|---:|---:|---:|---:|",
+        "| method | steps after pre-training | val loss (2:4 HF directory) | ratio to dense | 2:4 share of weights "
+        "| seconds |",
+        "|---|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         r["ratio_to_dense"] = r["val_loss"] / dense_loss
+        r["share_2_4"] = 0.0 if r["key"] == "dense" else hf_dir_stats(Path(r["hf_dir"])).recorded_share
         lines.append(f"| {LABELS[r['key']]} | {r['steps']} | {r['val_loss']:.4f} | {r['ratio_to_dense']:.4f} | "
-                     f"{r['seconds']:.0f} |")
+                     f"{r['share_2_4']:.1%} | {r['seconds']:.0f} |")
     text = "\n".join(lines)
     print(text)
     write_atomic(out / "results.md", (text + "\n").encode())
     write_atomic(out / "results.json", json.dumps({"args": vars(args), "rows": rows,
-                                                   "recorded_share": stats.recorded_share,
                                                    "expert_share": expert_weights / stats.total_weights},
                                                   indent=1).encode())
 

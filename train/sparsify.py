@@ -81,20 +81,21 @@ def select_sparse_layers(names: list[str], which: str) -> list[str]:
 
 
 def pruned_layer_selection(names: list[str], sparse_layers: str = "all", keep_dense: Sequence[str] = ()) -> list[str]:
-    """The layers of ``names`` one-shot pruning makes 2:4: :func:`select_sparse_layers` (``--sparse-layers``)
-    minus those whose name matches a ``keep_dense`` shell pattern (``--keep-dense``, :func:`fnmatch.fnmatchcase`
-    on the module name, e.g. ``*.layers.0.*`` or ``*.down_proj``), in the order of ``names``. ConfigError for a
-    pattern that matches none of the layers (naming one of them) or when no layer is left to prune."""
+    """The layers of ``names`` made 2:4 (trained sparse, or pruned one-shot): :func:`select_sparse_layers`
+    (``--sparse-layers``) minus those whose name matches a ``keep_dense`` shell pattern (``--keep-dense``,
+    :func:`fnmatch.fnmatchcase` on the module name, e.g. ``*.layers.0.*`` or ``*.down_proj``), in the order of
+    ``names``. ConfigError for a pattern that matches none of the layers (naming one of them) or when no layer is
+    left."""
     chosen = select_sparse_layers(names, sparse_layers)
     for pattern in keep_dense:
         if not isinstance(pattern, str) or not pattern:
             raise ConfigError(f"--keep-dense: expected a layer name pattern, got {pattern!r}")
         if not any(fnmatch.fnmatchcase(n, pattern) for n in chosen):
-            raise ConfigError(f"--keep-dense {pattern!r}: matches none of the {len(chosen)} layers to prune "
+            raise ConfigError(f"--keep-dense {pattern!r}: matches none of the {len(chosen)} layers to make 2:4 "
                               f"(module names such as {chosen[0]!r}; shell patterns, e.g. '*.layers.0.*')")
     left = [n for n in chosen if not any(fnmatch.fnmatchcase(n, p) for p in keep_dense)]
     if not left:
-        raise ConfigError(f"--keep-dense {' '.join(keep_dense)}: keeps every layer dense; nothing is left to prune")
+        raise ConfigError(f"--keep-dense {' '.join(keep_dense)}: keeps every layer dense; none is left to make 2:4")
     return left
 
 

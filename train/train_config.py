@@ -111,6 +111,7 @@ class TrainConfig:
     masked_decay: float | None = None
     dense_finetune: float | None = None
     sparse_layers: str | None = None
+    keep_dense: tuple[str, ...] = ()  # shell patterns of layer names that train (and stay) dense
     schedule: str = "from-scratch"
     prune_start: float = 0.25
     prune_end: float = 0.75
@@ -256,6 +257,11 @@ class TrainConfig:
         _check_int("decay_warmup", self.decay_warmup, minimum=0)
         _check_int("prune_interval", self.prune_interval, minimum=1)
         _check_int("slorb_k", self.slorb_k, minimum=1)
+        if isinstance(self.keep_dense, list):  # as a saved config.json holds it
+            self.keep_dense = tuple(self.keep_dense)
+        if not isinstance(self.keep_dense, tuple) or not all(isinstance(p, str) and p for p in self.keep_dense):
+            raise ConfigError(f"train config 'keep_dense': expected a list of layer name patterns, got "
+                              f"{self.keep_dense!r}")
         if self.sparse_layers not in ("all", "ffn"):
             raise ConfigError(f"train config 'sparse_layers': expected 'all' or 'ffn', got {self.sparse_layers!r}")
         if self.sparse_gemm not in SPARSE_GEMMS:
@@ -269,7 +275,8 @@ class TrainConfig:
             used = [name for name, on in (
                 ("method", self.method != "sr-ste"), ("transposable", self.transposable), ("mvue", self.mvue),
                 ("masked_decay", self.masked_decay > 0), ("dense_finetune", self.dense_finetune > 0),
-                ("sparse_layers", self.sparse_layers != "all"), ("schedule", self.schedule != "from-scratch"),
+                ("sparse_layers", self.sparse_layers != "all"), ("keep_dense", bool(self.keep_dense)),
+                ("schedule", self.schedule != "from-scratch"),
                 ("teacher", self.teacher is not None), ("wanda_score", self.wanda_score), ("slorb", self.slorb),
                 ("sparse_gemm", self.sparse_gemm != "masked"),
             ) if on]
@@ -295,12 +302,13 @@ class TrainConfig:
         if self.qat and self.dense_finetune > 0:
             raise ConfigError("--qat trains the INT4 values of the 2:4 artifact; dense fine-tuning (--dense-finetune) "
                               "would train other values, so it cannot be combined with --qat")
-        if self.qat and self.sparse_layers == "ffn":
+        if self.qat and self.some_layers_dense:
             raise ConfigError("--qat trains the INT4 values of the 2:4 artifact, which stores every block linear 2:4; "
-                              "use --sparse-layers all with --qat")
-        if self.slorb and (self.schedule != "from-scratch" or self.dense_finetune > 0 or self.sparse_layers != "all"):
+                              "use --sparse-layers all and no --keep-dense with --qat")
+        if self.slorb and (self.schedule != "from-scratch" or self.dense_finetune > 0 or self.some_layers_dense):
             raise ConfigError("--slorb adds AST's SLoRB terms to layers that train 2:4 from the first step to the "
-                              "last; it needs --schedule from-scratch, --dense-finetune 0 and --sparse-layers all")
+                              "last; it needs --schedule from-scratch, --dense-finetune 0, --sparse-layers all and "
+                              "no --keep-dense")
         if self.distill_alpha == 0 and self.distill_beta == 0:
             raise ConfigError("--distill-alpha and --distill-beta are both 0: the loss would be zero")
         if self.method == "ast" and self.distill_beta > 0 and self.teacher is None:
@@ -327,6 +335,11 @@ class TrainConfig:
                          decay_max=self.decay_max, decay_warmup_steps=self.decay_warmup,
                          mask_interval=self.mask_refresh_interval, wanda=self.wanda_score, slorb=self.slorb,
                          slorb_k=self.slorb_k)
+
+    @property
+    def some_layers_dense(self) -> bool:
+        """True when some block linears train dense: ``--sparse-layers ffn`` or a ``--keep-dense`` pattern."""
+        return self.sparse_layers != "all" or bool(self.keep_dense)
 
     @property
     def distills(self) -> bool:

@@ -76,6 +76,7 @@ from sparsert.train.distributed import (  # H11: multi-process training (DDP / F
 from sparsert.train.hf_train import (  # H11: sparsert train --model PATH (Hugging Face causal LMs)
     HF_DIR,
     HF_NOTE,
+    PREFIX,
     build_hf_model,
     hf_model_config,
     hf_state,
@@ -91,8 +92,8 @@ from sparsert.train.sparsify import (
     DENSE_PHASES,
     MaskController,
     mask_sparsity,
+    pruned_layer_selection,
     refresh_masks,
-    select_sparse_layers,
     sparse_modules,
     sparsify_model,
 )
@@ -135,7 +136,7 @@ def build_model(model_config: ModelConfig, cfg: TrainConfig) -> nn.Module:
     if scfg is not None:
         names = model.sparse_linear_names() if is_hf_config(model_config) else sparse_linear_names(model)  # H11
         _check_layer_k(model, names, cfg)
-        sparse = select_sparse_layers(names, cfg.sparse_layers)
+        sparse = _selected_layers(names, cfg)
         sparsify_model(model, scfg, sparse)
         sparsify_model(model, scfg, [n for n in names if n not in sparse], dense=True)
         if cfg.sparse_gemm != "masked":
@@ -194,8 +195,19 @@ def use_sparse_gemms(model: nn.Module, names: list[str], gemm: str) -> None:
 
 
 def sparse_layer_names(model: nn.Module, cfg: TrainConfig) -> list[str]:
-    """Names of the SparseLinears of ``model`` that ``cfg`` trains sparse (all, or the FFN ones)."""
-    return select_sparse_layers(list(sparse_modules(model)), cfg.sparse_layers)
+    """Names of the SparseLinears of ``model`` that ``cfg`` trains sparse (all, or the FFN ones, minus the
+    ``keep_dense`` patterns)."""
+    return _selected_layers(list(sparse_modules(model)), cfg)
+
+
+def _selected_layers(names: list[str], cfg: TrainConfig) -> list[str]:
+    """:func:`~sparsert.train.sparsify.pruned_layer_selection` of ``names`` by ``cfg``; a Hugging Face model's
+    layers are matched by their transformers names (``model.layers.0.mlp.up_proj``, without the ``hf.`` of the
+    training module), as ``compress`` and ``sparsert.json`` name them."""
+    prefix = PREFIX if cfg.hf_model is not None else ""
+    bare = {n: n.removeprefix(prefix) for n in names}
+    chosen = set(pruned_layer_selection(list(bare.values()), cfg.sparse_layers, cfg.keep_dense))
+    return [n for n in names if bare[n] in chosen]
 
 
 def build_mask_controller(model: nn.Module, cfg: TrainConfig) -> MaskController:
@@ -777,6 +789,8 @@ def _write_artifact(cfg: TrainConfig, model_config: ModelConfig, masks: MaskCont
             note = " (dense fine-tuned weights with the last sparse masks re-applied)"
         if masks is not None and cfg.sparse_layers == "ffn":
             note += " (2:4 feed-forward linears; the attention linears, trained dense, stay dense)"
+        if masks is not None and cfg.keep_dense:
+            note += " (the layers --keep-dense names, trained dense, stay dense)"
     return artifact, note
 
 

@@ -154,6 +154,11 @@ def _config_error(exc: ConfigError) -> ConfigError:
               show_default=_by_method("sparse_layers") + "; all with --qat",
               help="Which block linears train 2:4: all, or the feed-forward ones only (the others train dense and "
                    "stay dense in the artifact).")
+@click.option("--keep-dense", "keep_dense", metavar="PATTERN", multiple=True,
+              help="Train the block linears whose module name matches this shell pattern dense, and keep them dense "
+                   "in the artifact (repeatable), e.g. --keep-dense 'blocks.0.*' or, with --model, transformers' names "
+                   "such as --keep-dense 'model.layers.0.*'; a pattern matching no layer is refused. Not with --qat "
+                   "or --slorb.")
 @click.option("--sparse-gemm", type=click.Choice(SPARSE_GEMMS), default=_D.sparse_gemm, show_default=True,
               help="How --method hu's sparse layers compute while training. masked: matmuls on W*mask in float32 "
                    "(any device). ours / cusparselt: the recipe's three 2:4 sparse GEMMs (forward, input gradient, "
