@@ -35,6 +35,7 @@ import logging
 import re
 import shutil
 import tempfile
+import types
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -196,6 +197,31 @@ def _array_key(array: np.ndarray) -> tuple[tuple[int, ...], str]:
     return array.shape, hashlib.sha256(np.ascontiguousarray(array, dtype=np.float32).tobytes()).hexdigest()
 
 
+@contextlib.contextmanager
+def _dynamic_rope_as_static(model: nn.Module, context: int) -> Iterator[None]:
+    """Inside, rotary embeddings of ``rope_type`` "dynamic" (dynamic NTK scaling) run without their frequency
+    update, whose data-dependent branch torch.export cannot trace. transformers only changes the frequencies once a
+    sequence grows past ``max_seq_len_cached`` (the model's ``max_position_embeddings``), so for every sequence up
+    to ``context`` ≤ that length the frequencies the module holds are the ones it would use: the graph is exact
+    there, and parity checks it. Modules whose cache is shorter than ``context`` are left as they are."""
+    patched = []
+    for module in model.modules():
+        rope_type = getattr(module, "rope_type", None)
+        kinds = rope_type.values() if isinstance(rope_type, dict) else [rope_type]
+        forward = getattr(type(module).forward, "__wrapped__", None)
+        if forward is None or not any(isinstance(t, str) and "dynamic" in t for t in kinds):
+            continue
+        if not context <= getattr(module, "max_seq_len_cached", 0):
+            continue
+        module.forward = types.MethodType(forward, module)
+        patched.append(module)
+    try:
+        yield
+    finally:
+        for module in patched:
+            del module.forward
+
+
 def _trace(model: nn.Module, context: int, cache: CacheShapes | None) -> onnx.ModelProto:
     """The transformers model as an ONNX graph (opset 21), traced by the dynamo exporter: ``input_ids`` ->
     ``logits``, and with ``cache`` (:func:`_cache_shapes`) the ``past_key_<i>`` / ``past_value_<i>`` inputs and
@@ -227,8 +253,9 @@ def _trace(model: nn.Module, context: int, cache: CacheShapes | None) -> onnx.Mo
             warnings.simplefilter("ignore")
             with torch.no_grad():  # an eager step first: lazily cached buffers (longrope's frequencies) then hold
                 model(input_ids=example, use_cache=False)  # real tensors, not fake ones left by the trace
-            program = torch.onnx.export(module, args, dynamo=True, opset_version=OPSET, input_names=inputs,
-                                        output_names=outputs, dynamic_shapes=shapes_spec)
+            with _dynamic_rope_as_static(model, context):
+                program = torch.onnx.export(module, args, dynamo=True, opset_version=OPSET, input_names=inputs,
+                                            output_names=outputs, dynamic_shapes=shapes_spec)
     except Exception as exc:  # noqa: BLE001 - torch.export and onnxscript raise many types
         raise ExportError(f"torch.onnx could not export the {type(model).__name__}: {_cause(exc)}") from None
     finally:

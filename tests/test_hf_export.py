@@ -22,7 +22,7 @@ from test_generate_cli import make_artifact, run_main  # noqa: E402
 from test_hf_compress import _model_dir  # noqa: E402
 
 from sparsert.export.annotations import get_metadata, is_nm_along_axis, read_sparsity_annotations  # noqa: E402
-from sparsert.export.hf_export import export_hf_model  # noqa: E402
+from sparsert.export.hf_export import _dynamic_rope_as_static, export_hf_model  # noqa: E402
 from sparsert.export.onnx_runner import empty_past, make_session, run_logits  # noqa: E402
 from sparsert.runtime.errors import ArtifactError, ConfigError, ExportError  # noqa: E402
 from sparsert.runtime.nm_mask import is_nm_sparse  # noqa: E402
@@ -251,6 +251,28 @@ def test_longrope_parity_runs_on_real_frequencies(tmp_path):
     out, _ = compress_hf_model(src, tmp_path / "phi3-24")
     result, _ = export_hf_model(out, tmp_path / "m.onnx", with_kv_cache=False)
     assert result.parity.passed
+
+
+def test_dynamic_ntk_rope_exports_exactly_within_the_context(tmp_path):
+    """Llama with dynamic NTK RoPE: its frequency update (a data-dependent branch torch.export cannot trace) only
+    acts past max_position_embeddings, the graph's context, so the export traces without it, matches transformers
+    up to the full context, and leaves the model's forward as it was."""
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=320, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                      rope_parameters={"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0})
+    src = tmp_path / "llama-dynamic"
+    transformers.AutoModelForCausalLM.from_config(config).save_pretrained(str(src))
+    out, _ = compress_hf_model(src, tmp_path / "llama-dynamic-24")
+    result, _ = export_hf_model(out, tmp_path / "m.onnx")
+    assert result.parity.passed and result.kv_cache
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(out))
+    rotary = model.model.rotary_emb
+    with _dynamic_rope_as_static(model, 64):
+        assert "forward" in vars(rotary)
+    assert "forward" not in vars(rotary)
+    with _dynamic_rope_as_static(model, 65):  # longer than the frequencies hold: left to transformers
+        assert "forward" not in vars(rotary)
 
 
 def test_moe_experts_stay_in_the_fused_tensors_with_their_2_4_zeros(tmp_path):
