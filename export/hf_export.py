@@ -274,6 +274,43 @@ def _cause(exc: BaseException) -> str:
     return text.splitlines()[0][:400] if text else type(exc).__name__
 
 
+_ARITHMETIC = ("Add", "Sub", "Mul", "Div")
+
+
+def bfloat16_arithmetic_in_float32(graph: onnx.GraphProto) -> int:
+    """Run the graph's bfloat16 ``Add``/``Sub``/``Mul``/``Div`` nodes (ONNX Runtime's CPU provider has no bfloat16
+    kernel for them; Falcon's ALiBi computes its biases so) in float32 between ``Cast`` nodes, in place: the inputs
+    are widened exactly, and the one rounding of the float32 result back to bfloat16 is what torch's bfloat16
+    arithmetic does, so the values are unchanged. Returns how many nodes were rewritten; nodes whose types the
+    graph does not record are left as they are."""
+    bf16 = onnx.TensorProto.BFLOAT16
+    types = {v.name: v.type.tensor_type.elem_type
+             for v in (*graph.value_info, *graph.input, *graph.output)}
+    types.update({t.name: t.data_type for t in graph.initializer})
+    rewritten, nodes = 0, []
+    for node in graph.node:
+        if node.op_type not in _ARITHMETIC or types.get(node.output[0]) != bf16:
+            nodes.append(node)
+            continue
+        inputs = []
+        for i, name in enumerate(node.input):
+            wide = f"{node.name}__in{i}_f32"
+            nodes.append(helper.make_node("Cast", [name], [wide], name=f"{wide}_cast", to=onnx.TensorProto.FLOAT))
+            inputs.append(wide)
+        result = f"{node.name}__f32"
+        del node.input[:]
+        node.input.extend(inputs)
+        out = node.output[0]
+        node.output[0] = result
+        nodes.append(node)
+        nodes.append(helper.make_node("Cast", [result], [out], name=f"{result}_cast", to=bf16))
+        rewritten += 1
+    if rewritten:
+        del graph.node[:]
+        graph.node.extend(nodes)
+    return rewritten
+
+
 def _name_scopes(node: onnx.NodeProto) -> set[str]:
     """The module paths torch.onnx records on a node (``pkg.torch.onnx.name_scopes``, a Python list literal)."""
     text = next((e.value for e in node.metadata_props if e.key == "pkg.torch.onnx.name_scopes"), None)
@@ -486,6 +523,7 @@ def export_hf_model(path: str | Path, output: str | Path, *, with_kv_cache: bool
 
     def build() -> onnx.ModelProto:
         proto = _trace(model, context, cache)
+        bfloat16_arithmetic_in_float32(proto.graph)
         notes.extend(place_weights(proto, weights))
         weights.clear()  # the graph holds them now
         props = ann.model_annotations(pattern="2:4" if sparse else None,

@@ -275,6 +275,25 @@ def test_dynamic_ntk_rope_exports_exactly_within_the_context(tmp_path):
         assert "forward" not in vars(rotary)
 
 
+def test_falcon_alibi_bfloat16_arithmetic_runs_in_onnx_runtime(tmp_path):
+    """Falcon with ALiBi computes its biases with a bfloat16 Mul, which ONNX Runtime's CPU provider lacks: the
+    export runs it in float32 between Casts (the same values), so the graph loads and matches transformers."""
+    torch.manual_seed(0)
+    config = transformers.FalconConfig(vocab_size=320, hidden_size=64, num_hidden_layers=1, num_attention_heads=4,
+                                       alibi=True, new_decoder_architecture=False, multi_query=True,
+                                       max_position_embeddings=64)
+    src = tmp_path / "falcon-alibi"
+    transformers.AutoModelForCausalLM.from_config(config).save_pretrained(str(src))
+    out, _ = compress_hf_model(src, tmp_path / "falcon-alibi-24")
+    result, _ = export_hf_model(out, tmp_path / "m.onnx")
+    assert result.parity.passed and result.kv_cache
+    graph = onnx.load(str(tmp_path / "m.onnx")).graph
+    bf16 = {v.name for v in graph.value_info if v.type.tensor_type.elem_type == onnx.TensorProto.BFLOAT16}
+    arithmetic = [n for n in graph.node if n.op_type in ("Add", "Sub", "Mul", "Div")]
+    assert bf16 and not any(out in bf16 for n in arithmetic for out in n.output)
+    assert any(n.op_type == "Cast" and n.output[0] in bf16 and n.input[0].endswith("__f32") for n in graph.node)
+
+
 def test_moe_experts_stay_in_the_fused_tensors_with_their_2_4_zeros(tmp_path):
     """transformers 5's Qwen2-MoE (fused 3-D experts, whose default grouped_mm kernel has no ONNX function) exports
     with its experts switched to batched matmuls: the linear layers are placed and annotated 2:4, the recorded
