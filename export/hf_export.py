@@ -91,7 +91,10 @@ class _CachedLogits(nn.Module):
     def forward(self, input_ids: torch.Tensor, past: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
         from transformers import DynamicCache
 
-        cache = DynamicCache(config=self.model.config)
+        # full layers, also for a model with sliding-window layers: those keep every past token here (the masks
+        # the model builds from its config still limit each query to its window), so a past's length is the
+        # position of the next token
+        cache = DynamicCache()
         for i in range(self.n_layers):
             cache.update(past[2 * i], past[2 * i + 1], i)
         kwargs = {}
@@ -110,8 +113,8 @@ CacheShapes = list[tuple[tuple[int, int], tuple[int, int]]]  # per layer: (kv_he
 
 def _cache_shapes(model: nn.Module) -> tuple[CacheShapes | None, str]:
     """The shapes of each layer's cached keys and values after a 2-token step, when the model's cache is one the
-    KV-cache graph can hold (a transformers ``DynamicCache`` of full, not sliding-window, layers); else None and
-    why not."""
+    KV-cache graph can hold (a transformers ``DynamicCache`` of full or sliding-window layers, which the graph
+    holds as full ones: :class:`_CachedLogits`); else None and why not."""
     try:
         from transformers import DynamicCache
     except ImportError:
@@ -130,9 +133,10 @@ def _cache_shapes(model: nn.Module) -> tuple[CacheShapes | None, str]:
     shapes = []
     for i, layer in enumerate(cache.layers):
         keys, values = getattr(layer, "keys", None), getattr(layer, "values", None)
-        if type(layer).__name__ != "DynamicLayer" or keys is None or values is None:
-            return None, (f"layer {i} of its cache is a {type(layer).__name__} (sliding-window or hybrid cache), not "
-                          "a full DynamicLayer")
+        kind = type(layer).__name__
+        if kind not in ("DynamicLayer", "DynamicSlidingWindowLayer") or keys is None or values is None:
+            return None, (f"layer {i} of its cache is a {kind} (a hybrid cache), not a full or "
+                          "sliding-window DynamicLayer")
         shapes.append(((keys.shape[1], keys.shape[3]), (values.shape[1], values.shape[3])))
     return shapes, ""
 

@@ -216,25 +216,45 @@ def test_layers_with_equal_weights_keep_their_own_names(tmp_path):
         assert f"'model.{layer}'" in scopes
 
 
-def test_a_sliding_window_cache_is_refused_for_the_kv_graph(tmp_path):
-    """Mistral with a sliding window keeps a cache the KV graph does not hold: refused by name, with the way out;
-    the logits-only graph exports."""
+@pytest.mark.parametrize("arch", ["mistral", "gemma2"])
+def test_sliding_window_layers_export_with_a_kv_cache(tmp_path, arch):
+    """Mistral (every layer a sliding window of 8) and Gemma2 (alternating sliding and full layers): the KV graph
+    keeps every past token and the masks limit each query to its window, so it matches transformers (whose own
+    cache drops the old tokens) on prompts and cached steps well past the window; the window changes the logits."""
     torch.manual_seed(0)
-    config = transformers.MistralConfig(vocab_size=320, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
-                                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                                        sliding_window=16)
-    src = tmp_path / "mistral"
+    common = dict(vocab_size=320, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=64, sliding_window=8)
+    config = (transformers.MistralConfig(**common) if arch == "mistral"
+              else transformers.Gemma2Config(**common, head_dim=16))
+    src = tmp_path / arch
     transformers.AutoModelForCausalLM.from_config(config).save_pretrained(str(src))
-    out, _ = compress_hf_model(src, tmp_path / "mistral-24")
-    with pytest.raises(ExportError, match=r"the MistralForCausalLM has no KV cache the KV-cache graph can hold: layer "
-                                          r"0 of its cache is a \w+ \(sliding-window or hybrid cache\).*export it "
-                                          r"with --no-kv-cache"):
+    out, _ = compress_hf_model(src, tmp_path / f"{arch}-24")
+    result, _ = export_hf_model(out, tmp_path / "m.onnx")
+    assert result.parity.passed and result.kv_cache
+    ids = torch.tensor([[(7 * j + 1) % 320 for j in range(30)]])
+    with torch.no_grad():
+        windowed = transformers.AutoModelForCausalLM.from_pretrained(str(out)).eval()(input_ids=ids).logits
+        full = transformers.AutoModelForCausalLM.from_pretrained(str(out), sliding_window=64).eval()
+        assert (windowed - full(input_ids=ids).logits).abs().max() > 1e-2  # the parity above saw the window
+
+
+def test_a_hybrid_state_space_cache_is_refused_for_the_kv_graph(tmp_path):
+    """Jamba's cache holds Mamba state for its state-space layers, which the KV graph does not: refused by name,
+    with the way out, and nothing is written."""
+    config_class = getattr(transformers, "JambaConfig", None)
+    if config_class is None:
+        pytest.skip("this transformers has no Jamba")
+    torch.manual_seed(0)
+    config = config_class(vocab_size=320, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                          num_attention_heads=4, num_key_value_heads=2, attn_layer_period=2, attn_layer_offset=1,
+                          expert_layer_period=4, num_experts=1, mamba_d_state=8, max_position_embeddings=64)
+    src = tmp_path / "jamba"
+    transformers.AutoModelForCausalLM.from_config(config).save_pretrained(str(src))
+    out, _ = compress_hf_model(src, tmp_path / "jamba-24")
+    with pytest.raises(ExportError, match=r"the JambaForCausalLM has no KV cache the KV-cache graph can hold: layer "
+                                          r"0 of its cache is a \w+ \(a hybrid cache\).*export it with --no-kv-cache"):
         export_hf_model(out, tmp_path / "m.onnx")
     assert not (tmp_path / "m.onnx").exists()
-    result, _ = export_hf_model(out, tmp_path / "m.onnx", with_kv_cache=False)
-    assert result.parity.passed and not result.kv_cache
-    result, notes = export_hf_model(out, tmp_path / "auto.onnx", with_kv_cache=None)  # generate's temp export
-    assert not result.kv_cache and any(n.startswith("the graph has no KV cache (layer 0 of its cache") for n in notes)
 
 
 def test_longrope_parity_runs_on_real_frequencies(tmp_path):
