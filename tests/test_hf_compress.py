@@ -21,7 +21,11 @@ from sparsert.runtime.errors import ConfigError  # noqa: E402
 from sparsert.runtime.nm_mask import is_nm_sparse  # noqa: E402
 from sparsert.runtime.packed_linear import pack_linear  # noqa: E402
 from sparsert.train.hf_compress import compress_hf_model  # noqa: E402
-from sparsert.train.hf_model import hf_sparse_linear_names, saved_sparse_layers  # noqa: E402
+from sparsert.train.hf_model import (  # noqa: E402
+    hf_directory_linear_names,
+    hf_sparse_linear_names,
+    saved_sparse_layers,
+)
 
 
 def _model_dir(root: Path, arch: str) -> Path:
@@ -325,7 +329,23 @@ def test_sparse_layers_and_keep_dense_choose_the_pruned_layers(tmp_path, capsys)
     ):
         with pytest.raises(ConfigError, match=message):
             compress_hf_model(src, tmp_path / "bad", **kw)
+    with pytest.raises(ConfigError, match=r"--keep-dense: expected a list of layer name patterns, got the string"):
+        compress_hf_model(src, tmp_path / "bad", keep_dense="*.q_proj")
     assert not (tmp_path / "bad").exists()
+    broken = tmp_path / "broken"  # a config transformers cannot build a model from: one line, before any weight
+    broken.mkdir()
+    config = json.loads((src / "config.json").read_text())
+    (broken / "config.json").write_text(json.dumps({**config, "num_attention_heads": 5}))
+    for extra in ([], ["--keep-dense", "*q_proj"]):
+        code, _, err = run_main(capsys, "compress", str(broken), "-o", str(tmp_path / "x"), *extra)
+        assert code == 2 and err.strip().splitlines() == [
+            f"error: {broken}: cannot read the model config (The hidden size (128) is not a multiple of the number "
+            "of attention heads (5).)"]
+    gpt2 = tmp_path / "gpt2-bad"  # a config that validates, but no model can be built from: one line as well
+    gpt2.mkdir()
+    transformers.GPT2Config(n_embd=128, n_head=5, n_layer=1).save_pretrained(str(gpt2))
+    with pytest.raises(ConfigError, match=r"gpt2-bad: cannot build the model from its config.json \(.*divisible"):
+        hf_directory_linear_names(gpt2)
     code, _, err = run_main(capsys, "compress", str(out), "-o", str(tmp_path / "again"), "--keep-dense", "*q_proj")
     assert code == 2 and err.strip().splitlines() == [
         f"error: --keep-dense chooses the layers one-shot pruning makes 2:4; {out} already records trained 2:4 "

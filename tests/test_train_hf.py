@@ -344,9 +344,10 @@ def test_router_aux_loss_follows_the_model_config_and_is_logged(hf: dict[str, Pa
     assert len(aux) == 2 and all(a > 0 for a in aux)
     assert build_hf_model(HFModelConfig.from_directory(hf["llama"])).router_aux_coef == 0.0
 
-    with pytest.raises(ConfigError, match=r"--router-aux-loss 0\.1: --model .*llama \(LlamaForCausalLM\) computes "
-                                          r"no router load-balancing loss"):
-        build_hf_model(HFModelConfig.from_directory(hf["llama"]), 0.1)
+    for coef in (0.1, 0.0):  # 0 would turn off a loss the model does not have: refused as well
+        with pytest.raises(ConfigError, match=rf"--router-aux-loss {coef:g}: --model .*llama \(LlamaForCausalLM\) "
+                                              r"computes no router load-balancing loss"):
+            build_hf_model(HFModelConfig.from_directory(hf["llama"]), coef)
     with pytest.raises(ConfigError, match="--router-aux-loss weights .* it needs --model"):
         TrainConfig(router_aux_loss=0.1)
     with pytest.raises(ConfigError, match=r"--router-aux-loss: expected a number >= 0, got -1"):
@@ -363,3 +364,38 @@ def test_keep_dense_matches_transformers_layer_names(hf: dict[str, Path], tmp_pa
     assert all(info["dense"] == name.startswith("model.layers.0.") for name, info in layers.items())
     tensors = load_file(str(run / "hf" / "model.safetensors"))
     assert all(is_nm_sparse(tensors[f"{name}.weight"], 2, 4) != info["dense"] for name, info in layers.items())
+
+
+def test_an_init_from_hf_run_takes_transformers_names_and_the_router_flag(hf: dict[str, Path], tmp_path: Path,
+                                                                         capsys: pytest.CaptureFixture) -> None:
+    """A run started --init-from a --model run trains the same Hugging Face model: --keep-dense matches
+    transformers' names there too, and --router-aux-loss applies (0 turns the config's loss off); resuming a
+    --model run with --router-aux-loss finds the run. A built-in --init-from run refuses the flag in one line."""
+    from test_generate_cli import run_main
+
+    src = _moe_dir(hf, tmp_path, output_router_logits=True, router_aux_loss_coef=0.02)
+    first = tmp_path / "dense"
+    train(small({**hf, "moe": src}, "moe", first, dense=True, steps=1, eval_interval=1, ckpt_interval=1))
+    second = tmp_path / "second"
+    cfg = TrainConfig(init_from=str(first), data=str(hf["corpus"]), out_dir=str(second), steps=2, batch_size=2,
+                      seq_len=16, eval_interval=2, eval_batches=1, ckpt_interval=2, threads=1, progress=False,
+                      keep_dense=("model.layers.0.self_attn.*",), router_aux_loss=0.0)
+    train(cfg)
+    records = [r for r in read_metrics(second) if "loss" in r]
+    assert records and not any("router_aux_loss" in r for r in records)  # turned off
+    state = load_checkpoint(second).state
+    assert not any(".self_attn." in n for n in state["sparsity"]["layers"])
+    assert "hf.model.layers.0.mlp.experts.0.down_proj" in state["sparsity"]["layers"]
+
+    code, _, err = run_main(capsys, "train", "--resume", "--out", str(first), "--router-aux-loss", "0.5",
+                            "--steps", "2", "--no-progress")
+    assert code == 2 and "router_aux_loss: None -> 0.5" in err  # the run was found; the change is refused by name
+
+    builtin = tmp_path / "builtin"
+    train(TrainConfig(dense=True, data=str(hf["corpus"]), out_dir=str(builtin), steps=1, batch_size=2, seq_len=16,
+                      eval_interval=1, eval_batches=1, ckpt_interval=1, threads=1, progress=False))
+    code, _, err = run_main(capsys, "train", "--init-from", str(builtin), "--router-aux-loss", "0.1", "--out",
+                            str(tmp_path / "refused"), "--steps", "1", "--no-progress")
+    assert code == 2 and err.strip().splitlines()[-1].startswith("error: --router-aux-loss weights the router "
+                                                                 "load-balancing loss")
+    assert not (tmp_path / "refused").exists()

@@ -123,12 +123,23 @@ def main() -> None:
 
     corpus = load_corpus(None)
     reuse = Path(args.oneshot_from) if args.oneshot_from is not None else None
+    dense_steps: int | str = args.steps
     if reuse is not None:
+        if reuse.resolve() == out.resolve():
+            raise SystemExit(f"--out {out}: the run --oneshot-from reuses; write the one-shot rows elsewhere")
         source, dense_hf = reuse / "model", reuse / "dense-hf"
         for needed in (source, dense_hf):
             if not (needed / "config.json").is_file():
                 raise SystemExit(f"--oneshot-from {reuse}: no {needed.name}/ with a config.json (not a run of this "
                                  "tool that got past the dense reference)")
+        # the sizes the table states are those of the reused model, not this command's defaults
+        config = json.loads((source / "config.json").read_text())
+        args.hidden, args.layers, args.ffn = config["hidden_size"], config["num_hidden_layers"], config[
+            "intermediate_size"]
+        args.experts, args.top_k, args.vocab = (config["num_local_experts"], config["num_experts_per_tok"],
+                                                config["vocab_size"])
+        earlier = reuse / "results.json"
+        dense_steps = json.loads(earlier.read_text())["args"]["steps"] if earlier.is_file() else "?"
     else:
         source = make_model_dir(out / "model", corpus.text(), hidden=args.hidden, layers=args.layers,
                                 experts=args.experts, top_k=args.top_k, ffn=args.ffn, vocab=args.vocab,
@@ -170,7 +181,8 @@ def main() -> None:
             rows.append({"key": key, "steps": args.steps, "hf_dir": str(hf_dir), "val_loss": val(hf_dir),
                          "seconds": time.perf_counter() - t1})
     else:
-        rows.append({"key": "dense", "steps": 0, "hf_dir": str(dense_hf), "val_loss": val(dense_hf), "seconds": 0.0})
+        rows.append({"key": "dense", "steps": dense_steps, "hf_dir": str(dense_hf), "val_loss": val(dense_hf),
+                     "seconds": 0.0})
     for key, (method, layers) in ONESHOT.items():
         t1 = time.perf_counter()
         compressed, _ = compress_hf_model(dense_hf, out / f"oneshot-{key}", prune=method, sparse_layers=layers)

@@ -141,19 +141,24 @@ def load_hf_config(path: str | Path) -> Any:
         raise ConfigError(f"{p / 'config.json'}: no 'model_type', not a Hugging Face model config")
     try:
         config = transformers.AutoConfig.from_pretrained(str(p), local_files_only=True)
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise ConfigError(f"{p}: cannot read the model config ({_first_line(exc)})") from None
+    except Exception as exc:  # noqa: BLE001 - config classes validate with their own error types (huggingface_hub's)
+        cause = exc.__cause__ if exc.__cause__ is not None else exc  # the validator's own message
+        raise ConfigError(f"{p}: cannot read the model config ({_first_line(cause)})") from None
     check_causal_lm_config(config, str(p))
     return config
 
 
 def hf_directory_linear_names(path: str | Path) -> list[str]:
     """:func:`hf_sparse_linear_names` of the model in directory ``path``, MoE experts unfused, without reading its
-    weights: the model is built from its config on the meta device. ConfigError as :func:`load_hf_config`."""
+    weights: the model is built from its config on the meta device. ConfigError as :func:`load_hf_config`, and
+    for a config transformers cannot build a model from."""
     config = load_hf_config(path)
     transformers = import_transformers("loading a Hugging Face model")
-    with torch.device("meta"):
-        model = transformers.AutoModelForCausalLM.from_config(config)
+    try:
+        with torch.device("meta"):
+            model = transformers.AutoModelForCausalLM.from_config(config)
+    except (OSError, ValueError, RuntimeError, KeyError, TypeError, AttributeError) as exc:
+        raise ConfigError(f"{path}: cannot build the model from its config.json ({_first_line(exc)})") from None
     unfuse_experts(model)
     return hf_sparse_linear_names(model)
 

@@ -52,6 +52,8 @@ from sparsert.train.hf_model import (
 )
 from sparsert.train.sparse_linear import SparsityConfig
 
+NO_ROUTER_MESSAGE = ("--router-aux-loss weights the router load-balancing loss of a mixture-of-experts Hugging Face "
+                     "model; it needs --model (or --init-from a run of one): the built-in architectures have no router")
 HF_TYPE = "hf"
 HF_STATE_KEY = "hf_model"  # state.json key marking a checkpoint of a Hugging Face model (its directory)
 HF_DIR = "hf"  # <run_dir>/hf: the trained model as a Hugging Face directory
@@ -150,9 +152,9 @@ def check_hf_fields(cfg: Any) -> None:
     another way (``arch``, ``init_from``), or its ``router_aux_loss`` is given without one or is not a number
     ``>= 0``."""
     if cfg.hf_model is None:
-        if getattr(cfg, "router_aux_loss", None) is not None:
-            raise ConfigError("--router-aux-loss weights the router load-balancing loss of a mixture-of-experts "
-                              "Hugging Face model; it needs --model (the built-in architectures have no router)")
+        # with --init-from the model is the init run's, a Hugging Face model or not: build_model decides then
+        if getattr(cfg, "router_aux_loss", None) is not None and getattr(cfg, "init_from", None) is None:
+            raise ConfigError(NO_ROUTER_MESSAGE)
         return
     for name, flag in (("arch", "--arch"), ("init_from", "--init-from")):
         if getattr(cfg, name, None) is not None:
@@ -233,7 +235,7 @@ def router_aux_coefficient(hf: nn.Module, requested: float | None, where: str) -
         if not (accepts and getattr(config, "output_router_logits", False)):
             return 0.0
         return float(getattr(config, "router_aux_loss_coef", 0.0) or 0.0)
-    if requested > 0 and not (accepts and _returns_router_aux_loss(hf)):
+    if not accepts or (requested > 0 and not _returns_router_aux_loss(hf)):
         raise ConfigError(f"--router-aux-loss {requested:g}: {where} ({type(hf).__name__}) computes no router "
                           "load-balancing loss (not a mixture-of-experts model, or one transformers gives none); "
                           "leave the flag out")

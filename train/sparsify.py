@@ -86,6 +86,8 @@ def pruned_layer_selection(names: list[str], sparse_layers: str = "all", keep_de
     :func:`fnmatch.fnmatchcase` on the module name, e.g. ``*.layers.0.*`` or ``*.down_proj``), in the order of
     ``names``. ConfigError for a pattern that matches none of the layers (naming one of them) or when no layer is
     left."""
+    if isinstance(keep_dense, str):
+        raise ConfigError(f"--keep-dense: expected a list of layer name patterns, got the string {keep_dense!r}")
     chosen = select_sparse_layers(names, sparse_layers)
     for pattern in keep_dense:
         if not isinstance(pattern, str) or not pattern:

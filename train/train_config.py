@@ -257,11 +257,10 @@ class TrainConfig:
         _check_int("decay_warmup", self.decay_warmup, minimum=0)
         _check_int("prune_interval", self.prune_interval, minimum=1)
         _check_int("slorb_k", self.slorb_k, minimum=1)
-        if isinstance(self.keep_dense, list):  # as a saved config.json holds it
-            self.keep_dense = tuple(self.keep_dense)
-        if not isinstance(self.keep_dense, tuple) or not all(isinstance(p, str) and p for p in self.keep_dense):
+        if not isinstance(self.keep_dense, (list, tuple)) or not all(isinstance(p, str) and p for p in self.keep_dense):
             raise ConfigError(f"train config 'keep_dense': expected a list of layer name patterns, got "
                               f"{self.keep_dense!r}")
+        self.keep_dense = tuple(sorted(set(self.keep_dense)))  # the order of the patterns does not matter
         if self.sparse_layers not in ("all", "ffn"):
             raise ConfigError(f"train config 'sparse_layers': expected 'all' or 'ffn', got {self.sparse_layers!r}")
         if self.sparse_gemm not in SPARSE_GEMMS:

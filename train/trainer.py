@@ -72,11 +72,14 @@ from sparsert.train.distributed import (  # H11: multi-process training (DDP / F
     is_main_process,
     local_rows,
     sync_masks,
+    unwrap,
 )
 from sparsert.train.hf_train import (  # H11: sparsert train --model PATH (Hugging Face causal LMs)
     HF_DIR,
     HF_NOTE,
+    NO_ROUTER_MESSAGE,
     PREFIX,
+    HFCausalLM,
     build_hf_model,
     hf_model_config,
     hf_state,
@@ -130,13 +133,15 @@ def build_model(model_config: ModelConfig, cfg: TrainConfig) -> nn.Module:
     torch.manual_seed(cfg.seed)
     if is_hf_config(model_config):  # H11
         model = build_hf_model(model_config, cfg.router_aux_loss)
+    elif cfg.router_aux_loss is not None:
+        raise ConfigError(NO_ROUTER_MESSAGE)
     else:
         model = DecoderLM(model_config)
     scfg = sparsity_config(cfg)
     if scfg is not None:
         names = model.sparse_linear_names() if is_hf_config(model_config) else sparse_linear_names(model)  # H11
         _check_layer_k(model, names, cfg)
-        sparse = _selected_layers(names, cfg)
+        sparse = _selected_layers(names, cfg, is_hf_config(model_config))
         sparsify_model(model, scfg, sparse)
         sparsify_model(model, scfg, [n for n in names if n not in sparse], dense=True)
         if cfg.sparse_gemm != "masked":
@@ -197,14 +202,15 @@ def use_sparse_gemms(model: nn.Module, names: list[str], gemm: str) -> None:
 def sparse_layer_names(model: nn.Module, cfg: TrainConfig) -> list[str]:
     """Names of the SparseLinears of ``model`` that ``cfg`` trains sparse (all, or the FFN ones, minus the
     ``keep_dense`` patterns)."""
-    return _selected_layers(list(sparse_modules(model)), cfg)
+    return _selected_layers(list(sparse_modules(model)), cfg, isinstance(unwrap(model), HFCausalLM))
 
 
-def _selected_layers(names: list[str], cfg: TrainConfig) -> list[str]:
-    """:func:`~sparsert.train.sparsify.pruned_layer_selection` of ``names`` by ``cfg``; a Hugging Face model's
-    layers are matched by their transformers names (``model.layers.0.mlp.up_proj``, without the ``hf.`` of the
-    training module), as ``compress`` and ``sparsert.json`` name them."""
-    prefix = PREFIX if cfg.hf_model is not None else ""
+def _selected_layers(names: list[str], cfg: TrainConfig, hf: bool) -> list[str]:
+    """:func:`~sparsert.train.sparsify.pruned_layer_selection` of ``names`` by ``cfg``; the layers of a Hugging Face
+    model (``hf``: given by ``--model``, or by the ``--init-from`` run) are matched by their transformers names
+    (``model.layers.0.mlp.up_proj``, without the ``hf.`` of the training module), as ``compress`` and
+    ``sparsert.json`` name them."""
+    prefix = PREFIX if hf else ""
     bare = {n: n.removeprefix(prefix) for n in names}
     chosen = set(pruned_layer_selection(list(bare.values()), cfg.sparse_layers, cfg.keep_dense))
     return [n for n in names if bare[n] in chosen]
@@ -331,7 +337,8 @@ class StepResult:
     flip_rate: float | None
     # Per-layer flip rates {layer: rate} of the refresh (None when none happened).
     flip_rate_layers: dict[str, float] | None = None
-    # Distillation (AST): the optimised loss α·CE + β·T²·KL and the KL term; ``loss`` stays the cross-entropy.
+    # Distillation (AST): α·CE + β·T²·KL (the optimised loss, plus coef·router_aux_loss for a MoE model trained
+    # with it) and the KL term; ``loss`` stays the cross-entropy.
     loss_total: float | None = None
     kl: float | None = None
     # The mask controller's report (None without one): phase of the next step, masks/modes changed.
@@ -693,7 +700,10 @@ def train(cfg: TrainConfig) -> TrainResult:
             out = train_step(model, optimizer, x, y, step=step, lr=lr, grad_clip=cfg.grad_clip,
                              sparse=scfg is not None, masks=masks, distill=distill, masked_decay=decay_now,
                              autocast=None if cfg.sparse_gemm == "masked" else torch.bfloat16)
-            for what, value in (("loss", out.loss), ("gradient norm", out.grad_norm)):
+            for what, value in (("router load-balancing loss", out.router_aux_loss), ("loss", out.loss),
+                                ("gradient norm", out.grad_norm)):
+                if value is None:
+                    continue
                 if not math.isfinite(value):
                     raise TrainingDivergedError(_diverged_message(what, value, step, last_ckpt, last_ckpt_step))
             loss_value, flip = out.loss, out.flip_rate

@@ -156,9 +156,8 @@ def _config_error(exc: ConfigError) -> ConfigError:
                    "stay dense in the artifact).")
 @click.option("--keep-dense", "keep_dense", metavar="PATTERN", multiple=True,
               help="Train the block linears whose module name matches this shell pattern dense, and keep them dense "
-                   "in the artifact (repeatable), e.g. --keep-dense 'blocks.0.*' or, with --model, transformers' names "
-                   "such as --keep-dense 'model.layers.0.*'; a pattern matching no layer is refused. Not with --qat "
-                   "or --slorb.")
+                   "in the artifact (repeatable): e.g. 'blocks.0.*', or with --model transformers' names such as "
+                   "'model.layers.0.*'. A pattern matching no layer is refused. Not with --qat or --slorb.")
 @click.option("--sparse-gemm", type=click.Choice(SPARSE_GEMMS), default=_D.sparse_gemm, show_default=True,
               help="How --method hu's sparse layers compute while training. masked: matmuls on W*mask in float32 "
                    "(any device). ours / cusparselt: the recipe's three 2:4 sparse GEMMs (forward, input gradient, "
@@ -264,8 +263,9 @@ def command(ctx: click.Context, **opts: object) -> None:
                               f"the one in {opts['init_from']} (leave {' and '.join(shaping)} out)")
     try:
         if opts["resume"]:
-            # only to find the run: --sparse-gemm is checked against the saved recipe once merged with it
-            probe = TrainConfig(**{k: v for k, v in values.items() if k != "sparse_gemm"})
+            # only to find the run: --sparse-gemm and --router-aux-loss are checked against the saved recipe (and
+            # its --model) once merged with it
+            probe = TrainConfig(**{k: v for k, v in values.items() if k not in ("sparse_gemm", "router_aux_loss")})
             run_dir = find_resume_dir(probe)
             saved = load_train_config(run_dir)
             cfg = dataclasses.replace(saved, **{k: values[k] for k in given if k != "out_dir"})
