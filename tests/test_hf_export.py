@@ -31,6 +31,23 @@ from sparsert.train.hf_model import saved_sparse_layers  # noqa: E402
 
 
 @pytest.fixture(scope="module")
+
+def _config_class(name: str):
+    """The transformers config class ``name``; skips the test when this transformers has none."""
+    config_class = getattr(transformers, name, None)
+    if config_class is None:
+        pytest.skip(f"this transformers has no {name}")
+    return config_class
+
+
+def _compressed(tmp_path: Path, name: str, config) -> tuple[Path, list[str]]:  # noqa: ANN001 - a PretrainedConfig
+    """A random model of ``config`` (seed 0) saved as ``tmp_path/name``, then ``compress``ed (magnitude 2:4)."""
+    torch.manual_seed(0)
+    src = tmp_path / name
+    transformers.AutoModelForCausalLM.from_config(config).save_pretrained(str(src))
+    return compress_hf_model(src, tmp_path / f"{name}-24")
+
+
 def compressed(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """Llama and GPT-2 (Conv1D) directories and their `compress` outputs: 2:4, and 2:4 + INT4 group 64."""
     root = tmp_path_factory.mktemp("hf_export")
@@ -221,14 +238,11 @@ def test_sliding_window_layers_export_with_a_kv_cache(tmp_path, arch):
     """Mistral (every layer a sliding window of 8) and Gemma2 (alternating sliding and full layers): the KV graph
     keeps every past token and the masks limit each query to its window, so it matches transformers (whose own
     cache drops the old tokens) on prompts and cached steps well past the window; the window changes the logits."""
-    torch.manual_seed(0)
     common = dict(vocab_size=320, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                   num_key_value_heads=2, max_position_embeddings=64, sliding_window=8)
     config = (transformers.MistralConfig(**common) if arch == "mistral"
               else transformers.Gemma2Config(**common, head_dim=16))
-    src = tmp_path / arch
-    transformers.AutoModelForCausalLM.from_config(config).save_pretrained(str(src))
-    out, _ = compress_hf_model(src, tmp_path / f"{arch}-24")
+    out, _ = _compressed(tmp_path, arch, config)
     result, _ = export_hf_model(out, tmp_path / "m.onnx")
     assert result.parity.passed and result.kv_cache
     ids = torch.tensor([[(7 * j + 1) % 320 for j in range(30)]])
@@ -241,16 +255,11 @@ def test_sliding_window_layers_export_with_a_kv_cache(tmp_path, arch):
 def test_a_hybrid_state_space_cache_is_refused_for_the_kv_graph(tmp_path):
     """Jamba's cache holds Mamba state for its state-space layers, which the KV graph does not: refused by name,
     with the way out, and nothing is written."""
-    config_class = getattr(transformers, "JambaConfig", None)
-    if config_class is None:
-        pytest.skip("this transformers has no Jamba")
-    torch.manual_seed(0)
-    config = config_class(vocab_size=320, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                          num_attention_heads=4, num_key_value_heads=2, attn_layer_period=2, attn_layer_offset=1,
-                          expert_layer_period=4, num_experts=1, mamba_d_state=8, max_position_embeddings=64)
-    src = tmp_path / "jamba"
-    transformers.AutoModelForCausalLM.from_config(config).save_pretrained(str(src))
-    out, _ = compress_hf_model(src, tmp_path / "jamba-24")
+    config = _config_class("JambaConfig")(
+        vocab_size=320, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, attn_layer_period=2, attn_layer_offset=1, expert_layer_period=4, num_experts=1,
+        mamba_d_state=8, max_position_embeddings=64)
+    out, _ = _compressed(tmp_path, "jamba", config)
     with pytest.raises(ExportError, match=r"the JambaForCausalLM has no KV cache the KV-cache graph can hold: layer "
                                           r"0 of its cache is a \w+ \(a hybrid cache\).*export it with --no-kv-cache"):
         export_hf_model(out, tmp_path / "m.onnx")
@@ -260,15 +269,12 @@ def test_a_hybrid_state_space_cache_is_refused_for_the_kv_graph(tmp_path):
 def test_longrope_parity_runs_on_real_frequencies(tmp_path):
     """Phi-3 with longrope caches its long frequencies on the module at the first call; traced first, that cache
     would hold the exporter's fake tensors and the parity reference would be wrong. The export passes."""
-    torch.manual_seed(0)
     config = transformers.Phi3Config(vocab_size=320, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
                                      original_max_position_embeddings=16, pad_token_id=0,
                                      rope_scaling={"rope_type": "longrope", "short_factor": [1.0] * 8,
                                                    "long_factor": [8.0] * 8})
-    src = tmp_path / "phi3"
-    transformers.AutoModelForCausalLM.from_config(config).save_pretrained(str(src))
-    out, _ = compress_hf_model(src, tmp_path / "phi3-24")
+    out, _ = _compressed(tmp_path, "phi3", config)
     result, _ = export_hf_model(out, tmp_path / "m.onnx", with_kv_cache=False)
     assert result.parity.passed
 
@@ -277,13 +283,10 @@ def test_dynamic_ntk_rope_exports_exactly_within_the_context(tmp_path):
     """Llama with dynamic NTK RoPE: its frequency update (a data-dependent branch torch.export cannot trace) only
     acts past max_position_embeddings, the graph's context, so the export traces without it, matches transformers
     up to the full context, and leaves the model's forward as it was."""
-    torch.manual_seed(0)
     config = transformers.LlamaConfig(vocab_size=320, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
                                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
                                       rope_parameters={"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0})
-    src = tmp_path / "llama-dynamic"
-    transformers.AutoModelForCausalLM.from_config(config).save_pretrained(str(src))
-    out, _ = compress_hf_model(src, tmp_path / "llama-dynamic-24")
+    out, _ = _compressed(tmp_path, "llama-dynamic", config)
     result, _ = export_hf_model(out, tmp_path / "m.onnx")
     assert result.parity.passed and result.kv_cache
     model = transformers.AutoModelForCausalLM.from_pretrained(str(out))
@@ -298,13 +301,10 @@ def test_dynamic_ntk_rope_exports_exactly_within_the_context(tmp_path):
 def test_falcon_alibi_bfloat16_arithmetic_runs_in_onnx_runtime(tmp_path):
     """Falcon with ALiBi computes its biases with a bfloat16 Mul, which ONNX Runtime's CPU provider lacks: the
     export runs it in float32 between Casts (the same values), so the graph loads and matches transformers."""
-    torch.manual_seed(0)
     config = transformers.FalconConfig(vocab_size=320, hidden_size=64, num_hidden_layers=1, num_attention_heads=4,
                                        alibi=True, new_decoder_architecture=False, multi_query=True,
                                        max_position_embeddings=64)
-    src = tmp_path / "falcon-alibi"
-    transformers.AutoModelForCausalLM.from_config(config).save_pretrained(str(src))
-    out, _ = compress_hf_model(src, tmp_path / "falcon-alibi-24")
+    out, _ = _compressed(tmp_path, "falcon-alibi", config)
     result, _ = export_hf_model(out, tmp_path / "m.onnx")
     assert result.parity.passed and result.kv_cache
     graph = onnx.load(str(tmp_path / "m.onnx")).graph
@@ -338,21 +338,14 @@ def test_deepseek_v3_mla_and_grouped_routing_export_with_a_kv_cache(tmp_path):
     """DeepSeek-V3 (multi-head latent attention with its low-rank q/kv projections, a dense first layer, then
     routed experts with group-limited top-k and a shared expert, YaRN RoPE) compresses and exports with its KV
     cache: every linear outside the experts is placed and annotated 2:4 and ONNX Runtime matches PyTorch."""
-    config_class = getattr(transformers, "DeepseekV3Config", None)
-    if config_class is None:
-        pytest.skip("this transformers has no DeepSeek-V3")
-    torch.manual_seed(0)
-    config = config_class(vocab_size=320, hidden_size=64, intermediate_size=128, moe_intermediate_size=32,
-                          num_hidden_layers=2, first_k_dense_replace=1, num_attention_heads=4, num_key_value_heads=4,
-                          n_routed_experts=4, num_experts_per_tok=2, n_group=2, topk_group=1, kv_lora_rank=16,
-                          q_lora_rank=32, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16,
-                          max_position_embeddings=512,
-                          rope_parameters={"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 128,
-                                           "beta_fast": 32, "beta_slow": 1, "mscale": 1.0, "mscale_all_dim": 1.0,
-                                           "rope_theta": 10000.0})
-    src = tmp_path / "deepseek"
-    transformers.AutoModelForCausalLM.from_config(config).save_pretrained(str(src))
-    out, names = compress_hf_model(src, tmp_path / "deepseek-24")
+    config = _config_class("DeepseekV3Config")(
+        vocab_size=320, hidden_size=64, intermediate_size=128, moe_intermediate_size=32, num_hidden_layers=2,
+        first_k_dense_replace=1, num_attention_heads=4, num_key_value_heads=4, n_routed_experts=4,
+        num_experts_per_tok=2, n_group=2, topk_group=1, kv_lora_rank=16, q_lora_rank=32, qk_rope_head_dim=8,
+        qk_nope_head_dim=8, v_head_dim=16, max_position_embeddings=512,
+        rope_parameters={"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 128, "beta_fast": 32,
+                         "beta_slow": 1, "mscale": 1.0, "mscale_all_dim": 1.0, "rope_theta": 10000.0})
+    out, names = _compressed(tmp_path, "deepseek", config)
     experts = [n for n in names if ".experts." in n]
     assert len(experts) == 8 and "model.layers.0.self_attn.kv_a_proj_with_mqa" in names
     result, _ = export_hf_model(out, tmp_path / "m.onnx")
