@@ -30,8 +30,6 @@ from sparsert.train.hf_compress import compress_hf_model  # noqa: E402
 from sparsert.train.hf_model import saved_sparse_layers  # noqa: E402
 
 
-@pytest.fixture(scope="module")
-
 def _config_class(name: str):
     """The transformers config class ``name``; skips the test when this transformers has none."""
     config_class = getattr(transformers, name, None)
@@ -48,6 +46,7 @@ def _compressed(tmp_path: Path, name: str, config) -> tuple[Path, list[str]]:  #
     return compress_hf_model(src, tmp_path / f"{name}-24")
 
 
+@pytest.fixture(scope="module")
 def compressed(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """Llama and GPT-2 (Conv1D) directories and their `compress` outputs: 2:4, and 2:4 + INT4 group 64."""
     root = tmp_path_factory.mktemp("hf_export")
