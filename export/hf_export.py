@@ -356,7 +356,8 @@ def place_weights(proto: onnx.ModelProto, weights: dict[str, LinearWeight]) -> l
     docstring). The node is the one torch.onnx recorded inside the layer's module (its name scopes) whose
     constant equals the weight, else (no scope) the first node with that constant, so layers with equal weights
     keep their own names. Returns notes: a weight also multiplied by other nodes, which keep it dense and
-    unannotated. ExportError naming a recorded layer the graph does not multiply by."""
+    unannotated. ExportError naming a recorded layer the graph does not multiply by. ``weights`` is emptied as the
+    graph takes each one (the export holds one copy of the weights at a time, not two)."""
     graph = proto.graph
     inits = {t.name: t for t in graph.initializer}
     producers = {out: node for node in graph.node for out in node.output}
@@ -396,7 +397,7 @@ def place_weights(proto: onnx.ModelProto, weights: dict[str, LinearWeight]) -> l
                          "it as a dense float32 constant without annotations")
     before = {}
     for name, node in placed.items():
-        dq = _store(graph, node, weights[name])
+        dq = _store(graph, node, weights.pop(name))  # the graph holds a copy now: the array can go
         if dq is not None:
             before[id(node)] = dq
     nodes = []
@@ -432,9 +433,9 @@ def _drop_unused(graph: onnx.GraphProto) -> None:
         for node in dead:
             graph.node.remove(node)
     used = outputs | _names_used(graph)
-    keep = [t for t in graph.initializer if t.name in used]
-    del graph.initializer[:]
-    graph.initializer.extend(keep)
+    for i in reversed(range(len(graph.initializer))):  # in place: extending a repeated field copies each tensor
+        if graph.initializer[i].name not in used:
+            del graph.initializer[i]
 
 
 def hf_weights_sha256(path: str | Path) -> str:
@@ -528,8 +529,7 @@ def export_hf_model(path: str | Path, output: str | Path, *, with_kv_cache: bool
     def build() -> onnx.ModelProto:
         proto = _trace(model, context, cache)
         bfloat16_arithmetic_in_float32(proto.graph)
-        notes.extend(place_weights(proto, weights))
-        weights.clear()  # the graph holds them now
+        notes.extend(place_weights(proto, weights))  # empties weights: the graph holds them now
         props = ann.model_annotations(pattern="2:4" if sparse else None,
                                       quantization="int4" if groups else None,
                                       group_size=groups[0] if len(groups) == 1 else None,
@@ -542,15 +542,14 @@ def export_hf_model(path: str | Path, output: str | Path, *, with_kv_cache: bool
         with torch.inference_mode():
             return model(input_ids=torch.tensor(ids), use_cache=False).logits.double().numpy()
 
-    def check(proto: onnx.ModelProto, staged: Path) -> tuple[dict[str, dict], ParityReport | None]:
-        layers = ann.verify_sparsity_annotations(proto)
+    def check_parity(staged: Path) -> ParityReport | None:
         if not parity:
-            return layers, None
+            return None
         vocab = model.get_output_embeddings().weight.shape[0]
-        return layers, compare_logits(staged, reference, parity_prompt_ids(bundle.tokenizer, vocab, context),
-                                      quantized=bool(groups), accuracy_level=accuracy_level)
+        return compare_logits(staged, reference, parity_prompt_ids(bundle.tokenizer, vocab, context),
+                              quantized=bool(groups), accuracy_level=accuracy_level)
 
-    return checked_export(out, build, check, kv_cache=with_kv_cache), notes
+    return checked_export(out, build, ann.verify_sparsity_annotations, check_parity, kv_cache=with_kv_cache), notes
 
 
 @contextlib.contextmanager

@@ -209,26 +209,28 @@ def export_artifact(
     check_output(out, artifact_path)
     artifact = load_artifact(artifact_path)
 
-    def check(model: onnx.ModelProto, staged: Path) -> tuple[dict[str, dict], ParityReport | None]:
+    def verify(model: onnx.ModelProto) -> dict[str, dict]:
         layers = verify_sparsity_annotations(model)
         expected = set(artifact.sparsity.layers) if artifact.sparsity else set()
         annotated = {name for name, info in layers.items() if info["pattern"]}
         if annotated != expected:
             odd = sorted(annotated ^ expected)[0]
             raise ExportError(f"layer '{odd}': 2:4 annotation does not match the artifact's sparsity.layers")
-        return layers, check_parity(staged, artifact, accuracy_level=accuracy_level) if parity else None
+        return layers
 
-    return checked_export(out, lambda: build_onnx_model(artifact, with_kv_cache=with_kv_cache), check,
-                          kv_cache=with_kv_cache)
+    return checked_export(out, lambda: build_onnx_model(artifact, with_kv_cache=with_kv_cache), verify,
+                          lambda staged: check_parity(staged, artifact, accuracy_level=accuracy_level) if parity
+                          else None, kv_cache=with_kv_cache)
 
 
 def checked_export(out: Path, build: Callable[[], onnx.ModelProto],
-                   check: Callable[[onnx.ModelProto, Path], tuple[dict[str, dict], ParityReport | None]], *,
-                   kv_cache: bool) -> ExportResult:
-    """Build the model in a temporary directory beside ``out``, write it, run ``onnx.checker`` (full check) and
-    ``check(model, written_path)`` (annotations, parity: returns the annotated layers and the parity report; with
-    no parity report, ONNX Runtime must still load the graph), then rename it (and its external data, if any) to
-    ``out``; nothing is left at ``out`` on failure."""
+                   verify: Callable[[onnx.ModelProto], dict[str, dict]], parity: Callable[[Path], ParityReport | None],
+                   *, kv_cache: bool) -> ExportResult:
+    """Build the model in a temporary directory beside ``out``, write it, run ``onnx.checker`` (full check),
+    ``verify(model)`` (the annotations against the weights: returns the annotated layers) and ``parity(written_path)``
+    (ONNX Runtime against the reference; with no parity report, ONNX Runtime must still load the graph), then rename
+    it (and its external data, if any) to ``out``; nothing is left at ``out`` on failure. The built model is
+    released before ``parity`` runs, so the graph is not held twice (in memory and in ONNX Runtime)."""
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
@@ -243,7 +245,11 @@ def checked_export(out: Path, build: Callable[[], onnx.ModelProto],
             first = str(exc).strip().splitlines()[0]
             raise ExportError(f"onnx.checker rejected the exported model: {first}") from None
         try:
-            layers, report = check(model, staged)
+            layers = verify(model)
+            n_nodes, n_initializers = len(model.graph.node), len(model.graph.initializer)
+            op_counts = dict(Counter(n.op_type for n in model.graph.node))
+            del model
+            report = parity(staged)
             if report is None:  # parity skipped: a graph onnx.checker accepts may still use a kernel ORT lacks
                 make_session(staged)
         except ExportError as exc:  # name the output the user gave, not the staging file
@@ -259,9 +265,9 @@ def checked_export(out: Path, build: Callable[[], onnx.ModelProto],
     return ExportResult(
         path=out,
         file_bytes=out.stat().st_size,
-        n_nodes=len(model.graph.node),
-        n_initializers=len(model.graph.initializer),
-        op_counts=dict(Counter(n.op_type for n in model.graph.node)),
+        n_nodes=n_nodes,
+        n_initializers=n_initializers,
+        op_counts=op_counts,
         kv_cache=kv_cache,
         layers=layers,
         parity=report,
