@@ -182,7 +182,8 @@ def test_dtype_and_a_record_without_2_4_layers(tmp_path, capsys):
 
 def test_inspect_a_compressed_directory(tmp_path, capsys):
     """`sparsert inspect` on a directory `compress` wrote: every recorded layer 2:4 with half its weights zero and
-    the served bits per weight (3 + 16/g with INT4); a plain transformers directory is refused by name."""
+    the served bits per weight (3 + 16/g with INT4). A plain transformers directory lists every block linear, 2:4
+    ones (weights from elsewhere) served at 9 bits."""
     from sparsert.train.hf_inspect import hf_dir_stats
 
     src = _model_dir(tmp_path, "gpt2")
@@ -203,8 +204,23 @@ def test_inspect_a_compressed_directory(tmp_path, capsys):
     assert f"they hold {stats.recorded_share:.1%} of the directory's {stats.total_weights:,} weights" in stdout
     code, stdout, _ = run_main(capsys, "inspect", str(out), "--json")
     assert code == 0 and json.loads(stdout)["served_bits_per_weight"] == 3.25
-    code, _, err = run_main(capsys, "inspect", str(src))
-    assert code == 2 and "without sparsert.json: it records no 2:4 layers to inspect; prune it with" in err
+    code, stdout, _ = run_main(capsys, "inspect", str(src))  # a plain directory: every block linear, none 2:4
+    assert code == 0 and stdout.startswith(f"{src}: a Hugging Face directory sparsert did not write (no "
+                                           "sparsert.json); 0 of its 8 block linears are 2:4 along K")
+    assert "block linears served at 16.000 bits/weight" in stdout and "sparsert compress" not in stdout
+
+    plain = tmp_path / "plain-24"  # 2:4 weights from elsewhere: the compressed weights without sparsert.json
+    plain.mkdir()
+    for f in out.iterdir():
+        if f.name != "sparsert.json":
+            (plain / f.name).write_bytes(f.read_bytes())
+    found = hf_dir_stats(plain)
+    assert not found.recorded and [layer.name for layer in found.layers] == [layer.name for layer in stats.layers]
+    assert all(layer.is_2_4 and layer.recorded == "-" and layer.served_bits == 9.0 for layer in found.layers)
+    assert (next(layer for layer in found.layers if layer.name.endswith("mlp.c_fc")).out_features,) == (512,)
+    code, stdout, _ = run_main(capsys, "inspect", str(plain))
+    assert code == 0 and "8 of its 8 block linears are 2:4 along K" in stdout
+    assert f"sparsert compress {plain} -o OUT records the 2:4 ones" in stdout
 
 
 def _moe_dir(root: Path, **kwargs: int) -> Path:

@@ -1,5 +1,6 @@
 """``sparsert inspect HF_DIR``: what a Hugging Face directory written by sparsert (``train --model``'s ``hf/``,
-``compress HF_DIR -o OUT``) holds, and what its 2:4 layers take when sparsert serves them.
+``compress HF_DIR -o OUT``) holds, and what its 2:4 layers take when sparsert serves them; for a directory sparsert
+did not write (a 2:4 checkpoint from elsewhere, or a dense one), which of its block linears are 2:4 along K.
 
 The layers come from the directory's ``sparsert.json`` (:func:`sparsert.train.hf_model.saved_sparse_layers`);
 their weights are read from its safetensors files (``model.safetensors`` or a sharded index), one tensor at a
@@ -26,12 +27,13 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from sparsert.runtime.errors import ArtifactError, ConfigError
+from sparsert.runtime.errors import ArtifactError
 from sparsert.runtime.linear_swap import weight_nk
 from sparsert.runtime.moe_experts import unfuse_experts
 from sparsert.runtime.nm_mask import is_nm_sparse
 from sparsert.train.hf_model import (
     SPARSERT_FILE,
+    hf_directory_block_linears,
     load_hf_causal_lm,
     load_hf_config,
     saved_sparse_layers,
@@ -57,6 +59,8 @@ class HFDirStats:
     path: str
     layers: list[HFLayerStats] = field(default_factory=list)
     total_weights: int = 0
+    # False for a directory sparsert did not write (no sparsert.json): its layers are every block linear
+    recorded: bool = True
 
     @property
     def recorded_share(self) -> float:
@@ -136,16 +140,20 @@ def _weights_from_model(path: Path, names: list[str]) -> dict[str, torch.Tensor]
 
 
 def hf_dir_stats(path: str | Path) -> HFDirStats:
-    """The statistics of a Hugging Face directory sparsert wrote; ConfigError when it has no ``sparsert.json``
-    (a plain transformers directory: compress it first), ArtifactError for unreadable weights."""
+    """The statistics of a Hugging Face directory: of the layers its ``sparsert.json`` records, or for a directory
+    sparsert did not write (a plain transformers checkpoint, possibly 2:4 from elsewhere) of every block linear,
+    each served as 2:4 when its weight is 2:4 along K (as :func:`~sparsert.runtime.linear_swap.swap_sparse_linears`
+    does) and else dense. ConfigError for a directory that is not a causal LM, ArtifactError for unreadable
+    weights."""
     p = Path(path)
     layers = saved_sparse_layers(p)
+    recorded = layers is not None
     if layers is None:
-        raise ConfigError(f"{p} is a Hugging Face model directory without {SPARSERT_FILE}: it records no 2:4 layers "
-                          f"to inspect; prune it with: sparsert compress {p} -o OUT")
+        layers = {name: {"n": 2, "m": 4, "dense": True, "qat_group_size": None, "transposed": conv1d}
+                  for name, conv1d in hf_directory_block_linears(p).items()}
     files = _weight_files(p)
     shapes = _tensor_shapes(files)
-    stats = HFDirStats(str(p), total_weights=sum(math.prod(shape) for shape in shapes.values()))
+    stats = HFDirStats(str(p), total_weights=sum(math.prod(shape) for shape in shapes.values()), recorded=recorded)
     loaded = None
     if any(f"{name}.weight" not in files for name in layers):  # experts in transformers' own layout
         loaded = _weights_from_model(p, list(layers))
@@ -161,7 +169,9 @@ def hf_dir_stats(path: str | Path) -> HFDirStats:
         two_four = is_nm_sparse(w, 2, 4)
         pattern = "dense" if info["dense"] else f"{info['n']}:{info['m']}"
         group = info["qat_group_size"]
-        if served_as_2_4(info):
+        if not stats.recorded:
+            recorded, bits = "-", served_bits(None) if two_four else 16.0
+        elif served_as_2_4(info):
             recorded, bits = pattern if group is None else f"{pattern}+int4 g{group}", served_bits(group)
         else:
             recorded, bits = pattern, 16.0
@@ -171,18 +181,29 @@ def hf_dir_stats(path: str | Path) -> HFDirStats:
 
 
 def format_hf_stats(stats: HFDirStats) -> str:
-    lines = [f"{stats.path}: a Hugging Face directory written by sparsert ({len(stats.layers)} recorded layers)", "",
+    if stats.recorded:
+        head = f"{stats.path}: a Hugging Face directory written by sparsert ({len(stats.layers)} recorded layers)"
+    else:
+        found = sum(layer.is_2_4 for layer in stats.layers)
+        head = (f"{stats.path}: a Hugging Face directory sparsert did not write (no {SPARSERT_FILE}); {found} of its "
+                f"{len(stats.layers)} block linears are 2:4 along K")
+    lines = [head, "",
              f"{'layer':<48} {'shape':>14} {'recorded':>14} {'zeros':>7} {'2:4':>4} {'bits/w served':>14}"]
     for layer in stats.layers:
         shape = f"{layer.out_features}x{layer.in_features}"
         lines.append(f"{layer.name:<48} {shape:>14} {layer.recorded:>14} {layer.zeros:>7.1%} "
                      f"{'yes' if layer.is_2_4 else 'no':>4} {layer.served_bits:>14.3f}")
     broken = [layer.name for layer in stats.layers if layer.served_bits < 16 and not layer.is_2_4]  # served as 2:4
-    lines += ["", f"recorded layers served at {stats.served_bits_per_weight:.3f} bits/weight "
+    what = "recorded layers" if stats.recorded else "block linears"
+    lines += ["", f"{what} served at {stats.served_bits_per_weight:.3f} bits/weight "
                   f"({16 / max(stats.served_bits_per_weight, 1e-9):.2f}x smaller than 16-bit dense)"]
     if stats.total_weights:
+        unrecorded = ", layers not recorded" if stats.recorded else ""
         lines.append(f"they hold {stats.recorded_share:.1%} of the directory's {stats.total_weights:,} weights; the "
-                     "rest (embeddings, norms, the head, MoE routers, layers not recorded) stays as stored")
+                     f"rest (embeddings, norms, the head, MoE routers{unrecorded}) stays as stored")
+    if not stats.recorded and any(layer.is_2_4 for layer in stats.layers):
+        lines.append(f"sparsert compress {stats.path} -o OUT records the 2:4 ones in {SPARSERT_FILE} (magnitude "
+                     "pruning keeps a 2:4 weight's zeros; --keep-dense keeps the others dense) for export and serving")
     if broken:
         lines.append(f"warning: {len(broken)} layer(s) recorded as 2:4 are not 2:4 along K, e.g. {broken[0]}")
     return "\n".join(lines)

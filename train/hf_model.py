@@ -152,6 +152,12 @@ def hf_directory_linear_names(path: str | Path) -> list[str]:
     """:func:`hf_sparse_linear_names` of the model in directory ``path``, MoE experts unfused, without reading its
     weights: the model is built from its config on the meta device. ConfigError as :func:`load_hf_config`, and
     for a config transformers cannot build a model from."""
+    return list(hf_directory_block_linears(path))
+
+
+def hf_directory_block_linears(path: str | Path) -> dict[str, bool]:
+    """:func:`hf_directory_linear_names`, each with whether the layer is a transformers ``Conv1D`` (GPT-2; its
+    weight stored ``[K, out]``)."""
     config = load_hf_config(path)
     transformers = import_transformers("loading a Hugging Face model")
     try:
@@ -160,7 +166,7 @@ def hf_directory_linear_names(path: str | Path) -> list[str]:
     except (OSError, ValueError, RuntimeError, KeyError, TypeError, AttributeError) as exc:
         raise ConfigError(f"{path}: cannot build the model from its config.json ({_first_line(exc)})") from None
     unfuse_experts(model)
-    return hf_sparse_linear_names(model)
+    return {name: _is_conv1d(model.get_submodule(name)) for name in hf_sparse_linear_names(model)}
 
 
 def has_tokenizer_files(path: str | Path) -> bool:

@@ -13,7 +13,8 @@ import click
 @click.option("--json", "as_json", is_flag=True, help="Print the statistics as JSON (for scripts).")
 def command(artifact: str, as_json: bool) -> None:
     """Validate ARTIFACT and report per-layer sparsity and bits/weight, size on disk and compression ratios; for a
-    Hugging Face directory sparsert wrote, its recorded 2:4 layers and the bits/weight they take when served; for an
+    Hugging Face directory sparsert wrote, its recorded 2:4 layers and the bits/weight they take when served (for
+    another causal-LM directory, which of its block linears are already 2:4); for an
     .onnx file (any exporter's), which MatMul/Gemm weights are 2:4 along K, as TensorRT's sparse tactics need."""
     from sparsert.runtime.artifact import is_hf_model_dir, read_config
     from sparsert.runtime.artifact_stats import artifact_stats, format_stats, stats_json
