@@ -365,7 +365,8 @@ class TrainConfig:
         return self.warmup_steps if self.warmup_steps is not None else max(1, self.steps // 20)
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """The fields as JSON values (``keep_dense`` as a list), as the run's config.json and checkpoints hold them."""
+        return {**asdict(self), "keep_dense": list(self.keep_dense)}
 
     @classmethod
     def from_dict(cls, d: dict) -> TrainConfig:
