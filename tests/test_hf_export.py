@@ -16,7 +16,7 @@ pytest.importorskip("tokenizers")
 pytest.importorskip("onnxscript")
 
 import onnx  # noqa: E402
-from conftest import tiny_qwen2_moe  # noqa: E402
+from conftest import _save_bpe_tokenizer, tiny_qwen2_moe  # noqa: E402
 from onnx import numpy_helper  # noqa: E402
 from test_generate_cli import make_artifact, run_main  # noqa: E402
 from test_hf_compress import _model_dir  # noqa: E402
@@ -233,10 +233,11 @@ def test_layers_with_equal_weights_keep_their_own_names(tmp_path):
 
 
 @pytest.mark.parametrize("arch", ["mistral", "gemma2"])
-def test_sliding_window_layers_export_with_a_kv_cache(tmp_path, arch):
+def test_sliding_window_layers_export_with_a_kv_cache(tmp_path, capsys, arch):
     """Mistral (every layer a sliding window of 8) and Gemma2 (alternating sliding and full layers): the KV graph
     keeps every past token and the masks limit each query to its window, so it matches transformers (whose own
-    cache drops the old tokens) on prompts and cached steps well past the window; the window changes the logits."""
+    cache drops the old tokens) on prompts and cached steps well past the window; the window changes the logits.
+    Mistral's greedy tokens through `generate --backend onnx` (cached steps, no rerun note) are transformers'."""
     common = dict(vocab_size=320, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                   num_key_value_heads=2, max_position_embeddings=64, sliding_window=8)
     config = (transformers.MistralConfig(**common) if arch == "mistral"
@@ -249,6 +250,15 @@ def test_sliding_window_layers_export_with_a_kv_cache(tmp_path, arch):
         windowed = transformers.AutoModelForCausalLM.from_pretrained(str(out)).eval()(input_ids=ids).logits
         full = transformers.AutoModelForCausalLM.from_pretrained(str(out), sliding_window=64).eval()
         assert (windowed - full(input_ids=ids).logits).abs().max() > 1e-2  # the parity above saw the window
+    if arch == "mistral":
+        _save_bpe_tokenizer(transformers, out)
+        args = ["generate", str(out), "--prompt", "The quick brown fox jumps over the lazy dog", "--max-new-tokens",
+                "12", "--json"]
+        code, stdout, err = run_main(capsys, *args, "--backend", "torch")
+        assert code == 0, err
+        want = json.loads(stdout)["ids"]
+        code, stdout, err = run_main(capsys, *args, "--backend", "onnx")
+        assert code == 0 and json.loads(stdout)["ids"] == want and "reruns" not in err, err
 
 
 def test_a_hybrid_state_space_cache_is_refused_for_the_kv_graph(tmp_path):
