@@ -137,6 +137,25 @@ def test_dense_only_run_has_no_flip_plot_and_says_why(tmp_path: Path) -> None:
     assert method_label(load_run(run)) == "dense"
 
 
+def test_router_aux_loss_plot_only_for_runs_that_logged_it(tmp_path: Path) -> None:
+    """A MoE run's router_aux_loss gets router_aux_loss.png (linked from the summary); without it, no plot and no
+    note about it."""
+    import matplotlib.image
+
+    moe = _write_run(tmp_path, "moe", sparse=True, final_val=2.0)
+    records = [json.loads(line) for line in (moe / "metrics.jsonl").read_text().splitlines()]
+    for rec in records:
+        if "loss" in rec:
+            rec["router_aux_loss"] = 2.0 + math.exp(-rec["step"] / 20)  # top-2 routing: 2 at perfect balance
+    (moe / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    report = build_report([moe], tmp_path / "o")
+    path = tmp_path / "o" / "router_aux_loss.png"
+    assert path in report.files and "router_aux_loss.png" in report.markdown
+    assert matplotlib.image.imread(path).std() > 0.01
+    plain = build_report([_write_run(tmp_path, "plain", sparse=True, final_val=2.0)], tmp_path / "p")
+    assert not (tmp_path / "p" / "router_aux_loss.png").exists() and "router" not in plain.markdown
+
+
 def test_resumed_run_replaces_relogged_steps_and_skips_cut_last_line(tmp_path: Path) -> None:
     run = tmp_path / "r"
     run.mkdir()

@@ -14,6 +14,8 @@ config, from which the report labels the method.
   Pre-training with 2:4 Sparsity" (ICML 2024), on a log scale — the paper's health signal for 2:4 training:
   it should fall by orders of magnitude as the masks settle;
 - ``sparsity.png``: the share of pruned block-linear weights over the steps (the pruning schedule);
+- ``router_aux_loss.png`` (only when a run logged it: a mixture-of-experts model trained with its router
+  load-balancing loss): that loss over the steps;
 - ``summary.md`` and ``summary.html``: one row per run — method, steps, tokens, final train and validation
   loss, perplexity, the relative gap to the dense run, and the flip rate's peak, final value and their ratio.
 
@@ -614,6 +616,29 @@ def plot_sparsity(runs: list[RunMetrics], dense: RunMetrics | None = None) -> by
     return _png_bytes(fig)
 
 
+def plot_router_aux_loss(runs: list[RunMetrics], dense: RunMetrics | None = None) -> bytes | None:
+    """PNG bytes of the router load-balancing loss (``router_aux_loss``, unweighted; a mixture-of-experts run
+    trained with it) vs step, raw (faint) and smoothed, or None when no run logged it. Perfect balance gives its
+    minimum, the number of experts each token is routed to."""
+    styles = _style(runs, dense)
+    series = [(run, *run.series("router_aux_loss")) for run in runs]
+    if not any(values for _, _, values in series):
+        return None
+    fig = _figure_class()(figsize=(8, 4))
+    ax = fig.add_subplot()
+    for run, steps, values in series:
+        if values:
+            color = styles[id(run)]["color"]
+            ax.plot(steps, values, color=color, alpha=0.25, linewidth=0.8)
+            ax.plot(steps, _smooth(values), color=color, linewidth=1.5, label=styles[id(run)]["label"])
+    ax.set_xlabel("step")
+    ax.set_ylabel("router load-balancing loss (unweighted)")
+    ax.set_title("MoE router load balance (Switch Transformer loss)")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
+    return _png_bytes(fig)
+
+
 # --------------------------------------------------------------------------------------------------- writing
 
 @dataclass
@@ -720,6 +745,11 @@ def build_report(run_dirs: list[str | Path], out_dir: str | Path | None = None, 
             write_atomic(out / fname, data)
             files.append(out / fname)
             plot_names.append(fname)
+        router = plot_router_aux_loss(runs, dense_run)  # MoE runs only: no note when absent
+        if router is not None:
+            write_atomic(out / "router_aux_loss.png", router)
+            files.append(out / "router_aux_loss.png")
+            plot_names.append("router_aux_loss.png")
     md = render_markdown(summaries, plot_names, notes)
     write_atomic(out / "summary.md", md.encode("utf-8"))
     write_atomic(out / "summary.html", render_html(summaries, plot_names, notes).encode("utf-8"))
