@@ -21,8 +21,9 @@ import click
                    "(needs the tensorboard package).")
 def command(run_dirs: tuple[str, ...], out_dir: str | None, dense: str | None, no_plots: bool,
             tb_dir: str | None) -> None:
-    """Render loss (dense vs sparse), flip-rate and sparsity plots (PNG) and a summary table (summary.md,
-    summary.html) of the training runs RUN_DIR... from their metrics.jsonl and checkpoint state.json."""
+    """Render loss (dense vs sparse), flip-rate and sparsity plots (PNG; also the router load-balancing loss of MoE
+    runs that logged it) and a summary table (summary.md, summary.html) of the training runs RUN_DIR... from their
+    metrics.jsonl and checkpoint state.json."""
     from sparsert.runtime.errors import require_path
     from sparsert.train.report import build_report, export_tensorboard, markdown_table, require_tensorboard
 
