@@ -352,6 +352,8 @@ def test_router_aux_loss_follows_the_model_config_and_is_logged(hf: dict[str, Pa
         TrainConfig(router_aux_loss=0.1)
     with pytest.raises(ConfigError, match=r"--router-aux-loss: expected a number >= 0, got -1"):
         small(hf, "llama", tmp_path / "bad", router_aux_loss=-1.0)
+    with pytest.raises(ConfigError, match=r"--router-aux-loss: expected a number >= 0, got -1"):
+        TrainConfig(init_from=str(tmp_path / "run"), router_aux_loss=-1.0)  # checked before the init run is read
 
 
 def test_keep_dense_matches_transformers_layer_names(hf: dict[str, Path], tmp_path: Path) -> None:

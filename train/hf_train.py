@@ -151,19 +151,19 @@ def check_hf_fields(cfg: Any) -> None:
     """ConfigError when a TrainConfig's ``hf_model`` (``--model``) is combined with options that choose the model
     another way (``arch``, ``init_from``), or its ``router_aux_loss`` is given without one or is not a number
     ``>= 0``."""
+    coef = getattr(cfg, "router_aux_loss", None)
+    if coef is not None and (isinstance(coef, bool) or not isinstance(coef, (int, float)) or not math.isfinite(coef)
+                             or coef < 0):
+        raise ConfigError(f"--router-aux-loss: expected a number >= 0, got {coef!r}")
     if cfg.hf_model is None:
         # with --init-from the model is the init run's, a Hugging Face model or not: build_model decides then
-        if getattr(cfg, "router_aux_loss", None) is not None and getattr(cfg, "init_from", None) is None:
+        if coef is not None and getattr(cfg, "init_from", None) is None:
             raise ConfigError(NO_ROUTER_MESSAGE)
         return
     for name, flag in (("arch", "--arch"), ("init_from", "--init-from")):
         if getattr(cfg, name, None) is not None:
             raise ConfigError(f"--model {cfg.hf_model}: {flag} chooses the model too; the architecture and weights "
                               "come from the Hugging Face directory")
-    coef = getattr(cfg, "router_aux_loss", None)
-    if coef is not None and (isinstance(coef, bool) or not isinstance(coef, (int, float)) or not math.isfinite(coef)
-                             or coef < 0):
-        raise ConfigError(f"--router-aux-loss: expected a number >= 0, got {coef!r}")
 
 
 def run_prefix(cfg: Any) -> str:
