@@ -22,7 +22,7 @@ from sparsert.runtime.nm_mask import is_nm_sparse  # noqa: E402
 from sparsert.runtime.packed_linear import pack_linear  # noqa: E402
 from sparsert.train.hf_compress import compress_hf_model  # noqa: E402
 from sparsert.train.hf_model import (  # noqa: E402
-    hf_directory_linear_names,
+    hf_directory_block_linears,
     hf_sparse_linear_names,
     saved_sparse_layers,
 )
@@ -361,7 +361,7 @@ def test_sparse_layers_and_keep_dense_choose_the_pruned_layers(tmp_path, capsys)
     gpt2.mkdir()
     transformers.GPT2Config(n_embd=128, n_head=5, n_layer=1).save_pretrained(str(gpt2))
     with pytest.raises(ConfigError, match=r"gpt2-bad: cannot build the model from its config.json \(.*divisible"):
-        hf_directory_linear_names(gpt2)
+        hf_directory_block_linears(gpt2)
     code, _, err = run_main(capsys, "compress", str(out), "-o", str(tmp_path / "again"), "--keep-dense", "*q_proj")
     assert code == 2 and err.strip().splitlines() == [
         f"error: --keep-dense chooses the layers one-shot pruning makes 2:4; {out} already records trained 2:4 "

@@ -56,7 +56,7 @@ from sparsert.train.checkpoint import MODEL_FILE, Checkpoint, load_checkpoint
 from sparsert.train.notes import CompressionNote
 from sparsert.train.oneshot_prune import ONESHOT_METHODS, prune_model_oneshot
 from sparsert.train.slorb import slorb_from_state
-from sparsert.train.sparsify import pruned_layer_selection
+from sparsert.train.sparsify import pruned_layer_selection, refuse_layer_selection
 
 DEFAULT_GROUP_SIZE = 128
 DEFAULT_CALIB_BATCHES = 8
@@ -283,12 +283,9 @@ def compress_checkpoint(
             "(a sparse checkpoint's trained masks are kept as they are; re-pruning would discard them)"
         )
     method = None if masks else prune or "magnitude"
-    selecting = [flag for flag, given in (("--sparse-layers", sparse_layers != "all"), ("--keep-dense", keep_dense))
-                 if given]
-    if method is None and selecting:
-        raise ConfigError(f"{selecting[0]} chooses the layers one-shot pruning makes 2:4; {where} carries trained 2:4 "
-                          "masks, which are kept as trained")
-    if method is not None:
+    if method is None:
+        refuse_layer_selection(sparse_layers, keep_dense, f"{where} carries trained 2:4 layers")
+    else:
         names = pruned_layer_selection(names, sparse_layers, keep_dense)
 
     qat = ckpt.state.get("quantization")

@@ -39,7 +39,7 @@ from sparsert.train.hf_model import (
     SPARSERT_FILE,
     conv1d_to_linear,
     has_tokenizer_files,
-    hf_directory_linear_names,
+    hf_directory_block_linears,
     hf_sparse_linear_names,
     load_hf_causal_lm,
     save_hf_checkpoint,
@@ -50,7 +50,7 @@ from sparsert.train.hf_model import (
 from sparsert.train.hf_train import hf_model_config
 from sparsert.train.oneshot_prune import ONESHOT_METHODS, prune_model_oneshot
 from sparsert.train.sparse_linear import SparsityConfig
-from sparsert.train.sparsify import pruned_layer_selection, sparse_modules
+from sparsert.train.sparsify import pruned_layer_selection, refuse_layer_selection, sparse_modules
 
 HF_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -116,13 +116,11 @@ def compress_hf_model(path: str | Path, output: str | Path, *, prune: str | None
     if trained is not None and prune is not None:
         raise ConfigError(f"--prune {prune}: {path} already records 2:4 layers ({SPARSERT_FILE}); they keep their "
                           "trained masks (leave --prune out)")
-    selecting = [flag for flag, given in (("--sparse-layers", sparse_layers != "all"), ("--keep-dense", keep_dense))
-                 if given]
-    if trained is not None and selecting:
-        raise ConfigError(f"{selecting[0]} chooses the layers one-shot pruning makes 2:4; {path} already records "
-                          f"trained 2:4 layers ({SPARSERT_FILE}), which keep their masks")
-    if selecting:  # a pattern that matches nothing is named before the weights are read
-        pruned_layer_selection(hf_directory_linear_names(path), sparse_layers, keep_dense)
+    if trained is not None:
+        refuse_layer_selection(sparse_layers, keep_dense,
+                               f"{path} already records trained 2:4 layers ({SPARSERT_FILE})")
+    elif sparse_layers != "all" or keep_dense:  # a pattern that matches nothing is named before the weights are read
+        pruned_layer_selection(list(hf_directory_block_linears(path)), sparse_layers, keep_dense)
     method = prune or ("magnitude" if trained is None else None)
     needs_calibration = method is not None and ONESHOT_METHODS[method].needs is not None
     given = calibration_flags_given(calib_data, calib_batches, calib_seq_len, calib_batch_size, seed)

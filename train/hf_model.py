@@ -148,16 +148,11 @@ def load_hf_config(path: str | Path) -> Any:
     return config
 
 
-def hf_directory_linear_names(path: str | Path) -> list[str]:
-    """:func:`hf_sparse_linear_names` of the model in directory ``path``, MoE experts unfused, without reading its
-    weights: the model is built from its config on the meta device. ConfigError as :func:`load_hf_config`, and
-    for a config transformers cannot build a model from."""
-    return list(hf_directory_block_linears(path))
-
-
 def hf_directory_block_linears(path: str | Path) -> dict[str, bool]:
-    """:func:`hf_directory_linear_names`, each with whether the layer is a transformers ``Conv1D`` (GPT-2; its
-    weight stored ``[K, out]``)."""
+    """:func:`hf_sparse_linear_names` of the model in directory ``path`` (MoE experts unfused), each with whether
+    the layer is a transformers ``Conv1D`` (GPT-2; its weight stored ``[K, out]``), without reading its weights:
+    the model is built from its config on the meta device. ConfigError as :func:`load_hf_config`, and for a
+    config transformers cannot build a model from."""
     config = load_hf_config(path)
     transformers = import_transformers("loading a Hugging Face model")
     try:

@@ -101,6 +101,15 @@ def pruned_layer_selection(names: list[str], sparse_layers: str = "all", keep_de
     return left
 
 
+def refuse_layer_selection(sparse_layers: str, keep_dense: Sequence[str], trained: str) -> None:
+    """ConfigError naming ``--sparse-layers`` / ``--keep-dense`` when either is given (not ``"all"`` / empty) for a
+    model whose 2:4 layers are already trained (``trained`` says where they are recorded): those keep their masks."""
+    given = [flag for flag, on in (("--sparse-layers", sparse_layers != "all"), ("--keep-dense", keep_dense)) if on]
+    if given:
+        raise ConfigError(f"{given[0]} chooses the layers one-shot pruning makes 2:4; {trained}, which keep their "
+                          "masks")
+
+
 def sparse_modules(model: nn.Module) -> dict[str, SparseLinear]:
     """Every SparseLinear of ``model`` by module name, in module order."""
     return {name: m for name, m in model.named_modules() if isinstance(m, SparseLinear)}

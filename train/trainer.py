@@ -374,8 +374,8 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tens
     :class:`MaskController` is given, else (``sparse``) the layers' own refresh due at ``step``. Stops before
     touching the weights when the loss or the gradient norm is not finite (the caller decides what to do).
     ``autocast``: run the model's (and the teacher's) forward under ``torch.autocast`` in that dtype
-    (``--sparse-gemm ours|cusparselt``: the sparse GEMMs are bf16); the
-    loss is then computed in float32 from the logits.
+    (``--sparse-gemm ours|cusparselt``: the sparse GEMMs are bf16); the loss is then computed in float32 from the
+    logits.
     """
     for group in optimizer.param_groups:
         group["lr"] = lr
