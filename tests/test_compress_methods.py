@@ -267,6 +267,22 @@ def test_compress_with_awq_is_closer_to_the_float_model_than_plain_int4(tmp_path
     assert err_awq < 0.8 * err_plain, (err_awq, err_plain)
 
 
+def test_awq_searches_only_the_groups_the_artifact_quantizes(tmp_path: Path) -> None:
+    """--awq with --keep-dense: layers kept dense are not quantized, so no scale is searched for a group of dense
+    layers only, and the artifact still computes the float model's function where nothing is quantized."""
+    run = save(tmp_path / "run", outlier_model("llama", seed=5))
+    calib = [ids(s, 4) for s in range(3)]
+    art = load_artifact(compress_checkpoint(run, tmp_path / "awq", prune="magnitude", awq=True, int4_group_size=32,
+                                            dense_dtype="float32", calibration=calib,
+                                            keep_dense=["blocks.0.*", "*.q_proj"]))
+    searched = set(art.producer["int4_scales"]["alpha"])
+    assert searched == {"blocks.1.attn.qkv", "blocks.1.attn.o_proj", "blocks.1.mlp.gate_up", "blocks.1.mlp.down_proj"}
+    assert not [n for n in art.packed if n.startswith("blocks.0.") or n.endswith("q_proj")]
+    model = outlier_model("llama", seed=5)
+    found = awq_scale_model(model, calib, 32, quantized={"blocks.0.attn.o_proj"})
+    assert set(found) == {"blocks.0.attn.o_proj"}
+
+
 def test_awq_refused_on_qat_checkpoints_unless_forced(tmp_path: Path) -> None:
     model = outlier_model("gpt2")
     sparsify_model(model, SparsityConfig(qat_group_size=32))

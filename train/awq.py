@@ -42,7 +42,7 @@ refuses ``--awq`` on a QAT checkpoint unless ``--force-awq`` is given (see :mod:
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -186,7 +186,7 @@ def fold_block_scales(block: nn.Module, scales: BlockScales) -> None:
 
 @torch.no_grad()
 def awq_scale_model(model: nn.Module, calib_batches: Iterable[torch.Tensor], group_size: int, *,
-                    grid: int = DEFAULT_GRID) -> dict[str, ScaleSearch]:
+                    grid: int = DEFAULT_GRID, quantized: Collection[str] | None = None) -> dict[str, ScaleSearch]:
     """Search AWQ scales block by block and fold them into ``model`` (in place); the float model computes the
     same function afterwards (up to float rounding), its INT4 quantization a better one.
 
@@ -196,9 +196,12 @@ def awq_scale_model(model: nn.Module, calib_batches: Iterable[torch.Tensor], gro
         calib_batches: calibration ``input_ids`` int64 [B, T] (or ``(x, y)`` pairs).
         group_size: the INT4 group size along K the artifact will use (must divide every K).
         grid: steps of α over [0, 1].
+        quantized: the linears the artifact quantizes (module names, ``blocks.{i}.attn.q_proj`` ...; default:
+            all). A group's error sums over its quantized linears only (a layer kept dense computes the same
+            function at any scale), and a group with none is not searched.
     Returns:
         ``{"blocks.{i}.attn.qkv" | "blocks.{i}.attn.o_proj" | "blocks.{i}.mlp.gate_up" | "blocks.{i}.mlp.down_proj":
-        ScaleSearch}`` (no ``down_proj`` entry for GPT-2 style blocks).
+        ScaleSearch}`` for the searched groups (no ``down_proj`` entry for GPT-2 style blocks).
     """
     batches = [calibration_input_ids(b) for b in calib_batches]
     if not batches:
@@ -208,21 +211,28 @@ def awq_scale_model(model: nn.Module, calib_batches: Iterable[torch.Tensor], gro
     results: dict[str, ScaleSearch] = {}
     try:
         for i, block in enumerate(model.blocks):
-            attn, mlp = block.attn, block.mlp
-            gated = hasattr(mlp, "gate_proj")
+            gated = hasattr(block.mlp, "gate_proj")
             # label -> (BlockScales field, the linears sharing one input, the one whose input is tapped)
             groups = {
-                "attn.qkv": ("qkv", [attn.q_proj, attn.k_proj, attn.v_proj], "attn.q_proj"),
-                "attn.o_proj": ("o", [attn.o_proj], "attn.o_proj"),
-                "mlp.gate_up": ("gate_up", [mlp.gate_proj, mlp.up_proj] if gated else [mlp.up_proj], "mlp.up_proj"),
+                "attn.qkv": ("qkv", ["attn.q_proj", "attn.k_proj", "attn.v_proj"], "attn.q_proj"),
+                "attn.o_proj": ("o", ["attn.o_proj"], "attn.o_proj"),
+                "mlp.gate_up": ("gate_up", ["mlp.gate_proj", "mlp.up_proj"] if gated else ["mlp.up_proj"],
+                                "mlp.up_proj"),
             }
             if gated:
-                groups["mlp.down_proj"] = ("down", [mlp.down_proj], "mlp.down_proj")
+                groups["mlp.down_proj"] = ("down", ["mlp.down_proj"], "mlp.down_proj")
+            if quantized is not None:
+                groups = {label: (key, [n for n in linears if f"blocks.{i}.{n}" in quantized], tap)
+                          for label, (key, linears, tap) in groups.items()}
+                groups = {label: group for label, group in groups.items() if group[1]}
+                if not groups:
+                    continue
             taps = {f"blocks.{i}.{tap}": block.get_submodule(tap) for _, _, tap in groups.values()}
             stats = collect_input_stats(model, taps, batches, with_gram=True, what="AWQ")
             found = {}
             for label, (key, linears, tap) in groups.items():
-                res = search_scales([lin.weight for lin in linears], stats[f"blocks.{i}.{tap}"], group_size, grid)
+                weights = [block.get_submodule(n).weight for n in linears]
+                res = search_scales(weights, stats[f"blocks.{i}.{tap}"], group_size, grid)
                 results[f"blocks.{i}.{label}"] = res
                 found[key] = res.scales if res.alpha > 0 else None
             fold_block_scales(block, BlockScales(**found))

@@ -366,7 +366,7 @@ def compress_checkpoint(
     if awq:
         from sparsert.train.awq import DEFAULT_GRID, awq_scale_model  # noqa: PLC0415
 
-        searches = awq_scale_model(model, calibration, group)
+        searches = awq_scale_model(model, calibration, group, quantized=set(layers))
         producer["int4_scales"] = {"method": "awq", "grid": DEFAULT_GRID,
                                    "alpha": {k: r.alpha for k, r in searches.items()}}
     if calib_info is not None:
