@@ -22,6 +22,7 @@ from safetensors.torch import load_file  # noqa: E402
 from sparsert.runtime.errors import ArtifactError, ConfigError  # noqa: E402
 from sparsert.runtime.hf_tokenizer import HFTokenizer  # noqa: E402
 from sparsert.runtime.nm_mask import is_nm_sparse  # noqa: E402
+from sparsert.train.ast_distill import Teacher, distillation_loss  # noqa: E402
 from sparsert.train.checkpoint import load_checkpoint, write_json_atomic  # noqa: E402
 from sparsert.train.compress import compress_checkpoint  # noqa: E402
 from sparsert.train.distributed import decoder_blocks  # noqa: E402
@@ -31,7 +32,7 @@ from sparsert.train.run_dir import load_train_config  # noqa: E402
 from sparsert.train.sparse_linear import SparsityConfig  # noqa: E402
 from sparsert.train.sparsify import sparsify_model  # noqa: E402
 from sparsert.train.train_config import TrainConfig  # noqa: E402
-from sparsert.train.trainer import load_teacher, train, train_step  # noqa: E402
+from sparsert.train.trainer import Distill, load_teacher, train, train_step  # noqa: E402
 
 TEXT = ("The quick brown fox jumps over the lazy dog. Sparse models keep two of every four weights. "
         "Zwei von vier Gewichten bleiben übrig, the rest are zero. ")
@@ -329,6 +330,15 @@ def test_router_load_balancing_loss_is_in_the_objective(hf: dict[str, Path], tmp
     model.eval()
     model(x)
     assert model.router_aux_loss is None
+
+    # distilling: loss_total (logged and plotted) is the whole objective, the weighted router term included
+    model.train()
+    teacher = Teacher(copy.deepcopy(reference.hf).eval(), mc.vocab_size)
+    result = train_step(model, optimizer, x, y, step=2, lr=0.0, grad_clip=1e9, sparse=False,
+                        distill=Distill(teacher))
+    with torch.no_grad():
+        parts = distillation_loss(model(x), teacher(x), y, 0.33, 0.67, 2.0)
+    assert result.loss_total == pytest.approx(parts.total.item() + 0.5 * result.router_aux_loss, rel=1e-5)
 
 
 def test_router_aux_loss_follows_the_model_config_and_is_logged(hf: dict[str, Path], tmp_path: Path) -> None:

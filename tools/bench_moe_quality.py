@@ -238,7 +238,8 @@ def main() -> None:
                            "ast-aux": dict(method="ast", teacher=str(dense_hf))}.items():
             t1 = time.perf_counter()
             result = train(TrainConfig(**after, **extra, out_dir=str(out / key)))
-            hf_dir = result.artifact
+            # a dense run's hf/ is magnitude-pruned to 2:4 for deployment: the dense row reads its checkpoint
+            hf_dir = save_dense_hf(result.run_dir, source, out / f"{key}-hf") if key == "dense-aux" else result.artifact
             rows.append({"key": key, "steps": args.steps, "hf_dir": str(hf_dir), "val_loss": val(hf_dir),
                          "seconds": time.perf_counter() - t1})
     elif reuse is None:

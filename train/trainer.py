@@ -409,6 +409,8 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tens
     loss_value, total, kl = losses if distill is not None else (losses[0], None, None)
     # H11: the global batch's means, reduced before the finiteness test so every rank takes the same decision
     loss_value, total, kl, aux = global_means(loss_value, total, kl, aux)
+    if total is not None and aux is not None:  # loss_total is the whole objective, router term included
+        total += router[0] * aux
     check = total if distill is not None else loss_value
     if aux is not None and not math.isfinite(aux):
         check = aux
