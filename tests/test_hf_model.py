@@ -139,6 +139,39 @@ def test_sparse_linear_names_flags(hf_dirs: dict[str, Path]) -> None:
     assert type(model.get_submodule("transformer.h.0.attn.c_attn")).__name__ == "Conv1D"
 
 
+@pytest.mark.parametrize("config_name, kwargs, ffn", [
+    ("OPTConfig", dict(hidden_size=32, ffn_dim=64, num_attention_heads=2, word_embed_proj_dim=32),
+     ["model.decoder.layers.0.fc1", "model.decoder.layers.0.fc2"]),  # fc1/fc2 directly in the decoder layer
+    ("XGLMConfig", dict(d_model=32, ffn_dim=64, num_layers=1, attention_heads=2), ["model.layers.0.fc1",
+                                                                                  "model.layers.0.fc2"]),
+    ("RecurrentGemmaConfig", dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                                  lru_width=32, attention_window_size=16, block_types=["recurrent"]),
+     ["model.layers.0.mlp_block.gate_proj", "model.layers.0.mlp_block.up_proj", "model.layers.0.mlp_block.down_proj"]),
+    ("GraniteMoeHybridConfig", dict(hidden_size=64, intermediate_size=64, shared_intermediate_size=128,
+                                    num_attention_heads=4, num_key_value_heads=2, num_local_experts=2,
+                                    num_experts_per_tok=1, layer_types=["mamba"], mamba_n_heads=4, mamba_d_head=32,
+                                    mamba_n_groups=1, mamba_d_state=16, mamba_expand=2),
+     ["model.layers.0.block_sparse_moe.experts.0.gate_up_proj", "model.layers.0.block_sparse_moe.experts.0.down_proj",
+      "model.layers.0.block_sparse_moe.experts.1.gate_up_proj", "model.layers.0.block_sparse_moe.experts.1.down_proj",
+      "model.layers.0.shared_mlp.input_linear", "model.layers.0.shared_mlp.output_linear"]),
+])
+def test_ffn_layers_of_other_layouts(config_name: str, kwargs: dict, ffn: list[str]) -> None:
+    """--sparse-layers ffn finds the feed-forward linears of models whose FFN is not under a module named "mlp"
+    (fc1/fc2 in the layer, ``mlp_block``, ``shared_mlp``), and leaves recurrence / state-space projections
+    (``temporal_block``, ``mamba``) and attention dense."""
+    transformers = import_transformers()
+    from sparsert.runtime.moe_experts import unfuse_experts
+    from sparsert.train.sparsify import select_sparse_layers
+
+    kwargs.setdefault("num_hidden_layers", 1)
+    if config_name == "XGLMConfig":
+        kwargs.pop("num_hidden_layers")
+    config = getattr(transformers, config_name)(vocab_size=64, max_position_embeddings=64, **kwargs)
+    model = transformers.AutoModelForCausalLM.from_config(config)
+    unfuse_experts(model)
+    assert sorted(select_sparse_layers(hf_sparse_linear_names(model), "ffn")) == sorted(ffn)
+
+
 def test_not_a_causal_lm_is_refused(hf_dirs: dict[str, Path], tmp_path: Path) -> None:
     bert = hf_dirs["bert"]
     with pytest.raises(ConfigError, match=r"bert: not a causal language model \(model_type 'bert' is an encoder; "

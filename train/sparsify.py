@@ -18,6 +18,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import fnmatch
+import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
@@ -33,6 +34,7 @@ from sparsert.train.sparse_linear import SparseLinear, SparsityConfig
 
 # Module-path components that mark a feed-forward (MLP) linear, in sparsert and Hugging Face models.
 FFN_WORDS = ("mlp", "ffn", "feed_forward", "feedforward")
+_FFN_LINEAR = re.compile(r"fc_?\d+|fc_(in|out)")  # feed-forward linears named so without an MLP module around them
 SPARSE_LAYER_CHOICES = ("all", "ffn")
 DENSE_PHASES = ("dense", "dense_finetune")
 
@@ -63,10 +65,16 @@ def sparsify_model(
 
 
 def is_ffn_name(name: str) -> bool:
-    """True for a feed-forward linear: a dotted module name with a component in :data:`FFN_WORDS`
-    (``blocks.0.mlp.up_proj``, ``model.layers.3.mlp.gate_proj``, ``transformer.h.1.mlp.c_fc``) or naming MoE
-    experts (``block_sparse_moe.experts.3.down_proj``, ``shared_expert.up_proj``)."""
-    return any(p in FFN_WORDS or "expert" in p or "moe" in p for p in (part.lower() for part in name.split(".")))
+    """True for a feed-forward linear: a dotted module name whose parent path has a component containing a word
+    of :data:`FFN_WORDS` (``blocks.0.mlp.up_proj``, ``model.layers.3.mlp.gate_proj``, ``transformer.h.1.mlp.c_fc``,
+    Granite's ``shared_mlp.input_linear``, RecurrentGemma's ``mlp_block.up_proj``), naming MoE experts
+    (``block_sparse_moe.experts.3.down_proj``, ``shared_expert.up_proj``), or a linear named ``fc1``/``fc2``/
+    ``fc_in``/``fc_out`` (OPT, XGLM, BioGPT keep them directly in the decoder layer). Attention, state-space and
+    recurrence projections (``temporal_block.linear_x``, ``mamba.in_proj``) are not."""
+    parts = [part.lower() for part in name.split(".")]
+    if any(word in part for part in parts[:-1] for word in FFN_WORDS):
+        return True
+    return any("expert" in part or "moe" in part for part in parts) or _FFN_LINEAR.fullmatch(parts[-1]) is not None
 
 
 def select_sparse_layers(names: list[str], which: str) -> list[str]:
