@@ -378,6 +378,34 @@ def test_keep_dense_matches_transformers_layer_names(hf: dict[str, Path], tmp_pa
     assert all(is_nm_sparse(tensors[f"{name}.weight"], 2, 4) != info["dense"] for name, info in layers.items())
 
 
+def test_keep_dense_exempts_a_layer_whose_k_is_not_a_multiple_of_m(hf: dict[str, Path], tmp_path: Path) -> None:
+    """A layer that cannot be 2:4 (K = 130) trains with --keep-dense as a plain linear and is saved as trained, as
+    compress --keep-dense handles it; without the flag the refusal names it by its transformers name and says
+    which --keep-dense would exempt it."""
+    import transformers
+
+    src = tmp_path / "oddk"
+    config = transformers.AutoConfig.from_pretrained(str(hf["llama"]))
+    config.intermediate_size, config.num_hidden_layers = 130, 1
+    torch.manual_seed(0)
+    transformers.AutoModelForCausalLM.from_config(config).save_pretrained(str(src))
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(hf["llama"] / name, src)
+    dirs = {**hf, "oddk": src}
+    with pytest.raises(ConfigError, match=r"^--sparsity 2:4: layer model\.layers\.0\.mlp\.down_proj has K=130 .* "
+                                          r"--keep-dense 'model\.layers\.0\.mlp\.down_proj' trains it dense$"):
+        train(small(dirs, "oddk", tmp_path / "refused", steps=2, eval_interval=2, ckpt_interval=2))
+    assert not (tmp_path / "refused").exists()
+    run = tmp_path / "run"
+    train(small(dirs, "oddk", run, steps=2, eval_interval=2, ckpt_interval=2, keep_dense=("*.down_proj",)))
+    layers = json.loads((run / "hf" / "sparsert.json").read_text())["sparse_layers"]
+    assert len(layers) == 6 and not any(name.endswith("down_proj") for name in layers)
+    trained = load_checkpoint(run).model_state["hf.model.layers.0.mlp.down_proj.weight"]
+    saved = load_file(str(run / "hf" / "model.safetensors"))
+    assert torch.equal(saved["model.layers.0.mlp.down_proj.weight"], trained)  # dense, as trained
+    assert all(is_nm_sparse(saved[f"{name}.weight"], 2, 4) for name in layers)
+
+
 def test_an_init_from_hf_run_takes_transformers_names_and_the_router_flag(hf: dict[str, Path], tmp_path: Path,
                                                                          capsys: pytest.CaptureFixture) -> None:
     """A run started --init-from a --model run trains the same Hugging Face model: --keep-dense matches

@@ -314,8 +314,9 @@ def save_hf_run(checkpoint: Any, out_dir: str | Path) -> Path:
     mask — a ``--dense`` run — gets the magnitude mask of its trained weights), and saved as ``W ⊙ mask``
     (fake-quantized to INT4 with QAT): dense weights carrying the N:M zeros, in the layout ``transformers``
     loads. Layers the run trained dense (not in the checkpoint's ``sparsity.layers``: the attention linears of
-    ``--sparse-layers ffn``) are saved as trained and recorded as dense in ``sparsert.json``, as the artifact of
-    a built-in model keeps them; the rest in the layout ``transformers``
+    ``--sparse-layers ffn``, ``--keep-dense``; and any layer whose K is not a multiple of M) are saved as trained and
+    recorded as dense in ``sparsert.json``, as the artifact of a built-in model keeps them; the rest in the layout
+    ``transformers``
     loads (:func:`sparsert.train.hf_model.save_hf_checkpoint`, through a temporary directory). The tokenizer
     is the model directory's. Returns ``out_dir``.
     """
@@ -332,7 +333,9 @@ def save_hf_run(checkpoint: Any, out_dir: str | Path) -> Path:
     scfg = SparsityConfig(n=sparsity.get("n", 2), m=sparsity.get("m", 4),
                           qat_group_size=quant.get("group_size") if isinstance(quant, dict) else None,
                           transposable=bool(sparsity.get("transposable", False)))
-    sparsify_model(model, scfg, model.sparse_linear_names())
+    # a layer whose K no N:M group divides was trained dense (--keep-dense): it stays a plain linear
+    sparsify_model(model, scfg, [n for n in model.sparse_linear_names()
+                                 if model.get_submodule(n).in_features % scfg.m == 0])
     own = model.state_dict()
     state = ckpt.model_state
     missing = sorted(k for k in own if k not in state and not k.endswith(".mask"))

@@ -88,19 +88,20 @@ def select_sparse_layers(names: list[str], which: str) -> list[str]:
     return chosen
 
 
-def pruned_layer_selection(names: list[str], sparse_layers: str = "all", keep_dense: Sequence[str] = ()) -> list[str]:
+def pruned_layer_selection(names: list[str], sparse_layers: str = "all", keep_dense: Sequence[str] = (), *,
+                           strict: bool = True) -> list[str]:
     """The layers of ``names`` made 2:4 (trained sparse, or pruned one-shot): :func:`select_sparse_layers`
     (``--sparse-layers``) minus those whose name matches a ``keep_dense`` shell pattern (``--keep-dense``,
     :func:`fnmatch.fnmatchcase` on the module name, e.g. ``*.layers.0.*`` or ``*.down_proj``), in the order of
-    ``names``. ConfigError for a pattern that matches none of the layers (naming one of them) or when no layer is
-    left."""
+    ``names``. ConfigError for a pattern that matches none of the layers (naming one of them; not checked when
+    ``strict`` is off) or when no layer is left."""
     if isinstance(keep_dense, str):
         raise ConfigError(f"--keep-dense: expected a list of layer name patterns, got the string {keep_dense!r}")
     chosen = select_sparse_layers(names, sparse_layers)
     for pattern in keep_dense:
         if not isinstance(pattern, str) or not pattern:
             raise ConfigError(f"--keep-dense: expected a layer name pattern, got {pattern!r}")
-        if not any(fnmatch.fnmatchcase(n, pattern) for n in chosen):
+        if strict and not any(fnmatch.fnmatchcase(n, pattern) for n in chosen):
             raise ConfigError(f"--keep-dense {pattern!r}: matches none of the {len(chosen)} layers to make 2:4 "
                               f"(module names such as {chosen[0]!r}; shell patterns, e.g. '*.layers.0.*')")
     left = [n for n in chosen if not any(fnmatch.fnmatchcase(n, p) for p in keep_dense)]

@@ -140,34 +140,42 @@ def build_model(model_config: ModelConfig, cfg: TrainConfig) -> nn.Module:
     scfg = sparsity_config(cfg)
     if scfg is not None:
         names = model.sparse_linear_names() if is_hf_config(model_config) else sparse_linear_names(model)  # H11
-        _check_layer_k(model, names, cfg)
         sparse = _selected_layers(names, cfg, is_hf_config(model_config))
+        _check_layer_k(model, sparse, cfg, is_hf_config(model_config))
         sparsify_model(model, scfg, sparse)
-        sparsify_model(model, scfg, [n for n in names if n not in sparse], dense=True)
+        # the layers trained dense carry a mask too (dense mode) when their K allows one; others stay nn.Linear
+        sparsify_model(model, scfg, [n for n in names if n not in sparse and _k_divisible(model, n, cfg.m)],
+                       dense=True)
         if cfg.sparse_gemm != "masked":
             use_sparse_gemms(model, sparse, cfg.sparse_gemm)
     return model
 
 
-def _check_layer_k(model: nn.Module, names: list[str], cfg: TrainConfig) -> None:
-    """ConfigError naming --sparsity or --group-size when a block linear's K (input features; every one carries a
-    mask, the dense-trained ones too) is not a multiple of M or of the INT4 group size."""
+def _k_divisible(model: nn.Module, name: str, m: int) -> bool:
+    k = getattr(model.get_submodule(name), "in_features", None)
+    return not isinstance(k, int) or k % m == 0  # not an nn.Linear: sparsify_model says so
+
+
+def _check_layer_k(model: nn.Module, names: list[str], cfg: TrainConfig, hf: bool) -> None:
+    """ConfigError naming --sparsity or --group-size when the K (input features) of a layer to train 2:4 is not a
+    multiple of M or of the INT4 group size; a Hugging Face model's layer by its transformers name, with the
+    ``--keep-dense`` that would exempt it."""
     ks = {}
     for name in names:
         k = getattr(model.get_submodule(name), "in_features", None)
         if isinstance(k, int):  # else not an nn.Linear: sparsify_model says so
-            ks[name] = k
+            ks[name.removeprefix(PREFIX) if hf else name] = k
     common = math.gcd(*ks.values()) if ks else 0
     for name, k in ks.items():
         if k % cfg.m:
             raise ConfigError(f"--sparsity {cfg.n}:{cfg.m}: layer {name} has K={k} input features, not a multiple "
-                              f"of M={cfg.m}; M must divide every block linear's K (their greatest common divisor "
-                              f"is {common})")
+                              f"of M={cfg.m}; M must divide the K of every layer trained 2:4 (their greatest "
+                              f"common divisor is {common}); --keep-dense '{name}' trains it dense")
     for name, k in ks.items():
         if cfg.qat and k % cfg.group_size:
             raise ConfigError(f"--group-size {cfg.group_size}: layer {name} has K={k} input features, not a "
-                              "multiple of the INT4 group size; it must divide every block linear's K (their "
-                              f"greatest common divisor is {common})")
+                              "multiple of the INT4 group size; it must divide the K of every layer trained 2:4 "
+                              f"(their greatest common divisor is {common})")
 
 
 def check_sparse_gemm_device(gemm: str, device: torch.device) -> None:
@@ -201,18 +209,18 @@ def use_sparse_gemms(model: nn.Module, names: list[str], gemm: str) -> None:
 
 def sparse_layer_names(model: nn.Module, cfg: TrainConfig) -> list[str]:
     """Names of the SparseLinears of ``model`` that ``cfg`` trains sparse (all, or the FFN ones, minus the
-    ``keep_dense`` patterns)."""
-    return _selected_layers(list(sparse_modules(model)), cfg, isinstance(unwrap(model), HFCausalLM))
+    ``keep_dense`` patterns; a pattern may match only layers kept as plain linears, see :func:`build_model`)."""
+    return _selected_layers(list(sparse_modules(model)), cfg, isinstance(unwrap(model), HFCausalLM), strict=False)
 
 
-def _selected_layers(names: list[str], cfg: TrainConfig, hf: bool) -> list[str]:
+def _selected_layers(names: list[str], cfg: TrainConfig, hf: bool, *, strict: bool = True) -> list[str]:
     """:func:`~sparsert.train.sparsify.pruned_layer_selection` of ``names`` by ``cfg``; the layers of a Hugging Face
     model (``hf``: given by ``--model``, or by the ``--init-from`` run) are matched by their transformers names
     (``model.layers.0.mlp.up_proj``, without the ``hf.`` of the training module), as ``compress`` and
     ``sparsert.json`` name them."""
     prefix = PREFIX if hf else ""
     bare = {n: n.removeprefix(prefix) for n in names}
-    chosen = set(pruned_layer_selection(list(bare.values()), cfg.sparse_layers, cfg.keep_dense))
+    chosen = set(pruned_layer_selection(list(bare.values()), cfg.sparse_layers, cfg.keep_dense, strict=strict))
     return [n for n in names if bare[n] in chosen]
 
 
