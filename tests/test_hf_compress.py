@@ -123,6 +123,43 @@ def test_a_trained_directory_keeps_its_masks(tmp_path, capsys):
     assert torch.equal(before[attention], after[attention])  # trained dense: untouched
 
 
+def test_a_dense_model_run_is_pruned_one_shot_from_its_trained_weights(tmp_path, capsys):
+    """`compress RUN` of a `train --model ... --dense` run prunes the weights as trained (its hf/ holds their
+    magnitude 2:4, recorded like trained masks, so one-shot flags are refused there): --keep-dense layers come out
+    exactly as trained, the others 2:4; no scratch copy is left. A sparse run points to its hf/."""
+    from sparsert.train.checkpoint import load_checkpoint
+    from sparsert.train.train_config import TrainConfig
+    from sparsert.train.trainer import train
+
+    src = _model_dir(tmp_path, "llama")
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("Sparse models keep two of every four weights. The quick brown fox jumps. " * 60)
+    common = dict(hf_model=str(src), data=str(corpus), steps=1, batch_size=2, seq_len=32, eval_interval=1,
+                  eval_batches=1, ckpt_interval=1, threads=1, progress=False)
+    run = train(TrainConfig(**common, dense=True, out_dir=str(tmp_path / "dense"))).run_dir
+    code, _, err = run_main(capsys, "compress", str(run / "hf"), "-o", str(tmp_path / "x"), "--keep-dense", "*.o_proj")
+    assert code == 2 and "already records trained 2:4 layers" in err
+    out = tmp_path / "out" / "pruned"
+    code, stdout, err = run_main(capsys, "compress", str(run), "-o", str(out), "--prune", "wanda",
+                                 "--keep-dense", "*.o_proj")
+    assert code == 0, err
+    assert "block linears are 2:4" in stdout and sorted(p.name for p in out.parent.iterdir()) == ["pruned"]
+    trained = load_checkpoint(run).model_state
+    pruned = _block_weights(out)
+    assert len(pruned) == 14
+    for name, weight in pruned.items():
+        if name.endswith("o_proj"):
+            assert torch.equal(weight, trained[f"hf.{name}.weight"]), name
+        else:
+            assert is_nm_sparse(weight, 2, 4), name
+    code, _, err = run_main(capsys, "compress", str(run), "-o", str(tmp_path / "y"), "--awq")
+    assert code == 2 and f"--awq (and --force-awq) fold scales into the norms of built-in sparsert checkpoints; {run}" \
+        in err
+    sparse = train(TrainConfig(**common, out_dir=str(tmp_path / "sparse"))).run_dir
+    code, _, err = run_main(capsys, "compress", str(sparse), "-o", str(tmp_path / "z"))
+    assert code == 2 and "`sparsert compress RUN/hf` quantizes it" in err
+
+
 def test_bad_input_is_named(tmp_path, capsys):
     src = _model_dir(tmp_path, "llama")
     junk = tmp_path / "junk"

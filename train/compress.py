@@ -253,9 +253,12 @@ def compress_checkpoint(
     ckpt = checkpoint if isinstance(checkpoint, Checkpoint) else load_checkpoint(checkpoint, load_optimizer=False)
     config, state, where = ckpt.model_config, ckpt.model_state, f"checkpoint {ckpt.path}"
     if ckpt.state.get("hf_model") is not None:  # H11: runs of `sparsert train --model PATH`
+        how = ("`sparsert compress` of the run prunes its dense weights one-shot into a Hugging Face directory "
+               "(save_dense_hf_run, then compress_hf_model)" if ckpt.state.get("sparsity") is None else
+               "the run's hf/ directory holds the trained model (dense weights carrying the 2:4 zeros) for "
+               "transformers; `sparsert compress RUN/hf` quantizes it")
         raise ArtifactError(f"{where} is a run of the Hugging Face model {ckpt.state['hf_model']}; the artifact "
-                            "format describes the built-in architectures only; the run's hf/ directory holds the "
-                            "trained model (dense weights carrying the 2:4 zeros) for transformers")
+                            f"format describes the built-in architectures only; {how}")
     found = slorb_from_state(state, config, where)
     slorb = None if found is None else SLoRBInfo(found[0], tuple(found[1]))
     shapes = model_state_shapes(config, slorb)

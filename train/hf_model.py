@@ -457,7 +457,7 @@ def swap_saved_sparse_layers(model: nn.Module, path: str | Path, **swap_options:
 
 
 def save_hf_checkpoint(model: nn.Module, tokenizer: HFTokenizer | Any | None, out_dir: str | Path, *,
-                       overwrite: bool = False, dtype: torch.dtype | None = None) -> Path:
+                       overwrite: bool = False, dtype: torch.dtype | None = None, record: bool = True) -> Path:
     """Write ``model`` (and ``tokenizer``) as a Hugging Face directory that ``transformers`` loads as is.
 
     The weights are :func:`folded_state_dict` (dense tensors carrying the 2:4 zeros, masks folded in,
@@ -465,7 +465,8 @@ def save_hf_checkpoint(model: nn.Module, tokenizer: HFTokenizer | Any | None, ou
     the sparse layers and their N:M pattern. ``tokenizer`` may be an :class:`HFTokenizer`, a transformers
     tokenizer or None. The directory is written under a temporary name beside ``out_dir`` and renamed into
     place, so a failure leaves no half-written checkpoint. ``dtype``: the saved floating tensors' dtype (default:
-    the model's), folded in the model's own precision first. ConfigError when ``out_dir`` exists and
+    the model's), folded in the model's own precision first. ``record=False`` writes no ``sparsert.json`` (a
+    plain transformers directory, for a model with no sparse layer). ConfigError when ``out_dir`` exists and
     ``overwrite`` is False; ArtifactError when writing fails. Returns ``out_dir``.
     """
     out = Path(out_dir)
@@ -498,7 +499,8 @@ def save_hf_checkpoint(model: nn.Module, tokenizer: HFTokenizer | Any | None, ou
                 layers[name] = {"n": c.n, "m": c.m, "dense": module.dense, "qat_group_size": c.qat_group_size,
                                 "transposed": name in set(getattr(model, TRANSPOSED_ATTR, ()))}
         meta = {"format": "sparsert-hf-checkpoint", "version": 1, "sparse_layers": layers}
-        (tmp / SPARSERT_FILE).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+        if record:
+            (tmp / SPARSERT_FILE).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
         replace_dir(tmp, out)
     except OSError as exc:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -352,3 +352,33 @@ def save_hf_run(checkpoint: Any, out_dir: str | Path) -> Path:
             module.refresh_mask()  # one-shot magnitude N:M of the trained weights
     with _no_progress_bars():
         return save_hf_checkpoint(model.hf, hf_tokenizer(mc), out_dir, overwrite=True)
+
+
+@torch.no_grad()
+def save_dense_hf_run(checkpoint: Any, out_dir: str | Path) -> Path:
+    """Write the weights of a ``--dense`` run's checkpoint (a loaded
+    :class:`~sparsert.train.checkpoint.Checkpoint` of an HF run, or a path to one) as trained, unpruned, as a plain
+    Hugging Face directory (the model directory's tokenizer, experts fused back, no ``sparsert.json``) at ``out_dir``,
+    replacing it; for one-shot pruning (``sparsert compress RUN``). The run's own ``hf/`` holds the magnitude 2:4
+    of these weights instead (:func:`save_hf_run`). ConfigError for a run that trained 2:4 masks. Returns
+    ``out_dir``."""
+    from sparsert.train.checkpoint import Checkpoint, load_checkpoint
+
+    ckpt = checkpoint if isinstance(checkpoint, Checkpoint) else load_checkpoint(checkpoint, load_optimizer=False)
+    mc = ckpt.model_config
+    if not is_hf_config(mc):
+        raise ConfigError(f"{ckpt.path}: not a checkpoint of a Hugging Face model (no '{HF_STATE_KEY}')")
+    if ckpt.state.get("sparsity"):
+        raise ConfigError(f"{ckpt.path}: the run trained 2:4 masks; its weights are saved with them (save_hf_run)")
+    model = build_hf_model(mc)
+    own = model.state_dict()
+    state = ckpt.model_state
+    if own.keys() != state.keys():
+        missing = sorted(own.keys() - state.keys())
+        what = f"lacks '{missing[0]}'" if missing else f"has '{sorted(state.keys() - own.keys())[0]}', which the " \
+                                                      "model does not"
+        raise ArtifactError(f"{ckpt.path}: the checkpoint {what} (model {mc.path})")
+    model.load_state_dict({k: v.to(own[k].dtype) for k, v in state.items()})
+    with _no_progress_bars():
+        return save_hf_checkpoint(model.hf, hf_tokenizer(mc), out_dir, overwrite=True, record=False)
+

@@ -4,7 +4,11 @@ model directory -> the same model pruned one-shot to 2:4 (+INT4), again a Huggin
 from __future__ import annotations
 
 import contextlib
+import json
+import shutil
+import tempfile
 from collections.abc import Iterator
+from pathlib import Path
 
 import click
 
@@ -87,7 +91,7 @@ from sparsert.train.oneshot_prune import ONESHOT_METHODS
     "dense_dtype",
     type=click.Choice(["float16", "float32", "bfloat16"]),
     default="float16",
-    show_default=True,
+    show_default="float16 for an artifact, float32 for a Hugging Face directory",
     help="dtype of the unquantized 2:4 values and of the dense tensors (embeddings, norms, lm_head): float16 or "
     "float32 for an artifact; a Hugging Face directory is written in float32 unless --dtype is given.",
 )
@@ -110,15 +114,19 @@ def command(
     dense_dtype: str,
 ) -> None:
     """Compress CHECKPOINT (a run dir, its checkpoints/ dir or a step dir) into an artifact directory; or prune a
-    Hugging Face model directory to 2:4 (+INT4) one-shot into another one."""
+    Hugging Face model directory (or the dense weights of a `train --model --dense` run) to 2:4 (+INT4) one-shot into
+    a Hugging Face directory."""
     from sparsert.runtime.artifact import is_hf_model_dir
     from sparsert.runtime.artifact_stats import artifact_stats
     from sparsert.train.compress import compress_checkpoint
 
+    hf_args = (output, int4, group_size, force_group_size, prune, awq or force_awq, calib_data, calib_batches,
+               calib_seq_len, calib_batch_size, seed, dense_dtype, sparse_layers, keep_dense)
     if is_hf_model_dir(checkpoint):
-        _compress_hf(click.get_current_context(), checkpoint, output, int4, group_size, force_group_size, prune,
-                     awq or force_awq, calib_data, calib_batches, calib_seq_len, calib_batch_size, seed, dense_dtype,
-                     sparse_layers, keep_dense)
+        _compress_hf(click.get_current_context(), checkpoint, *hf_args)
+        return
+    if _is_dense_hf_run(checkpoint):
+        _compress_dense_hf_run(click.get_current_context(), checkpoint, hf_args)
         return
 
     with _notes_as_lines():
@@ -166,6 +174,43 @@ def _notes_as_lines() -> Iterator[None]:
                     click.echo(f"note: {w.message}", err=True)
                 else:
                     warnings.showwarning(w.message, w.category, w.filename, w.lineno)
+
+
+def _is_dense_hf_run(checkpoint: str) -> bool:
+    """Whether ``checkpoint`` designates a checkpoint of a ``train --model ... --dense`` run (False also for a path
+    that is no checkpoint: compress_checkpoint then says what is wrong with it)."""
+    from sparsert.runtime.errors import SparsertError
+    from sparsert.train.checkpoint import STATE_FILE, resolve_checkpoint_dir
+
+    try:
+        state = json.loads((resolve_checkpoint_dir(checkpoint) / STATE_FILE).read_text(encoding="utf-8"))
+    except (SparsertError, OSError, ValueError):
+        return False
+    return isinstance(state, dict) and state.get("hf_model") is not None and state.get("sparsity") is None
+
+
+def _compress_dense_hf_run(ctx: click.Context, checkpoint: str, hf_args: tuple) -> None:
+    """``compress`` of a dense ``train --model`` run: its weights as trained (the run's hf/ holds their magnitude
+    2:4) are written to a scratch Hugging Face directory beside the output, pruned one-shot from there like any
+    Hugging Face directory, and the scratch directory removed."""
+    from sparsert.runtime.errors import ConfigError
+    from sparsert.train.hf_train import save_dense_hf_run
+
+    if hf_args[5]:  # before the weights are copied
+        raise ConfigError(f"--awq (and --force-awq) fold scales into the norms of built-in sparsert checkpoints; "
+                          f"{checkpoint} is a run of a Hugging Face model (use --int4 for plain group-wise INT4)")
+    parent = Path(hf_args[0]).resolve().parent
+    parent.mkdir(parents=True, exist_ok=True)
+    scratch = Path(tempfile.mkdtemp(prefix=f".{Path(hf_args[0]).name}.dense-run-", dir=parent))
+    source = scratch / "model"
+    try:
+        save_dense_hf_run(checkpoint, source)
+        try:
+            _compress_hf(ctx, str(source), *hf_args)
+        except ConfigError as exc:  # name the run, not the scratch copy
+            raise ConfigError(str(exc).replace(str(source), f"{checkpoint} (its dense weights)")) from None
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
 
 
 def _compress_hf(ctx: click.Context, path: str, output: str, int4: bool | None, group_size: int | None,
