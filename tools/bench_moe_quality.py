@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import time
 from datetime import datetime
 from pathlib import Path
@@ -47,13 +46,11 @@ import torch
 
 from sparsert.runtime.fileio import write_atomic
 from sparsert.runtime.hf_tokenizer import HFTokenizer
-from sparsert.runtime.moe_experts import fused_expert_state, unfused_experts_of
-from sparsert.train.checkpoint import load_checkpoint
 from sparsert.train.data import TokenData, load_corpus
 from sparsert.train.hf_compress import compress_hf_model
 from sparsert.train.hf_inspect import hf_dir_stats
 from sparsert.train.hf_model import load_hf_causal_lm
-from sparsert.train.hf_train import HFCausalLM, HFModelConfig, build_hf_model
+from sparsert.train.hf_train import HFCausalLM, HFModelConfig, save_dense_hf_run
 from sparsert.train.train_config import TrainConfig
 from sparsert.train.trainer import evaluate, train
 
@@ -90,19 +87,6 @@ def make_model_dir(out: Path, corpus_text: str, *, hidden: int, layers: int, exp
                                         max_position_embeddings=context, eos_token_id=0, pad_token_id=0)
     transformers.AutoModelForCausalLM.from_config(config).save_pretrained(str(out))
     transformers.PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>").save_pretrained(str(out))
-    return out
-
-
-def save_dense_hf(run_dir: Path, source: Path, out: Path) -> Path:
-    """The dense model of a run's last checkpoint as a plain Hugging Face directory (experts fused back, the
-    source directory's tokenizer), for one-shot pruning."""
-    ckpt = load_checkpoint(run_dir, load_optimizer=False)
-    model = build_hf_model(ckpt.model_config)
-    model.load_state_dict(ckpt.model_state)
-    state = fused_expert_state(model.hf.state_dict(), unfused_experts_of(model.hf))
-    model.hf.save_pretrained(str(out), state_dict=state)
-    for name in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(source / name, out / name)
     return out
 
 
@@ -239,7 +223,7 @@ def main() -> None:
             t1 = time.perf_counter()
             result = train(TrainConfig(**after, **extra, out_dir=str(out / key)))
             # a dense run's hf/ is magnitude-pruned to 2:4 for deployment: the dense row reads its checkpoint
-            hf_dir = save_dense_hf(result.run_dir, source, out / f"{key}-hf") if key == "dense-aux" else result.artifact
+            hf_dir = save_dense_hf_run(result.run_dir, out / f"{key}-hf") if key == "dense-aux" else result.artifact
             rows.append({"key": key, "steps": args.steps, "hf_dir": str(hf_dir), "val_loss": val(hf_dir),
                          "seconds": time.perf_counter() - t1})
     elif reuse is None:
@@ -263,7 +247,7 @@ def main() -> None:
             t1 = time.perf_counter()
             result = train(TrainConfig(**after, **extra, out_dir=str(out / key)))
             if key == "dense":
-                save_dense_hf(result.run_dir, source, dense_hf)
+                save_dense_hf_run(result.run_dir, dense_hf)
             hf_dir = dense_hf if key == "dense" else result.artifact
             rows.append({"key": key, "steps": args.steps, "hf_dir": str(hf_dir), "val_loss": val(hf_dir),
                          "seconds": time.perf_counter() - t1})
