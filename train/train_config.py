@@ -57,7 +57,7 @@ RESUME_FREE_FIELDS = ("resume", "threads", "out_dir", "progress", "distributed",
 @dataclass
 class TrainConfig:
     """Everything a training run depends on. The defaults are the built-in default run: the tiny preset on
-    the default corpus (Python stdlib sources), 2:4 SR-STE, about three minutes on two CPU cores.
+    the default corpus (Python stdlib sources), 2:4 SR-STE, about 3 to 12 minutes on two CPU cores.
 
     lr schedule: linear warm-up over ``warmup_steps`` (default 5% of ``steps``), then cosine decay to
     ``min_lr_ratio * lr`` at ``steps``. ``weight_decay`` (AdamW) applies to 2-D weights only.
@@ -81,7 +81,7 @@ class TrainConfig:
     defaults to 0 and ``sparse_layers`` to ``"all"`` (QAT must train the values the INT4 artifact stores).
     ``eval_interval``/``eval_batches``: validation every that many steps (and at the end) on that many batches.
     ``ckpt_interval``: checkpoint every that many steps (and at the end); ``keep_checkpoints`` newest kept. ``out_dir``:
-    default ``runs/<preset>-<sparse24|sparse24-int4|dense>-<YYYYmmdd-HHMMSS>``.
+    default ``runs/<preset>-<variant>-<YYYYmmdd-HHMMSS>`` (:attr:`variant`).
     """
 
     preset: str = "tiny"

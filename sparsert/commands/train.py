@@ -116,7 +116,8 @@ def _config_error(exc: ConfigError) -> ConfigError:
 @click.option("--out", metavar="DIR", type=str, default=None,
               help="Run directory; its metrics.jsonl, checkpoints/, artifact/ and hf/ must be absent (or left by a "
                    "run stopped before its first checkpoint); a run with a checkpoint is continued with --resume "
-                   "(default: runs/<preset>-<sparse24[-hu|-ast][-int4]|dense>-<timestamp>).")
+                   "(default: runs/<preset>-<sparseNM[-hu|-ast|...][-int4]|dense>-<timestamp>, e.g. "
+                   "runs/tiny-sparse24-20261205-090312; with --model: runs/hf-<model dir>-...).")
 @click.option("--steps", type=int, default=_D.steps, show_default=True, help="Optimizer steps.")
 @click.option("--batch-size", type=int, default=_D.batch_size, show_default=True, help="Sequences per step.")
 @click.option("--seq-len", type=int, default=_D.seq_len, show_default=True, help="Tokens per sequence.")
@@ -221,9 +222,9 @@ def command(ctx: click.Context, **opts: object) -> None:
     """Train a 2:4 sparse transformer (SR-STE, the Hu et al. recipe, or AST; or --dense), then compress it to
     an artifact.
 
-    With no options this runs the built-in default: the tiny preset on the default corpus, 2:4 SR-STE, a few
-    minutes on a 2-core CPU. Writes metrics.jsonl, checkpoints/ and artifact/ in the run directory and prints
-    where the artifact is.
+    With no options this runs the built-in default: the tiny preset on the default corpus, 2:4 SR-STE, about 3 to
+    12 minutes on a 2-core CPU (bench/RESULTS.md). Writes metrics.jsonl, checkpoints/ and artifact/ (hf/ with
+    --model; none for a pattern other than 2:4) in the run directory and prints where the artifact is.
 
     \b
     Recipes:
