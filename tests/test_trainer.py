@@ -81,6 +81,24 @@ def test_resume_is_exact_and_drops_metrics_past_the_checkpoint(corpus, tmp_path)
     assert cb.state["data_rng"] == ca.state["data_rng"]
 
 
+def test_resume_refuses_when_the_options_now_choose_other_2_4_layers(corpus, tmp_path):
+    """A run whose checkpoint recorded other 2:4 layers than the same options choose now (a run started by a
+    version of sparsert with another --sparse-layers ffn rule) is not resumed with layers silently switched."""
+    run = tmp_path / "run"
+    train(small(corpus, run, steps=4, sparse_layers="ffn", ckpt_interval=2))
+    shutil.rmtree(run / "artifact")
+    write_json_atomic(run / "checkpoints" / "latest.json", {"step": 2, "dir": "step_00000002"})
+    shutil.rmtree(run / "checkpoints" / "step_00000004")
+    state_file = run / "checkpoints" / "step_00000002" / "state.json"
+    state = json.loads(state_file.read_text())
+    state["sparsity"]["layers"] = state["sparsity"]["layers"][1:]  # as if it had trained one layer fewer 2:4
+    write_json_atomic(state_file, state)
+    with pytest.raises(ConfigError, match=r"cannot resume .*step_00000002: it trained 11 layers 2:4, but this version "
+                                          r"of sparsert chooses 12 for the same options \(blocks\.0\.mlp\.gate_proj "
+                                          r"now among them\); finish it with the version that started it"):
+        train(load_train_config(run))
+
+
 def test_resume_refuses_a_changed_config(corpus, tmp_path):
     train(small(corpus, tmp_path / "run", steps=4))
     cfg = dataclasses.replace(load_train_config(tmp_path / "run"), lr=0.01, steps=6)

@@ -325,6 +325,22 @@ def load_teacher(path: str | Path, vocab_size: int, tokenizer: object, *, flag: 
         raise ConfigError(f"{flag} {p}: {exc}") from None
 
 
+def _check_resumed_layers(model: nn.Module, cfg: TrainConfig, ckpt: Checkpoint) -> None:
+    """ConfigError when the layers a resumed run would train 2:4 are not those its checkpoint recorded (the same
+    options choose other layers in this version of sparsert, e.g. a wider ``--sparse-layers ffn`` rule): resuming
+    would silently switch layers between dense and 2:4 mid-run."""
+    recorded = (ckpt.state.get("sparsity") or {}).get("layers")
+    if not isinstance(recorded, list):
+        return
+    now = sparse_layer_names(model, cfg)
+    if sorted(recorded) != sorted(now):
+        changed = sorted(set(recorded) ^ set(now))
+        raise ConfigError(f"cannot resume {ckpt.path}: it trained {len(recorded)} layers 2:4, but this version of "
+                          f"sparsert chooses {len(now)} for the same options ({changed[0]} "
+                          f"{'no longer' if changed[0] in recorded else 'now'} among them); finish it with the "
+                          "version that started it, or start a new run")
+
+
 def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
     """AdamW with weight decay on 2-D weights only (norm weights, biases and nothing else undecayed)."""
     decay, no_decay = [], []
@@ -597,6 +613,7 @@ def train(cfg: TrainConfig) -> TrainResult:
     start_step = 0
     metrics_offset = None
     if ckpt is not None:
+        _check_resumed_layers(model, cfg, ckpt)
         load_model_state(model, ckpt.model_state, f"cannot resume {ckpt.path}")
         restore_optimizer(optimizer, model, ckpt)
         where = f"{ckpt.path}/state.json"
