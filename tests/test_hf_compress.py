@@ -152,12 +152,47 @@ def test_a_dense_model_run_is_pruned_one_shot_from_its_trained_weights(tmp_path,
             assert torch.equal(weight, trained[f"hf.{name}.weight"]), name
         else:
             assert is_nm_sparse(weight, 2, 4), name
+    code, _, err = run_main(capsys, "compress", str(run), "-o", str(tmp_path / "new" / "sub" / "x"), "--keep-dense",
+                            "nomatch*")  # checked before the weights are copied; no directory is left
+    assert code == 2 and "--keep-dense 'nomatch*': matches none" in err and not (tmp_path / "new").exists()
     code, _, err = run_main(capsys, "compress", str(run), "-o", str(tmp_path / "y"), "--awq")
     assert code == 2 and f"--awq (and --force-awq) fold scales into the norms of built-in sparsert checkpoints; {run}" \
         in err
     sparse = train(TrainConfig(**common, out_dir=str(tmp_path / "sparse"))).run_dir
     code, _, err = run_main(capsys, "compress", str(sparse), "-o", str(tmp_path / "z"))
     assert code == 2 and "`sparsert compress RUN/hf` quantizes it" in err
+
+
+def test_sigterm_and_notes_of_a_scratch_copy(tmp_path, capsys):
+    """What `compress RUN` of a dense run relies on: SIGTERM unwinds the `finally` that removes the scratch copy
+    (exit status 143), and its notes name the run instead of the scratch directory."""
+    import subprocess
+    import sys
+    import textwrap
+    import warnings
+
+    from sparsert.commands.compress import _notes_as_lines
+    from sparsert.train.compress import CompressionNote
+
+    scratch = tmp_path / "scratch"
+    code = textwrap.dedent(f"""
+        import os, pathlib, shutil, signal
+        from sparsert.commands.compress import _sigterm_as_exit
+        scratch = pathlib.Path({str(scratch)!r})
+        scratch.mkdir()
+        try:
+            with _sigterm_as_exit():
+                os.kill(os.getpid(), signal.SIGTERM)
+                signal.pause()
+        finally:
+            shutil.rmtree(scratch)
+    """)
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 143, result.stderr
+    assert not scratch.exists()
+    with _notes_as_lines(rename=("/scratch/model", "RUN (its dense weights)")):
+        warnings.warn("/scratch/model: 2 weights stay dense", CompressionNote, stacklevel=1)
+    assert capsys.readouterr().err == "note: RUN (its dense weights): 2 weights stay dense\n"
 
 
 def test_bad_input_is_named(tmp_path, capsys):

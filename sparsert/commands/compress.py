@@ -157,9 +157,10 @@ def command(
 
 
 @contextlib.contextmanager
-def _notes_as_lines() -> Iterator[None]:
+def _notes_as_lines(rename: tuple[str, str] | None = None) -> Iterator[None]:
     """Print the compression's :class:`~sparsert.train.compress.CompressionNote` warnings as one ``note: ...``
-    line each on stderr (after it, also when it fails); any other warning as Python would have shown it."""
+    line each on stderr (after it, also when it fails), with ``rename = (old, new)`` replaced in them; any other
+    warning as Python would have shown it."""
     import warnings
 
     from sparsert.train.compress import CompressionNote
@@ -171,7 +172,8 @@ def _notes_as_lines() -> Iterator[None]:
         finally:
             for w in caught:
                 if issubclass(w.category, CompressionNote):
-                    click.echo(f"note: {w.message}", err=True)
+                    text = str(w.message) if rename is None else str(w.message).replace(*rename)
+                    click.echo(f"note: {text}", err=True)
                 else:
                     warnings.showwarning(w.message, w.category, w.filename, w.lineno)
 
@@ -192,55 +194,113 @@ def _is_dense_hf_run(checkpoint: str) -> bool:
 def _compress_dense_hf_run(ctx: click.Context, checkpoint: str, hf_args: tuple) -> None:
     """``compress`` of a dense ``train --model`` run: its weights as trained (the run's hf/ holds their magnitude
     2:4) are written to a scratch Hugging Face directory beside the output, pruned one-shot from there like any
-    Hugging Face directory, and the scratch directory removed."""
-    from sparsert.runtime.errors import ConfigError
+    Hugging Face directory, and the scratch directory removed (also on Ctrl-C or SIGTERM). The options are checked
+    before the weights are copied, and messages name the run, not the scratch copy."""
+    from sparsert.runtime.errors import ConfigError, SparsertError
+    from sparsert.train.checkpoint import load_checkpoint
+    from sparsert.train.compress import calibration_flags_given
+    from sparsert.train.hf_model import hf_directory_block_linears
     from sparsert.train.hf_train import save_dense_hf_run
+    from sparsert.train.sparsify import pruned_layer_selection
 
-    if hf_args[5]:  # before the weights are copied
+    (output, int4, group_size, force_group_size, prune, awq, calib_data, calib_batches, calib_seq_len,
+     calib_batch_size, seed, _, sparse_layers, keep_dense) = hf_args
+    shown = f"{checkpoint} (its dense weights)"
+    if awq:
         raise ConfigError(f"--awq (and --force-awq) fold scales into the norms of built-in sparsert checkpoints; "
                           f"{checkpoint} is a run of a Hugging Face model (use --int4 for plain group-wise INT4)")
-    parent = Path(hf_args[0]).resolve().parent
+    _hf_int4_choice(shown, {}, int4, group_size, force_group_size)
+    given = calibration_flags_given(calib_data, calib_batches, calib_seq_len, calib_batch_size, seed)
+    if given and ONESHOT_METHODS[prune or "magnitude"].needs is None:
+        raise ConfigError(f"{given[0]} applies only to --prune wanda/sparsegpt; this compression uses no "
+                          "calibration data")
+    ckpt = load_checkpoint(checkpoint, load_optimizer=False)
+    model_dir = Path(ckpt.state["hf_model"])
+    if (sparse_layers != "all" or keep_dense) and (model_dir / "config.json").is_file():
+        pruned_layer_selection(list(hf_directory_block_linears(model_dir)), sparse_layers, keep_dense)
+
+    parent = Path(output).resolve().parent
+    made = [d for d in (parent, *parent.parents) if not d.exists()]
     parent.mkdir(parents=True, exist_ok=True)
-    scratch = Path(tempfile.mkdtemp(prefix=f".{Path(hf_args[0]).name}.dense-run-", dir=parent))
+    scratch = Path(tempfile.mkdtemp(prefix=f".{Path(output).name}.dense-run-", dir=parent))
     source = scratch / "model"
+    done = False
     try:
-        save_dense_hf_run(checkpoint, source)
-        try:
-            _compress_hf(ctx, str(source), *hf_args)
-        except ConfigError as exc:  # name the run, not the scratch copy
-            raise ConfigError(str(exc).replace(str(source), f"{checkpoint} (its dense weights)")) from None
+        with _sigterm_as_exit():
+            save_dense_hf_run(ckpt, source)
+            del ckpt
+            try:
+                _compress_hf(ctx, str(source), *hf_args, rename=(str(source), shown))
+            except SparsertError as exc:  # name the run, not the scratch copy
+                raise type(exc)(str(exc).replace(str(source), shown)) from None
+            done = True
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
+        if not done:
+            for d in made:  # the output's parents this command created, as they were
+                with contextlib.suppress(OSError):
+                    d.rmdir()
 
 
-def _compress_hf(ctx: click.Context, path: str, output: str, int4: bool | None, group_size: int | None,
-                 force_group_size: bool, prune: str | None, awq: bool, calib_data: str | None,
-                 calib_batches: int | None, calib_seq_len: int | None, calib_batch_size: int | None, seed: int | None,
-                 dense_dtype: str, sparse_layers: str, keep_dense: tuple[str, ...]) -> None:
-    """``compress`` of a Hugging Face model directory (:func:`sparsert.train.hf_compress.compress_hf_model`)."""
-    from sparsert.commands import option_given
+@contextlib.contextmanager
+def _sigterm_as_exit() -> Iterator[None]:
+    """SIGTERM (``kill``, ``timeout``, a batch scheduler) exits with status 143 through the ``finally`` blocks, so
+    the scratch copy is removed as on Ctrl-C (Python's default SIGTERM ends the process at once)."""
+    import signal
+
+    def leave(signum: int, frame: object) -> None:
+        raise SystemExit(128 + signum)
+
+    try:
+        previous = signal.signal(signal.SIGTERM, leave)
+    except ValueError:  # not the main thread: leave signals alone
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _hf_int4_choice(shown: str, trained: dict, int4: bool | None, group_size: int | None,
+                    force_group_size: bool) -> tuple[bool, int]:
+    """``(quantize, group size)`` of a Hugging Face directory's compression from the INT4 flags and the layers its
+    sparsert.json records (``trained``); ConfigError naming the flag (and the directory, as ``shown``)."""
     from sparsert.runtime.errors import ConfigError
-    from sparsert.train.hf_compress import compress_hf_model
-    from sparsert.train.hf_model import SPARSERT_FILE, saved_sparse_layers
+    from sparsert.train.hf_model import SPARSERT_FILE
 
-    if awq:
-        raise ConfigError(f"--awq (and --force-awq) fold scales into sparsert checkpoints' norms; {path} is a Hugging "
-                          "Face model directory (use --int4 for plain group-wise INT4)")
     if force_group_size and group_size is None:
         raise ConfigError("--force-group-size applies only together with --group-size")
-    trained = saved_sparse_layers(path) or {}
     qat = sorted({info["qat_group_size"] for info in trained.values() if info["qat_group_size"] is not None})
     quantize = bool(qat) if int4 is None else int4
     if group_size is not None and not quantize:
         raise ConfigError("--group-size sets the INT4 groups; this compression stores no INT4 (add --int4)")
     if qat and group_size is not None and group_size != qat[0] and not force_group_size:
-        raise ConfigError(f"--group-size {group_size}: {path} holds INT4 values in groups of {qat[0]} (its "
+        raise ConfigError(f"--group-size {group_size}: {shown} holds INT4 values in groups of {qat[0]} (its "
                           f"{SPARSERT_FILE}); omit --group-size to keep them, or add --force-group-size to re-quantize")
     if force_group_size and (not qat or group_size == qat[0]):
         why = "holds no INT4 groups" if not qat else f"already holds INT4 groups of {qat[0]}"
-        raise ConfigError(f"--force-group-size: {path} {why}, so --group-size {group_size} needs no force")
-    group = group_size if group_size is not None else (qat[0] if qat else 128)
-    with _notes_as_lines():
+        raise ConfigError(f"--force-group-size: {shown} {why}, so --group-size {group_size} needs no force")
+    return quantize, group_size if group_size is not None else (qat[0] if qat else 128)
+
+
+def _compress_hf(ctx: click.Context, path: str, output: str, int4: bool | None, group_size: int | None,
+                 force_group_size: bool, prune: str | None, awq: bool, calib_data: str | None,
+                 calib_batches: int | None, calib_seq_len: int | None, calib_batch_size: int | None, seed: int | None,
+                 dense_dtype: str, sparse_layers: str, keep_dense: tuple[str, ...],
+                 rename: tuple[str, str] | None = None) -> None:
+    """``compress`` of a Hugging Face model directory (:func:`sparsert.train.hf_compress.compress_hf_model`);
+    ``rename = (old, new)`` is replaced in its notes."""
+    from sparsert.commands import option_given
+    from sparsert.runtime.errors import ConfigError
+    from sparsert.train.hf_compress import compress_hf_model
+    from sparsert.train.hf_model import saved_sparse_layers
+
+    if awq:
+        raise ConfigError(f"--awq (and --force-awq) fold scales into sparsert checkpoints' norms; {path} is a Hugging "
+                          "Face model directory (use --int4 for plain group-wise INT4)")
+    quantize, group = _hf_int4_choice(path, saved_sparse_layers(path) or {}, int4, group_size, force_group_size)
+    with _notes_as_lines(rename):
         out, names = compress_hf_model(
             path, output, prune=prune, int4=quantize, group_size=group,
             dtype=dense_dtype if option_given(ctx, "dense_dtype") else "float32", calib_data=calib_data,
