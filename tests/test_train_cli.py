@@ -371,8 +371,8 @@ def test_errors_name_the_flag_the_user_gave(corpus, tmp_path, monkeypatch, capsy
          "checkpoints/ or a step directory)"),
         (["--sparsity", "2:3"],
          "error: --sparsity 2:3: layer blocks.0.attn.q_proj has K=128 input features, not a multiple of M=3; M must "
-         "divide the K of every layer trained 2:4 (their greatest common divisor is 128); --keep-dense "
-         "'blocks.0.attn.q_proj' trains it dense"),
+         "divide the K of every layer trained 2:3 (their greatest common divisor is 128); 24 of the 28 layers are "
+         "(--keep-dense PATTERN trains layers dense)"),
         (["--qat", "--group-size", "100"],
          "error: --group-size 100: layer blocks.0.attn.q_proj has K=128 input features, not a multiple of the INT4 "
          "group size; it must divide the K of every layer trained 2:4 (their greatest common divisor is 128)"),

@@ -393,7 +393,7 @@ def test_keep_dense_exempts_a_layer_whose_k_is_not_a_multiple_of_m(hf: dict[str,
         shutil.copy(hf["llama"] / name, src)
     dirs = {**hf, "oddk": src}
     with pytest.raises(ConfigError, match=r"^--sparsity 2:4: layer model\.layers\.0\.mlp\.down_proj has K=130 .* "
-                                          r"--keep-dense 'model\.layers\.0\.mlp\.down_proj' trains it dense$"):
+                                          r"--keep-dense '\*\.down_proj' trains it dense$"):
         train(small(dirs, "oddk", tmp_path / "refused", steps=2, eval_interval=2, ckpt_interval=2))
     assert not (tmp_path / "refused").exists()
     run = tmp_path / "run"

@@ -41,6 +41,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import dataclasses
+import fnmatch
 import math
 import sys
 import time
@@ -166,11 +167,21 @@ def _check_layer_k(model: nn.Module, names: list[str], cfg: TrainConfig, hf: boo
         if isinstance(k, int):  # else not an nn.Linear: sparsify_model says so
             ks[name.removeprefix(PREFIX) if hf else name] = k
     common = math.gcd(*ks.values()) if ks else 0
-    for name, k in ks.items():
-        if k % cfg.m:
-            raise ConfigError(f"--sparsity {cfg.n}:{cfg.m}: layer {name} has K={k} input features, not a multiple "
-                              f"of M={cfg.m}; M must divide the K of every layer trained 2:4 (their greatest "
-                              f"common divisor is {common}); --keep-dense '{name}' trains it dense")
+    bad = [name for name, k in ks.items() if k % cfg.m]
+    if bad:
+        name = bad[0]
+        tail = "*." + name.rpartition(".")[2]
+        if len(bad) == len(ks):
+            hint = ""  # no --keep-dense helps: every layer is concerned
+        elif all(fnmatch.fnmatchcase(n, tail) == (n in bad) for n in ks):
+            hint = f"; --keep-dense '{tail}' trains {'it' if len(bad) == 1 else f'those {len(bad)}'} dense"
+        elif len(bad) == 1:
+            hint = f"; --keep-dense '{name}' trains it dense"
+        else:
+            hint = f"; {len(bad)} of the {len(ks)} layers are (--keep-dense PATTERN trains layers dense)"
+        raise ConfigError(f"--sparsity {cfg.n}:{cfg.m}: layer {name} has K={ks[name]} input features, not a multiple "
+                          f"of M={cfg.m}; M must divide the K of every layer trained {cfg.n}:{cfg.m} (their greatest "
+                          f"common divisor is {common}){hint}")
     for name, k in ks.items():
         if cfg.qat and k % cfg.group_size:
             raise ConfigError(f"--group-size {cfg.group_size}: layer {name} has K={k} input features, not a "
