@@ -314,9 +314,9 @@ def save_hf_run(checkpoint: Any, out_dir: str | Path) -> Path:
     mask — a ``--dense`` run — gets the magnitude mask of its trained weights), and saved as ``W ⊙ mask``
     (fake-quantized to INT4 with QAT): dense weights carrying the N:M zeros, in the layout ``transformers``
     loads. Layers the run trained dense (not in the checkpoint's ``sparsity.layers``: the attention linears of
-    ``--sparse-layers ffn``, ``--keep-dense``; and any layer whose K is not a multiple of M) are saved as trained and
-    recorded as dense in ``sparsert.json``, as the artifact of a built-in model keeps them; the rest in the layout
-    ``transformers``
+    ``--sparse-layers ffn``, ``--keep-dense``) are saved as trained and recorded as dense in ``sparsert.json``, as
+    the artifact of a built-in model keeps them (a layer whose K is not a multiple of M, which only ``--keep-dense``
+    lets train, is saved as trained and not recorded); the rest in the layout ``transformers``
     loads (:func:`sparsert.train.hf_model.save_hf_checkpoint`, through a temporary directory). The tokenizer
     is the model directory's. Returns ``out_dir``.
     """
