@@ -154,6 +154,9 @@ def test_router_aux_loss_plot_only_for_runs_that_logged_it(tmp_path: Path) -> No
     assert matplotlib.image.imread(path).std() > 0.01
     plain = build_report([_write_run(tmp_path, "plain", sparse=True, final_val=2.0)], tmp_path / "p")
     assert not (tmp_path / "p" / "router_aux_loss.png").exists() and "router" not in plain.markdown
+    # the same folder again, for a run without the loss: the earlier report's router plot is not left beside it
+    again = build_report([_write_run(tmp_path, "plain2", sparse=True, final_val=2.0)], tmp_path / "o")
+    assert not path.exists() and "router" not in again.markdown
 
 
 def test_resumed_run_replaces_relogged_steps_and_skips_cut_last_line(tmp_path: Path) -> None:

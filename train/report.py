@@ -26,6 +26,7 @@ when ``tensorboard`` is installed. Every file is written to a temporary name and
 
 from __future__ import annotations
 
+import contextlib
 import html
 import io
 import json
@@ -739,6 +740,7 @@ def build_report(run_dirs: list[str | Path], out_dir: str | Path | None = None, 
                               ("sparsity.png", plot_sparsity)):
             data = render(runs, dense_run)
             if data is None:
+                _drop_stale(out / fname)
                 notes.append(f"{fname} not drawn: no run logged "
                              f"{'a flip rate' if fname.startswith('flip') else 'sparsity'}.")
                 continue
@@ -746,7 +748,9 @@ def build_report(run_dirs: list[str | Path], out_dir: str | Path | None = None, 
             files.append(out / fname)
             plot_names.append(fname)
         router = plot_router_aux_loss(runs, dense_run)  # MoE runs only: no note when absent
-        if router is not None:
+        if router is None:
+            _drop_stale(out / "router_aux_loss.png")
+        else:
             write_atomic(out / "router_aux_loss.png", router)
             files.append(out / "router_aux_loss.png")
             plot_names.append("router_aux_loss.png")
@@ -755,6 +759,13 @@ def build_report(run_dirs: list[str | Path], out_dir: str | Path | None = None, 
     write_atomic(out / "summary.html", render_html(summaries, plot_names, notes).encode("utf-8"))
     files += [out / "summary.md", out / "summary.html"]
     return Report(out_dir=out, files=files, runs=runs, summaries=summaries, markdown=md, notes=notes)
+
+
+def _drop_stale(plot: Path) -> None:
+    """Remove a plot an earlier report left in the output directory that this report does not draw, so the folder
+    never shows a plot of other runs beside this summary."""
+    with contextlib.suppress(FileNotFoundError):
+        plot.unlink()
 
 
 # --------------------------------------------------------------------------------------------------- TensorBoard
