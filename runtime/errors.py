@@ -41,6 +41,16 @@ class DistributedError(SparsertError):
     others hold — or another rank failed, so this one cannot go on (``train/distributed.py``)."""
 
 
+class StoppedBySignal(Exception):
+    """Not an error: a signal asked a long job to stop (``sparsert train`` on SIGTERM or SIGUSR1, a batch
+    scheduler's preemption or time-limit warning) and it stopped cleanly after saving what a resume needs. The
+    message says what was kept and how to go on; the CLI exits with status 128 + ``signum`` (143 for SIGTERM)."""
+
+    def __init__(self, message: str, signum: int) -> None:
+        super().__init__(message)
+        self.signum = signum
+
+
 def dtype_name(dtype) -> str:
     """``torch.bfloat16`` -> ``"bfloat16"``: a dtype as error messages name it."""
     return str(dtype).replace("torch.", "")

@@ -3,7 +3,8 @@
 Each command lives in ``sparsert/commands/<name>.py`` as a click command called ``command``; it is imported
 only when used, so ``sparsert --help`` stays fast. A :class:`SparsertError`, a bad flag or value, and a
 filesystem error on a named path (an existing file where a folder is needed, no permission, ...) become a
-one-line ``error: ...`` message and exit code 2; Ctrl-C exits with 130. Under ``torchrun`` a configuration
+one-line ``error: ...`` message and exit code 2; Ctrl-C exits with 130, a job stopped by a signal it handles
+(``train`` on SIGTERM or SIGUSR1) with 128 + the signal number. Under ``torchrun`` a configuration
 error or bad flag, which every rank meets alike, is printed by rank 0 only; other errors carry ``[rank N]``.
 """
 
@@ -66,7 +67,7 @@ def _launcher_rank() -> int:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from sparsert.runtime.errors import SparsertError
+    from sparsert.runtime.errors import SparsertError, StoppedBySignal
 
     # transformers' bars for loading and saving local model files are noise around sparsert's own lines (an error
     # must stay one line); set HF_HUB_DISABLE_PROGRESS_BARS=0 to keep them.
@@ -77,6 +78,8 @@ def main(argv: list[str] | None = None) -> None:
     rank = _launcher_rank()
     try:
         cli.main(args=argv, prog_name="sparsert", standalone_mode=False)
+    except StoppedBySignal as exc:  # the job said where it stopped and how to resume
+        sys.exit(128 + exc.signum)
     except SparsertError as exc:
         if rank == 0 or not isinstance(exc, ConfigError):  # every rank finds the same config error: rank 0 says it
             click.echo(f"error: {'' if rank == 0 else f'[rank {rank}] '}{exc}", err=True)

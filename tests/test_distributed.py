@@ -30,8 +30,10 @@ differ between the runs and that weight moves by up to lr: at most 0.1% of eleme
 from __future__ import annotations
 
 import dataclasses
+import os
 import random
 import shutil
+import signal
 import socket
 from pathlib import Path
 
@@ -41,7 +43,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
-from sparsert.runtime.errors import ArtifactError, ConfigError, SparsertError
+import sparsert.train.trainer as trainer_module
+from sparsert.runtime.errors import ArtifactError, ConfigError, SparsertError, StoppedBySignal
 from sparsert.runtime.model import model_config_from_preset
 from sparsert.train.checkpoint import load_checkpoint, write_json_atomic
 from sparsert.train.data import TokenData
@@ -166,9 +169,31 @@ def _worker(rank: int, port: int, root: str) -> None:
         cfg = dataclasses.replace(load_train_config(root_p / "single_to_2"), distributed="fsdp")
         train(cfg)
         close_distributed()
+        out["stopped"] = _stopped_by_a_signal_to_rank_1(rank, root_p, corpus)
     finally:
         torch.save(out, root_p / f"rank{rank}.pt")
         dist.destroy_process_group()
+
+
+def _stopped_by_a_signal_to_rank_1(rank: int, root: Path, corpus: Path) -> tuple[str, int, str] | None:
+    """A DDP run of 6 steps whose rank 1 alone gets SIGUSR1 during step 3 (as a scheduler may signal one node
+    first): (exception class, signum, message) of what this rank's ``train`` raised, None if it finished."""
+    lr_at_step = trainer_module.lr_at
+
+    def lr_at_and_signal(cfg: TrainConfig, step: int) -> float:
+        if rank == 1 and step == 3:
+            os.kill(os.getpid(), signal.SIGUSR1)
+        return lr_at_step(cfg, step)
+
+    trainer_module.lr_at = lr_at_and_signal
+    try:
+        train(small(corpus, root / "ddp_stopped", distributed="ddp", steps=6))
+    except StoppedBySignal as exc:
+        return type(exc).__name__, exc.signum, str(exc)
+    finally:
+        trainer_module.lr_at = lr_at_step
+        close_distributed()
+    return None
 
 
 def _free_port() -> int:
@@ -238,6 +263,17 @@ def test_an_error_of_rank_0_alone_is_raised_on_every_rank_as_its_own_class(runs:
         ("DistributedError", "rank 0 failed while writing checkpoint step 9: OSError: [Errno 28] No space left on "
                              "device"),
     ]
+
+
+@slow
+def test_a_signal_to_one_rank_stops_every_rank_after_the_same_step_with_its_checkpoint(runs: dict) -> None:
+    run = runs["root"] / "ddp_stopped"
+    for rank in runs["ranks"]:
+        kind, signum, message = rank["stopped"]
+        assert (kind, signum) == ("StoppedBySignal", signal.SIGUSR1)
+        assert message.startswith("SIGUSR1 received: stopped after step 3 of 6 with its checkpoint")
+    assert load_checkpoint(run).step == 3  # step 2 by --ckpt-interval 2, step 3 by the signal
+    assert [r["step"] for r in read_metrics(run) if "loss" in r] == [1, 2, 3]
 
 
 @slow

@@ -84,6 +84,49 @@ def test_ctrl_c_exits_130_keeps_the_last_complete_checkpoint_and_resume_finishes
     assert load_checkpoint(out).step == 400 and (out / "artifact" / "config.json").exists()
 
 
+def test_sigterm_checkpoints_the_step_it_arrives_in_exits_143_and_resume_finishes(corpus, tmp_path):
+    """A batch scheduler's SIGTERM: no step is lost although no periodic checkpoint is due (interval 1000)."""
+    out = tmp_path / "run"
+    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    args = [sys.executable, "-m", "sparsert", "train", "--data", str(corpus), "--out", str(out), "--steps", "300",
+            "--ckpt-interval", "1000", "--eval-interval", "1000", *TINY]
+    proc = subprocess.Popen(args, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None:
+        if (out / "metrics.jsonl").exists() and len([x for x in read_metrics(out) if "loss" in x]) >= 3:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 143, stderr
+    ck = load_checkpoint(out)
+    assert 3 <= ck.step < 300
+    assert f"SIGTERM received: stopped after step {ck.step} of 300 with its checkpoint" in stderr
+    assert f"to finish the run: sparsert train --resume --out {out}" in stderr
+    assert "Traceback" not in stderr
+    assert [x["step"] for x in read_metrics(out) if "loss" in x][-1] == ck.step
+    assert not [p for p in (out / "checkpoints").iterdir() if p.name.endswith(".tmp")]
+
+    r = sparsert("train", "--resume", "--out", str(out), "--threads", "1", "--no-progress", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert [x["step"] for x in read_metrics(out) if "loss" in x] == list(range(1, 301))
+    assert (out / "artifact" / "config.json").exists()
+
+
+def test_stop_requests_records_the_first_signal_and_restores_the_handlers():
+    from sparsert.train.stop_signals import signal_name, stop_requests
+
+    before = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGUSR1)
+    with stop_requests() as stop_signal:
+        assert stop_signal() == 0
+        os.kill(os.getpid(), signal.SIGUSR1)
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.01)  # handlers run between bytecodes of the main thread
+        assert stop_signal() == signal.SIGUSR1
+    assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGUSR1)) == before
+    assert signal_name(signal.SIGTERM) == "SIGTERM"
+
+
 def test_unknown_preset_and_missing_data_are_one_line_errors_with_nothing_written(corpus, tmp_path):
     r = sparsert("train", "--preset", "huge", "--data", str(corpus), cwd=tmp_path)
     assert r.returncode == 2

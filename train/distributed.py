@@ -171,6 +171,15 @@ class DistContext:
         dist.all_reduce(t)
         return float(t.item()) / self.world_size
 
+    def max_over_ranks(self, value: int) -> int:
+        """The largest of an int over the ranks (e.g. a signal number, 0 for none): one all-reduce, so every
+        rank takes the same branch after it; the value itself in a single process."""
+        if not self.enabled or self.world_size == 1:
+            return value
+        t = torch.tensor([value], dtype=torch.int64, device=self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return int(t.item())
+
     def broadcast(self, obj: Any) -> Any:
         """Rank 0's ``obj`` on every rank (picklable objects)."""
         if not self.enabled or self.world_size == 1:

@@ -53,7 +53,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from sparsert.runtime.errors import ArtifactError, ConfigError, DataError, SparsertError
+from sparsert.runtime.errors import ArtifactError, ConfigError, DataError, SparsertError, StoppedBySignal
 from sparsert.runtime.linear_swap import outside_linears_note
 from sparsert.runtime.model import DecoderLM, ModelConfig, model_config_from_preset, sparse_linear_names
 from sparsert.runtime.moe_experts import EXPERT_PARAMS
@@ -101,6 +101,7 @@ from sparsert.train.sparsify import (
     sparse_modules,
     sparsify_model,
 )
+from sparsert.train.stop_signals import signal_name, stop_requests
 from sparsert.train.train_config import PATH_FIELDS, TrainConfig, config_differences, lr_at, sparsity_config
 
 
@@ -567,7 +568,9 @@ def train(cfg: TrainConfig) -> TrainResult:
 
     Raises ConfigError/DataError before anything is written for bad configs or data; ArtifactError for a
     corrupt checkpoint on resume; TrainingDivergedError (naming the step) when the loss turns non-finite.
-    KeyboardInterrupt propagates after saying where the last complete checkpoint is and how to resume.
+    KeyboardInterrupt propagates after saying where the last complete checkpoint is and how to resume. SIGTERM or
+    SIGUSR1 (a scheduler ending or warning the job; :mod:`~sparsert.train.stop_signals`) stops the loop after the
+    step it arrives in: that step is checkpointed (on every rank at the same step) and StoppedBySignal is raised.
     """
     t_start = time.perf_counter()
     if cfg.threads is not None:
@@ -708,7 +711,9 @@ def train(cfg: TrainConfig) -> TrainResult:
     interval = {} if live else {"mininterval": 30.0, "maxinterval": 30.0}
     bar = tqdm(total=cfg.steps, initial=start_step, disable=not cfg.progress or not dctx.is_main,  # H11
                unit="step", dynamic_ncols=True, desc=f"train {cfg.variant}", file=sys.stderr, **interval)
+    handlers = contextlib.ExitStack()
     try:
+        stop_signal = handlers.enter_context(stop_requests())  # SIGTERM / SIGUSR1: checkpoint this step, stop
         _say(f"run: {run_dir}" + (f" (resumed at step {start_step})" if ckpt is not None else ""))
         if corpus.skipped and dctx.is_main:
             shown = ", ".join(corpus.skipped[:5]) + (f" and {len(corpus.skipped) - 5} more" if len(corpus.skipped) > 5
@@ -783,6 +788,15 @@ def train(cfg: TrainConfig) -> TrainResult:
                      + (f"; 2:4 model {val_sparse:.4f}" if val_sparse is not None else ""))
             if step % cfg.ckpt_interval == 0 or step == cfg.steps:
                 checkpoint(step)
+            signum = dctx.max_over_ranks(stop_signal())  # H11: every rank stops after the same step
+            if signum:
+                if last_ckpt_step != step:
+                    checkpoint(step)
+                then = "write its artifact" if step == cfg.steps else "finish the run"
+                message = (f"{signal_name(signum)} received: stopped after step {step} of {cfg.steps} with its "
+                           f"checkpoint ({last_ckpt}); to {then}: sparsert train --resume --out {run_dir}")
+                _say(message)
+                raise StoppedBySignal(message, signum)
     except KeyboardInterrupt:
         bar.close()
         metrics.close()
@@ -793,6 +807,7 @@ def train(cfg: TrainConfig) -> TrainResult:
                  f"resume with: sparsert train --resume --out {run_dir}")
         raise
     finally:
+        handlers.close()
         bar.close()
         metrics.close()
 
