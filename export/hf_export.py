@@ -37,7 +37,8 @@ import shutil
 import tempfile
 import types
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -51,7 +52,7 @@ from sparsert.export.onnx_export import ExportResult, check_output, checked_expo
 from sparsert.export.onnx_graph import OPSET, LinearWeight, int4_initializer, packed_linear_weight
 from sparsert.export.onnx_inspect import constant_b
 from sparsert.export.onnx_runner import DEFAULT_ACCURACY_LEVEL, OnnxStepper
-from sparsert.export.parity import DEFAULT_PROMPTS, ParityReport, compare_logits
+from sparsert.export.parity import DEFAULT_PROMPTS, ParityReport, compare_logits, reference_batches
 from sparsert.runtime.errors import ArtifactError, ConfigError, ExportError, require_path
 from sparsert.runtime.hf_stepper import cache_keyword
 from sparsert.runtime.linear_swap import outside_linears_note, weight_nk, weights_outside_linears
@@ -141,9 +142,10 @@ def _cache_shapes(model: nn.Module) -> tuple[CacheShapes | None, str]:
     return shapes, ""
 
 
-def layer_weight(model: nn.Module, name: str, info: dict) -> tuple[LinearWeight, str | None]:
-    """The graph form of the recorded layer ``name`` (``info``: its ``sparsert.json`` entry) and a note when
-    its INT4 values could not be kept (None otherwise). ExportError when a layer recorded as 2:4 is not."""
+def layer_key(model: nn.Module, name: str, info: dict) -> tuple[tuple[int, ...], str]:
+    """The key (shape and sha256 of ``B [K, N]`` float32) by which :func:`place_weights` finds the recorded layer
+    ``name`` (``info``: its ``sparsert.json`` entry) in the traced graph. ArtifactError when the model has no such
+    linear layer, ExportError when a layer recorded as 2:4 is not: checked before the trace."""
     from sparsert.train.hf_model import served_as_2_4
 
     try:
@@ -155,21 +157,27 @@ def layer_weight(model: nn.Module, name: str, info: dict) -> tuple[LinearWeight,
         raise ArtifactError(f"sparsert.json records layer '{name}', a {type(module).__name__} without a 2-D weight "
                             "(not a linear layer)")
     w = weight_nk(module).detach().float()  # [N, K]
-    bias = None if getattr(module, "bias", None) is None else module.bias.detach().float()
-    bias_np = None if bias is None else bias.numpy()
-    if not served_as_2_4(info):
-        return LinearWeight(name, "float", w.t().contiguous().numpy(), bias_np, False), None
-    if w.shape[1] % 4 or not is_nm_sparse(w, 2, 4):
+    if served_as_2_4(info) and (w.shape[1] % 4 or not is_nm_sparse(w, 2, 4)):
         raise ExportError(f"layer {name}: sparsert.json records it as 2:4, but its weight is not 2:4 along K")
-    float_form = LinearWeight(name, "float", w.t().contiguous().numpy(), bias_np, True)
+    return _array_key(w.t())
+
+
+def graph_weight(name: str, b: np.ndarray, info: dict) -> tuple[LinearWeight, str | None]:
+    """The graph form of the recorded layer ``name`` from its traced constant ``b`` (``B [K, N]`` float32, already
+    checked by :func:`layer_key`): float32 (2:4 zeros in place) or, with a ``qat_group_size`` in ``info``, INT4 codes
+    and scales; and a note when its INT4 values could not be kept (None otherwise)."""
+    from sparsert.train.hf_model import served_as_2_4
+
+    float_form = LinearWeight(name, "float", b, None, served_as_2_4(info))
     group = info.get("qat_group_size")
-    if group is None:
+    if not float_form.sparse or group is None:
         return float_form, None
-    if w.shape[1] % group:
-        return float_form, f"{name}: K={w.shape[1]} is not a multiple of its INT4 group {group}; kept as float32"
-    packed = packed_linear_weight(name, pack_linear(w, int4_group_size=group, mask=w != 0), bias)
+    if b.shape[0] % group:
+        return float_form, f"{name}: K={b.shape[0]} is not a multiple of its INT4 group {group}; kept as float32"
+    w = torch.from_numpy(np.ascontiguousarray(b.T))  # [N, K]
+    packed = packed_linear_weight(name, pack_linear(w, int4_group_size=group, mask=w != 0))
     dequant = packed.array.astype(np.float32) * np.repeat(packed.scales, group, axis=0)
-    if not np.array_equal(dequant, float_form.array):
+    if not np.array_equal(dequant, b):
         return float_form, (f"{name}: its values are not exact INT4 codes of group {group} (saved in reduced "
                             "precision?); kept as float32 2:4")
     return packed, None
@@ -197,8 +205,11 @@ def expert_layers(model: nn.Module, layers: dict[str, dict]) -> dict[str, torch.
     return found
 
 
-def _array_key(array: np.ndarray) -> tuple[tuple[int, ...], str]:
-    return array.shape, hashlib.sha256(np.ascontiguousarray(array, dtype=np.float32).tobytes()).hexdigest()
+def _array_key(array: np.ndarray | torch.Tensor) -> tuple[tuple[int, ...], str]:
+    """Shape and sha256 of ``array`` as C-contiguous float32 (one contiguous copy at most, hashed in place)."""
+    if isinstance(array, torch.Tensor):
+        array = array.detach().to(torch.float32).contiguous().numpy()
+    return tuple(array.shape), hashlib.sha256(np.ascontiguousarray(array, dtype=np.float32).data).hexdigest()
 
 
 @contextlib.contextmanager
@@ -351,20 +362,19 @@ def _store(graph: onnx.GraphProto, node: onnx.NodeProto, w: LinearWeight) -> onn
     return dq
 
 
-def place_weights(proto: onnx.ModelProto, weights: dict[str, LinearWeight]) -> list[str]:
+def place_weights(proto: onnx.ModelProto, keys: dict[str, tuple[tuple[int, ...], str]],
+                  graph_form: Callable[[str, np.ndarray], LinearWeight]) -> list[str]:
     """Store each layer's weight as the ``B`` of the MatMul / Gemm that multiplies by it, annotated (see the module
     docstring). The node is the one torch.onnx recorded inside the layer's module (its name scopes) whose
     constant equals the weight, else (no scope) the first node with that constant, so layers with equal weights
-    keep their own names. Returns notes: a weight also multiplied by other nodes, which keep it dense and
-    unannotated. ExportError naming a recorded layer the graph does not multiply by. ``weights`` is emptied as the
-    graph takes each one (the export holds one copy of the weights at a time, not two)."""
+    keep their own names. ``keys``: each recorded layer's :func:`layer_key`; ``graph_form(layer, B)``: its
+    :class:`LinearWeight` from the constant ``B [K, N]`` the graph multiplies by (so the torch model need not be
+    held while the graph is: the graph's constant is the weight). Returns notes: a weight also multiplied by other
+    nodes, which keep it dense and unannotated. ExportError naming a recorded layer the graph does not multiply
+    by."""
     graph = proto.graph
     inits = {t.name: t for t in graph.initializer}
     producers = {out: node for node in graph.node for out in node.output}
-    keys = {}
-    for name, w in weights.items():
-        dense = w.array if w.kind == "float" else w.array.astype(np.float32) * np.repeat(w.scales, w.group_size, 0)
-        keys[name] = _array_key(dense)
     candidates = []  # (node, key of its constant B) in graph order
     for node in graph.node:
         found = constant_b(node, inits, producers, through_dequantize=False) if node.op_type in ("MatMul", "Gemm") \
@@ -374,21 +384,21 @@ def place_weights(proto: onnx.ModelProto, weights: dict[str, LinearWeight]) -> l
     placed: dict[str, onnx.NodeProto] = {}
     for node, key in candidates:  # pass 1: the layer's own module
         scopes = _name_scopes(node)
-        own = [n for n in weights if n not in placed and f"model.{n}" in scopes and keys[n] == key]
+        own = [n for n in keys if n not in placed and f"model.{n}" in scopes and keys[n] == key]
         if len(own) == 1:
             placed[own[0]] = node
     taken = {id(node) for node in placed.values()}
     for node, key in candidates:  # pass 2: by value alone
         if id(node) in taken:
             continue
-        match = next((n for n in weights if n not in placed and keys[n] == key), None)
+        match = next((n for n in keys if n not in placed and keys[n] == key), None)
         if match is not None:
             placed[match] = node
             taken.add(id(node))
-    missing = [name for name in weights if name not in placed]
+    missing = [name for name in keys if name not in placed]
     if missing:
         raise ExportError(f"layer {missing[0]}: no MatMul/Gemm of the exported graph multiplies by its weight "
-                          f"({len(missing)} of {len(weights)} recorded layers not found)")
+                          f"({len(missing)} of {len(keys)} recorded layers not found)")
     notes = []
     placed_keys = {keys[n]: n for n in placed}
     for node, key in candidates:
@@ -397,7 +407,8 @@ def place_weights(proto: onnx.ModelProto, weights: dict[str, LinearWeight]) -> l
                          "it as a dense float32 constant without annotations")
     before = {}
     for name, node in placed.items():
-        dq = _store(graph, node, weights.pop(name))  # the graph holds a copy now: the array can go
+        b = constant_b(node, inits, producers, through_dequantize=False)[0]
+        dq = _store(graph, node, graph_form(name, b))
         if dq is not None:
             before[id(node)] = dq
     nodes = []
@@ -470,6 +481,34 @@ def parity_prompt_ids(tokenizer, vocab: int, context: int) -> dict[bytes, list[i
     return prompts
 
 
+@dataclass
+class PromptReference:
+    """transformers' float64 logits for every input :func:`~sparsert.export.parity.compare_logits` asks its
+    reference for (:func:`~sparsert.export.parity.reference_batches`), computed once so the model can be released
+    before the graph is written and run: ``logits(ids)`` (``[B][T]`` ids -> ``[B, T, V]``) looks them up."""
+
+    prompt_ids: dict[bytes, list[int]]
+    by_batch: dict[tuple[tuple[int, ...], ...], np.ndarray]
+
+    def logits(self, ids: list[list[int]]) -> np.ndarray:
+        found = self.by_batch.get(tuple(tuple(row) for row in ids))
+        if found is None:
+            raise ExportError(f"parity reference: no logits computed for the token ids {[row[:8] for row in ids]}")
+        return found
+
+
+def prompt_reference(model: nn.Module, prompt_ids: dict[bytes, list[int]]) -> PromptReference:
+    """:class:`PromptReference` of ``model`` (a transformers causal LM, float32, eval mode) on ``prompt_ids``. Each
+    batch runs as given: a prefix's logits need not be the prefix of the logits (longrope switches its frequencies
+    with the sequence length)."""
+    by_batch = {}
+    with torch.inference_mode():
+        for batch in reference_batches(prompt_ids):
+            logits = model(input_ids=torch.tensor(batch), use_cache=False).logits
+            by_batch[tuple(tuple(row) for row in batch)] = logits.double().numpy()
+    return PromptReference(dict(prompt_ids), by_batch)
+
+
 def export_hf_model(path: str | Path, output: str | Path, *, with_kv_cache: bool | None = True, parity: bool = True,
                     accuracy_level: int | None = DEFAULT_ACCURACY_LEVEL) -> tuple[ExportResult, list[str]]:
     """Export the Hugging Face directory ``path`` (one sparsert wrote: it has ``sparsert.json``) to the ONNX file
@@ -481,7 +520,13 @@ def export_hf_model(path: str | Path, output: str | Path, *, with_kv_cache: bool
     transformers directory (prune it with ``sparsert compress`` first), ArtifactError for unreadable weights,
     ExportError for a refused output path, a model the exporter cannot trace, or a failed check.
     """
-    from sparsert.train.hf_model import SPARSERT_FILE, has_tokenizer_files, load_hf_causal_lm, saved_sparse_layers
+    from sparsert.train.hf_model import (
+        SPARSERT_FILE,
+        has_tokenizer_files,
+        load_hf_causal_lm,
+        saved_sparse_layers,
+        served_as_2_4,
+    )
     from sparsert.train.hf_train import hf_model_config
 
     require_path(output, "-o", "the path of an .onnx file", ExportError)
@@ -493,9 +538,10 @@ def export_hf_model(path: str | Path, output: str | Path, *, with_kv_cache: bool
                           f"layers; prune it first with: sparsert compress {path} -o OUT")
     context = hf_model_config(path).max_seq_len
     bundle = load_hf_causal_lm(path, load_tokenizer=has_tokenizer_files(path))
-    model = bundle.model.float().eval()
-    weights, notes = {}, []
-    experts = expert_layers(model, layers)
+    model, tokenizer = bundle.model.float().eval(), bundle.tokenizer
+    del bundle  # the model is dropped once traced (see build): nothing else may hold it
+    notes: list[str] = []
+    experts = set(expert_layers(model, layers))  # names only: the weights are views of the fused tensors
     if weights_outside_linears(model) and callable(getattr(model, "set_experts_implementation", None)):
         # transformers 5's default fused-expert kernel (grouped_mm) has no ONNX function; batched matmuls trace
         with contextlib.suppress(Exception):
@@ -506,16 +552,11 @@ def export_hf_model(path: str | Path, output: str | Path, *, with_kv_cache: bool
                          "ONNX Runtime run them as dense batched matmuls")
         else:
             notes.append(f"{outside_linears_note(model, min_share=0.0)}; exported through batched matmuls")
-    for name, info in layers.items():
-        if name in experts:
-            continue
-        weights[name], note = layer_weight(model, name, info)
-        if note is not None:
-            notes.append(note)
-    sparse = any(w.sparse for w in weights.values())
+    recorded = {name: info for name, info in layers.items() if name not in experts}
+    keys = {name: layer_key(model, name, info) for name, info in recorded.items()}  # the checks, before the trace
+    sparse = any(served_as_2_4(info) for info in recorded.values())
     if not sparse:
         notes.append(f"{path}: {SPARSERT_FILE} records no 2:4 layer; the graph holds dense weights only")
-    groups = sorted({w.group_size for w in weights.values() if w.kind == "int4"})
     cache = None
     if with_kv_cache is not False:
         cache, why = _cache_shapes(model)
@@ -525,29 +566,43 @@ def export_hf_model(path: str | Path, output: str | Path, *, with_kv_cache: bool
         if cache is None:
             notes.append(f"the graph has no KV cache ({why}): each generated token reruns the whole sequence")
     with_kv_cache = cache is not None
+    model_type = str(model.config.model_type)
+    reference = None
+    if parity:  # transformers' logits now, so the model can go before the graph is written and run
+        vocab = model.get_output_embeddings().weight.shape[0]
+        reference = prompt_reference(model, parity_prompt_ids(tokenizer, vocab, context))
+    held = [model]
+    del model
+    groups: set[int] = set()
+
+    def graph_form(name: str, b: np.ndarray) -> LinearWeight:
+        w, note = graph_weight(name, b, recorded[name])
+        if note is not None:
+            notes.append(note)
+        if w.kind == "int4":
+            groups.add(w.group_size)
+        return w
 
     def build() -> onnx.ModelProto:
-        proto = _trace(model, context, cache)
+        # The model is not needed once traced (place_weights reads the graph's constants), but its memory is not
+        # freed: onnxscript 0.7's module-level rewrite rules keep the last graph they matched, which holds the
+        # exported program's tensors, until the next export.
+        proto = _trace(held.pop(), context, cache)
         bfloat16_arithmetic_in_float32(proto.graph)
-        notes.extend(place_weights(proto, weights))  # empties weights: the graph holds them now
+        notes.extend(place_weights(proto, keys, graph_form))
         props = ann.model_annotations(pattern="2:4" if sparse else None,
                                       quantization="int4" if groups else None,
-                                      group_size=groups[0] if len(groups) == 1 else None,
+                                      group_size=next(iter(groups)) if len(groups) == 1 else None,
                                       model_config=None, kv_cache=with_kv_cache)
-        ann.annotate_model(proto, {**props, ann.KEY_HF_MODEL_TYPE: str(model.config.model_type),
+        ann.annotate_model(proto, {**props, ann.KEY_HF_MODEL_TYPE: model_type,
                                    ann.KEY_WEIGHTS_SHA256: hf_weights_sha256(path)})
         return proto
 
-    def reference(ids: list[list[int]]) -> np.ndarray:
-        with torch.inference_mode():
-            return model(input_ids=torch.tensor(ids), use_cache=False).logits.double().numpy()
-
     def check_parity(staged: Path) -> ParityReport | None:
-        if not parity:
+        if reference is None:
             return None
-        vocab = model.get_output_embeddings().weight.shape[0]
-        return compare_logits(staged, reference, parity_prompt_ids(bundle.tokenizer, vocab, context),
-                              quantized=bool(groups), accuracy_level=accuracy_level)
+        return compare_logits(staged, reference.logits, reference.prompt_ids, quantized=bool(groups),
+                              accuracy_level=accuracy_level)
 
     return checked_export(out, build, ann.verify_sparsity_annotations, check_parity, kv_cache=with_kv_cache), notes
 

@@ -180,6 +180,17 @@ def check_parity(
                           tolerance=tolerance, threads=threads, raise_on_failure=raise_on_failure)
 
 
+def reference_batches(prompt_ids: Mapping[bytes, list[int]]) -> list[list[list[int]]]:
+    """Every input :func:`compare_logits` asks its reference for: each prompt alone (``[ids]``), then, with two
+    prompts or more, the first two cut to the shorter one's length as a batch of 2."""
+    all_ids = list(prompt_ids.values())
+    batches = [[ids] for ids in all_ids]
+    if len(all_ids) >= 2:
+        n = min(len(all_ids[0]), len(all_ids[1]))
+        batches.append([all_ids[0][:n], all_ids[1][:n]])
+    return batches
+
+
 def compare_logits(
     onnx_model: str | Path | onnx.ModelProto,
     reference: Callable[[list[list[int]]], np.ndarray],
@@ -217,9 +228,9 @@ def compare_logits(
     prompts, all_ids = list(prompt_ids), list(prompt_ids.values())
     for prompt, ids in zip(prompts, all_ids, strict=True):
         compare("full", prompt, run([ids])[0], reference([ids]))
-    if len(all_ids) >= 2:
-        n = min(len(all_ids[0]), len(all_ids[1]))
-        batch = [all_ids[0][:n], all_ids[1][:n]]
+    batches = reference_batches(prompt_ids)
+    if len(batches) > len(all_ids):
+        batch = batches[-1]
         compare("batch", prompts[0] + b" | " + prompts[1], run(batch)[0], reference(batch))
     if kv:
         i_long = max(range(len(all_ids)), key=lambda i: len(all_ids[i]))
