@@ -37,6 +37,7 @@ import shutil
 import tempfile
 import types
 import warnings
+from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -336,8 +337,11 @@ def _name_scopes(node: onnx.NodeProto) -> set[str]:
     return {s for s in scopes if isinstance(s, str)} if isinstance(scopes, list) else set()
 
 
-def _store(graph: onnx.GraphProto, node: onnx.NodeProto, w: LinearWeight) -> onnx.NodeProto | None:
-    """Make ``w`` the annotated ``B`` of ``node``; returns the DequantizeLinear to put before it (INT4)."""
+def _store(graph: onnx.GraphProto, node: onnx.NodeProto, w: LinearWeight,
+           own: onnx.TensorProto | None = None) -> onnx.NodeProto | None:
+    """Make ``w`` the annotated ``B`` of ``node``; returns the DequantizeLinear to put before it (INT4). ``own``: the
+    initializer ``node`` reads ``B`` from directly, when nothing else reads it; a float32 weight then keeps it,
+    renamed and annotated, instead of a copy (protobuf's arena would not free the replaced one's bytes)."""
     layer, int4 = w.layer, w.kind == "int4"
     props = ann.weight_annotations(layer, pattern="2:4" if w.sparse else None,
                                    group_size=w.group_size if int4 else None,
@@ -351,6 +355,13 @@ def _store(graph: onnx.GraphProto, node: onnx.NodeProto, w: LinearWeight) -> onn
         node.input[1] = dq.output[0]
         ann.annotate_weight(node, init, props)
         graph.initializer.extend([init, scale])  # copies: annotated first
+    elif own is not None:
+        old = own.name
+        own.name = node.input[1] = f"{layer}.weight_t"
+        for info in graph.value_info:
+            if info.name == old:
+                info.name = own.name
+        ann.annotate_weight(node, own, props)
     else:
         init = numpy_helper.from_array(np.ascontiguousarray(w.array), f"{layer}.weight_t")
         node.input[1] = init.name
@@ -406,9 +417,18 @@ def place_weights(proto: onnx.ModelProto, keys: dict[str, tuple[tuple[int, ...],
             notes.append(f"{placed_keys[key]}: its weight also feeds {node.op_type} node {node.name!r}, which keeps "
                          "it as a dense float32 constant without annotations")
     before = {}
+    uses = Counter(name for node in graph.node for name in node.input)
+    uses.update(name for node in graph.node for attr in node.attribute
+                for sub in ([attr.g] if attr.HasField("g") else list(attr.graphs)) for name in _names_used(sub))
+    uses.update(o.name for o in graph.output)
     for name, node in placed.items():
         b = constant_b(node, inits, producers, through_dequantize=False)[0]
-        dq = _store(graph, node, graph_form(name, b))
+        source = node.input[1]
+        own = inits.get(source) if uses[source] == 1 and f"{name}.weight_t" not in inits else None
+        if own is not None and (own.data_type != onnx.TensorProto.FLOAT
+                                or node.op_type == "Gemm" and any(a.name == "transB" and a.i for a in node.attribute)):
+            own = None  # not already B [K, N] float32 as stored
+        dq = _store(graph, node, graph_form(name, b), own)
         if dq is not None:
             before[id(node)] = dq
     nodes = []

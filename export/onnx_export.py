@@ -226,11 +226,12 @@ def export_artifact(
 def checked_export(out: Path, build: Callable[[], onnx.ModelProto],
                    verify: Callable[[onnx.ModelProto], dict[str, dict]], parity: Callable[[Path], ParityReport | None],
                    *, kv_cache: bool) -> ExportResult:
-    """Build the model in a temporary directory beside ``out``, write it, run ``onnx.checker`` (full check),
-    ``verify(model)`` (the annotations against the weights: returns the annotated layers) and ``parity(written_path)``
+    """Build the model, run ``verify(model)`` (the annotations against the weights: returns the annotated layers),
+    write it in a temporary directory beside ``out``, run ``onnx.checker`` (full check) and ``parity(written_path)``
     (ONNX Runtime against the reference; with no parity report, ONNX Runtime must still load the graph), then rename
-    it (and its external data, if any) to ``out``; nothing is left at ``out`` on failure. The built model is
-    released before ``parity`` runs, so the graph is not held twice (in memory and in ONNX Runtime)."""
+    it (and its external data, if any) to ``out``; nothing is left at ``out`` on failure. An external-data model's
+    weights are not read back into memory after the write, and the built model is released before ``parity`` runs,
+    so the weights are not held twice (in memory and in ONNX Runtime)."""
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
@@ -238,17 +239,17 @@ def checked_export(out: Path, build: Callable[[], onnx.ModelProto],
         raise ExportError(f"cannot write {out}: {exc}") from None
     try:
         model = build()
-        staged = save_onnx_model(model, tmp / out.name)
+        layers = verify(model)
+        n_nodes, n_initializers = len(model.graph.node), len(model.graph.initializer)
+        op_counts = dict(Counter(n.op_type for n in model.graph.node))
+        staged = save_onnx_model(model, tmp / out.name, keep_data=False)
+        del model
         try:
             onnx.checker.check_model(str(staged), full_check=True)
         except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
             first = str(exc).strip().splitlines()[0]
             raise ExportError(f"onnx.checker rejected the exported model: {first}") from None
         try:
-            layers = verify(model)
-            n_nodes, n_initializers = len(model.graph.node), len(model.graph.initializer)
-            op_counts = dict(Counter(n.op_type for n in model.graph.node))
-            del model
             report = parity(staged)
             if report is None:  # parity skipped: a graph onnx.checker accepts may still use a kernel ORT lacks
                 make_session(staged)

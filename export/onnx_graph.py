@@ -419,12 +419,15 @@ def _inline_again(model: onnx.ModelProto, base_dir: Path) -> None:
         del tensor.external_data[:]
 
 
-def save_onnx_model(model: onnx.ModelProto, path: str | Path, *, external_data: bool | None = None) -> Path:
+def save_onnx_model(model: onnx.ModelProto, path: str | Path, *, external_data: bool | None = None,
+                    keep_data: bool = True) -> Path:
     """Write ``model`` to ``path`` atomically (temporary directory beside it, then rename).
 
     ``external_data``: store initializers in ``<name>.data`` beside the model (ONNX external data). ``None``
     (default) does so only when the model would exceed protobuf's 2 GiB limit (:func:`too_big_for_protobuf`).
-    ``model`` keeps its initializers' bytes in memory either way. With external data the data
+    ``model`` keeps its initializers' bytes in memory either way, unless ``keep_data`` is False: then an external
+    data save leaves them out of ``model`` (for a caller done with its weights: protobuf's arena does not free the
+    bytes the save clears, so reading them back would hold the weights twice). With external data the data
     file is moved into place before the model file, so a present ``.onnx`` always has its data.
     """
     path = Path(path)
@@ -444,7 +447,8 @@ def save_onnx_model(model: onnx.ModelProto, path: str | Path, *, external_data: 
                 onnx.save_model(model, staged, save_as_external_data=True, all_tensors_to_one_file=True,
                                 location=location, size_threshold=1024)
             finally:
-                _inline_again(model, tmp)
+                if keep_data:
+                    _inline_again(model, tmp)
             if (tmp / location).exists():  # absent when every tensor is under the 1 KiB threshold
                 os.replace(tmp / location, path.parent / location)
         else:

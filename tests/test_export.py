@@ -407,6 +407,16 @@ def test_a_model_over_the_protobuf_limit_gets_external_data_and_keeps_its_bytes(
     assert check_parity(path, artifacts["llama", "fp32"], threads=1).passed
 
 
+def test_keep_data_false_leaves_the_weights_in_the_file_only(tmp_path, artifacts, models):
+    """checked_export's save: the bytes an external-data save moves to the file are not read back into memory."""
+    model = onnx.ModelProto()
+    model.CopyFrom(models["llama", "fp32"])
+    path = save_onnx_model(model, tmp_path / "m.onnx", external_data=True, keep_data=False)
+    big = [t for t in model.graph.initializer if t.external_data]
+    assert big and all(not t.raw_data for t in big)
+    assert check_parity(path, artifacts["llama", "fp32"], threads=1).passed
+
+
 def test_a_failed_external_data_save_leaves_the_model_whole(tmp_path, models, monkeypatch):
     """The disk fills after the first tensor is written: an ExportError, nothing at the path, and the model in
     memory still holds every initializer inline. Tiny tensors (no data file at all) save with external_data too."""

@@ -360,3 +360,41 @@ def test_deepseek_v3_mla_and_grouped_routing_export_with_a_kv_cache(tmp_path):
     result, _ = export_hf_model(out, tmp_path / "m.onnx")
     assert result.parity.passed and result.kv_cache
     assert {n for n, info in result.layers.items() if info["pattern"] == "2:4"} == set(names) - set(experts)
+
+
+def test_place_weights_keeps_a_traced_constant_in_place_when_only_its_layer_reads_it():
+    """A float32 layer whose traced B only its MatMul reads keeps that initializer, renamed and annotated (protobuf's
+    arena would not free a replaced copy's bytes: a 7B export would hold its weights twice); a B two nodes read
+    is stored as a new initializer for the layer and stays, unannotated, for the other node."""
+    from sparsert.export.hf_export import graph_weight, layer_key, place_weights
+
+    rng = np.random.default_rng(0)
+    w_own = (rng.standard_normal((8, 4)) * np.tile([1, 0, 0, 1], 2)[:, None]).astype(np.float32)  # B [K, N]: 2:4 on K
+    w_shared = (rng.standard_normal((8, 4)) * np.tile([0, 1, 1, 0], 2)[:, None]).astype(np.float32)
+    nodes = [onnx.helper.make_node("MatMul", ["x", "traced_a"], ["y"], name="mm_a"),
+             onnx.helper.make_node("MatMul", ["x", "traced_b"], ["z"], name="mm_b"),
+             onnx.helper.make_node("MatMul", ["x", "traced_b"], ["u"], name="mm_c")]
+    x = onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 8])
+    outs = [onnx.helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, [1, 4]) for n in "yzu"]
+    inits = [numpy_helper.from_array(w_own, "traced_a"), numpy_helper.from_array(w_shared, "traced_b")]
+    proto = onnx.helper.make_model(onnx.helper.make_graph(nodes, "g", [x], outs, inits))
+    traced_a = proto.graph.initializer[0]
+    layers = {"own": torch.nn.Linear(8, 4, bias=False), "shared": torch.nn.Linear(8, 4, bias=False)}
+    layers["own"].weight.data = torch.from_numpy(w_own.T.copy())
+    layers["shared"].weight.data = torch.from_numpy(w_shared.T.copy())
+    model = torch.nn.ModuleDict(layers)
+    info = {"dense": False, "n": 2, "m": 4}
+    keys = {name: layer_key(model, name, info) for name in layers}
+    notes = place_weights(proto, keys, lambda name, b: graph_weight(name, b, info)[0])
+
+    names = sorted(t.name for t in proto.graph.initializer)
+    assert names == ["own.weight_t", "shared.weight_t", "traced_b"]
+    assert traced_a.name == "own.weight_t"  # the same message: renamed in place, not copied
+    assert [n.input[1] for n in proto.graph.node] == ["own.weight_t", "shared.weight_t", "traced_b"]
+    annotated = read_sparsity_annotations(proto)["layers"]
+    assert {k: (v["initializer"], v["pattern"]) for k, v in annotated.items()} == {
+        "own": ("own.weight_t", "2:4"), "shared": ("shared.weight_t", "2:4")}
+    assert len(notes) == 1 and "shared" in notes[0]
+    for t in proto.graph.initializer:
+        expected = w_own if t.name == "own.weight_t" else w_shared
+        np.testing.assert_array_equal(numpy_helper.to_array(t), expected)
