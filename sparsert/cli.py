@@ -3,16 +3,20 @@
 Each command lives in ``sparsert/commands/<name>.py`` as a click command called ``command``; it is imported
 only when used, so ``sparsert --help`` stays fast. A :class:`SparsertError`, a bad flag or value, and a
 filesystem error on a named path (an existing file where a folder is needed, no permission, ...) become a
-one-line ``error: ...`` message and exit code 2; Ctrl-C exits with 130, a job stopped by a signal it handles
-(``train`` on SIGTERM or SIGUSR1) with 128 + the signal number. Under ``torchrun`` a configuration
+one-line ``error: ...`` message and exit code 2; Ctrl-C exits with 130 and SIGTERM with 143, both after the
+``finally`` blocks ran (no temporary file is left); ``train`` checkpoints the step it is on for SIGTERM or SIGUSR1
+and exits with 128 + the signal number. Under ``torchrun`` a configuration
 error or bad flag, which every rank meets alike, is printed by rank 0 only; other errors carry ``[rank N]``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import os
+import signal
 import sys
+from collections.abc import Iterator
 
 import click
 
@@ -66,6 +70,31 @@ def _launcher_rank() -> int:
     return rank if 0 <= rank < world else 0
 
 
+class Terminated(BaseException):
+    """SIGTERM arrived (``kill``, ``timeout``, a batch scheduler, torchrun ending the other ranks of a failed run).
+    A BaseException, like KeyboardInterrupt, so no ``except Exception`` takes it for an error."""
+
+
+@contextlib.contextmanager
+def sigterm_unwinds() -> Iterator[None]:
+    """Within the block SIGTERM raises :class:`Terminated` where the process stands, so ``finally`` blocks run
+    (temporary files and scratch copies are removed, as on Ctrl-C) instead of Python's default, which ends the
+    process at once. ``sparsert train`` notes it instead while it trains (:mod:`sparsert.train.stop_signals`)."""
+
+    def unwind(signum: int, frame: object) -> None:
+        raise Terminated
+
+    try:
+        previous = signal.signal(signal.SIGTERM, unwind)
+    except ValueError:  # not the main thread: leave signals alone
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def main(argv: list[str] | None = None) -> None:
     from sparsert.runtime.errors import SparsertError, StoppedBySignal
 
@@ -77,9 +106,13 @@ def main(argv: list[str] | None = None) -> None:
 
     rank = _launcher_rank()
     try:
-        cli.main(args=argv, prog_name="sparsert", standalone_mode=False)
+        with sigterm_unwinds():
+            cli.main(args=argv, prog_name="sparsert", standalone_mode=False)
     except StoppedBySignal as exc:  # the job said where it stopped and how to resume
         sys.exit(128 + exc.signum)
+    except Terminated:
+        click.echo("terminated", err=True)
+        sys.exit(128 + signal.SIGTERM)
     except SparsertError as exc:
         if rank == 0 or not isinstance(exc, ConfigError):  # every rank finds the same config error: rank 0 says it
             click.echo(f"error: {'' if rank == 0 else f'[rank {rank}] '}{exc}", err=True)

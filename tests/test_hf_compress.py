@@ -177,18 +177,23 @@ def test_sigterm_and_notes_of_a_scratch_copy(tmp_path, capsys):
     scratch = tmp_path / "scratch"
     code = textwrap.dedent(f"""
         import os, pathlib, shutil, signal
-        from sparsert.commands.compress import _sigterm_as_exit
+        import sparsert.cli
         scratch = pathlib.Path({str(scratch)!r})
-        scratch.mkdir()
-        try:
-            with _sigterm_as_exit():
+
+        def command(**kw):  # stands in for a command's work: sparsert's main() around it is the real one
+            scratch.mkdir()
+            try:
                 os.kill(os.getpid(), signal.SIGTERM)
                 signal.pause()
-        finally:
-            shutil.rmtree(scratch)
+            finally:
+                shutil.rmtree(scratch)
+
+        sparsert.cli.cli.main = command
+        sparsert.cli.main([])
     """)
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 143, result.stderr
+    assert result.stderr == "terminated\n"
     assert not scratch.exists()
     with _notes_as_lines(rename=("/scratch/model", "RUN (its dense weights)")):
         warnings.warn("/scratch/model: 2 weights stay dense", CompressionNote, stacklevel=1)

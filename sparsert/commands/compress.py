@@ -226,40 +226,19 @@ def _compress_dense_hf_run(ctx: click.Context, checkpoint: str, hf_args: tuple) 
     source = scratch / "model"
     done = False
     try:
-        with _sigterm_as_exit():
-            save_dense_hf_run(ckpt, source)
-            del ckpt
-            try:
-                _compress_hf(ctx, str(source), *hf_args, rename=(str(source), shown))
-            except SparsertError as exc:  # name the run, not the scratch copy
-                raise type(exc)(str(exc).replace(str(source), shown)) from None
-            done = True
+        save_dense_hf_run(ckpt, source)  # SIGTERM unwinds to the finally below too (sparsert.cli)
+        del ckpt
+        try:
+            _compress_hf(ctx, str(source), *hf_args, rename=(str(source), shown))
+        except SparsertError as exc:  # name the run, not the scratch copy
+            raise type(exc)(str(exc).replace(str(source), shown)) from None
+        done = True
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
         if not done:
             for d in made:  # the output's parents this command created, as they were
                 with contextlib.suppress(OSError):
                     d.rmdir()
-
-
-@contextlib.contextmanager
-def _sigterm_as_exit() -> Iterator[None]:
-    """SIGTERM (``kill``, ``timeout``, a batch scheduler) exits with status 143 through the ``finally`` blocks, so
-    the scratch copy is removed as on Ctrl-C (Python's default SIGTERM ends the process at once)."""
-    import signal
-
-    def leave(signum: int, frame: object) -> None:
-        raise SystemExit(128 + signum)
-
-    try:
-        previous = signal.signal(signal.SIGTERM, leave)
-    except ValueError:  # not the main thread: leave signals alone
-        yield
-        return
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 
 
 def _hf_int4_choice(shown: str, trained: dict, int4: bool | None, group_size: int | None,
