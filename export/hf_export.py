@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import ast
 import contextlib
+import gc
 import hashlib
 import inspect
 import io
@@ -175,7 +176,7 @@ def graph_weight(name: str, b: np.ndarray, info: dict) -> tuple[LinearWeight, st
         return float_form, None
     if b.shape[0] % group:
         return float_form, f"{name}: K={b.shape[0]} is not a multiple of its INT4 group {group}; kept as float32"
-    w = torch.from_numpy(np.ascontiguousarray(b.T))  # [N, K]
+    w = torch.from_numpy(np.array(b.T, order="C"))  # [N, K], a writable copy (b may be read-only protobuf data)
     packed = packed_linear_weight(name, pack_linear(w, int4_group_size=group, mask=w != 0))
     dequant = packed.array.astype(np.float32) * np.repeat(packed.scales, group, axis=0)
     if not np.array_equal(dequant, b):
@@ -277,6 +278,30 @@ def _trace(model: nn.Module, context: int, cache: CacheShapes | None) -> onnx.Mo
     finally:
         quiet.setLevel(level)
     return program.model_proto
+
+
+def _forget_matched_graphs() -> None:
+    """Drop the references onnxscript's pattern matchers keep to the last graph they matched. Its rewrite rules are
+    module-level objects, and that graph holds the exported program's tensors, i.e. the traced model's weights,
+    until the next export: without this the float32 model stays in memory beside the graph (measured with
+    onnxscript 0.7). Only attributes that exist are reset, so another onnxscript version costs nothing but the
+    scan (under a second)."""
+    try:
+        from onnxscript.rewriter import _matcher
+    except ImportError:
+        return
+    kind = getattr(_matcher, "PatternMatcher", None)
+    if not isinstance(kind, type):
+        return
+    with warnings.catch_warnings():  # isinstance on some deprecated torch objects warns
+        warnings.simplefilter("ignore")
+        matchers = [obj for obj in gc.get_objects() if isinstance(obj, kind)]
+    for obj in matchers:
+        for attr in ("_graph", "_current_node", "_match"):
+            if attr in vars(obj):
+                setattr(obj, attr, None)
+    del matchers
+    gc.collect()
 
 
 def _cause(exc: BaseException) -> str:
@@ -420,7 +445,7 @@ def place_weights(proto: onnx.ModelProto, keys: dict[str, tuple[tuple[int, ...],
     uses = Counter(name for node in graph.node for name in node.input)
     uses.update(name for node in graph.node for attr in node.attribute
                 for sub in ([attr.g] if attr.HasField("g") else list(attr.graphs)) for name in _names_used(sub))
-    uses.update(o.name for o in graph.output)
+    uses.update(v.name for v in [*graph.output, *graph.input])  # an initializer listed as an input (IR < 4) too
     for name, node in placed.items():
         b = constant_b(node, inits, producers, through_dequantize=False)[0]
         source = node.input[1]
@@ -503,18 +528,18 @@ def parity_prompt_ids(tokenizer, vocab: int, context: int) -> dict[bytes, list[i
 
 @dataclass
 class PromptReference:
-    """transformers' float64 logits for every input :func:`~sparsert.export.parity.compare_logits` asks its
+    """transformers' logits for every input :func:`~sparsert.export.parity.compare_logits` asks its
     reference for (:func:`~sparsert.export.parity.reference_batches`), computed once so the model can be released
     before the graph is written and run: ``logits(ids)`` (``[B][T]`` ids -> ``[B, T, V]``) looks them up."""
 
     prompt_ids: dict[bytes, list[int]]
-    by_batch: dict[tuple[tuple[int, ...], ...], np.ndarray]
+    by_batch: dict[tuple[tuple[int, ...], ...], np.ndarray]  # float32 [B, T, V]: transformers' own precision
 
     def logits(self, ids: list[list[int]]) -> np.ndarray:
         found = self.by_batch.get(tuple(tuple(row) for row in ids))
         if found is None:
             raise ExportError(f"parity reference: no logits computed for the token ids {[row[:8] for row in ids]}")
-        return found
+        return found.astype(np.float64)
 
 
 def prompt_reference(model: nn.Module, prompt_ids: dict[bytes, list[int]]) -> PromptReference:
@@ -525,7 +550,7 @@ def prompt_reference(model: nn.Module, prompt_ids: dict[bytes, list[int]]) -> Pr
     with torch.inference_mode():
         for batch in reference_batches(prompt_ids):
             logits = model(input_ids=torch.tensor(batch), use_cache=False).logits
-            by_batch[tuple(tuple(row) for row in batch)] = logits.double().numpy()
+            by_batch[tuple(tuple(row) for row in batch)] = logits.float().numpy()  # float64 when asked for
     return PromptReference(dict(prompt_ids), by_batch)
 
 
@@ -604,10 +629,8 @@ def export_hf_model(path: str | Path, output: str | Path, *, with_kv_cache: bool
         return w
 
     def build() -> onnx.ModelProto:
-        # The model is not needed once traced (place_weights reads the graph's constants), but its memory is not
-        # freed: onnxscript 0.7's module-level rewrite rules keep the last graph they matched, which holds the
-        # exported program's tensors, until the next export.
         proto = _trace(held.pop(), context, cache)
+        _forget_matched_graphs()  # the model goes now: place_weights reads the graph's constants
         bfloat16_arithmetic_in_float32(proto.graph)
         notes.extend(place_weights(proto, keys, graph_form))
         props = ann.model_annotations(pattern="2:4" if sparse else None,

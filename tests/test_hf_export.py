@@ -398,3 +398,29 @@ def test_place_weights_keeps_a_traced_constant_in_place_when_only_its_layer_read
     for t in proto.graph.initializer:
         expected = w_own if t.name == "own.weight_t" else w_shared
         np.testing.assert_array_equal(numpy_helper.to_array(t), expected)
+
+
+def test_the_traced_model_is_freed_before_the_weights_are_placed(compressed, tmp_path, monkeypatch):
+    """The float32 model is not held beside the graph once traced (onnxscript's rewrite rules would keep it through
+    the last graph they matched): at place_weights its parameters are gone, and the export still passes parity."""
+    import gc
+    import weakref
+
+    import sparsert.export.hf_export as hf_export_mod
+
+    trace, place, seen = hf_export_mod._trace, hf_export_mod.place_weights, {}
+
+    def tracing(model, *args):
+        seen["param"] = weakref.ref(next(model.parameters()))
+        return trace(model, *args)
+
+    def placing(*args):
+        gc.collect()
+        seen["alive"] = seen["param"]() is not None
+        return place(*args)
+
+    monkeypatch.setattr(hf_export_mod, "_trace", tracing)
+    monkeypatch.setattr(hf_export_mod, "place_weights", placing)
+    result, _ = export_hf_model(compressed["llama-24"], tmp_path / "m.onnx")
+    assert seen["alive"] is False
+    assert result.parity.passed

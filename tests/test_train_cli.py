@@ -126,6 +126,25 @@ def test_stop_requests_records_the_first_signal_and_restores_the_handlers():
     assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGUSR1)) == before
     assert signal_name(signal.SIGTERM) == "SIGTERM"
 
+    # The same signal twice: the handler outside the block acts (a way out of a stuck step).
+    class Outside(Exception):
+        pass
+
+    def outside(signum, frame):
+        raise Outside
+
+    previous = signal.signal(signal.SIGTERM, outside)
+    try:
+        with pytest.raises(Outside), stop_requests() as stop_signal:
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.01)
+            assert stop_signal() == signal.SIGTERM
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.01)
+        assert signal.getsignal(signal.SIGTERM) is outside
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
 
 def test_unknown_preset_and_missing_data_are_one_line_errors_with_nothing_written(corpus, tmp_path):
     r = sparsert("train", "--preset", "huge", "--data", str(corpus), cwd=tmp_path)

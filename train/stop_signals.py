@@ -19,14 +19,25 @@ STOP_SIGNALS = ("SIGTERM", "SIGUSR1")  # SIGUSR1 does not exist on Windows: left
 @contextlib.contextmanager
 def stop_requests() -> Iterator[Callable[[], int]]:
     """Within the block, SIGTERM and SIGUSR1 are recorded; yields a function returning the first one received
-    (its number, 0 for none). The previous handlers come back on exit. Outside the main thread, where Python
+    (its number, 0 for none). The same signal a second time gets the previous handlers back and is raised again,
+    so it acts as it would outside the block (under ``sparsert``, SIGTERM unwinds and exits 143): a way out when
+    the step in progress is stuck. The previous handlers come back on exit. Outside the main thread, where Python
     cannot install handlers, signals keep their handlers and the function always returns 0."""
     received: list[int] = []
+    previous: dict[int, object] = {}
+
+    def restore() -> None:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        previous.clear()
 
     def note(signum: int, frame: object) -> None:
+        if signum in received:  # the same signal twice (not SIGTERM after Slurm's SIGUSR1 warning: that is noted)
+            restore()
+            signal.raise_signal(signum)
+            return
         received.append(signum)
 
-    previous: dict[int, object] = {}
     try:
         for name in STOP_SIGNALS:
             sig = getattr(signal, name, None)
@@ -37,8 +48,7 @@ def stop_requests() -> Iterator[Callable[[], int]]:
     try:
         yield lambda: received[0] if received else 0
     finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
+        restore()
 
 
 def signal_name(signum: int) -> str:

@@ -807,9 +807,9 @@ def train(cfg: TrainConfig) -> TrainResult:
                  f"resume with: sparsert train --resume --out {run_dir}")
         raise
     finally:
-        handlers.close()
         bar.close()
         metrics.close()
+        handlers.close()  # last: a signal until here is noted, not raised in the middle of closing
 
     if math.isnan(val_loss):
         # Resumed a run that had already finished: nothing trained, evaluate the final weights.
