@@ -117,6 +117,14 @@ def test_qat_weights_saved_as_trained(hf_dirs: dict[str, Path], tmp_path: Path) 
     out = save_hf_checkpoint(bundle.model, None, tmp_path / "q")
     reloaded = load_hf_causal_lm(out)
     assert reloaded.tokenizer is None
+
+    # consume=True (compress, save_hf_run: the model is dropped after the save) writes the same tensors and leaves
+    # each sparse layer holding its folded weight instead of a second copy beside it.
+    consumed = save_hf_checkpoint(bundle.model, None, tmp_path / "consumed", consume=True)
+    saved, again = load_file(str(out / "model.safetensors")), load_file(str(consumed / "model.safetensors"))
+    assert saved.keys() == again.keys() and all(torch.equal(saved[k], again[k]) for k in saved)
+    for name in names:
+        assert torch.equal(bundle.model.get_submodule(name).weight, saved[f"{name}.weight"])
     with torch.no_grad():
         torch.testing.assert_close(hf_forward(reloaded.model, x), expected, atol=1e-5, rtol=1e-5)
     w = reloaded.model.get_submodule(names[0]).weight

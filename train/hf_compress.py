@@ -184,5 +184,5 @@ def compress_hf_model(path: str | Path, output: str | Path, *, prune: str | None
     with torch.no_grad():
         for name, module in sparse_modules(model).items():
             module.mask.copy_(masks[name].to(module.mask.dtype))
-    save_hf_checkpoint(model, tokenizer, out, overwrite=True, dtype=HF_DTYPES[dtype])
+    save_hf_checkpoint(model, tokenizer, out, overwrite=True, dtype=HF_DTYPES[dtype], consume=True)
     return out, names

@@ -348,14 +348,16 @@ def hf_forward(model: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
     return model(input_ids=input_ids, use_cache=False).logits.float()
 
 
-def folded_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+def folded_state_dict(model: nn.Module, *, consume: bool = False) -> dict[str, torch.Tensor]:
     """The model's state dict in plain transformers layout, ready for ``save_pretrained``.
 
     Each SparseLinear contributes ``<name>.weight`` = the weight its forward pass uses (``W ⊙ mask``,
     INT4 fake-quantized when trained with QAT; plain ``W`` for a layer in dense mode), float ``[out, K]``,
     and no ``.mask``; layers converted from Conv1D are transposed back to ``[K, out]``, and unfused experts
     stacked back into their fused parameters (:func:`~sparsert.runtime.moe_experts.fused_expert_state`). Other
-    tensors are the model's own (shared tensors, e.g. tied embeddings, stay shared).
+    tensors are the model's own (shared tensors, e.g. tied embeddings, stay shared). ``consume``: each folded
+    weight also replaces the layer's own (its values outside the mask are lost), so the model and the state do not
+    hold two copies of the sparse weights; for a model saved and then dropped.
     """
     state = model.state_dict()
     transposed = set(getattr(model, TRANSPOSED_ATTR, ()))
@@ -363,6 +365,8 @@ def folded_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
         if isinstance(module, SparseLinear):
             state.pop(f"{name}.mask", None)
             w = module.effective_weight()
+            if consume:
+                state[f"{name}.weight"] = module.weight.data = w  # the state's old reference goes first
         elif isinstance(module, nn.Linear) and name in transposed:
             w = module.weight.detach()
         else:
@@ -457,7 +461,8 @@ def swap_saved_sparse_layers(model: nn.Module, path: str | Path, **swap_options:
 
 
 def save_hf_checkpoint(model: nn.Module, tokenizer: HFTokenizer | Any | None, out_dir: str | Path, *,
-                       overwrite: bool = False, dtype: torch.dtype | None = None, record: bool = True) -> Path:
+                       overwrite: bool = False, dtype: torch.dtype | None = None, record: bool = True,
+                       consume: bool = False) -> Path:
     """Write ``model`` (and ``tokenizer``) as a Hugging Face directory that ``transformers`` loads as is.
 
     The weights are :func:`folded_state_dict` (dense tensors carrying the 2:4 zeros, masks folded in,
@@ -466,7 +471,9 @@ def save_hf_checkpoint(model: nn.Module, tokenizer: HFTokenizer | Any | None, ou
     tokenizer or None. The directory is written under a temporary name beside ``out_dir`` and renamed into
     place, so a failure leaves no half-written checkpoint. ``dtype``: the saved floating tensors' dtype (default:
     the model's), folded in the model's own precision first. ``record=False`` writes no ``sparsert.json`` (a
-    plain transformers directory, for a model with no sparse layer). ConfigError when ``out_dir`` exists and
+    plain transformers directory, for a model with no sparse layer). ``consume=True`` folds the masks into the
+    model's own weights as it goes (:func:`folded_state_dict`), for a model dropped after the save: the sparse weights
+    are not held twice. ConfigError when ``out_dir`` exists and
     ``overwrite`` is False; ArtifactError when writing fails. Returns ``out_dir``.
     """
     out = Path(out_dir)
@@ -480,7 +487,7 @@ def save_hf_checkpoint(model: nn.Module, tokenizer: HFTokenizer | Any | None, ou
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
-        state = folded_state_dict(model)
+        state = folded_state_dict(model, consume=consume)
         if dtype is not None:
             state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
         model.save_pretrained(str(tmp), state_dict=state, **_save_kwargs(model))

@@ -351,7 +351,7 @@ def save_hf_run(checkpoint: Any, out_dir: str | Path) -> Path:
         elif f"{name}.mask" not in state:
             module.refresh_mask()  # one-shot magnitude N:M of the trained weights
     with _no_progress_bars():
-        return save_hf_checkpoint(model.hf, hf_tokenizer(mc), out_dir, overwrite=True)
+        return save_hf_checkpoint(model.hf, hf_tokenizer(mc), out_dir, overwrite=True, consume=True)
 
 
 @torch.no_grad()
