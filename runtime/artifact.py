@@ -32,7 +32,7 @@ from safetensors.torch import load_file, save_file
 
 import sparsert
 from sparsert.runtime.errors import ArtifactError, ConfigError, SparsertError, require_path
-from sparsert.runtime.fileio import replace_dir
+from sparsert.runtime.fileio import foreign_entry, replace_dir
 from sparsert.runtime.model import DecoderLM, ModelConfig, add_slorb, sparse_linear_names
 from sparsert.runtime.packed_linear import PackedLinear
 from sparsert.runtime.sparse24 import packed_indices_width, validate_indices_24
@@ -432,6 +432,10 @@ def _check_target(path: Path) -> None:
             f"refusing to overwrite {path}: the directory is not empty and is not a sparsert artifact "
             f"(no {CONFIG_NAME} with format '{FORMAT}')"
         )
+    foreign = foreign_entry(path, frozenset({CONFIG_NAME, WEIGHTS_NAME}))
+    if foreign is not None:
+        raise ArtifactError(f"refusing to overwrite {path}: it holds {foreign}, which is not part of a sparsert "
+                            "artifact (replacing the artifact would delete it); move it out or choose another path")
 
 
 def _as_dtype(value: torch.dtype | str, what: str) -> torch.dtype:

@@ -62,6 +62,24 @@ def write_atomic(path: str | Path, data: bytes | str, *, fsync: bool = True) -> 
     return path
 
 
+# What a Hugging Face directory sparsert writes may hold: transformers' weights, configs and tokenizer files.
+HF_DIR_FILES = re.compile(r"(config|generation_config|sparsert|special_tokens_map|added_tokens|preprocessor_config)"
+                          r"\.json|model(-\d+-of-\d+)?\.safetensors|model\.safetensors\.index\.json|tokenizer.*|"
+                          r"vocab\..*|merges\.txt|chat_template.*|.*\.tiktoken|spiece\.model")
+
+
+def foreign_entry(directory: Path, written: re.Pattern[str] | frozenset[str]) -> str | None:
+    """The name of an entry of ``directory`` that a sparsert output there would not have written (``written``: the
+    names it writes, or a pattern they fully match), or None. A directory about to be replaced by a new output is
+    checked with it first, so files a user put there are not deleted with the old output."""
+    for entry in sorted(directory.iterdir()):
+        name = entry.name
+        ok = name in written if isinstance(written, frozenset) else written.fullmatch(name) is not None
+        if not ok or not entry.is_file():
+            return name
+    return None
+
+
 def replace_dir(staged: str | Path, target: str | Path) -> Path:
     """Move the complete directory ``staged`` to ``target`` (a sibling: same file system) and return ``target``.
 

@@ -410,6 +410,10 @@ def test_save_refuses_to_overwrite_other_things(tmp_path: Path, int4_parts: dict
     empty = tmp_path / "empty"
     empty.mkdir()
     load_artifact(write(empty, int4_parts))
+    (empty / "notes.txt").write_text("mine")  # an artifact with a file of the user's: not deleted with it
+    with pytest.raises(ArtifactError, match=r"refusing to overwrite .*empty: it holds notes.txt, which is not part"):
+        write(empty, int4_parts)
+    assert (empty / "notes.txt").read_text() == "mine"
     assert leftovers(tmp_path) == []
 
 

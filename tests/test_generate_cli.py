@@ -168,6 +168,7 @@ def test_missing_artifact(capsys, tmp_path):
     "extra, message",
     [
         (["--prompt", ""], "--prompt is empty"),
+        (["--prompt", "ok \udcff\udcfe"], "--prompt is not valid UTF-8 text (an undecodable byte at character 3)"),
         (["--prompt", "hi", "--max-new-tokens", "0"], "--max-new-tokens must be a positive integer, got 0"),
         (["--prompt", "hi", "--max-new-tokens", "-3"], "--max-new-tokens must be a positive integer, got -3"),
         (["--prompt", "hi", "--temperature", "-1"], "--temperature must be a finite number >= 0"),

@@ -205,10 +205,14 @@ def test_bad_input_is_named(tmp_path, capsys):
     junk = tmp_path / "junk"
     junk.mkdir()
     (junk / "a.txt").write_text("x")
+    own = tmp_path / "own"  # an earlier output, with a folder of the user's put inside
+    (own / "sub").mkdir(parents=True)
+    (own / "sparsert.json").write_text("{}")
     capsys.readouterr()  # transformers' saving output
     cases = [
         (["-o", str(junk)], "already exists and is not a Hugging Face directory sparsert wrote"),
         (["-o", str(src)], "the same directory as the model"),
+        (["-o", str(own)], f"-o {own}: holds sub, which is not part of the Hugging Face directory sparsert writes"),
         (["-o", str(tmp_path / "o"), "--awq"], "--awq (and --force-awq) fold scales into sparsert checkpoints' norms"),
         (["-o", str(tmp_path / "o"), "--calib-data", str(junk / "a.txt")],
          "--calib-data applies only to --prune wanda/sparsegpt"),

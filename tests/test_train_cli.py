@@ -387,6 +387,9 @@ def test_default_out_and_resume_of_a_run_still_work(corpus, tmp_path, monkeypatc
     run = runs[0]
     assert _cli_error(["--data", str(corpus), "--steps", "1", *TINY, "--out", str(run)], capsys) == (
         f"error: {run} already holds a training run; continue it with --resume or choose another --out")
+    assert _cli_error(["--data", str(corpus), "--steps", "1", *TINY, "--out", str(run / "artifact")], capsys) == (
+        f"error: --out {run / 'artifact'}: is a sparsert artifact, not a run directory (a run writes checkpoints/ "
+        "and artifact/ or hf/ into it); choose another --out")
     main(["train", "--resume", "--out", str(run), "--threads", "1", "--no-progress"])  # finished: re-evaluates
     assert (run / "artifact" / "config.json").is_file()
     capsys.readouterr()

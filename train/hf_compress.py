@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 from sparsert.runtime.errors import ArtifactError, ConfigError, require_path
+from sparsert.runtime.fileio import HF_DIR_FILES, foreign_entry
 from sparsert.runtime.linear_swap import outside_linears_note
 from sparsert.runtime.moe_experts import unfuse_experts
 from sparsert.runtime.nm_mask import is_nm_sparse
@@ -68,6 +69,10 @@ def _check_output(source: Path, output: Path) -> None:
     if not (output.exists() or output.is_symlink()):
         return
     if output.is_dir() and not output.is_symlink() and (output / SPARSERT_FILE).is_file():
+        foreign = foreign_entry(output, HF_DIR_FILES)
+        if foreign is not None:
+            raise ConfigError(f"-o {output}: holds {foreign}, which is not part of the Hugging Face directory "
+                              "sparsert writes (replacing it would delete it); move it out or choose a new path")
         return
     raise ConfigError(f"-o {output}: already exists and is not a Hugging Face directory sparsert wrote (no "
                       f"{SPARSERT_FILE}); choose a new path")

@@ -8,7 +8,7 @@ import dataclasses
 from datetime import datetime
 from pathlib import Path
 
-from sparsert.runtime.artifact import is_artifact_dir
+from sparsert.runtime.artifact import is_artifact_dir, is_hf_model_dir
 from sparsert.runtime.errors import ConfigError
 from sparsert.runtime.model import ModelConfig
 from sparsert.train.checkpoint import (
@@ -100,6 +100,10 @@ def check_new_run_dir(run_dir: Path) -> None:
         raise ConfigError(
             f"{run_dir} already holds a training run; continue it with --resume or choose another --out"
         )
+    if is_artifact_dir(run_dir) or is_hf_model_dir(run_dir):
+        what = "a sparsert artifact" if is_artifact_dir(run_dir) else "a Hugging Face model directory"
+        raise ConfigError(f"--out {run_dir}: is {what}, not a run directory (a run writes checkpoints/ and "
+                          "artifact/ or hf/ into it); choose another --out")
     try:
         clashes = []
         for name in (METRICS_FILE, CHECKPOINTS):

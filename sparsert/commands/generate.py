@@ -54,6 +54,10 @@ def command(artifact: str, prompt: str, max_new_tokens: int, temperature: float,
 
     if not prompt:
         raise ConfigError("--prompt is empty")
+    try:
+        prompt.encode("utf-8")
+    except UnicodeEncodeError as exc:  # bytes the locale could not decode reach Python as lone surrogates
+        raise ConfigError(f"--prompt is not valid UTF-8 text (an undecodable byte at character {exc.start})") from None
     cfg = GenerationConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, seed=seed)
     if onnx_path is not None and backend != "onnx":
         raise ConfigError(f"--onnx applies only to --backend onnx (got --backend {backend})")
