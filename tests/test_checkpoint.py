@@ -14,6 +14,7 @@ import sparsert.train.checkpoint as ckpt_mod
 from sparsert.runtime.errors import ArtifactError, ConfigError
 from sparsert.runtime.model import DecoderLM, ModelConfig
 from sparsert.train.checkpoint import load_checkpoint, restore_optimizer, save_checkpoint
+from sparsert.train.run_dir import load_train_config
 from sparsert.train.sparse_linear import SparsityConfig
 from sparsert.train.sparsify import sparsify_model
 
@@ -197,6 +198,11 @@ def test_bad_state_json(run):
     state_path.write_text(json.dumps(dict(json.loads(text), step=99)))
     with pytest.raises(ArtifactError, match=r"state.json: 'step' is 99 but its directory is step_00000005"):
         load_checkpoint(run[0])
+    state = json.loads(text)
+    del state["train_config"]  # a resume would otherwise train the default config from this step
+    state_path.write_text(json.dumps(state))
+    with pytest.raises(ArtifactError, match=r"state.json: no train_config .* cannot be resumed"):
+        load_train_config(run[0])
 
 
 @pytest.mark.parametrize("field,value,message", [

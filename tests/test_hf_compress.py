@@ -243,6 +243,21 @@ def test_bad_input_is_named(tmp_path, capsys):
         compress_hf_model(src, tmp_path / "llama" / ".." / "llama")
 
 
+def test_a_model_with_a_nan_weight_is_refused_naming_the_tensor(tmp_path, capsys):
+    from safetensors.torch import load_file, save_file
+
+    src = _model_dir(tmp_path, "llama")
+    weights = load_file(str(src / "model.safetensors"))
+    weights["model.layers.0.mlp.up_proj.weight"][3, 5] = float("nan")
+    save_file(weights, str(src / "model.safetensors"), metadata={"format": "pt"})
+    capsys.readouterr()
+    code, _, err = run_main(capsys, "compress", str(src), "-o", str(tmp_path / "o"))
+    assert code == 2 and err.strip().splitlines()[-1] == (
+        f"error: {src}: the model's tensor 'model.layers.0.mlp.up_proj.weight' holds non-finite values (NaN or "
+        "infinity); a model to compress must be finite")
+    assert not (tmp_path / "o").exists()
+
+
 def test_dtype_and_a_record_without_2_4_layers(tmp_path, capsys):
     src = _model_dir(tmp_path, "llama")
     for dtype in ("float16", "bfloat16"):

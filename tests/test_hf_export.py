@@ -151,6 +151,14 @@ def test_bad_input_is_named(compressed, tmp_path, capsys):
             layer: {**entry, "qat_group_size": group}}}))
         with pytest.raises(ArtifactError, match=message):
             export_hf_model(broken, tmp_path / "b.onnx")
+    for meta, message in (({**record, "version": 2}, r"version 2; this sparsert reads version 1"),
+                          ({**record, "sparse_layers": {"model.layers.0.mlp.up_proj": None}},
+                           r"layer 'model\.layers\.0\.mlp\.up_proj': expected an object .*, got NoneType"),
+                          ({**record, "sparse_layers": {"model.layers.0.mlp.up_proj": {**entry, "n": 5}}},
+                           r"n 5 exceeds m 4")):
+        (broken / "sparsert.json").write_text(json.dumps(meta))
+        with pytest.raises(ArtifactError, match=message):
+            export_hf_model(broken, tmp_path / "b.onnx")
     # --accuracy-level applies to INT4 only
     code, _, err = run_main(capsys, "export", str(compressed["llama-24"]), "-o", str(tmp_path / "c.onnx"),
                             "--accuracy-level", "4")

@@ -396,11 +396,19 @@ def saved_sparse_layers(path: str | Path) -> dict[str, dict] | None:
         layers = meta["sparse_layers"]
         if meta.get("format") != "sparsert-hf-checkpoint" or not isinstance(layers, dict):
             raise ValueError("not a sparsert-hf-checkpoint file")
+        if meta.get("version", 1) != 1:
+            raise ValueError(f"version {meta['version']!r}; this sparsert reads version 1")
         for name, info in layers.items():
+            if not isinstance(info, dict):
+                raise ValueError(f"layer {name!r}: expected an object with n, m, dense and qat_group_size, got "
+                                 f"{type(info).__name__}")
             n, m, group = info["n"], info["m"], info["qat_group_size"]
             if not (_positive_int(n) and _positive_int(m) and isinstance(info["dense"], bool)
                     and (group is None or _positive_int(group))):
                 raise ValueError(f"layer {name!r}: n, m, dense or qat_group_size of the wrong type or not positive")
+            if n > m or not isinstance(info.get("transposed", False), bool):
+                raise ValueError(f"layer {name!r}: n {n} exceeds m {m}" if n > m
+                                 else f"layer {name!r}: 'transposed' must be true or false")
     except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as exc:
         raise ArtifactError(f"{file}: not a valid sparsert layer record ({_first_line(exc)})") from None
     return layers

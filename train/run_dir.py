@@ -9,7 +9,7 @@ from datetime import datetime
 from pathlib import Path
 
 from sparsert.runtime.artifact import is_artifact_dir, is_hf_model_dir
-from sparsert.runtime.errors import ConfigError
+from sparsert.runtime.errors import ArtifactError, ConfigError
 from sparsert.runtime.model import ModelConfig
 from sparsert.train.checkpoint import (
     CHECKPOINTS,
@@ -38,8 +38,12 @@ def load_train_config(run_dir: str | Path) -> TrainConfig:
 
 
 def saved_config(ckpt: Checkpoint, run_dir: str | Path) -> TrainConfig:
+    raw = ckpt.state.get("train_config")
+    if not isinstance(raw, dict):  # not the defaults: a resume would train another run's config from this step
+        raise ArtifactError(f"{ckpt.path}/state.json: no train_config (the config the run trains with), so it cannot "
+                            "be resumed; the checkpoint is damaged")
     try:
-        saved = TrainConfig.from_dict(ckpt.state.get("train_config") or {})
+        saved = TrainConfig.from_dict(raw)
     except (ConfigError, TypeError) as exc:
         raise ConfigError(f"{ckpt.path}/state.json: train_config is not a valid training config ({exc})") from None
     return dataclasses.replace(saved, resume=True, out_dir=str(run_dir))
