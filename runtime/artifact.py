@@ -572,6 +572,9 @@ def read_config(path: str | Path) -> dict:
         if (root / "artifact" / CONFIG_NAME).is_file():
             raise ArtifactError(f"{root} is not an artifact ({file} is missing); it looks like a training run "
                                 f"directory: its artifact is {root / 'artifact'}")
+        if (root / "state.json").is_file() or (root / "latest.json").is_file():  # a checkpoint step, checkpoints/
+            raise ArtifactError(f"{root} is not an artifact ({file} is missing); it looks like a training "
+                                f"checkpoint: make an artifact of it with: sparsert compress {root} -o ARTIFACT")
         raise ArtifactError(f"{file} is missing (not a sparsert artifact?)")
     try:
         config = json.loads(file.read_text(encoding="utf-8"))

@@ -280,6 +280,12 @@ def test_not_an_artifact_says_what_it_is(tmp_path: Path, int4_dir: Path, monkeyp
     with pytest.raises(ArtifactError, match=rf"^{run} is not an artifact \({run / 'config.json'} is missing\); it "
                        rf"looks like a training run directory: its artifact is {run / 'artifact'}$"):
         load_artifact(run)
+    step = run / "checkpoints" / "step_00000004"
+    step.mkdir()
+    (step / "state.json").write_text("{}")
+    with pytest.raises(ArtifactError, match=rf"^{step} is not an artifact .*; it looks like a training checkpoint: "
+                       rf"make an artifact of it with: sparsert compress {step} -o ARTIFACT$"):
+        load_artifact(step)
     hf = run / "hf"
     hf.mkdir()
     (hf / "config.json").write_text(json.dumps({"architectures": ["LlamaForCausalLM"], "model_type": "llama"}))

@@ -191,20 +191,34 @@ def load_hf_causal_lm(path: str | Path, *, dtype: torch.dtype = torch.float32,
     transformers = import_transformers("loading a Hugging Face model")
     if not any((p / f).is_file() for f in _WEIGHT_FILES):
         raise ArtifactError(f"{p}: no model weights (expected one of {', '.join(_WEIGHT_FILES)})")
-    kwargs = {"local_files_only": True, "output_loading_info": True, _dtype_kwarg(transformers): dtype}
+    # Mis-shaped tensors are let through and reported below, naming the tensor and both shapes (transformers raises
+    # on them with "see the above report!" after a table on stderr, kept quiet here).
+    kwargs = {"local_files_only": True, "output_loading_info": True, "ignore_mismatched_sizes": True,
+              _dtype_kwarg(transformers): dtype}
     from safetensors import SafetensorError
+    from transformers.utils import logging as hf_logging
 
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
     try:
         model, info = transformers.AutoModelForCausalLM.from_pretrained(str(p), config=config, **kwargs)
     except (OSError, ValueError, RuntimeError, KeyError, SafetensorError) as exc:
         raise ArtifactError(f"{p}: cannot load the model weights ({_first_line(exc)})") from None
+    finally:
+        hf_logging.set_verbosity(verbosity)
     missing = list(info.get("missing_keys") or [])
     mismatched = list(info.get("mismatched_keys") or [])
     if missing:
         raise ArtifactError(f"{p}: the weights lack {len(missing)} tensor(s) of the model, e.g. '{missing[0]}'")
     if mismatched:
-        first = mismatched[0][0] if isinstance(mismatched[0], (tuple, list)) else mismatched[0]
-        raise ArtifactError(f"{p}: {len(mismatched)} tensor(s) have the wrong shape for the config, e.g. '{first}'")
+        first = mismatched[0]
+        if isinstance(first, (tuple, list)) and len(first) == 3:
+            name, stored, expected = first[0], list(first[1]), list(first[2])
+            what = f"'{name}' is {stored} in the weights but {expected} by config.json"
+        else:
+            what = f"e.g. '{first[0] if isinstance(first, (tuple, list)) else first}'"
+        raise ArtifactError(f"{p}: config.json does not match the weights: {len(mismatched)} tensor(s) of another "
+                            f"shape, {what}")
     tokenizer = None
     if load_tokenizer and has_tokenizer_files(p):
         tokenizer = HFTokenizer(p)
