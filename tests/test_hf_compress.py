@@ -318,6 +318,11 @@ def test_inspect_a_compressed_directory(tmp_path, capsys):
     assert code == 0 and "8 of its 8 block linears are 2:4 along K" in stdout
     assert f"sparsert compress {plain} -o OUT records the 2:4 ones" in stdout
 
+    meta = json.loads((out / "sparsert.json").read_text())
+    (out / "sparsert.json").write_text(json.dumps({**meta, "sparse_layers": {}}))  # records no layer
+    code, stdout, _ = run_main(capsys, "inspect", str(out))
+    assert code == 0 and stdout.rstrip().endswith("no recorded layers: every weight stays as stored")
+
 
 def _moe_dir(root: Path, **kwargs: int) -> Path:
     src = root / "moe"

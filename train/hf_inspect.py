@@ -195,9 +195,12 @@ def format_hf_stats(stats: HFDirStats) -> str:
                      f"{'yes' if layer.is_2_4 else 'no':>4} {layer.served_bits:>14.3f}")
     broken = [layer.name for layer in stats.layers if layer.served_bits < 16 and not layer.is_2_4]  # served as 2:4
     what = "recorded layers" if stats.recorded else "block linears"
-    lines += ["", f"{what} served at {stats.served_bits_per_weight:.3f} bits/weight "
-                  f"({16 / max(stats.served_bits_per_weight, 1e-9):.2f}x smaller than 16-bit dense)"]
-    if stats.total_weights:
+    if stats.layers:
+        lines += ["", f"{what} served at {stats.served_bits_per_weight:.3f} bits/weight "
+                      f"({16 / stats.served_bits_per_weight:.2f}x smaller than 16-bit dense)"]
+    else:
+        lines += ["", f"no {what}: every weight stays as stored"]
+    if stats.total_weights and stats.layers:
         unrecorded = ", layers not recorded" if stats.recorded else ""
         lines.append(f"they hold {stats.recorded_share:.1%} of the directory's {stats.total_weights:,} weights; the "
                      f"rest (embeddings, norms, the head, MoE routers{unrecorded}) stays as stored")
