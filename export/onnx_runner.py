@@ -88,8 +88,25 @@ def make_session(
     try:
         return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
     except Exception as exc:  # ORT raises its own Fail/InvalidGraph/... classes
+        missing = _missing_external_data(Path(source)) if isinstance(source, str) else None
+        if missing is not None:
+            raise ExportError(f"ONNX Runtime cannot load {what}: its external data file {missing} is missing (it "
+                              "must lie beside the model, as export writes it)") from None
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ExportError(f"ONNX Runtime cannot load {what}: {first}") from None
+
+
+def _missing_external_data(path: Path) -> Path | None:
+    """The first external-data file the ONNX model at ``path`` names that does not exist beside it, or None."""
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception:  # noqa: BLE001 - not readable as ONNX: ORT's own message says more
+        return None
+    for tensor in model.graph.initializer:
+        for entry in tensor.external_data:
+            if entry.key == "location" and not (path.parent / entry.value).is_file():
+                return path.parent / entry.value
+    return None
 
 
 def empty_past(session, batch: int = 1) -> dict[str, np.ndarray]:

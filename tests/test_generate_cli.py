@@ -389,6 +389,12 @@ def test_export_replaces_an_earlier_export(capsys, tmp_path, artifact):
     # an earlier export with external data: both files may be replaced
     save_onnx_model(build_onnx_model(load_artifact(artifact)), out, external_data=True)
     assert (tmp_path / "model.onnx.data").is_file()
+    (tmp_path / "model.onnx.data").rename(tmp_path / "moved.data")  # the weights left behind when copying the model
+    code, _, err = run_main(capsys, "generate", str(artifact), "--prompt", "hi", "--backend", "onnx",
+                            "--onnx", str(out))
+    assert_one_line_error(code, err, f"ONNX Runtime cannot load {out}: its external data file "
+                                     f"{tmp_path / 'model.onnx.data'} is missing")
+    (tmp_path / "moved.data").rename(tmp_path / "model.onnx.data")
     code, _, err = run_main(capsys, "export", str(artifact), "-o", str(out), "--skip-parity")
     assert code == 0, err
     onnx.checker.check_model(str(out), full_check=True)
