@@ -12,11 +12,13 @@ error or bad flag, which every rank meets alike, is printed by rank 0 only; othe
 from __future__ import annotations
 
 import contextlib
+import errno
 import importlib
 import os
 import signal
 import sys
 from collections.abc import Iterator
+from pathlib import Path
 
 import click
 
@@ -132,7 +134,12 @@ def main(argv: list[str] | None = None) -> None:
         if exc.filename is None:  # not about a path the user gave: a bug, keep its traceback
             raise
         where = exc.filename if exc.filename2 is None else f"{exc.filename} -> {exc.filename2}"
-        click.echo(f"error: cannot use {where}: {exc.strerror or exc}", err=True)
+        why = exc.strerror or str(exc)
+        if exc.errno in (errno.EEXIST, errno.ENOTDIR):  # a file where a folder of the path should be
+            path = Path(os.fsdecode(exc.filename))  # EEXIST: a mkdir of the path itself, or of a folder on it
+            blocking = next((p for p in (path, *path.parents) if p.is_file()), None)
+            why = f"{blocking} is a file, not a directory" if blocking is not None else why
+        click.echo(f"error: cannot use {where}: {why}", err=True)
         sys.exit(2)
     except click.exceptions.Exit as exc:
         sys.exit(exc.exit_code)

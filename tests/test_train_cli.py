@@ -154,6 +154,10 @@ def test_unknown_preset_and_missing_data_are_one_line_errors_with_nothing_writte
     assert r.returncode == 2
     assert r.stderr.strip().splitlines() == [f"error: {tmp_path / 'missing.txt'}: data path does not exist"]
     assert sorted(p.name for p in tmp_path.iterdir()) == []  # no runs/ folder, no partial output
+    (tmp_path / "notes").write_text("x")  # a file where --out needs a folder
+    r = sparsert("train", "--data", str(corpus), "--out", "notes/run", *TINY, cwd=tmp_path)
+    assert r.returncode == 2
+    assert r.stderr.strip().splitlines() == ["error: cannot use notes/run: notes is a file, not a directory"]
 
 
 def test_resume_without_out_names_the_runs_it_could_mean(tmp_path, monkeypatch, capsys):
