@@ -198,6 +198,9 @@ def test_errors_are_one_line(tmp_path: Path) -> None:
     (bad / "metrics.jsonl").write_text('{"step": -1, "loss": 0.1}\n')
     with pytest.raises(ArtifactError, match=r"metrics.jsonl:1: 'step' must be a non-negative integer"):
         load_run(bad)
+    (bad / "metrics.jsonl").write_text('{"step": 1, "loss": "nan"}\n{"step": 2, "loss": "low"}\n')  # "nan": NaN
+    with pytest.raises(ArtifactError, match=r"metrics.jsonl:2: 'loss' must be a number, got 'low'"):
+        load_run(bad)
     assert not (tmp_path / "o").exists()  # nothing written on error
 
 

@@ -184,6 +184,10 @@ def load_run(run: str | Path, name: str | None = None) -> RunMetrics:
             continue
         if not _is_number(step) or step != int(step) or step < 0:
             raise ArtifactError(f"{path}:{i + 1}: 'step' must be a non-negative integer, got {step!r}")
+        for key in ("loss", "val_loss"):  # numbers, or the strings the trainer writes for NaN and infinity
+            value = record.get(key)
+            if key in record and not _is_number(value) and str(value).lower() not in ("nan", "inf", "-inf"):
+                raise ArtifactError(f"{path}:{i + 1}: '{key}' must be a number, got {value!r}")
         # A line with val_loss is an evaluation; any other is a training step; a line with both is both.
         targets = ([evals] if "val_loss" in record else []) + ([train] if "val_loss" not in record
                                                               or "loss" in record else [])
