@@ -157,6 +157,13 @@ def test_seq_len_is_capped_at_max_position_embeddings(hf: dict[str, Path], tmp_p
     with pytest.raises(ConfigError, match=rf"--seq-len 256 exceeds the model's max_seq_len {MAX_POS}"):
         train(small(hf, "gpt2", tmp_path / "run", seq_len=256))
     assert list(tmp_path.iterdir()) == []
+    broken = tmp_path / "no-context"  # a config whose context is 0 had no limit at all
+    broken.mkdir()
+    config = json.loads((hf["llama"] / "config.json").read_text())
+    (broken / "config.json").write_text(json.dumps({**config, "max_position_embeddings": 0}))
+    with pytest.raises(ConfigError, match=r"no-context/config.json: max_position_embeddings must be a positive "
+                                          r"integer \(the longest sequence the model takes\), got 0"):
+        HFModelConfig.from_directory(broken)
 
 
 def test_slorb_is_refused_before_training(hf: dict[str, Path], tmp_path: Path) -> None:

@@ -113,7 +113,12 @@ class HFModelConfig:
         :func:`sparsert.train.hf_model.load_hf_config`) when it is missing or not a decoder-only causal LM."""
         p = Path(path).resolve()
         config = load_hf_config(p)
-        limit = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+        key = next((k for k in ("max_position_embeddings", "n_positions") if getattr(config, k, None) is not None),
+                   None)
+        limit = None if key is None else getattr(config, key)
+        if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit <= 0):
+            raise ConfigError(f"{p / 'config.json'}: {key} must be a positive integer (the longest sequence the model "
+                              f"takes), got {limit!r}")
         return cls(path=str(p), model_type=str(config.model_type),
                    max_seq_len=int(limit) if isinstance(limit, int) and limit > 0 else NO_POSITION_LIMIT,
                    vocab_size=int(config.vocab_size), config=_config_json(config))
