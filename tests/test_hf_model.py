@@ -212,7 +212,7 @@ def test_weights_not_matching_config_are_refused(hf_dirs: dict[str, Path], tmp_p
     vocab = config["vocab_size"]
     (bad / "config.json").write_text(json.dumps({**config, "vocab_size": 100}))
     with pytest.raises(ArtifactError, match=r"three_layers: config.json does not match the weights: \d+ tensor\(s\) of "
-                                            rf"another shape, 'model.embed_tokens.weight' is \[{vocab}, \d+\] in the "
+                                            rf"another shape, 'lm_head.weight' is \[{vocab}, \d+\] in the "
                                             r"weights but \[100, \d+\] by config.json"):
         load_hf_causal_lm(bad)
     (bad / "config.json").write_text(json.dumps(config))

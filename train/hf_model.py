@@ -207,7 +207,7 @@ def load_hf_causal_lm(path: str | Path, *, dtype: torch.dtype = torch.float32,
     finally:
         hf_logging.set_verbosity(verbosity)
     missing = list(info.get("missing_keys") or [])
-    mismatched = list(info.get("mismatched_keys") or [])
+    mismatched = sorted(info.get("mismatched_keys") or [], key=str)  # a set: the first named is the same each time
     if missing:
         raise ArtifactError(f"{p}: the weights lack {len(missing)} tensor(s) of the model, e.g. '{missing[0]}'")
     if mismatched:
