@@ -3,10 +3,10 @@
 Each command lives in ``sparsert/commands/<name>.py`` as a click command called ``command``; it is imported
 only when used, so ``sparsert --help`` stays fast. A :class:`SparsertError`, a bad flag or value, and a
 filesystem error on a named path (an existing file where a folder is needed, no permission, ...) become a
-one-line ``error: ...`` message and exit code 2; Ctrl-C exits with 130 and SIGTERM with 143, both after the
-``finally`` blocks ran (no temporary file is left); ``train`` checkpoints the step it is on for SIGTERM or SIGUSR1
-and exits with 128 + the signal number. Under ``torchrun`` a configuration
-error or bad flag, which every rank meets alike, is printed by rank 0 only; other errors carry ``[rank N]``.
+one-line ``error: ...`` message and exit code 2. Ctrl-C exits with 130, SIGTERM with 143 and SIGUSR1 with 138,
+all after the ``finally`` blocks ran (no temporary file is left); ``train`` checkpoints the step it is on for
+SIGTERM or SIGUSR1 and exits with 128 + the signal number. Under ``torchrun`` a configuration error or bad flag,
+which every rank meets alike, is printed by rank 0 only; other errors carry ``[rank N]``.
 """
 
 from __future__ import annotations
@@ -73,28 +73,41 @@ def _launcher_rank() -> int:
 
 
 class Terminated(BaseException):
-    """SIGTERM arrived (``kill``, ``timeout``, a batch scheduler, torchrun ending the other ranks of a failed run).
-    A BaseException, like KeyboardInterrupt, so no ``except Exception`` takes it for an error."""
+    """SIGTERM or SIGUSR1 arrived (``kill``, ``timeout``, a batch scheduler ending the job or, with Slurm's
+    ``--signal``, warning of its time limit; torchrun ending the other ranks of a failed run). A BaseException, like
+    KeyboardInterrupt, so no ``except Exception`` takes it for an error. ``signum``: the signal."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+UNWINDING_SIGNALS = ("SIGTERM", "SIGUSR1")  # SIGUSR1 does not exist on Windows
 
 
 @contextlib.contextmanager
 def sigterm_unwinds() -> Iterator[None]:
-    """Within the block SIGTERM raises :class:`Terminated` where the process stands, so ``finally`` blocks run
-    (temporary files and scratch copies are removed, as on Ctrl-C) instead of Python's default, which ends the
-    process at once. ``sparsert train`` notes it instead while it trains (:mod:`sparsert.train.stop_signals`)."""
+    """Within the block SIGTERM and SIGUSR1 raise :class:`Terminated` where the process stands, so ``finally``
+    blocks run (temporary files and scratch copies are removed, as on Ctrl-C) instead of the default action, which
+    ends the process at once. ``sparsert train`` notes them instead while it trains, and stops after the step
+    (:mod:`sparsert.train.stop_signals`)."""
 
     def unwind(signum: int, frame: object) -> None:
-        raise Terminated
+        raise Terminated(signum)
 
+    previous: dict[int, object] = {}
     try:
-        previous = signal.signal(signal.SIGTERM, unwind)
+        for name in UNWINDING_SIGNALS:
+            sig = getattr(signal, name, None)
+            if sig is not None:
+                previous[sig] = signal.signal(sig, unwind)
     except ValueError:  # not the main thread: leave signals alone
-        yield
-        return
+        pass
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -112,9 +125,10 @@ def main(argv: list[str] | None = None) -> None:
             cli.main(args=argv, prog_name="sparsert", standalone_mode=False)
     except StoppedBySignal as exc:  # the job said where it stopped and how to resume
         sys.exit(128 + exc.signum)
-    except Terminated:
-        click.echo("terminated", err=True)
-        sys.exit(128 + signal.SIGTERM)
+    except Terminated as exc:
+        click.echo("terminated" if exc.signum == signal.SIGTERM else f"terminated by {signal.Signals(exc.signum).name}",
+                   err=True)
+        sys.exit(128 + exc.signum)
     except SparsertError as exc:
         if rank == 0 or not isinstance(exc, ConfigError):  # every rank finds the same config error: rank 0 says it
             click.echo(f"error: {'' if rank == 0 else f'[rank {rank}] '}{exc}", err=True)

@@ -164,8 +164,8 @@ def test_a_dense_model_run_is_pruned_one_shot_from_its_trained_weights(tmp_path,
 
 
 def test_sigterm_and_notes_of_a_scratch_copy(tmp_path, capsys):
-    """What `compress RUN` of a dense run relies on: SIGTERM unwinds the `finally` that removes the scratch copy
-    (exit status 143), and its notes name the run instead of the scratch directory."""
+    """What `compress RUN` of a dense run relies on: SIGTERM (and Slurm's SIGUSR1) unwinds the `finally` that removes
+    the scratch copy (exit status 143, 138), and its notes name the run instead of the scratch directory."""
     import subprocess
     import sys
     import textwrap
@@ -175,26 +175,27 @@ def test_sigterm_and_notes_of_a_scratch_copy(tmp_path, capsys):
     from sparsert.train.compress import CompressionNote
 
     scratch = tmp_path / "scratch"
-    code = textwrap.dedent(f"""
-        import os, pathlib, shutil, signal
-        import sparsert.cli
-        scratch = pathlib.Path({str(scratch)!r})
+    for sig, status, said in (("SIGTERM", 143, "terminated\n"), ("SIGUSR1", 138, "terminated by SIGUSR1\n")):
+        code = textwrap.dedent(f"""
+            import os, pathlib, shutil, signal
+            import sparsert.cli
+            scratch = pathlib.Path({str(scratch)!r})
 
-        def command(**kw):  # stands in for a command's work: sparsert's main() around it is the real one
-            scratch.mkdir()
-            try:
-                os.kill(os.getpid(), signal.SIGTERM)
-                signal.pause()
-            finally:
-                shutil.rmtree(scratch)
+            def command(**kw):  # stands in for a command's work: sparsert's main() around it is the real one
+                scratch.mkdir()
+                try:
+                    os.kill(os.getpid(), signal.{sig})
+                    signal.pause()
+                finally:
+                    shutil.rmtree(scratch)
 
-        sparsert.cli.cli.main = command
-        sparsert.cli.main([])
-    """)
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert result.returncode == 143, result.stderr
-    assert result.stderr == "terminated\n"
-    assert not scratch.exists()
+            sparsert.cli.cli.main = command
+            sparsert.cli.main([])
+        """)
+        result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+        assert result.returncode == status, result.stderr
+        assert result.stderr == said
+        assert not scratch.exists()
     with _notes_as_lines(rename=("/scratch/model", "RUN (its dense weights)")):
         warnings.warn("/scratch/model: 2 weights stay dense", CompressionNote, stacklevel=1)
     assert capsys.readouterr().err == "note: RUN (its dense weights): 2 weights stay dense\n"
