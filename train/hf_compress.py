@@ -78,16 +78,6 @@ def _check_output(source: Path, output: Path) -> None:
                       f"{SPARSERT_FILE}); choose a new path")
 
 
-def _check_finite(model: torch.nn.Module, path: str | Path) -> None:
-    """ArtifactError naming the first floating tensor of the loaded model that holds NaN or infinity: pruning and
-    quantizing it would write a directory that loads and then yields NaN logits."""
-    with torch.no_grad():
-        for name, t in model.state_dict().items():
-            if t.is_floating_point() and not bool(torch.isfinite(t).all()):
-                raise ArtifactError(f"{path}: the model's tensor '{name}' holds non-finite values (NaN or infinity); "
-                                    "a model to compress must be finite")
-
-
 def compress_hf_model(path: str | Path, output: str | Path, *, prune: str | None = None, int4: bool = False,
                       group_size: int = 128, dtype: str = "float32", calib_data: str | Path | None = None,
                       calib_batches: int | None = None, calib_seq_len: int | None = None,
@@ -161,7 +151,6 @@ def compress_hf_model(path: str | Path, output: str | Path, *, prune: str | None
                       "such layers float32 2:4", CompressionNote, stacklevel=2)
     bundle = load_hf_causal_lm(path)
     model, tokenizer = bundle.model, bundle.tokenizer
-    _check_finite(model, path)
     unfuse_experts(model)  # fused MoE experts -> per-expert linears, pruned like the other MLP layers
     outside = outside_linears_note(model)
     if outside is not None:

@@ -183,8 +183,8 @@ def load_hf_causal_lm(path: str | Path, *, dtype: torch.dtype = torch.float32,
     The model comes back in ``dtype`` (float32 default, for training) and eval mode; its tokenizer is
     loaded when the directory holds tokenizer files (else ``tokenizer`` is None). Raises ConfigError for a
     directory that is missing, has no ``config.json``, or is not a decoder-only causal LM; ArtifactError when
-    the weights are absent, unreadable, or do not cover the model (missing or mis-shaped tensors, which
-    transformers would otherwise initialise at random).
+    the weights are absent, unreadable, do not cover the model (missing or mis-shaped tensors, which
+    transformers would otherwise initialise at random) or hold NaN or infinity.
     """
     p = Path(path)
     config = load_hf_config(p)
@@ -219,6 +219,10 @@ def load_hf_causal_lm(path: str | Path, *, dtype: torch.dtype = torch.float32,
             what = f"e.g. '{first[0] if isinstance(first, (tuple, list)) else first}'"
         raise ArtifactError(f"{p}: config.json does not match the weights: {len(mismatched)} tensor(s) of another "
                             f"shape, {what}")
+    with torch.no_grad():  # NaN weights would load, then give NaN logits or fail a later check misleadingly
+        for name, t in model.named_parameters():
+            if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                raise ArtifactError(f"{p}: the model's tensor '{name}' holds non-finite values (NaN or infinity)")
     tokenizer = None
     if load_tokenizer and has_tokenizer_files(p):
         tokenizer = HFTokenizer(p)
