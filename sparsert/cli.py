@@ -82,32 +82,19 @@ class Terminated(BaseException):
         self.signum = signum
 
 
-UNWINDING_SIGNALS = ("SIGTERM", "SIGUSR1")  # SIGUSR1 does not exist on Windows
-
-
 @contextlib.contextmanager
 def sigterm_unwinds() -> Iterator[None]:
     """Within the block SIGTERM and SIGUSR1 raise :class:`Terminated` where the process stands, so ``finally``
     blocks run (temporary files and scratch copies are removed, as on Ctrl-C) instead of the default action, which
     ends the process at once. ``sparsert train`` notes them instead while it trains, and stops after the step
     (:mod:`sparsert.train.stop_signals`)."""
+    from sparsert.train.stop_signals import handling_stop_signals
 
     def unwind(signum: int, frame: object) -> None:
         raise Terminated(signum)
 
-    previous: dict[int, object] = {}
-    try:
-        for name in UNWINDING_SIGNALS:
-            sig = getattr(signal, name, None)
-            if sig is not None:
-                previous[sig] = signal.signal(sig, unwind)
-    except ValueError:  # not the main thread: leave signals alone
-        pass
-    try:
+    with handling_stop_signals(unwind):
         yield
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -126,7 +113,9 @@ def main(argv: list[str] | None = None) -> None:
     except StoppedBySignal as exc:  # the job said where it stopped and how to resume
         sys.exit(128 + exc.signum)
     except Terminated as exc:
-        click.echo("terminated" if exc.signum == signal.SIGTERM else f"terminated by {signal.Signals(exc.signum).name}",
+        from sparsert.train.stop_signals import signal_name
+
+        click.echo("terminated" if exc.signum == signal.SIGTERM else f"terminated by {signal_name(exc.signum)}",
                    err=True)
         sys.exit(128 + exc.signum)
     except SparsertError as exc:

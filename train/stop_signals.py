@@ -17,6 +17,26 @@ STOP_SIGNALS = ("SIGTERM", "SIGUSR1")  # SIGUSR1 does not exist on Windows: left
 
 
 @contextlib.contextmanager
+def handling_stop_signals(handler: Callable[[int, object], None]) -> Iterator[dict[int, object]]:
+    """``handler`` for SIGTERM and SIGUSR1 within the block; yields the handlers it replaced (signal -> handler),
+    which come back on exit (an entry removed from the dict is not restored). Outside the main thread, where Python
+    cannot install handlers, nothing changes and the dict is empty."""
+    previous: dict[int, object] = {}
+    try:
+        for name in STOP_SIGNALS:
+            sig = getattr(signal, name, None)
+            if sig is not None:
+                previous[sig] = signal.signal(sig, handler)
+    except ValueError:  # not the main thread (a notebook's worker thread, a test runner's)
+        pass
+    try:
+        yield previous
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
+@contextlib.contextmanager
 def stop_requests() -> Iterator[Callable[[], int]]:
     """Within the block, SIGTERM and SIGUSR1 are recorded; yields a function returning the first one received
     (its number, 0 for none). The same signal a second time gets the previous handlers back and is raised again,
@@ -24,31 +44,18 @@ def stop_requests() -> Iterator[Callable[[], int]]:
     the step in progress is stuck. The previous handlers come back on exit. Outside the main thread, where Python
     cannot install handlers, signals keep their handlers and the function always returns 0."""
     received: list[int] = []
-    previous: dict[int, object] = {}
-
-    def restore() -> None:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-        previous.clear()
 
     def note(signum: int, frame: object) -> None:
         if signum in received:  # the same signal twice (not SIGTERM after Slurm's SIGUSR1 warning: that is noted)
-            restore()
+            for sig, old in previous.items():
+                signal.signal(sig, old)
+            previous.clear()
             signal.raise_signal(signum)
             return
         received.append(signum)
 
-    try:
-        for name in STOP_SIGNALS:
-            sig = getattr(signal, name, None)
-            if sig is not None:
-                previous[sig] = signal.signal(sig, note)
-    except ValueError:  # not the main thread (a notebook's worker thread, a test runner's)
-        pass
-    try:
+    with handling_stop_signals(note) as previous:
         yield lambda: received[0] if received else 0
-    finally:
-        restore()
 
 
 def signal_name(signum: int) -> str:
