@@ -447,6 +447,7 @@ def place_weights(proto: onnx.ModelProto, keys: dict[str, tuple[tuple[int, ...],
                 for sub in ([attr.g] if attr.HasField("g") else list(attr.graphs)) for name in _names_used(sub))
     uses.update(v.name for v in [*graph.output, *graph.input])  # an initializer listed as an input (IR < 4) too
     for name, node in placed.items():
+        # decoded again rather than kept from the candidate pass, which would hold every weight a second time
         b = constant_b(node, inits, producers, through_dequantize=False)[0]
         source = node.input[1]
         own = inits.get(source) if uses[source] == 1 and f"{name}.weight_t" not in inits else None

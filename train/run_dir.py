@@ -104,8 +104,9 @@ def check_new_run_dir(run_dir: Path) -> None:
         raise ConfigError(
             f"{run_dir} already holds a training run; continue it with --resume or choose another --out"
         )
-    if is_artifact_dir(run_dir) or is_hf_model_dir(run_dir):
-        what = "a sparsert artifact" if is_artifact_dir(run_dir) else "a Hugging Face model directory"
+    what = ("a sparsert artifact" if is_artifact_dir(run_dir) else
+            "a Hugging Face model directory" if is_hf_model_dir(run_dir) else None)
+    if what is not None:
         raise ConfigError(f"--out {run_dir}: is {what}, not a run directory (a run writes checkpoints/ and "
                           "artifact/ or hf/ into it); choose another --out")
     try:
