@@ -203,6 +203,19 @@ def test_bad_state_json(run):
     state_path.write_text(json.dumps(state))
     with pytest.raises(ArtifactError, match=r"state.json: no train_config .* cannot be resumed"):
         load_train_config(run[0])
+    for field, value, disagreement in (  # hand edits the resume would otherwise train on, or misreport
+        ("dense", True, "sparsity: recorded 2:4, train_config dense"),
+        ("n", 1, "sparsity.n: recorded 2, train_config 1"),
+        ("qat", True, "quantization: recorded none, train_config INT4 group 128"),
+    ):
+        state = json.loads(text)
+        state["train_config"][field] = value
+        state_path.write_text(json.dumps(state))
+        with pytest.raises(ArtifactError, match=rf"state.json: train_config disagrees with the checkpoint's own "
+                                                rf"records \({disagreement}\): the file was edited or damaged"):
+            load_train_config(run[0])
+    state_path.write_text(text)
+    assert load_train_config(run[0]).resume
 
 
 @pytest.mark.parametrize("field,value,message", [

@@ -320,6 +320,10 @@ def test_inspect_a_compressed_directory(tmp_path, capsys):
     assert f"sparsert compress {plain} -o OUT records the 2:4 ones" in stdout
 
     meta = json.loads((out / "sparsert.json").read_text())
+    edited = {name: dict(info, qat_group_size=48) for name, info in meta["sparse_layers"].items()}
+    (out / "sparsert.json").write_text(json.dumps({**meta, "sparse_layers": edited}))  # 48 divides no K here
+    code, _, err = run_main(capsys, "inspect", str(out))
+    assert code == 2 and "records INT4 group size 48, which does not divide its K=128" in err
     (out / "sparsert.json").write_text(json.dumps({**meta, "sparse_layers": {}}))  # records no layer
     code, stdout, _ = run_main(capsys, "inspect", str(out))
     assert code == 0 and stdout.rstrip().endswith("no recorded layers: every weight stays as stored")

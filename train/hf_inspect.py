@@ -169,6 +169,9 @@ def hf_dir_stats(path: str | Path) -> HFDirStats:
         two_four = is_nm_sparse(w, 2, 4)
         pattern = "dense" if info["dense"] else f"{info['n']}:{info['m']}"
         group = info["qat_group_size"]
+        if stats.recorded and group is not None and k % group:
+            raise ArtifactError(f"{p / SPARSERT_FILE}: layer {name!r} records INT4 group size {group}, which does not "
+                                f"divide its K={k} (groups run along K); the file was edited or damaged")
         if not stats.recorded:
             recorded, bits = "-", served_bits(None) if two_four else 16.0
         elif served_as_2_4(info):

@@ -25,7 +25,7 @@ from sparsert.train.hf_train import (  # H11: sparsert train --model PATH (Huggi
     run_prefix,
 )
 from sparsert.train.metrics import METRICS_FILE, is_metrics_log
-from sparsert.train.train_config import TrainConfig
+from sparsert.train.train_config import TrainConfig, record_differences
 
 RUNS_DIR = "runs"
 
@@ -46,6 +46,11 @@ def saved_config(ckpt: Checkpoint, run_dir: str | Path) -> TrainConfig:
         saved = TrainConfig.from_dict(raw)
     except (ConfigError, TypeError) as exc:
         raise ConfigError(f"{ckpt.path}/state.json: train_config is not a valid training config ({exc})") from None
+    disagree = record_differences(ckpt.state, saved)
+    if disagree:
+        raise ArtifactError(f"{ckpt.path}/state.json: train_config disagrees with the checkpoint's own records "
+                            f"({'; '.join(disagree[:4])}): the file was edited or damaged; restore the values the run "
+                            "was trained with")
     return dataclasses.replace(saved, resume=True, out_dir=str(run_dir))
 
 

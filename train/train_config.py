@@ -408,6 +408,49 @@ def sparsity_config(cfg: TrainConfig) -> SparsityConfig | None:
                           mvue=cfg.mvue)
 
 
+def sparsity_record(cfg: TrainConfig) -> dict | None:
+    """The ``sparsity`` entry of a checkpoint's ``state.json`` for ``cfg`` (the trainer adds ``layers``);
+    None for a dense run."""
+    if sparsity_config(cfg) is None:
+        return None
+    return {"n": cfg.n, "m": cfg.m, "method": cfg.method, "decay": cfg.decay,
+            "mask_refresh_interval": cfg.mask_refresh_interval, "transposable": cfg.transposable, "mvue": cfg.mvue,
+            "masked_decay": cfg.masked_decay, "schedule": cfg.schedule, "dense_finetune": cfg.dense_finetune}
+
+
+def quantization_record(cfg: TrainConfig) -> dict | None:
+    """The ``quantization`` entry of a checkpoint's ``state.json`` for ``cfg``; None without QAT."""
+    return {"bits": 4, "group_size": cfg.group_size, "method": "qat"} if cfg.qat else None
+
+
+def record_differences(state: dict, cfg: TrainConfig) -> list[str]:
+    """``entry.key: recorded X, train_config Y`` wherever a checkpoint's ``sparsity`` / ``quantization``
+    records disagree with the ``train_config`` beside them (keys an older checkpoint lacks are not compared).
+    Both are written from one config, so a difference means the file was edited or damaged."""
+    out = []
+    for entry, expected in (("sparsity", sparsity_record(cfg)), ("quantization", quantization_record(cfg))):
+        if entry not in state:
+            continue
+        recorded = state[entry]
+        if (recorded is None) != (expected is None) or (recorded is not None and not isinstance(recorded, dict)):
+            out.append(f"{entry}: recorded {_summary(entry, recorded)}, train_config {_summary(entry, expected)}")
+            continue
+        for key, value in (expected or {}).items():
+            if key in recorded and recorded[key] != value:
+                out.append(f"{entry}.{key}: recorded {recorded[key]!r}, train_config {value!r}")
+    return out
+
+
+def _summary(entry: str, record: object) -> str:
+    if record is None:
+        return "dense" if entry == "sparsity" else "none"
+    if not isinstance(record, dict):
+        return repr(record)
+    if entry == "sparsity":
+        return f"{record.get('n')}:{record.get('m')}"
+    return f"INT{record.get('bits')} group {record.get('group_size')}"
+
+
 def config_differences(saved: TrainConfig, current: TrainConfig) -> list[str]:
     """``field: saved -> current`` for every field that matters to the computation and differs."""
     out = []

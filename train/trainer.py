@@ -102,7 +102,15 @@ from sparsert.train.sparsify import (
     sparsify_model,
 )
 from sparsert.train.stop_signals import signal_name, stop_requests
-from sparsert.train.train_config import PATH_FIELDS, TrainConfig, config_differences, lr_at, sparsity_config
+from sparsert.train.train_config import (
+    PATH_FIELDS,
+    TrainConfig,
+    config_differences,
+    lr_at,
+    quantization_record,
+    sparsity_config,
+    sparsity_record,
+)
 
 
 class TrainingDivergedError(SparsertError):
@@ -665,13 +673,8 @@ def train(cfg: TrainConfig) -> TrainResult:
     base_state = {
         "model_config": model_config.to_dict(),
         "train_config": cfg.to_dict(),
-        "sparsity": None if scfg is None else {
-            "n": cfg.n, "m": cfg.m, "method": cfg.method, "decay": cfg.decay,
-            "mask_refresh_interval": cfg.mask_refresh_interval, "transposable": cfg.transposable, "mvue": cfg.mvue,
-            "masked_decay": cfg.masked_decay, "schedule": cfg.schedule, "dense_finetune": cfg.dense_finetune,
-            "layers": sparse_layer_names(model, cfg),
-        },
-        "quantization": {"bits": 4, "group_size": cfg.group_size, "method": "qat"} if cfg.qat else None,
+        "sparsity": None if scfg is None else {**sparsity_record(cfg), "layers": sparse_layer_names(model, cfg)},
+        "quantization": quantization_record(cfg),
         "tokenizer": tokenizer.to_dict(),
         "data_digest": data_digest,  # sha256 of the token streams: a resume on changed data is refused
         **hf_state(model_config),  # H11: {"hf_model": path} for a Hugging Face model
