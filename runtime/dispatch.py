@@ -36,7 +36,8 @@ from torch import nn
 from sparsert.runtime.device import is_sticky_cuda_error
 from sparsert.runtime.errors import DeviceError, FormatError, dtype_name
 from sparsert.runtime.fileio import user_cache_file, write_atomic
-from sparsert.runtime.packed_linear import PackedLinear
+from sparsert.runtime.nm_mask import is_nm_sparse
+from sparsert.runtime.packed_linear import PackedLinear, pack_linear
 
 DISPATCH_FORMAT = 2  # 2: timed with the L2 emptied before each call (format 1 files are measured again)
 # Relative error (||y - ref|| / ||ref||) a candidate may show against the fp32 reference on the same input.
@@ -423,25 +424,34 @@ class SparseLinearGPU(nn.Module):
 
     def __init__(self, packed: PackedLinear, *, device: torch.device | str, dtype: torch.dtype = torch.bfloat16,
                  dispatcher: Dispatcher, backends: list[GemmBackend] | None = None, allow_dense: bool = False,
-                 name: str = "linear"):
+                 name: str = "linear", source_dtype: torch.dtype = torch.float32, source_transposed: bool = False):
         super().__init__()
         self.in_features, self.out_features = packed.in_features, packed.out_features
         self.kind = "w4a16_24" if packed.quantized and packed.sparse else ("sparse24" if packed.sparse else "dense")
         self.dtype, self.device, self.name = dtype, torch.device(device), name
+        self.source_dtype, self.source_transposed = source_dtype, source_transposed
         self.dispatcher = dispatcher
-        self.packed = packed  # host copy: the source for references and re-preparation
-        bias = None if packed.bias is None else packed.bias.to(device=self.device, dtype=torch.float32)
-        self.register_buffer("bias", bias, persistent=False)
+        self._candidates = backends if backends is not None else default_backends(self.device,
+                                                                                   allow_dense=allow_dense)
+        self.register_buffer("bias", None, persistent=False)
+        self.chosen: dict[int, str] = {}
+        self._ref_weight: torch.Tensor | None = None
+        self._prepare(packed)
+
+    def _prepare(self, packed: PackedLinear) -> None:
+        """Hold ``packed`` (host copy: the source for references, re-preparation and ``state_dict``) and prepare
+        each candidate backend's state for it."""
+        self.packed = packed
+        self.bias = None if packed.bias is None else packed.bias.to(device=self.device, dtype=torch.float32)
         self.states: dict[str, object] = {}  # state_key -> prepared weight
         self.backends: dict[str, GemmBackend] = {}  # backend name -> backend (its state in states)
         self.prepare_errors: dict[str, str] = {}
-        candidates = backends if backends is not None else default_backends(self.device, allow_dense=allow_dense)
-        for backend in candidates:
+        for backend in self._candidates:
             if backend.state_key not in self.states:
                 if backend.state_key in self.prepare_errors:
                     continue
                 try:
-                    self.states[backend.state_key] = backend.prepare(packed, self.device, dtype)
+                    self.states[backend.state_key] = backend.prepare(packed, self.device, self.dtype)
                 except Exception as exc:
                     self.prepare_errors[backend.state_key] = f"{type(exc).__name__}: {exc}"[:300]
                     continue
@@ -449,10 +459,79 @@ class SparseLinearGPU(nn.Module):
         if not self.backends:
             # Last resort, so a layer always runs: the decompressed weight through cuBLAS (16 bits/weight).
             fallback = DenseCublas()
-            self.states[fallback.state_key] = fallback.prepare(packed, self.device, dtype)
+            self.states[fallback.state_key] = fallback.prepare(packed, self.device, self.dtype)
             self.backends[fallback.name] = fallback
-        self.chosen: dict[int, str] = {}
-        self._ref_weight: torch.Tensor | None = None
+
+    def served_weight(self) -> torch.Tensor:
+        """The weight this layer computes with, dense, on the CPU: 2:4 zeros in place, INT4 values dequantized;
+        ``[out, K]`` (``[K, out]`` for a layer swapped from transformers' ``Conv1D``) in the swapped layer's
+        dtype (``source_dtype``)."""
+        w = self.packed.to_dense().to(self.source_dtype)
+        return w.t().contiguous() if self.source_transposed else w
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):  # noqa: ANN001, ANN202 - nn.Module's signature
+        """``state_dict()`` holds ``weight`` (:meth:`served_weight`) and ``bias`` as the layer it replaced did, so
+        a swapped model saves (``save_pretrained``, ``torch.save``) to a dense checkpoint carrying the 2:4 zeros."""
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        destination[prefix + "weight"] = self.served_weight()
+        if self.packed.bias is not None:
+            destination[prefix + "bias"] = self.packed.bias.to(self.source_dtype)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,  # noqa: ANN001, ANN202
+                              unexpected_keys, error_msgs):
+        """``load_state_dict``: a ``weight`` (and ``bias``) as :meth:`_save_to_state_dict` writes them; a weight
+        other than the one held is packed again (2:4, INT4 with the layer's group size) and the layer prepared and
+        tuned again for the token buckets it had decided. A weight that is not 2:4 along K is an error."""
+        own = {prefix + "weight", prefix + "bias"}
+        super()._load_from_state_dict({k: v for k, v in state_dict.items() if k not in own}, prefix, local_metadata,
+                                      strict, missing_keys, unexpected_keys, error_msgs)
+        weight, bias = state_dict.get(prefix + "weight"), state_dict.get(prefix + "bias")
+        if weight is None:
+            missing_keys.append(prefix + "weight")
+        has_bias = self.packed.bias is not None
+        if has_bias and bias is None:
+            missing_keys.append(prefix + "bias")
+        elif not has_bias and bias is not None:
+            unexpected_keys.append(prefix + "bias")
+            bias = None
+        if weight is None:
+            return
+        problem = self._loaded_weight_problem(weight, bias)
+        if problem is not None:
+            error_msgs.append(f"{prefix}weight: {problem}")
+            return
+        w = (weight.t() if self.source_transposed else weight).detach().to("cpu", torch.float32)
+        b = None if bias is None else bias.detach().to("cpu", torch.float32)
+        same_bias = (b is None) == (self.packed.bias is None) and (b is None or torch.equal(b, self.packed.bias))
+        if same_bias and torch.equal(weight.detach().cpu().to(self.source_dtype), self.served_weight()):
+            return  # the weight held already: keep the prepared, tuned formats
+        try:
+            packed = pack_linear(w, sparse=self.packed.sparse, int4_group_size=self.packed.group_size, bias=b,
+                                 name=f"{prefix}weight")
+        except FormatError as exc:
+            error_msgs.append(str(exc))
+            return
+        buckets = list(self.chosen)
+        self.chosen, self._ref_weight = {}, None
+        self._prepare(packed)
+        if buckets:
+            self.tune(buckets)
+            self.drop_unused()
+
+    def _loaded_weight_problem(self, weight: object, bias: object) -> str | None:
+        shape = [self.in_features, self.out_features] if self.source_transposed else [self.out_features,
+                                                                                     self.in_features]
+        if not isinstance(weight, torch.Tensor) or not weight.is_floating_point() or list(weight.shape) != shape:
+            got = f"{weight.dtype} {list(weight.shape)}" if isinstance(weight, torch.Tensor) else type(weight).__name__
+            return f"expected a floating tensor {shape} for {self.name}, got {got}"
+        if bias is not None and (not isinstance(bias, torch.Tensor) or list(bias.shape) != [self.out_features]):
+            got = list(bias.shape) if isinstance(bias, torch.Tensor) else type(bias).__name__
+            return f"its bias must be a tensor [{self.out_features}], got {got}"
+        w = weight.t() if self.source_transposed else weight
+        if self.packed.sparse and not is_nm_sparse(w.detach().cpu(), 2, 4):
+            return (f"{self.name} holds a 2:4 weight, and this one is not 2:4 along K; prune it first "
+                    "(sparsert.runtime.nm_mask.nm_mask) or load it into the model before swapping")
+        return None
 
     def key(self, m: int) -> str:
         return problem_key(self.kind, self.dtype, self.out_features, self.in_features, m)

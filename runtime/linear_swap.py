@@ -22,8 +22,10 @@ the rest are listed as left dense; ``prune=True`` prunes every chosen layer to 2
 no calibration: for models not trained sparse, train or prune them with ``sparsert train`` / ``sparsert
 compress --prune`` instead).
 
-Swap last: after moving and casting the model (a swapped layer stays on its device and formats), and for
-serving only (a swapped layer's packed weight is not in ``state_dict()``; save the model before swapping).
+Swap last: after moving and casting the model (a swapped layer stays on its device and formats). The
+swapped model still saves: ``state_dict()`` holds each swapped layer's ``weight`` as the weight it serves
+(dense, 2:4 zeros in place, INT4 values dequantized; the replaced layer's layout and dtype, on the CPU), so
+``save_pretrained`` writes a checkpoint transformers loads; ``load_state_dict`` packs a changed 2:4 weight again.
 A model whose own code reads a linear's ``.weight`` in its forward (T5's ``wo``) needs that layer left out
 through ``names``.
 """
@@ -275,7 +277,8 @@ def _build_layer(name: str, module: nn.Module, *, int4: bool, group_size: int, d
         packed = pack_linear(w.detach().float().cpu(), int4_group_size=group_size if int4 else None, bias=bias,
                              name=name)
         layer = SparseLinearGPU(packed, device=w.device, dtype=gemm_dtype, dispatcher=dispatcher, name=name,
-                                backends=None if w.device.type == "cuda" else _cpu_backends(), allow_dense=allow_dense)
+                                backends=None if w.device.type == "cuda" else _cpu_backends(), allow_dense=allow_dense,
+                                source_dtype=w.dtype, source_transposed=_is_conv1d(module))
         if token_counts is not None:
             layer.tune(token_counts)
             layer.drop_unused()

@@ -274,6 +274,49 @@ def test_hugging_face_causal_lm(arch: str) -> None:
     assert float((got - want).norm() / want.norm()) < 2e-2
 
 
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_a_swapped_model_saves_and_loads_what_it_serves(arch: str, tmp_path: Path) -> None:
+    """state_dict() holds each swapped layer's served weight (2:4 zeros, INT4 dequantized) in the replaced layer's
+    layout (GPT-2's Conv1D: [K, out]) and dtype, so save_pretrained writes a checkpoint transformers loads whole;
+    load_state_dict packs a changed 2:4 weight again and refuses one that is not 2:4."""
+    transformers = pytest.importorskip("transformers")
+    model = _hf_model(transformers, arch, 0).to(torch.bfloat16)
+    report = swap_sparse_linears(model, prune=True, int4=True, group_size=128, token_counts=[1, 8])
+    name = next(iter(report.swapped))
+    layer = model.get_submodule(name)
+    state = model.state_dict()
+    served = layer.packed.to_dense().to(torch.bfloat16)
+    assert torch.equal(state[f"{name}.weight"], served.t() if arch == "gpt2" else served)
+    assert state[f"{name}.weight"].dtype == torch.bfloat16 and (f"{name}.bias" in state) == (arch == "gpt2")
+
+    ids = torch.tensor([[5, 17, 99, 3, 250, 42, 7, 8]])
+    with torch.no_grad():
+        logits = model(ids).logits.float()
+    model.save_pretrained(str(tmp_path / "saved"))
+    reloaded, info = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "saved"), dtype=torch.bfloat16,
+                                                                     output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    with torch.no_grad():  # dense bf16 matmuls on the served weights: the same model up to rounding
+        again = reloaded.eval()(ids).logits.float()
+    assert float((again - logits).norm() / logits.norm()) < 2e-2
+
+    model.load_state_dict(state)  # the weights held: nothing packed again
+    assert model.get_submodule(name) is layer and layer.chosen == {1: "ours_w4a16_prefill", 8: "ours_w4a16_prefill"}
+    changed = dict(state)
+    changed[f"{name}.weight"] = -state[f"{name}.weight"]  # still 2:4: packed again, same buckets decided
+    model.load_state_dict(changed)
+    assert torch.equal(model.state_dict()[f"{name}.weight"], -state[f"{name}.weight"]) and set(layer.chosen) == {1, 8}
+    changed[f"{name}.weight"] = torch.ones_like(state[f"{name}.weight"])
+    with pytest.raises(RuntimeError, match=rf"{name}\.weight: {name} holds a 2:4 weight, and this one is not 2:4"):
+        model.load_state_dict(changed)
+    changed[f"{name}.weight"] = state[f"{name}.weight"][:, :4]
+    with pytest.raises(RuntimeError, match=rf"{name}\.weight: expected a floating tensor \["):
+        model.load_state_dict(changed)
+    del changed[f"{name}.weight"]
+    with pytest.raises(RuntimeError, match=rf'Missing key\(s\) in state_dict: "{name}\.weight"'):
+        model.load_state_dict(changed)
+
+
 def test_layers_no_sparse_kernel_takes_are_reported(hf_model_dirs: dict[str, Path]) -> None:
     """The fixture's hidden size 64 is below the W4A16 kernel's k tile (128): those layers are swapped but run
     the decompressed weight, and the report and a warning say so."""
