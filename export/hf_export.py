@@ -58,7 +58,7 @@ from sparsert.export.parity import DEFAULT_PROMPTS, ParityReport, compare_logits
 from sparsert.runtime.errors import ArtifactError, ConfigError, ExportError, require_path
 from sparsert.runtime.hf_stepper import cache_keyword
 from sparsert.runtime.linear_swap import outside_linears_note, weight_nk, weights_outside_linears
-from sparsert.runtime.moe_experts import expert_weight, fused_experts_modules
+from sparsert.runtime.moe_experts import expert_weight, fused_experts_modules, unfuse_experts
 from sparsert.runtime.nm_mask import is_nm_sparse
 from sparsert.runtime.packed_linear import pack_linear
 
@@ -205,6 +205,27 @@ def expert_layers(model: nn.Module, layers: dict[str, dict]) -> dict[str, torch.
                                       "along K")
                 found[name] = w
     return found
+
+
+def _unfuse_for_export(model: nn.Module, layers: dict[str, dict], recorded: dict[str, dict],
+                       keys: dict[str, tuple[tuple[int, ...], str]], notes: list[str]) -> None:
+    """Turn the model's fused MoE experts into per-expert linear layers for the trace
+    (:func:`~sparsert.runtime.moe_experts.unfuse_experts`; traced, each expert takes its routed tokens and
+    multiplies them by constant weights), and add the recorded ones to ``recorded`` and ``keys``, so they are
+    placed, annotated and INT4-quantized like the other layers. Experts of a layout sparsert does not unfuse stay
+    fused, traced through transformers' batched matmuls (its default ``grouped_mm`` has no ONNX function)."""
+    unfused = unfuse_experts(model) if fused_experts_modules(model) else []
+    for name in unfused:
+        if name in layers:
+            recorded[name] = layers[name]
+            keys[name] = layer_key(model, name, layers[name])
+    if unfused:
+        notes.append(f"{len(unfused)} MoE expert matrices exported as per-expert MatMuls over the tokens routed to "
+                     "each (NonZero, GatherND, ScatterND)")
+    if weights_outside_linears(model) and callable(getattr(model, "set_experts_implementation", None)):
+        with contextlib.suppress(Exception):
+            model.set_experts_implementation("batched_mm")
+        notes.append(f"{outside_linears_note(model, min_share=0.0)}; exported through batched matmuls")
 
 
 def _array_key(array: np.ndarray | torch.Tensor) -> tuple[tuple[int, ...], str]:
@@ -587,17 +608,7 @@ def export_hf_model(path: str | Path, output: str | Path, *, with_kv_cache: bool
     model, tokenizer = bundle.model.float().eval(), bundle.tokenizer
     del bundle  # the model is dropped once traced (see build): nothing else may hold it
     notes: list[str] = []
-    experts = set(expert_layers(model, layers))  # names only: the weights are views of the fused tensors
-    if weights_outside_linears(model) and callable(getattr(model, "set_experts_implementation", None)):
-        # transformers 5's default fused-expert kernel (grouped_mm) has no ONNX function; batched matmuls trace
-        with contextlib.suppress(Exception):
-            model.set_experts_implementation("batched_mm")
-        if experts:
-            notes.append(f"{len(experts)} MoE expert layers stay in the fused expert tensors the graph gathers per "
-                         "token, with their 2:4 zeros (INT4 ones as their float32 values), unannotated: TensorRT and "
-                         "ONNX Runtime run them as dense batched matmuls")
-        else:
-            notes.append(f"{outside_linears_note(model, min_share=0.0)}; exported through batched matmuls")
+    experts = set(expert_layers(model, layers))  # checked now; names only: the weights are views of the fused tensors
     recorded = {name: info for name, info in layers.items() if name not in experts}
     keys = {name: layer_key(model, name, info) for name, info in recorded.items()}  # the checks, before the trace
     sparse = any(served_as_2_4(info) for info in recorded.values())
@@ -617,6 +628,7 @@ def export_hf_model(path: str | Path, output: str | Path, *, with_kv_cache: bool
     if parity:  # transformers' logits now, so the model can go before the graph is written and run
         vocab = model.get_output_embeddings().weight.shape[0]
         reference = prompt_reference(model, parity_prompt_ids(tokenizer, vocab, context))
+    _unfuse_for_export(model, layers, recorded, keys, notes)  # after the reference: transformers' own experts
     held = [model]
     del model
     groups: set[int] = set()

@@ -112,6 +112,8 @@ class UnfusedExperts(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
                 top_k_weights: torch.Tensor) -> torch.Tensor:
+        if torch.compiler.is_exporting():
+            return self._forward_traced(hidden_states, top_k_index, top_k_weights)
         first, down = self.layout.params
         out = torch.zeros_like(hidden_states)
         if self.training and torch.is_grad_enabled():
@@ -128,6 +130,25 @@ class UnfusedExperts(nn.Module):
             h = self._gate(getattr(expert, first)(hidden_states[token_idx]))
             h = getattr(expert, down)(h) * top_k_weights[token_idx, slot, None]
             out.index_add_(0, token_idx, h.to(out.dtype))
+        return out
+
+
+    def _forward_traced(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
+                        top_k_weights: torch.Tensor) -> torch.Tensor:
+        """The computation as a graph (``torch.export``, e.g. for ONNX): every expert in turn takes the tokens
+        routed to it (a data-dependent count, ``NonZero`` + ``GatherND``), multiplies them by its constant weights
+        (a ``MatMul``/``Gemm`` per expert matrix, which the exporter can annotate and quantize) and adds its scaled
+        outputs back (``GatherND`` + ``Add`` + ``ScatterND`` without a reduction attribute, which TensorRT's ONNX
+        parser does not apply: a router's top-k picks an expert at most once per token, so the rows are
+        distinct)."""
+        first, down = self.layout.params
+        out = torch.zeros_like(hidden_states)
+        for e in range(self.layout.num_experts):
+            token_idx, slot = torch.where(top_k_index == e)
+            expert = self.expert(e)
+            h = self._gate(getattr(expert, first)(hidden_states[token_idx]))
+            h = getattr(expert, down)(h) * top_k_weights[token_idx, slot, None]
+            out = out.index_put((token_idx,), out[token_idx] + h.to(out.dtype))
         return out
 
 
