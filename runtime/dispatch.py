@@ -488,23 +488,26 @@ class SparseLinearGPU(nn.Module):
         weight, bias = state_dict.get(prefix + "weight"), state_dict.get(prefix + "bias")
         if weight is None:
             missing_keys.append(prefix + "weight")
-        has_bias = self.packed.bias is not None
-        if has_bias and bias is None:
+        if self.packed.bias is not None and bias is None:
             missing_keys.append(prefix + "bias")
-        elif not has_bias and bias is not None:
+        elif self.packed.bias is None and bias is not None:
             unexpected_keys.append(prefix + "bias")
             bias = None
-        if weight is None:
+        if weight is None and bias is None:
             return
         problem = self._loaded_weight_problem(weight, bias)
         if problem is not None:
-            error_msgs.append(f"{prefix}weight: {problem}")
+            error_msgs.append(f"{prefix}{'weight' if weight is not None else 'bias'}: {problem}")
             return
-        w = (weight.t() if self.source_transposed else weight).detach().to("cpu", torch.float32)
-        b = None if bias is None else bias.detach().to("cpu", torch.float32)
-        same_bias = (b is None) == (self.packed.bias is None) and (b is None or torch.equal(b, self.packed.bias))
-        if same_bias and torch.equal(weight.detach().cpu().to(self.source_dtype), self.served_weight()):
-            return  # the weight held already: keep the prepared, tuned formats
+        # a key left out keeps what the layer holds, as nn.Linear's parameters would
+        held = self.packed.to_dense()
+        w = held if weight is None else (weight.t() if self.source_transposed else weight).detach().to("cpu",
+                                                                                                        torch.float32)
+        b = self.packed.bias if bias is None else bias.detach().to("cpu", torch.float32)
+        same_bias = b is None or torch.equal(b, self.packed.bias)
+        if same_bias and (weight is None or torch.equal(weight.detach().cpu().to(self.source_dtype),
+                                                        self.served_weight())):
+            return  # what the layer holds already: keep the prepared, tuned formats
         try:
             packed = pack_linear(w, sparse=self.packed.sparse, int4_group_size=self.packed.group_size, bias=b,
                                  name=f"{prefix}weight")
@@ -521,12 +524,14 @@ class SparseLinearGPU(nn.Module):
     def _loaded_weight_problem(self, weight: object, bias: object) -> str | None:
         shape = [self.in_features, self.out_features] if self.source_transposed else [self.out_features,
                                                                                      self.in_features]
-        if not isinstance(weight, torch.Tensor) or not weight.is_floating_point() or list(weight.shape) != shape:
-            got = f"{weight.dtype} {list(weight.shape)}" if isinstance(weight, torch.Tensor) else type(weight).__name__
-            return f"expected a floating tensor {shape} for {self.name}, got {got}"
         if bias is not None and (not isinstance(bias, torch.Tensor) or list(bias.shape) != [self.out_features]):
             got = list(bias.shape) if isinstance(bias, torch.Tensor) else type(bias).__name__
             return f"its bias must be a tensor [{self.out_features}], got {got}"
+        if weight is None:
+            return None
+        if not isinstance(weight, torch.Tensor) or not weight.is_floating_point() or list(weight.shape) != shape:
+            got = f"{weight.dtype} {list(weight.shape)}" if isinstance(weight, torch.Tensor) else type(weight).__name__
+            return f"expected a floating tensor {shape} for {self.name}, got {got}"
         w = weight.t() if self.source_transposed else weight
         if self.packed.sparse and not is_nm_sparse(w.detach().cpu(), 2, 4):
             return (f"{self.name} holds a 2:4 weight, and this one is not 2:4 along K; prune it first "
@@ -616,6 +621,7 @@ class SparseLinearGPU(nn.Module):
         """``.to()``/``.half()``/...: a cast of the model must not round the fp32 bias the kernels take; it is
         restored from the packed weight (the prepared formats are not module state and stay as built)."""
         super()._apply(fn, recurse)
+        self.source_dtype = fn(torch.empty(0, dtype=self.source_dtype)).dtype  # state_dict follows a cast
         if self.bias is not None and self.bias.dtype != torch.float32 and self.packed.bias is not None:
             self.bias = self.packed.bias.to(device=self.bias.device, dtype=torch.float32)
         return self

@@ -88,7 +88,7 @@ def build_runtime_model(artifact, device: torch.device, *, dtype: torch.dtype, d
     for name, packed in artifact.packed.items():
         parent_name, _, attr = name.rpartition(".")
         layer = SparseLinearGPU(packed, device=device, dtype=dtype, dispatcher=dispatcher, backends=backends,
-                                allow_dense=allow_dense, name=name)
+                                allow_dense=allow_dense, name=name, source_dtype=dense_dtype)
         if name in slorb_layers:
             s = artifact.dense[f"{name}.slorb.S"].to(device=device, dtype=dense_dtype)
             layer = SLoRBLinearGPU(layer, s, slorb.k)

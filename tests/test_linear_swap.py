@@ -317,6 +317,24 @@ def test_a_swapped_model_saves_and_loads_what_it_serves(arch: str, tmp_path: Pat
         model.load_state_dict(changed)
 
 
+def test_a_partial_state_dict_keeps_what_it_leaves_out_and_a_cast_reaches_the_saved_dtype() -> None:
+    model = _mlp()
+    swap_sparse_linears(model, token_counts=None)
+    state = model.state_dict()
+    x = torch.randn(2, 256)
+    y = model(x)
+    model.load_state_dict({"0.weight": state["0.weight"]}, strict=False)  # the bias left out stays
+    assert torch.equal(model(x), y)
+    model.load_state_dict({"0.bias": state["0.bias"] + 1}, strict=False)  # a new bias alone: packed with it
+    assert not torch.equal(model(x), y)
+    assert torch.equal(model.state_dict()["0.bias"], state["0.bias"] + 1)
+    assert torch.equal(model.state_dict()["0.weight"], state["0.weight"])
+    with pytest.raises(RuntimeError, match=r"0\.bias: its bias must be a tensor \[128\], got \[3\]"):
+        model.load_state_dict({"0.bias": torch.zeros(3)}, strict=False)
+    model.half()  # what the model holds after a cast is what it saves
+    assert model.state_dict()["0.weight"].dtype == torch.float16 == model.state_dict()["lm_head.weight"].dtype
+
+
 def test_layers_no_sparse_kernel_takes_are_reported(hf_model_dirs: dict[str, Path]) -> None:
     """The fixture's hidden size 64 is below the W4A16 kernel's k tile (128): those layers are swapped but run
     the decompressed weight, and the report and a warning say so."""
