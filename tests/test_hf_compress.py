@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from unittest import mock
 
 import pytest
 import torch
@@ -364,6 +365,15 @@ def test_fused_moe_experts_are_pruned_2_4_and_load_back_fused(tmp_path, capsys):
                                                          "model.layers.0.mlp.experts.down_proj"))
     held += sum(model.get_submodule(n).weight.numel() for n in recorded if ".experts." not in n)
     assert json.loads(stdout)["recorded_share"] == pytest.approx(held / sum(p.numel() for p in model.parameters()))
+    from sparsert.train import hf_inspect
+
+    stats = hf_inspect.hf_dir_stats(out)  # experts read from their per-expert tensors on disk: no model is built
+    with mock.patch.object(hf_inspect, "expert_tensor_names", return_value=None):
+        assert stats == hf_inspect.hf_dir_stats(out)  # ... as the model transformers loads holds them
+    with mock.patch.object(hf_inspect, "_weights_from_model", side_effect=AssertionError("model loaded")):
+        assert hf_inspect.hf_dir_stats(out) == stats
+    gate_up = next(layer for layer in stats.layers if layer.name == "model.layers.0.mlp.experts.1.gate_up_proj")
+    assert (gate_up.out_features, gate_up.in_features) == tuple(moe.gate_up_proj.shape[1:]) and gate_up.is_2_4
     meta = json.loads((out / "sparsert.json").read_text())
     meta["sparse_layers"]["model.layers.0.mlp.experts.9.down_proj"] = recorded[experts[1]]  # 4 experts: no 9th
     (out / "sparsert.json").write_text(json.dumps(meta))

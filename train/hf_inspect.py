@@ -11,10 +11,13 @@ stored ``[K, out]``), the fraction of zeros, whether it is 2:4 along K, and the 
 columns = 3 + 16/g bits (rows padded to the kernels' 128-row tiles not counted).
 
 A mixture-of-experts directory records its experts as per-expert layers (``mlp.experts.3.gate_up_proj``,
-:mod:`sparsert.runtime.moe_experts`), which transformers stores in its own checkpoint layout (split or renamed
-per architecture); when a recorded layer has no tensor of its own name, the model is loaded through transformers
-and unfused once (in the stored dtype: as much memory as the weights take on disk), and the recorded layers'
-weights are taken from it.
+:mod:`sparsert.runtime.moe_experts`), which transformers stores in its own checkpoint layout, split or renamed per
+architecture. The two common ones are read tensor by tensor too (:func:`expert_tensor_names`): ``gate_proj`` and
+``up_proj`` per expert beside ``down_proj`` (Qwen2/3-MoE, OLMoE, DeepSeek, GLM-4-MoE, ...), and Mixtral's
+``block_sparse_moe.experts.<e>.w1`` / ``w3`` / ``w2``; a ``gate_up_proj`` layer's statistics are those of its gate
+and up rows together (zeros and 2:4 along K are per row, so their order does not matter). For any other layout
+(experts stored fused, e.g. GPT-OSS) the model is loaded through transformers and unfused once (in the stored
+dtype: as much memory as the weights take on disk), and the recorded layers' weights are taken from it.
 """
 
 from __future__ import annotations
@@ -139,6 +142,45 @@ def _weights_from_model(path: Path, names: list[str]) -> dict[str, torch.Tensor]
     return weights
 
 
+EXPERT_ON_DISK = {
+    # unfused layer -> on-disk per-expert tensors whose rows it holds: (transformers' split names, Mixtral's)
+    "gate_up_proj": (("gate_proj", "up_proj"), ("w1", "w3")),
+    "up_proj": (("up_proj",), ("w3",)),
+    "down_proj": (("down_proj",), ("w2",)),
+}
+
+
+def expert_tensor_names(name: str, files: dict[str, Path]) -> list[str] | None:
+    """The tensors of ``files`` that hold the recorded expert layer ``name`` (``<module>.experts.<e>.<param>``)
+    in one of the per-expert on-disk layouts of the module docstring, each ``[out_i, K]`` (the layer's rows split
+    between them); None when none of those layouts has them."""
+    prefix, _, param = name.rpartition(".")
+    if param not in EXPERT_ON_DISK or ".experts." not in prefix:
+        return None
+    split, mixtral = EXPERT_ON_DISK[param]
+    mixtral_prefix = prefix.replace(".mlp.experts.", ".block_sparse_moe.experts.")
+    for where, parts in ((prefix, split), (mixtral_prefix, mixtral)):
+        names = [f"{where}.{part}.weight" for part in parts]
+        if all(n in files for n in names):
+            return names
+    return None
+
+
+def _fits_hidden_size(on_disk: dict[str, list[str] | None], shapes: dict[str, list[int]], path: Path) -> bool:
+    """Whether the per-expert tensors found for the recorded experts have the shapes their names promise: 2-D,
+    ``gate_up_proj`` / ``up_proj`` reading the model's hidden size (K), ``down_proj`` writing it."""
+    hidden = getattr(load_hf_config(path), "hidden_size", None)
+    for name, names in on_disk.items():
+        if names is None:
+            continue
+        dims = [shapes.get(n, []) for n in names]
+        if any(len(d) != 2 for d in dims) or len({d[1] for d in dims}) != 1:
+            return False
+        if isinstance(hidden, int) and (dims[0][0] if name.endswith(".down_proj") else dims[0][1]) != hidden:
+            return False
+    return True
+
+
 def hf_dir_stats(path: str | Path) -> HFDirStats:
     """The statistics of a Hugging Face directory: of the layers its ``sparsert.json`` records, or for a directory
     sparsert did not write (a plain transformers checkpoint, possibly 2:4 from elsewhere) of every block linear,
@@ -155,11 +197,16 @@ def hf_dir_stats(path: str | Path) -> HFDirStats:
     shapes = _tensor_shapes(files)
     stats = HFDirStats(str(p), total_weights=sum(math.prod(shape) for shape in shapes.values()), recorded=recorded)
     loaded = None
-    if any(f"{name}.weight" not in files for name in layers):  # experts in transformers' own layout
+    on_disk = {name: expert_tensor_names(name, files) for name in layers if f"{name}.weight" not in files}
+    if on_disk and not _fits_hidden_size(on_disk, shapes, p):
+        on_disk = dict.fromkeys(on_disk)  # not the layout assumed: transformers reads it
+    if any(names is None for names in on_disk.values()):  # experts in another layout: transformers reads it
         loaded = _weights_from_model(p, list(layers))
     for name, info in layers.items():
         if loaded is not None:
             w = loaded[name]
+        elif name in on_disk:
+            w = torch.cat([_tensor(files, n) for n in on_disk[name]])
         else:
             w = _tensor(files, f"{name}.weight")
             if w.dim() != 2:
