@@ -26,6 +26,8 @@ Swap last: after moving and casting the model (a swapped layer stays on its devi
 swapped model still saves: ``state_dict()`` holds each swapped layer's ``weight`` as the weight it serves
 (dense, 2:4 zeros in place, INT4 values dequantized; the replaced layer's layout and dtype, on the CPU), so
 ``save_pretrained`` writes a checkpoint transformers loads; ``load_state_dict`` packs a changed 2:4 weight again.
+Unfused MoE experts (:func:`~sparsert.runtime.moe_experts.unfuse_experts`) swapped this way save as the fused
+tensors transformers holds.
 A model whose own code reads a linear's ``.weight`` in its forward (T5's ``wo``) needs that layer left out
 through ``names``.
 """

@@ -106,6 +106,8 @@ class UnfusedExperts(nn.Module):
             self.add_module(str(e), expert)
         self.layout = layout
         self._gate = gate  # the fused class's own gate (or activation), bound to the emptied fused module
+        self.register_state_dict_post_hook(_fuse_served_state)
+        self.register_load_state_dict_pre_hook(_split_fused_state)
 
     def expert(self, e: int) -> ExpertLinears:
         return self.get_submodule(str(e))
@@ -150,6 +152,43 @@ class UnfusedExperts(nn.Module):
             h = getattr(expert, down)(h) * top_k_weights[token_idx, slot, None]
             out = out.index_put((token_idx,), out[token_idx] + h.to(out.dtype))
         return out
+
+
+def _serves(module: UnfusedExperts) -> bool:
+    """Whether the experts are served (some swapped to sparsert's kernels, the rest plain linears): their state is
+    then their weights alone, saved in transformers' fused layout. Training modules (masks) keep per-expert state."""
+    linears = [getattr(module.expert(e), p) for e in range(module.layout.num_experts) for p in module.layout.params]
+    served = [hasattr(linear, "served_weight") for linear in linears]
+    return any(served) and all(s or type(linear) is nn.Linear for s, linear in zip(served, linears, strict=True))
+
+
+def _fuse_served_state(module: UnfusedExperts, state: dict, prefix: str, local_metadata: dict) -> None:
+    """``state_dict`` of served experts: the per-expert ``<e>.<param>.weight`` / ``.bias`` entries stacked into the
+    fused ``<param>`` / ``<param>_bias`` tensors transformers holds (:func:`fused_expert_state`), so a served MoE
+    model saves (``save_pretrained``) to a checkpoint transformers loads."""
+    if not _serves(module):
+        return
+    layout = module.layout
+    for param in layout.params:
+        for kind, target in (("weight", param),) + ((("bias", f"{param}_bias"),) if layout.bias else ()):
+            parts = [state.pop(f"{prefix}{e}.{param}.{kind}") for e in range(layout.num_experts)]
+            if kind == "weight" and layout.transposed:
+                parts = [w.t() for w in parts]
+            state[f"{prefix}{target}"] = torch.stack(parts)
+
+
+def _split_fused_state(module: UnfusedExperts, state: dict, prefix: str, *_: object) -> None:
+    """``load_state_dict`` of fused expert tensors (as :func:`_fuse_served_state` or transformers write them):
+    split into the per-expert entries the expert layers load."""
+    layout = module.layout
+    for param in layout.params:
+        for kind, source in (("weight", param),) + ((("bias", f"{param}_bias"),) if layout.bias else ()):
+            fused = state.pop(f"{prefix}{source}", None)
+            if fused is None:
+                continue
+            for e in range(min(layout.num_experts, len(fused))):  # a short tensor: the missing experts are missing
+                part = fused[e]
+                state[f"{prefix}{e}.{param}.{kind}"] = part.t() if kind == "weight" and layout.transposed else part
 
 
 def _gate_of(module: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:

@@ -131,6 +131,40 @@ def test_unfused_experts_are_swapped_like_any_linear() -> None:
         torch.testing.assert_close(model(ids).logits.float(), reference(ids).logits, rtol=2e-2, atol=2e-2)
 
 
+@pytest.mark.filterwarnings("ignore:swap_sparse_linears.*dense fallback")  # Qwen2-MoE's K=32 experts
+@pytest.mark.parametrize("arch", list(ARCHS))
+def test_served_experts_save_in_the_fused_layout_transformers_loads(arch: str, tmp_path) -> None:
+    """Unfused and swapped for serving, the experts' state is the fused tensors transformers holds (transposed
+    with biases for GPT-OSS): save_pretrained writes a checkpoint transformers loads whole with the served weights,
+    and the fused state loads back into the served model. Unfused for training, the state stays per expert."""
+    model = _moe(ARCHS[arch][0], **ARCHS[arch][1])
+    unfuse_experts(model)
+    assert "model.layers.0.mlp.experts.0.down_proj.weight" in model.state_dict()  # plain linears: per expert
+    swap_sparse_linears(model, prune=True, token_counts=None)
+    state = model.state_dict()
+    layout = next(iter(unfused_experts_of(model).values()))
+    fused = {k: v for k, v in state.items() if ".experts." in k}
+    assert set(fused) == {f"model.layers.{i}.mlp.experts.{p}{b}" for i in range(2) for p in layout.params
+                          for b in ("", "_bias")[: 1 + layout.bias]}
+    expert = model.get_submodule("model.layers.1.mlp.experts.2.down_proj")
+    want = expert.served_weight()
+    torch.testing.assert_close(fused["model.layers.1.mlp.experts.down_proj"][2], want.t() if layout.transposed
+                               else want, rtol=0, atol=0)
+    model.load_state_dict(state)  # the fused tensors split back into the experts (the weights held: no repacking)
+    assert model.get_submodule("model.layers.1.mlp.experts.2.down_proj") is expert
+    ids = torch.tensor([[5, 17, 9, 3, 50, 42, 7, 8]])
+    with torch.no_grad():
+        served = model(ids).logits.float()
+    model.save_pretrained(str(tmp_path / "saved"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        loaded, info = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "saved"),
+                                                                         output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    with torch.no_grad():  # dense float32 on the served (2:4) weights vs bf16 GEMMs
+        torch.testing.assert_close(loaded.eval()(ids).logits, served, rtol=2e-2, atol=2e-2)
+
+
 @pytest.mark.parametrize(("config_name", "extra", "routers"), [
     ("Qwen2MoeConfig", ARCHS["qwen2-moe"][1], ["mlp.shared_expert_gate"]),  # a Linear(d, 1) named *_gate
     ("HunYuanMoEV1Config", dict(num_experts=4, moe_topk=2), ["mlp.gate.wg"]),  # a Linear inside a module "gate"
