@@ -299,6 +299,21 @@ def _dense_fallback(layer: SparseLinearGPU, allow_dense: bool) -> str | None:
 
 
 @torch.no_grad()
+def check_swap(model: nn.Module, names: Sequence[str], *, int4: bool = False, group_size: int = 128,
+               prune: bool = False) -> None:
+    """Raise the ConfigError :func:`swap_sparse_linears` would raise for these named layers and options (an
+    unknown or non-linear layer, one not 2:4 along K, K not divisible by 4 or the group size, ...), changing
+    nothing: to check several swaps before making the first."""
+    _check_options(int4, group_size, prune, False, None, None, None)
+    chosen, _ = _choose_layers(model, names)
+    modules = dict(model.named_modules(remove_duplicate=False))
+    for name in chosen:
+        problem = _layer_problem(modules[name], int4, group_size, prune)
+        if problem is not None:
+            raise ConfigError(f"swap_sparse_linears: layer {_described(name, modules[name])}: {problem}")
+
+
+@torch.no_grad()
 def swap_sparse_linears(model: nn.Module, names: Sequence[str] | None = None, *, int4: bool = False,
                         group_size: int = 128, prune: bool = False, dtype: torch.dtype | None = None,
                         token_counts: Sequence[int] | None = (1, 16, 128, 2048), allow_dense: bool = False,

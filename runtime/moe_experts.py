@@ -24,7 +24,7 @@ weights_outside_linears` reports.
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 
 import torch
@@ -100,12 +100,14 @@ class UnfusedExperts(nn.Module):
     data-parallel rank.
     """
 
-    def __init__(self, experts: list[ExpertLinears], layout: FusedLayout, gate: Callable[[torch.Tensor], torch.Tensor]):
+    def __init__(self, experts: list[ExpertLinears], layout: FusedLayout, gate: Callable[[torch.Tensor], torch.Tensor],
+                 fused: nn.Module | None = None):
         super().__init__()
         for e, expert in enumerate(experts):
             self.add_module(str(e), expert)
         self.layout = layout
         self._gate = gate  # the fused class's own gate (or activation), bound to the emptied fused module
+        self._fused = [fused]  # the emptied fused module (a list: not a child), for refuse_experts
         self.register_state_dict_post_hook(_fuse_served_state)
         self.register_load_state_dict_pre_hook(_split_fused_state)
 
@@ -220,23 +222,49 @@ def _unfuse(module: nn.Module, layout: FusedLayout) -> UnfusedExperts:
         experts.append(ExpertLinears(linears))
     for p in list(params) + [f"{p}_bias" for p in biases]:
         delattr(module, p)  # the experts' linears hold the values now; the emptied module keeps only its gate
-    return UnfusedExperts(experts, layout, _gate_of(module))
+    return UnfusedExperts(experts, layout, _gate_of(module), fused=module)
 
 
-def unfuse_experts(model: nn.Module) -> list[str]:
-    """Replace every fused experts module of ``model`` (:func:`fused_experts_modules`) by :class:`UnfusedExperts`
-    in place, same outputs up to the order of float additions; each expert's matrices are copied out of the fused
-    parameters, which are then dropped. Records them on the model (:data:`UNFUSED_ATTR`); returns the names of
-    the expert linear layers created (``<module>.<expert>.<param>``)."""
+def unfuse_experts(model: nn.Module, modules: Collection[str] | None = None) -> list[str]:
+    """Replace every fused experts module of ``model`` (:func:`fused_experts_modules`; only those named in
+    ``modules`` when given) by :class:`UnfusedExperts` in place, same outputs up to the order of float additions;
+    each expert's matrices are copied out of the fused parameters, which are then dropped. Records them on the
+    model (:data:`UNFUSED_ATTR`); returns the names of the expert linear layers created
+    (``<module>.<expert>.<param>``)."""
     created = []
     record = dict(getattr(model, UNFUSED_ATTR, {}))
     for name, layout in fused_experts_modules(model).items():
+        if modules is not None and name not in modules:
+            continue
         model.set_submodule(name, _unfuse(model.get_submodule(name), layout))
         record[name] = layout
         created += _layer_names(name, layout)
     if record:
         setattr(model, UNFUSED_ATTR, record)
     return created
+
+
+def refuse_experts(model: nn.Module, modules: Collection[str]) -> None:
+    """Undo :func:`unfuse_experts` for the named experts modules, whose expert layers must still be the
+    ``nn.Linear`` layers it made: their weights are stacked back into the fused module's parameters, which takes
+    its place again (used to leave a model as it was when a later step fails)."""
+    if not modules:
+        return
+    record = dict(getattr(model, UNFUSED_ATTR, {}))
+    for name in modules:
+        unfused = model.get_submodule(name)
+        layout, fused = unfused.layout, unfused._fused[0]
+        for param, (kind, target) in ((p, k) for p in layout.params
+                                      for k in (("weight", p),) + ((("bias", f"{p}_bias"),) if layout.bias else ())):
+            linears = [getattr(unfused.expert(e), param) for e in range(layout.num_experts)]
+            parts = [getattr(linear, kind).detach() for linear in linears]
+            if kind == "weight" and layout.transposed:
+                parts = [w.t() for w in parts]
+            grad = getattr(linears[0], kind).requires_grad
+            setattr(fused, target, nn.Parameter(torch.stack(parts), requires_grad=grad))
+        model.set_submodule(name, fused)
+        record.pop(name, None)
+    setattr(model, UNFUSED_ATTR, record)
 
 
 def unfused_experts_of(model: nn.Module) -> dict[str, FusedLayout]:

@@ -26,6 +26,7 @@ from sparsert.train.hf_model import (  # noqa: E402
     hf_directory_block_linears,
     hf_sparse_linear_names,
     saved_sparse_layers,
+    swap_saved_sparse_layers,
 )
 
 
@@ -380,6 +381,42 @@ def test_fused_moe_experts_are_pruned_2_4_and_load_back_fused(tmp_path, capsys):
     code, _, err = run_main(capsys, "compress", str(out), "-o", str(tmp_path / "again"))
     assert code == 2 and err.strip() == (f"error: {out / 'sparsert.json'} records layer "
                                          "'model.layers.0.mlp.experts.9.down_proj', which the model does not have")
+
+
+def test_serving_a_saved_moe_unfuses_only_served_experts_and_an_error_changes_nothing(tmp_path, capsys):
+    """swap_saved_sparse_layers unfuses only the experts modules holding a 2:4 expert (a layer kept dense stays
+    fused, on transformers' kernels), so the served model saves to a checkpoint transformers loads whole; a record
+    the model does not fit is refused before anything is swapped, and the experts are fused again."""
+    from sparsert.runtime.moe_experts import UnfusedExperts
+
+    config = transformers.MixtralConfig(vocab_size=320, hidden_size=128, intermediate_size=128, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=2, num_local_experts=4,
+                                        num_experts_per_tok=2, max_position_embeddings=64)
+    torch.manual_seed(0)
+    src, out = tmp_path / "mixtral", tmp_path / "out"
+    transformers.AutoModelForCausalLM.from_config(config).save_pretrained(str(src))
+    code, _, err = run_main(capsys, "compress", str(src), "-o", str(out), "--keep-dense", "*.layers.1.*")
+    assert code == 0, err
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(out)).eval()
+    fused_class = type(model.model.layers[1].mlp.experts)
+    swap_saved_sparse_layers(model, out, token_counts=None)
+    assert isinstance(model.model.layers[0].mlp.experts, UnfusedExperts)
+    assert type(model.model.layers[1].mlp.experts) is fused_class
+    model.save_pretrained(str(tmp_path / "saved"))
+    _, info = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "saved"), output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+
+    meta = json.loads((out / "sparsert.json").read_text())
+    meta["sparse_layers"]["model.layers.0.mlp.experts.9.down_proj"] = meta["sparse_layers"][
+        "model.layers.0.mlp.experts.1.down_proj"]  # 4 experts: no 9th
+    (out / "sparsert.json").write_text(json.dumps(meta))
+    fresh = transformers.AutoModelForCausalLM.from_pretrained(str(out)).eval()
+    before = {k: v.clone() for k, v in fresh.state_dict().items()}
+    with pytest.raises(ConfigError, match=r"no layer 'model\.layers\.0\.mlp\.experts\.9\.down_proj'"):
+        swap_saved_sparse_layers(fresh, out, token_counts=None)
+    assert type(fresh.model.layers[0].mlp.experts) is fused_class
+    after = fresh.state_dict()
+    assert after.keys() == before.keys() and all(torch.equal(after[k], v) for k, v in before.items())
 
 
 def test_experts_without_calibration_tokens_fall_back_to_magnitude(tmp_path, capsys):

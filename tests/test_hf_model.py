@@ -27,6 +27,7 @@ from sparsert.train.hf_model import (  # noqa: E402
     hf_forward,
     hf_sparse_linear_names,
     load_hf_causal_lm,
+    load_hf_config,
     save_hf_checkpoint,
     sparsify_hf_model,
 )
@@ -195,6 +196,16 @@ def test_not_a_causal_lm_is_refused(hf_dirs: dict[str, Path], tmp_path: Path) ->
         load_hf_causal_lm(empty)
     with pytest.raises(ConfigError, match=r"missing: Hugging Face model directory does not exist"):
         load_hf_causal_lm(tmp_path / "missing")
+
+
+def test_a_router_choosing_more_experts_than_it_has_is_refused(tmp_path: Path) -> None:
+    config = transformers.MixtralConfig(vocab_size=64, hidden_size=32, intermediate_size=32, num_hidden_layers=1,
+                                        num_attention_heads=4, num_key_value_heads=2, num_local_experts=4,
+                                        num_experts_per_tok=8)
+    config.save_pretrained(str(tmp_path))
+    with pytest.raises(ConfigError, match=r"config.json: num_experts_per_tok 8 exceeds num_local_experts 4 \(each "
+                                          r"token is routed to that many distinct experts\)"):
+        load_hf_config(tmp_path)
 
 
 def test_weights_not_matching_config_are_refused(hf_dirs: dict[str, Path], tmp_path: Path) -> None:

@@ -51,6 +51,7 @@ from sparsert.runtime.moe_experts import (
     expert_weight,
     fused_expert_state,
     fused_experts_modules,
+    refuse_experts,
     unfuse_experts,
     unfused_experts_of,
 )
@@ -145,7 +146,28 @@ def load_hf_config(path: str | Path) -> Any:
         cause = exc.__cause__ if exc.__cause__ is not None else exc  # the validator's own message
         raise ConfigError(f"{p}: cannot read the model config ({_first_line(cause)})") from None
     check_causal_lm_config(config, str(p))
+    _check_routing(config, p / "config.json")
     return config
+
+
+EXPERT_COUNT_KEYS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts")
+TOP_K_KEYS = ("num_experts_per_tok", "moe_topk", "moe_k")
+
+
+def _check_routing(config: Any, where: Path) -> None:
+    """ConfigError when a mixture-of-experts config routes each token to more experts than it has (the router's
+    top-k would fail deep inside the forward)."""
+    def first_int(keys: tuple[str, ...]) -> tuple[str, int] | None:
+        for key in keys:
+            value = getattr(config, key, None)
+            if isinstance(value, int) and not isinstance(value, bool):
+                return key, value
+        return None
+
+    experts, top_k = first_int(EXPERT_COUNT_KEYS), first_int(TOP_K_KEYS)
+    if experts is not None and top_k is not None and experts[1] > 0 and top_k[1] > experts[1]:
+        raise ConfigError(f"{where}: {top_k[0]} {top_k[1]} exceeds {experts[0]} {experts[1]} (each token is routed to "
+                          "that many distinct experts)")
 
 
 def hf_directory_block_linears(path: str | Path) -> dict[str, bool]:
@@ -438,52 +460,62 @@ def served_as_2_4(info: dict) -> bool:
     return not info["dense"] and info["m"] == 4 and info["n"] <= 2
 
 
-def _serves_2_4_experts(model: nn.Module, layers: dict[str, dict] | None) -> bool:
-    """Whether the record names an expert of the model's fused experts modules (without a record: whether an expert
-    matrix is 2:4 along K); dense experts are better left to transformers' fused kernels."""
+def _experts_to_serve(model: nn.Module, layers: dict[str, dict] | None) -> list[str]:
+    """The model's fused experts modules with an expert the record serves as 2:4 (without a record: with an expert
+    matrix that is 2:4 along K); the others, dense, are better left to transformers' fused kernels."""
     from sparsert.runtime.nm_mask import is_nm_sparse
 
+    found = []
     for name, layout in fused_experts_modules(model).items():
         if layers is not None:
-            if any(n.startswith(f"{name}.") for n in layers):
-                return True
+            if any(n.startswith(f"{name}.") and served_as_2_4(info) for n, info in layers.items()):
+                found.append(name)
             continue
         module = model.get_submodule(name)
-        for param in layout.params:
-            for e in range(layout.num_experts):
-                w = expert_weight(module, layout, param, e)
-                if w.shape[1] % 4 == 0 and is_nm_sparse(w, 2, 4):
-                    return True
-    return False
+        if any((w := expert_weight(module, layout, param, e)).shape[1] % 4 == 0 and is_nm_sparse(w, 2, 4)
+               for param in layout.params for e in range(layout.num_experts)):
+            found.append(name)
+    return found
 
 
 def swap_saved_sparse_layers(model: nn.Module, path: str | Path, **swap_options: Any):
     """:func:`sparsert.runtime.linear_swap.swap_sparse_linears` on a model loaded from ``path``: the layers its
     ``sparsert.json`` records as trained 2:4 (not the ones trained dense), INT4 with their QAT group where they
     trained with QAT (the saved weights are the dequantized codes, so quantizing them again gives the same
-    codes); without the file, every linear whose weight is 2:4. Fused MoE experts are unfused first
-    (:func:`~sparsert.runtime.moe_experts.unfuse_experts`) when the file records them (without it: when they are
-    2:4), so 2:4 experts are served as 2:4 too; dense ones stay on transformers' fused kernels. Returns the
-    (merged) SwapReport."""
-    from sparsert.runtime.linear_swap import SwapReport, swap_sparse_linears
+    codes); without the file, every linear whose weight is 2:4. Fused MoE experts modules holding an expert the
+    file records as 2:4 (without it: a 2:4 expert) are unfused first (:func:`~sparsert.runtime.moe_experts.
+    unfuse_experts`), so 2:4 experts are served as 2:4 too; the others stay fused, on transformers' kernels.
+    Every group of layers is checked before the first is swapped: an error leaves the model as it was. Returns
+    the (merged) SwapReport."""
+    from sparsert.runtime.linear_swap import SwapReport, check_swap, swap_sparse_linears
 
     layers = saved_sparse_layers(path)
-    if _serves_2_4_experts(model, layers):
-        unfuse_experts(model)  # 2:4 experts become linear layers the swap reaches
-    if layers is None:
-        return swap_sparse_linears(model, **swap_options)
-    groups: dict[int | None, list[str]] = {}
-    for name, info in layers.items():
-        if served_as_2_4(info):
-            groups.setdefault(info["qat_group_size"], []).append(name)
-    if not groups:
-        raise ConfigError(f"{Path(path) / SPARSERT_FILE}: no layer was trained 2:4 (nothing for sparsert's 2:4 "
-                          "kernels to run)")
-    merged = SwapReport()
-    for group, names in groups.items():
-        int4 = {"int4": True, "group_size": group} if group is not None else {}
-        merged.add(swap_sparse_linears(model, names, **int4, **swap_options))
-    return merged
+    experts = _experts_to_serve(model, layers)
+    unfuse_experts(model, experts)  # 2:4 experts become linear layers the swap reaches
+    swapped = False
+    try:
+        if layers is None:
+            report = swap_sparse_linears(model, **swap_options)
+            swapped = True
+            return report
+        groups: dict[int | None, list[str]] = {}
+        for name, info in layers.items():
+            if served_as_2_4(info):
+                groups.setdefault(info["qat_group_size"], []).append(name)
+        if not groups:
+            raise ConfigError(f"{Path(path) / SPARSERT_FILE}: no layer was trained 2:4 (nothing for sparsert's 2:4 "
+                              "kernels to run)")
+        options = {g: {"int4": True, "group_size": g} if g is not None else {} for g in groups}
+        for group, names in groups.items():
+            check_swap(model, names, **options[group], prune=swap_options.get("prune", False))
+        merged = SwapReport()
+        for group, names in groups.items():
+            merged.add(swap_sparse_linears(model, names, **options[group], **swap_options))
+            swapped = True
+        return merged
+    finally:
+        if not swapped:  # nothing was swapped: the experts go back into their fused tensors
+            refuse_experts(model, experts)
 
 
 def save_hf_checkpoint(model: nn.Module, tokenizer: HFTokenizer | Any | None, out_dir: str | Path, *,
