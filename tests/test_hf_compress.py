@@ -419,6 +419,26 @@ def test_serving_a_saved_moe_unfuses_only_served_experts_and_an_error_changes_no
     assert after.keys() == before.keys() and all(torch.equal(after[k], v) for k, v in before.items())
 
 
+def test_stored_experts_that_do_not_stack_are_named(tmp_path):
+    """transformers builds fused experts from per-expert tensors on load; when one is missing it raises only "see
+    the above report" (a report sparsert keeps quiet): the error names the fused tensor and the cause instead."""
+    from safetensors.torch import save_file
+
+    from sparsert.runtime.errors import ArtifactError
+    from sparsert.train.hf_model import load_hf_causal_lm
+
+    src = tmp_path / "moe"
+    tiny_qwen2_moe().save_pretrained(str(src))
+    stored = load_file(str(src / "model.safetensors"))
+    dropped = next(k for k in stored if ".experts.3.up_proj" in k)
+    del stored[dropped]
+    save_file(stored, str(src / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(ArtifactError, match=r"moe: cannot load the model weights \(cannot build "
+                                            r"'model\.layers\.0\.mlp\.experts\.gate_up_proj' from the stored tensors: "
+                                            r"\S.*\)$"):
+        load_hf_causal_lm(src)
+
+
 def test_experts_without_calibration_tokens_fall_back_to_magnitude(tmp_path, capsys):
     """Wanda on experts: each expert sees only the tokens routed to it; with 16 experts and 4 calibration tokens
     most see none, are pruned by magnitude instead, and a note says how many."""

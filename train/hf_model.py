@@ -33,10 +33,14 @@ layout transformers loads. The routers and the scalar gates beside the experts (
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import json
+import logging
+import re
 import shutil
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -223,9 +227,11 @@ def load_hf_causal_lm(path: str | Path, *, dtype: torch.dtype = torch.float32,
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()
     try:
-        model, info = transformers.AutoModelForCausalLM.from_pretrained(str(p), config=config, **kwargs)
+        with _load_report() as report:
+            model, info = transformers.AutoModelForCausalLM.from_pretrained(str(p), config=config, **kwargs)
     except (OSError, ValueError, RuntimeError, KeyError, SafetensorError) as exc:
-        raise ArtifactError(f"{p}: cannot load the model weights ({_first_line(exc)})") from None
+        raise ArtifactError(f"{p}: cannot load the model weights ({_conversion_error(report) or _first_line(exc)})"
+                            ) from None
     finally:
         hf_logging.set_verbosity(verbosity)
     missing = list(info.get("missing_keys") or [])
@@ -253,6 +259,42 @@ def load_hf_causal_lm(path: str | Path, *, dtype: torch.dtype = torch.float32,
             raise ConfigError(f"{p}: the tokenizer has {tokenizer.vocab_size} tokens but the model's embedding "
                               f"has only {n_emb} rows")
     return HFModelBundle(model=model, tokenizer=tokenizer, config=config, path=p)
+
+
+@contextlib.contextmanager
+def _load_report() -> Iterator[list[str]]:
+    """Keep (instead of printing) the load report transformers logs while loading weights: a list of its messages.
+    A weight conversion that fails (stored expert tensors that do not stack, for one) raises only "see the above
+    report"; :func:`_conversion_error` takes the tensor and the cause from it."""
+    messages: list[str] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            messages.append(record.getMessage())
+
+    log = logging.getLogger("transformers.modeling_utils")  # the logger from_pretrained reports on
+    handler, level, propagate = Keep(logging.WARNING), log.level, log.propagate
+    log.setLevel(logging.WARNING)
+    log.propagate = False
+    log.addHandler(handler)
+    try:
+        yield messages
+    finally:
+        log.removeHandler(handler)
+        log.setLevel(level)
+        log.propagate = propagate
+
+
+def _conversion_error(report: list[str]) -> str | None:
+    """``cannot build 'tensor' from the stored tensors: cause`` from a load report with a failed conversion."""
+    for message in report:
+        key = re.search(r"^(\S+)\s*\|\s*CONVERSION", message, re.M)
+        if key is None:
+            continue
+        cause = re.search(r"^\w*(?:Error|Exception): (.+)$", message, re.M)
+        return (f"cannot build '{key.group(1)}' from the stored tensors: "
+                f"{cause.group(1) if cause else 'the conversion failed'}")
+    return None
 
 
 def _num_layers(model: nn.Module) -> int | None:
