@@ -169,7 +169,8 @@ def _check_routing(config: Any, where: Path) -> None:
         return None
 
     experts, top_k = first_int(EXPERT_COUNT_KEYS), first_int(TOP_K_KEYS)
-    if experts is not None and top_k is not None and experts[1] > 0 and top_k[1] > experts[1]:
+    # one expert means no router in several families (Jamba's num_experts=1 is a dense MLP)
+    if experts is not None and top_k is not None and experts[1] > 1 and top_k[1] > experts[1]:
         raise ConfigError(f"{where}: {top_k[0]} {top_k[1]} exceeds {experts[0]} {experts[1]} (each token is routed to "
                           "that many distinct experts)")
 
