@@ -144,7 +144,8 @@ def _cache_shapes(model: nn.Module) -> tuple[CacheShapes | None, str]:
     return shapes, ""
 
 
-def layer_key(model: nn.Module, name: str, info: dict) -> tuple[tuple[int, ...], str]:
+def layer_key(model: nn.Module, name: str, info: dict,
+              record: str | Path = "sparsert.json") -> tuple[tuple[int, ...], str]:
     """The key (shape and sha256 of ``B [K, N]`` float32) by which :func:`place_weights` finds the recorded layer
     ``name`` (``info``: its ``sparsert.json`` entry) in the traced graph. ArtifactError when the model has no such
     linear layer, ExportError when a layer recorded as 2:4 is not: checked before the trace."""
@@ -153,10 +154,10 @@ def layer_key(model: nn.Module, name: str, info: dict) -> tuple[tuple[int, ...],
     try:
         module = model.get_submodule(name)
     except AttributeError:
-        raise ArtifactError(f"sparsert.json records layer '{name}', which the model does not have") from None
+        raise ArtifactError(f"{record} records layer '{name}', which the model does not have") from None
     weight = getattr(module, "weight", None)
     if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
-        raise ArtifactError(f"sparsert.json records layer '{name}', a {type(module).__name__} without a 2-D weight "
+        raise ArtifactError(f"{record} records layer '{name}', a {type(module).__name__} without a 2-D weight "
                             "(not a linear layer)")
     w = weight_nk(module).detach().float()  # [N, K]
     if served_as_2_4(info) and (w.shape[1] % 4 or not is_nm_sparse(w, 2, 4)):
@@ -208,7 +209,7 @@ def expert_layers(model: nn.Module, layers: dict[str, dict]) -> dict[str, torch.
 
 
 def _unfuse_for_export(model: nn.Module, layers: dict[str, dict], recorded: dict[str, dict],
-                       keys: dict[str, tuple[tuple[int, ...], str]], notes: list[str]) -> None:
+                       keys: dict[str, tuple[tuple[int, ...], str]], notes: list[str], record: Path) -> None:
     """Turn the model's fused MoE experts into per-expert linear layers for the trace
     (:func:`~sparsert.runtime.moe_experts.unfuse_experts`; traced, each expert takes its routed tokens and
     multiplies them by constant weights), and add the recorded ones to ``recorded`` and ``keys``, so they are
@@ -218,7 +219,7 @@ def _unfuse_for_export(model: nn.Module, layers: dict[str, dict], recorded: dict
     for name in unfused:
         if name in layers:
             recorded[name] = layers[name]
-            keys[name] = layer_key(model, name, layers[name])
+            keys[name] = layer_key(model, name, layers[name], record)
     if unfused:
         notes.append(f"{len(unfused)} MoE expert matrices exported as per-expert MatMuls over the tokens routed to "
                      "each (NonZero, GatherND, ScatterND)")
@@ -610,7 +611,8 @@ def export_hf_model(path: str | Path, output: str | Path, *, with_kv_cache: bool
     notes: list[str] = []
     experts = set(expert_layers(model, layers))  # checked now; names only: the weights are views of the fused tensors
     recorded = {name: info for name, info in layers.items() if name not in experts}
-    keys = {name: layer_key(model, name, info) for name, info in recorded.items()}  # the checks, before the trace
+    record = Path(path) / SPARSERT_FILE
+    keys = {name: layer_key(model, name, info, record) for name, info in recorded.items()}  # checked before the trace
     sparse = any(served_as_2_4(info) for info in recorded.values())
     if not sparse:
         notes.append(f"{path}: {SPARSERT_FILE} records no 2:4 layer; the graph holds dense weights only")
@@ -628,7 +630,7 @@ def export_hf_model(path: str | Path, output: str | Path, *, with_kv_cache: bool
     if parity:  # transformers' logits now, so the model can go before the graph is written and run
         vocab = model.get_output_embeddings().weight.shape[0]
         reference = prompt_reference(model, parity_prompt_ids(tokenizer, vocab, context))
-    _unfuse_for_export(model, layers, recorded, keys, notes)  # after the reference: transformers' own experts
+    _unfuse_for_export(model, layers, recorded, keys, notes, record)  # after the reference: transformers' own experts
     held = [model]
     del model
     groups: set[int] = set()

@@ -425,18 +425,22 @@ def test_stored_experts_that_do_not_stack_are_named(tmp_path):
     from safetensors.torch import save_file
 
     from sparsert.runtime.errors import ArtifactError
+    from sparsert.train.hf_inspect import hf_dir_stats
     from sparsert.train.hf_model import load_hf_causal_lm
 
-    src = tmp_path / "moe"
+    src, out = tmp_path / "moe", tmp_path / "moe-24"
     tiny_qwen2_moe().save_pretrained(str(src))
-    stored = load_file(str(src / "model.safetensors"))
-    dropped = next(k for k in stored if ".experts.3.up_proj" in k)
-    del stored[dropped]
-    save_file(stored, str(src / "model.safetensors"), metadata={"format": "pt"})
-    with pytest.raises(ArtifactError, match=r"moe: cannot load the model weights \(cannot build "
-                                            r"'model\.layers\.0\.mlp\.experts\.gate_up_proj' from the stored tensors: "
-                                            r"\S.*\)$"):
-        load_hf_causal_lm(src)
+    compress_hf_model(src, out)
+    stored = load_file(str(out / "model.safetensors"))
+    up = next(k for k in stored if ".experts.3.up_proj" in k)
+    message = (r"moe-24: cannot load the model weights \(cannot build 'model\.layers\.0\.mlp\.experts\.gate_up_proj' "
+               r"from the stored tensors: \S.*\)$")
+    for broken in ({k: v for k, v in stored.items() if k != up}, {**stored, up: stored[up][:-8]}):
+        save_file(broken, str(out / "model.safetensors"), metadata={"format": "pt"})
+        with pytest.raises(ArtifactError, match=message):
+            load_hf_causal_lm(out)
+        with pytest.raises(ArtifactError, match=message):  # inspect reads tensors that do not fit through it too
+            hf_dir_stats(out)
 
 
 def test_experts_without_calibration_tokens_fall_back_to_magnitude(tmp_path, capsys):

@@ -142,7 +142,8 @@ def test_bad_input_is_named(compressed, tmp_path, capsys):
     record = json.loads((compressed["llama-24"] / "sparsert.json").read_text())
     entry = next(iter(record["sparse_layers"].values()))
     for layer, group, message in (
-        ("model.layers.0.nope", None, r"records layer 'model\.layers\.0\.nope', which the model does not have"),
+        ("model.layers.0.nope", None, r"broken/sparsert\.json records layer 'model\.layers\.0\.nope', which the "
+                                      r"model does not have"),
         ("model.layers.0.input_layernorm", None, r"a LlamaRMSNorm without a 2-D weight"),
         ("model.layers.0.mlp.up_proj", 0, r"not a valid sparsert layer record .*not positive"),
     ):

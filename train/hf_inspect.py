@@ -167,14 +167,19 @@ def expert_tensor_names(name: str, files: dict[str, Path]) -> list[str] | None:
 
 
 def _fits_hidden_size(on_disk: dict[str, list[str] | None], shapes: dict[str, list[int]], path: Path) -> bool:
-    """Whether the per-expert tensors found for the recorded experts have the shapes their names promise: 2-D,
-    ``gate_up_proj`` / ``up_proj`` reading the model's hidden size (K), ``down_proj`` writing it."""
+    """Whether the per-expert tensors found for the recorded experts have the shapes their names promise: 2-D, the
+    same for every expert of a module, ``gate_up_proj`` / ``up_proj`` reading the model's hidden size (K),
+    ``down_proj`` writing it (otherwise transformers loads the model, and names what does not fit)."""
     hidden = getattr(load_hf_config(path), "hidden_size", None)
+    per_module: dict[tuple[str, str], list[list[int]]] = {}  # every expert of a module: the same shapes
     for name, names in on_disk.items():
         if names is None:
             continue
         dims = [shapes.get(n, []) for n in names]
         if any(len(d) != 2 for d in dims) or len({d[1] for d in dims}) != 1:
+            return False
+        module, _, param = name.rpartition(".")
+        if per_module.setdefault((module.rpartition(".")[0], param), dims) != dims:
             return False
         if isinstance(hidden, int) and (dims[0][0] if name.endswith(".down_proj") else dims[0][1]) != hidden:
             return False
