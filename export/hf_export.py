@@ -683,8 +683,8 @@ def hf_onnx_stepper(path: str | Path, onnx_path: str | Path | None = None, *, ma
         recorded, actual = stepper.metadata.get(ann.KEY_WEIGHTS_SHA256), hf_weights_sha256(path)
         if recorded != actual:
             was = "has no weights digest" if recorded is None else f"holds other weights (digest {recorded[:16]})"
-            raise ExportError(f"--onnx {onnx_path} {was}, not those of {path} (digest {actual[:16]}): re-export it "
-                              f"with `sparsert export {path} -o {onnx_path}`")
+            raise ExportError(f"--onnx {onnx_path} {was}, not those of {path} (digest {actual[:16]}): export the "
+                              f"directory with `sparsert export {path} -o FILE` and pass --onnx FILE")
         yield stepper
         return
     tmp = Path(tempfile.mkdtemp(prefix="sparsert-generate-"))

@@ -274,8 +274,8 @@ def onnx_stepper(artifact: Artifact, onnx_path: str | Path | None = None) -> Ite
             if recorded != actual:
                 raise ExportError(
                     f"--onnx {onnx_path} was exported from another artifact (weights digest {recorded[:16]}), "
-                    f"not {artifact.path} (weights digest {actual[:16]}): re-export it with "
-                    f"`sparsert export {artifact.path} -o {onnx_path}`"
+                    f"not {artifact.path} (weights digest {actual[:16]}): export this artifact with "
+                    f"`sparsert export {artifact.path} -o FILE` and pass --onnx FILE"
                 )
         yield stepper
         return

@@ -295,7 +295,7 @@ def test_generate_refuses_onnx_exported_from_another_artifact_of_the_same_config
                               "--onnx", str(onnx_file))
     assert_one_line_error(code, err, f"--onnx {onnx_file} was exported from another artifact (weights digest "
                                      f"{recorded[:16]}), not {artifact}")
-    assert f"re-export it with `sparsert export {artifact} -o {onnx_file}`" in err and out == ""
+    assert f"export this artifact with `sparsert export {artifact} -o FILE` and pass --onnx FILE" in err and out == ""
     # the export of the artifact itself is accepted, without a warning
     code, _, err = run_main(capsys, "export", str(artifact), "-o", str(onnx_file), "--skip-parity")
     assert code == 0, err
