@@ -366,6 +366,12 @@ def test_fused_moe_experts_are_pruned_2_4_and_load_back_fused(tmp_path, capsys):
                                                          "model.layers.0.mlp.experts.down_proj"))
     held += sum(model.get_submodule(n).weight.numel() for n in recorded if ".experts." not in n)
     assert json.loads(stdout)["recorded_share"] == pytest.approx(held / sum(p.numel() for p in model.parameters()))
+    args = ["generate", str(out), "--prompt", "hello world", "--max-new-tokens", "6", "--json"]
+    code, stdout, err = run_main(capsys, *args)
+    assert code == 0, err
+    code, onnx_out, err = run_main(capsys, *args, "--backend", "onnx")  # the experts as per-expert MatMuls
+    assert code == 0 and json.loads(onnx_out)["ids"] == json.loads(stdout)["ids"], err
+    assert "note: 8 MoE expert matrices exported as per-expert MatMuls" in err and "warning:" not in err
     from sparsert.train import hf_inspect
 
     stats = hf_inspect.hf_dir_stats(out)  # experts read from their per-expert tensors on disk: no model is built

@@ -108,11 +108,12 @@ def _open(path: str, backend: str, onnx_path: str | None, cuda_graph: bool):
 
 def _one_line_warnings(show):  # noqa: ANN001, ANN202 - warnings.showwarning's signature
     """A ``warnings.showwarning`` that prints sparsert's own warnings (an ``--onnx`` export that cannot be
-    verified) as one ``warning: ...`` line on stderr and passes any other warning to ``show``."""
+    verified) as one ``warning: ...`` line on stderr, the export's notes as ``note: ...`` as ``sparsert export``
+    prints them, and passes any other warning to ``show``."""
 
     def showwarning(message, category, filename, lineno, file=None, line=None):  # noqa: ANN001, ANN202
         if category.__module__.startswith("sparsert."):
-            click.echo(f"warning: {message}", err=True)
+            click.echo(f"{'note' if category.__name__ == 'ExportNote' else 'warning'}: {message}", err=True)
         else:
             show(message, category, filename, lineno, file, line)
 
