@@ -277,6 +277,13 @@ def test_dtype_and_a_record_without_2_4_layers(tmp_path, capsys):
     record.write_text(json.dumps(meta))
     with pytest.raises(ConfigError, match=r"records no 2:4 layer \(its sparse layers are 4:8\)"):
         compress_hf_model(tmp_path / "float16", tmp_path / "x", int4=True)
+    first = next(iter(meta["sparse_layers"]))
+    meta["sparse_layers"] = {n: dict(info, n=2, m=4) if n != first else info
+                             for n, info in meta["sparse_layers"].items()}
+    record.write_text(json.dumps(meta))
+    code, _, err = run_main(capsys, "compress", str(tmp_path / "float16"), "-o", str(tmp_path / "y"))
+    assert code == 0 and (f"note: 1 layer(s) recorded with another N:M pattern (4:8, e.g. {first}) stay as stored"
+                          in err), err
 
 
 def test_inspect_a_compressed_directory(tmp_path, capsys):

@@ -157,6 +157,12 @@ def compress_hf_model(path: str | Path, output: str | Path, *, prune: str | None
         warnings.warn(f"{path}: {outside}", CompressionNote, stacklevel=2)
     if trained is not None:
         names = [n for n, info in trained.items() if served_as_2_4(info)]
+        other = {n: f"{info['n']}:{info['m']}" for n, info in trained.items()
+                 if not info["dense"] and not served_as_2_4(info)}
+        if other:
+            first, patterns = next(iter(other)), ", ".join(sorted(set(other.values())))
+            warnings.warn(f"{len(other)} layer(s) recorded with another N:M pattern ({patterns}, e.g. {first}) stay "
+                          "as stored, dense in sparsert's formats (they hold 2:4)", CompressionNote, stacklevel=2)
     else:
         names = pruned_layer_selection(hf_sparse_linear_names(model), sparse_layers, keep_dense)
     for name in names:
