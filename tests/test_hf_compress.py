@@ -336,6 +336,16 @@ def test_inspect_a_compressed_directory(tmp_path, capsys):
     (out / "sparsert.json").write_text(json.dumps({**meta, "sparse_layers": {}}))  # records no layer
     code, stdout, _ = run_main(capsys, "inspect", str(out))
     assert code == 0 and stdout.rstrip().endswith("no recorded layers: every weight stays as stored")
+    (out / "sparsert.json").write_text(json.dumps(meta))
+    config = json.loads((out / "config.json").read_text())
+    (out / "config.json").write_text(json.dumps({**config, "n_inner": 256}))  # the weights hold 512
+    code, _, err = run_main(capsys, "inspect", str(out))
+    assert code == 2 and "config.json does not match the weights: 6 tensor(s) of another shape, " in err, err
+    (out / "config.json").write_text(json.dumps(config))
+    (out / "sparsert.json").write_text(json.dumps({**meta, "sparse_layers": {
+        **meta["sparse_layers"], "transformer.h.7.mlp.c_fc": meta["sparse_layers"]["transformer.h.0.mlp.c_fc"]}}))
+    code, _, err = run_main(capsys, "inspect", str(out))
+    assert code == 2 and "records layer 'transformer.h.7.mlp.c_fc', which the model its config.json describes" in err
 
 
 def _moe_dir(root: Path, **kwargs: int) -> Path:

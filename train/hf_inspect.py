@@ -29,6 +29,7 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
+from torch import nn
 
 from sparsert.runtime.errors import ArtifactError
 from sparsert.runtime.linear_swap import weight_nk
@@ -39,6 +40,7 @@ from sparsert.train.hf_model import (
     hf_directory_block_linears,
     load_hf_causal_lm,
     load_hf_config,
+    meta_causal_lm,
     saved_sparse_layers,
     served_as_2_4,
 )
@@ -186,6 +188,16 @@ def _fits_hidden_size(on_disk: dict[str, list[str] | None], shapes: dict[str, li
     return True
 
 
+def _check_config_shapes(path: Path, shapes: dict[str, list[int]], meta: nn.Module) -> None:
+    """ArtifactError when a stored tensor's shape is not the one the model ``config.json`` describes (``meta``,
+    built on the meta device) has under that name (transformers would refuse to load the directory)."""
+    expected = {name: list(t.shape) for name, t in meta.state_dict().items()}
+    bad = sorted(name for name, shape in shapes.items() if name in expected and expected[name] != shape)
+    if bad:
+        raise ArtifactError(f"{path}: config.json does not match the weights: {len(bad)} tensor(s) of another shape, "
+                            f"'{bad[0]}' is {shapes[bad[0]]} in the weights but {expected[bad[0]]} by config.json")
+
+
 def hf_dir_stats(path: str | Path) -> HFDirStats:
     """The statistics of a Hugging Face directory: of the layers its ``sparsert.json`` records, or for a directory
     sparsert did not write (a plain transformers checkpoint, possibly 2:4 from elsewhere) of every block linear,
@@ -200,6 +212,9 @@ def hf_dir_stats(path: str | Path) -> HFDirStats:
                   for name, conv1d in hf_directory_block_linears(p).items()}
     files = _weight_files(p)
     shapes = _tensor_shapes(files)
+    meta = meta_causal_lm(p)  # what config.json describes: the weights must fit it, as transformers requires
+    _check_config_shapes(p, shapes, meta)
+    unfuse_experts(meta)
     stats = HFDirStats(str(p), total_weights=sum(math.prod(shape) for shape in shapes.values()), recorded=recorded)
     loaded = None
     on_disk = {name: expert_tensor_names(name, files) for name in layers if f"{name}.weight" not in files}
@@ -218,6 +233,14 @@ def hf_dir_stats(path: str | Path) -> HFDirStats:
                 raise ArtifactError(f"{p}: the weight of {name} is {w.dim()}-D, expected a linear layer's [out, K]")
             w = w.t() if info.get("transposed") else w
         out, k = w.shape
+        try:
+            described = list(weight_nk(meta.get_submodule(name)).shape)
+        except AttributeError:
+            raise ArtifactError(f"{p / SPARSERT_FILE} records layer '{name}', which the model its config.json "
+                                "describes does not have") from None
+        if described != [out, k]:
+            raise ArtifactError(f"{p}: config.json does not match the weights: layer '{name}' is {[out, k]} in the "
+                                f"weights but {described} by config.json")
         two_four = is_nm_sparse(w, 2, 4)
         pattern = "dense" if info["dense"] else f"{info['n']}:{info['m']}"
         group = info["qat_group_size"]

@@ -180,15 +180,21 @@ def hf_directory_block_linears(path: str | Path) -> dict[str, bool]:
     the layer is a transformers ``Conv1D`` (GPT-2; its weight stored ``[K, out]``), without reading its weights:
     the model is built from its config on the meta device. ConfigError as :func:`load_hf_config`, and for a
     config transformers cannot build a model from."""
+    model = meta_causal_lm(path)
+    unfuse_experts(model)
+    return {name: _is_conv1d(model.get_submodule(name)) for name in hf_sparse_linear_names(model)}
+
+
+def meta_causal_lm(path: str | Path) -> nn.Module:
+    """The model of directory ``path`` built from its ``config.json`` on the meta device (shapes, no weights).
+    ConfigError as :func:`load_hf_config`, and for a config transformers cannot build a model from."""
     config = load_hf_config(path)
     transformers = import_transformers("loading a Hugging Face model")
     try:
         with torch.device("meta"):
-            model = transformers.AutoModelForCausalLM.from_config(config)
+            return transformers.AutoModelForCausalLM.from_config(config)
     except (OSError, ValueError, RuntimeError, KeyError, TypeError, AttributeError) as exc:
         raise ConfigError(f"{path}: cannot build the model from its config.json ({_first_line(exc)})") from None
-    unfuse_experts(model)
-    return {name: _is_conv1d(model.get_submodule(name)) for name in hf_sparse_linear_names(model)}
 
 
 def has_tokenizer_files(path: str | Path) -> bool:
