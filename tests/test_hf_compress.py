@@ -345,7 +345,7 @@ def test_inspect_a_compressed_directory(tmp_path, capsys):
     (out / "sparsert.json").write_text(json.dumps({**meta, "sparse_layers": {
         **meta["sparse_layers"], "transformer.h.7.mlp.c_fc": meta["sparse_layers"]["transformer.h.0.mlp.c_fc"]}}))
     code, _, err = run_main(capsys, "inspect", str(out))
-    assert code == 2 and "sparsert.json records layer 'transformer.h.7.mlp.c_fc', which the model" in err
+    assert code == 2 and "records layer 'transformer.h.7.mlp.c_fc', which the model its config.json describes" in err
 
 
 def _moe_dir(root: Path, **kwargs: int) -> Path:

@@ -188,6 +188,13 @@ def _fits_hidden_size(on_disk: dict[str, list[str] | None], shapes: dict[str, li
     return True
 
 
+def _submodule(model: nn.Module, name: str) -> nn.Module | None:
+    try:
+        return model.get_submodule(name)
+    except AttributeError:
+        return None
+
+
 def _check_config_shapes(path: Path, shapes: dict[str, list[int]], meta: nn.Module) -> None:
     """ArtifactError when a stored tensor's shape is not the one the model ``config.json`` describes (``meta``,
     built on the meta device) has under that name (transformers would refuse to load the directory)."""
@@ -215,6 +222,10 @@ def hf_dir_stats(path: str | Path) -> HFDirStats:
     meta = meta_causal_lm(p)  # what config.json describes: the weights must fit it, as transformers requires
     _check_config_shapes(p, shapes, meta)
     unfuse_experts(meta)
+    for name in layers:
+        if not isinstance(getattr(_submodule(meta, name), "weight", None), torch.Tensor):
+            raise ArtifactError(f"{p / SPARSERT_FILE} records layer '{name}', which the model its config.json "
+                                "describes does not have")
     stats = HFDirStats(str(p), total_weights=sum(math.prod(shape) for shape in shapes.values()), recorded=recorded)
     loaded = None
     on_disk = {name: expert_tensor_names(name, files) for name in layers if f"{name}.weight" not in files}
@@ -233,11 +244,7 @@ def hf_dir_stats(path: str | Path) -> HFDirStats:
                 raise ArtifactError(f"{p}: the weight of {name} is {w.dim()}-D, expected a linear layer's [out, K]")
             w = w.t() if info.get("transposed") else w
         out, k = w.shape
-        try:
-            described = list(weight_nk(meta.get_submodule(name)).shape)
-        except AttributeError:
-            raise ArtifactError(f"{p / SPARSERT_FILE} records layer '{name}', which the model its config.json "
-                                "describes does not have") from None
+        described = list(weight_nk(meta.get_submodule(name)).shape)
         if described != [out, k]:
             raise ArtifactError(f"{p}: config.json does not match the weights: layer '{name}' is {[out, k]} in the "
                                 f"weights but {described} by config.json")
