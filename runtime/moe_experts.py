@@ -136,7 +136,6 @@ class UnfusedExperts(nn.Module):
             out.index_add_(0, token_idx, h.to(out.dtype))
         return out
 
-
     def _forward_traced(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
                         top_k_weights: torch.Tensor) -> torch.Tensor:
         """The computation as a graph (``torch.export``, e.g. for ONNX): every expert in turn takes the tokens
@@ -156,6 +155,13 @@ class UnfusedExperts(nn.Module):
         return out
 
 
+def _fused_entries(layout: FusedLayout) -> list[tuple[str, str, str]]:
+    """``(param, kind, fused name)``: every expert's ``<e>.<param>.<kind>`` (kind ``weight`` or ``bias``) stacks
+    into the fused module's ``<fused name>`` (``<param>`` or ``<param>_bias``)."""
+    kinds = ("weight", "bias") if layout.bias else ("weight",)
+    return [(p, kind, p if kind == "weight" else f"{p}_bias") for p in layout.params for kind in kinds]
+
+
 def _serves(module: UnfusedExperts) -> bool:
     """Whether the experts are served (some swapped to sparsert's kernels, the rest plain linears): their state is
     then their weights alone, saved in transformers' fused layout. Training modules (masks) keep per-expert state."""
@@ -168,29 +174,21 @@ def _fuse_served_state(module: UnfusedExperts, state: dict, prefix: str, local_m
     """``state_dict`` of served experts: the per-expert ``<e>.<param>.weight`` / ``.bias`` entries stacked into the
     fused ``<param>`` / ``<param>_bias`` tensors transformers holds (:func:`fused_expert_state`), so a served MoE
     model saves (``save_pretrained``) to a checkpoint transformers loads."""
-    if not _serves(module):
-        return
-    layout = module.layout
-    for param in layout.params:
-        for kind, target in (("weight", param),) + ((("bias", f"{param}_bias"),) if layout.bias else ()):
-            parts = [state.pop(f"{prefix}{e}.{param}.{kind}") for e in range(layout.num_experts)]
-            if kind == "weight" and layout.transposed:
-                parts = [w.t() for w in parts]
-            state[f"{prefix}{target}"] = torch.stack(parts)
+    if _serves(module):
+        _stack_experts(state, prefix, module.layout)
 
 
 def _split_fused_state(module: UnfusedExperts, state: dict, prefix: str, *_: object) -> None:
     """``load_state_dict`` of fused expert tensors (as :func:`_fuse_served_state` or transformers write them):
     split into the per-expert entries the expert layers load."""
     layout = module.layout
-    for param in layout.params:
-        for kind, source in (("weight", param),) + ((("bias", f"{param}_bias"),) if layout.bias else ()):
-            fused = state.pop(f"{prefix}{source}", None)
-            if fused is None:
-                continue
-            for e in range(min(layout.num_experts, len(fused))):  # a short tensor: the missing experts are missing
-                part = fused[e]
-                state[f"{prefix}{e}.{param}.{kind}"] = part.t() if kind == "weight" and layout.transposed else part
+    for param, kind, source in _fused_entries(layout):
+        fused = state.pop(f"{prefix}{source}", None)
+        if fused is None:
+            continue
+        for e in range(min(layout.num_experts, len(fused))):  # a short tensor: the missing experts are missing
+            part = fused[e]
+            state[f"{prefix}{e}.{param}.{kind}"] = part.t() if kind == "weight" and layout.transposed else part
 
 
 def _gate_of(module: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -254,8 +252,7 @@ def refuse_experts(model: nn.Module, modules: Collection[str]) -> None:
     for name in modules:
         unfused = model.get_submodule(name)
         layout, fused = unfused.layout, unfused._fused[0]
-        for param, (kind, target) in ((p, k) for p in layout.params
-                                      for k in (("weight", p),) + ((("bias", f"{p}_bias"),) if layout.bias else ())):
+        for param, kind, target in _fused_entries(layout):
             linears = [getattr(unfused.expert(e), param) for e in range(layout.num_experts)]
             parts = [getattr(linear, kind).detach() for linear in linears]
             if kind == "weight" and layout.transposed:
@@ -289,15 +286,19 @@ def fused_expert_state(state: dict[str, torch.Tensor], unfused: dict[str, FusedL
     entries pass through. KeyError naming the tensor when an expert's entry is missing."""
     fused = dict(state)
     for name, layout in unfused.items():
-        for p in layout.params:
-            kinds = (("weight", p),) + ((("bias", f"{p}_bias"),) if layout.bias else ())
-            for kind, target in kinds:
-                keys = [f"{name}.{e}.{p}.{kind}" for e in range(layout.num_experts)]
-                missing = [k for k in keys if k not in fused]
-                if missing:
-                    raise KeyError(f"the state dict lacks '{missing[0]}' to fuse {name}.{target}")
-                parts = [fused.pop(k) for k in keys]
-                if kind == "weight" and layout.transposed:
-                    parts = [w.t() for w in parts]
-                fused[f"{name}.{target}"] = torch.stack(parts)
+        _stack_experts(fused, f"{name}.", layout)
     return fused
+
+
+def _stack_experts(state: dict[str, torch.Tensor], prefix: str, layout: FusedLayout) -> None:
+    """In place: every expert's ``{prefix}<e>.<param>.<kind>`` popped and stacked into ``{prefix}<fused name>``
+    (:func:`_fused_entries`; weights transposed back for a transposed layout). KeyError naming a missing entry."""
+    for param, kind, target in _fused_entries(layout):
+        keys = [f"{prefix}{e}.{param}.{kind}" for e in range(layout.num_experts)]
+        missing = [k for k in keys if k not in state]
+        if missing:
+            raise KeyError(f"the state dict lacks '{missing[0]}' to fuse {prefix}{target}")
+        parts = [state.pop(k) for k in keys]
+        if kind == "weight" and layout.transposed:
+            parts = [w.t() for w in parts]
+        state[f"{prefix}{target}"] = torch.stack(parts)
