@@ -420,6 +420,8 @@ class SparseLinearGPU(nn.Module):
         dispatcher: shared :class:`Dispatcher` (one per device).
         backends: candidates (default :func:`default_backends`).
         allow_dense: offer dense cuBLAS (16 bits per weight) as a candidate.
+        source_dtype, source_transposed: the dtype and layout (``[K, out]`` for a transformers ``Conv1D``) of the
+            layer it replaces, in which ``state_dict()`` holds ``weight`` (:meth:`served_weight`).
     """
 
     def __init__(self, packed: PackedLinear, *, device: torch.device | str, dtype: torch.dtype = torch.bfloat16,
