@@ -18,7 +18,7 @@ from conftest import _save_bpe_tokenizer, tiny_qwen2_moe  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 from test_generate_cli import run_main  # noqa: E402
 
-from sparsert.runtime.errors import ConfigError  # noqa: E402
+from sparsert.runtime.errors import ArtifactError, ConfigError  # noqa: E402
 from sparsert.runtime.nm_mask import is_nm_sparse  # noqa: E402
 from sparsert.runtime.packed_linear import pack_linear  # noqa: E402
 from sparsert.train.hf_compress import compress_hf_model  # noqa: E402
@@ -392,7 +392,7 @@ def test_fused_moe_experts_are_pruned_2_4_and_load_back_fused(tmp_path, capsys):
     from sparsert.train import hf_inspect
 
     stats = hf_inspect.hf_dir_stats(out)  # experts read from their per-expert tensors on disk: no model is built
-    with mock.patch.object(hf_inspect, "expert_tensor_names", return_value=None):
+    with mock.patch.object(hf_inspect, "_fits_hidden_size", return_value=False):
         assert stats == hf_inspect.hf_dir_stats(out)  # ... as the model transformers loads holds them
     with mock.patch.object(hf_inspect, "_weights_from_model", side_effect=AssertionError("model loaded")):
         assert hf_inspect.hf_dir_stats(out) == stats
@@ -441,6 +441,15 @@ def test_serving_a_saved_moe_unfuses_only_served_experts_and_an_error_changes_no
     after = fresh.state_dict()
     assert after.keys() == before.keys() and all(torch.equal(after[k], v) for k, v in before.items())
 
+    from sparsert.train.hf_inspect import hf_dir_stats  # Mixtral's on-disk names (w1/w2/w3) hold 4 experts
+
+    config = json.loads((out / "config.json").read_text())
+    (out / "config.json").write_text(json.dumps({**config, "num_local_experts": 8}))
+    with pytest.raises(ArtifactError, match=r"config.json does not match the weights: it gives "
+                                            r"model\.layers\.0\.mlp\.experts 8 experts, but the weights hold no "
+                                            r"tensor for model\.layers\.0\.mlp\.experts\.4\.gate_up_proj"):
+        hf_dir_stats(out)
+
 
 def test_stored_experts_that_do_not_stack_are_named(tmp_path):
     """transformers builds fused experts from per-expert tensors on load; when one is missing it raises only "see
@@ -458,11 +467,13 @@ def test_stored_experts_that_do_not_stack_are_named(tmp_path):
     up = next(k for k in stored if ".experts.3.up_proj" in k)
     message = (r"moe-24: cannot load the model weights \(cannot build 'model\.layers\.0\.mlp\.experts\.gate_up_proj' "
                r"from the stored tensors: \S.*\)$")
-    for broken in ({k: v for k, v in stored.items() if k != up}, {**stored, up: stored[up][:-8]}):
+    lacking = r"the weights hold no tensor for model\.layers\.0\.mlp\.experts\.3\.gate_up_proj$"
+    for broken, inspected in (({k: v for k, v in stored.items() if k != up}, lacking),
+                              ({**stored, up: stored[up][:-8]}, message)):  # inspect loads what does not fit
         save_file(broken, str(out / "model.safetensors"), metadata={"format": "pt"})
         with pytest.raises(ArtifactError, match=message):
             load_hf_causal_lm(out)
-        with pytest.raises(ArtifactError, match=message):  # inspect reads tensors that do not fit through it too
+        with pytest.raises(ArtifactError, match=inspected):
             hf_dir_stats(out)
 
 

@@ -195,6 +195,21 @@ def _submodule(model: nn.Module, name: str) -> nn.Module | None:
         return None
 
 
+def _check_expert_count(path: Path, expert_layers: list[str], files: dict[str, Path]) -> None:
+    """ArtifactError when the weights hold per-expert tensors for some experts of a module but not for all the
+    experts config.json gives it (a module stored fused, or in another layout, has none found and is not judged)."""
+    by_module: dict[str, list[tuple[str, bool]]] = {}
+    for name in expert_layers:  # <module>.<e>.<param>
+        held = f"{name}.weight" in files or expert_tensor_names(name, files) is not None
+        by_module.setdefault(name.rsplit(".", 2)[0], []).append((name, held))
+    for module, entries in by_module.items():
+        missing = [name for name, held in entries if not held]
+        if missing and len(missing) < len(entries):
+            experts = len({name.rsplit(".", 2)[1] for name, _ in entries})
+            raise ArtifactError(f"{path}: config.json does not match the weights: it gives {module} {experts} experts, "
+                                f"but the weights hold no tensor for {missing[0]}")
+
+
 def _check_config_shapes(path: Path, shapes: dict[str, list[int]], meta: nn.Module) -> None:
     """ArtifactError when a stored tensor's shape is not the one the model ``config.json`` describes (``meta``,
     built on the meta device) has under that name (transformers would refuse to load the directory)."""
@@ -221,7 +236,7 @@ def hf_dir_stats(path: str | Path) -> HFDirStats:
     shapes = _tensor_shapes(files)
     meta = meta_causal_lm(p)  # what config.json describes: the weights must fit it, as transformers requires
     _check_config_shapes(p, shapes, meta)
-    unfuse_experts(meta)
+    _check_expert_count(p, unfuse_experts(meta), files)
     for name in layers:
         if not isinstance(getattr(_submodule(meta, name), "weight", None), torch.Tensor):
             raise ArtifactError(f"{p / SPARSERT_FILE} records layer '{name}', which the model its config.json "
