@@ -502,14 +502,15 @@ class SparseLinearGPU(nn.Module):
             error_msgs.append(f"{prefix}{'weight' if weight is not None else 'bias'}: {problem}")
             return
         # a key left out keeps what the layer holds, as nn.Linear's parameters would
-        held = self.packed.to_dense()
-        w = held if weight is None else (weight.t() if self.source_transposed else weight).detach().to("cpu",
-                                                                                                        torch.float32)
         b = self.packed.bias if bias is None else bias.detach().to("cpu", torch.float32)
         same_bias = b is None or torch.equal(b, self.packed.bias)
-        if same_bias and (weight is None or torch.equal(weight.detach().cpu().to(self.source_dtype),
-                                                        self.served_weight())):
+        same_weight = weight is None or torch.equal(weight.detach().cpu().to(self.source_dtype), self.served_weight())
+        if same_bias and same_weight:
             return  # what the layer holds already: keep the prepared, tuned formats
+        if weight is None:
+            w = self.packed.to_dense()
+        else:
+            w = (weight.t() if self.source_transposed else weight).detach().to("cpu", torch.float32)
         try:
             packed = pack_linear(w, sparse=self.packed.sparse, int4_group_size=self.packed.group_size, bias=b,
                                  name=f"{prefix}weight")
