@@ -37,7 +37,7 @@ from sparsert.runtime.moe_experts import unfuse_experts
 from sparsert.runtime.nm_mask import is_nm_sparse
 from sparsert.train.hf_model import (
     SPARSERT_FILE,
-    hf_directory_block_linears,
+    block_linears,
     load_hf_causal_lm,
     load_hf_config,
     meta_causal_lm,
@@ -134,14 +134,7 @@ def _weights_from_model(path: Path, names: list[str]) -> dict[str, torch.Tensor]
     dtype = stored if stored in (torch.float16, torch.bfloat16) else torch.float32
     model = load_hf_causal_lm(path, dtype=dtype, load_tokenizer=False).model
     unfuse_experts(model)
-    weights = {}
-    for name in names:
-        try:
-            weights[name] = weight_nk(model.get_submodule(name)).detach()
-        except AttributeError:
-            raise ArtifactError(f"{path / SPARSERT_FILE} records layer '{name}', which the model does not "
-                                "have") from None
-    return weights
+    return {name: weight_nk(model.get_submodule(name)).detach() for name in names}  # names checked by hf_dir_stats
 
 
 EXPERT_ON_DISK = {
@@ -168,11 +161,11 @@ def expert_tensor_names(name: str, files: dict[str, Path]) -> list[str] | None:
     return None
 
 
-def _fits_hidden_size(on_disk: dict[str, list[str] | None], shapes: dict[str, list[int]], path: Path) -> bool:
+def _fits_hidden_size(on_disk: dict[str, list[str] | None], shapes: dict[str, list[int]], hidden: object) -> bool:
     """Whether the per-expert tensors found for the recorded experts have the shapes their names promise: 2-D, the
-    same for every expert of a module, ``gate_up_proj`` / ``up_proj`` reading the model's hidden size (K),
-    ``down_proj`` writing it (otherwise transformers loads the model, and names what does not fit)."""
-    hidden = getattr(load_hf_config(path), "hidden_size", None)
+    same for every expert of a module, ``gate_up_proj`` / ``up_proj`` reading ``hidden`` (the model's hidden
+    size, their K), ``down_proj`` writing it (otherwise transformers loads the model, and names what does not
+    fit)."""
     per_module: dict[tuple[str, str], list[list[int]]] = {}  # every expert of a module: the same shapes
     for name, names in on_disk.items():
         if names is None:
@@ -229,14 +222,14 @@ def hf_dir_stats(path: str | Path) -> HFDirStats:
     p = Path(path)
     layers = saved_sparse_layers(p)
     recorded = layers is not None
-    if layers is None:
-        layers = {name: {"n": 2, "m": 4, "dense": True, "qat_group_size": None, "transposed": conv1d}
-                  for name, conv1d in hf_directory_block_linears(p).items()}
+    meta = meta_causal_lm(p)  # what config.json describes: the weights must fit it, as transformers requires
     files = _weight_files(p)
     shapes = _tensor_shapes(files)
-    meta = meta_causal_lm(p)  # what config.json describes: the weights must fit it, as transformers requires
     _check_config_shapes(p, shapes, meta)
     _check_expert_count(p, unfuse_experts(meta), files)
+    if layers is None:
+        layers = {name: {"n": 2, "m": 4, "dense": True, "qat_group_size": None, "transposed": conv1d}
+                  for name, conv1d in block_linears(meta).items()}
     for name in layers:
         if not isinstance(getattr(_submodule(meta, name), "weight", None), torch.Tensor):
             raise ArtifactError(f"{p / SPARSERT_FILE} records layer '{name}', which the model its config.json "
@@ -244,7 +237,7 @@ def hf_dir_stats(path: str | Path) -> HFDirStats:
     stats = HFDirStats(str(p), total_weights=sum(math.prod(shape) for shape in shapes.values()), recorded=recorded)
     loaded = None
     on_disk = {name: expert_tensor_names(name, files) for name in layers if f"{name}.weight" not in files}
-    if on_disk and not _fits_hidden_size(on_disk, shapes, p):
+    if on_disk and not _fits_hidden_size(on_disk, shapes, getattr(meta.config, "hidden_size", None)):
         on_disk = dict.fromkeys(on_disk)  # not the layout assumed: transformers reads it
     if any(names is None for names in on_disk.values()):  # experts in another layout: transformers reads it
         loaded = _weights_from_model(p, list(layers))

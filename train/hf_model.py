@@ -182,6 +182,12 @@ def hf_directory_block_linears(path: str | Path) -> dict[str, bool]:
     config transformers cannot build a model from."""
     model = meta_causal_lm(path)
     unfuse_experts(model)
+    return block_linears(model)
+
+
+def block_linears(model: nn.Module) -> dict[str, bool]:
+    """:func:`hf_sparse_linear_names` of ``model`` (experts unfused first, if any), each with whether the layer is
+    a transformers ``Conv1D`` (its weight ``[K, out]``)."""
     return {name: _is_conv1d(model.get_submodule(name)) for name in hf_sparse_linear_names(model)}
 
 
