@@ -215,7 +215,7 @@ def _unfuse_for_export(model: nn.Module, layers: dict[str, dict], recorded: dict
     multiplies them by constant weights), and add the recorded ones to ``recorded`` and ``keys``, so they are
     placed, annotated and INT4-quantized like the other layers. Experts of a layout sparsert does not unfuse stay
     fused, traced through transformers' batched matmuls (its default ``grouped_mm`` has no ONNX function)."""
-    unfused = unfuse_experts(model) if fused_experts_modules(model) else []
+    unfused = unfuse_experts(model)
     for name in unfused:
         if name in layers:
             recorded[name] = layers[name]
