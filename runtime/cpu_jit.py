@@ -9,6 +9,8 @@ compiled in memory per process instead of failing the import.
 from __future__ import annotations
 
 import os
+
+import numpy as np
 from collections.abc import Callable
 
 numba = None
@@ -18,7 +20,7 @@ if os.environ.get("SPARSERT_NO_NUMBA", "") != "1":  # set before the import: num
     except Exception:  # noqa: BLE001 - a missing or broken numba install: every caller keeps a torch path
         numba = None
 
-__all__ = ["numba_available", "cpu_kernel"]
+__all__ = ["numba_available", "cpu_kernel", "u32_as_f32", "f32_as_u32"]
 
 _OPTIONS = dict(nogil=True, boundscheck=False, error_model="numpy")
 
@@ -40,3 +42,30 @@ def cpu_kernel(fn: Callable, *, inline: bool = False) -> Callable:
         return numba.njit(cache=True, **_OPTIONS)(fn)
     except RuntimeError:  # "cannot cache function ...: no locator available": compile in memory instead
         return numba.njit(cache=False, **_OPTIONS)(fn)
+
+
+def _bitcast(to_float: bool) -> Callable:
+    """A numba intrinsic reinterpreting a 32-bit scalar's bits (uint32 <-> float32); plain numpy without numba."""
+    if numba is None:
+        if to_float:
+            return lambda u: np.uint32(u).view(np.float32)
+        return lambda v: np.float32(v).view(np.uint32)
+    from llvmlite import ir
+    from numba.core import types
+    from numba.extending import intrinsic
+
+    source, target, llvm_target = ((types.uint32, types.float32, ir.FloatType()) if to_float
+                                   else (types.float32, types.uint32, ir.IntType(32)))
+
+    def cast(typingctx, value):  # noqa: ANN001, ANN202, ARG001 - numba's intrinsic signature
+        def codegen(context, builder, signature, args):  # noqa: ANN001, ANN202, ARG001
+            return builder.bitcast(args[0], llvm_target)
+
+        return target(source), codegen
+
+    cast.__name__ = "u32_as_f32" if to_float else "f32_as_u32"
+    return intrinsic(cast)
+
+
+u32_as_f32 = _bitcast(True)  # uint32 bits -> the float32 they encode (inside compiled loops)
+f32_as_u32 = _bitcast(False)  # float32 -> its uint32 bits

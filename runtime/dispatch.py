@@ -371,6 +371,28 @@ class OursW4A16(GemmBackend):
         return sparse_gemm.w4a16_linear(x, state, bias=bias, kernel=self.variant)
 
 
+class CpuPacked(GemmBackend):
+    """The CPU product of ``runtime/sparse_cpu.py``: compiled loops over the stored 2:4 (and INT4) tensors, the
+    GPU kernels' function (x and the kept values rounded to the activation dtype, fp32 accumulation) without
+    building the dense weight per call; 9 bits per weight for 2:4, 3.125 for 2:4 + INT4 g128."""
+
+    name = state_key = "cpu_packed"
+
+    def prepare(self, packed, device, dtype):
+        from sparsert.runtime import sparse_cpu
+
+        if torch.device(device).type != "cpu":
+            raise DeviceError("the CPU product runs on the CPU only")
+        if dtype not in sparse_cpu.CPU_DTYPES:
+            raise DeviceError(f"the CPU product takes bf16/fp16 activations, not {dtype}")
+        return sparse_cpu.prepare_cpu(packed, dtype)
+
+    def run(self, state, x, bias):
+        from sparsert.runtime.sparse_cpu import cpu_linear
+
+        return cpu_linear(x, state, bias)
+
+
 def our_backends(device: torch.device | None = None) -> list[GemmBackend]:
     """Our kernels' backends (``runtime/sparse_gemm.py``), the wgmma variants only on an sm_90a device, none
     that ``$SPARSERT_DISABLE_KERNELS`` names (:func:`sparse_gemm.kernel_enabled`)."""
@@ -391,7 +413,10 @@ def our_backends(device: torch.device | None = None) -> list[GemmBackend]:
 
 
 def default_backends(device: torch.device | None = None, *, allow_dense: bool = False) -> list[GemmBackend]:
-    """Our kernels, cuSPARSELt when torch has it, and dense cuBLAS when ``allow_dense``."""
+    """Our kernels, cuSPARSELt when torch has it, and dense cuBLAS when ``allow_dense``; on the CPU our CPU
+    product (:class:`CpuPacked`) in place of the kernels' torch fallbacks (they decompress the weight per call)."""
+    if device is not None and torch.device(device).type == "cpu":
+        return [CpuPacked()] + ([DenseCublas()] if allow_dense else [])
     backends = our_backends(device)
     if Cusparselt.available():
         backends.append(Cusparselt())

@@ -10,8 +10,9 @@ writes, or any ``nn.Module``), pack each weight (2:4, optionally INT4 on the kep
   token-count bucket and keeps the fastest correct one; ``token_counts`` decides the buckets at swap time, layer
   by layer, and frees every format no bucket chose, so device memory holds only the chosen formats (3.125 bits
   per weight for 2:4 + INT4 g128 on our W4A16 kernel);
-- on the CPU the same packed formats run through the kernels' torch fallbacks (x rounded to ``dtype``, fp32
-  accumulation): the correct, compact CPU path for checking a model before it is deployed, not a fast one.
+- on the CPU the same packed formats run through the compiled CPU product (:mod:`sparsert.runtime.sparse_cpu`,
+  backend ``cpu_packed``): the kernels' function (x and the kept values rounded to ``dtype``, fp32
+  accumulation) from the packed tensors, without a dense weight per call, at 9 / 3.125 bits per weight.
 
 Layers: every ``nn.Linear`` (and transformers' ``Conv1D``, GPT-2's ``[in, out]`` linear, packed transposed),
 except the output head (the model's ``get_output_embeddings()``, or a layer named ``lm_head`` / ``embed_out``),
@@ -42,7 +43,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from sparsert.runtime.dispatch import Dispatcher, GemmBackend, OursSparse24, OursW4A16, SparseLinearGPU
+from sparsert.runtime.dispatch import Dispatcher, SparseLinearGPU
 from sparsert.runtime.errors import ConfigError, SparsertError
 from sparsert.runtime.nm_mask import is_nm_sparse
 from sparsert.runtime.packed_linear import pack_linear
@@ -227,17 +228,12 @@ def _check_options(int4: bool, group_size: int, prune: bool, allow_dense: bool, 
     return counts
 
 
-def _cpu_backends() -> list[GemmBackend]:
-    # On the CPU every variant of a kernel is the same torch fallback: one candidate per format is enough.
-    return [OursSparse24("medium"), OursW4A16("prefill")]
-
-
 def _default_dispatcher(device: torch.device) -> Dispatcher:
     if device.type == "cuda":
         from sparsert.runtime.device import get_device  # noqa: PLC0415 - only on a GPU
 
         return Dispatcher(get_device(device.index or 0).name)
-    return Dispatcher("cpu", persist=False, warmup=0, reps=1)  # one candidate per format: nothing to time
+    return Dispatcher("cpu", persist=False, warmup=0, reps=1)  # one candidate (CpuPacked): nothing to time
 
 
 def _described(name: str, module: nn.Module) -> str:
@@ -279,7 +275,7 @@ def _build_layer(name: str, module: nn.Module, *, int4: bool, group_size: int, d
         packed = pack_linear(w.detach().float().cpu(), int4_group_size=group_size if int4 else None, bias=bias,
                              name=name)
         layer = SparseLinearGPU(packed, device=w.device, dtype=gemm_dtype, dispatcher=dispatcher, name=name,
-                                backends=None if w.device.type == "cuda" else _cpu_backends(), allow_dense=allow_dense,
+                                allow_dense=allow_dense,
                                 source_dtype=w.dtype, source_transposed=_is_conv1d(module))
         if token_counts is not None:
             layer.tune(token_counts)
@@ -325,7 +321,7 @@ def swap_sparse_linears(model: nn.Module, names: Sequence[str] | None = None, *,
 
     Args:
         model: any ``nn.Module``; each layer stays on its weight's device (``cuda``: our kernels / cuSPARSELt by
-            measured time; ``cpu``: the kernels' torch fallbacks). A layer registered under several names is
+            measured time; ``cpu``: the compiled CPU product). A layer registered under several names is
             replaced at each.
         names: the layers to swap (module names); default: every linear but the output head, tied and
             ``nn.MultiheadAttention`` output layers, of which those whose weight is 2:4 along K (or all of them

@@ -56,8 +56,8 @@ def test_swaps_the_2_4_linears_and_keeps_the_head_dense(int4: bool) -> None:
     assert list(report.swapped) == ["0", "2"] and isinstance(model[0], SparseLinearGPU)
     assert report.swapped["0"] == ("2:4+int4 g128" if int4 else "2:4")
     assert report.left_dense == {"lm_head": "the output head stays dense"} and type(model.lm_head) is nn.Linear
-    kind = "ours_w4a16" if int4 else "ours_sparse24"
-    assert all(b.startswith(kind) for per in report.backends.values() for b in per.values())
+    # on the CPU: the compiled CPU product over the stored tensors (the kernels' function)
+    assert all(b == "cpu_packed" for per in report.backends.values() for b in per.values())
     assert set(report.backends["0"]) == {1, 16} and not report.dense_fallback
     # 128-row layers (no row padding): INT4 codes 2 + metadata 1 + fp16 scales 0.125 bits; or bf16 values 8 + 1
     assert report.weights == 256 * 128 + 128 * 128
@@ -211,12 +211,24 @@ def test_aliases_attention_outputs_and_named_heads() -> None:
     assert list(report.swapped) == ["body"] and report.left_dense == {"score": "the output head stays dense"}
 
 
-def test_dense_fallback_is_reported_with_allow_dense_too() -> None:
-    model = nn.Sequential(nn.Linear(96, 128), nn.ReLU())  # K = 96: no sparse kernel tile fits
+def test_the_cpu_product_takes_a_layer_no_gpu_kernel_tile_fits() -> None:
+    model = nn.Sequential(nn.Linear(96, 128), nn.ReLU())  # K = 96: no GPU kernel tile fits; the CPU product runs it
+    model[0].weight.data *= nm_mask(model[0].weight.data, 2, 4)
+    x = torch.randn(5, 96)
+    want = torch.relu(x.bfloat16().float() @ model[0].weight.detach().bfloat16().float().t() + model[0].bias.detach())
+    report = swap_sparse_linears(model)
+    assert not report.dense_fallback and report.bits_per_weight == 9.0 and report.backends["0"][1] == "cpu_packed"
+    assert float((model(x) - want).norm() / want.norm()) < 1e-2
+
+
+@gpu
+def test_gpu_dense_fallback_is_reported_with_allow_dense_too() -> None:
+    model = nn.Sequential(nn.Linear(36, 128), nn.ReLU()).to("cuda")  # K = 36: no kernel tile, no cuSPARSELt shape
     model[0].weight.data *= nm_mask(model[0].weight.data, 2, 4)
     with pytest.warns(UserWarning, match="1 of 1 swapped layers run the dense fallback"):
         report = swap_sparse_linears(model, allow_dense=True)
-    assert "K=96" in report.dense_fallback["0"] and report.bits_per_weight == 16.0
+    assert "K=36" in report.dense_fallback["0"] and report.bits_per_weight == 16.0
+    assert "1 on the dense fallback" in report.summary()
 
 
 def test_cast_or_moved_after_the_swap() -> None:
@@ -301,7 +313,7 @@ def test_a_swapped_model_saves_and_loads_what_it_serves(arch: str, tmp_path: Pat
     assert float((again - logits).norm() / logits.norm()) < 2e-2
 
     model.load_state_dict(state)  # the weights held: nothing packed again
-    assert model.get_submodule(name) is layer and layer.chosen == {1: "ours_w4a16_prefill", 8: "ours_w4a16_prefill"}
+    assert model.get_submodule(name) is layer and layer.chosen == {1: "cpu_packed", 8: "cpu_packed"}
     changed = dict(state)
     changed[f"{name}.weight"] = -state[f"{name}.weight"]  # still 2:4: packed again, same buckets decided
     model.load_state_dict(changed)
@@ -335,16 +347,25 @@ def test_a_partial_state_dict_keeps_what_it_leaves_out_and_a_cast_reaches_the_sa
     assert model.state_dict()["0.weight"].dtype == torch.float16 == model.state_dict()["lm_head.weight"].dtype
 
 
-def test_layers_no_sparse_kernel_takes_are_reported(hf_model_dirs: dict[str, Path]) -> None:
-    """The fixture's hidden size 64 is below the W4A16 kernel's k tile (128): those layers are swapped but run
-    the decompressed weight, and the report and a warning say so."""
+def test_the_cpu_product_takes_layers_no_gpu_kernel_tile_fits(hf_model_dirs: dict[str, Path]) -> None:
+    """The fixture's hidden size 64 is below the W4A16 kernel's k tile (128), which would run those layers on the
+    decompressed weight on a GPU; on the CPU the compiled CPU product (K % 4 == 0) serves every layer packed."""
     transformers = pytest.importorskip("transformers")
     model = transformers.AutoModelForCausalLM.from_pretrained(str(hf_model_dirs["llama"])).eval()
-    with pytest.warns(UserWarning, match=r"swap_sparse_linears: 12 of 14 swapped layers run the dense fallback"):
-        report = swap_sparse_linears(model, prune=True, int4=True, group_size=64, token_counts=[1])
-    assert "K=64 must be a positive multiple of 128" in report.dense_fallback["model.layers.0.mlp.up_proj"]
-    assert "model.layers.0.mlp.down_proj" not in report.dense_fallback  # K = 128
-    assert "12 on the dense fallback" in report.summary()
+    reference = transformers.AutoModelForCausalLM.from_pretrained(str(hf_model_dirs["llama"])).eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        report = swap_sparse_linears(model, prune=True, int4=True, group_size=64, token_counts=[1, 8])
+    assert len(report.swapped) == 14 and not report.dense_fallback
+    assert {b for per in report.backends.values() for b in per.values()} == {"cpu_packed"}
+    assert report.bits_per_weight == 2 + 1 + 16 / 64  # codes, indices, a 16-bit scale per 64 columns
+    with torch.no_grad():
+        modules = dict(reference.named_modules())
+        for name in report.swapped:
+            modules[name].weight.copy_(model.get_submodule(name).packed.to_dense())
+        ids = torch.tensor([[5, 17, 99, 3, 250, 42, 7, 8]])
+        got, want = model(ids).logits, reference(ids).logits  # bf16 activations vs float32
+    assert float((got - want).norm() / want.norm()) < 3e-2
 
 
 @pytest.mark.filterwarnings("ignore:swap_sparse_linears.*dense fallback")  # the 1-row shared_expert_gate

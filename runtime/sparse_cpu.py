@@ -1,0 +1,364 @@
+"""2:4 and 2:4+INT4 linear products on the CPU, read straight from the stored tensors: what a swapped layer
+(:class:`~sparsert.runtime.dispatch.SparseLinearGPU`) runs when it lives on the CPU.
+
+The GPU kernels' torch fallbacks (``sparse_gemm._fallback``) decompress the whole weight on every call. That is
+the right reference for the kernels' tests, but on a decode step (one token) the decompression costs 10-15x the
+product itself. Here a numba loop walks each row's kept values and their 2-bit indices and multiplies them with
+the input columns they select: about half the multiply-adds of the dense product, and no dense weight built.
+For more than :data:`DIRECT_MAX_TOKENS` tokens one compiled pass writes the dense float32 weight and torch's
+matmul does the product (the decompression is then small next to the product).
+
+The function computed is the GPU kernels' (``sparse_gemm.sparse24_linear`` / ``w4a16_linear``), so a model checked
+on the CPU computes what it will compute on the GPU: ``y = x @ W^T + bias`` with x already rounded to ``dtype``
+(bf16 or fp16), fp32 accumulation, and W's kept values as the kernels see them: the stored values rounded to
+``dtype`` (2:4), or ``round_dtype(code * round_dtype(scale))`` (2:4 + INT4, the kernels' register
+dequantisation). The rounding is round-to-nearest-even, done on float32 bits; products ``code * scale`` are exact
+in float32 (at most 15 significant bits).
+
+The prepared weight (:class:`CpuPackedWeight`) holds the stored tensors themselves: ``indices`` uint8
+``[N, ceil(K/8)]`` and either ``values`` (the kept values' ``dtype`` bits, int16 ``[N, K/2]``) or ``qweight``
+uint8 ``[N, K/4]`` + ``scales`` (``dtype`` bits, int16 ``[N, K/g]``): 9 bits per weight for 2:4, 3.125 for
+2:4 + INT4 g128, as on the GPU.
+"""
+
+from __future__ import annotations
+
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from sparsert.runtime.cpu_jit import cpu_kernel, f32_as_u32, numba_available, u32_as_f32
+from sparsert.runtime.errors import FormatError
+from sparsert.runtime.packed_linear import PackedLinear
+
+__all__ = ["CpuPackedWeight", "prepare_cpu", "cpu_linear", "DIRECT_MAX_TOKENS", "CPU_DTYPES"]
+
+CPU_DTYPES = (torch.bfloat16, torch.float16)
+DIRECT_MAX_TOKENS = 8  # up to this many tokens the sparse loop; above, decompress once and matmul
+_PARALLEL_MIN_WEIGHTS = 1 << 18  # below this many weights per call, one thread (a pool round trip costs ~50 us)
+_FP16 = 1  # dtype codes the loops take
+_BF16 = 0
+
+
+@dataclass
+class CpuPackedWeight:
+    """A 2:4 (optionally INT4) weight ``W [out_features, in_features]`` prepared for :func:`cpu_linear`.
+
+    Attributes:
+        dtype: bf16 or fp16, the activation dtype the product rounds x and the kept values to.
+        indices: uint8 ``[N, ceil(K/8)]``, the stored 2-bit indices (:mod:`sparsert.runtime.sparse24`).
+        values: int16 ``[N, K/2]``, the kept values' bits in ``dtype`` (2:4 without INT4), else None.
+        qweight: uint8 ``[N, ceil(K/4)]``, packed INT4 codes of the kept values (:mod:`.int4`), else None.
+        scales: int16 ``[N, K/g]``, the fp16 scales rounded to ``dtype``, as bits (INT4), else None.
+        group_size: the INT4 group along the original K (g), else None.
+        bias: fp32 ``[N]`` or None.
+    """
+
+    out_features: int
+    in_features: int
+    dtype: torch.dtype
+    indices: torch.Tensor
+    values: torch.Tensor | None = None
+    qweight: torch.Tensor | None = None
+    scales: torch.Tensor | None = None
+    group_size: int | None = None
+    bias: torch.Tensor | None = None
+
+    @property
+    def quantized(self) -> bool:
+        return self.qweight is not None
+
+    @property
+    def device(self) -> torch.device:
+        return torch.device("cpu")
+
+    def nbytes(self) -> int:
+        """Bytes of the weight tensors (bias excluded)."""
+        held = (self.indices, self.values, self.qweight, self.scales)
+        return sum(t.numel() * t.element_size() for t in held if t is not None)
+
+    def kept_values(self) -> torch.Tensor:
+        """float32 ``[N, K/2]``: the kept values as the product uses them (rounded to ``dtype``)."""
+        if not self.quantized:
+            return self.values.view(self.dtype).float()
+        codes = _unpack_codes(self.qweight, self.in_features // 2).float()
+        scale = self.scales.view(self.dtype).float()
+        per_kept = scale.repeat_interleave(int(self.group_size) // 2, dim=1)
+        return (codes * per_kept).to(self.dtype).float()
+
+    def to_dense(self) -> torch.Tensor:
+        """float32 ``[N, K]``, the weight the product uses (torch ops; the reference for the compiled loops)."""
+        from sparsert.runtime.sparse24 import decompress_24
+
+        return decompress_24(self.kept_values(), self.indices, self.in_features)
+
+
+def _unpack_codes(qweight: torch.Tensor, width: int) -> torch.Tensor:
+    from sparsert.runtime.int4 import unpack_int4
+
+    return unpack_int4(qweight, width)
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    """A bf16/fp16 tensor's bits as int16 (numba reads no 16-bit floats; the loops take them as uint16)."""
+    return t.contiguous().view(torch.int16)
+
+
+def prepare_cpu(packed: PackedLinear, dtype: torch.dtype = torch.bfloat16, *, name: str = "weight") -> CpuPackedWeight:
+    """PackedLinear (2:4, optionally INT4; on the CPU) -> :class:`CpuPackedWeight` for activations of ``dtype``.
+
+    Shares ``packed``'s index and code tensors; the kept values (2:4) or the scales (INT4) are rounded to ``dtype``
+    once here, as the GPU kernels' preparation does. FormatError for a dense layer or a dtype other than bf16/fp16.
+    """
+    if dtype not in CPU_DTYPES:
+        raise FormatError(f"prepare_cpu: {name}: dtype must be bfloat16 or float16, got {dtype}")
+    if not isinstance(packed, PackedLinear) or not packed.sparse:
+        raise FormatError(f"prepare_cpu: {name} must be a 2:4 PackedLinear")
+    packed.validate(name)
+    if packed.quantized and int(packed.group_size) % 4:
+        raise FormatError(f"prepare_cpu: {name}: INT4 group size must be a multiple of 4 (whole groups of four "
+                          f"columns), got {packed.group_size}")
+    cpu = torch.device("cpu")
+    bias = None if packed.bias is None else packed.bias.to(cpu, torch.float32).contiguous()
+    common = dict(out_features=packed.out_features, in_features=packed.in_features, dtype=dtype,
+                  indices=packed.indices.to(cpu).contiguous(), bias=bias)
+    if packed.quantized:
+        return CpuPackedWeight(**common, qweight=packed.qweight.to(cpu).contiguous(),
+                               scales=_bits(packed.scales.to(cpu, dtype)), group_size=int(packed.group_size))
+    return CpuPackedWeight(**common, values=_bits(packed.values.to(cpu, dtype)))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Compiled loops
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _value(bits, dt, lut):  # noqa: ANN001 - numba helper
+    """A kept value's float32 from its ``dtype`` bits: bf16 (``dt`` 0) is the high half of a float32; fp16 through
+    ``lut`` (every pattern's value)."""
+    if dt == 0:
+        return u32_as_f32(np.uint32(bits) << np.uint32(16))
+    return lut[bits]
+
+
+def _round_to_dtype(v, dt):  # noqa: ANN001 - numba helper
+    """float32 ``v`` rounded to bf16 (``dt`` 0) or fp16 (1) precision, round-to-nearest-even, as float32."""
+    b = f32_as_u32(v)
+    if dt == 0:
+        if (b & 0x7F800000) == 0x7F800000:  # NaN/Inf stay
+            return v
+        return u32_as_f32(np.uint32((b + 0x7FFF + ((b >> 16) & 1)) & 0xFFFF0000))
+    a = abs(v)
+    if a >= 6.103515625e-05:  # fp16 normal range: 11 significant bits
+        if a < 65520.0:
+            return u32_as_f32(np.uint32((b + 0x0FFF + ((b >> 13) & 1)) & 0xFFFFE000))
+        return v if v != v else (np.float32(np.inf) if v > 0 else np.float32(-np.inf))
+    return np.float32(np.rint(np.float64(v) * 16777216.0) / 16777216.0)  # fp16 subnormals: multiples of 2^-24
+
+
+def _int4_table(scale, dt, table):  # noqa: ANN001 - numba helper
+    """``table[c] = round_dtype(code(c) * scale)`` for the 16 nibbles c (code = c, or c - 16 from 8 up); the
+    product is exact in float32, so this is one rounding."""
+    if dt == 0:  # bf16 scale: a NaN/Inf product keeps its zero low half, so no special case (and no branch)
+        for c in range(16):
+            b = f32_as_u32(np.float32(c - 16 if c >= 8 else c) * scale)
+            table[c] = u32_as_f32(np.uint32((b + 0x7FFF + ((b >> 16) & 1)) & 0xFFFF0000))
+    else:
+        for c in range(16):
+            table[c] = _round_to_dtype(np.float32(c - 16 if c >= 8 else c) * scale, dt)
+
+
+# The loops below take a row range [r0, r1) (rows split across threads) and, for each group of four columns g,
+# its two kept values (kept values 2g and 2g + 1) and their 2-bit indices: byte g // 2 of the row's indices, bits
+# 4 (g % 2) .. 4 (g % 2) + 3. INT4 codes of kept values 2g and 2g + 1 are byte g of qweight (low, high nibble);
+# an INT4 group spans ``gk`` kept values (gk even), i.e. gk / 2 groups of four.
+
+
+def _product_rows_24(xt, values, indices, lut, dt, y, r0, r1):  # noqa: ANN001
+    """2:4: ``y[n, :] = sum over kept values w of w * xt[its column, :]``; xt float32 ``[K, M]``, values uint16
+    ``[N, K/2]`` (``dtype`` bits), y float32 ``[N, M]``."""
+    groups, m_count = xt.shape[0] // 4, xt.shape[1]
+    acc = np.empty(m_count, np.float32)
+    for n in range(r0, r1):
+        if m_count == 1:
+            s = np.float32(0.0)
+            for g in range(groups):
+                b = indices[n, g >> 1] >> ((g & 1) * 4)
+                s += (_value(values[n, 2 * g], dt, lut) * xt[4 * g + (b & 3), 0]
+                      + _value(values[n, 2 * g + 1], dt, lut) * xt[4 * g + ((b >> 2) & 3), 0])
+            y[n, 0] = s
+        else:
+            acc[:] = 0.0
+            for g in range(groups):
+                b = indices[n, g >> 1] >> ((g & 1) * 4)
+                c0, c1 = 4 * g + (b & 3), 4 * g + ((b >> 2) & 3)
+                w0, w1 = _value(values[n, 2 * g], dt, lut), _value(values[n, 2 * g + 1], dt, lut)
+                for m in range(m_count):
+                    acc[m] += w0 * xt[c0, m] + w1 * xt[c1, m]
+            y[n, :] = acc
+
+
+def _product_rows_int4(xt, qweight, scales, indices, lut, gk, dt, y, r0, r1):  # noqa: ANN001
+    """2:4 + INT4: as :func:`_product_rows_24`, the kept values ``round_dtype(code * scale)``; qweight uint8
+    ``[N, K/4]``, scales uint16 ``[N, K/(2 gk)]`` (``dtype`` bits)."""
+    m_count, per_group = xt.shape[1], gk // 2
+    table = np.zeros(16, np.float32)
+    acc = np.empty(m_count, np.float32)
+    for n in range(r0, r1):
+        s = np.float32(0.0)
+        acc[:] = 0.0
+        for q in range(scales.shape[1]):
+            _int4_table(_value(scales[n, q], dt, lut), dt, table)
+            if m_count == 1:
+                for g in range(q * per_group, (q + 1) * per_group):
+                    b = indices[n, g >> 1] >> ((g & 1) * 4)
+                    code = qweight[n, g]
+                    s += table[code & 15] * xt[4 * g + (b & 3), 0] + table[code >> 4] * xt[4 * g + ((b >> 2) & 3), 0]
+            else:
+                for g in range(q * per_group, (q + 1) * per_group):
+                    b = indices[n, g >> 1] >> ((g & 1) * 4)
+                    c0, c1 = 4 * g + (b & 3), 4 * g + ((b >> 2) & 3)
+                    code = qweight[n, g]
+                    w0, w1 = table[code & 15], table[code >> 4]
+                    for m in range(m_count):
+                        acc[m] += w0 * xt[c0, m] + w1 * xt[c1, m]
+        if m_count == 1:
+            y[n, 0] = s
+        else:
+            y[n, :] = acc
+
+
+def _dense_rows_24(values, indices, lut, dt, dense, r0, r1):  # noqa: ANN001
+    """2:4: rows ``r0 <= n < r1`` of the weight as dense float32 into ``dense [N, K]``."""
+    for n in range(r0, r1):
+        dense[n, :] = 0.0
+        for g in range(dense.shape[1] // 4):
+            b = indices[n, g >> 1] >> ((g & 1) * 4)
+            dense[n, 4 * g + (b & 3)] = _value(values[n, 2 * g], dt, lut)
+            dense[n, 4 * g + ((b >> 2) & 3)] = _value(values[n, 2 * g + 1], dt, lut)
+
+
+def _dense_rows_int4(qweight, scales, indices, lut, gk, dt, dense, r0, r1):  # noqa: ANN001
+    """2:4 + INT4: rows ``r0 <= n < r1`` of the weight as dense float32 into ``dense [N, K]``."""
+    per_group = gk // 2
+    table = np.zeros(16, np.float32)
+    for n in range(r0, r1):
+        dense[n, :] = 0.0
+        for q in range(scales.shape[1]):
+            _int4_table(_value(scales[n, q], dt, lut), dt, table)
+            for g in range(q * per_group, (q + 1) * per_group):
+                b = indices[n, g >> 1] >> ((g & 1) * 4)
+                code = qweight[n, g]
+                dense[n, 4 * g + (b & 3)] = table[code & 15]
+                dense[n, 4 * g + ((b >> 2) & 3)] = table[code >> 4]
+
+
+_value = cpu_kernel(_value, inline=True)
+_round_to_dtype = cpu_kernel(_round_to_dtype, inline=True)
+_int4_table = cpu_kernel(_int4_table, inline=True)
+_product_rows_24 = cpu_kernel(_product_rows_24)
+_product_rows_int4 = cpu_kernel(_product_rows_int4)
+_dense_rows_24 = cpu_kernel(_dense_rows_24)
+_dense_rows_int4 = cpu_kernel(_dense_rows_int4)
+
+# ---------------------------------------------------------------------------------------------------------
+# Entry point
+# ---------------------------------------------------------------------------------------------------------
+
+_LUTS: dict[torch.dtype, np.ndarray] = {}
+_POOL: ThreadPoolExecutor | None = None
+_POOL_LOCK = threading.Lock()
+_SCRATCH = threading.local()
+
+
+def _lut(dtype: torch.dtype) -> np.ndarray:
+    """float32 [65536]: the value of every ``dtype`` bit pattern."""
+    if dtype not in _LUTS:
+        patterns = torch.from_numpy(np.arange(65536, dtype=np.uint16).view(np.int16))
+        _LUTS[dtype] = patterns.view(dtype).float().numpy()
+    return _LUTS[dtype]
+
+
+def _pool(threads: int) -> ThreadPoolExecutor:
+    global _POOL
+    with _POOL_LOCK:
+        if _POOL is None or _POOL._max_workers < threads:  # noqa: SLF001 - grow only
+            _POOL = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="sparsert-cpu")
+        return _POOL
+
+
+def _run_rows(kernel, n: int, k: int, m: int, *args) -> None:  # noqa: ANN001
+    """``kernel(*args, r0, r1)`` over all ``n`` rows, split across torch's intra-op thread count when the call is
+    large enough to pay for it (the loops release the GIL)."""
+    threads = min(torch.get_num_threads(), max(1, n // 16))
+    if threads <= 1 or n * k * max(1, min(m, 8)) < _PARALLEL_MIN_WEIGHTS:
+        kernel(*args, 0, n)
+        return
+    bounds = [n * i // threads for i in range(threads + 1)]
+    futures = [_pool(threads).submit(kernel, *args, bounds[i], bounds[i + 1]) for i in range(threads)]
+    for f in futures:
+        f.result()
+
+
+def _loops(weight: CpuPackedWeight, product: bool) -> tuple:
+    """The compiled loop for ``weight``'s format (the product or the dense weight) and its leading arguments."""
+    lut, dt = _lut(weight.dtype), _FP16 if weight.dtype == torch.float16 else _BF16
+    indices = weight.indices.numpy()
+    if weight.quantized:
+        scales = weight.scales.numpy().view(np.uint16)
+        args = (weight.qweight.numpy(), scales, indices, lut, int(weight.group_size) // 2, dt)
+        return (_product_rows_int4 if product else _dense_rows_int4), args
+    args = (weight.values.numpy().view(np.uint16), indices, lut, dt)
+    return (_product_rows_24 if product else _dense_rows_24), args
+
+
+def dense_weight_cpu(weight: CpuPackedWeight) -> torch.Tensor:
+    """float32 ``[N, K]``: the weight the product uses (compiled when numba is available)."""
+    if not numba_available():
+        return weight.to_dense()
+    n, k = weight.out_features, weight.in_features
+    dense = np.empty((n, k), np.float32)
+    loop, args = _loops(weight, product=False)
+    _run_rows(loop, n, k, 1, *args, dense)
+    return torch.from_numpy(dense)
+
+
+def _scratch(n: int, k: int) -> np.ndarray:
+    """A float32 ``[n, k]`` buffer reused by this thread's calls: a fresh 64 MB array per call costs more in page
+    faults than the decompression that fills it."""
+    held = getattr(_SCRATCH, "buffer", None)
+    if held is None or held.size < n * k:
+        held = _SCRATCH.buffer = np.empty(n * k, np.float32)
+    return held[: n * k].reshape(n, k)
+
+
+def cpu_linear(x: torch.Tensor, weight: CpuPackedWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``x [M, K]`` (CPU, float; rounded to ``weight.dtype`` first) -> ``x @ W^T + bias`` as ``[M, N]`` in
+    ``weight.dtype``, fp32 accumulation (see the module docstring). ``bias``: fp32 ``[N]``, default the weight's."""
+    if x.dim() != 2 or x.shape[1] != weight.in_features or not x.is_floating_point() or x.device.type != "cpu":
+        raise FormatError(f"cpu_linear: x must be a floating CPU tensor [M, {weight.in_features}], got {x.dtype} "
+                          f"{list(x.shape)} on {x.device}")
+    bias = weight.bias if bias is None else bias
+    m, n, k = x.shape[0], weight.out_features, weight.in_features
+    xf = x.to(weight.dtype).float()
+    if m == 0:
+        y = xf.new_zeros(0, n)
+    elif m <= DIRECT_MAX_TOKENS and numba_available():
+        xt = xf.t().contiguous().numpy()  # [K, M]: a kept value's column is one contiguous read over the tokens
+        yt = np.empty((n, m), np.float32)
+        loop, args = _loops(weight, product=True)
+        _run_rows(loop, n, k, m, xt, *args, yt)
+        y = torch.from_numpy(yt).t()
+    elif numba_available():
+        dense = _scratch(n, k)
+        loop, args = _loops(weight, product=False)
+        _run_rows(loop, n, k, 1, *args, dense)
+        y = xf @ torch.from_numpy(dense).t()
+    else:
+        y = xf @ weight.to_dense().t()
+    if bias is not None:
+        y = y + bias
+    return y.to(weight.dtype)

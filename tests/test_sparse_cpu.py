@@ -1,0 +1,129 @@
+"""runtime/sparse_cpu.py: the CPU product of 2:4 and 2:4+INT4 weights computes the GPU kernels' function."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from sparsert.runtime import cpu_jit, sparse_gemm
+from sparsert.runtime.errors import FormatError
+from sparsert.runtime.nm_mask import nm_mask
+from sparsert.runtime.packed_linear import PackedLinear, pack_linear
+from sparsert.runtime.sparse_cpu import DIRECT_MAX_TOKENS, cpu_linear, dense_weight_cpu, prepare_cpu
+
+DTYPES = [torch.bfloat16, torch.float16]
+
+
+def _packed(n: int, k: int, group: int | None, scale: float = 1.0, seed: int = 0, bias: bool = True):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(n, k, generator=g) * scale
+    b = torch.randn(n, generator=g) if bias else None
+    return pack_linear(w * nm_mask(w, 2, 4), int4_group_size=group, bias=b)
+
+
+def _within_one_ulp(y: torch.Tensor, want: torch.Tensor, dtype: torch.dtype) -> None:
+    """Both are fp32 sums rounded to ``dtype``; only the order of the additions differs."""
+    ulp = 2.0 ** -(7 if dtype == torch.bfloat16 else 10)
+    assert y.dtype == dtype and y.shape == want.shape
+    gap = (y.float() - want.float()).abs()
+    assert bool((gap <= want.float().abs() * ulp + 1e-5).all()), float(gap.max())
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("group", [None, 64, 128])
+def test_the_weight_is_the_one_the_gpu_kernels_see(dtype: torch.dtype, group: int | None) -> None:
+    """Bit for bit the prepared GPU weight's dequantisation (values rounded to dtype; INT4 round(code * scale))."""
+    packed = _packed(136, 256, group)
+    gpu_weight = (sparse_gemm.prepare_w4a16(packed, dtype=dtype) if group
+                  else sparse_gemm.prepare_sparse24(packed, dtype=dtype))
+    weight = prepare_cpu(packed, dtype)
+    assert torch.equal(dense_weight_cpu(weight), gpu_weight.to_dense())
+    assert torch.equal(weight.to_dense(), gpu_weight.to_dense())
+
+
+@pytest.mark.parametrize("scale", [3e-7, 2e-5, 6e4])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_int4_rounding_at_the_ends_of_the_fp16_range(dtype: torch.dtype, scale: float) -> None:
+    """Products below fp16's normal range (subnormals) and above its largest value (inf) round as torch does."""
+    packed = _packed(128, 256, 64, scale=scale)
+    want = sparse_gemm.prepare_w4a16(packed, dtype=dtype).to_dense()
+    got = dense_weight_cpu(prepare_cpu(packed, dtype))
+    assert torch.equal(got.isinf(), want.isinf()) and torch.equal(got.nan_to_num(0, 0, 0), want.nan_to_num(0, 0, 0))
+    if dtype == torch.float16 and scale > 1:
+        assert bool(want.isinf().any())  # the case is exercised
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("group", [None, 4, 128])
+@pytest.mark.parametrize("shape", [(40, 256), (7, 36), (300, 512)])
+def test_the_product_for_every_token_count(dtype: torch.dtype, group: int | None, shape: tuple[int, int]) -> None:
+    """The sparse loop (M <= DIRECT_MAX_TOKENS) and the decompress-and-matmul path against fp32 math on the same
+    weight; odd row counts and a K whose last index byte is half used (K = 36) included."""
+    n, k = shape
+    if group and k % group:
+        pytest.skip("group does not divide K")
+    weight = prepare_cpu(_packed(n, k, group), dtype)
+    dense = weight.to_dense()
+    for m in (1, 2, 3, DIRECT_MAX_TOKENS, DIRECT_MAX_TOKENS + 1, 33):
+        x = torch.randn(m, k)
+        want = (x.to(dtype).float() @ dense.t() + weight.bias).to(dtype)
+        _within_one_ulp(cpu_linear(x, weight), want, dtype)
+        _within_one_ulp(cpu_linear(x.to(dtype), weight), want, dtype)  # x already in dtype: same numbers
+    assert cpu_linear(torch.randn(0, k), weight).shape == (0, n)
+
+
+@pytest.mark.parametrize("group", [None, 128])
+def test_rows_split_across_threads_give_the_same_bits(group: int | None) -> None:
+    weight = prepare_cpu(_packed(1024, 512, group), torch.bfloat16)  # large enough to split
+    x = torch.randn(4, 512)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = cpu_linear(x, weight)
+        torch.set_num_threads(3)
+        assert torch.equal(cpu_linear(x, weight), one)
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_the_loops_are_compiled_and_the_torch_path_agrees(monkeypatch) -> None:
+    if cpu_jit.numba is None:
+        pytest.skip("numba is not installed")
+    from sparsert.runtime import sparse_cpu
+
+    assert hasattr(sparse_cpu._product_rows_24, "py_func") and hasattr(sparse_cpu._dense_rows_int4, "py_func")
+    weight = prepare_cpu(_packed(64, 128, 128), torch.float16)
+    x = torch.randn(3, 128)
+    compiled = cpu_linear(x, weight)
+    monkeypatch.setenv("SPARSERT_NO_NUMBA", "1")  # no compiled loops: torch decompresses, same weight
+    _within_one_ulp(cpu_linear(x, weight), compiled, torch.float16)
+
+
+def test_the_prepared_weight_holds_the_stored_sizes() -> None:
+    """9 bits per weight for 2:4 (16-bit kept values + 2-bit indices), 3.125 for 2:4 + INT4 g128 (4-bit codes +
+    indices + a 16-bit scale per 128 columns); the index and code tensors are the packed ones, not copies."""
+    packed = _packed(128, 256, None)
+    assert prepare_cpu(packed).nbytes() * 8 / (128 * 256) == 9.0
+    packed = _packed(128, 256, 128)
+    weight = prepare_cpu(packed, torch.float16)
+    assert weight.nbytes() * 8 / (128 * 256) == 3.125
+    assert weight.qweight.data_ptr() == packed.qweight.data_ptr() and weight.indices.data_ptr() == packed.indices.data_ptr()
+
+
+def test_bad_input_is_named() -> None:
+    packed = _packed(64, 128, None)
+    with pytest.raises(FormatError, match=r"prepare_cpu: layer\.w: dtype must be bfloat16 or float16, got torch\.float32"):
+        prepare_cpu(packed, torch.float32, name="layer.w")
+    with pytest.raises(FormatError, match=r"prepare_cpu: weight must be a 2:4 PackedLinear"):
+        prepare_cpu(pack_linear(torch.randn(8, 16), sparse=False))
+    stored = _packed(8, 16, 4)  # valid on disk with a group of 2 columns (one kept value): not run here
+    odd = PackedLinear(out_features=8, in_features=16, indices=stored.indices, qweight=stored.qweight,
+                       scales=torch.ones(8, 8, dtype=torch.float16), group_size=2)
+    with pytest.raises(FormatError, match=r"INT4 group size must be a multiple of 4.*got 2"):
+        prepare_cpu(odd)
+    weight = prepare_cpu(packed)
+    with pytest.raises(FormatError, match=r"cpu_linear: x must be a floating CPU tensor \[M, 128\], got torch\.float32 "
+                                          r"\[2, 64\]"):
+        cpu_linear(torch.randn(2, 64), weight)
+    with pytest.raises(FormatError, match=r"got torch\.int64 \[2, 128\]"):
+        cpu_linear(torch.ones(2, 128, dtype=torch.long), weight)
