@@ -43,7 +43,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from sparsert.runtime.dispatch import Dispatcher, SparseLinearGPU
+from sparsert.runtime.dispatch import Dispatcher, GemmBackend, SparseLinearGPU
 from sparsert.runtime.errors import ConfigError, SparsertError
 from sparsert.runtime.nm_mask import is_nm_sparse
 from sparsert.runtime.packed_linear import pack_linear
@@ -266,7 +266,8 @@ def _layer_problem(module: nn.Module, int4: bool, group_size: int, prune: bool) 
 
 
 def _build_layer(name: str, module: nn.Module, *, int4: bool, group_size: int, dtype: torch.dtype | None,
-                 token_counts: list[int] | None, allow_dense: bool, dispatcher: Dispatcher) -> SparseLinearGPU:
+                 token_counts: list[int] | None, allow_dense: bool, dispatcher: Dispatcher,
+                 backends: list[GemmBackend] | None = None) -> SparseLinearGPU:
     """The packed, prepared (and tuned) replacement of one layer; ConfigError naming the layer if it cannot be."""
     w = weight_nk(module)
     gemm_dtype = dtype or (w.dtype if w.dtype in GEMM_DTYPES else torch.bfloat16)
@@ -275,8 +276,7 @@ def _build_layer(name: str, module: nn.Module, *, int4: bool, group_size: int, d
         packed = pack_linear(w.detach().float().cpu(), int4_group_size=group_size if int4 else None, bias=bias,
                              name=name)
         layer = SparseLinearGPU(packed, device=w.device, dtype=gemm_dtype, dispatcher=dispatcher, name=name,
-                                allow_dense=allow_dense,
-                                source_dtype=w.dtype, source_transposed=_is_conv1d(module))
+                                backends=backends, allow_dense=allow_dense, source_dtype=w.dtype, source_transposed=_is_conv1d(module))
         if token_counts is not None:
             layer.tune(token_counts)
             layer.drop_unused()
@@ -313,7 +313,8 @@ def check_swap(model: nn.Module, names: Sequence[str], *, int4: bool = False, gr
 def swap_sparse_linears(model: nn.Module, names: Sequence[str] | None = None, *, int4: bool = False,
                         group_size: int = 128, prune: bool = False, dtype: torch.dtype | None = None,
                         token_counts: Sequence[int] | None = (1, 16, 128, 2048), allow_dense: bool = False,
-                        dispatcher: Dispatcher | None = None) -> SwapReport:
+                        dispatcher: Dispatcher | None = None,
+                        backends: Sequence[GemmBackend] | None = None) -> SwapReport:
     """Replace ``model``'s 2:4 linear layers, in place, by :class:`SparseLinearGPU` layers on sparsert's kernels.
 
     Every replacement is built (packed, prepared and tuned) before the first one is put in place, so an error
@@ -336,6 +337,9 @@ def swap_sparse_linears(model: nn.Module, names: Sequence[str] | None = None, *,
             the formats no bucket chose; ``None`` decides at each bucket's first call and keeps every format.
         allow_dense: let the dispatcher also choose dense cuBLAS (16 bits per weight) where it is faster.
         dispatcher: share one :class:`Dispatcher` (default: one per device, cached on disk for GPUs).
+        backends: the candidate GEMM backends of every layer (default:
+            :func:`~sparsert.runtime.dispatch.default_backends` for the layer's device), e.g.
+            ``our_backends(device)`` to leave cuSPARSELt out.
     Returns:
         :class:`SwapReport`; a warning when layers run the dense fallback, and (without ``names``) when weights
         outside linear layers (fused MoE experts) hold at least 1% of the parameters.
@@ -347,6 +351,10 @@ def swap_sparse_linears(model: nn.Module, names: Sequence[str] | None = None, *,
     if not isinstance(model, nn.Module):
         raise ConfigError(f"swap_sparse_linears: model must be a torch nn.Module, got {type(model).__name__}")
     counts = _check_options(int4, group_size, prune, allow_dense, dtype, token_counts, dispatcher)
+    candidates = None if backends is None else list(backends)
+    if candidates is not None and (not candidates or not all(isinstance(b, GemmBackend) for b in candidates)):
+        raise ConfigError(f"swap_sparse_linears: backends must be a non-empty list of GemmBackend objects "
+                          f"(sparsert.runtime.dispatch), got {backends!r}")
     chosen, left = _choose_layers(model, names)
     outside = weights_outside_linears(model)
     outside_note = outside_linears_note(model) if names is None else None  # before the swap changes the count
@@ -375,7 +383,8 @@ def swap_sparse_linears(model: nn.Module, names: Sequence[str] | None = None, *,
         if device not in dispatchers:
             dispatchers[device] = dispatcher or _default_dispatcher(device)
         built[name] = _build_layer(name, modules[name], int4=int4, group_size=group_size, dtype=dtype,
-                                   token_counts=counts, allow_dense=allow_dense, dispatcher=dispatchers[device])
+                                   token_counts=counts, allow_dense=allow_dense, dispatcher=dispatchers[device],
+                                   backends=candidates)
 
     report = SwapReport(left_dense=left, outside_linears=outside)
     aliases = _aliases(model)

@@ -221,6 +221,22 @@ def test_the_cpu_product_takes_a_layer_no_gpu_kernel_tile_fits() -> None:
     assert float((model(x) - want).norm() / want.norm()) < 1e-2
 
 
+def test_backends_chooses_the_candidates() -> None:
+    """The kernels' torch fallbacks as the only candidates: a K = 96 layer fits no kernel tile and runs its
+    decompressed weight, which the report and a warning say."""
+    from sparsert.runtime.dispatch import OursSparse24
+
+    model = nn.Sequential(nn.Linear(96, 128), nn.ReLU(), nn.Linear(128, 64))
+    for layer in (model[0], model[2]):
+        layer.weight.data *= nm_mask(layer.weight.data, 2, 4)
+    with pytest.warns(UserWarning, match="1 of 2 swapped layers run the dense fallback"):
+        report = swap_sparse_linears(model, names=["0", "2"], backends=[OursSparse24("medium")], token_counts=[1])
+    assert "K=96" in report.dense_fallback["0"] and report.backends["2"] == {1: "ours_sparse24_medium"}
+    assert "1 on the dense fallback" in report.summary()
+    with pytest.raises(ConfigError, match=r"backends must be a non-empty list of GemmBackend objects.*got \['medium'\]"):
+        swap_sparse_linears(_mlp(), backends=["medium"])
+
+
 @gpu
 def test_gpu_dense_fallback_is_reported_with_allow_dense_too() -> None:
     model = nn.Sequential(nn.Linear(36, 128), nn.ReLU()).to("cuda")  # K = 36: no kernel tile, no cuSPARSELt shape

@@ -7,7 +7,8 @@ Layer table: one linear ``[N, K]`` at M tokens, median time of ``--reps`` calls,
 kernels' torch fallback it replaced (``sparse_gemm.sparse24_linear`` / ``w4a16_linear`` on the CPU: the weight
 decompressed per call). Model table: a random transformers Llama (``--hidden``, ``--layers``), KV-cached decode
 ms/token (median of ``--steps``) and a ``--prefill``-token prefill, dense float32 and bf16 vs
-``swap_sparse_linears(prune=True)`` 2:4 and 2:4 + INT4 g128. Ratios are to dense float32 in the same run.
+``swap_sparse_linears(prune=True)`` 2:4 and 2:4 + INT4 g128, on the CPU product and (``backends=``) on the
+kernels' torch fallbacks. Ratios are to dense float32 in the same run.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from sparsert.runtime import sparse_gemm
+from sparsert.runtime.dispatch import OursSparse24, OursW4A16
 from sparsert.runtime.linear_swap import swap_sparse_linears
 from sparsert.runtime.nm_mask import nm_mask
 from sparsert.runtime.packed_linear import pack_linear
@@ -90,13 +92,18 @@ def _model_times(model, prefill: int, steps: int) -> tuple[float, float]:
 def model_rows(hidden: int, layers: int, prefill: int, steps: int) -> list[list[str]]:
     base = _llama(hidden, layers)
     variants = {"dense fp32": base, "dense bf16": copy.deepcopy(base).to(torch.bfloat16)}
-    for label, int4 in (("swapped 2:4 (bf16)", False), ("swapped 2:4+int4 g128 (bf16)", True)):
+    fallbacks = [OursSparse24("medium"), OursW4A16("prefill")]  # what a CPU swap ran before runtime/sparse_cpu.py
+    for label, int4, backends in (("swapped 2:4 (bf16)", False, None), ("swapped 2:4+int4 g128 (bf16)", True, None),
+                                  ("2:4 on the kernels' torch fallback", False, fallbacks),
+                                  ("2:4+int4 on the kernels' torch fallback", True, fallbacks)):
         model = copy.deepcopy(base)
-        swap_sparse_linears(model, prune=True, int4=int4, group_size=128, dtype=torch.bfloat16, token_counts=None)
+        swap_sparse_linears(model, prune=True, int4=int4, group_size=128, dtype=torch.bfloat16, token_counts=None,
+                            backends=backends)
         variants[label] = model
     rows, ref = [], None
     for label, model in variants.items():
-        decode, pre = _model_times(model, prefill, steps)
+        slow = "fallback" in label  # 10x+ slower: fewer steps
+        decode, pre = _model_times(model, prefill, max(4, steps // 4) if slow else steps)
         ref = ref or (decode, pre)
         rows.append([label, f"{decode:.2f}", f"{decode / ref[0]:.2f}x", f"{pre:.1f}", f"{pre / ref[1]:.2f}x"])
         print(" | ".join(rows[-1]), flush=True)
