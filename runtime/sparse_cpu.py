@@ -23,6 +23,7 @@ uint8 ``[N, K/4]`` + ``scales`` (``dtype`` bits, int16 ``[N, K/g]``): 9 bits per
 
 from __future__ import annotations
 
+import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -270,6 +271,7 @@ _dense_rows_int4 = cpu_kernel(_dense_rows_int4)
 
 _LUTS: dict[torch.dtype, np.ndarray] = {}
 _POOL: ThreadPoolExecutor | None = None
+_POOL_PID = 0
 _POOL_LOCK = threading.Lock()
 _SCRATCH = threading.local()
 
@@ -283,10 +285,11 @@ def _lut(dtype: torch.dtype) -> np.ndarray:
 
 
 def _pool(threads: int) -> ThreadPoolExecutor:
-    global _POOL
+    """The worker threads (grown to ``threads``; made again in a forked child, which inherits no threads)."""
+    global _POOL, _POOL_PID
     with _POOL_LOCK:
-        if _POOL is None or _POOL._max_workers < threads:  # noqa: SLF001 - grow only
-            _POOL = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="sparsert-cpu")
+        if _POOL is None or _POOL_PID != os.getpid() or _POOL._max_workers < threads:  # noqa: SLF001
+            _POOL, _POOL_PID = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="sparsert-cpu"), os.getpid()
         return _POOL
 
 

@@ -127,3 +127,27 @@ def test_bad_input_is_named() -> None:
         cpu_linear(torch.randn(2, 64), weight)
     with pytest.raises(FormatError, match=r"got torch\.int64 \[2, 128\]"):
         cpu_linear(torch.ones(2, 128, dtype=torch.long), weight)
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "fork"), reason="needs os.fork")
+def test_a_forked_child_gets_its_own_threads() -> None:
+    """A process forked after the worker threads started (a DataLoader worker, a gloo test) inherits none of
+    them: its calls must make their own instead of waiting on the parent's."""
+    import multiprocessing
+
+    weight = prepare_cpu(_packed(1024, 512, None), torch.bfloat16)
+    x = torch.randn(1, 512)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        want = cpu_linear(x, weight)  # starts the pool here
+        with multiprocessing.get_context("fork").Pool(1) as pool:
+            got = pool.apply_async(_product_in_child, (x, weight)).get(timeout=60)
+        assert torch.equal(got, want)
+    finally:
+        torch.set_num_threads(before)
+
+
+def _product_in_child(x, weight):  # noqa: ANN001, ANN202
+    torch.set_num_threads(2)
+    return cpu_linear(x, weight)
