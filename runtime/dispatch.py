@@ -429,12 +429,29 @@ def default_backends(device: torch.device | None = None, *, allow_dense: bool = 
 # The module
 # ---------------------------------------------------------------------------------------------------------
 
+class _PackedProduct(torch.autograd.Function):
+    """``layer._run(name, x2)`` with a gradient to ``x2``: ``dX = dY @ W`` on the layer's weight, decompressed for
+    the backward pass (the packed weight itself is frozen: it gets no gradient). Our kernels and the CPU product
+    write their output outside autograd, so without this a swapped layer would cut the graph."""
+
+    @staticmethod
+    def forward(ctx, x2: torch.Tensor, layer: SparseLinearGPU, name: str) -> torch.Tensor:  # noqa: ANN001
+        ctx.layer = layer
+        return layer._run(name, x2)
+
+    @staticmethod
+    def backward(ctx, grad_y: torch.Tensor):  # noqa: ANN205
+        w = ctx.layer.packed.to_dense().to(grad_y.device)  # [N, K] float32
+        return (grad_y.float() @ w).to(grad_y.dtype), None, None
+
+
 class SparseLinearGPU(nn.Module):
     """``nn.Linear`` replacement for a 2:4 (optionally INT4) packed weight on the GPU, dispatching per token
     count among the backends that could prepare the layer.
 
     ``forward(x [..., K]) -> [..., N]``: x is rounded to the GEMM dtype (``dtype``), the product accumulates
-    in fp32 and comes back in x's dtype. :meth:`tune` measures the given
+    in fp32 and comes back in x's dtype; gradients flow to x (``dX = dY @ W``), none to the packed weight,
+    which is frozen. On the CPU the backend is the compiled CPU product (:class:`CpuPacked`). :meth:`tune` measures the given
     token counts now (the GpuStepper does it at load) and then :meth:`drop_unused` frees every backend state
     no tuned bucket chose, so only the chosen formats stay on the device. A bucket seen later picks among the
     states still held.
@@ -642,7 +659,11 @@ class SparseLinearGPU(nn.Module):
         x2 = x.reshape(-1, self.in_features).to(self.dtype).contiguous()
         if x2.shape[0] == 0:  # no tokens: nothing to dispatch
             return x.new_empty(*lead, self.out_features)
-        y = self._run(self._choose(x2.shape[0]), x2)
+        name = self._choose(x2.shape[0])
+        if torch.is_grad_enabled() and x2.requires_grad:
+            y = _PackedProduct.apply(x2, self, name)
+        else:
+            y = self._run(name, x2)
         return y.reshape(*lead, self.out_features).to(x.dtype)
 
     def _apply(self, fn, recurse: bool = True):  # noqa: ANN001, ANN202 - nn.Module's signature

@@ -23,6 +23,8 @@ the rest are listed as left dense; ``prune=True`` prunes every chosen layer to 2
 no calibration: for models not trained sparse, train or prune them with ``sparsert train`` / ``sparsert
 compress --prune`` instead).
 
+A swapped layer's packed weight is frozen; gradients flow through it to its input (``dX = dY @ W``).
+
 Swap last: after moving and casting the model (a swapped layer stays on its device and formats). The
 swapped model still saves: ``state_dict()`` holds each swapped layer's ``weight`` as the weight it serves
 (dense, 2:4 zeros in place, INT4 values dequantized; the replaced layer's layout and dtype, on the CPU), so

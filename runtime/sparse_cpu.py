@@ -346,7 +346,7 @@ def cpu_linear(x: torch.Tensor, weight: CpuPackedWeight, bias: torch.Tensor | No
                           f"{list(x.shape)} on {x.device}")
     bias = weight.bias if bias is None else bias
     m, n, k = x.shape[0], weight.out_features, weight.in_features
-    xf = x.to(weight.dtype).float()
+    xf = x.detach().to(weight.dtype).float()  # not differentiable here (SparseLinearGPU adds the gradient)
     if m == 0:
         y = xf.new_zeros(0, n)
     elif m <= DIRECT_MAX_TOKENS and numba_available():

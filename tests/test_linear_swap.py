@@ -3,6 +3,7 @@ fallbacks on the same packed formats; GPU: the dispatcher's measured choice, mar
 
 from __future__ import annotations
 
+import copy
 import warnings
 from pathlib import Path
 
@@ -417,3 +418,33 @@ def test_gpu_hugging_face_causal_lm_on_our_kernels() -> None:
         want = reference(ids).logits
         got = model(ids.cuda()).logits.float().cpu()
     assert float((got - want).norm() / want.norm()) < 3e-2
+
+
+def _grads_through_a_swapped_layer(device: str, int4: bool) -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(128, 128), nn.ReLU(), nn.Linear(128, 256), nn.Linear(256, 8)).to(device)
+    reference = copy.deepcopy(model)
+    swap_sparse_linears(model, names=["2"], prune=True, int4=int4, token_counts=[4])
+    with torch.no_grad():
+        reference[2].weight.copy_(model[2].packed.to_dense())
+    x = torch.randn(4, 128, device=device)
+    y, want = model(x), reference(x)
+    y.square().sum().backward()
+    want.square().sum().backward()
+    for name in ("0.weight", "0.bias", "3.weight"):  # before and after the swapped layer
+        got, expected = model.get_parameter(name).grad, reference.get_parameter(name).grad
+        assert got is not None and float((got - expected).norm() / expected.norm()) < 2e-2, name
+    assert not any(p.requires_grad for p in model[2].parameters())  # the packed weight is frozen
+
+
+@pytest.mark.parametrize("int4", [False, True])
+def test_gradients_flow_through_a_swapped_layer(int4: bool) -> None:
+    """Fine-tuning what surrounds a swapped layer (adapters, a head): dX = dY @ W reaches the layers before it.
+    Before, the CPU product's output was outside autograd and the backward pass failed (on a GPU it was cut)."""
+    _grads_through_a_swapped_layer("cpu", int4)
+
+
+@gpu
+@pytest.mark.parametrize("int4", [False, True])
+def test_gpu_gradients_flow_through_a_swapped_layer(int4: bool) -> None:
+    _grads_through_a_swapped_layer("cuda", int4)
