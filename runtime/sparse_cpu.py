@@ -33,7 +33,9 @@ import torch
 
 from sparsert.runtime.cpu_jit import cpu_kernel, f32_as_u32, numba_available, u32_as_f32
 from sparsert.runtime.errors import FormatError
+from sparsert.runtime.int4 import unpack_int4
 from sparsert.runtime.packed_linear import PackedLinear
+from sparsert.runtime.sparse24 import decompress_24
 
 __all__ = ["CpuPackedWeight", "prepare_cpu", "cpu_linear", "DIRECT_MAX_TOKENS", "CPU_DTYPES"]
 
@@ -85,22 +87,14 @@ class CpuPackedWeight:
         """float32 ``[N, K/2]``: the kept values as the product uses them (rounded to ``dtype``)."""
         if not self.quantized:
             return self.values.view(self.dtype).float()
-        codes = _unpack_codes(self.qweight, self.in_features // 2).float()
+        codes = unpack_int4(self.qweight, self.in_features // 2).float()
         scale = self.scales.view(self.dtype).float()
         per_kept = scale.repeat_interleave(int(self.group_size) // 2, dim=1)
         return (codes * per_kept).to(self.dtype).float()
 
     def to_dense(self) -> torch.Tensor:
         """float32 ``[N, K]``, the weight the product uses (torch ops; the reference for the compiled loops)."""
-        from sparsert.runtime.sparse24 import decompress_24
-
         return decompress_24(self.kept_values(), self.indices, self.in_features)
-
-
-def _unpack_codes(qweight: torch.Tensor, width: int) -> torch.Tensor:
-    from sparsert.runtime.int4 import unpack_int4
-
-    return unpack_int4(qweight, width)
 
 
 def _bits(t: torch.Tensor) -> torch.Tensor:
