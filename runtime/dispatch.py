@@ -123,6 +123,11 @@ class Choice:
     rejected: dict[str, str] = field(default_factory=dict)
 
 
+def cpu_dispatcher() -> Dispatcher:
+    """The dispatcher of layers on the CPU: one candidate per layer (:class:`CpuPacked`), nothing to time or keep."""
+    return Dispatcher("cpu", persist=False, warmup=0, reps=1)
+
+
 class Dispatcher:
     """Measured choice among callables per problem key, cached in memory and in ``path`` (JSON).
 
@@ -254,6 +259,28 @@ class GemmBackend:
             return int(state.nbytes())
         return _tensor_bytes(state)
 
+    def dense(self, state, packed: PackedLinear) -> torch.Tensor:
+        """float32 ``[N, K]``: the weight ``run`` multiplies by (the prepared weight's own decompression where it
+        has one: rounded to the activation dtype as the kernels see it), on the state's device."""
+        if hasattr(state, "to_dense") and callable(state.to_dense):
+            return state.to_dense()
+        if isinstance(state, torch.Tensor) and state.dim() == 2:
+            return state.float()
+        return packed.to_dense()
+
+
+def _tensors_of(obj) -> list[torch.Tensor]:
+    """The tensors a backend state holds (a tensor, a dataclass of tensors, or containers of them)."""
+    if isinstance(obj, torch.Tensor):
+        return [obj]
+    if isinstance(obj, dict):
+        return [t for v in obj.values() for t in _tensors_of(v)]
+    if isinstance(obj, (list, tuple)):
+        return [t for v in obj for t in _tensors_of(v)]
+    if hasattr(obj, "__dataclass_fields__"):
+        return [t for f in obj.__dataclass_fields__ for t in _tensors_of(getattr(obj, f))]
+    return []
+
 
 def _tensor_bytes(obj) -> int:
     if isinstance(obj, torch.Tensor):
@@ -372,9 +399,10 @@ class OursW4A16(GemmBackend):
 
 
 class CpuPacked(GemmBackend):
-    """The CPU product of ``runtime/sparse_cpu.py``: compiled loops over the stored 2:4 (and INT4) tensors, the
-    GPU kernels' function (x and the kept values rounded to the activation dtype, fp32 accumulation) without
-    building the dense weight per call; 9 bits per weight for 2:4, 3.125 for 2:4 + INT4 g128."""
+    """The CPU product of ``runtime/sparse_cpu.py``: compiled loops over the stored 2:4 (and INT4) tensors, shared
+    with the PackedLinear where their dtype allows, computing the GPU kernels' function (x and the kept values
+    rounded to the activation dtype, fp32 accumulation); no dense copy of the weight is held (above 8 tokens it
+    is decompressed block by block per call). 9 bits per weight for 2:4, 3.125 for 2:4 + INT4 g128."""
 
     name = state_key = "cpu_packed"
 
@@ -391,6 +419,11 @@ class CpuPacked(GemmBackend):
         from sparsert.runtime.sparse_cpu import cpu_linear
 
         return cpu_linear(x, state, bias)
+
+    def dense(self, state, packed):
+        from sparsert.runtime.sparse_cpu import dense_weight_cpu
+
+        return dense_weight_cpu(state)
 
 
 def our_backends(device: torch.device | None = None) -> list[GemmBackend]:
@@ -436,13 +469,16 @@ class _PackedProduct(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x2: torch.Tensor, layer: SparseLinearGPU, name: str) -> torch.Tensor:  # noqa: ANN001
-        ctx.layer = layer
+        ctx.layer, ctx.name = layer, name
         return layer._run(name, x2)
 
     @staticmethod
     def backward(ctx, grad_y: torch.Tensor):  # noqa: ANN205
-        w = ctx.layer.packed.to_dense().to(grad_y.device)  # [N, K] float32
-        return (grad_y.float() @ w).to(grad_y.dtype), None, None
+        layer = ctx.layer
+        backend = layer.backends[ctx.name]
+        w = backend.dense(layer.states[backend.state_key], layer.packed).to(grad_y.device)  # [N, K] float32
+        with torch.autocast(grad_y.device.type, enabled=False):
+            return (grad_y.float() @ w).to(grad_y.dtype), None, None
 
 
 class SparseLinearGPU(nn.Module):
@@ -587,9 +623,10 @@ class SparseLinearGPU(nn.Module):
         return problem_key(self.kind, self.dtype, self.out_features, self.in_features, m)
 
     def _reference(self, x: torch.Tensor) -> torch.Tensor:
-        if self._ref_weight is None:  # kept only while deciding (:meth:`tune`; a later single bucket frees it)
-            self._ref_weight = dense_weight(self.packed, self.device, torch.float32)
-        y = x.float() @ self._ref_weight.t()
+        w = self._ref_weight  # a local: another thread deciding a bucket may drop the attribute meanwhile
+        if w is None:  # kept only while deciding (:meth:`tune`; a later single bucket frees it)
+            w = self._ref_weight = dense_weight(self.packed, self.device, torch.float32)
+        y = x.float() @ w.t()
         return y if self.bias is None else y + self.bias
 
     def _run(self, name: str, x: torch.Tensor) -> torch.Tensor:
@@ -641,9 +678,16 @@ class SparseLinearGPU(nn.Module):
         self.backends = {n: b for n, b in self.backends.items() if b.state_key in keep}
 
     def weight_nbytes(self) -> int:
-        """Device bytes of the weight formats currently held (bias excluded)."""
+        """Device bytes of the weight formats currently held (bias excluded). On the CPU, where the host copy of
+        the packed weight is held in the same memory, its tensors count too, once (a format may share them)."""
         by_key = {b.state_key: b for b in self.backends.values()}
-        return sum(by_key[k].nbytes(s) for k, s in self.states.items() if k in by_key)
+        held = sum(by_key[k].nbytes(s) for k, s in self.states.items() if k in by_key)
+        if self.device.type != "cpu":
+            return held
+        shared = {t.untyped_storage().data_ptr() for s in self.states.values() for t in _tensors_of(s)}
+        fields = ("indices", "values", "qweight", "scales", "weight")
+        return held + sum(t.numel() * t.element_size() for f in fields if (t := getattr(self.packed, f)) is not None
+                          and t.untyped_storage().data_ptr() not in shared)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not isinstance(x, torch.Tensor) or x.dim() < 1 or not x.is_floating_point():

@@ -5,7 +5,9 @@ The model is the same :class:`~sparsert.runtime.model.DecoderLM` code as the CPU
 :class:`~sparsert.runtime.dispatch.SparseLinearGPU`: the 2:4 linears run on our sparse GEMM (mma.sp / wgmma.sp)
 or cuSPARSELt, INT4 artifacts on our W4A16 2:4 kernel, whichever the dispatcher measured fastest per token
 count and found correct. Embeddings, norms, attention, RoPE and ``lm_head`` are torch CUDA ops; the KV cache
-lives on the device. Without a usable GPU the constructor raises DeviceError (the CLI prints it).
+lives on the device. Without a usable GPU the constructor raises DeviceError; ``device="cpu"`` builds the same
+model on the CPU instead, its packed linears on the compiled CPU product (:mod:`sparsert.runtime.sparse_cpu`: the
+kernels' function on the same packed formats), which is what ``generate --backend runtime`` runs without a GPU.
 
 SLoRB terms (artifacts with ``slorb``; AST, Huang et al. 2025) run as torch ops beside the sparse GEMM: a
 packed layer with SLoRB becomes :class:`SLoRBLinearGPU` (``linear(x) + groupsum_k(x) @ Sᵀ``, the term in the
@@ -23,7 +25,7 @@ import torch
 from torch import nn
 
 from sparsert.runtime.device import require_gpu
-from sparsert.runtime.dispatch import Dispatcher, SparseLinearGPU, m_bucket
+from sparsert.runtime.dispatch import Dispatcher, SparseLinearGPU, cpu_dispatcher, m_bucket
 from sparsert.runtime.errors import ConfigError, DeviceError
 from sparsert.runtime.model import check_slorb_k, slorb_term
 
@@ -138,7 +140,8 @@ class GpuStepper:
 
     Args:
         artifact: a loaded :class:`~sparsert.runtime.artifact.Artifact` or the path of an artifact directory.
-        device: CUDA device index.
+        device: CUDA device index, or ``"cpu"``: the runtime's CPU fallback (same model, packed formats and
+            GEMM rounding; the linears on the compiled CPU product; no CUDA graph).
         dtype: the sparse GEMMs' activation dtype, ``torch.bfloat16`` (default) or ``torch.float16`` (or their
             names); inputs are rounded to it, accumulation is fp32.
         dense_dtype: dtype of everything else (embeddings, norms, attention, KV cache, ``lm_head``):
@@ -156,16 +159,24 @@ class GpuStepper:
         without CUDA, or a layer no backend can run.
     """
 
-    def __init__(self, artifact, device: int = 0, *, dtype: torch.dtype | str = torch.bfloat16,
+    def __init__(self, artifact, device: int | str = 0, *, dtype: torch.dtype | str = torch.bfloat16,
                  dense_dtype: torch.dtype = torch.float32, allow_dense: bool = False, tune: bool = True,
                  dispatcher: Dispatcher | None = None, cuda_graph: bool = False):
-        gpu = require_gpu("GpuStepper")
-        if device != 0:
-            from sparsert.runtime.device import get_device
+        on_cpu = device == "cpu"
+        if on_cpu:
+            if cuda_graph:
+                raise ConfigError("GpuStepper: cuda_graph needs a GPU (device='cpu' runs each step eagerly)")
+            gpu = None
+        else:
+            if isinstance(device, bool) or not isinstance(device, int) or device < 0:
+                raise ConfigError(f"GpuStepper device must be a CUDA device index or 'cpu', got {device!r}")
+            gpu = require_gpu("GpuStepper")
+            if device != 0:
+                from sparsert.runtime.device import get_device
 
-            gpu = get_device(device)
-        if not torch.cuda.is_available():
-            raise DeviceError(f"GpuStepper needs torch built with CUDA; this torch ({torch.__version__}) has none")
+                gpu = get_device(device)
+            if not torch.cuda.is_available():
+                raise DeviceError(f"GpuStepper needs torch built with CUDA; this torch ({torch.__version__}) has none")
         if isinstance(dtype, str):
             if dtype not in _DTYPES:
                 raise ConfigError(f"GpuStepper dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
@@ -178,11 +189,12 @@ class GpuStepper:
             artifact = load_artifact(artifact)
         self.artifact = artifact
         self.gpu = gpu
-        self.device = torch.device("cuda", gpu.index)
+        self.device = torch.device("cpu") if on_cpu else torch.device("cuda", gpu.index)
         self.dtype = dtype
         self.dense_dtype = dense_dtype
-        self.dispatcher = dispatcher or Dispatcher(gpu.name)
-        torch.cuda.set_device(self.device)
+        self.dispatcher = dispatcher or (cpu_dispatcher() if on_cpu else Dispatcher(gpu.name))
+        if not on_cpu:
+            torch.cuda.set_device(self.device)
         self.model = build_runtime_model(artifact, self.device, dtype=dtype, dense_dtype=dense_dtype,
                                          dispatcher=self.dispatcher, allow_dense=allow_dense)
         self.config = artifact.model_config
@@ -232,7 +244,8 @@ class GpuStepper:
         for name, layer in self.sparse_layers().items():
             out[name] = layer.tune(token_counts)
             layer.drop_unused()
-        torch.cuda.empty_cache()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
         return out
 
     def reset(self) -> None:
@@ -263,7 +276,7 @@ class GpuStepper:
         nbytes = sum(layer.weight_nbytes() for layer in layers.values()) + slorb_bytes
         nweights = sum(layer.in_features * layer.out_features for layer in layers.values())
         return {
-            "device": self.gpu.name,
+            "device": self.gpu.name if self.gpu is not None else "cpu",
             "linear_weight_bytes": nbytes,
             "linear_weights": nweights,
             "linear_weight_bits_per_weight": 8.0 * nbytes / max(nweights, 1),

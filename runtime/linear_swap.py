@@ -10,9 +10,9 @@ writes, or any ``nn.Module``), pack each weight (2:4, optionally INT4 on the kep
   token-count bucket and keeps the fastest correct one; ``token_counts`` decides the buckets at swap time, layer
   by layer, and frees every format no bucket chose, so device memory holds only the chosen formats (3.125 bits
   per weight for 2:4 + INT4 g128 on our W4A16 kernel);
-- on the CPU the same packed formats run through the compiled CPU product (:mod:`sparsert.runtime.sparse_cpu`,
-  backend ``cpu_packed``): the kernels' function (x and the kept values rounded to ``dtype``, fp32
-  accumulation) from the packed tensors, without a dense weight per call, at 9 / 3.125 bits per weight.
+- on the CPU the packed tensors (kept values in ``dtype``) run through the compiled CPU product
+  (:mod:`sparsert.runtime.sparse_cpu`, backend ``cpu_packed``): the kernels' function (x and the kept values
+  rounded to ``dtype``, fp32 accumulation), no dense copy held, 9 / 3.125 bits per weight.
 
 Layers: every ``nn.Linear`` (and transformers' ``Conv1D``, GPT-2's ``[in, out]`` linear, packed transposed),
 except the output head (the model's ``get_output_embeddings()``, or a layer named ``lm_head`` / ``embed_out``),
@@ -45,7 +45,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from sparsert.runtime.dispatch import Dispatcher, GemmBackend, SparseLinearGPU
+from sparsert.runtime.dispatch import Dispatcher, GemmBackend, SparseLinearGPU, cpu_dispatcher
 from sparsert.runtime.errors import ConfigError, SparsertError
 from sparsert.runtime.nm_mask import is_nm_sparse
 from sparsert.runtime.packed_linear import pack_linear
@@ -235,7 +235,7 @@ def _default_dispatcher(device: torch.device) -> Dispatcher:
         from sparsert.runtime.device import get_device  # noqa: PLC0415 - only on a GPU
 
         return Dispatcher(get_device(device.index or 0).name)
-    return Dispatcher("cpu", persist=False, warmup=0, reps=1)  # one candidate (CpuPacked): nothing to time
+    return cpu_dispatcher()
 
 
 def _described(name: str, module: nn.Module) -> str:
@@ -275,8 +275,10 @@ def _build_layer(name: str, module: nn.Module, *, int4: bool, group_size: int, d
     gemm_dtype = dtype or (w.dtype if w.dtype in GEMM_DTYPES else torch.bfloat16)
     bias = None if module.bias is None else module.bias.detach().float().cpu()
     try:
+        # On the CPU the packed values are what the CPU product reads (in the GEMM dtype): one copy, not two.
+        values_dtype = gemm_dtype if w.device.type == "cpu" else torch.float32
         packed = pack_linear(w.detach().float().cpu(), int4_group_size=group_size if int4 else None, bias=bias,
-                             name=name)
+                             values_dtype=values_dtype, name=name)
         layer = SparseLinearGPU(packed, device=w.device, dtype=gemm_dtype, dispatcher=dispatcher, name=name,
                                 backends=backends, allow_dense=allow_dense, source_dtype=w.dtype, source_transposed=_is_conv1d(module))
         if token_counts is not None:

@@ -5,8 +5,9 @@ The GPU kernels' torch fallbacks (``sparse_gemm._fallback``) decompress the whol
 the right reference for the kernels' tests, but on a decode step (one token) the decompression costs 10-15x the
 product itself. Here a numba loop walks each row's kept values and their 2-bit indices and multiplies them with
 the input columns they select: about half the multiply-adds of the dense product, and no dense weight built.
-For more than :data:`DIRECT_MAX_TOKENS` tokens one compiled pass writes the dense float32 weight and torch's
-matmul does the product (the decompression is then small next to the product).
+For more than :data:`DIRECT_MAX_TOKENS` tokens a compiled pass decompresses the weight, one block of rows (about
+4 MB of float32) at a time, and torch's float32 matmul multiplies each block (the decompression is then small next
+to the product, and no dense copy of the whole weight is ever held).
 
 The function computed is the GPU kernels' (``sparse_gemm.sparse24_linear`` / ``w4a16_linear``), so a model checked
 on the CPU computes what it will compute on the GPU: ``y = x @ W^T + bias`` with x already rounded to ``dtype``
@@ -15,10 +16,12 @@ on the CPU computes what it will compute on the GPU: ``y = x @ W^T + bias`` with
 dequantisation). The rounding is round-to-nearest-even, done on float32 bits; products ``code * scale`` are exact
 in float32 (at most 15 significant bits).
 
-The prepared weight (:class:`CpuPackedWeight`) holds the stored tensors themselves: ``indices`` uint8
-``[N, ceil(K/8)]`` and either ``values`` (the kept values' ``dtype`` bits, int16 ``[N, K/2]``) or ``qweight``
-uint8 ``[N, K/4]`` + ``scales`` (``dtype`` bits, int16 ``[N, K/g]``): 9 bits per weight for 2:4, 3.125 for
-2:4 + INT4 g128, as on the GPU.
+The prepared weight (:class:`CpuPackedWeight`) holds the stored tensors themselves, shared with the
+:class:`~sparsert.runtime.packed_linear.PackedLinear` where their dtype allows: ``indices`` uint8
+``[N, ceil(K/8)]`` and either ``values`` (the kept values' ``dtype`` bits, int16 ``[N, K/2]``; shared when they
+are stored in ``dtype``, else a rounded copy) or ``qweight`` uint8 ``[N, K/4]`` + ``scales`` (their fp16/bf16
+bits, int16 ``[N, K/g]``, rounded to ``dtype`` in the loop): 9 bits per weight for 2:4, 3.125 for 2:4 + INT4
+g128.
 """
 
 from __future__ import annotations
@@ -55,7 +58,9 @@ class CpuPackedWeight:
         indices: uint8 ``[N, ceil(K/8)]``, the stored 2-bit indices (:mod:`sparsert.runtime.sparse24`).
         values: int16 ``[N, K/2]``, the kept values' bits in ``dtype`` (2:4 without INT4), else None.
         qweight: uint8 ``[N, ceil(K/4)]``, packed INT4 codes of the kept values (:mod:`.int4`), else None.
-        scales: int16 ``[N, K/g]``, the fp16 scales rounded to ``dtype``, as bits (INT4), else None.
+        scales: int16 ``[N, K/g]``, the scales' bits in ``scales_dtype`` (INT4), else None.
+        scales_dtype: fp16 or bf16: the stored scales' dtype (the loops round them to ``dtype`` as the GPU
+            preparation does), else None.
         group_size: the INT4 group along the original K (g), else None.
         bias: fp32 ``[N]`` or None.
     """
@@ -67,6 +72,7 @@ class CpuPackedWeight:
     values: torch.Tensor | None = None
     qweight: torch.Tensor | None = None
     scales: torch.Tensor | None = None
+    scales_dtype: torch.dtype | None = None
     group_size: int | None = None
     bias: torch.Tensor | None = None
 
@@ -88,7 +94,7 @@ class CpuPackedWeight:
         if not self.quantized:
             return self.values.view(self.dtype).float()
         codes = unpack_int4(self.qweight, self.in_features // 2).float()
-        scale = self.scales.view(self.dtype).float()
+        scale = self.scales.view(self.scales_dtype).to(self.dtype).float()
         per_kept = scale.repeat_interleave(int(self.group_size) // 2, dim=1)
         return (codes * per_kept).to(self.dtype).float()
 
@@ -105,8 +111,9 @@ def _bits(t: torch.Tensor) -> torch.Tensor:
 def prepare_cpu(packed: PackedLinear, dtype: torch.dtype = torch.bfloat16, *, name: str = "weight") -> CpuPackedWeight:
     """PackedLinear (2:4, optionally INT4; on the CPU) -> :class:`CpuPackedWeight` for activations of ``dtype``.
 
-    Shares ``packed``'s index and code tensors; the kept values (2:4) or the scales (INT4) are rounded to ``dtype``
-    once here, as the GPU kernels' preparation does. FormatError for a dense layer or a dtype other than bf16/fp16.
+    Shares ``packed``'s indices, codes and fp16/bf16 scales, and its kept values when they are stored in ``dtype``
+    (otherwise they are rounded to ``dtype`` once here, as the GPU kernels' preparation does). FormatError for a
+    dense layer or a dtype other than bf16/fp16.
     """
     if dtype not in CPU_DTYPES:
         raise FormatError(f"prepare_cpu: {name}: dtype must be bfloat16 or float16, got {dtype}")
@@ -121,8 +128,11 @@ def prepare_cpu(packed: PackedLinear, dtype: torch.dtype = torch.bfloat16, *, na
     common = dict(out_features=packed.out_features, in_features=packed.in_features, dtype=dtype,
                   indices=packed.indices.to(cpu).contiguous(), bias=bias)
     if packed.quantized:
-        return CpuPackedWeight(**common, qweight=packed.qweight.to(cpu).contiguous(),
-                               scales=_bits(packed.scales.to(cpu, dtype)), group_size=int(packed.group_size))
+        scales = packed.scales.to(cpu)
+        if scales.dtype not in CPU_DTYPES:  # float32 scales: rounded to dtype here, once
+            scales = scales.to(dtype)
+        return CpuPackedWeight(**common, qweight=packed.qweight.to(cpu).contiguous(), scales=_bits(scales),
+                               scales_dtype=scales.dtype, group_size=int(packed.group_size))
     return CpuPackedWeight(**common, values=_bits(packed.values.to(cpu, dtype)))
 
 
@@ -196,9 +206,9 @@ def _product_rows_24(xt, values, indices, lut, dt, y, r0, r1):  # noqa: ANN001
             y[n, :] = acc
 
 
-def _product_rows_int4(xt, qweight, scales, indices, lut, gk, dt, y, r0, r1):  # noqa: ANN001
-    """2:4 + INT4: as :func:`_product_rows_24`, the kept values ``round_dtype(code * scale)``; qweight uint8
-    ``[N, K/4]``, scales uint16 ``[N, K/(2 gk)]`` (``dtype`` bits)."""
+def _product_rows_int4(xt, qweight, scales, indices, scale_lut, gk, dt, y, r0, r1):  # noqa: ANN001
+    """2:4 + INT4: as :func:`_product_rows_24`, the kept values ``round_dtype(code * round_dtype(scale))``;
+    qweight uint8 ``[N, K/4]``, scales uint16 ``[N, K/(2 gk)]`` (bits whose values ``scale_lut`` gives)."""
     m_count, per_group = xt.shape[1], gk // 2
     table = np.zeros(16, np.float32)
     acc = np.empty(m_count, np.float32)
@@ -206,7 +216,7 @@ def _product_rows_int4(xt, qweight, scales, indices, lut, gk, dt, y, r0, r1):  #
         s = np.float32(0.0)
         acc[:] = 0.0
         for q in range(scales.shape[1]):
-            _int4_table(_value(scales[n, q], dt, lut), dt, table)
+            _int4_table(_round_to_dtype(scale_lut[scales[n, q]], dt), dt, table)
             if m_count == 1:
                 for g in range(q * per_group, (q + 1) * per_group):
                     b = indices[n, g >> 1] >> ((g & 1) * 4)
@@ -236,14 +246,14 @@ def _dense_rows_24(values, indices, lut, dt, dense, r0, r1):  # noqa: ANN001
             dense[n, 4 * g + ((b >> 2) & 3)] = _value(values[n, 2 * g + 1], dt, lut)
 
 
-def _dense_rows_int4(qweight, scales, indices, lut, gk, dt, dense, r0, r1):  # noqa: ANN001
+def _dense_rows_int4(qweight, scales, indices, scale_lut, gk, dt, dense, r0, r1):  # noqa: ANN001
     """2:4 + INT4: rows ``r0 <= n < r1`` of the weight as dense float32 into ``dense [N, K]``."""
     per_group = gk // 2
     table = np.zeros(16, np.float32)
     for n in range(r0, r1):
         dense[n, :] = 0.0
         for q in range(scales.shape[1]):
-            _int4_table(_value(scales[n, q], dt, lut), dt, table)
+            _int4_table(_round_to_dtype(scale_lut[scales[n, q]], dt), dt, table)
             for g in range(q * per_group, (q + 1) * per_group):
                 b = indices[n, g >> 1] >> ((g & 1) * 4)
                 code = qweight[n, g]
@@ -267,7 +277,8 @@ _LUTS: dict[torch.dtype, np.ndarray] = {}
 _POOL: ThreadPoolExecutor | None = None
 _POOL_PID = 0
 _POOL_LOCK = threading.Lock()
-_SCRATCH = threading.local()
+_BLOCK = threading.local()
+_BLOCK_FLOATS = 1 << 20  # rows decompressed at a time for M > DIRECT_MAX_TOKENS: about 4 MB of float32
 
 
 def _lut(dtype: torch.dtype) -> np.ndarray:
@@ -300,15 +311,17 @@ def _run_rows(kernel, n: int, k: int, m: int, *args) -> None:  # noqa: ANN001
         f.result()
 
 
-def _loops(weight: CpuPackedWeight, product: bool) -> tuple:
-    """The compiled loop for ``weight``'s format (the product or the dense weight) and its leading arguments."""
-    lut, dt = _lut(weight.dtype), _FP16 if weight.dtype == torch.float16 else _BF16
-    indices = weight.indices.numpy()
+def _loops(weight: CpuPackedWeight, product: bool, rows: slice = slice(None)) -> tuple:
+    """The compiled loop for ``weight``'s format (the product or the dense weight) and its leading arguments, for
+    the weight's ``rows`` (the loop's row 0 is the first of them)."""
+    dt = _FP16 if weight.dtype == torch.float16 else _BF16
+    indices = weight.indices.numpy()[rows]
     if weight.quantized:
-        scales = weight.scales.numpy().view(np.uint16)
-        args = (weight.qweight.numpy(), scales, indices, lut, int(weight.group_size) // 2, dt)
+        scales = weight.scales.numpy().view(np.uint16)[rows]
+        args = (weight.qweight.numpy()[rows], scales, indices, _lut(weight.scales_dtype), int(weight.group_size) // 2,
+                dt)
         return (_product_rows_int4 if product else _dense_rows_int4), args
-    args = (weight.values.numpy().view(np.uint16), indices, lut, dt)
+    args = (weight.values.numpy().view(np.uint16)[rows], indices, _lut(weight.dtype), dt)
     return (_product_rows_24 if product else _dense_rows_24), args
 
 
@@ -323,13 +336,28 @@ def dense_weight_cpu(weight: CpuPackedWeight) -> torch.Tensor:
     return torch.from_numpy(dense)
 
 
-def _scratch(n: int, k: int) -> np.ndarray:
-    """A float32 ``[n, k]`` buffer reused by this thread's calls: a fresh 64 MB array per call costs more in page
-    faults than the decompression that fills it."""
-    held = getattr(_SCRATCH, "buffer", None)
-    if held is None or held.size < n * k:
-        held = _SCRATCH.buffer = np.empty(n * k, np.float32)
-    return held[: n * k].reshape(n, k)
+def _block_buffer(size: int) -> np.ndarray:
+    """This thread's float32 buffer for one block of decompressed rows (reused: fresh pages cost more to fault in
+    than the decompression that fills them)."""
+    held = getattr(_BLOCK, "buffer", None)
+    if held is None or held.size < size:
+        held = _BLOCK.buffer = np.empty(size, np.float32)
+    return held[:size]
+
+
+def _product_by_blocks(xf: torch.Tensor, weight: CpuPackedWeight) -> torch.Tensor:
+    """``xf [M, K] @ W^T`` (float32): W decompressed one block of rows at a time (:data:`_BLOCK_FLOATS`)."""
+    m, n, k = xf.shape[0], weight.out_features, weight.in_features
+    rows = max(16, _BLOCK_FLOATS // k)
+    y = xf.new_empty(m, n)
+    buffer = _block_buffer(min(rows, n) * k)
+    for r0 in range(0, n, rows):
+        r1 = min(n, r0 + rows)
+        block = buffer[: (r1 - r0) * k].reshape(r1 - r0, k)
+        loop, args = _loops(weight, product=False, rows=slice(r0, r1))
+        _run_rows(loop, r1 - r0, k, 1, *args, block)
+        y[:, r0:r1] = xf @ torch.from_numpy(block).t()
+    return y
 
 
 def cpu_linear(x: torch.Tensor, weight: CpuPackedWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -340,22 +368,20 @@ def cpu_linear(x: torch.Tensor, weight: CpuPackedWeight, bias: torch.Tensor | No
                           f"{list(x.shape)} on {x.device}")
     bias = weight.bias if bias is None else bias
     m, n, k = x.shape[0], weight.out_features, weight.in_features
-    xf = x.detach().to(weight.dtype).float()  # not differentiable here (SparseLinearGPU adds the gradient)
-    if m == 0:
-        y = xf.new_zeros(0, n)
-    elif m <= DIRECT_MAX_TOKENS and numba_available():
-        xt = xf.t().contiguous().numpy()  # [K, M]: a kept value's column is one contiguous read over the tokens
-        yt = np.empty((n, m), np.float32)
-        loop, args = _loops(weight, product=True)
-        _run_rows(loop, n, k, m, xt, *args, yt)
-        y = torch.from_numpy(yt).t()
-    elif numba_available():
-        dense = _scratch(n, k)
-        loop, args = _loops(weight, product=False)
-        _run_rows(loop, n, k, 1, *args, dense)
-        y = xf @ torch.from_numpy(dense).t()
-    else:
-        y = xf @ weight.to_dense().t()
-    if bias is not None:
-        y = y + bias
-    return y.to(weight.dtype)
+    with torch.autocast("cpu", enabled=False):  # float32 products, whatever autocast region the caller is in
+        xf = x.detach().to(weight.dtype).float()  # not differentiable here (SparseLinearGPU adds the gradient)
+        if m == 0:
+            y = xf.new_zeros(0, n)
+        elif m <= DIRECT_MAX_TOKENS and numba_available():
+            xt = xf.t().contiguous().numpy()  # [K, M]: a kept value's column is one contiguous read over the tokens
+            yt = np.empty((n, m), np.float32)
+            loop, args = _loops(weight, product=True)
+            _run_rows(loop, n, k, m, xt, *args, yt)
+            y = torch.from_numpy(yt).t().contiguous()
+        elif numba_available():
+            y = _product_by_blocks(xf, weight)
+        else:
+            y = xf @ weight.to_dense().t()
+        if bias is not None:
+            y = y + bias
+        return y.to(weight.dtype)

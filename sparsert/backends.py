@@ -11,6 +11,7 @@ calls it). Each backend is imported only when chosen: ``--backend torch`` loads 
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -31,7 +32,8 @@ def make_stepper(artifact: Artifact, backend: str, onnx_path: str | Path | None 
     ``"onnx"``, an exported graph of this artifact (default: one exported to a temporary file); ``cuda_graph``:
     with ``"runtime"``, replay each decode step as one CUDA graph. Temporary files are removed on exit.
     ConfigError for an unknown backend (or ``cuda_graph`` on another), DeviceError when the GPU runtime cannot
-    load."""
+    load. Without a usable GPU (or with a torch built without CUDA) ``"runtime"`` runs its CPU fallback,
+    ``GpuStepper(artifact, device="cpu")``, with a :class:`RuntimeNote` (``cuda_graph`` is then a DeviceError)."""
     from sparsert.runtime.errors import ConfigError, DeviceError  # noqa: PLC0415 - keep `import` light
 
     if cuda_graph and backend != "runtime":
@@ -46,11 +48,14 @@ def make_stepper(artifact: Artifact, backend: str, onnx_path: str | Path | None 
         with onnx_stepper(artifact, onnx_path) as stepper:
             yield stepper
     elif backend == "runtime":
-        _require_runtime_gpu()
+        on_gpu = _runtime_on_gpu(cuda_graph)
         try:
             from sparsert.runtime.gpu_backend import GpuStepper  # noqa: PLC0415
         except ImportError as exc:
             raise DeviceError(f"--backend runtime is unavailable: {exc}") from None
+        if not on_gpu:  # the layers decide their (one) CPU backend at their first call, not for every bucket now
+            yield GpuStepper(artifact, device="cpu", tune=False)
+            return
         stepper = GpuStepper(artifact, cuda_graph=cuda_graph)
         if cuda_graph:
             stepper.capture_decode_graph()  # before any timing: the first token does not pay for the capture
@@ -59,15 +64,31 @@ def make_stepper(artifact: Artifact, backend: str, onnx_path: str | Path | None 
         raise ConfigError(f"--backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
 
 
-def _require_runtime_gpu(cpu_backends: str = "--backend torch or --backend onnx") -> None:
+class RuntimeNote(UserWarning):
+    """What ``--backend runtime`` did instead of what was asked (the CLI prints it as a ``note:`` line)."""
+
+
+def _runtime_on_gpu(cuda_graph: bool) -> bool:
+    """True when ``--backend runtime`` can run on a GPU; otherwise a :class:`RuntimeNote` saying why it runs on the
+    CPU (its CPU fallback), or a DeviceError for ``--cuda-graph``, which needs the GPU."""
+    import torch  # noqa: PLC0415
+
     from sparsert.runtime.device import NO_GPU_MESSAGE, probe_gpu  # noqa: PLC0415
     from sparsert.runtime.errors import DeviceError  # noqa: PLC0415
 
     usable, reason = probe_gpu()
-    if not usable:
-        detail = reason.removeprefix(NO_GPU_MESSAGE).lstrip(": ")  # probe_gpu's preamble says what this does
-        raise DeviceError(f"--backend runtime needs an NVIDIA GPU (sm_80 or newer) and its driver: "
-                          f"{detail}; use {cpu_backends} (CPU)")
+    if usable and not torch.cuda.is_available():
+        usable, reason = False, f"this torch ({torch.__version__}) is built without CUDA"
+    if usable:
+        return True
+    detail = reason.removeprefix(NO_GPU_MESSAGE).lstrip(": ")  # probe_gpu's preamble says what this does
+    if cuda_graph:
+        raise DeviceError(f"--cuda-graph needs an NVIDIA GPU (sm_80 or newer) and its driver: {detail}; leave it "
+                          "out to run --backend runtime on the CPU")
+    warnings.warn(RuntimeNote(f"no usable GPU ({detail}): --backend runtime runs on the CPU, its 2:4 layers packed "
+                              "as on the GPU and multiplied by compiled CPU loops with the kernels' rounding "
+                              "(bf16 activations)"), stacklevel=3)
+    return False
 
 
 @contextmanager
@@ -81,7 +102,8 @@ def make_hf_stepper(path: str | Path, backend: str, onnx_path: str | Path | None
     float32 weights, bf16 activations) for sparsert's kernels
     (:func:`sparsert.train.hf_model.swap_saved_sparse_layers`) and runs the rest in bf16. ConfigError for
     ``cuda_graph`` (a transformers model decodes eagerly) or a directory without a tokenizer; DeviceError when
-    the GPU runtime cannot run."""
+    the GPU runtime cannot run. Without a usable GPU (or with a torch built without CUDA) ``"runtime"`` runs on
+    the CPU, with a :class:`RuntimeNote`: the swapped layers on the compiled CPU product, the rest in float32."""
     from sparsert.runtime.errors import ConfigError  # noqa: PLC0415
 
     if backend not in BACKENDS:
@@ -89,8 +111,7 @@ def make_hf_stepper(path: str | Path, backend: str, onnx_path: str | Path | None
     if cuda_graph:
         raise ConfigError(f"--cuda-graph: {path} is a Hugging Face model directory, which decodes eagerly (the CUDA "
                           "graph runs sparsert artifacts' decode step)")
-    if backend == "runtime":
-        _require_runtime_gpu()
+    on_gpu = backend == "runtime" and _runtime_on_gpu(False)
     import torch  # noqa: PLC0415
 
     from sparsert.runtime.hf_stepper import HFStepper  # noqa: PLC0415
@@ -119,7 +140,9 @@ def make_hf_stepper(path: str | Path, backend: str, onnx_path: str | Path | None
     bundle = load_hf_causal_lm(path)  # float32: the 2:4 layers are packed from the weights as stored
     model = bundle.model
     if backend == "runtime":
-        model = model.to("cuda")
+        if on_gpu:
+            model = model.to("cuda")
         swap_saved_sparse_layers(model, path, dtype=torch.bfloat16)
-        model = model.to(torch.bfloat16)  # the rest of the model (the swapped layers keep their formats)
+        if on_gpu:
+            model = model.to(torch.bfloat16)  # the rest of the model (the swapped layers keep their formats)
     yield HFStepper(model, limit, bundle.tokenizer.vocab_size), bundle.tokenizer

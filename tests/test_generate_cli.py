@@ -199,14 +199,54 @@ def test_generate_onnx_from_another_model(capsys, tmp_path, artifact):
     assert_one_line_error(code, err, "was exported from a different model")
 
 
-def test_runtime_backend_without_gpu_is_a_one_line_error(capsys, artifact):
+def test_runtime_backend_without_gpu_runs_its_cpu_fallback(capsys, artifact):
+    """No GPU: a note says so and the runtime runs on the CPU, its 2:4+INT4 layers packed as on the GPU with the
+    kernels' rounding (bf16 activations): the PyTorch reference's greedy tokens (over 8 tokens: the sharp random
+    model's float32 and bf16 logits part later); --cuda-graph is a one-line error."""
     if torch.cuda.is_available():
-        pytest.skip("a GPU is present: --backend runtime may succeed here")
-    code, _, err = run_main(capsys, "generate", str(artifact), "--prompt", "hi", "--backend", "runtime")
-    assert code == 2 and len(err.strip().splitlines()) == 1 and err.startswith("error: ")
+        pytest.skip("a GPU is present: --backend runtime runs there")
+    outs = {}
+    for backend in ("torch", "runtime"):
+        code, out, err = run_main(capsys, "generate", str(artifact), "--prompt", "Hello", "--max-new-tokens", "8",
+                                  "--backend", backend, "--json")
+        assert code == 0, err
+        outs[backend] = json.loads(out)
+        notes = [line for line in err.splitlines() if line.startswith("note: ")]
+        assert len(notes) == (backend == "runtime"), err
+    assert notes[0].startswith("note: no usable GPU (") and "--backend runtime runs on the CPU" in notes[0]
+    assert outs["runtime"]["ids"] == outs["torch"]["ids"]
+    code, _, err = run_main(capsys, "generate", str(artifact), "--prompt", "hi", "--backend", "runtime",
+                            "--cuda-graph")
+    assert_one_line_error(code, err, "--cuda-graph needs an NVIDIA GPU (sm_80 or newer) and its driver: ")
+    assert err.rstrip().endswith("leave it out to run --backend runtime on the CPU")
 
 
-def test_runtime_backend_without_gpu_names_the_flag_and_the_cpu_backends(capsys, monkeypatch, artifact):
+def test_runtime_stepper_on_the_cpu_holds_the_packed_formats(artifact):
+    """GpuStepper(device="cpu"): the linears hold their packed formats (INT4 group 16: codes 2 + indices 1 + a
+    16-bit scale per 16 columns) on the compiled CPU product, and its logits are the reference's up to the GEMMs'
+    bf16 activations."""
+    from sparsert.runtime.artifact import load_artifact
+    from sparsert.runtime.errors import ConfigError
+    from sparsert.runtime.generate import TorchStepper
+    from sparsert.runtime.gpu_backend import GpuStepper
+
+    art = load_artifact(artifact)
+    stepper = GpuStepper(art, device="cpu")
+    report = stepper.memory_report()
+    assert report["device"] == "cpu" and report["linear_weight_bits_per_weight"] == 2 + 1 + 16 / 16
+    assert {b for layer in stepper.sparse_layers().values() for b in layer.backends} == {"cpu_packed"}
+    prompt = [72, 101, 108, 108, 111]
+    want = TorchStepper(art.build_model()).step(prompt)
+    got = stepper.step(prompt)
+    assert got.device.type == "cpu" and float((got - want).norm() / want.norm()) < 2e-2
+    assert float((stepper.step([32]) - TorchStepper(art.build_model()).step(prompt + [32])).norm()) > 0  # cached
+    with pytest.raises(ConfigError, match=r"cuda_graph needs a GPU"):
+        GpuStepper(art, device="cpu", cuda_graph=True)
+    with pytest.raises(ConfigError, match=r"device must be a CUDA device index or 'cpu', got 'cuda'"):
+        GpuStepper(art, device="cuda")
+
+
+def test_runtime_backend_without_gpu_names_the_reason(capsys, monkeypatch, artifact):
     from sparsert.runtime import device
 
     class DynamicLibNotFoundError(RuntimeError):  # what cuda.pathfinder raises when libcuda.so is not found
@@ -220,14 +260,17 @@ def test_runtime_backend_without_gpu_names_the_flag_and_the_cpu_backends(capsys,
     monkeypatch.delenv("SPARSERT_DISABLE_GPU", raising=False)
     monkeypatch.setattr(device, "driver", NoDriver)
     monkeypatch.setattr(device, "_PROBE", None)  # probe afresh, with the driver above
-    code, out, err = run_main(capsys, "generate", str(artifact), "--prompt", "hi", "--backend", "runtime")
-    assert_one_line_error(code, err, "--backend runtime needs an NVIDIA GPU (sm_80 or newer) and its driver: the "
-                                     "NVIDIA driver library (libcuda) was not found; use --backend torch or "
-                                     "--backend onnx (CPU)")
-    assert "DynamicLibNotFoundError" not in err and out == ""
+    code, out, err = run_main(capsys, "generate", str(artifact), "--prompt", "hi", "--backend", "runtime",
+                              "--max-new-tokens", "2")
+    assert code == 0, err
+    assert err.startswith("note: no usable GPU (the NVIDIA driver library (libcuda) was not found): --backend "
+                          "runtime runs on the CPU")
+    assert "DynamicLibNotFoundError" not in err and out.startswith("hi")
     monkeypatch.setattr(device, "probe_gpu", lambda: (False, "GPU sm_75 is not supported (needs sm_80 or newer)"))
-    code, _, err = run_main(capsys, "generate", str(artifact), "--prompt", "hi", "--backend", "runtime")
-    assert_one_line_error(code, err, "its driver: GPU sm_75 is not supported (needs sm_80 or newer); use --backend")
+    code, _, err = run_main(capsys, "generate", str(artifact), "--prompt", "hi", "--backend", "runtime",
+                            "--cuda-graph")
+    assert_one_line_error(code, err, "--cuda-graph needs an NVIDIA GPU (sm_80 or newer) and its driver: GPU sm_75 is "
+                                     "not supported (needs sm_80 or newer); leave it out")
 
 
 def test_empty_paths_are_refused_not_read_as_the_current_directory(capsys, monkeypatch, tmp_path, artifact):
@@ -464,10 +507,10 @@ def test_generate_from_a_hugging_face_directory(capsys, hf_model_dirs):
                                      "sparsert compress")
     code, _, err = run_main(capsys, "generate", str(path), "--prompt", "hi", "--backend", "runtime", "--cuda-graph")
     assert_one_line_error(code, err, "--cuda-graph: ")
-    if not torch.cuda.is_available():
+    if not torch.cuda.is_available():  # the CPU fallback, with a note; this directory has no 2:4 layer to swap
         code, _, err = run_main(capsys, "generate", str(path), "--prompt", "hi", "--backend", "runtime")
-        assert_one_line_error(code, err, "needs an NVIDIA GPU")
-        assert err.rstrip().endswith("use --backend torch or --backend onnx (CPU)")
+        assert err.startswith("note: no usable GPU (")
+        assert_one_line_error(code, err.split("\n", 1)[1], "no linear layer of the model can be swapped")
 
 
 def _trained_hf_dir(tmp_path, transformers, qat_group: int | None):
@@ -507,10 +550,11 @@ def test_swap_saved_sparse_layers_follows_sparsert_json(tmp_path, qat_group):
         swap_saved_sparse_layers(model, path)
 
 
-@pytest.mark.gpu
-def test_gpu_generate_from_a_trained_hf_directory(capsys, tmp_path):
-    """--backend runtime on a <run>/hf directory: its 2:4 INT4-QAT layers on sparsert's kernels give the logits of
-    the CPU reference (bf16 tolerance), and the command generates."""
+@pytest.mark.filterwarnings("ignore::sparsert.backends.RuntimeNote")  # no GPU: the runtime's CPU fallback
+def test_generate_from_a_trained_hf_directory_on_the_runtime(capsys, tmp_path):
+    """--backend runtime on a <run>/hf directory: its 2:4 INT4-QAT layers on sparsert's kernels (on the GPU) or on
+    the CPU product (without one) give the logits of the CPU reference (bf16 tolerance), and the command
+    generates."""
     transformers = pytest.importorskip("transformers")
     from sparsert.backends import make_hf_stepper
 

@@ -1,5 +1,5 @@
-"""swap_sparse_linears: any torch model's 2:4 linears on sparsert's formats and kernels (CPU: the kernels' torch
-fallbacks on the same packed formats; GPU: the dispatcher's measured choice, marked ``gpu``)."""
+"""swap_sparse_linears: any torch model's 2:4 linears on sparsert's formats and kernels (CPU: the compiled CPU
+product on the same packed formats, runtime/sparse_cpu.py; GPU: the dispatcher's measured choice, marked ``gpu``)."""
 
 from __future__ import annotations
 

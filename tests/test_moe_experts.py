@@ -110,7 +110,7 @@ def test_fusing_a_state_without_an_expert_names_the_tensor() -> None:
 
 
 def test_unfused_experts_are_swapped_like_any_linear() -> None:
-    """Once unfused, swap_sparse_linears packs every expert 2:4 (the CPU path of the kernels' formats) and the model
+    """Once unfused, swap_sparse_linears packs every expert 2:4 (on the CPU: the compiled CPU product) and the model
     still gives the logits of the same 2:4 weights run dense; no weight is left outside the linears."""
     model = tiny_qwen2_moe(hidden=128, vocab=64)
     reference = tiny_qwen2_moe(hidden=128, vocab=64)
@@ -131,7 +131,7 @@ def test_unfused_experts_are_swapped_like_any_linear() -> None:
         torch.testing.assert_close(model(ids).logits.float(), reference(ids).logits, rtol=2e-2, atol=2e-2)
 
 
-@pytest.mark.filterwarnings("ignore:swap_sparse_linears.*dense fallback")  # Qwen2-MoE's K=32 experts
+@pytest.mark.filterwarnings("ignore:swap_sparse_linears.*dense fallback")  # Qwen2-MoE's K=32 experts on a GPU
 @pytest.mark.parametrize("arch", list(ARCHS))
 def test_served_experts_save_in_the_fused_layout_transformers_loads(arch: str, tmp_path) -> None:
     """Unfused and swapped for serving, the experts' state is the fused tensors transformers holds (transposed

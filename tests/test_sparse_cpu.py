@@ -151,3 +151,30 @@ def test_a_forked_child_gets_its_own_threads() -> None:
 def _product_in_child(x, weight):  # noqa: ANN001, ANN202
     torch.set_num_threads(2)
     return cpu_linear(x, weight)
+
+
+@pytest.mark.parametrize("group", [None, 128])
+def test_many_tokens_decompress_block_by_block(monkeypatch, group: int | None) -> None:
+    """Above DIRECT_MAX_TOKENS the weight is decompressed one block of rows at a time (here 16 rows: 19 blocks,
+    the last one partial), never as a whole dense copy."""
+    from sparsert.runtime import sparse_cpu
+
+    weight = prepare_cpu(_packed(300, 256, group), torch.bfloat16)
+    monkeypatch.setattr(sparse_cpu, "_BLOCK_FLOATS", 16 * 256)
+    monkeypatch.setattr(sparse_cpu._BLOCK, "buffer", None, raising=False)  # noqa: SLF001 - this thread's, fresh
+    x = torch.randn(DIRECT_MAX_TOKENS + 5, 256)
+    want = (x.bfloat16().float() @ weight.to_dense().t() + weight.bias).bfloat16()
+    _within_one_ulp(cpu_linear(x, weight), want, torch.bfloat16)
+    assert sparse_cpu._BLOCK.buffer.size <= 16 * 256  # noqa: SLF001 - the buffer held is one block
+
+
+def test_the_output_is_row_major_and_autocast_changes_nothing() -> None:
+    """[M, N] row-major for every M (code reshaping the output with .view() works), and a caller's autocast
+    region does not turn the float32 product into a bf16 one."""
+    weight = prepare_cpu(_packed(64, 128, None), torch.float16)
+    for m in (1, 2, DIRECT_MAX_TOKENS, 20):
+        x = torch.randn(m, 128)
+        y = cpu_linear(x, weight)
+        assert y.is_contiguous() and y.view(-1).shape == (m * 64,)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert torch.equal(cpu_linear(x, weight), y)

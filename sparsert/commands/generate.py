@@ -8,11 +8,13 @@ tokens wherever the logits agree):
               it, on a graph exported to a temporary file for this run. ``--onnx PATH`` must be an export of
               this very artifact: its model config and its recorded sha256 of the artifact's
               ``model.safetensors`` must match (an export without the digest runs with a ``warning:`` line);
-- ``runtime`` sparsert's GPU runtime (``sparsert.runtime.gpu_backend.GpuStepper``); needs an NVIDIA GPU.
+- ``runtime`` sparsert's GPU runtime (``sparsert.runtime.gpu_backend.GpuStepper``) on an NVIDIA GPU; without one
+              (or with a torch built without CUDA), its CPU fallback with a ``note:`` line: the same packed formats
+              and GEMM rounding, on compiled CPU loops (``--cuda-graph`` then is an error).
 
 ARTIFACT may also be a Hugging Face model directory (the ``<run>/hf`` of ``sparsert train --model``): ``torch``
-runs it with transformers on the CPU, ``runtime`` on the GPU with its 2:4 linears swapped for sparsert's kernels
-(:func:`sparsert.backends.make_hf_stepper`).
+runs it with transformers on the CPU, ``runtime`` on the GPU (or, as above, the CPU) with its 2:4 linears swapped
+for sparsert's kernels (:func:`sparsert.backends.make_hf_stepper`).
 
 :func:`sparsert.backends.make_stepper` opens the chosen one. The prompt and its continuation go to stdout;
 token count and speed to stderr.
@@ -39,7 +41,8 @@ from sparsert.commands import option_given
 @click.option("--top-k", type=int, default=None, help="Sample only among the K most likely tokens.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the sampling draws.")
 @click.option("--backend", type=click.Choice(BACKENDS), default="torch", show_default=True,
-              help="torch: PyTorch reference (CPU); onnx: ONNX Runtime (CPU); runtime: sparsert GPU runtime.")
+              help="torch: PyTorch reference (CPU); onnx: ONNX Runtime (CPU); runtime: sparsert GPU runtime (its CPU "
+                   "fallback, with a note, without a GPU).")
 @click.option("--onnx", "onnx_path", type=str, default=None,
               help="With --backend onnx: an ONNX file from `sparsert export` (default: export to a temp file).")
 @click.option("--cuda-graph", is_flag=True,
@@ -113,7 +116,7 @@ def _one_line_warnings(show):  # noqa: ANN001, ANN202 - warnings.showwarning's s
 
     def showwarning(message, category, filename, lineno, file=None, line=None):  # noqa: ANN001, ANN202
         if category.__module__.startswith("sparsert."):
-            click.echo(f"{'note' if category.__name__ == 'ExportNote' else 'warning'}: {message}", err=True)
+            click.echo(f"{'note' if category.__name__.endswith('Note') else 'warning'}: {message}", err=True)
         else:
             show(message, category, filename, lineno, file, line)
 
