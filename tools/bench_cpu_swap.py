@@ -8,7 +8,9 @@ kernels' torch fallback it replaced (``sparse_gemm.sparse24_linear`` / ``w4a16_l
 decompressed per call). Model table: a random transformers Llama (``--hidden``, ``--layers``), KV-cached decode
 ms/token (median of ``--steps``) and a ``--prefill``-token prefill, dense float32 and bf16 vs
 ``swap_sparse_linears(prune=True)`` 2:4 and 2:4 + INT4 g128, on the CPU product and (``backends=``) on the
-kernels' torch fallbacks. Ratios are to dense float32 in the same run.
+kernels' torch fallbacks, with the bits per weight the swapped linears hold (``SwapReport``; on the CPU the host
+copy of the packed weight included where a format does not share it). Ratios are to dense float32 in the same
+run.
 """
 
 from __future__ import annotations
@@ -92,20 +94,23 @@ def _model_times(model, prefill: int, steps: int) -> tuple[float, float]:
 def model_rows(hidden: int, layers: int, prefill: int, steps: int) -> list[list[str]]:
     base = _llama(hidden, layers)
     variants = {"dense fp32": base, "dense bf16": copy.deepcopy(base).to(torch.bfloat16)}
+    bits = {"dense fp32": "32", "dense bf16": "16"}
     fallbacks = [OursSparse24("medium"), OursW4A16("prefill")]  # what a CPU swap ran before runtime/sparse_cpu.py
     for label, int4, backends in (("swapped 2:4 (bf16)", False, None), ("swapped 2:4+int4 g128 (bf16)", True, None),
                                   ("2:4 on the kernels' torch fallback", False, fallbacks),
                                   ("2:4+int4 on the kernels' torch fallback", True, fallbacks)):
         model = copy.deepcopy(base)
-        swap_sparse_linears(model, prune=True, int4=int4, group_size=128, dtype=torch.bfloat16, token_counts=None,
-                            backends=backends)
+        report = swap_sparse_linears(model, prune=True, int4=int4, group_size=128, dtype=torch.bfloat16,
+                                     token_counts=None, backends=backends)
         variants[label] = model
+        bits[label] = f"{report.bits_per_weight:.3f}"
     rows, ref = [], None
     for label, model in variants.items():
         slow = "fallback" in label  # 10x+ slower: fewer steps
         decode, pre = _model_times(model, prefill, max(4, steps // 4) if slow else steps)
         ref = ref or (decode, pre)
-        rows.append([label, f"{decode:.2f}", f"{decode / ref[0]:.2f}x", f"{pre:.1f}", f"{pre / ref[1]:.2f}x"])
+        rows.append([label, bits[label], f"{decode:.2f}", f"{decode / ref[0]:.2f}x", f"{pre:.1f}",
+                     f"{pre / ref[1]:.2f}x"])
         print(" | ".join(rows[-1]), flush=True)
     return rows
 
@@ -137,7 +142,8 @@ def main() -> None:
                   "kernels' torch fallback", "swapped / dense fp32", "fallback / swapped"], layers))
     print(f"\nLlama, hidden {args.hidden}, {args.layers} layers: decode ms/token (median of {args.steps}), "
           f"prefill of {args.prefill} tokens\n")
-    print(_table(["model", "decode ms/token", "vs dense fp32", "prefill ms", "vs dense fp32"], models))
+    print(_table(["model", "linear bits/weight held", "decode ms/token", "vs dense fp32", "prefill ms",
+                  "vs dense fp32"], models))
 
 
 if __name__ == "__main__":
