@@ -349,15 +349,16 @@ def _product_by_blocks(xf: torch.Tensor, weight: CpuPackedWeight) -> torch.Tenso
     """``xf [M, K] @ W^T`` (float32): W decompressed one block of rows at a time (:data:`_BLOCK_FLOATS`)."""
     m, n, k = xf.shape[0], weight.out_features, weight.in_features
     rows = max(16, _BLOCK_FLOATS // k)
-    y = xf.new_empty(m, n)
+    yt = xf.new_empty(n, m)  # Y^T: each block's product is a contiguous run of its rows
     buffer = _block_buffer(min(rows, n) * k)
+    xt = xf.t()
     for r0 in range(0, n, rows):
         r1 = min(n, r0 + rows)
         block = buffer[: (r1 - r0) * k].reshape(r1 - r0, k)
         loop, args = _loops(weight, product=False, rows=slice(r0, r1))
         _run_rows(loop, r1 - r0, k, 1, *args, block)
-        y[:, r0:r1] = xf @ torch.from_numpy(block).t()
-    return y
+        torch.mm(torch.from_numpy(block), xt, out=yt[r0:r1])
+    return yt.t().contiguous()
 
 
 def cpu_linear(x: torch.Tensor, weight: CpuPackedWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
