@@ -80,6 +80,9 @@ class CpuPackedWeight:
     def quantized(self) -> bool:
         return self.qweight is not None
 
+    def __getstate__(self) -> dict:
+        return {k: v for k, v in self.__dict__.items() if k != "_loops"}  # views of this process's memory
+
     @property
     def device(self) -> torch.device:
         return torch.device("cpu")
@@ -182,9 +185,9 @@ def _int4_table(scale, dt, table):  # noqa: ANN001 - numba helper
 # an INT4 group spans ``gk`` kept values (gk even), i.e. gk / 2 groups of four.
 
 
-def _product_rows_24(xt, values, indices, lut, dt, y, r0, r1):  # noqa: ANN001
-    """2:4: ``y[n, :] = sum over kept values w of w * xt[its column, :]``; xt float32 ``[K, M]``, values uint16
-    ``[N, K/2]`` (``dtype`` bits), y float32 ``[N, M]``."""
+def _product_rows_24(xt, values, indices, lut, dt, bias, y, r0, r1):  # noqa: ANN001
+    """2:4: ``y[n, :] = sum over kept values w of w * xt[its column, :] (+ bias[n])``; xt float32 ``[K, M]``,
+    values uint16 ``[N, K/2]`` (``dtype`` bits), bias float32 ``[N]`` or empty, y float32 ``[N, M]``."""
     groups, m_count = xt.shape[0] // 4, xt.shape[1]
     acc = np.empty(m_count, np.float32)
     for n in range(r0, r1):
@@ -194,7 +197,7 @@ def _product_rows_24(xt, values, indices, lut, dt, y, r0, r1):  # noqa: ANN001
                 b = indices[n, g >> 1] >> ((g & 1) * 4)
                 s += (_value(values[n, 2 * g], dt, lut) * xt[4 * g + (b & 3), 0]
                       + _value(values[n, 2 * g + 1], dt, lut) * xt[4 * g + ((b >> 2) & 3), 0])
-            y[n, 0] = s
+            y[n, 0] = s + bias[n] if bias.shape[0] else s
         else:
             acc[:] = 0.0
             for g in range(groups):
@@ -204,9 +207,11 @@ def _product_rows_24(xt, values, indices, lut, dt, y, r0, r1):  # noqa: ANN001
                 for m in range(m_count):
                     acc[m] += w0 * xt[c0, m] + w1 * xt[c1, m]
             y[n, :] = acc
+            if bias.shape[0]:
+                y[n, :] += bias[n]
 
 
-def _product_rows_int4(xt, qweight, scales, indices, scale_lut, gk, dt, y, r0, r1):  # noqa: ANN001
+def _product_rows_int4(xt, qweight, scales, indices, scale_lut, gk, dt, bias, y, r0, r1):  # noqa: ANN001
     """2:4 + INT4: as :func:`_product_rows_24`, the kept values ``round_dtype(code * round_dtype(scale))``;
     qweight uint8 ``[N, K/4]``, scales uint16 ``[N, K/(2 gk)]`` (bits whose values ``scale_lut`` gives)."""
     m_count, per_group = xt.shape[1], gk // 2
@@ -231,9 +236,11 @@ def _product_rows_int4(xt, qweight, scales, indices, scale_lut, gk, dt, y, r0, r
                     for m in range(m_count):
                         acc[m] += w0 * xt[c0, m] + w1 * xt[c1, m]
         if m_count == 1:
-            y[n, 0] = s
+            y[n, 0] = s + bias[n] if bias.shape[0] else s
         else:
             y[n, :] = acc
+            if bias.shape[0]:
+                y[n, :] += bias[n]
 
 
 def _dense_rows_24(values, indices, lut, dt, dense, r0, r1):  # noqa: ANN001
@@ -278,6 +285,7 @@ _POOL: ThreadPoolExecutor | None = None
 _POOL_PID = 0
 _POOL_LOCK = threading.Lock()
 _BLOCK = threading.local()
+_NO_BIAS = np.zeros(0, np.float32)
 _BLOCK_FLOATS = 1 << 20  # rows decompressed at a time for M > DIRECT_MAX_TOKENS: about 4 MB of float32
 
 
@@ -311,9 +319,20 @@ def _run_rows(kernel, n: int, k: int, m: int, *args) -> None:  # noqa: ANN001
         f.result()
 
 
-def _loops(weight: CpuPackedWeight, product: bool, rows: slice = slice(None)) -> tuple:
+def _loops(weight: CpuPackedWeight, product: bool, rows: slice | None = None) -> tuple:
     """The compiled loop for ``weight``'s format (the product or the dense weight) and its leading arguments, for
-    the weight's ``rows`` (the loop's row 0 is the first of them)."""
+    the weight's ``rows`` (the loop's row 0 is the first of them; all rows: kept on the weight for its next call)."""
+    if rows is None:
+        # Kept with the addresses it was made for: torch may move a tensor's storage (share_memory_() when the
+        # weight is sent to another process), and a numpy view of the old storage would read freed memory.
+        where = tuple(t.data_ptr() for t in (weight.indices, weight.values, weight.qweight, weight.scales)
+                      if t is not None)
+        cached = weight.__dict__.get("_loops")
+        if cached is None or cached[0] != where:
+            cached = weight.__dict__["_loops"] = (where, {})
+        if product not in cached[1]:
+            cached[1][product] = _loops(weight, product, slice(None))
+        return cached[1][product]
     dt = _FP16 if weight.dtype == torch.float16 else _BF16
     indices = weight.indices.numpy()[rows]
     if weight.quantized:
@@ -369,16 +388,17 @@ def cpu_linear(x: torch.Tensor, weight: CpuPackedWeight, bias: torch.Tensor | No
                           f"{list(x.shape)} on {x.device}")
     bias = weight.bias if bias is None else bias
     m, n, k = x.shape[0], weight.out_features, weight.in_features
+    xf = x.detach().to(weight.dtype).float()  # not differentiable here (SparseLinearGPU adds the gradient)
+    if 0 < m <= DIRECT_MAX_TOKENS and numba_available():
+        xt = (xf.view(k, 1) if m == 1 else xf.t().contiguous()).numpy()  # [K, M]: a column's tokens contiguous
+        yt = np.empty((n, m), np.float32)
+        loop, args = _loops(weight, product=True)
+        _run_rows(loop, n, k, m, xt, *args, _NO_BIAS if bias is None else bias.detach().float().numpy(), yt)
+        y = torch.from_numpy(yt)
+        return (y.view(1, n) if m == 1 else y.t().contiguous()).to(weight.dtype)
     with torch.autocast("cpu", enabled=False):  # float32 products, whatever autocast region the caller is in
-        xf = x.detach().to(weight.dtype).float()  # not differentiable here (SparseLinearGPU adds the gradient)
         if m == 0:
             y = xf.new_zeros(0, n)
-        elif m <= DIRECT_MAX_TOKENS and numba_available():
-            xt = xf.t().contiguous().numpy()  # [K, M]: a kept value's column is one contiguous read over the tokens
-            yt = np.empty((n, m), np.float32)
-            loop, args = _loops(weight, product=True)
-            _run_rows(loop, n, k, m, xt, *args, yt)
-            y = torch.from_numpy(yt).t().contiguous()
         elif numba_available():
             y = _product_by_blocks(xf, weight)
         else:

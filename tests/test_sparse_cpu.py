@@ -178,3 +178,18 @@ def test_the_output_is_row_major_and_autocast_changes_nothing() -> None:
         assert y.is_contiguous() and y.view(-1).shape == (m * 64,)
         with torch.autocast("cpu", dtype=torch.bfloat16):
             assert torch.equal(cpu_linear(x, weight), y)
+
+
+@pytest.mark.parametrize("group", [None, 128])
+def test_a_weight_whose_storage_moved_is_read_where_it_is_now(group: int | None) -> None:
+    """torch moves a tensor's storage when it is shared with another process (share_memory_(), what sending the
+    weight to a multiprocessing worker does): the next product must read the new storage, not a view of the freed
+    one that an earlier call kept."""
+    weight = prepare_cpu(_packed(1024, 512, group), torch.bfloat16)
+    x = torch.randn(1, 512)
+    want = cpu_linear(x, weight)
+    for t in (weight.indices, weight.values, weight.qweight, weight.scales):
+        if t is not None:
+            t.share_memory_()
+    scribbled = [torch.full((1024, 256), 7.0) for _ in range(16)]  # reuse the freed memory
+    assert torch.equal(cpu_linear(x, weight), want) and len(scribbled) == 16
