@@ -259,14 +259,17 @@ class GemmBackend:
             return int(state.nbytes())
         return _tensor_bytes(state)
 
-    def dense(self, state, packed: PackedLinear) -> torch.Tensor:
-        """float32 ``[N, K]``: the weight ``run`` multiplies by (the prepared weight's own decompression where it
-        has one: rounded to the activation dtype as the kernels see it), on the state's device."""
-        if hasattr(state, "to_dense") and callable(state.to_dense):
+    def dense(self, state, packed: PackedLinear, dtype: torch.dtype) -> torch.Tensor:
+        """float32 ``[N, K]``: the weight ``run`` multiplies by: a prepared weight's own decompression (rounded to
+        the activation dtype as the kernels see it), a dense state itself, else the packed weight rounded to
+        ``dtype`` (cuSPARSELt's compressed buffer)."""
+        if isinstance(state, torch.Tensor):
+            if tuple(state.shape) == (packed.out_features, packed.in_features):
+                return state.float()
+            return packed.to_dense().to(dtype).float()
+        if callable(getattr(state, "to_dense", None)):
             return state.to_dense()
-        if isinstance(state, torch.Tensor) and state.dim() == 2:
-            return state.float()
-        return packed.to_dense()
+        return packed.to_dense().to(dtype).float()
 
 
 def _tensors_of(obj) -> list[torch.Tensor]:
@@ -420,7 +423,7 @@ class CpuPacked(GemmBackend):
 
         return cpu_linear(x, state, bias)
 
-    def dense(self, state, packed):
+    def dense(self, state, packed, dtype):
         from sparsert.runtime.sparse_cpu import dense_weight_cpu
 
         return dense_weight_cpu(state)
@@ -476,7 +479,7 @@ class _PackedProduct(torch.autograd.Function):
     def backward(ctx, grad_y: torch.Tensor):  # noqa: ANN205
         layer = ctx.layer
         backend = layer.backends[ctx.name]
-        w = backend.dense(layer.states[backend.state_key], layer.packed).to(grad_y.device)  # [N, K] float32
+        w = backend.dense(layer.states[backend.state_key], layer.packed, layer.dtype).to(grad_y.device)  # [N, K]
         with torch.autocast(grad_y.device.type, enabled=False):
             return (grad_y.float() @ w).to(grad_y.dtype), None, None
 

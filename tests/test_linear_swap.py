@@ -448,3 +448,26 @@ def test_gradients_flow_through_a_swapped_layer(int4: bool) -> None:
 @pytest.mark.parametrize("int4", [False, True])
 def test_gpu_gradients_flow_through_a_swapped_layer(int4: bool) -> None:
     _grads_through_a_swapped_layer("cuda", int4)
+
+
+def test_every_backend_names_the_weight_its_gradient_uses() -> None:
+    """dX = dY @ W with the W each backend's forward uses: the kernels' prepared weights (rounded to the
+    activation dtype), the CPU product's, a dense state, and a state that is no dense matrix (cuSPARSELt's
+    compressed buffer: the packed weight rounded to the dtype)."""
+    from sparsert.runtime.dispatch import CpuPacked, Cusparselt, DenseCublas, OursSparse24, OursW4A16
+    from sparsert.runtime.packed_linear import pack_linear
+
+    w = torch.randn(128, 256)
+    for int4, backend in ((False, OursSparse24("medium")), (True, OursW4A16("prefill")), (False, CpuPacked()),
+                          (True, CpuPacked()), (False, DenseCublas())):
+        packed = pack_linear(w, int4_group_size=128 if int4 else None)
+        state = backend.prepare(packed, torch.device("cpu"), torch.bfloat16)
+        want = packed.to_dense().to(torch.bfloat16).float() if not int4 else None
+        got = backend.dense(state, packed, torch.bfloat16)
+        assert got.shape == (128, 256) and got.dtype == torch.float32
+        if want is not None:
+            assert torch.equal(got, want), backend.name
+    packed = pack_linear(w)
+    compressed = torch.zeros(128 * 256 // 2 + 4096, dtype=torch.bfloat16)  # the shape of a cuSPARSELt buffer
+    assert torch.equal(Cusparselt().dense(compressed, packed, torch.bfloat16),
+                       packed.to_dense().to(torch.bfloat16).float())
