@@ -19,6 +19,7 @@ dense dtype); a SLoRB layer stored dense is the reference :class:`~sparsert.runt
 
 from __future__ import annotations
 
+import operator
 from pathlib import Path
 
 import torch
@@ -168,8 +169,13 @@ class GpuStepper:
                 raise ConfigError("GpuStepper: cuda_graph needs a GPU (device='cpu' runs each step eagerly)")
             gpu = None
         else:
-            if isinstance(device, bool) or not isinstance(device, int) or device < 0:
+            try:
+                index = operator.index(device)  # an int, a numpy integer, ...
+            except TypeError:
+                index = -1
+            if isinstance(device, bool) or index < 0:
                 raise ConfigError(f"GpuStepper device must be a CUDA device index or 'cpu', got {device!r}")
+            device = index
             gpu = require_gpu("GpuStepper")
             if device != 0:
                 from sparsert.runtime.device import get_device
@@ -283,5 +289,5 @@ class GpuStepper:
             "slorb_bytes": slorb_bytes,
             "backends": {n: dict(layer.chosen) for n, layer in layers.items()},
             "held_formats": sorted({b for layer in layers.values() for b in layer.states}),
-            "torch_allocated_bytes": torch.cuda.memory_allocated(self.device),
+            "torch_allocated_bytes": torch.cuda.memory_allocated(self.device) if self.device.type == "cuda" else 0,
         }

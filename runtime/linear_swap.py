@@ -51,6 +51,11 @@ from sparsert.runtime.nm_mask import is_nm_sparse
 from sparsert.runtime.packed_linear import pack_linear
 
 GEMM_DTYPES = (torch.bfloat16, torch.float16)
+
+
+class NothingToSwapError(ConfigError):
+    """The model has linear layers, and none of them can be swapped (none is 2:4 along K, without ``prune``)."""
+
 HEAD_NAMES = ("lm_head", "embed_out")
 DENSE_BACKEND = "dense_cublas"
 
@@ -275,8 +280,9 @@ def _build_layer(name: str, module: nn.Module, *, int4: bool, group_size: int, d
     gemm_dtype = dtype or (w.dtype if w.dtype in GEMM_DTYPES else torch.bfloat16)
     bias = None if module.bias is None else module.bias.detach().float().cpu()
     try:
-        # On the CPU the packed values are what the CPU product reads (in the GEMM dtype): one copy, not two.
-        values_dtype = gemm_dtype if w.device.type == "cpu" else torch.float32
+        # The kept values in the layer's own dtype (exact: the state dict gives them back as they were); on the CPU
+        # they are also what the CPU product reads, so a 16-bit layer holds one copy of them, not two.
+        values_dtype = w.dtype if w.dtype in GEMM_DTYPES else torch.float32
         packed = pack_linear(w.detach().float().cpu(), int4_group_size=group_size if int4 else None, bias=bias,
                              values_dtype=values_dtype, name=name)
         layer = SparseLinearGPU(packed, device=w.device, dtype=gemm_dtype, dispatcher=dispatcher, name=name,
@@ -378,7 +384,7 @@ def swap_sparse_linears(model: nn.Module, names: Sequence[str] | None = None, *,
             raise ConfigError("swap_sparse_linears: " + ("every linear layer of the model is swapped already" if done
                               else "the model has no linear layer (nn.Linear or transformers Conv1D)"))
         reasons = "; ".join(f"{n}: {r}" for n, r in list(left.items())[:5])
-        raise ConfigError(f"swap_sparse_linears: no linear layer of the model can be swapped ({reasons})")
+        raise NothingToSwapError(f"swap_sparse_linears: no linear layer of the model can be swapped ({reasons})")
 
     dispatchers: dict[torch.device, Dispatcher] = {}
     built: dict[str, SparseLinearGPU] = {}

@@ -18,10 +18,10 @@ in float32 (at most 15 significant bits).
 
 The prepared weight (:class:`CpuPackedWeight`) holds the stored tensors themselves, shared with the
 :class:`~sparsert.runtime.packed_linear.PackedLinear` where their dtype allows: ``indices`` uint8
-``[N, ceil(K/8)]`` and either ``values`` (the kept values' ``dtype`` bits, int16 ``[N, K/2]``; shared when they
-are stored in ``dtype``, else a rounded copy) or ``qweight`` uint8 ``[N, K/4]`` + ``scales`` (their fp16/bf16
-bits, int16 ``[N, K/g]``, rounded to ``dtype`` in the loop): 9 bits per weight for 2:4, 3.125 for 2:4 + INT4
-g128.
+``[N, ceil(K/8)]`` and either ``values`` (the kept values as stored, float32/fp16/bf16 ``[N, K/2]``, rounded to
+``dtype`` in the loop) or ``qweight`` uint8 ``[N, K/4]`` + ``scales`` (their fp16/bf16 bits, int16 ``[N, K/g]``,
+rounded to ``dtype`` in the loop): 9 bits per weight for 2:4 with 16-bit values (17 with float32 ones), 3.125 for
+2:4 + INT4 g128.
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from sparsert.runtime import cpu_jit
 from sparsert.runtime.cpu_jit import cpu_kernel, f32_as_u32, numba_available, u32_as_f32
 from sparsert.runtime.errors import FormatError
 from sparsert.runtime.int4 import unpack_int4
@@ -56,7 +57,7 @@ class CpuPackedWeight:
     Attributes:
         dtype: bf16 or fp16, the activation dtype the product rounds x and the kept values to.
         indices: uint8 ``[N, ceil(K/8)]``, the stored 2-bit indices (:mod:`sparsert.runtime.sparse24`).
-        values: int16 ``[N, K/2]``, the kept values' bits in ``dtype`` (2:4 without INT4), else None.
+        values: float32/fp16/bf16 ``[N, K/2]``, the kept values as stored (2:4 without INT4), else None.
         qweight: uint8 ``[N, ceil(K/4)]``, packed INT4 codes of the kept values (:mod:`.int4`), else None.
         scales: int16 ``[N, K/g]``, the scales' bits in ``scales_dtype`` (INT4), else None.
         scales_dtype: fp16 or bf16: the stored scales' dtype (the loops round them to ``dtype`` as the GPU
@@ -95,7 +96,7 @@ class CpuPackedWeight:
     def kept_values(self) -> torch.Tensor:
         """float32 ``[N, K/2]``: the kept values as the product uses them (rounded to ``dtype``)."""
         if not self.quantized:
-            return self.values.view(self.dtype).float()
+            return self.values.to(self.dtype).float()
         codes = unpack_int4(self.qweight, self.in_features // 2).float()
         scale = self.scales.view(self.scales_dtype).to(self.dtype).float()
         per_kept = scale.repeat_interleave(int(self.group_size) // 2, dim=1)
@@ -114,9 +115,9 @@ def _bits(t: torch.Tensor) -> torch.Tensor:
 def prepare_cpu(packed: PackedLinear, dtype: torch.dtype = torch.bfloat16, *, name: str = "weight") -> CpuPackedWeight:
     """PackedLinear (2:4, optionally INT4; on the CPU) -> :class:`CpuPackedWeight` for activations of ``dtype``.
 
-    Shares ``packed``'s indices, codes and fp16/bf16 scales, and its kept values when they are stored in ``dtype``
-    (otherwise they are rounded to ``dtype`` once here, as the GPU kernels' preparation does). FormatError for a
-    dense layer or a dtype other than bf16/fp16.
+    Shares ``packed``'s indices, kept values, codes and fp16/bf16 scales (the loops round values and scales to
+    ``dtype`` as the GPU kernels' preparation does; float32 scales are rounded here). FormatError for a dense
+    layer or a dtype other than bf16/fp16.
     """
     if dtype not in CPU_DTYPES:
         raise FormatError(f"prepare_cpu: {name}: dtype must be bfloat16 or float16, got {dtype}")
@@ -136,7 +137,7 @@ def prepare_cpu(packed: PackedLinear, dtype: torch.dtype = torch.bfloat16, *, na
             scales = scales.to(dtype)
         return CpuPackedWeight(**common, qweight=packed.qweight.to(cpu).contiguous(), scales=_bits(scales),
                                scales_dtype=scales.dtype, group_size=int(packed.group_size))
-    return CpuPackedWeight(**common, values=_bits(packed.values.to(cpu, dtype)))
+    return CpuPackedWeight(**common, values=packed.values.to(cpu).contiguous())
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -144,12 +145,27 @@ def prepare_cpu(packed: PackedLinear, dtype: torch.dtype = torch.bfloat16, *, na
 # ---------------------------------------------------------------------------------------------------------
 
 
-def _value(bits, dt, lut):  # noqa: ANN001 - numba helper
-    """A kept value's float32 from its ``dtype`` bits: bf16 (``dt`` 0) is the high half of a float32; fp16 through
-    ``lut`` (every pattern's value)."""
-    if dt == 0:
-        return u32_as_f32(np.uint32(bits) << np.uint32(16))
-    return lut[bits]
+def _stored(values, lut, n, j):  # noqa: ANN001 - numba helper (specialised per dtype below)
+    """Kept value ``j`` of row ``n`` as stored, float32: ``values`` float32 itself, or uint16 bits through ``lut``."""
+    return values[n, j] if values.dtype == np.float32 else lut[values[n, j]]
+
+
+if cpu_jit.numba is not None:  # registered whenever numba imports (SPARSERT_NO_NUMBA only skips the loops)
+    from numba.core import types as _nb_types
+    from numba.extending import overload
+
+    @overload(_stored, inline="always")
+    def _stored_compiled(values, lut, n, j):  # noqa: ANN001, ANN202 - chosen when the loop is compiled
+        if values.dtype == _nb_types.float32:
+            return lambda values, lut, n, j: values[n, j]
+        return lambda values, lut, n, j: lut[values[n, j]]
+
+
+def _kept(values, lut, rounds, dt, n, j):  # noqa: ANN001 - numba helper
+    """Kept value ``j`` of row ``n`` as the product uses it: the stored value, rounded to ``dtype`` when it is
+    stored in another dtype (``rounds``)."""
+    v = _stored(values, lut, n, j)
+    return _round_to_dtype(v, dt) if rounds else v
 
 
 def _round_to_dtype(v, dt):  # noqa: ANN001 - numba helper
@@ -185,9 +201,10 @@ def _int4_table(scale, dt, table):  # noqa: ANN001 - numba helper
 # an INT4 group spans ``gk`` kept values (gk even), i.e. gk / 2 groups of four.
 
 
-def _product_rows_24(xt, values, indices, lut, dt, bias, y, r0, r1):  # noqa: ANN001
+def _product_rows_24(xt, values, lut, rounds, indices, dt, bias, y, r0, r1):  # noqa: ANN001
     """2:4: ``y[n, :] = sum over kept values w of w * xt[its column, :] (+ bias[n])``; xt float32 ``[K, M]``,
-    values uint16 ``[N, K/2]`` (``dtype`` bits), bias float32 ``[N]`` or empty, y float32 ``[N, M]``."""
+    values float32 or uint16 bits ``[N, K/2]`` (see :func:`_kept`), bias float32 ``[N]`` or empty, y float32
+    ``[N, M]``."""
     groups, m_count = xt.shape[0] // 4, xt.shape[1]
     acc = np.empty(m_count, np.float32)
     for n in range(r0, r1):
@@ -195,15 +212,16 @@ def _product_rows_24(xt, values, indices, lut, dt, bias, y, r0, r1):  # noqa: AN
             s = np.float32(0.0)
             for g in range(groups):
                 b = indices[n, g >> 1] >> ((g & 1) * 4)
-                s += (_value(values[n, 2 * g], dt, lut) * xt[4 * g + (b & 3), 0]
-                      + _value(values[n, 2 * g + 1], dt, lut) * xt[4 * g + ((b >> 2) & 3), 0])
+                s += (_kept(values, lut, rounds, dt, n, 2 * g) * xt[4 * g + (b & 3), 0]
+                      + _kept(values, lut, rounds, dt, n, 2 * g + 1) * xt[4 * g + ((b >> 2) & 3), 0])
             y[n, 0] = s + bias[n] if bias.shape[0] else s
         else:
             acc[:] = 0.0
             for g in range(groups):
                 b = indices[n, g >> 1] >> ((g & 1) * 4)
                 c0, c1 = 4 * g + (b & 3), 4 * g + ((b >> 2) & 3)
-                w0, w1 = _value(values[n, 2 * g], dt, lut), _value(values[n, 2 * g + 1], dt, lut)
+                w0 = _kept(values, lut, rounds, dt, n, 2 * g)
+                w1 = _kept(values, lut, rounds, dt, n, 2 * g + 1)
                 for m in range(m_count):
                     acc[m] += w0 * xt[c0, m] + w1 * xt[c1, m]
             y[n, :] = acc
@@ -243,14 +261,14 @@ def _product_rows_int4(xt, qweight, scales, indices, scale_lut, gk, dt, bias, y,
                 y[n, :] += bias[n]
 
 
-def _dense_rows_24(values, indices, lut, dt, dense, r0, r1):  # noqa: ANN001
+def _dense_rows_24(values, lut, rounds, indices, dt, dense, r0, r1):  # noqa: ANN001
     """2:4: rows ``r0 <= n < r1`` of the weight as dense float32 into ``dense [N, K]``."""
     for n in range(r0, r1):
         dense[n, :] = 0.0
         for g in range(dense.shape[1] // 4):
             b = indices[n, g >> 1] >> ((g & 1) * 4)
-            dense[n, 4 * g + (b & 3)] = _value(values[n, 2 * g], dt, lut)
-            dense[n, 4 * g + ((b >> 2) & 3)] = _value(values[n, 2 * g + 1], dt, lut)
+            dense[n, 4 * g + (b & 3)] = _kept(values, lut, rounds, dt, n, 2 * g)
+            dense[n, 4 * g + ((b >> 2) & 3)] = _kept(values, lut, rounds, dt, n, 2 * g + 1)
 
 
 def _dense_rows_int4(qweight, scales, indices, scale_lut, gk, dt, dense, r0, r1):  # noqa: ANN001
@@ -268,7 +286,7 @@ def _dense_rows_int4(qweight, scales, indices, scale_lut, gk, dt, dense, r0, r1)
                 dense[n, 4 * g + ((b >> 2) & 3)] = table[code >> 4]
 
 
-_value = cpu_kernel(_value, inline=True)
+_kept = cpu_kernel(_kept, inline=True)
 _round_to_dtype = cpu_kernel(_round_to_dtype, inline=True)
 _int4_table = cpu_kernel(_int4_table, inline=True)
 _product_rows_24 = cpu_kernel(_product_rows_24)
@@ -286,6 +304,7 @@ _POOL_PID = 0
 _POOL_LOCK = threading.Lock()
 _BLOCK = threading.local()
 _NO_BIAS = np.zeros(0, np.float32)
+
 _BLOCK_FLOATS = 1 << 20  # rows decompressed at a time for M > DIRECT_MAX_TOKENS: about 4 MB of float32
 
 
@@ -340,7 +359,12 @@ def _loops(weight: CpuPackedWeight, product: bool, rows: slice | None = None) ->
         args = (weight.qweight.numpy()[rows], scales, indices, _lut(weight.scales_dtype), int(weight.group_size) // 2,
                 dt)
         return (_product_rows_int4 if product else _dense_rows_int4), args
-    args = (weight.values.numpy().view(np.uint16)[rows], indices, _lut(weight.dtype), dt)
+    values = weight.values
+    if values.dtype == torch.float32:
+        args = (values.numpy()[rows], _lut(weight.dtype))
+    else:
+        args = (values.view(torch.int16).numpy().view(np.uint16)[rows], _lut(values.dtype))
+    args += (values.dtype != weight.dtype, indices, dt)
     return (_product_rows_24 if product else _dense_rows_24), args
 
 

@@ -78,16 +78,18 @@ def _runtime_on_gpu(cuda_graph: bool) -> bool:
 
     usable, reason = probe_gpu()
     if usable and not torch.cuda.is_available():
-        usable, reason = False, f"this torch ({torch.__version__}) is built without CUDA"
+        usable, reason = False, (f"this torch ({torch.__version__}) is built without CUDA" if torch.version.cuda is None
+                                 else f"this torch ({torch.__version__}) cannot use the GPU: "
+                                      "torch.cuda.is_available() is False")
     if usable:
         return True
     detail = reason.removeprefix(NO_GPU_MESSAGE).lstrip(": ")  # probe_gpu's preamble says what this does
     if cuda_graph:
-        raise DeviceError(f"--cuda-graph needs an NVIDIA GPU (sm_80 or newer) and its driver: {detail}; leave it "
-                          "out to run --backend runtime on the CPU")
+        raise DeviceError(f"--cuda-graph needs a usable NVIDIA GPU (sm_80 or newer): {detail}; leave it out to run "
+                          "--backend runtime on the CPU")
     warnings.warn(RuntimeNote(f"no usable GPU ({detail}): --backend runtime runs on the CPU, its 2:4 layers packed "
                               "as on the GPU and multiplied by compiled CPU loops with the kernels' rounding "
-                              "(bf16 activations)"), stacklevel=3)
+                              "(bf16 activations)"), stacklevel=4)  # the caller's `with`
     return False
 
 
@@ -111,13 +113,15 @@ def make_hf_stepper(path: str | Path, backend: str, onnx_path: str | Path | None
     if cuda_graph:
         raise ConfigError(f"--cuda-graph: {path} is a Hugging Face model directory, which decodes eagerly (the CUDA "
                           "graph runs sparsert artifacts' decode step)")
-    on_gpu = backend == "runtime" and _runtime_on_gpu(False)
     import torch  # noqa: PLC0415
 
     from sparsert.runtime.hf_stepper import HFStepper  # noqa: PLC0415
+    from sparsert.runtime.linear_swap import NothingToSwapError  # noqa: PLC0415
     from sparsert.train.hf_model import (  # noqa: PLC0415
+        SPARSERT_FILE,
         has_tokenizer_files,
         load_hf_causal_lm,
+        saved_sparse_layers,
         swap_saved_sparse_layers,
     )
     from sparsert.train.hf_train import hf_model_config  # noqa: PLC0415
@@ -126,6 +130,7 @@ def make_hf_stepper(path: str | Path, backend: str, onnx_path: str | Path | None
         raise ConfigError(f"{path}: no tokenizer files in the model directory, so the prompt cannot be encoded")
     config = hf_model_config(path)
     limit = config.max_seq_len
+    on_gpu = backend == "runtime" and _runtime_on_gpu(False)  # the note after the directory's own checks
     if backend == "onnx":
         from sparsert.export.hf_export import hf_onnx_stepper  # noqa: PLC0415
         from sparsert.runtime.hf_tokenizer import HFTokenizer  # noqa: PLC0415
@@ -142,7 +147,15 @@ def make_hf_stepper(path: str | Path, backend: str, onnx_path: str | Path | None
     if backend == "runtime":
         if on_gpu:
             model = model.to("cuda")
-        swap_saved_sparse_layers(model, path, dtype=torch.bfloat16)
+        try:  # on the CPU one backend (the CPU product): each layer decides at its first call, nothing to tune now
+            swap_saved_sparse_layers(model, path, dtype=torch.bfloat16,
+                                     **({} if on_gpu else {"token_counts": None}))
+        except NothingToSwapError:
+            if saved_sparse_layers(path) is not None:
+                raise
+            raise ConfigError(f"{path} is a Hugging Face model directory without {SPARSERT_FILE} and no linear weight "
+                              "that is 2:4 along K: nothing for --backend runtime's 2:4 kernels to run; prune it first "
+                              f"with: sparsert compress {path} -o OUT") from None
         if on_gpu:
             model = model.to(torch.bfloat16)  # the rest of the model (the swapped layers keep their formats)
     yield HFStepper(model, limit, bundle.tokenizer.vocab_size), bundle.tokenizer

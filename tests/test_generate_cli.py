@@ -217,7 +217,7 @@ def test_runtime_backend_without_gpu_runs_its_cpu_fallback(capsys, artifact):
     assert outs["runtime"]["ids"] == outs["torch"]["ids"]
     code, _, err = run_main(capsys, "generate", str(artifact), "--prompt", "hi", "--backend", "runtime",
                             "--cuda-graph")
-    assert_one_line_error(code, err, "--cuda-graph needs an NVIDIA GPU (sm_80 or newer) and its driver: ")
+    assert_one_line_error(code, err, "--cuda-graph needs a usable NVIDIA GPU (sm_80 or newer): ")
     assert err.rstrip().endswith("leave it out to run --backend runtime on the CPU")
 
 
@@ -269,8 +269,8 @@ def test_runtime_backend_without_gpu_names_the_reason(capsys, monkeypatch, artif
     monkeypatch.setattr(device, "probe_gpu", lambda: (False, "GPU sm_75 is not supported (needs sm_80 or newer)"))
     code, _, err = run_main(capsys, "generate", str(artifact), "--prompt", "hi", "--backend", "runtime",
                             "--cuda-graph")
-    assert_one_line_error(code, err, "--cuda-graph needs an NVIDIA GPU (sm_80 or newer) and its driver: GPU sm_75 is "
-                                     "not supported (needs sm_80 or newer); leave it out")
+    assert_one_line_error(code, err, "--cuda-graph needs a usable NVIDIA GPU (sm_80 or newer): GPU sm_75 is not "
+                                     "supported (needs sm_80 or newer); leave it out")
 
 
 def test_empty_paths_are_refused_not_read_as_the_current_directory(capsys, monkeypatch, tmp_path, artifact):
@@ -510,7 +510,9 @@ def test_generate_from_a_hugging_face_directory(capsys, hf_model_dirs):
     if not torch.cuda.is_available():  # the CPU fallback, with a note; this directory has no 2:4 layer to swap
         code, _, err = run_main(capsys, "generate", str(path), "--prompt", "hi", "--backend", "runtime")
         assert err.startswith("note: no usable GPU (")
-        assert_one_line_error(code, err.split("\n", 1)[1], "no linear layer of the model can be swapped")
+        assert_one_line_error(code, err.split("\n", 1)[1], f"{path} is a Hugging Face model directory without "
+                              "sparsert.json and no linear weight that is 2:4 along K: nothing for --backend runtime's "
+                              f"2:4 kernels to run; prune it first with: sparsert compress {path} -o OUT")
 
 
 def _trained_hf_dir(tmp_path, transformers, qat_group: int | None):

@@ -60,9 +60,10 @@ def test_swaps_the_2_4_linears_and_keeps_the_head_dense(int4: bool) -> None:
     # on the CPU: the compiled CPU product over the stored tensors (the kernels' function)
     assert all(b == "cpu_packed" for per in report.backends.values() for b in per.values())
     assert set(report.backends["0"]) == {1, 16} and not report.dense_fallback
-    # 128-row layers (no row padding): INT4 codes 2 + metadata 1 + fp16 scales 0.125 bits; or bf16 values 8 + 1
+    # INT4 codes 2 + indices 1 + fp16 scales 0.125 bits; or the float32 layers' kept values 16 + 1 (the CPU product
+    # reads the packed float32 values and rounds them to bf16; a bf16 model would hold 8 + 1)
     assert report.weights == 256 * 128 + 128 * 128
-    assert report.bits_per_weight == (3.125 if int4 else 9.0)
+    assert report.bits_per_weight == (3.125 if int4 else 17.0)
     y = model(x)
     assert y.shape == (3, 5, 32) and y.dtype == torch.float32
     assert float((y - expected).detach().norm() / expected.detach().norm()) < 1e-2
@@ -218,7 +219,7 @@ def test_the_cpu_product_takes_a_layer_no_gpu_kernel_tile_fits() -> None:
     x = torch.randn(5, 96)
     want = torch.relu(x.bfloat16().float() @ model[0].weight.detach().bfloat16().float().t() + model[0].bias.detach())
     report = swap_sparse_linears(model)
-    assert not report.dense_fallback and report.bits_per_weight == 9.0 and report.backends["0"][1] == "cpu_packed"
+    assert not report.dense_fallback and report.bits_per_weight == 17.0 and report.backends["0"][1] == "cpu_packed"
     assert float((model(x) - want).norm() / want.norm()) < 1e-2
 
 
@@ -471,3 +472,17 @@ def test_every_backend_names_the_weight_its_gradient_uses() -> None:
     compressed = torch.zeros(128 * 256 // 2 + 4096, dtype=torch.bfloat16)  # the shape of a cuSPARSELt buffer
     assert torch.equal(Cusparselt().dense(compressed, packed, torch.bfloat16),
                        packed.to_dense().to(torch.bfloat16).float())
+
+
+def test_a_float32_layer_swapped_on_the_cpu_saves_its_own_weight() -> None:
+    """The kept values stay in the layer's own dtype (float32 here, read and rounded to bf16 by the CPU product),
+    so the state dict gives back the 2:4 weight exactly, on any device; 16 + 1 bits per weight held. A bf16 layer
+    holds its values in bf16: 8 + 1."""
+    model = _mlp()
+    want = model[0].weight.detach().clone()
+    report = swap_sparse_linears(model, token_counts=[1])
+    assert torch.equal(model.state_dict()["0.weight"], want) and report.bits_per_weight == 17.0
+    model.load_state_dict(model.state_dict())  # the weight it holds: nothing packed again, nothing doubled
+    assert model[0].weight_nbytes() * 8 / want.numel() == 17.0
+    half = _mlp().to(torch.bfloat16)
+    assert swap_sparse_linears(half, token_counts=[1]).bits_per_weight == 9.0

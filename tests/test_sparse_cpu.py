@@ -100,14 +100,36 @@ def test_the_loops_are_compiled_and_the_torch_path_agrees(monkeypatch) -> None:
 
 
 def test_the_prepared_weight_holds_the_stored_sizes() -> None:
-    """9 bits per weight for 2:4 (16-bit kept values + 2-bit indices), 3.125 for 2:4 + INT4 g128 (4-bit codes +
-    indices + a 16-bit scale per 128 columns); the index and code tensors are the packed ones, not copies."""
-    packed = _packed(128, 256, None)
-    assert prepare_cpu(packed).nbytes() * 8 / (128 * 256) == 9.0
+    """The packed tensors themselves, not copies: 9 bits per weight for 2:4 with 16-bit kept values (17 with
+    float32 ones: the loop rounds them), 3.125 for 2:4 + INT4 g128 (4-bit codes + indices + a 16-bit scale per 128
+    columns)."""
+    w = torch.randn(128, 256)
+    for values_dtype, bits in ((torch.bfloat16, 9.0), (torch.float16, 9.0), (torch.float32, 17.0)):
+        packed = pack_linear(w, values_dtype=values_dtype)
+        weight = prepare_cpu(packed, torch.bfloat16)
+        assert weight.nbytes() * 8 / (128 * 256) == bits
+        assert weight.values.data_ptr() == packed.values.data_ptr()
     packed = _packed(128, 256, 128)
-    weight = prepare_cpu(packed, torch.float16)
+    weight = prepare_cpu(packed, torch.bfloat16)  # fp16 scales, rounded to bf16 in the loop
     assert weight.nbytes() * 8 / (128 * 256) == 3.125
     assert weight.qweight.data_ptr() == packed.qweight.data_ptr() and weight.indices.data_ptr() == packed.indices.data_ptr()
+    assert weight.scales.data_ptr() == packed.scales.data_ptr()
+
+
+@pytest.mark.parametrize("values_dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_stored_values_are_rounded_to_the_dtype_as_the_gpu_preparation_does(values_dtype, dtype) -> None:
+    """Kept values stored in another dtype than the GEMM's (float32, or fp16 for a bf16 GEMM ...) are rounded in
+    the loop: bit for bit the prepared GPU weight, fp16's subnormals and overflow to inf included."""
+    g = torch.Generator().manual_seed(3)
+    top = 3 if values_dtype == torch.float16 else 5  # 1e-9 .. 1e5 (fp16 storage itself ends at 65504)
+    w = torch.randn(128, 256, generator=g) * torch.logspace(-9, top, 256)
+    packed = pack_linear(w, values_dtype=values_dtype)
+    want = sparse_gemm.prepare_sparse24(packed, dtype=dtype).to_dense()
+    got = dense_weight_cpu(prepare_cpu(packed, dtype))
+    assert torch.equal(got, want)
+    if dtype == torch.float16 and values_dtype != torch.float16:
+        assert bool(want.isinf().any()) and bool(((want != 0) & (want.abs() < 6.1e-5)).any())  # both ends reached
 
 
 def test_bad_input_is_named() -> None:

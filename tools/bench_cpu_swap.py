@@ -7,8 +7,8 @@ Layer table: one linear ``[N, K]`` at M tokens, median time of ``--reps`` calls,
 kernels' torch fallback it replaced (``sparse_gemm.sparse24_linear`` / ``w4a16_linear`` on the CPU: the weight
 decompressed per call). Model table: a random transformers Llama (``--hidden``, ``--layers``), KV-cached decode
 ms/token (median of ``--steps``) and a ``--prefill``-token prefill, dense float32 and bf16 vs
-``swap_sparse_linears(prune=True)`` 2:4 and 2:4 + INT4 g128, on the CPU product and (``backends=``) on the
-kernels' torch fallbacks, with the bits per weight the swapped linears hold (``SwapReport``; on the CPU the host
+``swap_sparse_linears(prune=True)`` 2:4 and 2:4 + INT4 g128, on the CPU product (the float32 model, and the
+model cast to bf16 first) and (``backends=``) on the kernels' torch fallbacks, with the bits per weight the swapped linears hold (``SwapReport``; on the CPU the host
 copy of the packed weight included where a format does not share it). Ratios are to dense float32 in the same
 run.
 """
@@ -97,9 +97,13 @@ def model_rows(hidden: int, layers: int, prefill: int, steps: int) -> list[list[
     bits = {"dense fp32": "32", "dense bf16": "16"}
     fallbacks = [OursSparse24("medium"), OursW4A16("prefill")]  # what a CPU swap ran before runtime/sparse_cpu.py
     for label, int4, backends in (("swapped 2:4 (bf16)", False, None), ("swapped 2:4+int4 g128 (bf16)", True, None),
+                                  ("bf16 model, swapped 2:4", False, None),
+                                  ("bf16 model, swapped 2:4+int4 g128", True, None),
                                   ("2:4 on the kernels' torch fallback", False, fallbacks),
                                   ("2:4+int4 on the kernels' torch fallback", True, fallbacks)):
         model = copy.deepcopy(base)
+        if label.startswith("bf16 model"):  # cast before the swap: the kept values are packed in bf16
+            model = model.to(torch.bfloat16)
         report = swap_sparse_linears(model, prune=True, int4=int4, group_size=128, dtype=torch.bfloat16,
                                      token_counts=None, backends=backends)
         variants[label] = model
