@@ -403,9 +403,10 @@ class OursW4A16(GemmBackend):
 
 class CpuPacked(GemmBackend):
     """The CPU product of ``runtime/sparse_cpu.py``: compiled loops over the stored 2:4 (and INT4) tensors, shared
-    with the PackedLinear where their dtype allows, computing the GPU kernels' function (x and the kept values
-    rounded to the activation dtype, fp32 accumulation); no dense copy of the weight is held (above 8 tokens it
-    is decompressed block by block per call). 9 bits per weight for 2:4, 3.125 for 2:4 + INT4 g128."""
+    with the PackedLinear, computing the GPU kernels' function (x and the kept values rounded to the activation
+    dtype, fp32 accumulation); no dense copy of the weight is held (above 8 tokens it is decompressed block by
+    block per call). 3.125 bits per weight for 2:4 + INT4 g128; 9 for 2:4 with 16-bit kept values, 17 with
+    float32 ones (rounded in the loop)."""
 
     name = state_key = "cpu_packed"
 

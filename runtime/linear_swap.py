@@ -10,9 +10,10 @@ writes, or any ``nn.Module``), pack each weight (2:4, optionally INT4 on the kep
   token-count bucket and keeps the fastest correct one; ``token_counts`` decides the buckets at swap time, layer
   by layer, and frees every format no bucket chose, so device memory holds only the chosen formats (3.125 bits
   per weight for 2:4 + INT4 g128 on our W4A16 kernel);
-- on the CPU the packed tensors (kept values in ``dtype``) run through the compiled CPU product
-  (:mod:`sparsert.runtime.sparse_cpu`, backend ``cpu_packed``): the kernels' function (x and the kept values
-  rounded to ``dtype``, fp32 accumulation), no dense copy held, 9 / 3.125 bits per weight.
+- on the CPU the packed tensors run through the compiled CPU product (:mod:`sparsert.runtime.sparse_cpu`,
+  backend ``cpu_packed``): the kernels' function (x and the kept values rounded to ``dtype``, fp32
+  accumulation), no dense copy held: 3.125 bits per weight for 2:4 + INT4 g128, 9 for 2:4 of a bf16/fp16 layer,
+  17 for a float32 one (the kept values are packed in the layer's own dtype, so the state dict is exact).
 
 Layers: every ``nn.Linear`` (and transformers' ``Conv1D``, GPT-2's ``[in, out]`` linear, packed transposed),
 except the output head (the model's ``get_output_embeddings()``, or a layer named ``lm_head`` / ``embed_out``),
