@@ -96,7 +96,7 @@ def test_export_then_generate_onnx_and_torch_same_greedy_text(tmp_path, artifact
     assert by_torch.returncode == 0, by_torch.stderr
     assert by_onnx.stdout.startswith(PROMPT) and len(by_onnx.stdout) > len(PROMPT) + 10
     assert by_onnx.stdout == by_torch.stdout
-    assert "[onnx] 24 tokens" in by_onnx.stderr and "[torch] 24 tokens" in by_torch.stderr
+    assert "[onnx, cpu] 24 tokens" in by_onnx.stderr and "[torch, cpu] 24 tokens" in by_torch.stderr
 
 
 def test_generate_backends_agree_in_process(capsys, artifact):
@@ -213,6 +213,7 @@ def test_runtime_backend_without_gpu_runs_its_cpu_fallback(capsys, artifact):
         outs[backend] = json.loads(out)
         notes = [line for line in err.splitlines() if line.startswith("note: ")]
         assert len(notes) == (backend == "runtime"), err
+        assert outs[backend]["device"] == "cpu"
     assert notes[0].startswith("note: no usable GPU (") and "--backend runtime runs on the CPU" in notes[0]
     assert outs["runtime"]["ids"] == outs["torch"]["ids"]
     code, _, err = run_main(capsys, "generate", str(artifact), "--prompt", "hi", "--backend", "runtime",

@@ -79,11 +79,12 @@ def command(artifact: str, prompt: str, max_new_tokens: int, temperature: float,
             ids = generate_ids(stepper, prompt_ids, cfg)
             seconds = time.perf_counter() - start
             context = stepper.max_seq_len
+            device = str(getattr(stepper, "device", "cpu"))  # where it ran: runtime may fall back to the CPU
     text = tokenizer.decode(ids)
     # generate_ids stops early when prompt + generated tokens fill the model's context
     stop = "max_new_tokens" if len(ids) == max_new_tokens else "context"
     if as_json:
-        click.echo(json.dumps({"backend": backend, "prompt": prompt, "text": text, "ids": ids,
+        click.echo(json.dumps({"backend": backend, "device": device, "prompt": prompt, "text": text, "ids": ids,
                                "seconds": round(seconds, 4), "stop": stop}))
         return
     if stop == "context":
@@ -91,8 +92,8 @@ def command(artifact: str, prompt: str, max_new_tokens: int, temperature: float,
                    f"({len(prompt_ids)} tokens) and the generated tokens fill the model's context of {context}",
                    err=True)
     click.echo(prompt + text)
-    click.echo(f"[{backend}] {len(ids)} tokens in {seconds:.2f} s ({len(ids) / max(seconds, 1e-9):.1f} tokens/s)",
-               err=True)
+    click.echo(f"[{backend}, {device}] {len(ids)} tokens in {seconds:.2f} s "
+               f"({len(ids) / max(seconds, 1e-9):.1f} tokens/s)", err=True)
 
 
 @contextlib.contextmanager
