@@ -553,11 +553,10 @@ def test_swap_saved_sparse_layers_follows_sparsert_json(tmp_path, qat_group):
         swap_saved_sparse_layers(model, path)
 
 
-@pytest.mark.filterwarnings("ignore::sparsert.backends.RuntimeNote")  # no GPU: the runtime's CPU fallback
-def test_generate_from_a_trained_hf_directory_on_the_runtime(capsys, tmp_path):
+def _generate_from_a_trained_hf_directory(capsys, tmp_path, device: str) -> None:
     """--backend runtime on a <run>/hf directory: its 2:4 INT4-QAT layers on sparsert's kernels (on the GPU) or on
     the CPU product (without one) give the logits of the CPU reference (bf16 tolerance), and the command
-    generates."""
+    generates there."""
     transformers = pytest.importorskip("transformers")
     from sparsert.backends import make_hf_stepper
 
@@ -572,7 +571,20 @@ def test_generate_from_a_trained_hf_directory_on_the_runtime(capsys, tmp_path):
     code, out, err = run_main(capsys, "generate", str(path), "--prompt", "The quick", "--max-new-tokens", "8",
                               "--backend", "runtime", "--json")
     assert code == 0, err
-    assert len(json.loads(out)["ids"]) == 8
+    result = json.loads(out)
+    assert len(result["ids"]) == 8 and result["device"].startswith(device)
+
+
+@pytest.mark.filterwarnings("ignore::sparsert.backends.RuntimeNote")  # the runtime's CPU fallback
+def test_generate_from_a_trained_hf_directory_on_the_runtime_cpu_fallback(capsys, tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present: test_gpu_generate_from_a_trained_hf_directory covers --backend runtime")
+    _generate_from_a_trained_hf_directory(capsys, tmp_path, "cpu")
+
+
+@pytest.mark.gpu
+def test_gpu_generate_from_a_trained_hf_directory(capsys, tmp_path):
+    _generate_from_a_trained_hf_directory(capsys, tmp_path, "cuda")
 
 
 def hf_tokenizer_source(tmp_path):
