@@ -9,9 +9,9 @@ compiled in memory per process instead of failing the import.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 
 import numpy as np
-from collections.abc import Callable
 
 numba = None
 if os.environ.get("SPARSERT_NO_NUMBA", "") != "1":  # set before the import: numba is not even imported

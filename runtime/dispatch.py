@@ -286,13 +286,7 @@ def _tensors_of(obj) -> list[torch.Tensor]:
 
 
 def _tensor_bytes(obj) -> int:
-    if isinstance(obj, torch.Tensor):
-        return obj.numel() * obj.element_size()
-    if isinstance(obj, dict):
-        return sum(_tensor_bytes(v) for v in obj.values())
-    if isinstance(obj, (list, tuple)):
-        return sum(_tensor_bytes(v) for v in obj)
-    return 0
+    return sum(t.numel() * t.element_size() for t in _tensors_of(obj))
 
 
 def dense_weight(packed: PackedLinear, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
@@ -491,10 +485,10 @@ class SparseLinearGPU(nn.Module):
 
     ``forward(x [..., K]) -> [..., N]``: x is rounded to the GEMM dtype (``dtype``), the product accumulates
     in fp32 and comes back in x's dtype; gradients flow to x (``dX = dY @ W``), none to the packed weight,
-    which is frozen. On the CPU the backend is the compiled CPU product (:class:`CpuPacked`). :meth:`tune` measures the given
-    token counts now (the GpuStepper does it at load) and then :meth:`drop_unused` frees every backend state
-    no tuned bucket chose, so only the chosen formats stay on the device. A bucket seen later picks among the
-    states still held.
+    which is frozen. On the CPU the backend is the compiled CPU product (:class:`CpuPacked`). :meth:`tune`
+    measures the given token counts now (the GpuStepper does it at load) and then :meth:`drop_unused` frees every
+    backend state no tuned bucket chose, so only the chosen formats stay on the device. A bucket seen later picks
+    among the states still held.
 
     Args:
         packed: the layer's :class:`PackedLinear` (host tensors).
@@ -594,8 +588,9 @@ class SparseLinearGPU(nn.Module):
         else:
             w = (weight.t() if self.source_transposed else weight).detach().to("cpu", torch.float32)
         try:
+            values_dtype = self.packed.values.dtype if self.packed.values is not None else torch.float32
             packed = pack_linear(w, sparse=self.packed.sparse, int4_group_size=self.packed.group_size, bias=b,
-                                 name=f"{prefix}weight")
+                                 values_dtype=values_dtype, name=f"{prefix}weight")
         except FormatError as exc:
             error_msgs.append(str(exc))
             return
@@ -689,9 +684,8 @@ class SparseLinearGPU(nn.Module):
         if self.device.type != "cpu":
             return held
         shared = {t.untyped_storage().data_ptr() for s in self.states.values() for t in _tensors_of(s)}
-        fields = ("indices", "values", "qweight", "scales", "weight")
-        return held + sum(t.numel() * t.element_size() for f in fields if (t := getattr(self.packed, f)) is not None
-                          and t.untyped_storage().data_ptr() not in shared)
+        return held + sum(t.numel() * t.element_size() for t in self.packed.weight_tensors()
+                          if t.untyped_storage().data_ptr() not in shared)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not isinstance(x, torch.Tensor) or x.dim() < 1 or not x.is_floating_point():

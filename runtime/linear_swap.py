@@ -52,13 +52,12 @@ from sparsert.runtime.nm_mask import is_nm_sparse
 from sparsert.runtime.packed_linear import pack_linear
 
 GEMM_DTYPES = (torch.bfloat16, torch.float16)
+HEAD_NAMES = ("lm_head", "embed_out")
+DENSE_BACKEND = "dense_cublas"
 
 
 class NothingToSwapError(ConfigError):
     """The model has linear layers, and none of them can be swapped (none is 2:4 along K, without ``prune``)."""
-
-HEAD_NAMES = ("lm_head", "embed_out")
-DENSE_BACKEND = "dense_cublas"
 
 
 @dataclass
@@ -287,7 +286,8 @@ def _build_layer(name: str, module: nn.Module, *, int4: bool, group_size: int, d
         packed = pack_linear(w.detach().float().cpu(), int4_group_size=group_size if int4 else None, bias=bias,
                              values_dtype=values_dtype, name=name)
         layer = SparseLinearGPU(packed, device=w.device, dtype=gemm_dtype, dispatcher=dispatcher, name=name,
-                                backends=backends, allow_dense=allow_dense, source_dtype=w.dtype, source_transposed=_is_conv1d(module))
+                                backends=backends, allow_dense=allow_dense, source_dtype=w.dtype,
+                                source_transposed=_is_conv1d(module))
         if token_counts is not None:
             layer.tune(token_counts)
             layer.drop_unused()

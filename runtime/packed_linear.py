@@ -125,10 +125,14 @@ class PackedLinear:
         fields = ("indices", "values", "qweight", "scales", "weight", "bias")
         return {f"{prefix}.{f}": getattr(self, f).contiguous() for f in fields if getattr(self, f) is not None}
 
+    def weight_tensors(self) -> list[torch.Tensor]:
+        """The stored weight tensors that are present (indices, values, qweight, scales, weight; no bias)."""
+        fields = ("indices", "values", "qweight", "scales", "weight")
+        return [t for f in fields if (t := getattr(self, f)) is not None]
+
     def nbytes(self) -> int:
         """Bytes of the stored weight tensors (bias excluded)."""
-        fields = ("indices", "values", "qweight", "scales", "weight")
-        return sum(t.numel() * t.element_size() for f in fields if (t := getattr(self, f)) is not None)
+        return sum(t.numel() * t.element_size() for t in self.weight_tensors())
 
     @classmethod
     def from_tensors(

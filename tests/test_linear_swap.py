@@ -235,7 +235,8 @@ def test_backends_chooses_the_candidates() -> None:
         report = swap_sparse_linears(model, names=["0", "2"], backends=[OursSparse24("medium")], token_counts=[1])
     assert "K=96" in report.dense_fallback["0"] and report.backends["2"] == {1: "ours_sparse24_medium"}
     assert "1 on the dense fallback" in report.summary()
-    with pytest.raises(ConfigError, match=r"backends must be a non-empty list of GemmBackend objects.*got \['medium'\]"):
+    with pytest.raises(ConfigError,
+                       match=r"backends must be a non-empty list of GemmBackend objects.*got \['medium'\]"):
         swap_sparse_linears(_mlp(), backends=["medium"])
 
 
@@ -486,3 +487,7 @@ def test_a_float32_layer_swapped_on_the_cpu_saves_its_own_weight() -> None:
     assert model[0].weight_nbytes() * 8 / want.numel() == 17.0
     half = _mlp().to(torch.bfloat16)
     assert swap_sparse_linears(half, token_counts=[1]).bits_per_weight == 9.0
+    changed = {k: -v for k, v in half.state_dict().items()}  # packed again, in the dtype the values were packed in
+    half.load_state_dict(changed)
+    assert torch.equal(half.state_dict()["0.weight"], changed["0.weight"])
+    assert half[0].weight_nbytes() * 8 / want.numel() == 9.0

@@ -112,7 +112,8 @@ def test_the_prepared_weight_holds_the_stored_sizes() -> None:
     packed = _packed(128, 256, 128)
     weight = prepare_cpu(packed, torch.bfloat16)  # fp16 scales, rounded to bf16 in the loop
     assert weight.nbytes() * 8 / (128 * 256) == 3.125
-    assert weight.qweight.data_ptr() == packed.qweight.data_ptr() and weight.indices.data_ptr() == packed.indices.data_ptr()
+    assert weight.qweight.data_ptr() == packed.qweight.data_ptr()
+    assert weight.indices.data_ptr() == packed.indices.data_ptr()
     assert weight.scales.data_ptr() == packed.scales.data_ptr()
 
 
@@ -134,7 +135,8 @@ def test_stored_values_are_rounded_to_the_dtype_as_the_gpu_preparation_does(valu
 
 def test_bad_input_is_named() -> None:
     packed = _packed(64, 128, None)
-    with pytest.raises(FormatError, match=r"prepare_cpu: layer\.w: dtype must be bfloat16 or float16, got torch\.float32"):
+    with pytest.raises(FormatError,
+                       match=r"prepare_cpu: layer\.w: dtype must be bfloat16 or float16, got torch\.float32"):
         prepare_cpu(packed, torch.float32, name="layer.w")
     with pytest.raises(FormatError, match=r"prepare_cpu: weight must be a 2:4 PackedLinear"):
         prepare_cpu(pack_linear(torch.randn(8, 16), sparse=False))

@@ -8,8 +8,9 @@ kernels' torch fallback it replaced (``sparse_gemm.sparse24_linear`` / ``w4a16_l
 decompressed per call). Model table: a random transformers Llama (``--hidden``, ``--layers``), KV-cached decode
 ms/token (median of ``--steps``) and a ``--prefill``-token prefill, dense float32 and bf16 vs
 ``swap_sparse_linears(prune=True)`` 2:4 and 2:4 + INT4 g128, on the CPU product (the float32 model, and the
-model cast to bf16 first) and (``backends=``) on the kernels' torch fallbacks, with the bits per weight the swapped linears hold (``SwapReport``; on the CPU the host
-copy of the packed weight included where a format does not share it). Ratios are to dense float32 in the same
+model cast to bf16 first) and (``backends=``) on the kernels' torch fallbacks, with the bits per weight the
+swapped linears hold (``SwapReport``; on the CPU the host copy of the packed weight included where a format does
+not share it). Ratios are to dense float32 in the same
 run.
 """
 
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import statistics
 import time
 
@@ -58,10 +60,10 @@ def layer_rows(shapes: list[tuple[int, int]], tokens: list[int], reps: int) -> l
             for m in tokens:
                 x = torch.randn(m, k)
                 xb = x.bfloat16()
-                dense = _median_ms(lambda: F.linear(x, w), reps)
-                dense_bf16 = _median_ms(lambda: F.linear(xb, wb), reps)
-                cpu = _median_ms(lambda: cpu_linear(xb, ours), reps)
-                fallback = _median_ms(lambda: old_fn(xb, old), max(1, reps // 4))
+                dense = _median_ms(functools.partial(F.linear, x, w), reps)
+                dense_bf16 = _median_ms(functools.partial(F.linear, xb, wb), reps)
+                cpu = _median_ms(functools.partial(cpu_linear, xb, ours), reps)
+                fallback = _median_ms(functools.partial(old_fn, xb, old), max(1, reps // 4))
                 rows.append([f"{n}x{k}", "2:4+int4 g128" if int4 else "2:4 (bf16 values)", str(m), f"{dense:.2f}",
                              f"{dense_bf16:.2f}", f"{cpu:.2f}", f"{fallback:.2f}", f"{cpu / dense:.2f}x",
                              f"{fallback / cpu:.1f}x"])
